@@ -1,0 +1,543 @@
+//! Firehose frame decoding: `[header {op, t}][body]` DAG-CBOR bytes into typed [`Event`]s.
+//!
+//! A frame that cannot be decoded is a [`FrameError`]; an op inside a good commit that cannot be
+//! used is an [`OpError`] for that op only. Nothing here panics on hostile input (fuzzed).
+
+use ipld_core::cid::Cid;
+use serde::Deserialize;
+
+use crate::car::{CarBlocks, CarError};
+use crate::cbor::{self, CborError};
+use crate::ids::{Did, IdError, Nsid, RecordKey, Seq, Tid};
+
+/// Largest frame accepted from the wire (atproto event-stream limit).
+pub const MAX_FRAME_BYTES: usize = 5 * 1024 * 1024;
+/// Largest `blocks` CAR of one commit (lexicon `maxLength`).
+pub const MAX_BLOCKS_BYTES: usize = 2_000_000;
+/// Largest record block (atproto record size limit).
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Most ops in one commit (lexicon `maxLength`).
+pub const MAX_OPS: usize = 200;
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("bad frame header: {0}")]
+    Header(String),
+    #[error("unknown frame op {0}")]
+    UnknownOp(i64),
+    #[error("bad {kind} body: {reason}")]
+    Body { kind: &'static str, reason: String },
+    #[error("invalid identifier in {kind} body: {source}")]
+    Id {
+        kind: &'static str,
+        #[source]
+        source: IdError,
+    },
+    #[error("commit blocks of {0} bytes exceed the {MAX_BLOCKS_BYTES}-byte limit")]
+    BlocksTooLarge(usize),
+    #[error("commit has {0} ops, more than {MAX_OPS}")]
+    TooManyOps(usize),
+    #[error("bad commit CAR: {0}")]
+    Car(#[from] CarError),
+}
+
+impl FrameError {
+    /// Short stable label for metrics (`drops{reason=...}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge(_) => "frame_too_large",
+            FrameError::Header(_) => "bad_header",
+            FrameError::UnknownOp(_) => "unknown_op",
+            FrameError::Body { .. } => "bad_body",
+            FrameError::Id { .. } => "bad_identifier",
+            FrameError::BlocksTooLarge(_) => "blocks_too_large",
+            FrameError::TooManyOps(_) => "too_many_ops",
+            FrameError::Car(_) => "bad_car",
+        }
+    }
+}
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq)]
+pub enum OpError {
+    #[error("unknown op action {0:?}")]
+    Action(String),
+    #[error("bad op path {path:?}: {source}")]
+    Path {
+        path: String,
+        #[source]
+        source: IdError,
+    },
+    #[error("op path {0:?} is not collection/rkey")]
+    PathShape(String),
+    #[error("{0} op without a cid")]
+    MissingCid(&'static str),
+    #[error("record block {0} is not in the commit")]
+    MissingBlock(String),
+    #[error("record block of {0} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")]
+    RecordTooLarge(usize),
+    #[error("record block: {0}")]
+    Block(#[from] CborError),
+}
+
+impl OpError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OpError::Action(_) => "bad_action",
+            OpError::Path { .. } | OpError::PathShape(_) => "bad_path",
+            OpError::MissingCid(_) => "missing_cid",
+            OpError::MissingBlock(_) => "missing_block",
+            OpError::RecordTooLarge(_) => "record_too_large",
+            OpError::Block(CborError::HashMismatch(_)) => "cid_mismatch",
+            OpError::Block(_) => "bad_record",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+/// One validated repo operation of a commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepoOp {
+    pub action: Action,
+    pub collection: Nsid,
+    pub rkey: RecordKey,
+    /// The new record's CID (create/update); `None` for deletes.
+    pub cid: Option<Cid>,
+    pub prev: Option<Cid>,
+}
+
+/// A `#commit` event. Record blocks are borrowed from the frame bytes.
+#[derive(Debug, Clone)]
+pub struct Commit<'a> {
+    pub seq: Seq,
+    pub repo: Did,
+    pub rev: Tid,
+    pub since: Option<&'a str>,
+    pub commit: Cid,
+    pub time: &'a str,
+    /// Ops in commit order; a malformed op is an error for that op only.
+    pub ops: Vec<Result<RepoOp, OpError>>,
+    pub blocks: CarBlocks<'a>,
+}
+
+impl<'a> Commit<'a> {
+    /// The record block of a create/update op, hash-checked against `op.cid`; `None` for deletes.
+    pub fn record_block(&self, op: &RepoOp) -> Result<Option<&'a [u8]>, OpError> {
+        let Some(cid) = &op.cid else {
+            return match op.action {
+                Action::Delete => Ok(None),
+                Action::Create => Err(OpError::MissingCid("create")),
+                Action::Update => Err(OpError::MissingCid("update")),
+            };
+        };
+        if op.action == Action::Delete {
+            return Ok(None);
+        }
+        let block = self
+            .blocks
+            .get(cid)
+            .ok_or_else(|| OpError::MissingBlock(cid.to_string()))?;
+        if block.len() > MAX_RECORD_BYTES {
+            return Err(OpError::RecordTooLarge(block.len()));
+        }
+        cbor::verify_block(cid, block)?;
+        Ok(Some(block))
+    }
+
+    /// The record of a create/update op in the atproto JSON data model; `None` for deletes.
+    pub fn record_json(&self, op: &RepoOp) -> Result<Option<serde_json::Value>, OpError> {
+        match self.record_block(op)? {
+            Some(block) => Ok(Some(cbor::decode_to_json(block)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A `#sync` event: the repo's current state, no ops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncEvent {
+    pub seq: Seq,
+    pub did: Did,
+    pub rev: Tid,
+    pub time: String,
+}
+
+/// An `#identity` event (handle or DID document changed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityEvent {
+    pub seq: Seq,
+    pub did: Did,
+    pub time: String,
+    /// As sent; informational only, never used in a path.
+    pub handle: Option<String>,
+}
+
+/// An `#account` event (activated, deactivated, deleted, taken down...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountEvent {
+    pub seq: Seq,
+    pub did: Did,
+    pub time: String,
+    pub active: bool,
+    pub status: Option<String>,
+}
+
+/// An `#info` message (e.g. `OutdatedCursor`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InfoEvent {
+    pub name: String,
+    pub message: Option<String>,
+}
+
+/// An error frame (`op = -1`); the server closes the connection after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorFrame {
+    pub error: String,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skipped {
+    /// `#handle`, `#migrate`, `#tombstone`: superseded by `#identity` / `#account`.
+    Deprecated(String),
+    /// A message type this build does not know.
+    Unknown(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    Commit(Commit<'a>),
+    Sync(SyncEvent),
+    Identity(IdentityEvent),
+    Account(AccountEvent),
+    Info(InfoEvent),
+    Error(ErrorFrame),
+    /// A message that is counted and skipped; `seq` is read when the body has one, so the
+    /// cursor can still move past it.
+    Skipped { kind: Skipped, seq: Option<Seq> },
+}
+
+impl Event<'_> {
+    pub fn seq(&self) -> Option<Seq> {
+        match self {
+            Event::Commit(c) => Some(c.seq),
+            Event::Sync(s) => Some(s.seq),
+            Event::Identity(i) => Some(i.seq),
+            Event::Account(a) => Some(a.seq),
+            Event::Skipped { seq, .. } => *seq,
+            Event::Info(_) | Event::Error(_) => None,
+        }
+    }
+
+    /// Stable label for metrics (`events{kind=...}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Commit(_) => "commit",
+            Event::Sync(_) => "sync",
+            Event::Identity(_) => "identity",
+            Event::Account(_) => "account",
+            Event::Info(_) => "info",
+            Event::Error(_) => "error",
+            Event::Skipped {
+                kind: Skipped::Deprecated(_),
+                ..
+            } => "deprecated",
+            Event::Skipped {
+                kind: Skipped::Unknown(_),
+                ..
+            } => "unknown",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Header<'a> {
+    op: i64,
+    #[serde(borrow, default)]
+    t: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct RawCommit<'a> {
+    seq: i64,
+    #[serde(borrow)]
+    repo: &'a str,
+    #[serde(borrow)]
+    rev: &'a str,
+    #[serde(borrow, default)]
+    since: Option<&'a str>,
+    commit: Cid,
+    #[serde(borrow)]
+    blocks: &'a [u8],
+    #[serde(borrow)]
+    ops: Vec<RawOp<'a>>,
+    #[serde(borrow)]
+    time: &'a str,
+}
+
+#[derive(Deserialize)]
+struct RawOp<'a> {
+    #[serde(borrow)]
+    action: &'a str,
+    #[serde(borrow)]
+    path: &'a str,
+    #[serde(default)]
+    cid: Option<Cid>,
+    #[serde(default)]
+    prev: Option<Cid>,
+}
+
+#[derive(Deserialize)]
+struct RawSync<'a> {
+    seq: i64,
+    #[serde(borrow)]
+    did: &'a str,
+    #[serde(borrow)]
+    rev: &'a str,
+    #[serde(borrow)]
+    time: &'a str,
+}
+
+#[derive(Deserialize)]
+struct RawIdentity<'a> {
+    seq: i64,
+    #[serde(borrow)]
+    did: &'a str,
+    #[serde(borrow)]
+    time: &'a str,
+    #[serde(default)]
+    handle: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawAccount<'a> {
+    seq: i64,
+    #[serde(borrow)]
+    did: &'a str,
+    #[serde(borrow)]
+    time: &'a str,
+    active: bool,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawInfo {
+    name: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    error: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SeqOnly {
+    #[serde(default)]
+    seq: Option<i64>,
+}
+
+fn body<'a, T: Deserialize<'a>>(kind: &'static str, bytes: &'a [u8]) -> Result<T, FrameError> {
+    serde_ipld_dagcbor::from_slice(bytes).map_err(|e| FrameError::Body {
+        kind,
+        reason: e.to_string(),
+    })
+}
+
+fn id<T>(kind: &'static str, r: Result<T, IdError>) -> Result<T, FrameError> {
+    r.map_err(|source| FrameError::Id { kind, source })
+}
+
+fn parse_op(raw: RawOp<'_>) -> Result<RepoOp, OpError> {
+    let action = match raw.action {
+        "create" => Action::Create,
+        "update" => Action::Update,
+        "delete" => Action::Delete,
+        other => return Err(OpError::Action(other.chars().take(32).collect())),
+    };
+    let Some((collection, rkey)) = raw.path.split_once('/') else {
+        return Err(OpError::PathShape(raw.path.chars().take(128).collect()));
+    };
+    let path_err = |source| OpError::Path {
+        path: raw.path.chars().take(128).collect(),
+        source,
+    };
+    Ok(RepoOp {
+        action,
+        collection: Nsid::parse(collection).map_err(path_err)?,
+        rkey: RecordKey::parse(rkey).map_err(path_err)?,
+        cid: raw.cid,
+        prev: raw.prev,
+    })
+}
+
+/// Decodes one binary WebSocket message of `com.atproto.sync.subscribeRepos`.
+pub fn decode_frame(frame: &[u8]) -> Result<Event<'_>, FrameError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(frame.len()));
+    }
+    let header_end = cbor::skip_item(frame, 0).map_err(|e| FrameError::Header(e.to_string()))?;
+    let header: Header<'_> = serde_ipld_dagcbor::from_slice(&frame[..header_end])
+        .map_err(|e| FrameError::Header(e.to_string()))?;
+    let body_bytes = &frame[header_end..];
+    // Bounds nesting before serde's recursive decoder runs, and rejects trailing garbage.
+    match cbor::skip_item(body_bytes, 0) {
+        Ok(end) if end == body_bytes.len() => {}
+        Ok(_) => {
+            return Err(FrameError::Body {
+                kind: "frame",
+                reason: "trailing bytes after body".into(),
+            })
+        }
+        Err(e) => {
+            return Err(FrameError::Body {
+                kind: "frame",
+                reason: e.to_string(),
+            })
+        }
+    }
+    match header.op {
+        1 => {}
+        -1 => {
+            let raw: RawError = body("error", body_bytes)?;
+            return Ok(Event::Error(ErrorFrame {
+                error: raw.error,
+                message: raw.message,
+            }));
+        }
+        other => return Err(FrameError::UnknownOp(other)),
+    }
+    let t = header
+        .t
+        .ok_or_else(|| FrameError::Header("message frame without t".into()))?;
+    match t {
+        "#commit" => decode_commit(body_bytes).map(Event::Commit),
+        "#sync" => {
+            let raw: RawSync<'_> = body("sync", body_bytes)?;
+            Ok(Event::Sync(SyncEvent {
+                seq: Seq(raw.seq),
+                did: id("sync", Did::parse(raw.did))?,
+                rev: id("sync", Tid::parse(raw.rev))?,
+                time: raw.time.to_owned(),
+            }))
+        }
+        "#identity" => {
+            let raw: RawIdentity<'_> = body("identity", body_bytes)?;
+            Ok(Event::Identity(IdentityEvent {
+                seq: Seq(raw.seq),
+                did: id("identity", Did::parse(raw.did))?,
+                time: raw.time.to_owned(),
+                handle: raw.handle,
+            }))
+        }
+        "#account" => {
+            let raw: RawAccount<'_> = body("account", body_bytes)?;
+            Ok(Event::Account(AccountEvent {
+                seq: Seq(raw.seq),
+                did: id("account", Did::parse(raw.did))?,
+                time: raw.time.to_owned(),
+                active: raw.active,
+                status: raw.status,
+            }))
+        }
+        "#info" => {
+            let raw: RawInfo = body("info", body_bytes)?;
+            Ok(Event::Info(InfoEvent {
+                name: raw.name,
+                message: raw.message,
+            }))
+        }
+        "#handle" | "#migrate" | "#tombstone" => Ok(Event::Skipped {
+            kind: Skipped::Deprecated(t.to_owned()),
+            seq: seq_of(body_bytes),
+        }),
+        other => Ok(Event::Skipped {
+            kind: Skipped::Unknown(other.chars().take(64).collect()),
+            seq: seq_of(body_bytes),
+        }),
+    }
+}
+
+fn seq_of(body_bytes: &[u8]) -> Option<Seq> {
+    serde_ipld_dagcbor::from_slice::<SeqOnly>(body_bytes)
+        .ok()
+        .and_then(|s| s.seq)
+        .map(Seq)
+}
+
+fn decode_commit(body_bytes: &[u8]) -> Result<Commit<'_>, FrameError> {
+    let raw: RawCommit<'_> = body("commit", body_bytes)?;
+    if raw.blocks.len() > MAX_BLOCKS_BYTES {
+        return Err(FrameError::BlocksTooLarge(raw.blocks.len()));
+    }
+    if raw.ops.len() > MAX_OPS {
+        return Err(FrameError::TooManyOps(raw.ops.len()));
+    }
+    let blocks = CarBlocks::parse(raw.blocks)?;
+    Ok(Commit {
+        seq: Seq(raw.seq),
+        repo: id("commit", Did::parse(raw.repo))?,
+        rev: id("commit", Tid::parse(raw.rev))?,
+        since: raw.since,
+        commit: raw.commit,
+        time: raw.time,
+        ops: raw.ops.into_iter().map(parse_op).collect(),
+        blocks,
+    })
+}
+
+/// Iterates the frames of a capture file: `[u32 little-endian length][frame]...`.
+/// Yields an error (and stops) on a truncated length or frame.
+pub fn capture_frames(data: &[u8]) -> impl Iterator<Item = Result<&[u8], CaptureError>> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= data.len() {
+            return None;
+        }
+        let Some(len_bytes) = data.get(pos..pos + 4) else {
+            let at = pos;
+            pos = data.len();
+            return Some(Err(CaptureError { offset: at }));
+        };
+        let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+        let start = pos + 4;
+        match data.get(start..start + len) {
+            Some(frame) => {
+                pos = start + len;
+                Some(Ok(frame))
+            }
+            None => {
+                let at = pos;
+                pos = data.len();
+                Some(Err(CaptureError { offset: at }))
+            }
+        }
+    })
+}
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+#[error("truncated capture record at byte offset {offset}")]
+pub struct CaptureError {
+    pub offset: usize,
+}

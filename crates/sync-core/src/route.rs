@@ -1,0 +1,603 @@
+//! Routing: one decoded event in, the cache files it produces and the index updates it implies out.
+//!
+//! Pure: the tracked sets and indexes are read through [`RoutingState`]; changes to them are
+//! returned as [`StateUpdate`]s for the caller to apply (and persist) before the next event.
+//! Rules: `predecessor-data-format.md` §3.4 with the study-era reply rule, plus DESIGN.md §5.
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+
+use crate::frame::{AccountEvent, Action, Commit, Event, IdentityEvent, RepoOp};
+use crate::ids::{AtUri, Did, RecordKey};
+use crate::paths::{self, CachePath, Folder};
+use crate::pyjson::PyJsonWriter;
+use crate::records::{self, PostView, RecordKind, SubjectDidView, SubjectRefView};
+use crate::transform;
+
+/// What routing reads: who is tracked and what was routed before.
+pub trait RoutingState {
+    fn is_study_user(&self, did: &Did) -> bool;
+    fn is_in_network(&self, did: &Did) -> bool;
+    /// The study user who authored the post `uri` (exact at-URI match, as the predecessor).
+    fn study_post_author(&self, uri: &str) -> Option<Did>;
+    /// Reaction folders (replies, likes, reposts, quotes of study posts; follows of study users)
+    /// that the record `uri` was routed to earlier, so its delete can be routed too.
+    fn routed_folders(&self, uri: &str) -> Vec<Folder>;
+}
+
+/// A change routing asks the state store to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateUpdate {
+    /// A study user's post: later likes, replies, reposts and quotes of it are routed.
+    StudyPost { uri: AtUri, author: Did },
+    /// `uri` was routed to a reaction folder: its delete goes to the matching delete folder.
+    Routed { uri: AtUri, folder: Folder },
+    /// A study user followed `subject`: it joins the in-network set.
+    StudyFollow {
+        uri: AtUri,
+        follower: Did,
+        subject: Did,
+    },
+    /// A study user deleted the follow `uri`: its subject leaves the in-network set unless another
+    /// study user still follows it.
+    StudyUnfollow { uri: AtUri, follower: Did },
+}
+
+/// One file to write: a cache-relative path and its whole contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheFile {
+    pub path: CachePath,
+    pub folder: &'static str,
+    pub contents: String,
+}
+
+/// An op that routing had to drop, with a stable reason label for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub op_index: Option<usize>,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub files: Vec<CacheFile>,
+    pub updates: Vec<StateUpdate>,
+    pub dropped: Vec<Dropped>,
+}
+
+/// Routes one event. `synctimestamp` is the transform clock (`%Y-%m-%d-%H:%M:%S`, UTC).
+pub fn route_event(event: &Event<'_>, state: &dyn RoutingState, synctimestamp: &str) -> Routing {
+    let mut out = Routing::default();
+    match event {
+        Event::Commit(commit) => route_commit(commit, state, synctimestamp, &mut out),
+        Event::Identity(identity) => route_identity(identity, state, &mut out),
+        Event::Account(account) => route_account(account, state, &mut out),
+        Event::Sync(_) | Event::Info(_) | Event::Error(_) | Event::Skipped { .. } => {}
+    }
+    out
+}
+
+/// Study posts created earlier in the same commit, visible to the commit's later ops.
+struct Overlay<'s> {
+    state: &'s dyn RoutingState,
+    new_posts: Vec<(String, Did)>,
+}
+
+impl Overlay<'_> {
+    fn study_post_author(&self, uri: &str) -> Option<Did> {
+        self.new_posts
+            .iter()
+            .find(|(u, _)| u == uri)
+            .map(|(_, d)| d.clone())
+            .or_else(|| self.state.study_post_author(uri))
+    }
+}
+
+/// The rkey of a study post's at-URI, used as a nesting folder.
+fn post_rkey(uri: &str) -> Option<RecordKey> {
+    let parsed = AtUri::parse(uri).ok()?;
+    RecordKey::parse(parsed.rkey()?).ok()
+}
+
+fn drop_op(out: &mut Routing, index: usize, reason: &'static str, detail: impl Into<String>) {
+    out.dropped.push(Dropped {
+        op_index: Some(index),
+        reason,
+        detail: detail.into(),
+    });
+}
+
+fn push_file(out: &mut Routing, index: usize, folder: &Folder, file: String, contents: &str) {
+    match folder.path(file) {
+        Ok(path) => out.files.push(CacheFile {
+            path,
+            folder: folder.label(),
+            contents: contents.to_owned(),
+        }),
+        Err(e) => drop_op(out, index, "name_too_long", e.to_string()),
+    }
+}
+
+fn route_commit(commit: &Commit<'_>, state: &dyn RoutingState, clock: &str, out: &mut Routing) {
+    let mut overlay = Overlay {
+        state,
+        new_posts: Vec::new(),
+    };
+    let author_is_study = state.is_study_user(&commit.repo);
+    for (index, op) in commit.ops.iter().enumerate() {
+        let op = match op {
+            Ok(op) => op,
+            Err(e) => {
+                drop_op(out, index, e.reason(), e.to_string());
+                continue;
+            }
+        };
+        let Some(kind) = RecordKind::of(&op.collection) else {
+            continue;
+        };
+        let ctx = OpCtx {
+            commit,
+            op,
+            kind,
+            index,
+            author_is_study,
+            clock,
+        };
+        let result = match op.action {
+            Action::Create => ctx.route_create(&mut overlay, out),
+            Action::Update if kind == RecordKind::Profile && author_is_study => {
+                ctx.route_create(&mut overlay, out)
+            }
+            Action::Update => Ok(()),
+            Action::Delete => {
+                ctx.route_delete(state, out);
+                Ok(())
+            }
+        };
+        if let Err((reason, detail)) = result {
+            drop_op(out, index, reason, detail);
+        }
+    }
+}
+
+type OpResult = Result<(), (&'static str, String)>;
+
+struct OpCtx<'c, 'a> {
+    commit: &'c Commit<'a>,
+    op: &'c RepoOp,
+    kind: RecordKind,
+    index: usize,
+    author_is_study: bool,
+    clock: &'c str,
+}
+
+impl<'a> OpCtx<'_, 'a> {
+    fn uri(&self) -> AtUri {
+        AtUri::from_parts(&self.commit.repo, &self.op.collection, &self.op.rkey)
+    }
+
+    fn block(&self) -> Result<&'a [u8], (&'static str, String)> {
+        match self.commit.record_block(self.op) {
+            Ok(Some(block)) => Ok(block),
+            Ok(None) => Err(("missing_cid", "create op without a record".into())),
+            Err(e) => Err((e.reason(), e.to_string())),
+        }
+    }
+
+    fn view<T: serde::Deserialize<'a>>(&self, block: &'a [u8]) -> Result<T, (&'static str, String)> {
+        crate::cbor::check_depth(block).map_err(|e| ("bad_record", e.to_string()))?;
+        records::view(block).map_err(|e| ("bad_record", e.to_string()))
+    }
+
+    fn check_type(&self, type_: Option<&str>) -> OpResult {
+        if type_ == Some(self.kind.nsid()) {
+            Ok(())
+        } else {
+            Err((
+                "wrong_type",
+                format!("record $type {:?} in {}", type_, self.kind.nsid()),
+            ))
+        }
+    }
+
+    fn record_json(&self, block: &[u8]) -> Result<serde_json::Value, (&'static str, String)> {
+        crate::cbor::decode_to_json(block).map_err(|e| ("bad_record", e.to_string()))
+    }
+
+    fn cid(&self) -> String {
+        self.op.cid.map(|c| c.to_string()).unwrap_or_default()
+    }
+
+    fn route_create(&self, overlay: &mut Overlay<'_>, out: &mut Routing) -> OpResult {
+        match self.kind {
+            RecordKind::Post => self.route_post(overlay, out),
+            RecordKind::Like => self.route_like(overlay, out),
+            RecordKind::Repost => self.route_repost(overlay, out),
+            RecordKind::Follow => self.route_follow(overlay.state, out),
+            RecordKind::Block | RecordKind::Profile => {
+                if !self.author_is_study {
+                    return Ok(());
+                }
+                let block = self.block()?;
+                let record = self.record_json(block)?;
+                self.check_type(record.get("$type").and_then(|t| t.as_str()))?;
+                let uri = self.uri();
+                let contents = transform::generic_record_cache_json(
+                    uri.as_str(),
+                    &self.cid(),
+                    self.commit.repo.as_str(),
+                    self.kind.nsid(),
+                    &record,
+                );
+                let (folder, file) = if self.kind == RecordKind::Block {
+                    (
+                        Folder::StudyBlock,
+                        paths::record_file(&self.commit.repo, "block", &self.op.rkey),
+                    )
+                } else {
+                    (
+                        Folder::StudyProfile,
+                        paths::profile_file(&self.commit.repo, &self.op.rkey, &self.commit.rev),
+                    )
+                };
+                push_file(out, self.index, &folder, file, &contents);
+                Ok(())
+            }
+        }
+    }
+
+    fn route_post(&self, overlay: &mut Overlay<'_>, out: &mut Routing) -> OpResult {
+        let author = &self.commit.repo;
+        let block = self.block()?;
+        let view: PostView<'_> = self.view(block)?;
+        self.check_type(view.type_)?;
+        let uri = self.uri();
+        let mut folders: Vec<Folder> = Vec::new();
+        // P1: the study user's own post; it becomes a study post at once (same commit too).
+        if self.author_is_study {
+            folders.push(Folder::StudyPost);
+            out.updates.push(StateUpdate::StudyPost {
+                uri: uri.clone(),
+                author: author.clone(),
+            });
+            overlay
+                .new_posts
+                .push((uri.as_str().to_owned(), author.clone()));
+        }
+        // P2, rule R: nest under the root if it is a study post, else under the parent.
+        let root = view.reply_root();
+        let parent = view.reply_parent();
+        let nest = root
+            .filter(|r| overlay.study_post_author(r).is_some())
+            .or(parent.filter(|p| overlay.study_post_author(p).is_some()));
+        if let Some(study_uri) = nest {
+            match post_rkey(study_uri) {
+                Some(rkey) => folders.push(Folder::ReplyToUserPost(rkey)),
+                None => drop_op(out, self.index, "bad_subject", study_uri),
+            }
+        }
+        // P3: in-network author.
+        if self.commit_state_in_network(overlay) {
+            folders.push(Folder::InNetworkPost(author.clone()));
+        }
+        // Quote of a study post (ours, DESIGN.md §5).
+        if let Some(quoted) = view.quoted() {
+            if overlay.study_post_author(quoted).is_some() {
+                if let Some(rkey) = post_rkey(quoted) {
+                    folders.push(Folder::QuoteOfUserPost(rkey));
+                }
+            }
+        }
+        if folders.is_empty() {
+            return Ok(());
+        }
+        let record = self.record_json(block)?;
+        let post = transform::transform_post(
+            uri.as_str(),
+            &self.cid(),
+            author.as_str(),
+            &record,
+            self.clock,
+        )
+        .map_err(|e| ("transform", e.to_string()))?;
+        let contents = post.to_cache_json();
+        let file = paths::record_file(author, "post", &self.op.rkey);
+        for folder in folders {
+            if matches!(folder, Folder::ReplyToUserPost(_) | Folder::QuoteOfUserPost(_)) {
+                out.updates.push(StateUpdate::Routed {
+                    uri: uri.clone(),
+                    folder: folder.clone(),
+                });
+            }
+            push_file(out, self.index, &folder, file.clone(), &contents);
+        }
+        Ok(())
+    }
+
+    fn commit_state_in_network(&self, overlay: &Overlay<'_>) -> bool {
+        overlay.state.is_in_network(&self.commit.repo)
+    }
+
+    fn route_like(&self, overlay: &Overlay<'_>, out: &mut Routing) -> OpResult {
+        let block = self.block()?;
+        let view: SubjectRefView<'_> = self.view(block)?;
+        self.check_type(view.type_)?;
+        let Some(subject) = view.subject_uri() else {
+            return Err(("bad_subject", "like without subject.uri".into()));
+        };
+        let on_study_post = overlay.study_post_author(subject).is_some();
+        if !self.author_is_study && !on_study_post {
+            return Ok(());
+        }
+        let rkey = post_rkey(subject).ok_or(("bad_subject", subject.to_owned()))?;
+        let uri = self.uri();
+        let record = self.record_json(block)?;
+        let contents =
+            transform::like_cache_json(uri.as_str(), &self.cid(), self.commit.repo.as_str(), &record)
+                .map_err(|e| ("transform", e.to_string()))?;
+        let file = paths::record_file(&self.commit.repo, "like", &self.op.rkey);
+        if self.author_is_study {
+            push_file(out, self.index, &Folder::StudyLike(rkey.clone()), file.clone(), &contents);
+        }
+        if on_study_post {
+            let folder = Folder::LikeOnUserPost(rkey);
+            out.updates.push(StateUpdate::Routed {
+                uri,
+                folder: folder.clone(),
+            });
+            push_file(out, self.index, &folder, file, &contents);
+        }
+        Ok(())
+    }
+
+    fn route_repost(&self, overlay: &Overlay<'_>, out: &mut Routing) -> OpResult {
+        let block = self.block()?;
+        let view: SubjectRefView<'_> = self.view(block)?;
+        self.check_type(view.type_)?;
+        let Some(subject) = view.subject_uri() else {
+            return Err(("bad_subject", "repost without subject.uri".into()));
+        };
+        let of_study_post = overlay.study_post_author(subject).is_some();
+        if !self.author_is_study && !of_study_post {
+            return Ok(());
+        }
+        let uri = self.uri();
+        let record = self.record_json(block)?;
+        let contents = transform::generic_record_cache_json(
+            uri.as_str(),
+            &self.cid(),
+            self.commit.repo.as_str(),
+            self.kind.nsid(),
+            &record,
+        );
+        let file = paths::record_file(&self.commit.repo, "repost", &self.op.rkey);
+        if self.author_is_study {
+            push_file(out, self.index, &Folder::StudyRepost, file.clone(), &contents);
+        }
+        if of_study_post {
+            let rkey = post_rkey(subject).ok_or(("bad_subject", subject.to_owned()))?;
+            let folder = Folder::RepostOfUserPost(rkey);
+            out.updates.push(StateUpdate::Routed {
+                uri,
+                folder: folder.clone(),
+            });
+            push_file(out, self.index, &folder, file, &contents);
+        }
+        Ok(())
+    }
+
+    fn route_follow(&self, state: &dyn RoutingState, out: &mut Routing) -> OpResult {
+        let block = self.block()?;
+        let view: SubjectDidView<'_> = self.view(block)?;
+        self.check_type(view.type_)?;
+        let subject = view
+            .subject
+            .ok_or(("bad_subject", "follow without subject".to_owned()))?;
+        let subject = Did::parse(subject).map_err(|e| ("bad_subject", e.to_string()))?;
+        let subject_is_study = state.is_study_user(&subject);
+        if !self.author_is_study && !subject_is_study {
+            return Ok(());
+        }
+        let uri = self.uri();
+        let record = self.record_json(block)?;
+        let contents =
+            transform::follow_cache_json(uri.as_str(), &self.cid(), self.commit.repo.as_str(), &record)
+                .map_err(|e| ("transform", e.to_string()))?;
+        let file = paths::follow_file(&self.commit.repo, &subject);
+        if self.author_is_study {
+            out.updates.push(StateUpdate::StudyFollow {
+                uri: uri.clone(),
+                follower: self.commit.repo.clone(),
+                subject: subject.clone(),
+            });
+            push_file(out, self.index, &Folder::Follower, file.clone(), &contents);
+        }
+        if subject_is_study {
+            out.updates.push(StateUpdate::Routed {
+                uri,
+                folder: Folder::Followee,
+            });
+            push_file(out, self.index, &Folder::Followee, file, &contents);
+        }
+        Ok(())
+    }
+
+    fn route_delete(&self, state: &dyn RoutingState, out: &mut Routing) {
+        let uri = self.uri();
+        let author = &self.commit.repo;
+        let file = paths::record_file(author, self.kind.name(), &self.op.rkey);
+        let mut contents: Option<String> = None;
+        let mut emit = |out: &mut Routing, folder: &Folder, delete_dir: bool| {
+            let contents = contents.get_or_insert_with(|| self.delete_json(&uri));
+            match folder.path(file.clone()) {
+                Ok(path) => out.files.push(CacheFile {
+                    path: if delete_dir { path.to_delete() } else { path },
+                    folder: if delete_dir { "delete_of_routed" } else { folder.label() },
+                    contents: contents.clone(),
+                }),
+                Err(e) => drop_op(out, self.index, "name_too_long", e.to_string()),
+            }
+        };
+        if self.author_is_study {
+            emit(out, &Folder::StudyDelete(self.kind.name()), false);
+            if self.kind == RecordKind::Follow {
+                out.updates.push(StateUpdate::StudyUnfollow {
+                    uri: uri.clone(),
+                    follower: author.clone(),
+                });
+            }
+        }
+        if self.kind == RecordKind::Post && state.is_in_network(author) {
+            emit(out, &Folder::InNetworkPost(author.clone()), true);
+        }
+        for folder in state.routed_folders(uri.as_str()) {
+            emit(out, &folder, true);
+        }
+    }
+
+    fn delete_json(&self, uri: &AtUri) -> String {
+        let mut w = PyJsonWriter::with_capacity(256);
+        w.begin_object()
+            .field_str("uri", uri.as_str())
+            .field_str("author", self.commit.repo.as_str())
+            .field_str("collection", self.op.collection.as_str())
+            .field_str("rkey", self.op.rkey.as_str())
+            .field_i64("seq", self.commit.seq.0)
+            .field_str("rev", self.commit.rev.as_str())
+            .field_str("time", self.commit.time)
+            .end_object();
+        w.into_string()
+    }
+}
+
+fn account_json(
+    did: &Did,
+    kind: &str,
+    seq: i64,
+    time: &str,
+    handle: Option<&str>,
+    active: Option<bool>,
+    status: Option<&str>,
+) -> String {
+    let mut w = PyJsonWriter::with_capacity(256);
+    w.begin_object()
+        .field_str("did", did.as_str())
+        .field_str("kind", kind)
+        .field_i64("seq", seq)
+        .field_str("time", time)
+        .field_opt_str("handle", handle);
+    match active {
+        Some(a) => w.field_bool("active", a),
+        None => w.field_null("active"),
+    };
+    w.field_opt_str("status", status).end_object();
+    w.into_string()
+}
+
+fn route_identity(identity: &IdentityEvent, state: &dyn RoutingState, out: &mut Routing) {
+    if !state.is_study_user(&identity.did) {
+        return;
+    }
+    let contents = account_json(
+        &identity.did,
+        "identity",
+        identity.seq.0,
+        &identity.time,
+        identity.handle.as_deref(),
+        None,
+        None,
+    );
+    push_event_file(out, &identity.did, "identity", identity.seq, contents);
+}
+
+fn route_account(account: &AccountEvent, state: &dyn RoutingState, out: &mut Routing) {
+    if !state.is_study_user(&account.did) {
+        return;
+    }
+    let contents = account_json(
+        &account.did,
+        "account",
+        account.seq.0,
+        &account.time,
+        None,
+        Some(account.active),
+        account.status.as_deref(),
+    );
+    push_event_file(out, &account.did, "account", account.seq, contents);
+}
+
+fn push_event_file(out: &mut Routing, did: &Did, kind: &str, seq: crate::ids::Seq, contents: String) {
+    match Folder::Account.path(paths::account_file(did, kind, seq)) {
+        Ok(path) => out.files.push(CacheFile {
+            path,
+            folder: Folder::Account.label(),
+            contents,
+        }),
+        Err(e) => out.dropped.push(Dropped {
+            op_index: None,
+            reason: "name_too_long",
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// An in-memory [`RoutingState`] that applies [`StateUpdate`]s: used by tests, benchmarks and
+/// `inspect`; the writer backs the same trait with its database.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryState {
+    pub study_users: HashSet<Did>,
+    pub in_network: HashSet<Did>,
+    pub study_posts: HashMap<String, Did>,
+    pub routed: HashMap<String, Vec<Folder>>,
+    /// follow uri -> (study user, subject)
+    pub study_follows: HashMap<String, (Did, Did)>,
+}
+
+impl MemoryState {
+    pub fn apply(&mut self, update: &StateUpdate) {
+        match update {
+            StateUpdate::StudyPost { uri, author } => {
+                self.study_posts.insert(uri.as_str().to_owned(), author.clone());
+            }
+            StateUpdate::Routed { uri, folder } => {
+                let folders = self.routed.entry(uri.as_str().to_owned()).or_default();
+                if !folders.contains(folder) {
+                    folders.push(folder.clone());
+                }
+            }
+            StateUpdate::StudyFollow {
+                uri,
+                follower,
+                subject,
+            } => {
+                self.study_follows
+                    .insert(uri.as_str().to_owned(), (follower.clone(), subject.clone()));
+                self.in_network.insert(subject.clone());
+            }
+            StateUpdate::StudyUnfollow { uri, .. } => {
+                if let Some((_, subject)) = self.study_follows.remove(uri.as_str()) {
+                    let still_followed = self.study_follows.values().any(|(_, s)| s == &subject);
+                    if !still_followed {
+                        self.in_network.remove(&subject);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl RoutingState for MemoryState {
+    fn is_study_user(&self, did: &Did) -> bool {
+        self.study_users.contains(did)
+    }
+    fn is_in_network(&self, did: &Did) -> bool {
+        self.in_network.contains(did)
+    }
+    fn study_post_author(&self, uri: &str) -> Option<Did> {
+        self.study_posts.get(uri).cloned()
+    }
+    fn routed_folders(&self, uri: &str) -> Vec<Folder> {
+        self.routed.get(uri).cloned().unwrap_or_default()
+    }
+}
