@@ -49,7 +49,7 @@ fn read_head(buf: &[u8], pos: usize) -> Result<(u8, u8, u64, usize), CborError> 
     let (arg, len) = match info {
         0..=23 => (u64::from(info), 0usize),
         24 => (u64::from(*buf.get(pos + 1).ok_or(CborError::Truncated(pos))?), 1),
-        25 | 26 | 27 => {
+        25..=27 => {
             let n = 1usize << (info - 24);
             let bytes = buf.get(pos + 1..pos + 1 + n).ok_or(CborError::Truncated(pos))?;
             (bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)), n)

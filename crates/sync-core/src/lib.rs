@@ -13,4 +13,5 @@ pub mod paths;
 pub mod pyjson;
 pub mod records;
 pub mod route;
+pub mod synth;
 pub mod transform;
