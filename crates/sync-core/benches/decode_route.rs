@@ -1,0 +1,145 @@
+//! Decode + route throughput on the real relay capture, looped, single thread.
+//!
+//! `cargo bench -p sync-core --bench decode_route [-- SECONDS]`
+//! Loads 1,000 study users and 1,000,000 in-network DIDs (a slice of each taken from the capture
+//! so routing really fires), then measures, in the same run:
+//! - `decode+route`: what the writer does per frame (pre-filtered: only routed records are fully
+//!   decoded and transformed);
+//! - `decode only`: frame + CAR decoding, no routing;
+//! - `decode all records to JSON`: the naive approach (every record of every op converted to the
+//!   JSON data model, as Jetstream does), for comparison.
+//! Reports frames/s, MB/s and the process's peak RSS (VmHWM).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use sync_core::frame::{capture_frames, decode_frame, Event};
+use sync_core::ids::Did;
+use sync_core::route::{route_event, MemoryState};
+
+fn fixtures() -> std::path::PathBuf {
+    std::env::var_os("SYNC_FIXTURES")
+        .map(Into::into)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into())
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// A deterministic fake did:plc (24 base32 chars) for index `i`.
+fn fake_did(i: u64) -> Did {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555;
+    let mut s = String::from("did:plc:");
+    for _ in 0..24 {
+        s.push(ALPHABET[(x % 32) as usize] as char);
+        x = x.rotate_right(5) ^ i.wrapping_add(0x1234_5678);
+    }
+    Did::parse(&s).expect("fake DID is valid")
+}
+
+fn measure(name: &str, frames: &[&[u8]], bytes: usize, budget: Duration, mut f: impl FnMut(&[u8]) -> usize) {
+    let start = Instant::now();
+    let mut loops = 0u64;
+    let mut work = 0usize;
+    while start.elapsed() < budget {
+        for frame in frames {
+            work += f(frame);
+        }
+        loops += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = loops as f64 * frames.len() as f64;
+    println!(
+        "{name:<28} {:>10.0} frames/s  {:>8.1} MB/s  ({} frames in {secs:.2} s, work {work})",
+        n / secs,
+        loops as f64 * bytes as f64 / secs / 1e6,
+        n as u64
+    );
+}
+
+fn main() {
+    let seconds: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
+    let budget = Duration::from_secs(seconds);
+    let data = std::fs::read(fixtures().join("relay-capture/frames.bin"))
+        .expect("relay-capture/frames.bin (set SYNC_FIXTURES)");
+    let frames: Vec<&[u8]> = capture_frames(&data).map(|f| f.unwrap()).collect();
+    let bytes: usize = frames.iter().map(|f| f.len()).sum();
+
+    let mut capture_dids: Vec<Did> = frames
+        .iter()
+        .filter_map(|f| match decode_frame(f).ok()? {
+            Event::Commit(c) => Some(c.repo),
+            _ => None,
+        })
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    capture_dids.sort();
+    let mut state = MemoryState::default();
+    // 1,000 study users: 10 authors from the capture + 990 others.
+    state.study_users.extend(capture_dids.iter().take(10).cloned());
+    state.study_users.extend((0..990).map(fake_did));
+    // 1,000,000 in-network: 40 authors from the capture + the rest.
+    state.in_network.extend(capture_dids.iter().skip(10).take(40).cloned());
+    state
+        .in_network
+        .extend((1_000_000..1_000_000 + 1_000_000 - 40).map(fake_did));
+    assert_eq!(state.study_users.len(), 1_000);
+    assert_eq!(state.in_network.len(), 1_000_000);
+    println!(
+        "capture: {} frames, {:.1} KB avg; sets loaded, RSS peak so far {:.0} MB",
+        frames.len(),
+        bytes as f64 / frames.len() as f64 / 1e3,
+        peak_rss_mb()
+    );
+
+    let clock = "2026-07-04-14:38:08";
+    // Warm the study-post index as a running writer would have it.
+    for frame in &frames {
+        let event = decode_frame(frame).unwrap();
+        for u in route_event(&event, &state, clock).updates {
+            state.apply(&u);
+        }
+    }
+    let mut routed_files = 0;
+    for frame in &frames {
+        routed_files += route_event(&decode_frame(frame).unwrap(), &state, clock).files.len();
+    }
+    println!("routing writes {routed_files} files per pass over the capture");
+
+    measure("decode+route", &frames, bytes, budget, |frame| {
+        let event = decode_frame(frame).unwrap();
+        let routing = route_event(&event, &state, clock);
+        routing.files.len()
+    });
+    measure("decode only", &frames, bytes, budget, |frame| {
+        match decode_frame(frame).unwrap() {
+            Event::Commit(c) => c.ops.len(),
+            _ => 1,
+        }
+    });
+    measure("decode all records to JSON", &frames, bytes, budget, |frame| {
+        match decode_frame(frame).unwrap() {
+            Event::Commit(c) => c
+                .ops
+                .iter()
+                .filter_map(|op| op.as_ref().ok())
+                .filter_map(|op| c.record_json(op).ok().flatten())
+                .count(),
+            _ => 1,
+        }
+    });
+    println!("peak RSS {:.0} MB", peak_rss_mb());
+}
