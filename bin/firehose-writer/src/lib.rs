@@ -1,14 +1,194 @@
-//! firehose-writer library: the commands the binary runs, callable in-process by tests.
+//! firehose-writer library: the long-running writer ([`run`]) and `inspect`, callable in-process.
 //!
-//! `inspect` prints a capture as Jetstream-v1-shaped JSON lines. The long-running writer
-//! (socket, state store, cursor) is tracked in issue 3 and not built yet.
+//! Data flow: source (relay WebSocket or replay file) -> bounded channel -> processor thread
+//! (decode, dedupe, route, write, durability barrier, cursor commit). See ARCHITECTURE.md.
 
+pub mod config;
+pub mod metrics;
+pub mod processor;
+pub mod source;
+pub mod state;
+pub mod tracked;
+
+use std::collections::HashSet;
+use std::future::Future;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
+use sync_core::cache::CacheWriter;
 use sync_core::frame::{capture_frames, decode_frame};
+use sync_core::ids::Did;
 use sync_core::jetstream::event_lines;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+pub use config::{Args, Config, Source};
+pub use metrics::Metrics;
+pub use processor::ProcessorSummary;
+
+/// Frames buffered between the socket and the processor: the only queue (backpressure).
+pub const CHANNEL_FRAMES: usize = 1024;
+
+/// Handles a running writer exposes to its caller (tests read metrics and the HTTP address).
+pub struct Handles {
+    pub metrics: Arc<Metrics>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Loads the study-user and in-network files named by the configuration.
+pub fn load_tracked(config: &Config) -> Result<(HashSet<Did>, HashSet<Did>)> {
+    let study = tracked::load_dids(&config.study_users, tracked::Table::StudyUsers)
+        .with_context(|| format!("loading study users from {}", config.study_users.display()))?;
+    let in_network = match &config.in_network {
+        Some(path) => tracked::load_dids(path, tracked::Table::SocialNetwork)
+            .with_context(|| format!("loading in-network users from {}", path.display()))?,
+        None => HashSet::new(),
+    };
+    Ok((study, in_network))
+}
+
+/// Installs one rustls crypto provider for the process: with both ring and aws-lc compiled into
+/// the workspace, rustls cannot pick one by itself and the first `wss://` connect would panic.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs the writer until `shutdown` resolves (or the replay file ends), then drains the channel,
+/// makes everything durable and commits the cursor. `reload` triggers a reload of the tracked
+/// files (SIGHUP in the binary). `on_start` receives the handles once the writer is up.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reload: Option<mpsc::Receiver<()>>,
+    on_start: impl FnOnce(Handles),
+) -> Result<ProcessorSummary> {
+    install_crypto_provider();
+    let (study, in_network) = load_tracked(&config)?;
+    info!(
+        study_users = study.len(),
+        in_network = in_network.len(),
+        "tracked sets loaded"
+    );
+    let state = state::StateStore::open(&config.state, study, in_network)?;
+    let cache = CacheWriter::open(&config.cache_dir)
+        .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
+    match cache.remove_stale_temps() {
+        Ok(0) => {}
+        Ok(n) => info!(removed = n, "removed temp files left by an earlier crash"),
+        Err(e) => warn!(error = %e, "could not scan the cache for stale temp files"),
+    }
+    let start_cursor = config.cursor.or(state.cursor());
+    info!(cursor = ?start_cursor, stored = ?state.cursor(), "starting");
+
+    let metrics = Metrics::new();
+    let metrics_addr = match config.metrics_addr {
+        Some(addr) => Some(metrics::serve(addr, metrics.clone()).await?),
+        None => None,
+    };
+    on_start(Handles {
+        metrics: metrics.clone(),
+        metrics_addr,
+    });
+
+    let handled_seq = Arc::new(AtomicI64::new(-1));
+    let durable_cursor = Arc::new(AtomicI64::new(-1));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+    let processor = processor::Processor::new(
+        cache,
+        state,
+        metrics.clone(),
+        start_cursor,
+        config.commit_interval,
+        handled_seq.clone(),
+        durable_cursor.clone(),
+        stopping.clone(),
+    );
+    let processor = std::thread::Builder::new()
+        .name("processor".into())
+        .spawn(move || processor.run(rx))
+        .context("starting the processor thread")?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    {
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            info!("shutdown requested: draining in-flight frames");
+            stopping.store(true, Ordering::Relaxed);
+            let _ = shutdown_tx.send(true);
+        });
+    }
+    // Ticks make sure the cursor is committed on time while frames are scarce.
+    {
+        let tx = tx.clone();
+        let interval = config.commit_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                if tx.send(Input::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    if let Some(mut reload_rx) = reload.take() {
+        let tx = tx.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            while reload_rx.recv().await.is_some() {
+                let cfg = config.clone();
+                match tokio::task::spawn_blocking(move || load_tracked(&cfg)).await {
+                    Ok(Ok((study, in_network))) => {
+                        if tx.send(Input::Reload(study, in_network)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the current tracked sets")
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                }
+            }
+        });
+    }
+
+    let source_result = match &config.source {
+        Source::Replay(path) => {
+            source::replay(path, tx.clone(), metrics.clone(), shutdown_rx).await
+        }
+        Source::Relay(url) => {
+            source::RelaySource {
+                url: url.clone(),
+                start_cursor,
+                stall_timeout: config.stall_timeout,
+                max_backoff: config.max_backoff,
+                on_future_cursor: config.on_future_cursor,
+                metrics: metrics.clone(),
+                handled_seq,
+                durable_cursor,
+            }
+            .run(tx.clone(), shutdown_rx)
+            .await
+        }
+    };
+    let _ = tx.send(Input::End).await;
+    drop(tx);
+    let processor_result = tokio::task::spawn_blocking(move || processor.join())
+        .await
+        .context("joining the processor")?
+        .map_err(|_| anyhow!("the processor thread panicked"))?;
+    let summary = processor_result?;
+    source_result?;
+    Ok(summary)
+}
+
+use processor::Input;
 
 /// Counts reported by [`inspect`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -23,8 +203,8 @@ pub struct InspectSummary {
 /// A frame that does not decode becomes a `{"kind": "invalid_frame", ...}` line and the rest of
 /// the capture is still printed; a truncated capture is an error after everything readable.
 pub fn inspect(capture: &Path, out: &mut dyn Write) -> Result<InspectSummary> {
-    let data = std::fs::read(capture)
-        .with_context(|| format!("reading capture {}", capture.display()))?;
+    let data =
+        std::fs::read(capture).with_context(|| format!("reading capture {}", capture.display()))?;
     let mut summary = InspectSummary::default();
     for (index, frame) in capture_frames(&data).enumerate() {
         let frame = match frame {

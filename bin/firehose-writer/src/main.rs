@@ -1,47 +1,93 @@
-//! firehose-writer binary: parses arguments and hands them to the library.
+//! firehose-writer binary: parses arguments into a validated config and hands it to the library.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use firehose_writer::config::{Args, Command, Config, LogFormat};
+use tracing_subscriber::EnvFilter;
 
-/// Follows the atproto firehose and routes study users' records into the JSON cache.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    #[command(subcommand)]
-    command: Option<Command>,
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Print every event of a capture file (`[u32 LE length][frame]...`) as one Jetstream-v1
-    /// shaped JSON line (commit ops, identity, account; plus sync/info/error/invalid frames).
-    Inspect {
-        /// The capture file, e.g. relay-capture/frames.bin.
-        frames_file: PathBuf,
-    },
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match args.command {
-        Some(Command::Inspect { frames_file }) => {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            firehose_writer::inspect(&frames_file, &mut out).map(|summary| {
+    if let Some(Command::Inspect { frames_file }) = &args.command {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        return match firehose_writer::inspect(frames_file, &mut out) {
+            Ok(summary) => {
                 eprintln!(
                     "{} frames, {} events, {} invalid frames",
                     summary.frames, summary.lines, summary.invalid_frames
                 );
-            })
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logs(args.log_format);
+    let config = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
         }
-        None => Err(anyhow::anyhow!(
-            "the live writer is not implemented yet; only `firehose-writer inspect FRAMES_FILE` works"
-        )),
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading tracked sets");
+                let _ = reload_tx.try_send(());
+            }
+        });
+        firehose_writer::run(config, shutdown_signal(), Some(reload_rx), |handles| {
+            if let Some(addr) = handles.metrics_addr {
+                tracing::info!(%addr, "serving /health and /metrics");
+            }
+        })
+        .await
+    });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(summary) => {
+            tracing::info!(?summary, "stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -46,7 +46,13 @@ fn fake_did(i: u64) -> Did {
     Did::parse(&s).expect("fake DID is valid")
 }
 
-fn measure(name: &str, frames: &[&[u8]], bytes: usize, budget: Duration, mut f: impl FnMut(&[u8]) -> usize) {
+fn measure(
+    name: &str,
+    frames: &[&[u8]],
+    bytes: usize,
+    budget: Duration,
+    mut f: impl FnMut(&[u8]) -> usize,
+) {
     let start = Instant::now();
     let mut loops = 0u64;
     let mut work = 0usize;
@@ -89,10 +95,14 @@ fn main() {
     capture_dids.sort();
     let mut state = MemoryState::default();
     // 1,000 study users: 10 authors from the capture + 990 others.
-    state.study_users.extend(capture_dids.iter().take(10).cloned());
+    state
+        .study_users
+        .extend(capture_dids.iter().take(10).cloned());
     state.study_users.extend((0..990).map(fake_did));
     // 1,000,000 in-network: 40 authors from the capture + the rest.
-    state.in_network.extend(capture_dids.iter().skip(10).take(40).cloned());
+    state
+        .in_network
+        .extend(capture_dids.iter().skip(10).take(40).cloned());
     state
         .in_network
         .extend((1_000_000..1_000_000 + 1_000_000 - 40).map(fake_did));
@@ -115,7 +125,9 @@ fn main() {
     }
     let mut routed_files = 0;
     for frame in &frames {
-        routed_files += route_event(&decode_frame(frame).unwrap(), &state, clock).files.len();
+        routed_files += route_event(&decode_frame(frame).unwrap(), &state, clock)
+            .files
+            .len();
     }
     println!("routing writes {routed_files} files per pass over the capture");
 
@@ -124,14 +136,22 @@ fn main() {
         let routing = route_event(&event, &state, clock);
         routing.files.len()
     });
-    measure("decode only", &frames, bytes, budget, |frame| {
-        match decode_frame(frame).unwrap() {
+    measure(
+        "decode only",
+        &frames,
+        bytes,
+        budget,
+        |frame| match decode_frame(frame).unwrap() {
             Event::Commit(c) => c.ops.len(),
             _ => 1,
-        }
-    });
-    measure("decode all records to JSON", &frames, bytes, budget, |frame| {
-        match decode_frame(frame).unwrap() {
+        },
+    );
+    measure(
+        "decode all records to JSON",
+        &frames,
+        bytes,
+        budget,
+        |frame| match decode_frame(frame).unwrap() {
             Event::Commit(c) => c
                 .ops
                 .iter()
@@ -139,7 +159,7 @@ fn main() {
                 .filter_map(|op| c.record_json(op).ok().flatten())
                 .count(),
             _ => 1,
-        }
-    });
+        },
+    );
     println!("peak RSS {:.0} MB", peak_rss_mb());
 }

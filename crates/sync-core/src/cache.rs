@@ -127,7 +127,10 @@ impl CacheWriter {
     /// Writes `contents` for `path`; it becomes visible (renamed into place) at the next `sync`.
     pub fn write(&mut self, path: &CachePath, contents: &[u8]) -> Result<(), CacheError> {
         let target = self.resolve(path)?;
-        let dir = target.parent().expect("resolved path has a parent").to_owned();
+        let dir = target
+            .parent()
+            .expect("resolved path has a parent")
+            .to_owned();
         self.ensure_dir(&dir)?;
         self.temp_counter += 1;
         let temp = dir.join(format!("{TEMP_PREFIX}{}-{}", self.pid, self.temp_counter));
@@ -194,7 +197,9 @@ impl CacheWriter {
                 let ty = entry.file_type()?;
                 if ty.is_dir() {
                     stack.push(entry.path());
-                } else if ty.is_file() && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                } else if ty.is_file()
+                    && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+                {
                     fs::remove_file(entry.path())?;
                     removed += 1;
                 }

@@ -48,13 +48,27 @@ fn read_head(buf: &[u8], pos: usize) -> Result<(u8, u8, u64, usize), CborError> 
     let info = b & 0x1f;
     let (arg, len) = match info {
         0..=23 => (u64::from(info), 0usize),
-        24 => (u64::from(*buf.get(pos + 1).ok_or(CborError::Truncated(pos))?), 1),
+        24 => (
+            u64::from(*buf.get(pos + 1).ok_or(CborError::Truncated(pos))?),
+            1,
+        ),
         25..=27 => {
             let n = 1usize << (info - 24);
-            let bytes = buf.get(pos + 1..pos + 1 + n).ok_or(CborError::Truncated(pos))?;
-            (bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)), n)
+            let bytes = buf
+                .get(pos + 1..pos + 1 + n)
+                .ok_or(CborError::Truncated(pos))?;
+            (
+                bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+                n,
+            )
         }
-        _ => return Err(CborError::Unsupported { major, info, at: pos }),
+        _ => {
+            return Err(CborError::Unsupported {
+                major,
+                info,
+                at: pos,
+            })
+        }
     };
     Ok((major, info, arg, pos + 1 + len))
 }
@@ -80,7 +94,11 @@ fn skip_item_depth(buf: &[u8], pos: usize, depth: usize) -> Result<usize, CborEr
             Ok(end)
         }
         4 | 5 => {
-            let items = if major == 5 { arg.saturating_mul(2) } else { arg };
+            let items = if major == 5 {
+                arg.saturating_mul(2)
+            } else {
+                arg
+            };
             // Each item takes at least one byte: a count larger than what is left is truncation.
             if items > (buf.len() - next) as u64 {
                 return Err(CborError::Truncated(pos));
@@ -93,7 +111,11 @@ fn skip_item_depth(buf: &[u8], pos: usize, depth: usize) -> Result<usize, CborEr
         6 => skip_item_depth(buf, next, depth + 1),
         7 => match info {
             20..=23 | 25..=27 => Ok(next),
-            _ => Err(CborError::Unsupported { major, info, at: pos }),
+            _ => Err(CborError::Unsupported {
+                major,
+                info,
+                at: pos,
+            }),
         },
         _ => unreachable!("major type is 3 bits"),
     }
@@ -233,7 +255,9 @@ mod tests {
     #[test]
     fn skip_item_finds_item_boundaries() {
         // {"op": 1, "t": "#commit"} followed by 0x01
-        let header = encode_ipld(&json_to_ipld(&serde_json::json!({"op": 1, "t": "#commit"})).unwrap()).unwrap();
+        let header =
+            encode_ipld(&json_to_ipld(&serde_json::json!({"op": 1, "t": "#commit"})).unwrap())
+                .unwrap();
         let mut buf = header.clone();
         buf.push(0x01);
         assert_eq!(skip_item(&buf, 0).unwrap(), header.len());
@@ -249,7 +273,10 @@ mod tests {
             Err(CborError::Truncated(0))
         );
         // indefinite-length map is not DAG-CBOR
-        assert!(matches!(skip_item(&[0xbf], 0), Err(CborError::Unsupported { .. })));
+        assert!(matches!(
+            skip_item(&[0xbf], 0),
+            Err(CborError::Unsupported { .. })
+        ));
     }
 
     #[test]
@@ -265,6 +292,9 @@ mod tests {
         verify_block(&cid, &block).unwrap();
         let mut other = block.clone();
         other[1] ^= 1;
-        assert!(matches!(verify_block(&cid, &other), Err(CborError::HashMismatch(_))));
+        assert!(matches!(
+            verify_block(&cid, &other),
+            Err(CborError::HashMismatch(_))
+        ));
     }
 }

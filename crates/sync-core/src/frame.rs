@@ -231,7 +231,10 @@ pub enum Event<'a> {
     Error(ErrorFrame),
     /// A message that is counted and skipped; `seq` is read when the body has one, so the
     /// cursor can still move past it.
-    Skipped { kind: Skipped, seq: Option<Seq> },
+    Skipped {
+        kind: Skipped,
+        seq: Option<Seq>,
+    },
 }
 
 impl Event<'_> {
@@ -390,6 +393,16 @@ fn parse_op(raw: RawOp<'_>) -> Result<RepoOp, OpError> {
         cid: raw.cid,
         prev: raw.prev,
     })
+}
+
+/// True when the message is an error frame (`op = -1`); reads only the header.
+pub fn is_error_frame(frame: &[u8]) -> bool {
+    let Ok(end) = cbor::skip_item(frame, 0) else {
+        return false;
+    };
+    serde_ipld_dagcbor::from_slice::<Header<'_>>(&frame[..end])
+        .map(|h| h.op == -1)
+        .unwrap_or(false)
 }
 
 /// Decodes one binary WebSocket message of `com.atproto.sync.subscribeRepos`.

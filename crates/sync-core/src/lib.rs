@@ -14,4 +14,5 @@ pub mod pyjson;
 pub mod records;
 pub mod route;
 pub mod synth;
+pub mod time;
 pub mod transform;

@@ -120,7 +120,9 @@ impl Folder {
     pub fn dir(&self) -> String {
         match self {
             Folder::StudyPost => format!("{STUDY}/create/post"),
-            Folder::ReplyToUserPost(r) => format!("{STUDY}/create/reply_to_user_post/{}", r.as_str()),
+            Folder::ReplyToUserPost(r) => {
+                format!("{STUDY}/create/reply_to_user_post/{}", r.as_str())
+            }
             Folder::InNetworkPost(d) => format!("{IN_NETWORK}/create/post/{}", d.as_str()),
             Folder::StudyLike(r) => format!("{STUDY}/create/like/{}", r.as_str()),
             Folder::LikeOnUserPost(r) => format!("{STUDY}/create/like_on_user_post/{}", r.as_str()),
@@ -130,7 +132,9 @@ impl Folder {
             Folder::RepostOfUserPost(r) => {
                 format!("{STUDY}/create/repost_of_user_post/{}", r.as_str())
             }
-            Folder::QuoteOfUserPost(r) => format!("{STUDY}/create/quote_of_user_post/{}", r.as_str()),
+            Folder::QuoteOfUserPost(r) => {
+                format!("{STUDY}/create/quote_of_user_post/{}", r.as_str())
+            }
             Folder::StudyBlock => format!("{STUDY}/create/block"),
             Folder::StudyProfile => format!("{STUDY}/create/profile"),
             Folder::Account => format!("{STUDY}/account"),
@@ -158,6 +162,40 @@ impl Folder {
         }
     }
 
+    /// Parses a directory produced by [`Folder::dir`] back (for folders stored in an index);
+    /// every nesting segment is re-validated.
+    pub fn from_dir(dir: &str) -> Option<Folder> {
+        let create = format!("{STUDY}/create/");
+        if let Some(rest) = dir.strip_prefix(&create) {
+            let (head, tail) = match rest.split_once('/') {
+                Some((h, t)) => (h, Some(t)),
+                None => (rest, None),
+            };
+            let rkey = || tail.and_then(|t| RecordKey::parse(t).ok());
+            return Some(match (head, tail) {
+                ("post", None) => Folder::StudyPost,
+                ("reply_to_user_post", Some(_)) => Folder::ReplyToUserPost(rkey()?),
+                ("like", Some(_)) => Folder::StudyLike(rkey()?),
+                ("like_on_user_post", Some(_)) => Folder::LikeOnUserPost(rkey()?),
+                ("follow", Some("follower")) => Folder::Follower,
+                ("follow", Some("followee")) => Folder::Followee,
+                ("repost", None) => Folder::StudyRepost,
+                ("repost_of_user_post", Some(_)) => Folder::RepostOfUserPost(rkey()?),
+                ("quote_of_user_post", Some(_)) => Folder::QuoteOfUserPost(rkey()?),
+                ("block", None) => Folder::StudyBlock,
+                ("profile", None) => Folder::StudyProfile,
+                _ => return None,
+            });
+        }
+        if let Some(did) = dir.strip_prefix(&format!("{IN_NETWORK}/create/post/")) {
+            return Did::parse(did).ok().map(Folder::InNetworkPost);
+        }
+        if dir == format!("{STUDY}/account") {
+            return Some(Folder::Account);
+        }
+        None
+    }
+
     pub fn path(&self, file: String) -> Result<CachePath, NameTooLong> {
         CachePath::new(self.dir(), file)
     }
@@ -177,4 +215,41 @@ pub fn profile_file(author: &Did, rkey: &RecordKey, rev: &Tid) -> String {
 /// `did=<did>_seq=<seq>.json` for `#account` / `#identity` events.
 pub fn account_file(did: &Did, kind: &str, seq: Seq) -> String {
     format!("did={}_{kind}_seq={}.json", did.as_str(), seq.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_round_trip_through_their_directory() {
+        let rkey = RecordKey::parse("3l5jnpb6xyz2k").unwrap();
+        let did = Did::parse("did:plc:z72i7hdynmk6r22z27h6tvur").unwrap();
+        for folder in [
+            Folder::StudyPost,
+            Folder::ReplyToUserPost(rkey.clone()),
+            Folder::InNetworkPost(did),
+            Folder::StudyLike(rkey.clone()),
+            Folder::LikeOnUserPost(rkey.clone()),
+            Folder::Follower,
+            Folder::Followee,
+            Folder::StudyRepost,
+            Folder::RepostOfUserPost(rkey.clone()),
+            Folder::QuoteOfUserPost(rkey),
+            Folder::StudyBlock,
+            Folder::StudyProfile,
+            Folder::Account,
+        ] {
+            assert_eq!(
+                Folder::from_dir(&folder.dir()),
+                Some(folder.clone()),
+                "{folder:?}"
+            );
+        }
+        assert_eq!(
+            Folder::from_dir("study_user_activity/create/like_on_user_post/../x"),
+            None
+        );
+        assert_eq!(Folder::from_dir("/etc"), None);
+    }
 }

@@ -185,7 +185,10 @@ impl<'a> OpCtx<'_, 'a> {
         }
     }
 
-    fn view<T: serde::Deserialize<'a>>(&self, block: &'a [u8]) -> Result<T, (&'static str, String)> {
+    fn view<T: serde::Deserialize<'a>>(
+        &self,
+        block: &'a [u8],
+    ) -> Result<T, (&'static str, String)> {
         crate::cbor::check_depth(block).map_err(|e| ("bad_record", e.to_string()))?;
         records::view(block).map_err(|e| ("bad_record", e.to_string()))
     }
@@ -304,7 +307,10 @@ impl<'a> OpCtx<'_, 'a> {
         let contents = post.to_cache_json();
         let file = paths::record_file(author, "post", &self.op.rkey);
         for folder in folders {
-            if matches!(folder, Folder::ReplyToUserPost(_) | Folder::QuoteOfUserPost(_)) {
+            if matches!(
+                folder,
+                Folder::ReplyToUserPost(_) | Folder::QuoteOfUserPost(_)
+            ) {
                 out.updates.push(StateUpdate::Routed {
                     uri: uri.clone(),
                     folder: folder.clone(),
@@ -333,12 +339,22 @@ impl<'a> OpCtx<'_, 'a> {
         let rkey = post_rkey(subject).ok_or(("bad_subject", subject.to_owned()))?;
         let uri = self.uri();
         let record = self.record_json(block)?;
-        let contents =
-            transform::like_cache_json(uri.as_str(), &self.cid(), self.commit.repo.as_str(), &record)
-                .map_err(|e| ("transform", e.to_string()))?;
+        let contents = transform::like_cache_json(
+            uri.as_str(),
+            &self.cid(),
+            self.commit.repo.as_str(),
+            &record,
+        )
+        .map_err(|e| ("transform", e.to_string()))?;
         let file = paths::record_file(&self.commit.repo, "like", &self.op.rkey);
         if self.author_is_study {
-            push_file(out, self.index, &Folder::StudyLike(rkey.clone()), file.clone(), &contents);
+            push_file(
+                out,
+                self.index,
+                &Folder::StudyLike(rkey.clone()),
+                file.clone(),
+                &contents,
+            );
         }
         if on_study_post {
             let folder = Folder::LikeOnUserPost(rkey);
@@ -373,7 +389,13 @@ impl<'a> OpCtx<'_, 'a> {
         );
         let file = paths::record_file(&self.commit.repo, "repost", &self.op.rkey);
         if self.author_is_study {
-            push_file(out, self.index, &Folder::StudyRepost, file.clone(), &contents);
+            push_file(
+                out,
+                self.index,
+                &Folder::StudyRepost,
+                file.clone(),
+                &contents,
+            );
         }
         if of_study_post {
             let rkey = post_rkey(subject).ok_or(("bad_subject", subject.to_owned()))?;
@@ -401,9 +423,13 @@ impl<'a> OpCtx<'_, 'a> {
         }
         let uri = self.uri();
         let record = self.record_json(block)?;
-        let contents =
-            transform::follow_cache_json(uri.as_str(), &self.cid(), self.commit.repo.as_str(), &record)
-                .map_err(|e| ("transform", e.to_string()))?;
+        let contents = transform::follow_cache_json(
+            uri.as_str(),
+            &self.cid(),
+            self.commit.repo.as_str(),
+            &record,
+        )
+        .map_err(|e| ("transform", e.to_string()))?;
         let file = paths::follow_file(&self.commit.repo, &subject);
         if self.author_is_study {
             out.updates.push(StateUpdate::StudyFollow {
@@ -433,7 +459,11 @@ impl<'a> OpCtx<'_, 'a> {
             match folder.path(file.clone()) {
                 Ok(path) => out.files.push(CacheFile {
                     path: if delete_dir { path.to_delete() } else { path },
-                    folder: if delete_dir { "delete_of_routed" } else { folder.label() },
+                    folder: if delete_dir {
+                        "delete_of_routed"
+                    } else {
+                        folder.label()
+                    },
                     contents: contents.clone(),
                 }),
                 Err(e) => drop_op(out, self.index, "name_too_long", e.to_string()),
@@ -527,7 +557,13 @@ fn route_account(account: &AccountEvent, state: &dyn RoutingState, out: &mut Rou
     push_event_file(out, &account.did, "account", account.seq, contents);
 }
 
-fn push_event_file(out: &mut Routing, did: &Did, kind: &str, seq: crate::ids::Seq, contents: String) {
+fn push_event_file(
+    out: &mut Routing,
+    did: &Did,
+    kind: &str,
+    seq: crate::ids::Seq,
+    contents: String,
+) {
     match Folder::Account.path(paths::account_file(did, kind, seq)) {
         Ok(path) => out.files.push(CacheFile {
             path,
@@ -558,7 +594,8 @@ impl MemoryState {
     pub fn apply(&mut self, update: &StateUpdate) {
         match update {
             StateUpdate::StudyPost { uri, author } => {
-                self.study_posts.insert(uri.as_str().to_owned(), author.clone());
+                self.study_posts
+                    .insert(uri.as_str().to_owned(), author.clone());
             }
             StateUpdate::Routed { uri, folder } => {
                 let folders = self.routed.entry(uri.as_str().to_owned()).or_default();

@@ -161,7 +161,13 @@ pub fn identity_frame(seq: i64, did: &str, handle: Option<&str>, time: &str) -> 
 }
 
 /// An `#account` frame.
-pub fn account_frame(seq: i64, did: &str, active: bool, status: Option<&str>, time: &str) -> Vec<u8> {
+pub fn account_frame(
+    seq: i64,
+    did: &str,
+    active: bool,
+    status: Option<&str>,
+    time: &str,
+) -> Vec<u8> {
     let mut body = json!({"seq": seq, "did": did, "time": time, "active": active});
     if let Some(s) = status {
         body["status"] = Value::String(s.into());

@@ -11,11 +11,19 @@ use sync_core::jetstream::{event_lines, JETSTREAM_KINDS};
 fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("SYNC_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures")));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/fixtures"
+            ))
+        });
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!("skipping: fixtures not found at {} (set SYNC_FIXTURES)", dir.display());
+        eprintln!(
+            "skipping: fixtures not found at {} (set SYNC_FIXTURES)",
+            dir.display()
+        );
         None
     }
 }
@@ -54,11 +62,12 @@ fn comparable(line: &Value) -> Value {
 fn relay_capture_matches_production_jetstream() {
     let Some(dir) = fixtures() else { return };
     let frames = std::fs::read(dir.join("relay-capture/frames.bin")).unwrap();
-    let expected: Vec<Value> = std::fs::read_to_string(dir.join("relay-capture/expected_jetstream_v1.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| comparable(&serde_json::from_str(l).unwrap()))
-        .collect();
+    let expected: Vec<Value> =
+        std::fs::read_to_string(dir.join("relay-capture/expected_jetstream_v1.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| comparable(&serde_json::from_str(l).unwrap()))
+            .collect();
     let mut actual = Vec::new();
     let mut frame_count = 0;
     for frame in capture_frames(&frames) {
@@ -82,21 +91,30 @@ fn relay_capture_matches_production_jetstream() {
         .filter(|(_, (a, e))| a != e)
         .map(|(i, (a, e))| format!("#{i}\n  ours:     {a}\n  expected: {e}"))
         .collect();
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
     assert_eq!(actual.len(), 152);
 }
 
 #[test]
 fn data_model_fixtures_decode_and_hash() {
     let Some(dir) = fixtures() else { return };
-    let text = std::fs::read_to_string(dir.join("interop/data-model/data-model-fixtures.json")).unwrap();
+    let text =
+        std::fs::read_to_string(dir.join("interop/data-model/data-model-fixtures.json")).unwrap();
     let entries: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert!(!entries.is_empty());
     for entry in &entries {
         let bytes = b64(entry["cbor_base64"].as_str().unwrap());
         let json = cbor::decode_to_json(&bytes).unwrap();
         assert_eq!(json, entry["json"], "decoded JSON of {}", entry["cid"]);
-        assert_eq!(cbor::cid_for_dag_cbor(&bytes).to_string(), entry["cid"].as_str().unwrap());
+        assert_eq!(
+            cbor::cid_for_dag_cbor(&bytes).to_string(),
+            entry["cid"].as_str().unwrap()
+        );
         // and back: JSON -> canonical DAG-CBOR gives the same bytes
         let reencoded = cbor::encode_ipld(&cbor::json_to_ipld(&entry["json"]).unwrap()).unwrap();
         assert_eq!(reencoded, bytes, "re-encoding {}", entry["cid"]);
@@ -125,7 +143,8 @@ fn indigo_commits_decode_with_every_record() {
         files += 1;
         let body: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let frame = indigo_frame(&body);
-        let Event::Commit(commit) = decode_frame(&frame).unwrap_or_else(|e| panic!("{name}: {e}")) else {
+        let Event::Commit(commit) = decode_frame(&frame).unwrap_or_else(|e| panic!("{name}: {e}"))
+        else {
             panic!("{name}: not a commit")
         };
         assert_eq!(commit.ops.len(), body["ops"].as_array().unwrap().len());
@@ -133,10 +152,19 @@ fn indigo_commits_decode_with_every_record() {
         for op in &commit.ops {
             let op = op.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
             match op.action {
-                sync_core::frame::Action::Delete => assert!(commit.record_json(op).unwrap().is_none()),
+                sync_core::frame::Action::Delete => {
+                    assert!(commit.record_json(op).unwrap().is_none())
+                }
                 _ => {
-                    let record = commit.record_json(op).unwrap_or_else(|e| panic!("{name}: {e}")).unwrap();
-                    assert_eq!(record["$type"].as_str(), Some(op.collection.as_str()), "{name}");
+                    let record = commit
+                        .record_json(op)
+                        .unwrap_or_else(|e| panic!("{name}: {e}"))
+                        .unwrap();
+                    assert_eq!(
+                        record["$type"].as_str(),
+                        Some(op.collection.as_str()),
+                        "{name}"
+                    );
                 }
             }
         }

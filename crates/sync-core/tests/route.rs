@@ -21,8 +21,12 @@ const STUDY_POST: &str = "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.po
 /// The §3.5 cast: S1, S2 study users; S2 and A1 in-network; S1's 3l5jnpb6xyz2k in the post map.
 fn cast() -> MemoryState {
     let mut state = MemoryState::default();
-    state.study_users.extend([S1, S2].map(|d| Did::parse(d).unwrap()));
-    state.in_network.extend([S2, A1].map(|d| Did::parse(d).unwrap()));
+    state
+        .study_users
+        .extend([S1, S2].map(|d| Did::parse(d).unwrap()));
+    state
+        .in_network
+        .extend([S2, A1].map(|d| Did::parse(d).unwrap()));
     state
         .study_posts
         .insert(STUDY_POST.to_owned(), Did::parse(S1).unwrap());
@@ -36,7 +40,11 @@ fn run(frames: &[Vec<u8>], state: &mut MemoryState) -> BTreeMap<String, String> 
     for frame in frames {
         let event = decode_frame(frame).expect("test frame decodes");
         let routing = route_event(&event, state, CLOCK);
-        assert!(routing.dropped.is_empty(), "unexpected drops: {:?}", routing.dropped);
+        assert!(
+            routing.dropped.is_empty(),
+            "unexpected drops: {:?}",
+            routing.dropped
+        );
         for update in &routing.updates {
             state.apply(update);
         }
@@ -49,7 +57,11 @@ fn run(frames: &[Vec<u8>], state: &mut MemoryState) -> BTreeMap<String, String> 
 
 /// Asserts that `frames` routed from `state` write exactly `expected` (paths), and that every
 /// file is one JSON document.
-fn check(frames: &[Vec<u8>], state: &mut MemoryState, expected: &[&str]) -> BTreeMap<String, String> {
+fn check(
+    frames: &[Vec<u8>],
+    state: &mut MemoryState,
+    expected: &[&str],
+) -> BTreeMap<String, String> {
     let files = run(frames, state);
     let actual: Vec<&str> = files.keys().map(String::as_str).collect();
     let mut expected: Vec<&str> = expected.to_vec();
@@ -57,7 +69,10 @@ fn check(frames: &[Vec<u8>], state: &mut MemoryState, expected: &[&str]) -> BTre
     assert_eq!(actual, expected);
     for (path, contents) in &files {
         serde_json::from_str::<Value>(contents).unwrap_or_else(|e| panic!("{path}: {e}"));
-        assert!(contents.is_ascii(), "{path} is ASCII-escaped like the predecessor's files");
+        assert!(
+            contents.is_ascii(),
+            "{path} is ASCII-escaped like the predecessor's files"
+        );
     }
     files
 }
@@ -125,7 +140,10 @@ fn ex03_study_user_who_is_also_in_network_gets_two_files() {
         ],
     );
     let contents: Vec<&String> = files.values().collect();
-    assert_eq!(contents[0], contents[1], "the same object is written for every decision");
+    assert_eq!(
+        contents[0], contents[1],
+        "the same object is written for every decision"
+    );
 }
 
 #[test]
@@ -154,8 +172,14 @@ fn ex04_reply_nests_under_study_root_and_matches_example_2_exactly() {
     let mut without_cid = ours.as_object().unwrap().clone();
     let cid = without_cid.remove("cid").unwrap();
     assert_eq!(Value::Object(without_cid), expected);
-    let real_cid = sync_core::cbor::cid_for_dag_cbor(&sync_core::cbor::encode_ipld(&sync_core::cbor::json_to_ipld(&record).unwrap()).unwrap());
-    assert_eq!(cid, Value::String(real_cid.to_string()), "cid is the op's record CID");
+    let real_cid = sync_core::cbor::cid_for_dag_cbor(
+        &sync_core::cbor::encode_ipld(&sync_core::cbor::json_to_ipld(&record).unwrap()).unwrap(),
+    );
+    assert_eq!(
+        cid,
+        Value::String(real_cid.to_string()),
+        "cid is the op's record CID"
+    );
 }
 
 #[test]
@@ -179,7 +203,9 @@ fn ex05_reply_nests_under_study_parent_when_root_is_not_a_study_post() {
 fn ex05b_when_root_and_parent_are_both_study_posts_the_root_wins() {
     let s1_other = "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5k7ccccccc2";
     let mut state = cast();
-    state.study_posts.insert(s1_other.into(), Did::parse(S1).unwrap());
+    state
+        .study_posts
+        .insert(s1_other.into(), Did::parse(S1).unwrap());
     check(
         &[commit(1, A3, &[create(POST, "3l5kbbbbbbb2b", reply(STUDY_POST, s1_other))])],
         &mut state,
@@ -228,7 +254,10 @@ fn ex09_study_user_follows_someone_who_joins_the_in_network_set() {
         &mut state,
         &["study_user_activity/create/follow/follower/follower_did=did:plc:z72i7hdynmk6r22z27h6tvur_followee_did=did:plc:q6gjnaw2blty4crticxkmujt.json"],
     );
-    assert!(state.in_network.contains(&Did::parse(A2).unwrap()), "live in-network update (A4)");
+    assert!(
+        state.in_network.contains(&Did::parse(A2).unwrap()),
+        "live in-network update (A4)"
+    );
 }
 
 #[test]
@@ -258,8 +287,20 @@ fn ex11_study_user_follows_study_user_gets_both_files() {
 fn ex12_untracked_activity_and_untracked_deletes_write_nothing() {
     check(
         &[
-            commit(1, A3, &[create(POST, "3l5kccccccc2c", post("nobody tracks me"))]),
-            commit(2, A3, &[create(LIKE, "3l5kccccccd2c", like("at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5kccccccc2c"))]),
+            commit(
+                1,
+                A3,
+                &[create(POST, "3l5kccccccc2c", post("nobody tracks me"))],
+            ),
+            commit(
+                2,
+                A3,
+                &[create(
+                    LIKE,
+                    "3l5kccccccd2c",
+                    like("at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5kccccccc2c"),
+                )],
+            ),
             commit(3, A3, &[OpSpec::delete(POST, "3l5kccccccc2c")]),
             commit(4, A2, &[OpSpec::delete(LIKE, "3l5kzzzzzzz2z")]),
         ],
@@ -271,7 +312,11 @@ fn ex12_untracked_activity_and_untracked_deletes_write_nothing() {
 #[test]
 fn ex13_updates_of_posts_are_not_routed() {
     check(
-        &[commit(1, S1, &[OpSpec::update(POST, "3l5jnpb6xyz2k", post("edited"))])],
+        &[commit(
+            1,
+            S1,
+            &[OpSpec::update(POST, "3l5jnpb6xyz2k", post("edited"))],
+        )],
         &mut cast(),
         &[],
     );
@@ -313,9 +358,21 @@ fn deletes_of_routed_reactions_mirror_their_folder() {
     run(
         &[
             commit(1, A2, &[create(LIKE, "3l5jv2xq4tk2p", like(STUDY_POST))]),
-            commit(2, A3, &[create(POST, "3l5kbbbbbbb2b", reply(STUDY_POST, a3_post))]),
+            commit(
+                2,
+                A3,
+                &[create(POST, "3l5kbbbbbbb2b", reply(STUDY_POST, a3_post))],
+            ),
             commit(3, A3, &[create(FOLLOW, "3l5kfffffff2f", follow(S1))]),
-            commit(4, A3, &[create(REPOST, "3l5krrrrrrr2r", json!({"$type": REPOST, "createdAt": "2024-10-02T14:05:10.001Z", "subject": {"uri": STUDY_POST, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}}))]),
+            commit(
+                4,
+                A3,
+                &[create(
+                    REPOST,
+                    "3l5krrrrrrr2r",
+                    json!({"$type": REPOST, "createdAt": "2024-10-02T14:05:10.001Z", "subject": {"uri": STUDY_POST, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}}),
+                )],
+            ),
         ],
         &mut state,
     );
@@ -367,15 +424,30 @@ fn reposts_quotes_blocks_and_profiles() {
             "study_user_activity/create/profile/author_did=did:plc:z72i7hdynmk6r22z27h6tvur_profile_uri_suffix=self_rev=3l5kaaaaaab2a.json",
         ],
     );
-    let quote_file: Value = serde_json::from_str(files.values().find(|c| c.contains("3l5kqqqqqqq2q")).unwrap()).unwrap();
-    assert!(quote_file["embed"].as_str().unwrap().contains("\"has_embedded_record\": true"));
+    let quote_file: Value = serde_json::from_str(
+        files
+            .values()
+            .find(|c| c.contains("3l5kqqqqqqq2q"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(quote_file["embed"]
+        .as_str()
+        .unwrap()
+        .contains("\"has_embedded_record\": true"));
 }
 
 #[test]
 fn account_and_identity_events_of_study_users_only() {
     let files = check(
         &[
-            synth::account_frame(10, S1, false, Some("deactivated"), "2024-10-02T15:00:00.000Z"),
+            synth::account_frame(
+                10,
+                S1,
+                false,
+                Some("deactivated"),
+                "2024-10-02T15:00:00.000Z",
+            ),
             synth::identity_frame(11, S1, Some("new.example.com"), "2024-10-02T15:00:01.000Z"),
             synth::account_frame(12, A3, false, Some("deleted"), "2024-10-02T15:00:02.000Z"),
         ],
@@ -386,7 +458,10 @@ fn account_and_identity_events_of_study_users_only() {
         ],
     );
     let v: Value = serde_json::from_str(&files["study_user_activity/account/did=did:plc:z72i7hdynmk6r22z27h6tvur_account_seq=10.json"]).unwrap();
-    assert_eq!(v, json!({"did": S1, "kind": "account", "seq": 10, "time": "2024-10-02T15:00:00.000Z", "handle": null, "active": false, "status": "deactivated"}));
+    assert_eq!(
+        v,
+        json!({"did": S1, "kind": "account", "seq": 10, "time": "2024-10-02T15:00:00.000Z", "handle": null, "active": false, "status": "deactivated"})
+    );
 }
 
 #[test]
@@ -401,28 +476,56 @@ fn unfollow_removes_from_in_network_unless_another_study_user_follows() {
         &mut state,
     );
     assert!(state.in_network.contains(&a3));
-    run(&[commit(3, S1, &[OpSpec::delete(FOLLOW, "3l5kf1fffff2f")])], &mut state);
+    run(
+        &[commit(3, S1, &[OpSpec::delete(FOLLOW, "3l5kf1fffff2f")])],
+        &mut state,
+    );
     assert!(state.in_network.contains(&a3), "S2 still follows A3");
-    run(&[commit(4, S2, &[OpSpec::delete(FOLLOW, "3l5kf2fffff2f")])], &mut state);
-    assert!(!state.in_network.contains(&a3), "nobody follows A3 any more");
+    run(
+        &[commit(4, S2, &[OpSpec::delete(FOLLOW, "3l5kf2fffff2f")])],
+        &mut state,
+    );
+    assert!(
+        !state.in_network.contains(&a3),
+        "nobody follows A3 any more"
+    );
     // and A3's posts stop being routed
-    check(&[commit(5, A3, &[create(POST, "3l5kpppppp22p", post("x"))])], &mut state, &[]);
+    check(
+        &[commit(5, A3, &[create(POST, "3l5kpppppp22p", post("x"))])],
+        &mut state,
+        &[],
+    );
 }
 
 #[test]
 fn a_bad_op_is_dropped_alone_and_the_rest_of_the_commit_is_routed() {
     let mut state = cast();
-    let frame = commit(1, S1, &[
-        create(POST, "3l5kaaaaaaa2a", json!({"$type": "app.bsky.feed.like", "text": "wrong $type"})),
-        create(POST, "3l5kaaaaaab2a", json!({"$type": POST, "text": "no createdAt"})),
-        create(POST, "3l5kaaaaaac2a", post("fine")),
-    ]);
+    let frame = commit(
+        1,
+        S1,
+        &[
+            create(
+                POST,
+                "3l5kaaaaaaa2a",
+                json!({"$type": "app.bsky.feed.like", "text": "wrong $type"}),
+            ),
+            create(
+                POST,
+                "3l5kaaaaaab2a",
+                json!({"$type": POST, "text": "no createdAt"}),
+            ),
+            create(POST, "3l5kaaaaaac2a", post("fine")),
+        ],
+    );
     let event = decode_frame(&frame).unwrap();
     let routing = route_event(&event, &state, CLOCK);
     let reasons: Vec<&str> = routing.dropped.iter().map(|d| d.reason).collect();
     assert_eq!(reasons, ["wrong_type", "transform"]);
     assert_eq!(routing.files.len(), 1);
-    assert!(routing.files[0].path.to_string().ends_with("3l5kaaaaaac2a.json"));
+    assert!(routing.files[0]
+        .path
+        .to_string()
+        .ends_with("3l5kaaaaaac2a.json"));
     for u in &routing.updates {
         state.apply(u);
     }

@@ -1,0 +1,198 @@
+//! Command-line flags (each with an environment variable) and the validated writer configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Default relay: the Bluesky network relay.
+pub const DEFAULT_RELAY: &str = "wss://bsky.network";
+
+/// Follows the atproto firehose and routes study users' records into the JSON cache.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Relay or PDS to follow (ws:// or wss://); the subscribeRepos path is added when missing.
+    #[arg(long, env = "FIREHOSE_RELAY", default_value = DEFAULT_RELAY)]
+    pub relay: String,
+
+    /// Process this capture file (`[u32 LE length][frame]...`) instead of the socket, then exit.
+    #[arg(long, env = "FIREHOSE_REPLAY")]
+    pub replay: Option<PathBuf>,
+
+    /// Cache root the routed JSON files are written under.
+    #[arg(long, env = "FIREHOSE_CACHE_DIR", default_value = "./__local_cache__")]
+    pub cache_dir: PathBuf,
+
+    /// State database (SQLite): cursor, study-post, follow and routed-record indexes.
+    #[arg(
+        long,
+        env = "FIREHOSE_STATE",
+        default_value = "./firehose-state.sqlite"
+    )]
+    pub state: PathBuf,
+
+    /// Study users: a text file of DIDs (one per line, `#` comments) or a CSV with a
+    /// `bluesky_user_did` column.
+    #[arg(long, env = "FIREHOSE_STUDY_USERS")]
+    pub study_users: PathBuf,
+
+    /// In-network users: a text file of DIDs or the predecessor's social-network CSV
+    /// (`follow_did` where `relationship_to_study_user == "follow"`).
+    #[arg(long, env = "FIREHOSE_IN_NETWORK")]
+    pub in_network: Option<PathBuf>,
+
+    /// Start from this seq instead of the stored cursor.
+    #[arg(long, env = "FIREHOSE_CURSOR")]
+    pub cursor: Option<i64>,
+
+    /// Reconnect when no event arrives for this many seconds while the socket is open.
+    #[arg(long, env = "FIREHOSE_STALL_TIMEOUT", default_value_t = 60)]
+    pub stall_timeout: u64,
+
+    /// What to do when the relay answers FutureCursor: `exit` (non-zero) or `live` (drop the
+    /// cursor and tail live: events between the cursor and now are lost).
+    #[arg(long, env = "FIREHOSE_ON_FUTURE_CURSOR", value_enum, default_value_t = FutureCursorPolicy::Exit)]
+    pub on_future_cursor: FutureCursorPolicy,
+
+    /// Address of the /health and /metrics HTTP endpoint.
+    #[arg(long, env = "FIREHOSE_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "FIREHOSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Longest time between durability barriers (fsync + cursor commit), in milliseconds.
+    #[arg(long, env = "FIREHOSE_COMMIT_INTERVAL_MS", default_value_t = 500)]
+    pub commit_interval_ms: u64,
+
+    /// Longest backoff between reconnects, in seconds.
+    #[arg(long, env = "FIREHOSE_MAX_BACKOFF", default_value_t = 60)]
+    pub max_backoff: u64,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print every event of a capture file (`[u32 LE length][frame]...`) as one Jetstream-v1
+    /// shaped JSON line (commit ops, identity, account; plus sync/info/error/invalid frames).
+    Inspect {
+        /// The capture file, e.g. relay-capture/frames.bin.
+        frames_file: PathBuf,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FutureCursorPolicy {
+    Exit,
+    Live,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where frames come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Full subscribeRepos URL without query.
+    Relay(String),
+    Replay(PathBuf),
+}
+
+/// The validated configuration `run` takes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Source,
+    pub cache_dir: PathBuf,
+    pub state: PathBuf,
+    pub study_users: PathBuf,
+    pub in_network: Option<PathBuf>,
+    pub cursor: Option<i64>,
+    pub stall_timeout: Duration,
+    pub on_future_cursor: FutureCursorPolicy,
+    /// `None` disables the HTTP endpoint (tests running many writers).
+    pub metrics_addr: Option<SocketAddr>,
+    pub commit_interval: Duration,
+    pub max_backoff: Duration,
+}
+
+/// `wss://host` -> `wss://host/xrpc/com.atproto.sync.subscribeRepos`.
+pub fn subscribe_url(relay: &str) -> Result<String> {
+    let relay = relay.trim().trim_end_matches('/');
+    if !(relay.starts_with("ws://") || relay.starts_with("wss://")) {
+        bail!("relay URL {relay:?} must start with ws:// or wss://");
+    }
+    if relay.contains('?') {
+        bail!("relay URL {relay:?} must not carry a query: the writer sets the cursor itself");
+    }
+    let host = relay.split("://").nth(1).unwrap_or_default();
+    if host.is_empty() {
+        bail!("relay URL {relay:?} has no host");
+    }
+    if relay.ends_with("/xrpc/com.atproto.sync.subscribeRepos") {
+        Ok(relay.to_owned())
+    } else {
+        Ok(format!("{relay}/xrpc/com.atproto.sync.subscribeRepos"))
+    }
+}
+
+impl Config {
+    pub fn from_args(args: &Args) -> Result<Config> {
+        let source = match &args.replay {
+            Some(path) => Source::Replay(path.clone()),
+            None => Source::Relay(subscribe_url(&args.relay).context("invalid --relay")?),
+        };
+        if args.stall_timeout == 0 {
+            bail!("--stall-timeout must be at least 1 second");
+        }
+        if args.commit_interval_ms == 0 || args.commit_interval_ms > 1000 {
+            bail!("--commit-interval-ms must be between 1 and 1000 (the cursor is saved at least once a second)");
+        }
+        if let Some(c) = args.cursor {
+            if c < 0 {
+                bail!("--cursor must not be negative");
+            }
+        }
+        Ok(Config {
+            source,
+            cache_dir: args.cache_dir.clone(),
+            state: args.state.clone(),
+            study_users: args.study_users.clone(),
+            in_network: args.in_network.clone(),
+            cursor: args.cursor,
+            stall_timeout: Duration::from_secs(args.stall_timeout),
+            on_future_cursor: args.on_future_cursor,
+            metrics_addr: Some(args.metrics_addr),
+            commit_interval: Duration::from_millis(args.commit_interval_ms),
+            max_backoff: Duration::from_secs(args.max_backoff.max(1)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls() {
+        assert_eq!(
+            subscribe_url("wss://bsky.network").unwrap(),
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
+        );
+        assert_eq!(
+            subscribe_url("ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos").unwrap(),
+            "ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos"
+        );
+        assert!(subscribe_url("https://bsky.network").is_err());
+        assert!(subscribe_url("wss://x/?cursor=1").is_err());
+        assert!(subscribe_url("wss://").is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! The processor: frames in order -> decode -> dedupe -> route -> cache files, and the durability
+//! barrier that makes files durable before the cursor covering them is committed.
+//!
+//! Runs on its own thread; the bounded channel in front of it is the only buffer, so a slow or
+//! failing disk slows reading instead of growing memory. A failing write is retried with backoff
+//! forever (the cursor does not move, /health reports the error); no event is ever skipped.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use sync_core::cache::CacheWriter;
+use sync_core::frame::{decode_frame, Event};
+use sync_core::ids::Did;
+use sync_core::route::{route_event, CacheFile};
+use sync_core::time::rfc3339_to_unix_micros;
+use sync_core::transform::sync_timestamp;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Bytes;
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+
+/// What the processor receives, in order.
+#[derive(Debug)]
+pub enum Input {
+    Frame(Bytes),
+    /// Time to check whether a commit is due (sent by a ticker while frames are scarce).
+    Tick,
+    /// New tracked sets (SIGHUP): study users, in-network users.
+    Reload(HashSet<Did>, HashSet<Did>),
+    /// The source switched to a live tail with lower seqs (FutureCursor with `--on-future-cursor=live`).
+    ResetSeq,
+    /// The source is done (end of replay or shutdown): commit and stop.
+    End,
+}
+
+/// What a processor run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProcessorSummary {
+    pub frames: u64,
+    pub files: u64,
+    pub commits: u64,
+    pub cursor: Option<i64>,
+}
+
+pub struct Processor {
+    cache: CacheWriter,
+    state: StateStore,
+    metrics: Arc<Metrics>,
+    /// Last handled seq (may be ahead of the committed cursor).
+    last_seq: Option<i64>,
+    dirty: bool,
+    last_commit: Instant,
+    commit_interval: Duration,
+    clock_secs: i64,
+    clock: String,
+    /// Shared with the source: last handled seq (reconnect point) and last committed cursor.
+    pub handled_seq: Arc<AtomicI64>,
+    pub durable_cursor: Arc<AtomicI64>,
+    shutdown: Arc<AtomicBool>,
+    summary: ProcessorSummary,
+}
+
+const RETRY_START: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Processor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cache: CacheWriter,
+        state: StateStore,
+        metrics: Arc<Metrics>,
+        start_seq: Option<i64>,
+        commit_interval: Duration,
+        handled_seq: Arc<AtomicI64>,
+        durable_cursor: Arc<AtomicI64>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        if let Some(c) = state.cursor() {
+            metrics.cursor.store(c, Ordering::Relaxed);
+            durable_cursor.store(c, Ordering::Relaxed);
+        }
+        handled_seq.store(start_seq.unwrap_or(-1), Ordering::Relaxed);
+        Processor {
+            cache,
+            state,
+            metrics,
+            last_seq: start_seq,
+            dirty: false,
+            last_commit: Instant::now(),
+            commit_interval,
+            clock_secs: -1,
+            clock: String::new(),
+            handled_seq,
+            durable_cursor,
+            shutdown,
+            summary: ProcessorSummary::default(),
+        }
+    }
+
+    /// Consumes inputs until `End` (or the channel closes), then commits.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<ProcessorSummary> {
+        while let Some(input) = rx.blocking_recv() {
+            match input {
+                Input::Frame(bytes) => self.handle_frame(&bytes)?,
+                Input::Tick => {}
+                Input::Reload(study, in_network) => {
+                    info!(
+                        study_users = study.len(),
+                        in_network = in_network.len(),
+                        "tracked sets reloaded"
+                    );
+                    self.state.replace_sets(study, in_network);
+                }
+                Input::ResetSeq => {
+                    self.last_seq = None;
+                    self.handled_seq.store(-1, Ordering::Relaxed);
+                }
+                Input::End => break,
+            }
+            if self.dirty && self.last_commit.elapsed() >= self.commit_interval {
+                self.commit()?;
+            }
+        }
+        self.commit()?;
+        self.summary.cursor = self.state.cursor();
+        info!(cursor = ?self.summary.cursor, frames = self.summary.frames, files = self.summary.files, "processor stopped; cache and cursor are durable");
+        Ok(self.summary)
+    }
+
+    fn clock(&mut self) -> &str {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if now != self.clock_secs {
+            self.clock_secs = now;
+            self.clock = sync_timestamp(now);
+        }
+        &self.clock
+    }
+
+    fn handle_frame(&mut self, bytes: &[u8]) -> Result<()> {
+        self.summary.frames += 1;
+        self.metrics.frames.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .frame_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let event = match decode_frame(bytes) {
+            Ok(event) => event,
+            Err(e) => {
+                self.metrics.dropped(e.reason());
+                warn!(error = %e, bytes = bytes.len(), "dropping undecodable frame");
+                return Ok(());
+            }
+        };
+        self.metrics.event(event.kind());
+        let seq = event.seq().map(|s| s.0);
+        if let (Some(seq), Some(last)) = (seq, self.last_seq) {
+            if seq <= last {
+                self.metrics.skipped_seq.fetch_add(1, Ordering::Relaxed);
+                debug!(seq, last, "skipping already handled seq");
+                return Ok(());
+            }
+        }
+        match &event {
+            Event::Info(info) if info.name == "OutdatedCursor" => {
+                self.metrics.outdated_cursor.fetch_add(1, Ordering::Relaxed);
+                error!(message = ?info.message, cursor = ?self.last_seq, "relay says OutdatedCursor: the cursor fell out of its replay window, events between it and the oldest retained event were LOST upstream");
+            }
+            Event::Info(info) => info!(name = %info.name, message = ?info.message, "relay info"),
+            Event::Error(e) => warn!(error = %e.error, message = ?e.message, "relay error frame"),
+            Event::Skipped { kind, seq } => debug!(?kind, ?seq, "skipping message kind"),
+            _ => {}
+        }
+        if let Event::Commit(commit) = &event {
+            if self.state.is_duplicate(&commit.repo, &commit.rev) {
+                self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                debug!(seq, repo = %commit.repo, rev = %commit.rev, "duplicate event (rev not newer)");
+                self.advance(seq);
+                return Ok(());
+            }
+        }
+        let clock = self.clock().to_owned();
+        let routing = route_event(&event, &self.state, &clock);
+        for dropped in &routing.dropped {
+            self.metrics.dropped(dropped.reason);
+            debug!(seq, reason = dropped.reason, detail = %dropped.detail, "dropped op");
+        }
+        for file in &routing.files {
+            self.write_with_retry(seq, file)?;
+        }
+        for update in &routing.updates {
+            self.state
+                .apply(update)
+                .context("updating the state indexes")?;
+        }
+        for file in &routing.files {
+            self.metrics.routed(file.folder);
+            debug!(seq, path = %file.path, "routed");
+        }
+        self.summary.files += routing.files.len() as u64;
+        let time = match &event {
+            Event::Commit(c) => {
+                self.state.record_rev(&c.repo, &c.rev);
+                Some(c.time)
+            }
+            Event::Identity(i) => Some(i.time.as_str()),
+            Event::Account(a) => Some(a.time.as_str()),
+            Event::Sync(s) => Some(s.time.as_str()),
+            _ => None,
+        };
+        if let Some(us) = time.and_then(rfc3339_to_unix_micros) {
+            self.metrics.last_event_time_us.store(us, Ordering::Relaxed);
+        }
+        self.advance(seq);
+        Ok(())
+    }
+
+    fn advance(&mut self, seq: Option<i64>) {
+        if let Some(seq) = seq {
+            self.last_seq = Some(seq);
+            self.handled_seq.store(seq, Ordering::Relaxed);
+            self.dirty = true;
+        }
+    }
+
+    fn retry<T>(
+        &mut self,
+        what: &str,
+        seq: Option<i64>,
+        mut op: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let mut delay = RETRY_START;
+        let mut failed = false;
+        loop {
+            match op(self) {
+                Ok(v) => {
+                    if failed {
+                        info!(seq, "{what} recovered");
+                        self.metrics.set_error(None);
+                    }
+                    return Ok(v);
+                }
+                Err(e) => {
+                    failed = true;
+                    self.metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.set_error(Some(format!("{what}: {e:#}")));
+                    error!(seq, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed; the cursor will not move until it succeeds");
+                    if self.shutdown.load(Ordering::Relaxed) {
+                        bail!("shutting down while {what} is failing: {e:#}; the cursor stays at the last durable seq");
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    fn write_with_retry(&mut self, seq: Option<i64>, file: &CacheFile) -> Result<()> {
+        self.retry("cache write", seq, |p| {
+            p.cache
+                .write(&file.path, file.contents.as_bytes())
+                .map_err(anyhow::Error::from)
+        })
+    }
+
+    /// The durability barrier: files fsynced and renamed, directories fsynced, then the cursor and
+    /// state updates committed in one transaction.
+    fn commit(&mut self) -> Result<()> {
+        if !self.dirty && self.cache.pending() == 0 {
+            return Ok(());
+        }
+        let seq = self.last_seq;
+        self.retry("cache sync", seq, |p| {
+            p.cache.sync().map(|_| ()).map_err(anyhow::Error::from)
+        })?;
+        self.retry("state commit", seq, |p| p.state.commit(seq))?;
+        if let Some(seq) = seq {
+            self.metrics.cursor.store(seq, Ordering::Relaxed);
+            self.durable_cursor.store(seq, Ordering::Relaxed);
+        }
+        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        self.summary.commits += 1;
+        self.dirty = false;
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+}

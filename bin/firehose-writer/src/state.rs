@@ -1,0 +1,435 @@
+//! The state store: one SQLite file (WAL) holding the cursor, per-repo revs, the study-post index,
+//! the follow index and the routed-record index, plus the in-memory views routing reads.
+//!
+//! Updates are applied in memory at once (routing of the next event must see them) and queued;
+//! [`StateStore::commit`] writes them together with the cursor in one transaction, which the
+//! processor only calls after the cache files covering that cursor are durable.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use sync_core::ids::{AtUri, Did, Tid};
+use sync_core::paths::Folder;
+use sync_core::route::{RoutingState, StateUpdate};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS study_posts (uri TEXT PRIMARY KEY, author TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS routed (uri TEXT NOT NULL, folder TEXT NOT NULL, PRIMARY KEY (uri, folder));
+CREATE TABLE IF NOT EXISTS study_follows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, subject TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS study_follows_subject ON study_follows (subject);
+CREATE TABLE IF NOT EXISTS repo_revs (did TEXT PRIMARY KEY, rev TEXT NOT NULL);
+";
+
+fn key_hash(s: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// Updates not yet committed.
+#[derive(Default)]
+struct Pending {
+    study_posts: HashMap<String, Did>,
+    routed: Vec<(String, Folder)>,
+    follows: HashMap<String, (Did, Did)>,
+    unfollows: Vec<String>,
+    revs: HashMap<Did, Tid>,
+}
+
+pub struct StateStore {
+    conn: Connection,
+    study_users: HashSet<Did>,
+    file_in_network: HashSet<Did>,
+    /// Subjects of study users' live follows, with how many study follows point at each.
+    followed: HashMap<Did, u32>,
+    /// Hashes of study-post URIs: a miss is certain, a hit is confirmed in the database.
+    study_post_hashes: HashSet<u64>,
+    routed_hashes: HashSet<u64>,
+    /// Last rev of each tracked repo (study users and in-network), for duplicate detection.
+    revs: HashMap<Did, Tid>,
+    pending: Pending,
+    cursor: Option<i64>,
+}
+
+impl StateStore {
+    pub fn open(path: &Path, study_users: HashSet<Did>, in_network: HashSet<Did>) -> Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating state directory {}", parent.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening state database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)
+            .with_context(|| format!("creating schema in {}", path.display()))?;
+        let cursor = conn
+            .query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .map(|v| v.parse::<i64>())
+            .transpose()
+            .context("stored cursor is not a number")?;
+        let mut store = StateStore {
+            conn,
+            study_users,
+            file_in_network: in_network,
+            followed: HashMap::new(),
+            study_post_hashes: HashSet::new(),
+            routed_hashes: HashSet::new(),
+            revs: HashMap::new(),
+            pending: Pending::default(),
+            cursor,
+        };
+        store.load()?;
+        Ok(store)
+    }
+
+    fn load(&mut self) -> Result<()> {
+        let mut stmt = self.conn.prepare("SELECT uri FROM study_posts")?;
+        for uri in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            self.study_post_hashes.insert(key_hash(&uri?));
+        }
+        let mut stmt = self.conn.prepare("SELECT uri FROM routed")?;
+        for uri in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            self.routed_hashes.insert(key_hash(&uri?));
+        }
+        let mut stmt = self.conn.prepare("SELECT subject FROM study_follows")?;
+        for subject in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            if let Ok(did) = Did::parse(&subject?) {
+                *self.followed.entry(did).or_default() += 1;
+            }
+        }
+        let mut stmt = self.conn.prepare("SELECT did, rev FROM repo_revs")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (did, rev) = row?;
+            if let (Ok(did), Ok(rev)) = (Did::parse(&did), Tid::parse(&rev)) {
+                self.revs.insert(did, rev);
+            }
+        }
+        Ok(())
+    }
+
+    /// The committed cursor (last fully handled seq whose files are durable).
+    pub fn cursor(&self) -> Option<i64> {
+        self.cursor
+    }
+
+    pub fn study_user_count(&self) -> usize {
+        self.study_users.len()
+    }
+
+    pub fn in_network_count(&self) -> usize {
+        self.file_in_network.len() + self.followed.len()
+    }
+
+    /// Replaces the file-loaded sets (SIGHUP); live follows are kept.
+    pub fn replace_sets(&mut self, study_users: HashSet<Did>, in_network: HashSet<Did>) {
+        self.study_users = study_users;
+        self.file_in_network = in_network;
+    }
+
+    fn tracked(&self, did: &Did) -> bool {
+        self.study_users.contains(did) || self.is_in_network(did)
+    }
+
+    /// True when `rev` is not newer than the last rev seen for this (tracked) repo.
+    pub fn is_duplicate(&self, did: &Did, rev: &Tid) -> bool {
+        self.revs.get(did).is_some_and(|last| rev <= last)
+    }
+
+    /// Remembers the rev of a tracked repo's event (untracked repos route idempotently by name).
+    pub fn record_rev(&mut self, did: &Did, rev: &Tid) {
+        if self.tracked(did) {
+            self.revs.insert(did.clone(), *rev);
+            self.pending.revs.insert(did.clone(), *rev);
+        }
+    }
+
+    pub fn apply(&mut self, update: &StateUpdate) -> Result<()> {
+        match update {
+            StateUpdate::StudyPost { uri, author } => {
+                self.study_post_hashes.insert(key_hash(uri.as_str()));
+                self.pending
+                    .study_posts
+                    .insert(uri.as_str().to_owned(), author.clone());
+            }
+            StateUpdate::Routed { uri, folder } => {
+                self.routed_hashes.insert(key_hash(uri.as_str()));
+                self.pending
+                    .routed
+                    .push((uri.as_str().to_owned(), folder.clone()));
+            }
+            StateUpdate::StudyFollow {
+                uri,
+                follower,
+                subject,
+            } => {
+                let previous = self
+                    .pending
+                    .follows
+                    .insert(uri.as_str().to_owned(), (follower.clone(), subject.clone()));
+                if previous.is_none() && self.follow_subject_in_db(uri)?.is_none() {
+                    *self.followed.entry(subject.clone()).or_default() += 1;
+                }
+            }
+            StateUpdate::StudyUnfollow { uri, .. } => {
+                let subject = match self.pending.follows.remove(uri.as_str()) {
+                    Some((_, subject)) => Some(subject),
+                    None => self.follow_subject_in_db(uri)?,
+                };
+                if let Some(subject) = subject {
+                    if let Some(count) = self.followed.get_mut(&subject) {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.followed.remove(&subject);
+                        }
+                    }
+                }
+                self.pending.unfollows.push(uri.as_str().to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    fn follow_subject_in_db(&self, uri: &AtUri) -> Result<Option<Did>> {
+        if self.pending.unfollows.iter().any(|u| u == uri.as_str()) {
+            return Ok(None);
+        }
+        let subject: Option<String> = self
+            .conn
+            .prepare_cached("SELECT subject FROM study_follows WHERE uri = ?1")?
+            .query_row(params![uri.as_str()], |r| r.get(0))
+            .optional()?;
+        Ok(subject.and_then(|s| Did::parse(&s).ok()))
+    }
+
+    /// Writes every queued update and the cursor in one transaction.
+    pub fn commit(&mut self, cursor: Option<i64>) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction()
+            .context("starting state transaction")?;
+        {
+            let mut insert_post = tx.prepare_cached(
+                "INSERT OR IGNORE INTO study_posts (uri, author) VALUES (?1, ?2)",
+            )?;
+            for (uri, author) in &self.pending.study_posts {
+                insert_post.execute(params![uri, author.as_str()])?;
+            }
+            let mut insert_routed =
+                tx.prepare_cached("INSERT OR IGNORE INTO routed (uri, folder) VALUES (?1, ?2)")?;
+            for (uri, folder) in &self.pending.routed {
+                insert_routed.execute(params![uri, folder.dir()])?;
+            }
+            let mut delete_follow =
+                tx.prepare_cached("DELETE FROM study_follows WHERE uri = ?1")?;
+            for uri in &self.pending.unfollows {
+                delete_follow.execute(params![uri])?;
+            }
+            let mut insert_follow = tx.prepare_cached(
+                "INSERT OR REPLACE INTO study_follows (uri, follower, subject) VALUES (?1, ?2, ?3)",
+            )?;
+            for (uri, (follower, subject)) in &self.pending.follows {
+                insert_follow.execute(params![uri, follower.as_str(), subject.as_str()])?;
+            }
+            let mut upsert_rev =
+                tx.prepare_cached("INSERT OR REPLACE INTO repo_revs (did, rev) VALUES (?1, ?2)")?;
+            for (did, rev) in &self.pending.revs {
+                upsert_rev.execute(params![did.as_str(), rev.as_str()])?;
+            }
+            if let Some(cursor) = cursor {
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)",
+                    params![cursor.to_string()],
+                )?;
+            }
+        }
+        tx.commit().context("committing state")?;
+        self.pending = Pending::default();
+        if cursor.is_some() {
+            self.cursor = cursor;
+        }
+        Ok(())
+    }
+
+    fn db_study_post_author(&self, uri: &str) -> Option<Did> {
+        let author: Option<String> = self
+            .conn
+            .prepare_cached("SELECT author FROM study_posts WHERE uri = ?1")
+            .and_then(|mut s| s.query_row(params![uri], |r| r.get(0)).optional())
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "study-post lookup failed");
+                None
+            });
+        author.and_then(|a| Did::parse(&a).ok())
+    }
+}
+
+impl RoutingState for StateStore {
+    fn is_study_user(&self, did: &Did) -> bool {
+        self.study_users.contains(did)
+    }
+
+    fn is_in_network(&self, did: &Did) -> bool {
+        self.file_in_network.contains(did) || self.followed.contains_key(did)
+    }
+
+    fn study_post_author(&self, uri: &str) -> Option<Did> {
+        if !self.study_post_hashes.contains(&key_hash(uri)) {
+            return None;
+        }
+        if let Some(author) = self.pending.study_posts.get(uri) {
+            return Some(author.clone());
+        }
+        self.db_study_post_author(uri)
+    }
+
+    fn routed_folders(&self, uri: &str) -> Vec<Folder> {
+        if !self.routed_hashes.contains(&key_hash(uri)) {
+            return Vec::new();
+        }
+        let mut folders: Vec<Folder> = self
+            .pending
+            .routed
+            .iter()
+            .filter(|(u, _)| u == uri)
+            .map(|(_, f)| f.clone())
+            .collect();
+        let stored: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT folder FROM routed WHERE uri = ?1")
+            .and_then(|mut s| {
+                s.query_map(params![uri], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "routed-record lookup failed");
+                Vec::new()
+            });
+        for dir in stored {
+            if let Some(folder) = Folder::from_dir(&dir) {
+                if !folders.contains(&folder) {
+                    folders.push(folder);
+                }
+            }
+        }
+        folders
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn did(s: &str) -> Did {
+        Did::parse(s).unwrap()
+    }
+
+    #[test]
+    fn indexes_survive_a_reopen_only_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let s1 = did("did:plc:z72i7hdynmk6r22z27h6tvur");
+        let a2 = did("did:plc:q6gjnaw2blty4crticxkmujt");
+        let post =
+            AtUri::parse("at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k")
+                .unwrap();
+        let follow = AtUri::parse(
+            "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.graph.follow/3l5jw7c2bde2s",
+        )
+        .unwrap();
+        let like =
+            AtUri::parse("at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.like/3l5jv2xq4tk2p")
+                .unwrap();
+        {
+            let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+            assert_eq!(store.cursor(), None);
+            store
+                .apply(&StateUpdate::StudyPost {
+                    uri: post.clone(),
+                    author: s1.clone(),
+                })
+                .unwrap();
+            store
+                .apply(&StateUpdate::StudyFollow {
+                    uri: follow.clone(),
+                    follower: s1.clone(),
+                    subject: a2.clone(),
+                })
+                .unwrap();
+            store
+                .apply(&StateUpdate::Routed {
+                    uri: like.clone(),
+                    folder: Folder::LikeOnUserPost(
+                        sync_core::ids::RecordKey::parse("3l5jnpb6xyz2k").unwrap(),
+                    ),
+                })
+                .unwrap();
+            store.record_rev(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap());
+            assert_eq!(
+                store.study_post_author(post.as_str()),
+                Some(s1.clone()),
+                "visible before commit"
+            );
+            assert!(store.is_in_network(&a2));
+            // not committed: a crash here loses nothing the replay will not redo
+        }
+        {
+            let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+            assert_eq!(store.study_post_author(post.as_str()), None);
+            assert!(!store.is_in_network(&a2));
+            store
+                .apply(&StateUpdate::StudyPost {
+                    uri: post.clone(),
+                    author: s1.clone(),
+                })
+                .unwrap();
+            store
+                .apply(&StateUpdate::StudyFollow {
+                    uri: follow.clone(),
+                    follower: s1.clone(),
+                    subject: a2.clone(),
+                })
+                .unwrap();
+            store
+                .apply(&StateUpdate::Routed {
+                    uri: like.clone(),
+                    folder: Folder::LikeOnUserPost(
+                        sync_core::ids::RecordKey::parse("3l5jnpb6xyz2k").unwrap(),
+                    ),
+                })
+                .unwrap();
+            store.record_rev(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap());
+            store.commit(Some(42)).unwrap();
+        }
+        let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+        assert_eq!(store.cursor(), Some(42));
+        assert_eq!(store.study_post_author(post.as_str()), Some(s1.clone()));
+        assert_eq!(store.routed_folders(like.as_str()).len(), 1);
+        assert!(store.is_in_network(&a2));
+        assert!(store.is_duplicate(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap()));
+        assert!(!store.is_duplicate(&s1, &Tid::parse("3l5kaaaaaaa2a").unwrap()));
+        store
+            .apply(&StateUpdate::StudyUnfollow {
+                uri: follow,
+                follower: s1.clone(),
+            })
+            .unwrap();
+        assert!(
+            !store.is_in_network(&a2),
+            "unfollowed by the only study user following it"
+        );
+        store.commit(Some(43)).unwrap();
+        let store = StateStore::open(&path, [s1].into(), HashSet::new()).unwrap();
+        assert!(!store.is_in_network(&a2));
+    }
+}
