@@ -15,3 +15,4 @@ pub fn fixtures() -> Option<PathBuf> {
         None
     }
 }
+pub mod relay;
