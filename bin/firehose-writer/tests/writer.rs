@@ -255,3 +255,385 @@ async fn replay_of_the_relay_capture_writes_exactly_the_routed_files() {
     );
     assert_eq!(cache_tree(&cfg.cache_dir), tree);
 }
+
+// ---- against the test relay -------------------------------------------------------------------
+
+use firehose_writer::Metrics;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use sync_core::frame::capture_frames;
+use sync_core::synth;
+use workspace_tests::relay::{Fault, RelayConfig, TestRelay};
+
+/// A long stream of unique events: the relay capture looped `loops` times (seq, repo and rev
+/// rewritten), with the study/in-network split applied to every loop's accounts.
+struct Looped {
+    frames: Vec<Vec<u8>>,
+    study: Vec<String>,
+    in_network: Vec<String>,
+    last_seq: i64,
+}
+
+fn looped(loops: u32) -> Option<Looped> {
+    let capture = relay_capture()?;
+    let data = std::fs::read(&capture.path).unwrap();
+    let raw: Vec<&[u8]> = capture_frames(&data).map(|f| f.unwrap()).collect();
+    let frames: Vec<Vec<u8>> = synth::LoopedCapture::new(&raw, 1000)
+        .take(raw.len() * loops as usize)
+        .collect();
+    let (study, in_network) = split(&capture.dids);
+    let variants = |dids: &[String]| -> Vec<String> {
+        (0..loops)
+            .flat_map(|n| dids.iter().map(move |d| synth::looped_did(d, n)))
+            .collect()
+    };
+    Some(Looped {
+        last_seq: 1000 + frames.len() as i64 - 1,
+        study: variants(&study),
+        in_network: variants(&in_network),
+        frames,
+    })
+}
+
+/// Tree contents with the transform clock (`synctimestamp`) removed, for comparing runs.
+fn normalized(tree: &BTreeMap<String, String>) -> BTreeMap<String, Value> {
+    tree.iter()
+        .map(|(k, v)| {
+            let mut json: Value =
+                serde_json::from_str(v).unwrap_or_else(|e| panic!("{k} is not complete JSON: {e}"));
+            if let Some(obj) = json.as_object_mut() {
+                obj.remove("synctimestamp");
+            }
+            (k.clone(), json)
+        })
+        .collect()
+}
+
+/// The reference: the same frames replayed from a file, uninterrupted.
+async fn reference_tree(
+    frames: &[Vec<u8>],
+    study: &[String],
+    in_network: &[String],
+) -> BTreeMap<String, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let capture = tmp.path().join("capture.bin");
+    std::fs::write(&capture, synth::capture(frames)).unwrap();
+    let cfg = config(tmp.path(), Source::Replay(capture), study, in_network);
+    run_to_end(cfg.clone()).await;
+    cache_tree(&cfg.cache_dir)
+}
+
+struct Running {
+    metrics: Arc<Mutex<Option<Arc<Metrics>>>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<firehose_writer::ProcessorSummary>>,
+}
+
+fn start_writer(cfg: Config) -> Running {
+    let metrics = Arc::new(Mutex::new(None));
+    let slot = metrics.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(firehose_writer::run(
+        cfg,
+        async move {
+            let _ = stopped.await;
+        },
+        None,
+        move |h| *slot.lock().unwrap() = Some(h.metrics),
+    ));
+    Running {
+        metrics,
+        stop,
+        task,
+    }
+}
+
+impl Running {
+    fn metrics(&self) -> Arc<Metrics> {
+        self.metrics
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("writer started")
+    }
+
+    async fn wait_for_cursor(&self, seq: i64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self
+                .metrics
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|m| m.cursor.load(Ordering::Relaxed) >= seq)
+            {
+                return true;
+            }
+            if self.task.is_finished() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    async fn stop(self) -> anyhow::Result<firehose_writer::ProcessorSummary> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+/// Runs the writer against `relay` from cursor 0 until it has committed `last_seq`, then stops it
+/// and checks the cache against the uninterrupted reference.
+async fn check_recovers(
+    relay: &TestRelay,
+    data: &Looped,
+    tweak: impl FnOnce(&mut Config),
+) -> Arc<Metrics> {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(0);
+    tweak(&mut cfg);
+    let writer = start_writer(cfg.clone());
+    let done = writer
+        .wait_for_cursor(data.last_seq, Duration::from_secs(60))
+        .await;
+    let metrics = writer.metrics();
+    let result = writer.stop().await;
+    assert!(
+        done,
+        "writer did not reach seq {} (result {:?}, drops {:?})",
+        data.last_seq,
+        result.as_ref().err(),
+        metrics.drops()
+    );
+    result.expect("clean stop");
+    let reference = reference_tree(&data.frames, &data.study, &data.in_network).await;
+    assert!(!reference.is_empty());
+    assert_eq!(
+        normalized(&cache_tree(&cfg.cache_dir)),
+        normalized(&reference)
+    );
+    metrics
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_end_to_end_equals_replay() {
+    let Some(data) = looped(2) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    assert_eq!(relay.cursors()[0], Some(0));
+    assert_eq!(metrics.reconnects.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connection_reconnects_from_the_cursor() {
+    let Some(data) = looped(3) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::DropAfter(170));
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    assert!(metrics.reconnects.load(Ordering::Relaxed) >= 1);
+    let cursors = relay.cursors();
+    assert!(
+        cursors.len() >= 2 && cursors[1].unwrap() > 1000,
+        "resumed after handled frames: {cursors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_relay_is_detected_by_the_watchdog() {
+    let Some(data) = looped(2) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::StallAfter(100));
+    let metrics = check_recovers(&relay, &data, |c| c.stall_timeout = Duration::from_secs(1)).await;
+    assert!(metrics.stalls.load(Ordering::Relaxed) >= 1);
+    assert!(relay.connections() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_messages_are_dropped_and_counted() {
+    let Some(data) = looped(2) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::GarbageAfter(50, 25));
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    let drops: u64 = metrics.drops().values().sum();
+    assert!(drops >= 25, "garbage counted: {:?}", metrics.drops());
+
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::OversizedAfter(60, 6 * 1024 * 1024));
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    assert_eq!(
+        metrics.drops().get("frame_too_large"),
+        Some(&1),
+        "{:?}",
+        metrics.drops()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_messages_are_reassembled() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::Fragment(7));
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    assert!(metrics.drops().is_empty(), "{:?}", metrics.drops());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_too_slow_and_refused_connections_recover() {
+    let Some(data) = looped(2) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::ErrorFrame("ConsumerTooSlow".into()));
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    assert!(metrics.reconnects.load(Ordering::Relaxed) >= 1);
+
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    relay.set_fault(Fault::RefuseNext(3));
+    let metrics = check_recovers(&relay, &data, |c| {
+        c.max_backoff = Duration::from_millis(300)
+    })
+    .await;
+    assert!(metrics.reconnects.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outdated_cursor_is_counted_and_the_rest_captured() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start_with_config(
+        data.frames.clone(),
+        RelayConfig {
+            window: Some(10),
+            port: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let metrics = check_recovers(&relay, &data, |_| {}).await;
+    assert_eq!(metrics.outdated_cursor.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn future_cursor_exits_with_a_clear_error_unless_live_is_allowed() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(data.last_seq + 1_000_000);
+    let err = firehose_writer::run(cfg.clone(), std::future::pending(), None, |_| {})
+        .await
+        .expect_err("FutureCursor must stop the writer");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("FutureCursor") && msg.contains("--on-future-cursor=live"),
+        "{msg}"
+    );
+
+    // live: the cursor is dropped and live events are captured.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(data.last_seq + 1_000_000);
+    cfg.on_future_cursor = FutureCursorPolicy::Live;
+    let writer = start_writer(cfg);
+    assert!(
+        relay.wait_for_connections(3, Duration::from_secs(20)).await,
+        "reconnected without the cursor"
+    );
+    let live = synth::identity_frame(
+        data.last_seq + 1,
+        &data.study[0],
+        Some("live.example.com"),
+        "2026-07-04T14:38:07.877Z",
+    );
+    relay.push(live);
+    assert!(
+        writer
+            .wait_for_cursor(data.last_seq + 1, Duration::from_secs(20))
+            .await
+    );
+    writer.stop().await.unwrap();
+    assert_eq!(
+        relay.cursors().last().cloned(),
+        Some(None),
+        "reconnected without a cursor"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_cache_blocks_the_cursor_then_recovers_without_loss() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(0);
+    // A file where the study folder must go: every study write fails (like a full disk would).
+    std::fs::create_dir_all(&cfg.cache_dir).unwrap();
+    let blocker = cfg.cache_dir.join("study_user_activity");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let writer = start_writer(cfg.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = writer.metrics();
+    assert!(metrics.write_errors.load(Ordering::Relaxed) >= 1);
+    assert!(
+        metrics.last_error().unwrap().contains("cache write"),
+        "{:?}",
+        metrics.last_error()
+    );
+    assert!(
+        metrics.cursor.load(Ordering::Relaxed) < data.last_seq,
+        "cursor must not pass the failing event"
+    );
+    assert!(metrics.health_json().contains("cache write"));
+    std::fs::remove_file(&blocker).unwrap();
+    assert!(
+        writer
+            .wait_for_cursor(data.last_seq, Duration::from_secs(30))
+            .await
+    );
+    assert_eq!(metrics.last_error(), None, "recovered");
+    writer.stop().await.unwrap();
+    let reference = reference_tree(&data.frames, &data.study, &data.in_network).await;
+    assert_eq!(
+        normalized(&cache_tree(&cfg.cache_dir)),
+        normalized(&reference)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_upstream_reconnects_with_backoff_not_in_a_loop() {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &["did:plc:z72i7hdynmk6r22z27h6tvur".to_owned()],
+        &[],
+    );
+    cfg.stall_timeout = Duration::from_millis(1000);
+    cfg.max_backoff = Duration::from_secs(30);
+    let writer = start_writer(cfg);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let connections = relay.connections();
+    writer.stop().await.unwrap();
+    // 1 s stall timeout over 6 s: a tight loop would connect hundreds of times.
+    assert!((2..=6).contains(&connections), "connections: {connections}");
+}

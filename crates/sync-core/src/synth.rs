@@ -210,3 +210,94 @@ pub fn capture(frames: &[Vec<u8>]) -> Vec<u8> {
     }
     out
 }
+
+const BASE32_SORT: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+
+/// The DID a looped capture uses for `did` in loop `n`: the last 4 characters of a did:plc are
+/// replaced by `n` in base32, so every loop has its own accounts. Other methods are unchanged.
+pub fn looped_did(did: &str, n: u32) -> String {
+    if !(did.starts_with("did:plc:") && did.len() == 32) || n == 0 {
+        return did.to_owned();
+    }
+    let mut s = did[..28].to_owned();
+    for i in (0..4).rev() {
+        s.push(BASE32_SORT[((n >> (5 * i)) & 31) as usize] as char);
+    }
+    s
+}
+
+/// Rewrites real frames into an endless stream of unique events: loop `n` of the capture gets
+/// seqs continuing after the previous loop, repos renamed by [`looped_did`] and fresh, increasing
+/// revs. Record blocks are untouched (their CIDs stay valid), so decoding does the real work.
+pub struct LoopedCapture {
+    frames: Vec<Ipld>,
+    headers: Vec<Vec<u8>>,
+    index: usize,
+    loop_index: u32,
+    next_seq: i64,
+    rev_counter: u64,
+}
+
+impl LoopedCapture {
+    /// `frames`: the capture's frames; undecodable ones are skipped.
+    pub fn new(frames: &[&[u8]], first_seq: i64) -> Self {
+        let mut bodies = Vec::new();
+        let mut headers = Vec::new();
+        for frame in frames {
+            let Ok(end) = cbor::skip_item(frame, 0) else {
+                continue;
+            };
+            let Ok(body) = serde_ipld_dagcbor::from_slice::<Ipld>(&frame[end..]) else {
+                continue;
+            };
+            headers.push(frame[..end].to_vec());
+            bodies.push(body);
+        }
+        LoopedCapture {
+            frames: bodies,
+            headers,
+            index: 0,
+            loop_index: 0,
+            next_seq: first_seq,
+            // 2026-01-01 in microseconds, shifted into TID position
+            rev_counter: 1_767_225_600_000_000,
+        }
+    }
+}
+
+impl Iterator for LoopedCapture {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.frames.is_empty() {
+            return None;
+        }
+        if self.index == self.frames.len() {
+            self.index = 0;
+            self.loop_index += 1;
+        }
+        let mut body = self.frames[self.index].clone();
+        let header = self.headers[self.index].clone();
+        self.index += 1;
+        if let Ipld::Map(map) = &mut body {
+            if map.contains_key("seq") {
+                map.insert("seq".into(), Ipld::Integer(self.next_seq.into()));
+                self.next_seq += 1;
+            }
+            for key in ["repo", "did"] {
+                if let Some(Ipld::String(did)) = map.get(key) {
+                    let renamed = looped_did(did, self.loop_index);
+                    map.insert(key.into(), Ipld::String(renamed));
+                }
+            }
+            if map.contains_key("rev") {
+                self.rev_counter += 1;
+                let tid = crate::ids::Tid::from_u64(self.rev_counter << 10);
+                map.insert("rev".into(), Ipld::String(tid.as_str().to_owned()));
+            }
+        }
+        let mut out = header;
+        out.extend(encode(&body));
+        Some(out)
+    }
+}
