@@ -7,11 +7,19 @@ use std::path::PathBuf;
 pub fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("SYNC_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures")));
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures"
+            ))
+        });
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!("skipping: fixtures not found at {} (set SYNC_FIXTURES)", dir.display());
+        eprintln!(
+            "skipping: fixtures not found at {} (set SYNC_FIXTURES)",
+            dir.display()
+        );
         None
     }
 }
