@@ -1,21 +1,76 @@
-//! batch-export: the JSON cache to Parquet (not implemented yet: see issue 4).
+//! batch-export binary: parse arguments, run, print the summary, exit with a code cron can alert on.
 
+use std::process::ExitCode;
+
+use batch_export::{exit, Args, Command, Config, RunOutcome};
 use clap::Parser;
 
-/// Exports the firehose-writer cache to Parquet tables (local or S3), exactly once.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// Cache root written by firehose-writer.
-    #[arg(long, env = "BATCH_EXPORT_CACHE_DIR", default_value = "./__local_cache__")]
-    cache_dir: std::path::PathBuf,
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::new(f),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
-    eprintln!(
-        "batch-export: not implemented yet (cache dir {}); nothing was exported",
-        args.cache_dir.display()
-    );
-    std::process::ExitCode::from(2)
+    init_logging(args.log.as_deref());
+    if let Some(Command::GenCache {
+        posts,
+        in_network_share,
+        seed,
+    }) = &args.command
+    {
+        return match batch_export::gen::generate(&args.cache_dir, *posts, *in_network_share, *seed)
+        {
+            Ok(n) => {
+                println!("wrote {n} cache files under {}", args.cache_dir.display());
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("batch-export gen-cache: error: {e:#}");
+                ExitCode::from(exit::ERROR)
+            }
+        };
+    }
+    let config = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("batch-export: invalid configuration: {e:#}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match batch_export::run(&config) {
+        Ok(RunOutcome::Busy { lock }) => {
+            eprintln!(
+                "batch-export: another run holds {}; nothing to do (exit 0)",
+                lock.display()
+            );
+            ExitCode::from(exit::OK)
+        }
+        Ok(RunOutcome::Done(summary)) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).expect("summary serializes")
+                );
+            } else {
+                print!("{}", summary.to_text());
+            }
+            if summary.quarantined > 0 {
+                ExitCode::from(exit::QUARANTINED)
+            } else {
+                ExitCode::from(exit::OK)
+            }
+        }
+        Err(e) => {
+            eprintln!("batch-export: error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
 }

@@ -1,0 +1,270 @@
+//! Command line (every flag also an environment variable, prefix `BATCH_EXPORT_`) and the
+//! validated [`Config`] a run works from.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+
+/// Exports the firehose-writer JSON cache to Parquet tables (local or S3), exactly once.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Cache root written by firehose-writer.
+    #[arg(
+        long,
+        env = "BATCH_EXPORT_CACHE_DIR",
+        default_value = "./__local_cache__"
+    )]
+    pub cache_dir: PathBuf,
+
+    /// Output root: a local directory, or `s3://bucket/prefix`.
+    #[arg(
+        long,
+        env = "BATCH_EXPORT_OUTPUT",
+        default_value = "./bluesky_research_data"
+    )]
+    pub output: String,
+
+    /// Where the journal, exported-keys store and lock live (default `<cache-dir>/.export`).
+    #[arg(long, env = "BATCH_EXPORT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Parquet compression codec.
+    #[arg(long, env = "BATCH_EXPORT_COMPRESSION", value_enum, default_value_t = Compression::Zstd)]
+    pub compression: Compression,
+
+    /// Delete exactly the cache files that were exported (`--clear-filepaths false` keeps them;
+    /// they are still remembered as exported and not exported again).
+    #[arg(long, env = "BATCH_EXPORT_CLEAR_FILEPATHS", action = ArgAction::Set, default_value_t = true)]
+    pub clear_filepaths: bool,
+
+    /// Also remove empty cache folders (never a file that was not exported).
+    #[arg(long, env = "BATCH_EXPORT_CLEAR_CACHE")]
+    pub clear_cache: bool,
+
+    /// With --clear-cache: only folders not modified for this many seconds are removed, so a
+    /// folder the writer is about to use is left alone.
+    #[arg(long, env = "BATCH_EXPORT_PRUNE_MIN_AGE_SECS", default_value_t = 3600)]
+    pub prune_min_age_secs: u64,
+
+    /// Read and count everything, write nothing (no Parquet, no journal, no deletes, no quarantine).
+    #[arg(long, env = "BATCH_EXPORT_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Print the end-of-run summary as one JSON object on stdout instead of text.
+    #[arg(long, env = "BATCH_EXPORT_JSON")]
+    pub json: bool,
+
+    /// Never show a progress bar (it is shown only when stdout is a terminal).
+    #[arg(long, env = "BATCH_EXPORT_NO_PROGRESS")]
+    pub no_progress: bool,
+
+    /// Cache files per batch: each batch is one Parquet file per table and one journal commit
+    /// (bounds memory).
+    #[arg(long, env = "BATCH_EXPORT_BATCH_FILES", default_value_t = 100_000)]
+    pub batch_files: usize,
+
+    /// How long the keys of exported files are remembered, so that a file the writer rewrites
+    /// when it replays events after a crash is not exported twice (relays replay up to 72 h).
+    #[arg(
+        long,
+        env = "BATCH_EXPORT_DEDUPE_RETENTION_HOURS",
+        default_value_t = 168
+    )]
+    pub dedupe_retention_hours: u64,
+
+    /// Worker threads for reading and encoding (0 = one per core).
+    #[arg(long, env = "BATCH_EXPORT_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
+    /// S3: custom endpoint URL for S3-compatible stores (e.g. `http://127.0.0.1:9000`).
+    #[arg(long, env = "BATCH_EXPORT_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3: region (default: from the AWS config chain, else `us-east-1`).
+    #[arg(long, env = "BATCH_EXPORT_S3_REGION")]
+    pub s3_region: Option<String>,
+
+    /// S3: path-style addressing (default: on when --s3-endpoint is set).
+    #[arg(long, env = "BATCH_EXPORT_S3_PATH_STYLE", action = ArgAction::Set)]
+    pub s3_path_style: Option<bool>,
+
+    /// S3: attempts per request (exponential backoff with jitter between them).
+    #[arg(long, env = "BATCH_EXPORT_S3_MAX_ATTEMPTS", default_value_t = 5)]
+    pub s3_max_attempts: u32,
+
+    /// S3: files larger than this many MiB are uploaded in parts.
+    #[arg(
+        long,
+        env = "BATCH_EXPORT_S3_MULTIPART_THRESHOLD_MIB",
+        default_value_t = 64
+    )]
+    pub s3_multipart_threshold_mib: u64,
+
+    /// S3: multipart part size in MiB (at least 5).
+    #[arg(long, env = "BATCH_EXPORT_S3_PART_SIZE_MIB", default_value_t = 16)]
+    pub s3_part_size_mib: u64,
+
+    /// Log filter (tracing `EnvFilter` syntax; `RUST_LOG` is used when this is unset).
+    #[arg(long, env = "BATCH_EXPORT_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Writes a synthetic cache of realistic post files (for benchmarks).
+    GenCache {
+        /// Number of post files to write.
+        #[arg(long, default_value_t = 100_000)]
+        posts: usize,
+        /// Share of posts by in-network authors (the rest are study users' posts).
+        #[arg(long, default_value_t = 0.8)]
+        in_network_share: f64,
+        /// Seed of the generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    Snappy,
+    Zstd,
+    None,
+}
+
+/// Where Parquet files go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct S3Options {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    pub max_attempts: u32,
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+}
+
+/// A validated run configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cache_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub output: Output,
+    pub compression: Compression,
+    pub clear_filepaths: bool,
+    pub clear_cache: bool,
+    pub prune_min_age_secs: u64,
+    pub dry_run: bool,
+    pub batch_files: usize,
+    pub dedupe_retention_secs: i64,
+    pub threads: usize,
+    pub s3: S3Options,
+    /// Show a progress bar (stdout is a terminal, not `--json`, not `--no-progress`).
+    pub progress: bool,
+}
+
+/// Parses `s3://bucket/prefix` (prefix may be empty; no trailing `/`).
+pub fn parse_output(s: &str) -> Result<Output> {
+    if let Some(rest) = s.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("--output {s:?}: missing bucket name");
+        }
+        Ok(Output::S3 {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+        })
+    } else if s.contains("://") {
+        bail!("--output {s:?}: only local paths and s3:// are supported")
+    } else {
+        Ok(Output::Local(PathBuf::from(s)))
+    }
+}
+
+impl Config {
+    pub fn from_args(args: &Args) -> Result<Config> {
+        let output = parse_output(&args.output)?;
+        if args.batch_files == 0 {
+            bail!("--batch-files must be at least 1");
+        }
+        if args.s3_part_size_mib < 5 {
+            bail!("--s3-part-size-mib must be at least 5 (S3's minimum part size)");
+        }
+        if args.s3_max_attempts == 0 {
+            bail!("--s3-max-attempts must be at least 1");
+        }
+        let state_dir = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| args.cache_dir.join(".export"));
+        let retention = i64::try_from(args.dedupe_retention_hours)
+            .ok()
+            .and_then(|h| h.checked_mul(3600))
+            .context("--dedupe-retention-hours is too large")?;
+        use std::io::IsTerminal;
+        Ok(Config {
+            cache_dir: args.cache_dir.clone(),
+            state_dir,
+            output,
+            compression: args.compression,
+            clear_filepaths: args.clear_filepaths,
+            clear_cache: args.clear_cache,
+            prune_min_age_secs: args.prune_min_age_secs,
+            dry_run: args.dry_run,
+            batch_files: args.batch_files,
+            dedupe_retention_secs: retention,
+            threads: args.threads,
+            s3: S3Options {
+                endpoint: args.s3_endpoint.clone(),
+                region: args.s3_region.clone(),
+                path_style: args.s3_path_style.unwrap_or(args.s3_endpoint.is_some()),
+                max_attempts: args.s3_max_attempts,
+                multipart_threshold: args.s3_multipart_threshold_mib * 1024 * 1024,
+                part_size: args.s3_part_size_mib * 1024 * 1024,
+            },
+            progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs() {
+        assert_eq!(
+            parse_output("s3://b/p/q/").unwrap(),
+            Output::S3 {
+                bucket: "b".into(),
+                prefix: "p/q".into()
+            }
+        );
+        assert_eq!(
+            parse_output("s3://b").unwrap(),
+            Output::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
+        assert!(parse_output("s3:///x").is_err());
+        assert!(parse_output("gs://x").is_err());
+        assert_eq!(parse_output("out").unwrap(), Output::Local("out".into()));
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

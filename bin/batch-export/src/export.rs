@@ -1,0 +1,392 @@
+//! One export run: lock, recover, then batch by batch: read a snapshot of complete cache files,
+//! publish one Parquet file per table, commit the journal, delete exactly the exported files.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, TryLockError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use crate::config::Config;
+use crate::parquet::{build_frame, write_parquet};
+use crate::scan::{self, FileId, FileRef, Read1, Walker};
+use crate::sink::Sink;
+use crate::state::{FileKey, PlannedOutput, State};
+use crate::summary::Summary;
+use crate::tables::{self, Cell, TableId};
+
+/// How a run ended (errors are `Err`).
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// Another run holds the lock; nothing was done.
+    Busy {
+        lock: PathBuf,
+    },
+    Done(Summary),
+}
+
+enum Item {
+    Gone,
+    Unrecognised,
+    Bad {
+        id: Option<FileId>,
+        reason: String,
+    },
+    Good {
+        id: FileId,
+        key: FileKey,
+        parsed: tables::Parsed,
+    },
+}
+
+struct Run<'a> {
+    config: &'a Config,
+    state: Option<State>,
+    sink: Option<Sink>,
+    summary: Summary,
+    seen_rows: HashSet<u128>,
+    unrecognised_dirs: HashSet<Arc<str>>,
+    progress: indicatif::ProgressBar,
+}
+
+pub fn run(config: &Config) -> Result<RunOutcome> {
+    let started = Instant::now();
+    if !config.cache_dir.is_dir() {
+        bail!(
+            "cache directory {} does not exist",
+            config.cache_dir.display()
+        );
+    }
+    if config.threads > 0 {
+        // Fails only if a pool exists already (tests calling run twice): keep that one.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads)
+            .build_global();
+    }
+    // The lock (dry runs take it only when the state directory exists: they write nothing).
+    let lock_path = config.state_dir.join("lock");
+    let _lock = if config.dry_run && !config.state_dir.is_dir() {
+        None
+    } else {
+        fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => Some(lock),
+            Err(TryLockError::WouldBlock) => return Ok(RunOutcome::Busy { lock: lock_path }),
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()))
+            }
+        }
+    };
+
+    let state = if config.dry_run {
+        State::open_read_only(&config.state_dir)?
+    } else {
+        Some(State::open(&config.state_dir)?)
+    };
+    let sink = if config.dry_run {
+        None
+    } else {
+        Some(Sink::new(
+            &config.output,
+            &config.s3,
+            config.state_dir.join("staging"),
+        )?)
+    };
+    let progress = if config.progress {
+        let p = indicatif::ProgressBar::new_spinner();
+        p.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed} {pos} files read ({per_sec}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        p.enable_steady_tick(std::time::Duration::from_millis(200));
+        p
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut run = Run {
+        config,
+        state,
+        sink,
+        summary: Summary::new(config),
+        seen_rows: HashSet::new(),
+        unrecognised_dirs: HashSet::new(),
+        progress,
+    };
+    let result = run.go();
+    run.progress.finish_and_clear();
+    result?;
+    run.summary.seconds = started.elapsed().as_secs_f64();
+    Ok(RunOutcome::Done(run.summary))
+}
+
+impl Run<'_> {
+    fn go(&mut self) -> Result<()> {
+        self.recover()?;
+        if let Some(state) = &self.state {
+            if !self.config.dry_run {
+                let n = state.prune(crate::now_secs(), self.config.dedupe_retention_secs)?;
+                if n > 0 {
+                    tracing::info!(keys = n, "forgot exported keys past the retention");
+                }
+            }
+        }
+        let mut walker = Walker::new(&self.config.cache_dir)?;
+        loop {
+            let files: Vec<FileRef> = walker.by_ref().take(self.config.batch_files).collect();
+            if files.is_empty() {
+                break;
+            }
+            self.batch(files)?;
+        }
+        if self.config.clear_cache && !self.config.dry_run {
+            self.summary.dirs_pruned = scan::prune_empty_dirs(
+                &self.config.cache_dir,
+                &mut walker.dirs,
+                self.config.prune_min_age_secs,
+            );
+        }
+        Ok(())
+    }
+
+    /// Rolls back batches a killed run left before their commit point.
+    fn recover(&mut self) -> Result<()> {
+        let (Some(state), Some(sink)) = (&self.state, &self.sink) else {
+            return Ok(());
+        };
+        for u in state.unfinished()? {
+            tracing::warn!(
+                batch = u.id,
+                outputs = u.outputs.len(),
+                "rolling back a batch a previous run did not finish"
+            );
+            for o in &u.outputs {
+                sink.remove(o)
+                    .with_context(|| format!("rolling back batch {}", u.id))?;
+            }
+            state.mark_rolled_back(u.id)?;
+            self.summary.batches_rolled_back += 1;
+        }
+        if let Sink::S3(_) = sink {
+            // Staging files of rolled-back batches (all are unreferenced now).
+            if let Ok(entries) = fs::read_dir(self.config.state_dir.join("staging")) {
+                for e in entries.flatten() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn batch(&mut self, files: Vec<FileRef>) -> Result<()> {
+        let root = &self.config.cache_dir;
+        let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
+        let progress = &self.progress;
+        // Phase 1 (parallel): read, key, parse.
+        let items: Vec<(FileRef, Item)> = files
+            .into_par_iter()
+            .map(|f| {
+                let item = read_one(root, &f, &export_ts);
+                progress.inc(1);
+                (f, item)
+            })
+            .collect();
+
+        // Phase 2: which files were exported before (replays), duplicates, rows.
+        let goods: Vec<FileKey> = items
+            .iter()
+            .filter_map(|(_, i)| match i {
+                Item::Good { key, .. } => Some(*key),
+                _ => None,
+            })
+            .collect();
+        let exported = match &self.state {
+            Some(s) => s.exported_mask(&goods)?,
+            None => vec![false; goods.len()],
+        };
+        let mut exported = exported.into_iter();
+        let mut rows: BTreeMap<TableId, Vec<Vec<Cell>>> = BTreeMap::new();
+        let mut batch_keys: Vec<FileKey> = Vec::new();
+        let mut to_delete: Vec<(String, FileId)> = Vec::new();
+        let mut replays: Vec<(String, FileId)> = Vec::new();
+        for (f, item) in items {
+            match item {
+                Item::Gone => self.summary.files_gone += 1,
+                Item::Unrecognised => {
+                    self.summary.files_unrecognised += 1;
+                    if self.unrecognised_dirs.insert(f.dir.clone()) {
+                        tracing::warn!(dir = %f.dir, "files in a folder that feeds no table are left in place");
+                    }
+                }
+                Item::Bad { id, reason } => {
+                    self.summary.files_read += 1;
+                    self.summary.quarantined += 1;
+                    let rel = f.rel_path();
+                    tracing::warn!(file = %rel, %reason, "corrupt cache file");
+                    if !self.config.dry_run {
+                        match scan::quarantine(root, &rel, id, &reason) {
+                            Ok(dest) => tracing::warn!(to = %dest.display(), "quarantined"),
+                            Err(e) => {
+                                tracing::error!(file = %rel, error = format!("{e:#}"), "could not quarantine")
+                            }
+                        }
+                    }
+                }
+                Item::Good { id, key, parsed } => {
+                    self.summary.files_read += 1;
+                    if exported.next().unwrap_or(false) {
+                        self.summary.already_exported += 1;
+                        replays.push((f.rel_path(), id));
+                        continue;
+                    }
+                    batch_keys.push(key);
+                    to_delete.push((f.rel_path(), id));
+                    if !self.seen_rows.insert(parsed.dedupe) {
+                        self.summary.duplicates += 1;
+                        continue;
+                    }
+                    rows.entry(parsed.table).or_default().push(parsed.row);
+                }
+            }
+        }
+        let row_count: usize = rows.values().map(Vec::len).sum();
+        if self.config.dry_run {
+            for (t, r) in &rows {
+                self.summary.table(tables::table(*t).path).rows += r.len() as u64;
+            }
+            return Ok(());
+        }
+
+        // Phase 3: plan (journal), write and publish, commit.
+        let now = crate::now_secs();
+        let partition = &export_ts[..10];
+        let state = self.state.as_mut().expect("state outside dry runs");
+        let sink = self.sink.as_ref().expect("sink outside dry runs");
+        if rows.is_empty() {
+            if !batch_keys.is_empty() {
+                state.commit_without_outputs(now, &batch_keys)?;
+            }
+        } else {
+            let mut planned: Vec<(String, PlannedOutput, usize)> = Vec::new();
+            for (t, r) in &rows {
+                let def = tables::table(*t);
+                planned.push((
+                    def.path.to_owned(),
+                    sink.plan(def.path, partition)?,
+                    r.len(),
+                ));
+            }
+            let batch_id = state.plan(now, &planned)?;
+            let published = publish_all(self.config, sink, &mut rows, &planned, &mut self.summary);
+            if let Err(e) = published {
+                // Best effort now; otherwise the next run rolls the batch back.
+                let undone = planned.iter().all(|(_, o, _)| sink.remove(o).is_ok());
+                if undone {
+                    state.mark_rolled_back(batch_id)?;
+                }
+                return Err(e.context(format!(
+                    "batch {batch_id} not exported; the cache is untouched"
+                )));
+            }
+            state.commit(batch_id, now, &batch_keys, row_count)?;
+            tracing::info!(
+                batch = batch_id,
+                files = batch_keys.len(),
+                rows = row_count,
+                "batch committed"
+            );
+        }
+        self.summary.files_exported += batch_keys.len() as u64;
+
+        // Phase 4: delete exactly the exported files (and replays of files exported before).
+        if self.config.clear_filepaths {
+            let t = Instant::now();
+            let deleted: usize = to_delete
+                .par_iter()
+                .chain(replays.par_iter())
+                .map(|(rel, id)| match scan::delete_if_same(root, rel, *id) {
+                    Ok(d) => usize::from(d),
+                    Err(e) => {
+                        tracing::warn!(file = %rel, error = %e, "could not delete an exported file (the next run will)");
+                        0
+                    }
+                })
+                .sum();
+            self.summary.files_deleted += deleted as u64;
+            self.summary.delete_seconds += t.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+}
+
+fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
+    let Some(source) = &f.source else {
+        return Item::Unrecognised;
+    };
+    if !f.name.ends_with(".json") {
+        return match scan::read_file(root, f, false) {
+            Read1::Gone => Item::Gone,
+            Read1::Ok { id, .. } => Item::Bad {
+                id: Some(id),
+                reason: "not a .json file".into(),
+            },
+            Read1::Unreadable(reason) => Item::Bad { id: None, reason },
+        };
+    }
+    match scan::read_file(root, f, source.has_synctimestamp()) {
+        Read1::Gone => Item::Gone,
+        Read1::Unreadable(reason) => Item::Bad { id: None, reason },
+        Read1::Ok { id, key, bytes } => match tables::parse(source, &f.name, &bytes, export_ts) {
+            Ok(parsed) => Item::Good { id, key, parsed },
+            Err(reason) => Item::Bad {
+                id: Some(id),
+                reason,
+            },
+        },
+    }
+}
+
+fn publish_all(
+    config: &Config,
+    sink: &Sink,
+    rows: &mut BTreeMap<TableId, Vec<Vec<Cell>>>,
+    planned: &[(String, PlannedOutput, usize)],
+    summary: &mut Summary,
+) -> Result<()> {
+    for ((t, table_rows), (table_path, out, _)) in rows.iter_mut().zip(planned) {
+        let def = tables::table(*t);
+        let taken = std::mem::take(table_rows);
+        let mut df = build_frame(def, &taken)?;
+        drop(taken);
+        let bytes = write_parquet(&mut df, def, &out.temp, config.compression)?;
+        drop(df);
+        sink.publish(out)
+            .with_context(|| format!("publishing {table_path}"))?;
+        let s = summary.table(table_path);
+        s.rows += out_rows(planned, table_path);
+        s.parquet_files += 1;
+        s.bytes += bytes;
+        summary.parquet_files += 1;
+        summary.parquet_bytes += bytes;
+        tracing::debug!(table = %table_path, location = %out.location, bytes, "published");
+    }
+    Ok(())
+}
+
+fn out_rows(planned: &[(String, PlannedOutput, usize)], table_path: &str) -> u64 {
+    planned
+        .iter()
+        .find(|(p, _, _)| p == table_path)
+        .map_or(0, |(_, _, n)| *n as u64)
+}

@@ -1,0 +1,197 @@
+//! `gen-cache`: a synthetic cache of realistic post files for benchmarks, made with the same
+//! transform the writer uses (`sync_core::transform::transform_post`), so the JSON is byte-for-byte
+//! what the writer would produce for such records.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde_json::json;
+
+/// splitmix64: small, seedable, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn base32(&mut self, len: usize) -> String {
+        const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+        (0..len)
+            .map(|_| A[self.below(32) as usize] as char)
+            .collect()
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the",
+    "study",
+    "bluesky",
+    "today",
+    "morning",
+    "data",
+    "research",
+    "post",
+    "thread",
+    "news",
+    "climate",
+    "election",
+    "coffee",
+    "music",
+    "science",
+    "open",
+    "access",
+    "paper",
+    "reading",
+    "great",
+    "think",
+    "people",
+    "really",
+    "new",
+    "week",
+    "région",
+    "café",
+    "naïve",
+    "😀",
+    "🎉",
+    "—",
+    "https://example.org/a",
+    "#science",
+    "@alice.bsky.social",
+    "and",
+    "of",
+    "to",
+    "a",
+    "in",
+];
+
+fn did(rng: &mut Rng) -> String {
+    format!("did:plc:{}", rng.base32(24))
+}
+
+fn tid(rng: &mut Rng) -> String {
+    format!("3l{}", rng.base32(11))
+}
+
+fn cid(rng: &mut Rng) -> String {
+    format!("bafyrei{}", rng.base32(52))
+}
+
+fn text(rng: &mut Rng) -> String {
+    let n = 3 + rng.below(40) as usize;
+    let mut words = Vec::with_capacity(n);
+    for _ in 0..n {
+        words.push(WORDS[rng.below(WORDS.len() as u64) as usize]);
+    }
+    words.join(" ")
+}
+
+/// One realistic post record and its cache JSON (a reply, images, a link card, a quote, facets
+/// and langs with realistic frequencies).
+fn post_json(rng: &mut Rng, author: &str, rkey: &str, others: &[String]) -> Result<String> {
+    let mut record = json!({
+        "$type": "app.bsky.feed.post",
+        "text": text(rng),
+        "createdAt": format!("2026-07-04T12:{:02}:{:02}.{:03}Z", rng.below(60), rng.below(60), rng.below(1000)),
+        "langs": if rng.chance(80) { json!(["en"]) } else { json!(["de", "en"]) },
+    });
+    let obj = record.as_object_mut().expect("object");
+    let other = &others[rng.below(others.len() as u64) as usize];
+    if rng.chance(30) {
+        let root = json!({"uri": format!("at://{other}/app.bsky.feed.post/{}", tid(rng)), "cid": cid(rng)});
+        obj.insert(
+            "reply".into(),
+            json!({"root": root.clone(), "parent": root}),
+        );
+    }
+    match rng.below(100) {
+        0..=19 => {
+            obj.insert(
+                "embed".into(),
+                json!({"$type": "app.bsky.embed.images", "images": [
+                    {"alt": text(rng), "image": {"$type": "blob", "ref": {"$link": cid(rng)}, "mimeType": "image/jpeg", "size": 123456}},
+                ]}),
+            );
+        }
+        20..=24 => {
+            obj.insert(
+                "embed".into(),
+                json!({"$type": "app.bsky.embed.external", "external": {
+                    "uri": "https://www.example.com/news/article-1", "title": text(rng), "description": text(rng)}}),
+            );
+        }
+        25..=29 => {
+            obj.insert(
+                "embed".into(),
+                json!({"$type": "app.bsky.embed.record", "record": {
+                    "uri": format!("at://{other}/app.bsky.feed.post/{}", tid(rng)), "cid": cid(rng)}}),
+            );
+        }
+        _ => {}
+    }
+    if rng.chance(15) {
+        obj.insert(
+            "facets".into(),
+            json!([{"index": {"byteStart": 0, "byteEnd": 5},
+                    "features": [{"$type": "app.bsky.richtext.facet#link", "uri": "https://example.org/a"}]}]),
+        );
+    }
+    let uri = format!("at://{author}/app.bsky.feed.post/{rkey}");
+    let post = sync_core::transform::transform_post(
+        &uri,
+        &cid(rng),
+        author,
+        &record,
+        "2026-07-04-12:00:00",
+    )
+    .map_err(|e| anyhow::anyhow!("transform: {e}"))?;
+    Ok(post.to_cache_json())
+}
+
+/// Writes `posts` post files under `cache`: `in_network_share` of them by ~posts/20 in-network
+/// authors (`in_network_user_activity/create/post/<did>/`), the rest by 500 study users
+/// (`study_user_activity/create/post/`). Returns the number of files written.
+pub fn generate(cache: &Path, posts: usize, in_network_share: f64, seed: u64) -> Result<usize> {
+    let mut rng = Rng(seed);
+    let study: Vec<String> = (0..500).map(|_| did(&mut rng)).collect();
+    let in_network: Vec<String> = (0..(posts / 20).max(1)).map(|_| did(&mut rng)).collect();
+    let study_dir = cache.join("study_user_activity/create/post");
+    fs::create_dir_all(&study_dir).with_context(|| format!("creating {}", study_dir.display()))?;
+    for d in &in_network {
+        let dir = cache.join("in_network_user_activity/create/post").join(d);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let threshold = (in_network_share.clamp(0.0, 1.0) * 1000.0) as u64;
+    (0..posts).into_par_iter().try_for_each(|i| -> Result<()> {
+        let mut rng = Rng(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let rkey = tid(&mut rng);
+        let (author, dir) = if rng.below(1000) < threshold {
+            let a = &in_network[rng.below(in_network.len() as u64) as usize];
+            (
+                a,
+                cache.join("in_network_user_activity/create/post").join(a),
+            )
+        } else {
+            (
+                &study[rng.below(study.len() as u64) as usize],
+                study_dir.clone(),
+            )
+        };
+        let json = post_json(&mut rng, author, &rkey, &study)?;
+        let name = format!("author_did={author}_post_uri_suffix={rkey}.json");
+        fs::write(dir.join(&name), json).with_context(|| format!("writing {name}"))?;
+        Ok(())
+    })?;
+    Ok(posts)
+}

@@ -1,0 +1,36 @@
+//! batch-export: the firehose-writer JSON cache to Parquet tables, exactly once, local or S3.
+//!
+//! [`run`] is the whole job; `main.rs` only parses arguments into a [`Config`].
+
+pub mod config;
+pub mod export;
+pub mod gen;
+pub mod parquet;
+pub mod scan;
+pub mod sink;
+pub mod state;
+pub mod summary;
+pub mod tables;
+
+pub use config::{Args, Command, Config};
+pub use export::{run, RunOutcome};
+pub use summary::Summary;
+
+/// Exit codes (documented in README.md).
+pub mod exit {
+    /// Success, nothing to do, or another run holds the lock.
+    pub const OK: u8 = 0;
+    /// The run failed; nothing was lost and the next run completes it.
+    pub const ERROR: u8 = 1;
+    /// Invalid command line or configuration (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// The run succeeded but quarantined corrupt cache files: look at `<cache>/.quarantine/`.
+    pub const QUARANTINED: u8 = 3;
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

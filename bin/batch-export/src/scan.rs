@@ -1,0 +1,304 @@
+//! Walking the cache, reading and keying its files, quarantining the bad ones and deleting the
+//! exported ones.
+//!
+//! Names starting with `.` are never touched: the writer's `.tmp-*` files, `.export/` (state)
+//! and `.quarantine/`. Only complete files are ever seen, because the writer renames each file
+//! into place.
+
+use std::fs::{self, File, ReadDir};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::state::FileKey;
+use crate::tables::{classify, Source};
+
+/// A cache file found by the walk.
+#[derive(Debug, Clone)]
+pub struct FileRef {
+    /// Cache-relative directory, `/`-separated.
+    pub dir: Arc<str>,
+    pub name: String,
+    /// `None` for a folder that feeds no table.
+    pub source: Option<Arc<Source>>,
+}
+
+impl FileRef {
+    pub fn rel_path(&self) -> String {
+        if self.dir.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.dir, self.name)
+        }
+    }
+}
+
+/// Identity of the file that was read: a delete only removes that same file, never a newer one
+/// the writer renamed over it in the meantime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+struct Frame {
+    dir: Arc<str>,
+    source: Option<Arc<Source>>,
+    entries: ReadDir,
+}
+
+/// Depth-first, streaming walk of the cache (no full listing is held in memory).
+pub struct Walker {
+    root: PathBuf,
+    stack: Vec<Frame>,
+    /// Directories seen (cache-relative), for `--clear-cache`.
+    pub dirs: Vec<String>,
+}
+
+impl Walker {
+    pub fn new(root: &Path) -> Result<Walker> {
+        let entries = fs::read_dir(root).with_context(|| format!("reading {}", root.display()))?;
+        Ok(Walker {
+            root: root.to_owned(),
+            stack: vec![Frame {
+                dir: Arc::from(""),
+                source: None,
+                entries,
+            }],
+            dirs: Vec::new(),
+        })
+    }
+}
+
+impl Iterator for Walker {
+    type Item = FileRef;
+
+    fn next(&mut self) -> Option<FileRef> {
+        loop {
+            let frame = self.stack.last_mut()?;
+            let entry = match frame.entries.next() {
+                None => {
+                    self.stack.pop();
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(dir = %frame.dir, error = %e, "cannot list a cache folder entry");
+                    continue;
+                }
+                Some(Ok(entry)) => entry,
+            };
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!(dir = %frame.dir, name = ?name, "skipping a non-UTF-8 name");
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(ty) = entry.file_type() else { continue };
+            if ty.is_dir() {
+                let dir: Arc<str> = if frame.dir.is_empty() {
+                    Arc::from(name)
+                } else {
+                    Arc::from(format!("{}/{}", frame.dir, name))
+                };
+                match fs::read_dir(self.root.join(&*dir)) {
+                    Ok(entries) => {
+                        let source = classify(&dir).map(Arc::new);
+                        self.dirs.push(dir.to_string());
+                        self.stack.push(Frame {
+                            dir,
+                            source,
+                            entries,
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(dir = %dir, error = %e, "cannot read a cache folder"),
+                }
+            } else if ty.is_file() {
+                return Some(FileRef {
+                    dir: frame.dir.clone(),
+                    name: name.to_owned(),
+                    source: frame.source.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// The outcome of reading one file.
+pub enum Read1 {
+    /// Gone since it was listed (deleted or renamed): nothing to do.
+    Gone,
+    Ok {
+        id: FileId,
+        key: FileKey,
+        bytes: Vec<u8>,
+    },
+    Unreadable(String),
+}
+
+/// Reads a file and computes its key.
+pub fn read_file(root: &Path, f: &FileRef, strip_synctimestamp: bool) -> Read1 {
+    let rel = f.rel_path();
+    let path = root.join(&rel);
+    let mut file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Read1::Gone,
+        Err(e) => return Read1::Unreadable(format!("open: {e}")),
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Read1::Unreadable(format!("stat: {e}")),
+    };
+    let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+    if let Err(e) = file.read_to_end(&mut bytes) {
+        return Read1::Unreadable(format!("read: {e}"));
+    }
+    let key = file_key(&rel, &bytes, strip_synctimestamp);
+    Read1::Ok {
+        id: FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+        key,
+        bytes,
+    }
+}
+
+const SYNC_KEY: &[u8] = b"\"synctimestamp\": \"";
+
+/// Key of a cache file: SHA-256 (first 16 bytes) of its cache-relative path and its contents,
+/// with the value of the top-level `"synctimestamp": "..."` left out when `strip` (a writer
+/// replay rewrites the same path with the same JSON except that ingest clock).
+pub fn file_key(rel_path: &str, bytes: &[u8], strip: bool) -> FileKey {
+    let mut h = Sha256::new();
+    h.update(rel_path.as_bytes());
+    h.update([0u8]);
+    // In ASCII-escaped JSON a literal `"synctimestamp": "` can only be a key (a `"` inside a
+    // string value is always escaped); posts have it once, at the top level.
+    match strip
+        .then(|| memchr::memmem::find(bytes, SYNC_KEY))
+        .flatten()
+    {
+        Some(at) => {
+            let value_start = at + SYNC_KEY.len();
+            h.update(&bytes[..value_start]);
+            let end = memchr::memchr(b'"', &bytes[value_start..])
+                .map_or(bytes.len(), |i| value_start + i);
+            h.update(&bytes[end..]);
+        }
+        None => h.update(bytes),
+    }
+    let d = h.finalize();
+    d[..16].try_into().expect("16 bytes")
+}
+
+/// Deletes `rel` if it is still the file that was read. Returns whether it was deleted.
+pub fn delete_if_same(root: &Path, rel: &str, id: FileId) -> io::Result<bool> {
+    let path = root.join(rel);
+    match fs::symlink_metadata(&path) {
+        Ok(m) if m.dev() == id.dev && m.ino() == id.ino => match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        },
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves a bad file to `<cache>/.quarantine/<rel>` (a free name is chosen if taken) and appends
+/// the reason to `<cache>/.quarantine/reasons.log`.
+pub fn quarantine(root: &Path, rel: &str, id: Option<FileId>, reason: &str) -> Result<PathBuf> {
+    let src = root.join(rel);
+    if let Some(id) = id {
+        let m = fs::symlink_metadata(&src).with_context(|| format!("stat {}", src.display()))?;
+        if m.dev() != id.dev || m.ino() != id.ino {
+            anyhow::bail!(
+                "{} was replaced since it was read; left in place",
+                src.display()
+            );
+        }
+    }
+    let qroot = root.join(".quarantine");
+    let mut dest = qroot.join(rel);
+    let mut n = 1;
+    while dest.exists() {
+        dest = qroot.join(format!("{rel}.{n}"));
+        n += 1;
+    }
+    let parent = dest.parent().expect("has parent");
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    fs::rename(&src, &dest)
+        .with_context(|| format!("moving {} to {}", src.display(), dest.display()))?;
+    use std::io::Write;
+    let mut log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(qroot.join("reasons.log"))
+        .context("opening .quarantine/reasons.log")?;
+    let line = format!(
+        "{}\t{}\t{}\n",
+        sync_core::transform::sync_timestamp(crate::now_secs()),
+        dest.strip_prefix(&qroot).unwrap_or(&dest).display(),
+        reason.replace(['\n', '\t'], " ")
+    );
+    log.write_all(line.as_bytes())
+        .context("writing .quarantine/reasons.log")?;
+    Ok(dest)
+}
+
+/// `--clear-cache`: removes empty folders among `dirs` (deepest first) that were not modified for
+/// `min_age_secs`, keeping every folder that feeds a table directly (the skeleton). `rmdir` only
+/// ever removes an empty folder, so no file can be lost.
+pub fn prune_empty_dirs(root: &Path, dirs: &mut [String], min_age_secs: u64) -> usize {
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for d in dirs.iter() {
+        let nested = d.matches('/').count() >= 3 && !is_skeleton(d);
+        if !nested {
+            continue;
+        }
+        let path = root.join(d);
+        let old_enough = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age.as_secs() >= min_age_secs);
+        if old_enough && fs::remove_dir(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Folders the writer's skeleton holds (never pruned).
+fn is_skeleton(dir: &str) -> bool {
+    matches!(
+        dir,
+        "study_user_activity/create/follow/follower" | "study_user_activity/create/follow/followee"
+    ) || dir.split('/').count() <= 3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ignores_synctimestamp_only() {
+        let a = br#"{"uri": "u", "synctimestamp": "2024-10-02-14:03:28", "url": ""}"#;
+        let b = br#"{"uri": "u", "synctimestamp": "2024-10-03-01:00:00", "url": ""}"#;
+        let c = br#"{"uri": "v", "synctimestamp": "2024-10-03-01:00:00", "url": ""}"#;
+        assert_eq!(file_key("p", a, true), file_key("p", b, true));
+        assert_ne!(file_key("p", a, false), file_key("p", b, false));
+        assert_ne!(file_key("p", b, true), file_key("p", c, true));
+        assert_ne!(file_key("p", a, true), file_key("q", a, true));
+    }
+}

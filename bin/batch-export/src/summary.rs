@@ -1,0 +1,111 @@
+//! The end-of-run summary: rows per table, files, Parquet files and bytes, seconds; as text or
+//! one JSON object.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::config::{Config, Output};
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct TableSummary {
+    pub rows: u64,
+    pub parquet_files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Summary {
+    pub dry_run: bool,
+    pub output: String,
+    /// Rows (and Parquet files, bytes) per table path.
+    pub tables: BTreeMap<String, TableSummary>,
+    /// Cache files read (parsed or quarantined).
+    pub files_read: u64,
+    /// Files whose rows are now in Parquet (including in-run duplicates).
+    pub files_exported: u64,
+    /// Files already exported earlier (a writer replay, or a run killed before its deletes).
+    pub already_exported: u64,
+    /// Files whose row duplicated one already in this run (same URI / follow relationship).
+    pub duplicates: u64,
+    /// Corrupt or unreadable files moved to `<cache>/.quarantine/`.
+    pub quarantined: u64,
+    /// Files in folders that feed no table (left in place).
+    pub files_unrecognised: u64,
+    /// Files that disappeared between listing and reading.
+    pub files_gone: u64,
+    pub files_deleted: u64,
+    pub parquet_files: u64,
+    pub parquet_bytes: u64,
+    pub batches_rolled_back: u64,
+    pub dirs_pruned: usize,
+    pub seconds: f64,
+    /// Part of `seconds` spent deleting exported files.
+    pub delete_seconds: f64,
+}
+
+impl Summary {
+    pub fn new(config: &Config) -> Summary {
+        Summary {
+            dry_run: config.dry_run,
+            output: match &config.output {
+                Output::Local(p) => p.display().to_string(),
+                Output::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+            },
+            ..Summary::default()
+        }
+    }
+
+    pub fn table(&mut self, path: &str) -> &mut TableSummary {
+        self.tables.entry(path.to_owned()).or_default()
+    }
+
+    pub fn total_rows(&self) -> u64 {
+        self.tables.values().map(|t| t.rows).sum()
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let verb = if self.dry_run {
+            "would export (dry run)"
+        } else {
+            "exported"
+        };
+        let _ = writeln!(
+            s,
+            "batch-export: {verb} {} rows to {}",
+            self.total_rows(),
+            self.output
+        );
+        for (path, t) in &self.tables {
+            let _ = writeln!(
+                s,
+                "  {path:<48} {:>10} rows {:>4} files {:>12} bytes",
+                t.rows, t.parquet_files, t.bytes
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  files: {} read, {} exported, {} already exported, {} duplicates, {} quarantined, {} unrecognised, {} deleted",
+            self.files_read,
+            self.files_exported,
+            self.already_exported,
+            self.duplicates,
+            self.quarantined,
+            self.files_unrecognised,
+            self.files_deleted
+        );
+        let _ = writeln!(
+            s,
+            "  parquet: {} files, {} bytes; {} batches rolled back; {} folders pruned",
+            self.parquet_files, self.parquet_bytes, self.batches_rolled_back, self.dirs_pruned
+        );
+        let _ = writeln!(
+            s,
+            "  time: {:.2} s ({:.2} s deleting exported files)",
+            self.seconds, self.delete_seconds
+        );
+        s
+    }
+}

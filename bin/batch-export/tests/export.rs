@@ -1,0 +1,1134 @@
+//! batch-export end to end: cache files in, Parquet out, read back by pyarrow; exactly-once under
+//! replays, kills and concurrency; S3 against a local moto server.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+use sync_core::transform;
+
+const S1: &str = "did:plc:z72i7hdynmk6r22z27h6tvur";
+const S2: &str = "did:plc:4llrhdclvdlmmynkwsmg5tdc";
+const A1: &str = "did:plc:w4xbfzo7kqfes5zb7r6qv3rw";
+const A2: &str = "did:plc:q6gjnaw2blty4crticxkmujt";
+const A3: &str = "did:plc:ragtjsm2j2vknwkz3zp4oxrd";
+const CLOCK: &str = "2024-10-02-14:03:28";
+
+fn post_json(uri: &str, cid: &str, author: &str, record: Value, clock: &str) -> String {
+    transform::transform_post(uri, cid, author, &record, clock)
+        .unwrap()
+        .to_cache_json()
+}
+
+/// predecessor-data-format.md §1.7 Example 1 (in-network author A1).
+fn example1() -> String {
+    post_json(
+        &format!("at://{A1}/app.bsky.feed.post/3l5jqyv2s4k2c"),
+        "bafyreib2rxk3rybk3aobmv5cjuql3bm2twh4jo5uxgf5q5stv7lcmjvvty",
+        A1,
+        json!({"$type": "app.bsky.feed.post", "text": "Good morning, Bluesky!",
+               "createdAt": "2024-10-02T14:03:27.512Z", "langs": ["en"]}),
+        CLOCK,
+    )
+}
+
+/// Example 2: a reply (root = S1's study post) with a link facet and two images.
+fn example2() -> String {
+    post_json(
+        &format!("at://{A2}/app.bsky.feed.post/3l5jr4q7m2s2x"),
+        "bafyreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
+        A2,
+        json!({"$type": "app.bsky.feed.post",
+          "text": "Agreed — full report: example.org/report",
+          "createdAt": "2024-10-02T14:05:10.001Z", "langs": ["en"],
+          "reply": {"root":   {"uri": format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
+                               "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"},
+                    "parent": {"uri": format!("at://{A3}/app.bsky.feed.post/3l5jpkd4abc2j"),
+                               "cid": "bafyreif75yqxyt6g7h3pmvsj3l3e5u7y3wmb2z4y6ahtbbt7b2c5tmb3fu"}},
+          "facets": [{"index": {"byteStart": 24, "byteEnd": 42},
+                      "features": [{"$type": "app.bsky.richtext.facet#link", "uri": "https://example.org/report"}]}],
+          "embed": {"$type": "app.bsky.embed.images", "images": [
+             {"alt": "Bar chart of turnout by région",
+              "image": {"$type": "blob", "ref": {"$link": "bafkreiagbvatb77ka6hxsknjqpomcgfo7n3ext6fouzh66rlizt52aok6y"}, "mimeType": "image/jpeg", "size": 399062},
+              "aspectRatio": {"width": 1200, "height": 800}},
+             {"alt": "",
+              "image": {"$type": "blob", "ref": {"$link": "bafkreidtepeeezypyvsk4yi7vmlv3gclpe5aizuerzkj2ok4karm5pgydm"}, "mimeType": "image/png", "size": 81234}}]}}),
+        "2024-10-02-14:05:11",
+    )
+}
+
+/// Example 3: a quote post with mention + tag facets, tags, two langs and self-labels.
+fn example3() -> String {
+    post_json(
+        &format!("at://{A3}/app.bsky.feed.post/3l5jsz2v4fc2d"),
+        "bafyreigyuo3gfqvzpa3t4uqq7rbvkopyv4g4efbgnmgmjznwkmo2w2hr4e",
+        A3,
+        json!({"$type": "app.bsky.feed.post",
+          "text": "Worth reading, @alice.bsky.social #science",
+          "createdAt": "2024-10-02T14:07:45.250Z", "langs": ["en", "de"], "tags": ["science", "openaccess"],
+          "labels": {"$type": "com.atproto.label.defs#selfLabels", "values": [{"val": "graphic-media"}, {"val": "nudity"}]},
+          "facets": [{"index": {"byteStart": 15, "byteEnd": 33}, "features": [{"$type": "app.bsky.richtext.facet#mention", "did": S1}]},
+                     {"index": {"byteStart": 34, "byteEnd": 42}, "features": [{"$type": "app.bsky.richtext.facet#tag", "tag": "science"}]}],
+          "embed": {"$type": "app.bsky.embed.record",
+                    "record": {"uri": format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
+                               "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}}}),
+        "2024-10-02-14:07:46",
+    )
+}
+
+fn study_post(author: &str, rkey: &str, text: &str) -> String {
+    post_json(
+        &format!("at://{author}/app.bsky.feed.post/{rkey}"),
+        "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm",
+        author,
+        json!({"$type": "app.bsky.feed.post", "text": text, "createdAt": "2024-10-02T13:00:00.000Z"}),
+        CLOCK,
+    )
+}
+
+fn post_path(folder: &str, author: &str, rkey: &str) -> String {
+    format!("{folder}/author_did={author}_post_uri_suffix={rkey}.json")
+}
+
+fn like_json(liker: &str, rkey: &str, subject_uri: &str) -> String {
+    transform::like_cache_json(
+        &format!("at://{liker}/app.bsky.feed.like/{rkey}"),
+        "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri",
+        liker,
+        &json!({"$type": "app.bsky.feed.like", "createdAt": "2024-10-02T14:20:11.093Z",
+                "subject": {"cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm", "uri": subject_uri}}),
+    )
+    .unwrap()
+}
+
+fn follow_json(follower: &str, followee: &str, rkey: &str) -> String {
+    transform::follow_cache_json(
+        &format!("at://{follower}/app.bsky.graph.follow/{rkey}"),
+        "bafyreibwn4kwlezxabt2bzpopwfh7lbo56n4xb62wlbm5moqliwl4pzum4",
+        follower,
+        &json!({"$type": "app.bsky.graph.follow", "createdAt": "2024-10-02T14:25:00.000Z", "subject": followee}),
+    )
+    .unwrap()
+}
+
+fn follow_path(dir: &str, follower: &str, followee: &str) -> String {
+    format!("study_user_activity/create/follow/{dir}/follower_did={follower}_followee_did={followee}.json")
+}
+
+/// The cache JSON as the row pyarrow should read: same values, synctimestamp = export time.
+fn expected_post_row(cache_json: &str) -> BTreeMap<String, Value> {
+    let v: Value = serde_json::from_str(cache_json).unwrap();
+    v.as_object().unwrap().clone().into_iter().collect()
+}
+
+fn assert_post_row(row: &BTreeMap<String, Value>, cache_json: &str, partition_date: &str) {
+    let mut expected = expected_post_row(cache_json);
+    let ts = row["synctimestamp"].clone();
+    assert!(is_export_ts(&ts), "synctimestamp {ts}");
+    assert_eq!(
+        &ts.as_str().unwrap()[..10],
+        partition_date,
+        "partition_date is the export date"
+    );
+    expected.insert("synctimestamp".into(), ts);
+    assert_eq!(row, &expected);
+}
+
+fn one_file_per_table(tables: &Tables) {
+    for (t, files) in tables {
+        for f in files {
+            assert!(
+                !f.schema.iter().any(|(n, _)| n == "partition_date"),
+                "{t}: partition_date inside the file"
+            );
+            assert!(
+                !f.schema.iter().any(|(_, ty)| ty == "null"),
+                "{t}: null-typed column"
+            );
+        }
+    }
+}
+
+#[test]
+fn post_tables_round_trip_with_worked_examples() {
+    let env = Env::new();
+    let study = study_post(S1, "3l5jnpb6xyz2k", "a study post");
+    let e1 = example1();
+    let e2 = example2();
+    let e3 = example3();
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study,
+    );
+    env.write(
+        &post_path(
+            &format!("in_network_user_activity/create/post/{A1}"),
+            A1,
+            "3l5jqyv2s4k2c",
+        ),
+        &e1,
+    );
+    env.write(
+        &post_path(
+            "study_user_activity/create/reply_to_user_post/3l5jnpb6xyz2k",
+            A2,
+            "3l5jr4q7m2s2x",
+        ),
+        &e2,
+    );
+    env.write(
+        &post_path(
+            "study_user_activity/create/quote_of_user_post/3l5jnpb6xyz2k",
+            A3,
+            "3l5jsz2v4fc2d",
+        ),
+        &e3,
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_exported"], 4);
+    assert_eq!(s["files_deleted"], 4);
+    assert!(
+        env.cache_files().is_empty(),
+        "exported files are deleted: {:?}",
+        env.cache_files()
+    );
+
+    let t = env.read();
+    one_file_per_table(&t);
+    for table in [
+        "study_user_activity/create/post",
+        "in_network_user_activity",
+        "study_user_activity/create/reply_to_user_post",
+        "study_user_activity/create/quote_of_user_post",
+    ] {
+        assert_eq!(schema(&t, table), expect_schema(POST_SCHEMA), "{table}");
+        assert_eq!(
+            t[table].len(),
+            1,
+            "{table}: one file per table and partition"
+        );
+    }
+    let pd = t["in_network_user_activity"][0].partition_date.clone();
+    let r = rows(&t, "in_network_user_activity");
+    assert_eq!(r.len(), 1);
+    assert_post_row(&r[0], &e1, &pd);
+    // Spot checks against the literal values of predecessor-data-format.md §1.7.
+    assert_eq!(
+        r[0]["embed"],
+        "{\"has_image\": false, \"image_alt_text\": null, \"has_embedded_record\": false, \"embedded_record\": null, \"has_external\": false, \"external\": null}"
+    );
+    assert_eq!(r[0]["langs"], "en");
+    assert_eq!(r[0]["url"], "");
+    assert_eq!(r[0]["source"], "firehose");
+    assert_eq!(r[0]["like_count"], Value::Null);
+
+    let r = rows(&t, "study_user_activity/create/reply_to_user_post");
+    assert_post_row(&r[0], &e2, &pd);
+    assert_eq!(
+        r[0]["text"],
+        "Agreed \u{2014} full report: example.org/report"
+    );
+    assert_eq!(
+        r[0]["embed"],
+        "{\"has_image\": true, \"image_alt_text\": \"Bar chart of turnout by r\\u00e9gion;\", \"has_embedded_record\": false, \"embedded_record\": null, \"has_external\": false, \"external\": null}"
+    );
+    assert_eq!(r[0]["facets"], "link:https://example.org/report");
+    assert_eq!(
+        r[0]["reply_root"],
+        format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k")
+    );
+
+    let r = rows(&t, "study_user_activity/create/quote_of_user_post");
+    assert_post_row(&r[0], &e3, &pd);
+    assert_eq!(r[0]["facets"], format!("mention:{S1};tag:science"));
+    assert_eq!(r[0]["labels"], "graphic-media;nudity");
+    assert_eq!(r[0]["langs"], "en;de");
+    assert_eq!(r[0]["tags"], "science;openaccess");
+
+    let r = rows(&t, "study_user_activity/create/post");
+    assert_post_row(&r[0], &study, &pd);
+}
+
+#[test]
+fn like_tables_round_trip_with_era_s_record() {
+    let env = Env::new();
+    let subject = format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k");
+    // §4.3 example: A2 likes S1's post (like_on_user_post); S2 likes it too (both L1 and L2).
+    env.write(
+        &format!("study_user_activity/create/like_on_user_post/3l5jnpb6xyz2k/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+        &like_json(A2, "3l5jv2xq4tk2p", &subject),
+    );
+    let s2_like = like_json(S2, "3l5jv9zzzzz2c", &subject);
+    env.write(
+        &format!("study_user_activity/create/like/3l5jnpb6xyz2k/author_did={S2}_like_uri_suffix=3l5jv9zzzzz2c.json"),
+        &s2_like,
+    );
+    env.write(
+        &format!("study_user_activity/create/like_on_user_post/3l5jnpb6xyz2k/author_did={S2}_like_uri_suffix=3l5jv9zzzzz2c.json"),
+        &s2_like,
+    );
+    env.export_ok(&[]);
+    let t = env.read();
+    one_file_per_table(&t);
+    for table in [
+        "study_user_activity/create/like",
+        "study_user_activity/create/like_on_user_post",
+    ] {
+        assert_eq!(schema(&t, table), expect_schema(LIKE_SCHEMA), "{table}");
+    }
+    let r = rows(&t, "study_user_activity/create/like_on_user_post");
+    assert_eq!(r.len(), 2);
+    let a2 = r.iter().find(|r| r["author"] == A2).expect("A2's like");
+    assert_eq!(
+        a2["cid"],
+        "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri"
+    );
+    assert_eq!(
+        a2["uri"],
+        format!("at://{A2}/app.bsky.feed.like/3l5jv2xq4tk2p")
+    );
+    // The literal Era S `record` string of predecessor-data-format.md §2.1.
+    assert_eq!(
+        a2["record"],
+        "{\"created_at\": \"2024-10-02T14:20:11.093Z\", \"subject\": {\"cid\": \"bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm\", \"uri\": \"at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k\", \"py_type\": \"com.atproto.repo.strongRef\"}, \"py_type\": \"app.bsky.feed.like\"}"
+    );
+    assert!(is_export_ts(&a2["synctimestamp"]));
+    let r = rows(&t, "study_user_activity/create/like");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["author"], S2);
+}
+
+#[test]
+fn follow_double_case_gives_two_rows() {
+    let env = Env::new();
+    // §4.5: S1 follows S2 (both study users): the same file in follower/ and followee/.
+    let f = follow_json(S1, S2, "3l5jw7c2bde2s");
+    env.write(&follow_path("follower", S1, S2), &f);
+    env.write(&follow_path("followee", S1, S2), &f);
+    // S1 follows A2 (follower/ only); A1 follows S2 (followee/ only).
+    env.write(
+        &follow_path("follower", S1, A2),
+        &follow_json(S1, A2, "3l5jw7c2bde3a"),
+    );
+    env.write(
+        &follow_path("followee", A1, S2),
+        &follow_json(A1, S2, "3l5jw7c2bde4b"),
+    );
+    env.export_ok(&[]);
+    let t = env.read();
+    assert_eq!(
+        schema(&t, "scraped_user_social_network"),
+        expect_schema(SOCIAL_SCHEMA)
+    );
+    let r = rows(&t, "scraped_user_social_network");
+    assert_eq!(r.len(), 4);
+    let ts = r[0]["insert_timestamp"].clone();
+    assert!(is_export_ts(&ts));
+    let mut got: Vec<(String, String, String)> = r
+        .iter()
+        .map(|r| {
+            for null in [
+                "follow_handle",
+                "follow_url",
+                "follower_handle",
+                "follower_url",
+            ] {
+                assert_eq!(r[null], Value::Null);
+            }
+            assert_eq!(r["insert_timestamp"], ts);
+            (
+                r["follow_did"].as_str().unwrap().into(),
+                r["follower_did"].as_str().unwrap().into(),
+                r["relationship_to_study_user"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (S2.to_string(), S1.to_string(), "follow".to_string()),
+        (S2.to_string(), S1.to_string(), "follower".to_string()),
+        (A2.to_string(), S1.to_string(), "follow".to_string()),
+        (S2.to_string(), A1.to_string(), "follower".to_string()),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        &ts.as_str().unwrap()[..10],
+        t["scraped_user_social_network"][0].partition_date
+    );
+}
+
+fn delete_json(uri: &str, author: &str, collection: &str, rkey: &str, seq: i64) -> String {
+    let mut w = sync_core::pyjson::PyJsonWriter::new();
+    w.begin_object()
+        .field_str("uri", uri)
+        .field_str("author", author)
+        .field_str("collection", collection)
+        .field_str("rkey", rkey)
+        .field_i64("seq", seq)
+        .field_str("rev", "3l5jzzzzzzz2a")
+        .field_str("time", "2024-10-02T15:00:00.000Z")
+        .end_object();
+    w.into_string()
+}
+
+#[test]
+fn new_tables_round_trip() {
+    let env = Env::new();
+    let subject = format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k");
+    let repost_record = json!({"$type": "app.bsky.feed.repost", "createdAt": "2024-10-02T14:30:00.000Z",
+        "subject": {"uri": subject, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}});
+    let repost = transform::generic_record_cache_json(
+        &format!("at://{A2}/app.bsky.feed.repost/3l5k1aaaaaa2a"),
+        "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri",
+        A2,
+        "app.bsky.feed.repost",
+        &repost_record,
+    );
+    env.write(
+        &format!("study_user_activity/create/repost_of_user_post/3l5jnpb6xyz2k/author_did={A2}_repost_uri_suffix=3l5k1aaaaaa2a.json"),
+        &repost,
+    );
+    let own_repost = transform::generic_record_cache_json(
+        &format!("at://{S1}/app.bsky.feed.repost/3l5k1bbbbbb2b"),
+        "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri",
+        S1,
+        "app.bsky.feed.repost",
+        &repost_record,
+    );
+    env.write(
+        &format!("study_user_activity/create/repost/author_did={S1}_repost_uri_suffix=3l5k1bbbbbb2b.json"),
+        &own_repost,
+    );
+    let block = transform::generic_record_cache_json(
+        &format!("at://{S1}/app.bsky.graph.block/3l5k2cccccc2c"),
+        "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri",
+        S1,
+        "app.bsky.graph.block",
+        &json!({"$type": "app.bsky.graph.block", "createdAt": "2024-10-02T14:31:00.000Z", "subject": A3}),
+    );
+    env.write(
+        &format!(
+            "study_user_activity/create/block/author_did={S1}_block_uri_suffix=3l5k2cccccc2c.json"
+        ),
+        &block,
+    );
+    let profile = transform::generic_record_cache_json(
+        &format!("at://{S1}/app.bsky.actor.profile/self"),
+        "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri",
+        S1,
+        "app.bsky.actor.profile",
+        &json!({"$type": "app.bsky.actor.profile", "displayName": "Stüdy Üser", "description": "hi\nthere"}),
+    );
+    env.write(
+        &format!("study_user_activity/create/profile/author_did={S1}_profile_uri_suffix=self_rev=3l5k3dddddd2d.json"),
+        &profile,
+    );
+    let account = format!(
+        "{{\"did\": \"{S1}\", \"kind\": \"account\", \"seq\": 31527015322, \"time\": \"2024-10-02T15:00:00.000Z\", \"handle\": null, \"active\": false, \"status\": \"deactivated\"}}"
+    );
+    env.write(
+        &format!("study_user_activity/account/did={S1}_account_seq=31527015322.json"),
+        &account,
+    );
+    let identity = format!(
+        "{{\"did\": \"{S1}\", \"kind\": \"identity\", \"seq\": 31527015323, \"time\": \"2024-10-02T15:00:01.000Z\", \"handle\": \"s1.example.com\", \"active\": null, \"status\": null}}"
+    );
+    env.write(
+        &format!("study_user_activity/account/did={S1}_identity_seq=31527015323.json"),
+        &identity,
+    );
+    // Deletes: a study user's own post; an unlike of a study post; an in-network post.
+    let post_uri = format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k");
+    env.write(
+        &format!(
+            "study_user_activity/delete/post/author_did={S1}_post_uri_suffix=3l5jnpb6xyz2k.json"
+        ),
+        &delete_json(&post_uri, S1, "app.bsky.feed.post", "3l5jnpb6xyz2k", 100),
+    );
+    env.write(
+        &format!("study_user_activity/delete/like_on_user_post/3l5jnpb6xyz2k/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+        &delete_json(&format!("at://{A2}/app.bsky.feed.like/3l5jv2xq4tk2p"), A2, "app.bsky.feed.like", "3l5jv2xq4tk2p", 101),
+    );
+    env.write(
+        &format!("study_user_activity/delete/follow/followee/author_did={A1}_follow_uri_suffix=3l5jw7c2bde4b.json"),
+        &delete_json(&format!("at://{A1}/app.bsky.graph.follow/3l5jw7c2bde4b"), A1, "app.bsky.graph.follow", "3l5jw7c2bde4b", 102),
+    );
+    env.write(
+        &format!("in_network_user_activity/delete/post/{A1}/author_did={A1}_post_uri_suffix=3l5jqyv2s4k2c.json"),
+        &delete_json(&format!("at://{A1}/app.bsky.feed.post/3l5jqyv2s4k2c"), A1, "app.bsky.feed.post", "3l5jqyv2s4k2c", 103),
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_exported"], 11, "{s}");
+    let t = env.read();
+    one_file_per_table(&t);
+
+    // Every schema is the one declared in the catalogue.
+    for def in batch_export::tables::TABLES {
+        if let Some(files) = t.get(def.path) {
+            let want: Vec<(String, String)> = def
+                .columns
+                .iter()
+                .map(|(n, ty)| {
+                    (
+                        n.to_string(),
+                        if ty.name() == "bool" {
+                            "bool".into()
+                        } else {
+                            ty.name().into()
+                        },
+                    )
+                })
+                .collect();
+            for f in files {
+                assert_eq!(f.schema, want, "{}", def.path);
+            }
+        }
+    }
+    let r = rows(&t, "study_user_activity/create/repost_of_user_post");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["subject_uri"], subject);
+    assert_eq!(r[0]["created_at"], "2024-10-02T14:30:00.000Z");
+    assert_eq!(r[0]["author"], A2);
+    assert_eq!(
+        r[0]["record"],
+        sync_core::pyjson::to_py_json(&repost_record)
+    );
+    assert_eq!(
+        rows(&t, "study_user_activity/create/repost")[0]["author"],
+        S1
+    );
+    let r = rows(&t, "study_user_activity/create/block");
+    assert_eq!(r[0]["subject"], A3);
+    let r = rows(&t, "study_user_activity/create/profile");
+    assert_eq!(r[0]["display_name"], "Stüdy Üser");
+    assert_eq!(r[0]["description"], "hi\nthere");
+    assert_eq!(r[0]["rev"], "3l5k3dddddd2d");
+    assert_eq!(r[0]["created_at"], Value::Null);
+    let mut r = rows(&t, "study_user_activity/account");
+    r.sort_by_key(|r| r["seq"].as_i64());
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0]["seq"], 31527015322i64);
+    assert_eq!(r[0]["active"], false);
+    assert_eq!(r[0]["status"], "deactivated");
+    assert_eq!(r[1]["handle"], "s1.example.com");
+    assert_eq!(r[1]["active"], Value::Null);
+    let mut r = rows(&t, "study_user_activity/delete");
+    r.sort_by_key(|r| r["seq"].as_i64());
+    let cats: Vec<&str> = r.iter().map(|r| r["category"].as_str().unwrap()).collect();
+    assert_eq!(cats, ["post", "like_on_user_post", "follow/followee"]);
+    assert_eq!(r[0]["uri"], post_uri);
+    assert_eq!(r[0]["rev"], "3l5jzzzzzzz2a");
+    assert_eq!(r[0]["time"], "2024-10-02T15:00:00.000Z");
+    let r = rows(&t, "in_network_user_activity_delete");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["seq"], 103);
+}
+
+#[test]
+fn readme_documents_every_table_schema() {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(&batch_export::tables::schema_markdown()),
+        "README.md's schema table is stale; paste:\n{}",
+        batch_export::tables::schema_markdown()
+    );
+}
+
+#[test]
+fn replays_and_duplicates_are_exported_once() {
+    let env = Env::new();
+    let rel = post_path(
+        &format!("in_network_user_activity/create/post/{A1}"),
+        A1,
+        "3l5jqyv2s4k2c",
+    );
+    env.write(&rel, &example1());
+    env.export_ok(&[]);
+    assert!(!env.exists(&rel));
+    // The writer crashed and replays: same path, same record, a new ingest synctimestamp.
+    env.write(&rel, &example1().replace(CLOCK, "2024-10-02-15:00:00"));
+    let s = env.export_ok(&[]);
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_eq!(s["files_exported"], 0);
+    assert!(
+        !env.exists(&rel),
+        "a replayed file is removed, not exported"
+    );
+    // An unfollow and a re-follow of the same pair: same file name, a new record (new uri).
+    env.write(
+        &follow_path("follower", S1, A2),
+        &follow_json(S1, A2, "3l5jw7c2bde3a"),
+    );
+    env.export_ok(&[]);
+    env.write(
+        &follow_path("follower", S1, A2),
+        &follow_json(S1, A2, "3l5kzzzzzzz2z"),
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_exported"], 1, "a re-follow is a new event: {s}");
+    // Within one run, two files with one URI become one row.
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study_post(S1, "3l5jnpb6xyz2k", "x"),
+    );
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k")
+            .replace(".json", "_copy.json"),
+        &study_post(S1, "3l5jnpb6xyz2k", "x"),
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["duplicates"], 1, "{s}");
+    let t = env.read();
+    assert_eq!(rows(&t, "in_network_user_activity").len(), 1);
+    assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
+    assert_eq!(rows(&t, "study_user_activity/create/post").len(), 1);
+    assert!(env.cache_files().is_empty(), "{:?}", env.cache_files());
+}
+
+#[test]
+fn corrupt_files_are_quarantined_once() {
+    let env = Env::new();
+    let bad = "study_user_activity/create/post/author_did=did:plc:x_post_uri_suffix=1.json";
+    let wrong_type = "study_user_activity/create/post/author_did=did:plc:x_post_uri_suffix=2.json";
+    env.write(bad, "{\"uri\": \"at://trunc");
+    env.write(
+        wrong_type,
+        "{\"uri\": \"at://x\", \"like_count\": \"seven\"}",
+    );
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study_post(S1, "3l5jnpb6xyz2k", "ok"),
+    );
+    let out = env.export(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit 3 = quarantined: {}",
+        describe(&out)
+    );
+    let s = summary(&out);
+    assert_eq!(s["quarantined"], 2);
+    assert_eq!(s["files_exported"], 1);
+    assert!(env.cache.join(".quarantine").join(bad).exists());
+    assert!(env.cache.join(".quarantine").join(wrong_type).exists());
+    let log = fs::read_to_string(env.cache.join(".quarantine/reasons.log")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+    assert!(log.contains("like_count"), "{log}");
+    // Not re-read forever: the next run is clean.
+    let s = env.export_ok(&[]);
+    assert_eq!(s["quarantined"], 0);
+    assert_eq!(s["files_read"], 0);
+    assert_eq!(
+        rows(&env.read(), "study_user_activity/create/post").len(),
+        1
+    );
+}
+
+#[test]
+fn dry_run_writes_nothing_and_keep_mode_never_reexports() {
+    let env = Env::new();
+    let rel = post_path(
+        &format!("in_network_user_activity/create/post/{A1}"),
+        A1,
+        "3l5jqyv2s4k2c",
+    );
+    env.write(&rel, &example1());
+    env.write("study_user_activity/create/post/junk.json", "not json");
+    let out = env.export(&["--dry-run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let s = summary(&out);
+    assert_eq!(s["tables"]["in_network_user_activity"]["rows"], 1);
+    assert!(!env.out.exists(), "dry run wrote Parquet");
+    assert!(env.exists(&rel) && env.exists("study_user_activity/create/post/junk.json"));
+    assert!(!env.cache.join(".export").exists() && !env.cache.join(".quarantine").exists());
+    fs::remove_file(env.cache.join("study_user_activity/create/post/junk.json")).unwrap();
+
+    // --clear-filepaths false: exported, kept, and never exported again.
+    env.export_ok(&["--clear-filepaths", "false"]);
+    assert!(env.exists(&rel));
+    let s = env.export_ok(&["--clear-filepaths", "false"]);
+    assert_eq!(s["already_exported"], 1);
+    assert_eq!(rows(&env.read(), "in_network_user_activity").len(), 1);
+    // A later normal run removes it without exporting it again.
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_deleted"], 1);
+    assert!(!env.exists(&rel));
+    assert_eq!(rows(&env.read(), "in_network_user_activity").len(), 1);
+}
+
+#[test]
+fn clear_cache_prunes_only_empty_old_folders() {
+    let env = Env::new();
+    let liked = "study_user_activity/create/like_on_user_post/3l5jnpb6xyz2k";
+    env.write(
+        &format!("{liked}/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+        &like_json(
+            A2,
+            "3l5jv2xq4tk2p",
+            &format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
+        ),
+    );
+    // An unexported file in an unknown folder is never removed.
+    env.write("somewhere/else/keep.json", "{}");
+    env.export_ok(&["--clear-cache", "--prune-min-age-secs", "0"]);
+    assert!(
+        !env.cache.join(liked).exists(),
+        "empty nested folder pruned"
+    );
+    assert!(
+        env.cache
+            .join("study_user_activity/create/like_on_user_post")
+            .exists(),
+        "skeleton kept"
+    );
+    assert!(env.exists("somewhere/else/keep.json"));
+}
+
+#[test]
+fn a_second_run_exits_zero_while_the_lock_is_held() {
+    let env = Env::new();
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study_post(S1, "3l5jnpb6xyz2k", "x"),
+    );
+    fs::create_dir_all(env.cache.join(".export")).unwrap();
+    let lock = fs::File::create(env.cache.join(".export/lock")).unwrap();
+    lock.try_lock().unwrap();
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another run holds"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(env.cache_files().len(), 1, "nothing exported while locked");
+    drop(lock);
+    env.export_ok(&[]);
+    assert!(env.cache_files().is_empty());
+}
+
+#[test]
+fn env_vars_configure_every_run() {
+    let env = Env::new();
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study_post(S1, "3l5jnpb6xyz2k", "x"),
+    );
+    let out = run(
+        &[],
+        &[
+            ("BATCH_EXPORT_CACHE_DIR", env.cache.to_str().unwrap()),
+            ("BATCH_EXPORT_OUTPUT", env.out.to_str().unwrap()),
+            ("BATCH_EXPORT_JSON", "true"),
+            ("BATCH_EXPORT_COMPRESSION", "snappy"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(summary(&out)["files_exported"], 1);
+    assert_eq!(
+        rows(&env.read(), "study_user_activity/create/post").len(),
+        1
+    );
+    let out = run(&["--compression".into(), "lz5".into()], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "usage error: {}",
+        describe(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exactly once under kills and concurrency.
+
+/// Simulated writer: new post files (and likes) written atomically, plus replays that rewrite
+/// already written paths with a new synctimestamp. Returns every URI written, per table.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<BTreeMap<&'static str, BTreeSet<String>>>>,
+}
+
+impl Writer {
+    fn start(cache: std::path::PathBuf, files: usize, pause: Duration) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut written: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+            let mut paths: Vec<(String, String)> = Vec::new();
+            let mut seed = rand_u64() | 1;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            for i in 0..files {
+                if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let rkey = format!("3l{:011}", i);
+                let author = [A1, A2, A3][i % 3];
+                if i % 4 == 3 {
+                    let uri = format!("at://{author}/app.bsky.feed.like/{rkey}");
+                    let rel = format!(
+                        "study_user_activity/create/like_on_user_post/3l5jnpb6xyz2k/author_did={author}_like_uri_suffix={rkey}.json"
+                    );
+                    write_atomic(
+                        &cache,
+                        &rel,
+                        &like_json(
+                            author,
+                            &rkey,
+                            &format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
+                        ),
+                    );
+                    written
+                        .entry("study_user_activity/create/like_on_user_post")
+                        .or_default()
+                        .insert(uri);
+                } else {
+                    let uri = format!("at://{author}/app.bsky.feed.post/{rkey}");
+                    let rel = post_path(
+                        &format!("in_network_user_activity/create/post/{author}"),
+                        author,
+                        &rkey,
+                    );
+                    let record = json!({"$type": "app.bsky.feed.post", "text": format!("post {i} é"), "createdAt": "2024-10-02T13:00:00.000Z"});
+                    let body = post_json(
+                        &uri,
+                        "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm",
+                        author,
+                        record.clone(),
+                        CLOCK,
+                    );
+                    write_atomic(&cache, &rel, &body);
+                    paths.push((rel, body));
+                    written
+                        .entry("in_network_user_activity")
+                        .or_default()
+                        .insert(uri);
+                }
+                // Replays: rewrite an earlier path with a new ingest clock.
+                if next() % 3 == 0 && !paths.is_empty() {
+                    let (rel, body) = &paths[(next() as usize) % paths.len()];
+                    let clock = format!("2024-10-02-15:{:02}:{:02}", next() % 60, next() % 60);
+                    write_atomic(&cache, rel, &body.replace(CLOCK, &clock));
+                }
+                std::thread::sleep(pause);
+            }
+            written
+        });
+        Writer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> BTreeMap<&'static str, BTreeSet<String>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+fn assert_exactly_once(env: &Env, written: &BTreeMap<&'static str, BTreeSet<String>>) {
+    let t = env.read();
+    for (table, uris) in written {
+        let r = rows(&t, table);
+        let mut seen = BTreeMap::<String, usize>::new();
+        for row in &r {
+            *seen
+                .entry(row["uri"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{table}: rows exported twice: {twice:?}");
+        let got: BTreeSet<String> = seen.into_keys().collect();
+        let missing: Vec<_> = uris.difference(&got).collect();
+        let extra: Vec<_> = got.difference(uris).collect();
+        assert!(
+            missing.is_empty(),
+            "{table}: {} rows missing, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
+        );
+        assert!(extra.is_empty(), "{table}: unexpected rows {extra:?}");
+    }
+    assert!(
+        env.cache_files().is_empty(),
+        "left in cache: {:?}",
+        env.cache_files()
+    );
+}
+
+#[test]
+fn sigkill_at_random_points_loses_and_duplicates_nothing() {
+    let env = Env::new();
+    let writer = Writer::start(env.cache.clone(), 100_000, Duration::from_micros(300));
+    let mut killed = 0;
+    let mut completed = 0;
+    for i in 0..25u64 {
+        let args: Vec<String> = vec![
+            "--cache-dir".into(),
+            env.cache.display().to_string(),
+            "--output".into(),
+            env.out.display().to_string(),
+            "--json".into(),
+            // Small batches: more commit points to be killed around.
+            "--batch-files".into(),
+            "150".into(),
+        ];
+        let mut child = command(&args, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = (rand_u64() % 400) + i % 3;
+        std::thread::sleep(Duration::from_millis(delay));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(
+                    status.success() || status.code() == Some(3),
+                    "run failed: {status:?}"
+                );
+                completed += 1;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                killed += 1;
+            }
+        }
+        let _ = child.wait();
+    }
+    let written = writer.finish();
+    let s = env.export_ok(&[]);
+    eprintln!("killed {killed}, completed {completed}; final run: {s}");
+    assert!(
+        killed >= 5,
+        "too few runs were killed mid-way ({killed}) for the test to mean anything"
+    );
+    assert!(written.values().map(BTreeSet::len).sum::<usize>() > 500);
+    assert_exactly_once(&env, &written);
+}
+
+#[test]
+fn concurrent_exports_and_a_live_writer() {
+    let env = Env::new();
+    let writer = Writer::start(env.cache.clone(), 3_000, Duration::from_micros(200));
+    let args: Vec<String> = vec![
+        "--cache-dir".into(),
+        env.cache.display().to_string(),
+        "--output".into(),
+        env.out.display().to_string(),
+        "--json".into(),
+        "--batch-files".into(),
+        "500".into(),
+    ];
+    let mut busy = 0;
+    for _ in 0..6 {
+        // Two exports started at once: one runs, the other sees the lock and exits 0.
+        let a = command(&args, &[])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let b = command(&args, &[])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for out in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+            assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+            if String::from_utf8_lossy(&out.stderr).contains("another run holds") {
+                busy += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let written = writer.finish();
+    env.export_ok(&[]);
+    eprintln!("{busy} of 12 runs found the lock held");
+    assert_exactly_once(&env, &written);
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3 (moto server on 127.0.0.1).
+
+const S3_READER: &str = r#"
+import os, sys, boto3
+endpoint, bucket, dest = sys.argv[1], sys.argv[2], sys.argv[3]
+s3 = boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1',
+                  aws_access_key_id='testing', aws_secret_access_key='testing')
+keys = []
+for page in s3.get_paginator('list_objects_v2').paginate(Bucket=bucket):
+    for o in page.get('Contents', []):
+        keys.append(o['Key'])
+        path = os.path.join(dest, o['Key'])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        s3.download_file(bucket, o['Key'], path)
+print('\n'.join(sorted(keys)))
+"#;
+
+/// Lists and downloads every object of `bucket`; returns the keys.
+fn download_bucket(server: &s3::S3Server, bucket: &str, dest: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            S3_READER,
+            &server.endpoint,
+            bucket,
+            &dest.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "listing the bucket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn s3_args(env: &Env, endpoint: &str, output: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--cache-dir".into(),
+        env.cache.display().to_string(),
+        "--output".into(),
+        output.into(),
+        "--s3-endpoint".into(),
+        endpoint.into(),
+        "--json".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn fill_examples(env: &Env) {
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study_post(S1, "3l5jnpb6xyz2k", "s3"),
+    );
+    env.write(
+        &post_path(
+            &format!("in_network_user_activity/create/post/{A1}"),
+            A1,
+            "3l5jqyv2s4k2c",
+        ),
+        &example1(),
+    );
+    env.write(
+        &follow_path("follower", S1, S2),
+        &follow_json(S1, S2, "3l5jw7c2bde2s"),
+    );
+    env.write(
+        &follow_path("followee", S1, S2),
+        &follow_json(S1, S2, "3l5jw7c2bde2s"),
+    );
+}
+
+#[test]
+fn s3_upload_round_trip_and_multipart() {
+    require_pyarrow();
+    let server = s3::S3Server::start();
+    server.create_bucket("research");
+    let env = Env::new();
+    fill_examples(&env);
+    let out = run(
+        &s3_args(&env, &server.endpoint, "s3://research/bluesky/data", &[]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(summary(&out)["parquet_files"], 3);
+    assert!(env.cache_files().is_empty());
+    // Multipart path: every file above 0 MiB goes in parts.
+    env.write(
+        &post_path("study_user_activity/create/post", S2, "3l5k2aaaaaa2a"),
+        &study_post(S2, "3l5k2aaaaaa2a", "multipart"),
+    );
+    let out = run(
+        &s3_args(
+            &env,
+            &server.endpoint,
+            "s3://research/bluesky/data",
+            &["--s3-multipart-threshold-mib", "0"],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    let dest = env.dir.path().join("downloaded");
+    let keys = download_bucket(&server, "research", &dest);
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("bluesky/data/") && k.ends_with("-0.parquet")),
+        "{keys:?}"
+    );
+    let t = read_parquet_tree(&dest.join("bluesky/data"));
+    assert_eq!(
+        schema(&t, "study_user_activity/create/post"),
+        expect_schema(POST_SCHEMA)
+    );
+    assert_eq!(rows(&t, "study_user_activity/create/post").len(), 2);
+    assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
+    let r = rows(&t, "in_network_user_activity");
+    assert_eq!(r[0]["text"], "Good morning, Bluesky!");
+}
+
+#[test]
+fn s3_unreachable_or_failing_leaves_the_cache_untouched() {
+    require_pyarrow();
+    let env = Env::new();
+    fill_examples(&env);
+    let before = env.cache_files();
+    // Nothing listens on this port.
+    let dead = format!("http://127.0.0.1:{}", s3::free_port());
+    let out = run(
+        &s3_args(&env, &dead, "s3://research/x", &["--s3-max-attempts", "2"]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cache is untouched"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(env.cache_files(), before);
+
+    // The server answers with errors (no such bucket) mid-run.
+    let server = s3::S3Server::start();
+    let out = run(
+        &s3_args(
+            &env,
+            &server.endpoint,
+            "s3://research/x",
+            &["--s3-max-attempts", "2"],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(env.cache_files(), before);
+
+    // Fixed: the next run exports everything, exactly once.
+    server.create_bucket("research");
+    let out = run(
+        &s3_args(&env, &server.endpoint, "s3://research/x", &[]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(env.cache_files().is_empty());
+    let dest = env.dir.path().join("downloaded");
+    let keys = download_bucket(&server, "research", &dest);
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let t = read_parquet_tree(&dest.join("x"));
+    assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
+    assert_eq!(rows(&t, "in_network_user_activity").len(), 1);
+    assert_eq!(rows(&t, "study_user_activity/create/post").len(), 1);
+}
