@@ -13,7 +13,7 @@ use crate::state::PlannedOutput;
 
 pub enum Sink {
     Local { root: PathBuf },
-    S3(S3Sink),
+    S3(Box<S3Sink>),
 }
 
 pub struct S3Sink {
@@ -46,12 +46,12 @@ impl Sink {
     pub fn new(output: &Output, s3: &S3Options, staging: PathBuf) -> Result<Sink> {
         match output {
             Output::Local(root) => Ok(Sink::Local { root: root.clone() }),
-            Output::S3 { bucket, prefix } => Ok(Sink::S3(S3Sink::new(
+            Output::S3 { bucket, prefix } => Ok(Sink::S3(Box::new(S3Sink::new(
                 bucket.clone(),
                 prefix.clone(),
                 s3.clone(),
                 staging,
-            )?)),
+            )?))),
         }
     }
 

@@ -1132,3 +1132,70 @@ fn s3_unreachable_or_failing_leaves_the_cache_untouched() {
     assert_eq!(rows(&t, "in_network_user_activity").len(), 1);
     assert_eq!(rows(&t, "study_user_activity/create/post").len(), 1);
 }
+
+#[test]
+fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
+    require_pyarrow();
+    let server = s3::S3Server::start();
+    server.create_bucket("research");
+    let env = Env::new();
+    let mut written = BTreeSet::new();
+    for i in 0..12 {
+        let rkey = format!("3l5k{i:09}");
+        env.write(
+            &post_path(
+                &format!("in_network_user_activity/create/post/{A1}"),
+                A1,
+                &rkey,
+            ),
+            &study_post(A1, &rkey, &format!("post {i}")),
+        );
+        written.insert(format!("at://{A1}/app.bsky.feed.post/{rkey}"));
+    }
+    // One file per batch: the first batches are uploaded and committed, then S3 starts failing.
+    let proxy = FlakyProxy::start(server.port, 40_000);
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let out = run(
+        &s3_args(
+            &env,
+            &endpoint,
+            "s3://research/x",
+            &["--batch-files", "1", "--s3-max-attempts", "2"],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the proxy should have broken mid-run: {}",
+        describe(&out)
+    );
+    let left = env.cache_files().len();
+    assert!(
+        left > 0 && left < 12,
+        "some batches committed before the failure, some not: {left} left"
+    );
+    // S3 is back: the next run rolls back the failed batch and exports the rest.
+    let out = run(
+        &s3_args(&env, &server.endpoint, "s3://research/x", &[]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        summary(&out)["batches_rolled_back"],
+        1,
+        "the failed batch is rolled back"
+    );
+    assert!(env.cache_files().is_empty());
+    let dest = env.dir.path().join("downloaded");
+    download_bucket(&server, "research", &dest);
+    let t = read_parquet_tree(&dest.join("x"));
+    let r = rows(&t, "in_network_user_activity");
+    let got: Vec<String> = r
+        .iter()
+        .map(|r| r["uri"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), unique.len(), "a row was exported twice");
+    assert_eq!(unique, written);
+}
