@@ -1,0 +1,223 @@
+//! End-to-end writer benchmark: a long capture of unique events served by the test relay over a
+//! local WebSocket, consumed by the real `firehose-writer` process with the durability rules on.
+//!
+//! `bench-writer WRITER_BINARY [FRAMES] [WORKDIR]` (release builds of both; see BENCHMARKS.md).
+//! The relay capture is looped (seq, repo and rev rewritten, so no event repeats) to FRAMES
+//! frames (default 1,000,000). 1,000 study users and 1,000,000 in-network DIDs are loaded.
+//! Prints frames/s from the first to the last committed cursor and the writer's RSS.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sync_core::frame::{capture_frames, decode_frame, Event};
+use sync_core::synth;
+use workspace_tests::relay::TestRelay;
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn health_cursor(addr: &str) -> Option<i64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    let json = body.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str::<serde_json::Value>(json).ok()?["cursor"].as_i64()
+}
+
+fn fake_did(i: u64) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555;
+    let mut s = String::from("did:plc:");
+    for _ in 0..24 {
+        s.push(ALPHABET[(x % 32) as usize] as char);
+        x = x.rotate_right(5) ^ i.wrapping_add(0x1234_5678);
+    }
+    s
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let writer = PathBuf::from(
+        args.get(1)
+            .expect("usage: bench-writer WRITER_BINARY [FRAMES] [WORKDIR]"),
+    );
+    let total: usize = args
+        .get(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let work = args
+        .get(3)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("bench-writer"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let fixtures = workspace_tests::fixtures().expect("fixtures");
+    let data = std::fs::read(fixtures.join("relay-capture/frames.bin")).unwrap();
+    let raw: Vec<&[u8]> = capture_frames(&data).map(|f| f.unwrap()).collect();
+    let dids: Vec<String> = raw
+        .iter()
+        .filter_map(|f| match decode_frame(f).ok()? {
+            Event::Commit(c) => Some(c.repo.as_str().to_owned()),
+            _ => None,
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+
+    let t = Instant::now();
+    let frames: Vec<Vec<u8>> = synth::LoopedCapture::new(&raw, 1).take(total).collect();
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    let loops = total.div_ceil(raw.len()) as u32;
+    eprintln!(
+        "generated {} frames ({:.2} GB, {loops} loops) in {:.1} s",
+        frames.len(),
+        bytes as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+
+    // 1,000 study users: 10 capture accounts in each of the first 100 loops.
+    let mut study: Vec<String> = (0..100u32)
+        .flat_map(|n| dids.iter().take(10).map(move |d| synth::looped_did(d, n)))
+        .collect();
+    study.truncate(1000);
+    // 1,000,000 in-network: 40 capture accounts in every loop, topped up with other DIDs.
+    let mut in_network: Vec<String> = (0..loops)
+        .flat_map(|n| {
+            dids.iter()
+                .skip(10)
+                .take(40)
+                .map(move |d| synth::looped_did(d, n))
+        })
+        .take(1_000_000)
+        .collect();
+    let mut i = 0;
+    while in_network.len() < 1_000_000 {
+        in_network.push(fake_did(i));
+        i += 1;
+    }
+    std::fs::write(work.join("study.txt"), study.join("\n")).unwrap();
+    std::fs::write(work.join("network.txt"), in_network.join("\n")).unwrap();
+
+    let last_seq = frames.len() as i64;
+    let relay = TestRelay::start(frames).await.unwrap();
+    let metrics_addr = "127.0.0.1:19464";
+    let mut child = Command::new(&writer)
+        .args([
+            "--relay",
+            &relay.url(),
+            "--cursor",
+            "0",
+            "--metrics-addr",
+            metrics_addr,
+            "--log-format",
+            "json",
+        ])
+        .arg("--cache-dir")
+        .arg(work.join("cache"))
+        .arg("--state")
+        .arg(work.join("state.sqlite"))
+        .arg("--study-users")
+        .arg(work.join("study.txt"))
+        .arg("--in-network")
+        .arg(work.join("network.txt"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start writer");
+    let pid = child.id();
+    // Wait for the first commit (sets loaded), then time to the last.
+    let started = Instant::now();
+    let mut first: Option<(Instant, i64)> = None;
+    let mut rss_samples = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let c = health_cursor(metrics_addr);
+        if let Some(c) = c {
+            if first.is_none() {
+                first = Some((Instant::now(), c));
+                eprintln!(
+                    "first commit at seq {c} after {:.1} s (sets loaded); RSS {} MB",
+                    started.elapsed().as_secs_f64(),
+                    rss_kb(pid, "VmRSS:") / 1024
+                );
+            }
+            rss_samples.push(rss_kb(pid, "VmRSS:"));
+            if c >= last_seq {
+                break;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            panic!("benchmark timed out");
+        }
+    }
+    let (t0, c0) = first.unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let peak = rss_kb(pid, "VmHWM:");
+    let cpu = cpu_seconds(pid);
+    unsafe { libc_kill(pid) };
+    let _ = child.wait();
+    let files = count_files(&work.join("cache"));
+    rss_samples.sort();
+    println!("frames: {} ({:.2} GB)", last_seq - c0, bytes as f64 / 1e9);
+    println!(
+        "throughput: {:.0} frames/s ({:.1} MB/s) over {secs:.1} s",
+        (last_seq - c0) as f64 / secs,
+        bytes as f64 / 1e6 / secs
+    );
+    println!("cache files written: {files}");
+    println!("writer CPU: {cpu:.1} s (user+system, whole run including set loading)");
+    println!(
+        "writer RSS: median {} MB, max sampled {} MB, peak (VmHWM) {} MB",
+        rss_samples[rss_samples.len() / 2] / 1024,
+        rss_samples.last().unwrap() / 1024,
+        peak / 1024
+    );
+    relay.shutdown().await;
+}
+
+unsafe fn libc_kill(pid: u32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    kill(pid as i32, 15);
+}
+
+fn count_files(root: &std::path::Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // fields after the command name (which may contain spaces) start after the last ')'
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
