@@ -39,13 +39,19 @@ pub struct Args {
 
     /// Study users: a text file of DIDs (one per line, `#` comments) or a CSV with a
     /// `bluesky_user_did` column.
+    /// (Required to run the writer; not needed by `inspect`.)
     #[arg(long, env = "FIREHOSE_STUDY_USERS")]
-    pub study_users: PathBuf,
+    pub study_users: Option<PathBuf>,
 
     /// In-network users: a text file of DIDs or the predecessor's social-network CSV
     /// (`follow_did` where `relationship_to_study_user == "follow"`).
     #[arg(long, env = "FIREHOSE_IN_NETWORK")]
     pub in_network: Option<PathBuf>,
+
+    /// Extra study posts for the study-post index: the predecessor's
+    /// `post_uri_to_study_user_did.json` (`{"at://...": "did:..."}`). Loaded at every start.
+    #[arg(long, env = "FIREHOSE_STUDY_POSTS")]
+    pub study_posts: Option<PathBuf>,
 
     /// Start from this seq instead of the stored cursor.
     #[arg(long, env = "FIREHOSE_CURSOR")]
@@ -115,6 +121,7 @@ pub struct Config {
     pub state: PathBuf,
     pub study_users: PathBuf,
     pub in_network: Option<PathBuf>,
+    pub study_posts: Option<PathBuf>,
     pub cursor: Option<i64>,
     pub stall_timeout: Duration,
     pub on_future_cursor: FutureCursorPolicy,
@@ -165,8 +172,12 @@ impl Config {
             source,
             cache_dir: args.cache_dir.clone(),
             state: args.state.clone(),
-            study_users: args.study_users.clone(),
+            study_users: args
+                .study_users
+                .clone()
+                .context("--study-users FILE (or FIREHOSE_STUDY_USERS) is required: the DIDs of the study participants")?,
             in_network: args.in_network.clone(),
+            study_posts: args.study_posts.clone(),
             cursor: args.cursor,
             stall_timeout: Duration::from_secs(args.stall_timeout),
             on_future_cursor: args.on_future_cursor,

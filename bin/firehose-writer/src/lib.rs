@@ -51,6 +51,26 @@ pub fn load_tracked(config: &Config) -> Result<(HashSet<Did>, HashSet<Did>)> {
     Ok((study, in_network))
 }
 
+/// Seeds the study-post index so reactions to posts made before this state existed are routed:
+/// from `--study-posts` (every start) and, when the index is empty, from study posts in the cache.
+fn seed_study_posts(state: &mut state::StateStore, config: &Config) -> Result<()> {
+    let mut seeded = 0;
+    if let Some(path) = &config.study_posts {
+        let posts = tracked::load_study_post_map(path)?;
+        seeded += state.seed_study_posts(posts)?;
+    }
+    if state.study_post_count() == 0 {
+        seeded += state.seed_study_posts(tracked::study_posts_in_cache(&config.cache_dir))?;
+    }
+    if seeded > 0 {
+        state
+            .commit(state.cursor())
+            .context("saving the seeded study posts")?;
+        info!(seeded, "study-post index seeded");
+    }
+    Ok(())
+}
+
 /// Installs one rustls crypto provider for the process: with both ring and aws-lc compiled into
 /// the workspace, rustls cannot pick one by itself and the first `wss://` connect would panic.
 pub fn install_crypto_provider() {
@@ -73,7 +93,8 @@ pub async fn run(
         in_network = in_network.len(),
         "tracked sets loaded"
     );
-    let state = state::StateStore::open(&config.state, study, in_network)?;
+    let mut state = state::StateStore::open(&config.state, study, in_network)?;
+    seed_study_posts(&mut state, &config)?;
     let cache = CacheWriter::open(&config.cache_dir)
         .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
     match cache.remove_stale_temps() {

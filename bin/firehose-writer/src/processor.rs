@@ -65,6 +65,9 @@ pub struct Processor {
     summary: ProcessorSummary,
 }
 
+/// A barrier is also due after this many unsynced files, bounding the work (and the temp
+/// files) of one barrier during a burst.
+const MAX_PENDING_FILES: usize = 4096;
 const RETRY_START: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -122,7 +125,9 @@ impl Processor {
                 }
                 Input::End => break,
             }
-            if self.dirty && self.last_commit.elapsed() >= self.commit_interval {
+            let due = self.last_commit.elapsed() >= self.commit_interval
+                || self.cache.pending() >= MAX_PENDING_FILES;
+            if self.dirty && due {
                 self.commit()?;
             }
         }

@@ -123,6 +123,27 @@ impl StateStore {
         self.cursor
     }
 
+    /// Number of study posts in the index (committed and pending).
+    pub fn study_post_count(&self) -> usize {
+        self.study_post_hashes.len()
+    }
+
+    /// Adds known study posts (seeding from a predecessor map or the cache); committed with the
+    /// next [`commit`](Self::commit).
+    pub fn seed_study_posts(
+        &mut self,
+        posts: impl IntoIterator<Item = (AtUri, Did)>,
+    ) -> Result<usize> {
+        let mut added = 0;
+        for (uri, author) in posts {
+            if self.study_post_hashes.insert(key_hash(uri.as_str())) {
+                added += 1;
+            }
+            self.pending.study_posts.insert(uri.into_string(), author);
+        }
+        Ok(added)
+    }
+
     pub fn study_user_count(&self) -> usize {
         self.study_users.len()
     }

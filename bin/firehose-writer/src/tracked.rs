@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use sync_core::ids::Did;
+use sync_core::ids::{AtUri, Did};
 
 /// Which table column holds the DIDs when the file is a CSV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,50 @@ fn load_csv(path: &Path, table: Table) -> Result<HashSet<Did>> {
         dids.insert(did);
     }
     Ok(dids)
+}
+
+/// Study posts already in the cache (`study_user_activity/create/post/*.json`, e.g. written by a
+/// previous installation or restored from a backup): `(uri, author_did)` of each readable file.
+pub fn study_posts_in_cache(cache_root: &Path) -> Vec<(AtUri, Did)> {
+    let dir = cache_root.join("study_user_activity/create/post");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let uri = AtUri::parse(v.get("uri")?.as_str()?).ok()?;
+            let author = Did::parse(v.get("author_did")?.as_str()?).ok()?;
+            Some((uri, author))
+        })
+        .collect()
+}
+
+/// The predecessor's `post_uri_to_study_user_did.json` map (`{"at://...": "did:...", ...}`).
+pub fn load_study_post_map(path: &Path) -> Result<Vec<(AtUri, Did)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| {
+            format!(
+                "{}: expected a JSON object {{post uri: study user DID}}",
+                path.display()
+            )
+        })?;
+    map.into_iter()
+        .map(|(uri, did)| {
+            let parsed = AtUri::parse(&uri)
+                .with_context(|| format!("{}: bad post URI {uri:?}", path.display()))?;
+            let did = did
+                .as_str()
+                .and_then(|d| Did::parse(d).ok())
+                .with_context(|| format!("{}: bad DID for {uri:?}", path.display()))?;
+            Ok((parsed, did))
+        })
+        .collect()
 }
 
 #[cfg(test)]

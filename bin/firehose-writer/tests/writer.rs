@@ -43,6 +43,7 @@ fn config(dir: &Path, source: Source, study: &[String], in_network: &[String]) -
         state: dir.join("state.sqlite"),
         study_users: dir.join("study.txt"),
         in_network: Some(dir.join("network.txt")),
+        study_posts: None,
         cursor: None,
         stall_timeout: Duration::from_secs(60),
         on_future_cursor: FutureCursorPolicy::Exit,
@@ -636,4 +637,39 @@ async fn quiet_upstream_reconnects_with_backoff_not_in_a_loop() {
     writer.stop().await.unwrap();
     // 1 s stall timeout over 6 s: a tight loop would connect hundreds of times.
     assert!((2..=6).contains(&connections), "connections: {connections}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn study_post_index_is_seeded_from_a_predecessor_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s1 = "did:plc:z72i7hdynmk6r22z27h6tvur";
+    let old_post = "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3k2aaaaaaaa2a";
+    let like = serde_json::json!({"$type": "app.bsky.feed.like", "createdAt": "2024-10-02T14:20:11.093Z",
+        "subject": {"uri": old_post, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}});
+    let frame = synth::commit_frame(
+        5,
+        "did:plc:q6gjnaw2blty4crticxkmujt",
+        "3l5jzzzzzzz2a",
+        "2024-10-02T14:20:11.100Z",
+        &[synth::OpSpec::create(
+            "app.bsky.feed.like",
+            "3l5jv2xq4tk2p",
+            like,
+        )],
+    );
+    let capture = tmp.path().join("capture.bin");
+    std::fs::write(&capture, synth::capture(&[frame])).unwrap();
+    std::fs::write(
+        tmp.path().join("map.json"),
+        serde_json::json!({old_post: s1}).to_string(),
+    )
+    .unwrap();
+    let mut cfg = config(tmp.path(), Source::Replay(capture), &[s1.to_owned()], &[]);
+    cfg.study_posts = Some(tmp.path().join("map.json"));
+    run_to_end(cfg.clone()).await;
+    let tree = cache_tree(&cfg.cache_dir);
+    assert_eq!(
+        tree.keys().collect::<Vec<_>>(),
+        ["study_user_activity/create/like_on_user_post/3k2aaaaaaaa2a/author_did=did:plc:q6gjnaw2blty4crticxkmujt_like_uri_suffix=3l5jv2xq4tk2p.json"]
+    );
 }

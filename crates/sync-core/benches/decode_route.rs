@@ -8,6 +8,7 @@
 //! - `decode only`: frame + CAR decoding, no routing;
 //! - `decode all records to JSON`: the naive approach (every record of every op converted to the
 //!   JSON data model, as Jetstream does), for comparison.
+//!
 //! Reports frames/s, MB/s and the process's peak RSS (VmHWM).
 
 use std::collections::HashSet;

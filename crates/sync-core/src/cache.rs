@@ -47,10 +47,11 @@ impl CacheError {
     }
 }
 
+/// A written temp file waiting for the barrier. The handle is closed at once (a burst of
+/// thousands of files must not exhaust descriptors); the fsync fallback reopens it.
 struct Pending {
     temp: PathBuf,
     target: PathBuf,
-    file: File,
 }
 
 /// Writes routed files under `root`. Not thread-safe by design: one writer owns the cache.
@@ -91,7 +92,8 @@ impl CacheWriter {
     pub fn resolve(&self, path: &CachePath) -> Result<PathBuf, CacheError> {
         let rel = Path::new(path.dir()).join(path.file_name());
         let plain = rel.components().all(|c| matches!(c, Component::Normal(_)));
-        if !plain || path.file_name().contains('/') || path.file_name().starts_with('.') {
+        let file = path.file_name();
+        if !plain || file.is_empty() || file.contains('/') || file.starts_with('.') {
             return Err(CacheError::Escapes(path.to_string()));
         }
         Ok(self.root.join(rel))
@@ -139,7 +141,8 @@ impl CacheWriter {
             let _ = fs::remove_file(&temp);
             return Err(CacheError::io("write", &temp, e));
         }
-        self.pending.push(Pending { temp, target, file });
+        drop(file);
+        self.pending.push(Pending { temp, target });
         Ok(())
     }
 
@@ -155,8 +158,8 @@ impl CacheWriter {
         // (BENCHMARKS.md).
         if !self.pending.is_empty() && self.syncfs().is_err() {
             for p in &self.pending {
-                p.file
-                    .sync_data()
+                File::open(&p.temp)
+                    .and_then(|f| f.sync_data())
                     .map_err(|e| CacheError::io("fsync", &p.temp, e))?;
             }
         }

@@ -20,15 +20,34 @@ pub struct CachePath {
     file: String,
 }
 
+/// Why a routed record cannot get a cache path (it is dropped and counted).
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
-#[error("cache path segment of {0} bytes exceeds {MAX_NAME_BYTES}")]
-pub struct NameTooLong(pub usize);
+pub enum NameTooLong {
+    #[error("cache path segment of {0} bytes exceeds {MAX_NAME_BYTES}")]
+    TooLong(usize),
+    /// A valid record key may start with `.`; as a folder it would be hidden from every reader.
+    #[error("cache path segment {0:?} would be a hidden name")]
+    Hidden(String),
+}
+
+impl NameTooLong {
+    /// Stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NameTooLong::TooLong(_) => "name_too_long",
+            NameTooLong::Hidden(_) => "hidden_name",
+        }
+    }
+}
 
 impl CachePath {
     fn new(dir: String, file: String) -> Result<Self, NameTooLong> {
         for segment in dir.split('/').chain(std::iter::once(file.as_str())) {
             if segment.len() > MAX_NAME_BYTES {
-                return Err(NameTooLong(segment.len()));
+                return Err(NameTooLong::TooLong(segment.len()));
+            }
+            if segment.starts_with('.') || segment.is_empty() {
+                return Err(NameTooLong::Hidden(segment.chars().take(64).collect()));
             }
         }
         Ok(CachePath { dir, file })

@@ -115,7 +115,7 @@ fn push_file(out: &mut Routing, index: usize, folder: &Folder, file: String, con
             folder: folder.label(),
             contents: contents.to_owned(),
         }),
-        Err(e) => drop_op(out, index, "name_too_long", e.to_string()),
+        Err(e) => drop_op(out, index, e.reason(), e.to_string()),
     }
 }
 
@@ -466,7 +466,7 @@ impl<'a> OpCtx<'_, 'a> {
                     },
                     contents: contents.clone(),
                 }),
-                Err(e) => drop_op(out, self.index, "name_too_long", e.to_string()),
+                Err(e) => drop_op(out, self.index, e.reason(), e.to_string()),
             }
         };
         if self.author_is_study {
@@ -572,7 +572,7 @@ fn push_event_file(
         }),
         Err(e) => out.dropped.push(Dropped {
             op_index: None,
-            reason: "name_too_long",
+            reason: e.reason(),
             detail: e.to_string(),
         }),
     }

@@ -139,13 +139,14 @@ fn file_names(did: &Did, other: &Did, rkey: &RecordKey) -> Vec<String> {
     v
 }
 
-/// `Folder::path` refuses exactly the paths with a segment over 255 bytes (`None`).
+/// `Folder::path` refuses exactly the paths with a segment over 255 bytes or a hidden (dot-first)
+/// segment (`None`).
 fn build(folder: &Folder, file: &str) -> Result<Option<CachePath>, TestCaseError> {
     let too_long = folder
         .dir()
         .split('/')
         .chain([file])
-        .any(|s| s.len() > MAX_NAME_BYTES);
+        .any(|s| s.len() > MAX_NAME_BYTES || s.starts_with('.'));
     match folder.path(file.to_owned()) {
         Ok(p) => {
             prop_assert!(!too_long, "{folder:?} accepted a segment over 255 bytes");
@@ -402,16 +403,22 @@ fn resolve_refuses_what_validated_identifiers_cannot_produce() {
     let refused = [
         Folder::StudyDelete("..").path("x.json".into()),
         Folder::StudyDelete("../../..").path("x.json".into()),
-        Folder::StudyPost.path("../x.json".into()),
-        Folder::StudyPost.path("..".into()),
-        Folder::StudyPost.path(".".into()),
         Folder::StudyPost.path("/etc/passwd".into()),
         Folder::StudyPost.path("a/b.json".into()),
-        Folder::StudyPost.path(".hidden.json".into()),
-        Folder::StudyPost.path(format!("{TEMP_PREFIX}1-1")),
     ];
+    // Dot-first names never even become a CachePath.
+    for name in [
+        "../x.json".to_owned(),
+        "..".into(),
+        ".".into(),
+        ".hidden.json".into(),
+        format!("{TEMP_PREFIX}1-1"),
+    ] {
+        assert!(Folder::StudyPost.path(name.clone()).is_err(), "{name}");
+    }
     for p in refused {
-        let p = p.unwrap();
+        // Refused when the path is built (dot-first or empty segment) or when it is resolved.
+        let Ok(p) = p else { continue };
         assert!(
             matches!(w.resolve(&p), Err(CacheError::Escapes(_))),
             "{p} resolved to {:?}",
@@ -424,7 +431,7 @@ fn resolve_refuses_what_validated_identifiers_cannot_produce() {
         Folder::StudyDelete("a/./b").path("x.json".into()),
         Folder::StudyDelete("a//b/").path("x.json".into()),
     ] {
-        let p = p.unwrap();
+        let Ok(p) = p else { continue };
         match w.resolve(&p) {
             Err(CacheError::Escapes(_)) => {}
             Ok(abs) => {
@@ -682,7 +689,10 @@ fn names_over_255_bytes_are_refused() {
     let over = "a".repeat(MAX_NAME_BYTES + 1);
     assert!(Folder::StudyPost.path(ok.clone()).is_ok());
     let err = Folder::StudyPost.path(over).unwrap_err();
-    assert_eq!(err.0, MAX_NAME_BYTES + 1);
+    assert_eq!(
+        err,
+        sync_core::paths::NameTooLong::TooLong(MAX_NAME_BYTES + 1)
+    );
     // Multi-byte characters count in bytes.
     assert!(Folder::StudyPost.path("é".repeat(128)).is_err());
     // Directory segments: a 255-byte rkey is fine as a folder, 256 is not.
@@ -692,9 +702,8 @@ fn names_over_255_bytes_are_refused() {
     assert_eq!(
         Folder::StudyLike(rkey_over.clone())
             .path("x.json".into())
-            .unwrap_err()
-            .0,
-        MAX_NAME_BYTES + 1
+            .unwrap_err(),
+        sync_core::paths::NameTooLong::TooLong(MAX_NAME_BYTES + 1)
     );
     // A long rkey in the file name pushes it over.
     assert!(Folder::StudyPost
@@ -707,4 +716,14 @@ fn names_over_255_bytes_are_refused() {
     w.write(&p, b"x").unwrap();
     w.sync().unwrap();
     assert!(w.resolve(&p).unwrap().is_file());
+}
+
+#[test]
+fn rkeys_starting_with_a_dot_never_become_hidden_folders() {
+    // Valid record keys, but as nesting folders they would be invisible to every reader.
+    for rkey in [".x", "...", ".hidden"] {
+        let rkey = RecordKey::parse(rkey).unwrap();
+        let err = Folder::StudyLike(rkey).path("f.json".into()).unwrap_err();
+        assert_eq!(err.reason(), "hidden_name");
+    }
 }

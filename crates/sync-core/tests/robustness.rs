@@ -9,7 +9,9 @@
 //! the right error. A proptest feeds arbitrary bytes and mutations of a valid commit frame.
 //!
 //! Fixture root: `$SYNC_FIXTURES`, else `<repo>/../shared/fixtures`; the fixture-driven tests
-//! skip (with a message) when it is absent, the synth-only ones always run.
+//! skip (with a message) when it is absent, the synth-only ones always run. Counts are sized for
+//! a debug build on two cores; `ROBUSTNESS_FULL=1` flips 2,000 positions of every large frame
+//! (~330k variants, a few minutes).
 
 use std::collections::{BTreeMap, HashSet};
 use std::panic::{self, AssertUnwindSafe};
@@ -472,9 +474,7 @@ fn layout(frame: &[u8]) -> Layout {
         }
     }
     if first != usize::MAX {
-        // The CAR starts with its header varint before the first section: find the blocks field
-        // start by searching the first section back to the byte string head; approximate with the
-        // region from the earliest boundary we know back to the header end of the CAR.
+        // The CAR header (varint length + `{roots, version}`) precedes the first section.
         let car_start = car_start(frame, first).unwrap_or(first);
         l.car = Some(car_start..last);
         l.boundaries.push(car_start);
@@ -552,8 +552,8 @@ fn truncated_fixture_frames_never_panic() {
                 &f.bytes[..cut],
                 &state,
             );
-            // A strict prefix of one CBOR item can never be a complete frame... except that a
-            // prefix ending exactly at the header leaves an empty body, which must be an error too.
+            // A strict prefix never decodes: the body is one definite-length CBOR item, so any
+            // prefix of it is incomplete (a prefix ending at the header leaves an empty body).
             if let Some(Outcome::Ok(_)) = outcome {
                 tally.violation(format!("{} truncated to {cut} bytes decoded", f.name));
             }

