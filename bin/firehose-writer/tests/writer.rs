@@ -131,10 +131,8 @@ fn expected_from_jetstream(
                             ));
                         }
                     }
-                    ("create", "repost") => {
-                        if is_study {
-                            files.insert(format!("{s}/create/repost/{name}"));
-                        }
+                    ("create", "repost") if is_study => {
+                        files.insert(format!("{s}/create/repost/{name}"));
                     }
                     ("create", "follow") => {
                         let subject = r["subject"].as_str().unwrap();
