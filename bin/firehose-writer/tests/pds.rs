@@ -117,7 +117,7 @@ impl Driver {
             .arg("driver.mjs")
             .current_dir(dir)
             // The PDS keeps its SQLite files and blobs under the OS temp dir: keep them in ours.
-            .env("TMPDIR", &tmp)
+            .env("TMPDIR", tmp)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
