@@ -22,6 +22,9 @@ pub enum Table {
 /// Reads a DID set from a text file (one DID per line, `#` comments, blank lines ignored) or a
 /// CSV file (by extension `.csv`).
 pub fn load_dids(path: &Path, table: Table) -> Result<HashSet<Did>> {
+    if path.is_dir() {
+        return load_parquet_dataset(path, table);
+    }
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -29,12 +32,92 @@ pub fn load_dids(path: &Path, table: Table) -> Result<HashSet<Did>> {
         .to_ascii_lowercase();
     match ext.as_str() {
         "csv" => load_csv(path, table),
-        "parquet" => bail!(
-            "{}: Parquet input is not supported yet; export the DID column to a text file (one DID per line) or CSV",
-            path.display()
-        ),
+        "parquet" => {
+            let mut dids = HashSet::new();
+            load_parquet(path, table, &mut dids)?;
+            Ok(dids)
+        }
         _ => load_text(path),
     }
+}
+
+/// A directory of Parquet files, e.g. the predecessor's `scraped_user_social_network/` dataset
+/// (`{cache,active}/partition_date=*/<hex>-0.parquet`): every `*.parquet` below it.
+fn load_parquet_dataset(dir: &Path, table: Table) -> Result<HashSet<Did>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+            {
+                files.push(path);
+            }
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: a directory without any .parquet file", dir.display());
+    }
+    files.sort();
+    let mut dids = HashSet::new();
+    for file in files {
+        load_parquet(&file, table, &mut dids)?;
+    }
+    Ok(dids)
+}
+
+fn load_parquet(path: &Path, table: Table, dids: &mut HashSet<Did>) -> Result<()> {
+    use polars::prelude::{ParquetReader, SerReader};
+    let (did_col, relation_col) = match table {
+        Table::StudyUsers => ("bluesky_user_did", None),
+        Table::SocialNetwork => ("follow_did", Some("relationship_to_study_user")),
+    };
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut reader = ParquetReader::new(file);
+    let schema = reader
+        .schema()
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let names: Vec<String> = schema.iter_names().map(|n| n.to_string()).collect();
+    let mut columns = vec![did_col.to_owned()];
+    columns.extend(relation_col.map(str::to_owned));
+    for c in &columns {
+        if !names.contains(c) {
+            bail!("{}: no `{c}` column (columns: {names:?})", path.display());
+        }
+    }
+    let df = reader
+        .with_columns(Some(columns))
+        .finish()
+        .with_context(|| format!("{}: reading Parquet", path.display()))?;
+    let text = |name: &str| {
+        df.column(name)
+            .and_then(|c| c.str().cloned())
+            .with_context(|| format!("{}: column `{name}` is not a string column", path.display()))
+    };
+    let values = text(did_col)?;
+    let relations = relation_col.map(text).transpose()?;
+    for (row, value) in values.iter().enumerate() {
+        if let Some(relations) = &relations {
+            if relations.get(row) != Some("follow") {
+                continue;
+            }
+        }
+        let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            if table == Table::SocialNetwork {
+                continue; // the predecessor skips null follow_did values
+            }
+            bail!("{}: row {}: empty `{did_col}`", path.display(), row + 1);
+        };
+        let did = Did::parse(value).with_context(|| {
+            format!("{}: row {}: not a DID: {value:?}", path.display(), row + 1)
+        })?;
+        dids.insert(did);
+    }
+    Ok(())
 }
 
 fn load_text(path: &Path) -> Result<HashSet<Did>> {
@@ -164,6 +247,72 @@ mod tests {
         let set = load_dids(&net, Table::SocialNetwork).unwrap();
         assert_eq!(set.len(), 1);
         assert!(set.contains(&Did::parse("did:plc:w4xbfzo7kqfes5zb7r6qv3rw").unwrap()));
+    }
+
+    #[test]
+    fn parquet_tables_and_datasets() {
+        use polars::prelude::*;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |path: &Path, mut df: DataFrame| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let file = std::fs::File::create(path).unwrap();
+            ParquetWriter::new(file).finish(&mut df).unwrap();
+        };
+        let participants = dir.path().join("participants.parquet");
+        write(
+            &participants,
+            df!(
+                "study_user_id" => ["a", "b"],
+                "bluesky_user_did" => ["did:plc:z72i7hdynmk6r22z27h6tvur", "did:plc:4llrhdclvdlmmynkwsmg5tdc"],
+                "is_study_user" => [true, false],
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            load_dids(&participants, Table::StudyUsers).unwrap().len(),
+            2
+        );
+        // The predecessor's hive-partitioned social network dataset.
+        let net = dir.path().join("scraped_user_social_network");
+        write(
+            &net.join("active/partition_date=2024-10-02/5bf17f8214a449c99df262060b5f3418-0.parquet"),
+            df!(
+                "follow_did" => [Some("did:plc:w4xbfzo7kqfes5zb7r6qv3rw"), Some("did:plc:z72i7hdynmk6r22z27h6tvur"), None],
+                "follower_did" => ["did:plc:z72i7hdynmk6r22z27h6tvur", "did:plc:q6gjnaw2blty4crticxkmujt", "did:plc:z72i7hdynmk6r22z27h6tvur"],
+                "relationship_to_study_user" => ["follow", "follower", "follow"],
+            )
+            .unwrap(),
+        );
+        write(
+            &net.join("cache/partition_date=2024-09-30/00000000000000000000000000000000-0.parquet"),
+            df!(
+                "follow_did" => ["did:plc:ragtjsm2j2vknwkz3zp4oxrd"],
+                "relationship_to_study_user" => ["follow"],
+            )
+            .unwrap(),
+        );
+        let set = load_dids(&net, Table::SocialNetwork).unwrap();
+        let expected: HashSet<Did> = [
+            "did:plc:w4xbfzo7kqfes5zb7r6qv3rw",
+            "did:plc:ragtjsm2j2vknwkz3zp4oxrd",
+        ]
+        .into_iter()
+        .map(|d| Did::parse(d).unwrap())
+        .collect();
+        assert_eq!(set, expected);
+        // A table without the column is a clear error.
+        let err = format!(
+            "{:#}",
+            load_dids(&participants, Table::SocialNetwork).unwrap_err()
+        );
+        assert!(err.contains("no `follow_did` column"), "{err}");
+        let bad = dir.path().join("bad.parquet");
+        write(
+            &bad,
+            df!("bluesky_user_did" => ["did:plc:z72i7hdynmk6r22z27h6tvur", "bob"]).unwrap(),
+        );
+        let err = format!("{:#}", load_dids(&bad, Table::StudyUsers).unwrap_err());
+        assert!(err.contains("row 2: not a DID: \"bob\""), "{err}");
     }
 
     #[test]
