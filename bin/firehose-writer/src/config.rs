@@ -37,14 +37,15 @@ pub struct Args {
     )]
     pub state: PathBuf,
 
-    /// Study users: a text file of DIDs (one per line, `#` comments) or a CSV with a
+    /// Study users: a text file of DIDs (one per line, `#` comments) or a CSV/Parquet table with a
     /// `bluesky_user_did` column.
     /// (Required to run the writer; not needed by `inspect`.)
     #[arg(long, env = "FIREHOSE_STUDY_USERS")]
     pub study_users: Option<PathBuf>,
 
-    /// In-network users: a text file of DIDs or the predecessor's social-network CSV
-    /// (`follow_did` where `relationship_to_study_user == "follow"`).
+    /// In-network users: a text file of DIDs or the predecessor's social-network table (CSV,
+    /// Parquet file or Parquet dataset directory; `follow_did` where
+    /// `relationship_to_study_user == "follow"`).
     #[arg(long, env = "FIREHOSE_IN_NETWORK")]
     pub in_network: Option<PathBuf>,
 
