@@ -1,7 +1,8 @@
 //! End-to-end writer benchmark: a long capture of unique events served by the test relay over a
 //! local WebSocket, consumed by the real `firehose-writer` process with the durability rules on.
 //!
-//! `bench-writer WRITER_BINARY [FRAMES] [WORKDIR]` (release builds of both; see BENCHMARKS.md).
+//! `bench-writer WRITER_BINARY [FRAMES] [WORKDIR] [IN_NETWORK]` (release builds; see BENCHMARKS.md).
+//! IN_NETWORK (default 1,000,000) sizes the in-network set, e.g. 0 to measure RSS without it.
 //! The relay capture is looped (seq, repo and rev rewritten, so no event repeats) to FRAMES
 //! frames (default 1,000,000). 1,000 study users and 1,000,000 in-network DIDs are loaded.
 //! Prints frames/s from the first to the last committed cursor and the writer's RSS.
@@ -64,6 +65,10 @@ async fn main() {
         .get(3)
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("bench-writer"));
+    let in_network_size: usize = args
+        .get(4)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let fixtures = workspace_tests::fixtures().expect("fixtures");
@@ -103,10 +108,10 @@ async fn main() {
                 .take(40)
                 .map(move |d| synth::looped_did(d, n))
         })
-        .take(1_000_000)
+        .take(in_network_size)
         .collect();
     let mut i = 0;
-    while in_network.len() < 1_000_000 {
+    while in_network.len() < in_network_size {
         in_network.push(fake_did(i));
         i += 1;
     }
