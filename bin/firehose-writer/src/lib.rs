@@ -30,8 +30,9 @@ pub use config::{Args, Config, Source};
 pub use metrics::Metrics;
 pub use processor::ProcessorSummary;
 
-/// Frames buffered between the socket and the processor: the only queue (backpressure).
-pub const CHANNEL_FRAMES: usize = 1024;
+/// Batches buffered between the socket and the processor: the only queue (backpressure). With
+/// batches of at most 64 frames or 512 KiB this bounds the buffer to about 8 MiB.
+pub const CHANNEL_BATCHES: usize = 16;
 
 /// Handles a running writer exposes to its caller (tests read metrics and the HTTP address).
 pub struct Handles {
@@ -118,7 +119,7 @@ pub async fn run(
     let handled_seq = Arc::new(AtomicI64::new(-1));
     let durable_cursor = Arc::new(AtomicI64::new(-1));
     let stopping = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let processor = processor::Processor::new(
         cache,
         state,

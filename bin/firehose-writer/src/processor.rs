@@ -27,7 +27,8 @@ use crate::state::StateStore;
 /// What the processor receives, in order.
 #[derive(Debug)]
 pub enum Input {
-    Frame(Bytes),
+    /// Frames in arrival order.
+    Frames(Vec<Bytes>),
     /// Time to check whether a commit is due (sent by a ticker while frames are scarce).
     Tick,
     /// New tracked sets (SIGHUP): study users, in-network users.
@@ -109,7 +110,11 @@ impl Processor {
     pub fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<ProcessorSummary> {
         while let Some(input) = rx.blocking_recv() {
             match input {
-                Input::Frame(bytes) => self.handle_frame(&bytes)?,
+                Input::Frames(frames) => {
+                    for frame in &frames {
+                        self.handle_frame(frame)?;
+                    }
+                }
                 Input::Tick => {}
                 Input::Reload(study, in_network) => {
                     info!(

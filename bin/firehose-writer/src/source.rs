@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use sync_core::frame::{decode_frame, is_error_frame, Event, MAX_FRAME_BYTES};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
@@ -25,6 +25,31 @@ const WS_MAX_MESSAGE: usize = 64 << 20;
 const PING_EVERY: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
+
+/// Most frames, and bytes, handed to the processor in one channel message.
+pub const BATCH_FRAMES: usize = 64;
+pub const BATCH_BYTES: usize = 512 * 1024;
+
+/// Frames received and not yet handed to the processor.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push(frame);
+    }
+    fn is_full(&self) -> bool {
+        self.frames.len() >= BATCH_FRAMES || self.bytes >= BATCH_BYTES
+    }
+    fn take(&mut self) -> Input {
+        self.bytes = 0;
+        Input::Frames(std::mem::take(&mut self.frames))
+    }
+}
 
 /// Exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)].
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
@@ -136,73 +161,93 @@ impl RelaySource {
                 matches!(how, Reconnect::Live) && self.handled_seq.load(Ordering::Relaxed) >= 0;
             let mut ping = tokio::time::interval(PING_EVERY);
             ping.tick().await;
+            // Frames already received are handed over in batches: one channel operation (and at
+            // most one processor wake-up) per batch instead of per frame.
+            let mut batch = Batch::default();
             let outcome: Result<Option<Reconnect>> = loop {
-                tokio::select! {
-                    _ = shutdown.changed() => {
-                        let _ = ws.close(None).await;
-                        break Ok(None);
-                    }
-                    _ = ping.tick() => {
-                        if let Err(e) = ws.send(Message::Ping(Bytes::new())).await {
-                            warn!(error = %e, "ping failed");
-                            break Ok(Some(Reconnect::Handled));
+                let ready = if batch.is_full() || batch.frames.is_empty() {
+                    None
+                } else {
+                    ws.next().now_or_never()
+                };
+                let next = match ready {
+                    Some(next) => next,
+                    None => {
+                        if !batch.frames.is_empty() && tx.send(batch.take()).await.is_err() {
+                            break Ok(None);
+                        }
+                        tokio::select! {
+                            _ = shutdown.changed() => {
+                                let _ = ws.close(None).await;
+                                break Ok(None);
+                            }
+                            _ = ping.tick() => {
+                                if let Err(e) = ws.send(Message::Ping(Bytes::new())).await {
+                                    warn!(error = %e, "ping failed");
+                                    break Ok(Some(Reconnect::Handled));
+                                }
+                                continue;
+                            }
+                            next = tokio::time::timeout(self.stall_timeout, ws.next()) => match next {
+                                Ok(next) => next,
+                                Err(_) => {
+                                    self.metrics.stalls.fetch_add(1, Ordering::Relaxed);
+                                    warn!(stall_timeout_s = self.stall_timeout.as_secs(), "no event within the stall timeout; reconnecting");
+                                    break Ok(Some(Reconnect::Handled));
+                                }
+                            },
                         }
                     }
-                    next = tokio::time::timeout(self.stall_timeout, ws.next()) => {
-                        let message = match next {
-                            Err(_) => {
-                                self.metrics.stalls.fetch_add(1, Ordering::Relaxed);
-                                warn!(stall_timeout_s = self.stall_timeout.as_secs(), "no event within the stall timeout; reconnecting");
-                                break Ok(Some(Reconnect::Handled));
-                            }
-                            Ok(None) => {
-                                warn!("relay closed the connection");
-                                break Ok(Some(Reconnect::Handled));
-                            }
-                            Ok(Some(Err(e))) => {
-                                warn!(error = %e, "websocket error");
-                                if e.to_string().contains("Space limit exceeded") {
-                                    self.metrics.dropped("frame_too_large");
-                                }
-                                break Ok(Some(Reconnect::Handled));
-                            }
-                            Ok(Some(Ok(m))) => m,
-                        };
-                        match message {
-                            Message::Binary(bytes) => {
-                                if bytes.len() > MAX_FRAME_BYTES {
-                                    self.metrics.frames.fetch_add(1, Ordering::Relaxed);
-                                    self.metrics.dropped("frame_too_large");
-                                    warn!(bytes = bytes.len(), "dropping oversized message");
-                                    continue;
-                                }
-                                if is_error_frame(&bytes) {
-                                    match self.handle_error_frame(&bytes, cursor) {
-                                        Ok(next) => break Ok(Some(next)),
-                                        Err(e) => break Err(e),
-                                    }
-                                }
-                                if reset_seq {
-                                    reset_seq = false;
-                                    if tx.send(Input::ResetSeq).await.is_err() {
-                                        break Ok(None);
-                                    }
-                                }
-                                if tx.send(Input::Frame(bytes)).await.is_err() {
-                                    break Ok(None);
-                                }
-                                attempt = 0;
-                            }
-                            Message::Text(_) => self.metrics.dropped("text_message"),
-                            Message::Close(frame) => {
-                                info!(?frame, "relay sent close");
-                                break Ok(Some(Reconnect::Handled));
-                            }
-                            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                        }
+                };
+                let message = match next {
+                    None => {
+                        warn!("relay closed the connection");
+                        break Ok(Some(Reconnect::Handled));
                     }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "websocket error");
+                        if e.to_string().contains("Space limit exceeded") {
+                            self.metrics.dropped("frame_too_large");
+                        }
+                        break Ok(Some(Reconnect::Handled));
+                    }
+                    Some(Ok(m)) => m,
+                };
+                match message {
+                    Message::Binary(bytes) => {
+                        if bytes.len() > MAX_FRAME_BYTES {
+                            self.metrics.frames.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.dropped("frame_too_large");
+                            warn!(bytes = bytes.len(), "dropping oversized message");
+                            continue;
+                        }
+                        if is_error_frame(&bytes) {
+                            match self.handle_error_frame(&bytes, cursor) {
+                                Ok(next) => break Ok(Some(next)),
+                                Err(e) => break Err(e),
+                            }
+                        }
+                        if reset_seq {
+                            reset_seq = false;
+                            if tx.send(Input::ResetSeq).await.is_err() {
+                                break Ok(None);
+                            }
+                        }
+                        batch.push(bytes);
+                        attempt = 0;
+                    }
+                    Message::Text(_) => self.metrics.dropped("text_message"),
+                    Message::Close(frame) => {
+                        info!(?frame, "relay sent close");
+                        break Ok(Some(Reconnect::Handled));
+                    }
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 }
             };
+            // Whatever arrived before the connection ended is still handled, in order.
+            if !batch.frames.is_empty() {
+                let _ = tx.send(batch.take()).await;
+            }
             self.metrics.connected.store(false, Ordering::Relaxed);
             match outcome? {
                 None => return Ok(()),
@@ -259,16 +304,20 @@ pub async fn replay(
         .with_context(|| format!("opening replay file {}", path.display()))?;
     let mut reader = tokio::io::BufReader::with_capacity(1 << 20, file);
     let mut offset: u64 = 0;
-    loop {
+    let mut batch = Batch::default();
+    let result: Result<()> = loop {
+        if batch.is_full() && tx.send(batch.take()).await.is_err() {
+            return Ok(());
+        }
         if *shutdown.borrow_and_update() {
             info!(offset, "shutdown requested; replay stops here");
-            return Ok(());
+            break Ok(());
         }
         let mut len_bytes = [0u8; 4];
         match reader.read_exact(&mut len_bytes).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e).with_context(|| format!("reading {}", path.display())),
         }
         let len = u32::from_le_bytes(len_bytes) as usize;
         if len > WS_MAX_MESSAGE {
@@ -276,12 +325,11 @@ pub async fn replay(
             metrics.frames.fetch_add(1, Ordering::Relaxed);
             metrics.dropped("frame_too_large");
             warn!(offset, len, "skipping oversized capture record");
-            let skipped =
-                tokio::io::copy(&mut (&mut reader).take(len as u64), &mut tokio::io::sink())
-                    .await?;
+            let mut limited = (&mut reader).take(len as u64);
+            let skipped = tokio::io::copy(&mut limited, &mut tokio::io::sink()).await?;
             if skipped < len as u64 {
                 metrics.dropped("truncated_capture");
-                return Ok(());
+                break Ok(());
             }
             offset += 4 + len as u64;
             continue;
@@ -294,13 +342,15 @@ pub async fn replay(
                     offset,
                     "capture ends inside a frame; ignoring the partial frame"
                 );
-                return Ok(());
+                break Ok(());
             }
-            return Err(e).with_context(|| format!("reading {}", path.display()));
+            break Err(e).with_context(|| format!("reading {}", path.display()));
         }
         offset += 4 + len as u64;
-        if tx.send(Input::Frame(Bytes::from(frame))).await.is_err() {
-            return Ok(());
-        }
+        batch.push(Bytes::from(frame));
+    };
+    if !batch.frames.is_empty() {
+        let _ = tx.send(batch.take()).await;
     }
+    result
 }
