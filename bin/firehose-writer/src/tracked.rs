@@ -70,6 +70,15 @@ fn load_parquet_dataset(dir: &Path, table: Table) -> Result<HashSet<Did>> {
     Ok(dids)
 }
 
+#[cfg(not(feature = "parquet"))]
+fn load_parquet(path: &Path, _table: Table, _dids: &mut HashSet<Did>) -> Result<()> {
+    bail!(
+        "{}: this build has no Parquet support (built without the `parquet` feature); use a text or CSV file",
+        path.display()
+    )
+}
+
+#[cfg(feature = "parquet")]
 fn load_parquet(path: &Path, table: Table, dids: &mut HashSet<Did>) -> Result<()> {
     use polars::prelude::{ParquetReader, SerReader};
     let (did_col, relation_col) = match table {
@@ -249,6 +258,7 @@ mod tests {
         assert!(set.contains(&Did::parse("did:plc:w4xbfzo7kqfes5zb7r6qv3rw").unwrap()));
     }
 
+    #[cfg(feature = "parquet")]
     #[test]
     fn parquet_tables_and_datasets() {
         use polars::prelude::*;
