@@ -65,7 +65,7 @@ pub struct Args {
 
     /// Cache files per batch: each batch is one Parquet file per table and one journal commit
     /// (bounds memory).
-    #[arg(long, env = "BATCH_EXPORT_BATCH_FILES", default_value_t = 100_000)]
+    #[arg(long, env = "BATCH_EXPORT_BATCH_FILES", default_value_t = 50_000)]
     pub batch_files: usize,
 
     /// How long the keys of exported files are remembered, so that a file the writer rewrites

@@ -50,7 +50,12 @@ struct Run<'a> {
     seen_rows: HashSet<u128>,
     unrecognised_dirs: HashSet<Arc<str>>,
     progress: indicatif::ProgressBar,
+    /// Set once the progress bar is visible (or when it never should be).
+    progress_shown: std::sync::atomic::AtomicBool,
 }
+
+/// Files after which a run counts as large enough for a progress bar.
+const LARGE_RUN_FILES: u64 = 20_000;
 
 pub fn run(config: &Config) -> Result<RunOutcome> {
     let started = Instant::now();
@@ -102,19 +107,15 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
             config.state_dir.join("staging"),
         )?)
     };
-    let progress = if config.progress {
-        let p = indicatif::ProgressBar::new_spinner();
-        p.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} {elapsed} {pos} files read ({per_sec}) {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        p.enable_steady_tick(std::time::Duration::from_millis(200));
-        p
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    // A spinner on stderr, drawn only when stdout is a terminal and the run turns out large.
+    let progress =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed} {pos} files read ({per_sec}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
     let mut run = Run {
         config,
         state,
@@ -123,6 +124,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         seen_rows: HashSet::new(),
         unrecognised_dirs: HashSet::new(),
         progress,
+        progress_shown: std::sync::atomic::AtomicBool::new(!config.progress),
     };
     let result = run.go();
     run.progress.finish_and_clear();
@@ -193,17 +195,27 @@ impl Run<'_> {
         let root = &self.config.cache_dir;
         let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
         let progress = &self.progress;
+        let shown = &self.progress_shown;
         // Phase 1 (parallel): read, key, parse.
+        let t_read = Instant::now();
         let items: Vec<(FileRef, Item)> = files
             .into_par_iter()
             .map(|f| {
                 let item = read_one(root, &f, &export_ts);
                 progress.inc(1);
+                if progress.position() >= LARGE_RUN_FILES
+                    && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+                }
                 (f, item)
             })
             .collect();
 
+        let read_s = t_read.elapsed().as_secs_f64();
         // Phase 2: which files were exported before (replays), duplicates, rows.
+        let t_lookup = Instant::now();
         let goods: Vec<FileKey> = items
             .iter()
             .filter_map(|(_, i)| match i {
@@ -268,7 +280,9 @@ impl Run<'_> {
             return Ok(());
         }
 
+        let lookup_s = t_lookup.elapsed().as_secs_f64();
         // Phase 3: plan (journal), write and publish, commit.
+        let t_write = Instant::now();
         let now = crate::now_secs();
         let partition = &export_ts[..10];
         let state = self.state.as_mut().expect("state outside dry runs");
@@ -299,11 +313,18 @@ impl Run<'_> {
                     "batch {batch_id} not exported; the cache is untouched"
                 )));
             }
+            let write_s = t_write.elapsed().as_secs_f64();
+            let t_commit = Instant::now();
             state.commit(batch_id, now, &batch_keys, row_count)?;
+            let commit_s = t_commit.elapsed().as_secs_f64();
             tracing::info!(
                 batch = batch_id,
                 files = batch_keys.len(),
                 rows = row_count,
+                read_s,
+                lookup_s,
+                write_s,
+                commit_s,
                 "batch committed"
             );
         }

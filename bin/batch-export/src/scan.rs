@@ -155,10 +155,28 @@ pub fn read_file(root: &Path, f: &FileRef, strip_synctimestamp: bool) -> Read1 {
         Ok(m) => m,
         Err(e) => return Read1::Unreadable(format!("stat: {e}")),
     };
-    let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
-    if let Err(e) = file.read_to_end(&mut bytes) {
-        return Read1::Unreadable(format!("read: {e}"));
+    // One read() for the usual case (the file is not growing: the writer renames whole files).
+    let len = meta.len() as usize;
+    let mut bytes = vec![0u8; len + 1];
+    let mut filled = 0;
+    loop {
+        match file.read(&mut bytes[filled..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                filled += n;
+                if filled < bytes.len() {
+                    if filled == len {
+                        break;
+                    }
+                    continue;
+                }
+                bytes.resize(bytes.len() * 2, 0);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Read1::Unreadable(format!("read: {e}")),
+        }
     }
+    bytes.truncate(filled);
     let key = file_key(&rel, &bytes, strip_synctimestamp);
     Read1::Ok {
         id: FileId {

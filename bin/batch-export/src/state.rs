@@ -152,7 +152,9 @@ impl State {
             let mut stmt = tx.prepare(
                 "INSERT OR REPLACE INTO exported (key, batch_id, at) VALUES (?1, ?2, ?3)",
             )?;
-            for k in keys {
+            let mut sorted: Vec<&FileKey> = keys.iter().collect();
+            sorted.sort_unstable();
+            for k in sorted {
                 stmt.execute(params![&k[..], batch_id, now])?;
             }
         }
@@ -170,14 +172,29 @@ impl State {
         self.commit(id, now, keys, 0)
     }
 
-    /// Which of `keys` were exported before (index into `keys`).
+    /// Which of `keys` were exported before (same order as `keys`). Asked in sorted chunks of
+    /// `key IN (...)`, which keeps the B-tree walk local and the per-statement cost low.
     pub fn exported_mask(&self, keys: &[FileKey]) -> Result<Vec<bool>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM exported WHERE key = ?1")?;
-        keys.iter()
-            .map(|k| Ok(stmt.query_row([&k[..]], |_| Ok(())).optional()?.is_some()))
-            .collect()
+        const CHUNK: usize = 500;
+        let mut sorted: Vec<&FileKey> = keys.iter().collect();
+        sorted.sort_unstable();
+        let mut found: std::collections::HashSet<FileKey> = std::collections::HashSet::new();
+        for chunk in sorted.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT key FROM exported WHERE key IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut stmt = self.conn.prepare_cached(&sql)?;
+            let params = rusqlite::params_from_iter(chunk.iter().map(|k| &k[..]));
+            let mut rows = stmt.query(params)?;
+            while let Some(row) = rows.next()? {
+                let key: Vec<u8> = row.get(0)?;
+                if let Ok(k) = FileKey::try_from(key.as_slice()) {
+                    found.insert(k);
+                }
+            }
+        }
+        Ok(keys.iter().map(|k| found.contains(k)).collect())
     }
 
     /// Forgets exported keys older than the retention (at most once an hour).
