@@ -130,10 +130,13 @@ fn load_parquet(path: &Path, table: Table, dids: &mut HashSet<Did>) -> Result<()
 }
 
 fn load_text(path: &Path) -> Result<HashSet<Did>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    use std::io::BufRead;
+    // Streamed line by line: a million-DID file never sits in memory next to the set.
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut dids = HashSet::new();
-    for (number, line) in text.lines().enumerate() {
+    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line =
+            line.with_context(|| format!("{}:{}: unreadable line", path.display(), number + 1))?;
         let line = line.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
             continue;

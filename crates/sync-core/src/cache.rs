@@ -17,7 +17,7 @@ use crate::paths::CachePath;
 pub const TEMP_PREFIX: &str = ".tmp-";
 
 /// Known-existing directories are remembered to skip `create_dir_all`; the memo is bounded.
-const MAX_KNOWN_DIRS: usize = 100_000;
+const MAX_KNOWN_DIRS: usize = 4096;
 
 #[derive(thiserror::Error, Debug)]
 pub enum CacheError {
