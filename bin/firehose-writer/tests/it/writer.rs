@@ -671,3 +671,169 @@ async fn study_post_index_is_seeded_from_a_predecessor_map() {
         ["study_user_activity/create/like_on_user_post/3k2aaaaaaaa2a/author_did=did:plc:q6gjnaw2blty4crticxkmujt_like_uri_suffix=3l5jv2xq4tk2p.json"]
     );
 }
+
+/// indigo's relay scenarios mark which messages a relay must drop (stale rev, replayed seq).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_scenarios_drop_exactly_the_flagged_messages() {
+    let Some(dir) = fixtures() else { return };
+    for (name, expected_files) in [
+        (
+            "rev_ordering.json",
+            vec![
+                "study_user_activity/create/like/3llz56wmk522o/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3lmxjza3h2i27.json",
+                "study_user_activity/delete/like/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3lmxjza3h2i27.json",
+            ],
+        ),
+        (
+            "seq_ordering.json",
+            vec![
+                "study_user_activity/account/did=did:plc:44ybard66vv44zksje25o7dz_identity_seq=1000.json",
+                "study_user_activity/create/like/3llmlwt3tl22o/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3llpyftcvih2r.json",
+            ],
+        ),
+    ] {
+        let scenario: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("indigo-commits/relay-scenarios").join(name)).unwrap(),
+        )
+        .unwrap();
+        let messages = scenario["messages"].as_array().unwrap();
+        let frames: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|m| {
+                let mut frame = sync_core::cbor::encode_ipld(&sync_core::cbor::json_to_ipld(&m["frame"]["header"]).unwrap()).unwrap();
+                frame.extend(sync_core::cbor::encode_ipld(&sync_core::cbor::json_to_ipld(&m["frame"]["body"]).unwrap()).unwrap());
+                frame
+            })
+            .collect();
+        let flagged = messages.iter().filter(|m| m["drop"] == true).count() as u64;
+        let tmp = tempfile::tempdir().unwrap();
+        let capture = tmp.path().join("capture.bin");
+        std::fs::write(&capture, synth::capture(&frames)).unwrap();
+        let cfg = config(tmp.path(), Source::Replay(capture), &["did:plc:44ybard66vv44zksje25o7dz".to_owned()], &[]);
+        let slot = Arc::new(Mutex::new(None));
+        let metrics_slot = slot.clone();
+        firehose_writer::run(cfg.clone(), std::future::pending(), None, move |h| {
+            *metrics_slot.lock().unwrap() = Some(h.metrics)
+        })
+        .await
+        .unwrap();
+        let metrics: Arc<Metrics> = slot.lock().unwrap().clone().unwrap();
+        // Stale revs are duplicates, replayed seqs are skipped; rev_ordering's "3lmxjza3nva00" is
+        // not even a valid TID (0 is outside base32-sortable) and is dropped as a bad frame.
+        let dropped = metrics.duplicates.load(Ordering::Relaxed)
+            + metrics.skipped_seq.load(Ordering::Relaxed)
+            + metrics.drops().values().sum::<u64>();
+        assert_eq!(dropped, flagged, "{name}: dropped messages");
+        let tree = cache_tree(&cfg.cache_dir);
+        let mut expected_files = expected_files;
+        expected_files.sort();
+        assert_eq!(tree.keys().map(String::as_str).collect::<Vec<_>>(), expected_files, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_are_served_over_http() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(0);
+    cfg.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    let addr = Arc::new(Mutex::new(None));
+    let slot = addr.clone();
+    let metrics = Arc::new(Mutex::new(None));
+    let mslot = metrics.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(firehose_writer::run(
+        cfg,
+        async move {
+            let _ = stopped.await;
+        },
+        None,
+        move |h| {
+            *slot.lock().unwrap() = h.metrics_addr;
+            *mslot.lock().unwrap() = Some(h.metrics);
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics.lock().unwrap().clone();
+        if m.is_some_and(|m| m.cursor.load(Ordering::Relaxed) >= data.last_seq) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = addr.lock().unwrap().unwrap();
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let health = get("/health").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let body: Value = serde_json::from_str(health.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["connected"], true);
+    assert_eq!(body["cursor"], data.last_seq);
+    assert!(body["lag_seconds"].as_f64().is_some());
+    assert_eq!(body["last_error"], Value::Null);
+    let metrics_text = get("/metrics").await;
+    for needle in [
+        "firehose_frames_total 150",
+        "firehose_events_total{kind=\"commit\"} 148",
+        "firehose_routed_files_total{folder=\"study/create/post\"}",
+        &format!("firehose_cursor {}", data.last_seq),
+        "firehose_connected 1",
+    ] {
+        assert!(
+            metrics_text.contains(needle),
+            "missing {needle:?} in\n{metrics_text}"
+        );
+    }
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_connects_use_the_installed_crypto_provider_without_panicking() {
+    // A TCP listener that accepts and hangs up: the TLS client config is built and the handshake
+    // fails; with two rustls backends compiled in and no provider installed this would panic.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            drop(s);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Relay(format!(
+            "wss://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"
+        )),
+        &["did:plc:z72i7hdynmk6r22z27h6tvur".to_owned()],
+        &[],
+    );
+    cfg.max_backoff = Duration::from_millis(200);
+    let writer = start_writer(cfg);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = writer.metrics();
+    assert!(metrics.reconnects.load(Ordering::Relaxed) >= 1);
+    assert!(
+        metrics.last_error().is_some_and(|e| e.contains("wss://")),
+        "{:?}",
+        metrics.last_error()
+    );
+    writer.stop().await.expect("clean stop, no panic");
+}
