@@ -1,32 +1,13 @@
 //! Decoder conformance against fixtures we did not write: the relay capture with its production
 //! Jetstream output, the atproto data-model vectors and indigo's edge-case commits.
 
-use std::path::PathBuf;
 
 use serde_json::Value;
 use sync_core::cbor;
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::jetstream::{event_lines, JETSTREAM_KINDS};
 
-fn fixtures() -> Option<PathBuf> {
-    let dir = std::env::var_os("SYNC_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/fixtures"
-            ))
-        });
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: fixtures not found at {} (set SYNC_FIXTURES)",
-            dir.display()
-        );
-        None
-    }
-}
+use crate::fixtures;
 
 fn b64(s: &str) -> Vec<u8> {
     use base64::Engine as _;

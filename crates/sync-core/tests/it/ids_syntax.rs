@@ -5,22 +5,14 @@
 //! Fixture root: `$SYNC_FIXTURES`, else `<repo>/../shared/fixtures`. Skips if absent.
 
 use std::fmt::{Debug, Display};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sync_core::ids::*;
 
-fn fixtures_root() -> PathBuf {
-    match std::env::var_os("SYNC_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/fixtures"
-        )),
-    }
-}
+use crate::fixtures_root;
 
 /// Data lines of a fixture file: not blank, not starting with `#`. Nothing is trimmed (leading and
 /// trailing whitespace is significant in the invalid files). Yields (1-based line number, line).

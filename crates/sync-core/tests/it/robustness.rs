@@ -66,25 +66,7 @@ const MIN_FLIP_POSITIONS: usize = 200;
 // Fixtures and corpus
 // ---------------------------------------------------------------------------------------------
 
-fn fixtures() -> Option<PathBuf> {
-    let dir = std::env::var_os("SYNC_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/fixtures"
-            ))
-        });
-    if dir.join("relay-capture/frames.bin").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: fixtures not found at {} (set SYNC_FIXTURES)",
-            dir.display()
-        );
-        None
-    }
-}
+use crate::fixtures;
 
 struct Named {
     name: String,
