@@ -9,6 +9,7 @@
 //! `${SYNC_CACHE:-$HOME/.cache/firehose-sync}/pds`). Without them the test fails and says so;
 //! `SYNC_SKIP_PDS=1` skips it instead.
 
+use crate::support::stored_cursor;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -164,21 +165,6 @@ impl Driver {
             }
         }
     }
-}
-
-/// The committed cursor, read from the state database as an operator would.
-fn stored_cursor(state: &Path) -> Option<i64> {
-    if !state.exists() {
-        return None;
-    }
-    let conn =
-        rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .ok()?;
-    conn.query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| {
-        r.get::<_, String>(0)
-    })
-    .ok()
-    .and_then(|v| v.parse().ok())
 }
 
 fn wait_cursor(writer: &mut Proc, state: &Path, seq: i64, timeout: Duration) {

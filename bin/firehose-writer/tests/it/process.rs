@@ -1,5 +1,6 @@
 //! The writer as a process: SIGKILL crash safety, SIGTERM drain, SIGHUP reload, start-up errors.
 
+use crate::support::stored_cursor;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -14,33 +15,17 @@ use workspace_tests::relay::{Fault, TestRelay};
 const BIN: &str = env!("CARGO_BIN_EXE_firehose-writer");
 
 fn cache_tree(root: &Path) -> BTreeMap<String, Value> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .to_string();
-            let text = std::fs::read_to_string(&path).unwrap();
+    crate::support::cache_files(root)
+        .into_iter()
+        .map(|(rel, text)| {
             let mut json: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("{rel} is partial or corrupt: {e}"));
             if let Some(o) = json.as_object_mut() {
                 o.remove("synctimestamp");
             }
-            out.insert(rel, json);
-        }
-    }
-    out
+            (rel, json)
+        })
+        .collect()
 }
 
 struct Data {
@@ -116,22 +101,6 @@ fn writer(dir: &Path, source: &[&str], extra: &[&str]) -> Child {
         .expect("start firehose-writer")
 }
 
-/// The committed cursor, read from the state database as an operator would.
-fn stored_cursor(dir: &Path) -> Option<i64> {
-    let path = dir.join("state.sqlite");
-    if !path.exists() {
-        return None;
-    }
-    let conn =
-        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .ok()?;
-    conn.query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| {
-        r.get::<_, String>(0)
-    })
-    .ok()
-    .and_then(|v| v.parse().ok())
-}
-
 fn signal(child: &Child, sig: i32) {
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe {
@@ -158,7 +127,10 @@ fn reference(d: &Data) -> BTreeMap<String, Value> {
     let mut child = writer(tmp.path(), &["--replay", capture.to_str().unwrap()], &[]);
     let status = wait_exit(&mut child, Duration::from_secs(120));
     assert!(status.success(), "reference replay failed");
-    assert_eq!(stored_cursor(tmp.path()), Some(d.last_seq));
+    assert_eq!(
+        stored_cursor(&tmp.path().join("state.sqlite")),
+        Some(d.last_seq)
+    );
     cache_tree(&tmp.path().join("cache"))
 }
 
@@ -178,7 +150,7 @@ fn sigkill_at_random_points_loses_and_corrupts_nothing() {
     let mut kills = 0;
     let mut cursors = Vec::new();
     while kills < 24 {
-        let cursor_flag = if stored_cursor(tmp.path()).is_none() {
+        let cursor_flag = if stored_cursor(&tmp.path().join("state.sqlite")).is_none() {
             vec!["--cursor", "0"]
         } else {
             vec![]
@@ -191,7 +163,7 @@ fn sigkill_at_random_points_loses_and_corrupts_nothing() {
         signal(&child, libc::SIGKILL);
         child.wait().unwrap();
         kills += 1;
-        cursors.push(stored_cursor(tmp.path()));
+        cursors.push(stored_cursor(&tmp.path().join("state.sqlite")));
     }
     assert!(
         cursors.windows(2).all(|w| w[0] <= w[1]),
@@ -205,7 +177,7 @@ fn sigkill_at_random_points_loses_and_corrupts_nothing() {
     relay.set_fault(Fault::None);
     let mut child = writer(tmp.path(), &["--relay", &url], &[]);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while stored_cursor(tmp.path()) != Some(d.last_seq) {
+    while stored_cursor(&tmp.path().join("state.sqlite")) != Some(d.last_seq) {
         assert!(Instant::now() < deadline, "final run did not reach the end");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -241,7 +213,7 @@ fn sigterm_drains_and_commits_then_exits_zero() {
     write_sets(tmp.path(), &d);
     let mut child = writer(tmp.path(), &["--relay", &relay.url()], &["--cursor", "0"]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while stored_cursor(tmp.path()) != Some(d.last_seq) {
+    while stored_cursor(&tmp.path().join("state.sqlite")) != Some(d.last_seq) {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -267,7 +239,7 @@ fn sighup_reloads_the_study_users_without_dropping_events() {
     let mut child = writer(tmp.path(), &["--relay", &relay.url()], &["--cursor", "0"]);
     let wait_cursor = |seq: i64| {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while stored_cursor(tmp.path()).unwrap_or(-1) < seq {
+        while stored_cursor(&tmp.path().join("state.sqlite")).unwrap_or(-1) < seq {
             assert!(Instant::now() < deadline, "cursor did not reach {seq}");
             std::thread::sleep(Duration::from_millis(20));
         }

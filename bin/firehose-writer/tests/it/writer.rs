@@ -10,28 +10,7 @@ use workspace_tests::fixtures;
 
 /// Every file under `root` (relative path -> contents), temp files excluded.
 fn cache_tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let entry = entry.unwrap();
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_string_lossy()
-                    .to_string();
-                out.insert(rel, std::fs::read_to_string(&path).unwrap());
-            }
-        }
-    }
-    out
+    crate::support::cache_files(root)
 }
 
 fn config(dir: &Path, source: Source, study: &[String], in_network: &[String]) -> Config {
