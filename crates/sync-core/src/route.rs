@@ -215,8 +215,7 @@ impl<'a> OpCtx<'_, 'a> {
     fn route_create(&self, overlay: &mut Overlay<'_>, out: &mut Routing) -> OpResult {
         match self.kind {
             RecordKind::Post => self.route_post(overlay, out),
-            RecordKind::Like => self.route_like(overlay, out),
-            RecordKind::Repost => self.route_repost(overlay, out),
+            RecordKind::Like | RecordKind::Repost => self.route_reaction(overlay, out),
             RecordKind::Follow => self.route_follow(overlay.state, out),
             RecordKind::Block | RecordKind::Profile => {
                 if !self.author_is_study {
@@ -325,81 +324,51 @@ impl<'a> OpCtx<'_, 'a> {
         overlay.state.is_in_network(&self.commit.repo)
     }
 
-    fn route_like(&self, overlay: &Overlay<'_>, out: &mut Routing) -> OpResult {
+    /// Likes and reposts: the study author's own folder, and the reaction folder of the study
+    /// post the subject points at.
+    fn route_reaction(&self, overlay: &Overlay<'_>, out: &mut Routing) -> OpResult {
         let block = self.block()?;
         let view: SubjectRefView<'_> = self.view(block)?;
         self.check_type(view.type_)?;
         let Some(subject) = view.subject_uri() else {
-            return Err(("bad_subject", "like without subject.uri".into()));
+            return Err((
+                "bad_subject",
+                format!("{} without subject.uri", self.kind.name()),
+            ));
         };
         let on_study_post = overlay.study_post_author(subject).is_some();
         if !self.author_is_study && !on_study_post {
             return Ok(());
         }
-        let rkey = post_rkey(subject).ok_or(("bad_subject", subject.to_owned()))?;
+        let subject_rkey = || post_rkey(subject).ok_or(("bad_subject", subject.to_owned()));
         let uri = self.uri();
         let record = self.record_json(block)?;
-        let contents = transform::like_cache_json(
-            uri.as_str(),
-            &self.cid(),
-            self.commit.repo.as_str(),
-            &record,
-        )
-        .map_err(|e| ("transform", e.to_string()))?;
-        let file = paths::record_file(&self.commit.repo, "like", &self.op.rkey);
+        let author = self.commit.repo.as_str();
+        let contents = if self.kind == RecordKind::Like {
+            transform::like_cache_json(uri.as_str(), &self.cid(), author, &record)
+                .map_err(|e| ("transform", e.to_string()))?
+        } else {
+            transform::generic_record_cache_json(
+                uri.as_str(),
+                &self.cid(),
+                author,
+                self.kind.nsid(),
+                &record,
+            )
+        };
+        let file = paths::record_file(&self.commit.repo, self.kind.name(), &self.op.rkey);
         if self.author_is_study {
-            push_file(
-                out,
-                self.index,
-                &Folder::StudyLike(rkey.clone()),
-                file.clone(),
-                &contents,
-            );
+            let own = match self.kind {
+                RecordKind::Like => Folder::StudyLike(subject_rkey()?),
+                _ => Folder::StudyRepost,
+            };
+            push_file(out, self.index, &own, file.clone(), &contents);
         }
         if on_study_post {
-            let folder = Folder::LikeOnUserPost(rkey);
-            out.updates.push(StateUpdate::Routed {
-                uri,
-                folder: folder.clone(),
-            });
-            push_file(out, self.index, &folder, file, &contents);
-        }
-        Ok(())
-    }
-
-    fn route_repost(&self, overlay: &Overlay<'_>, out: &mut Routing) -> OpResult {
-        let block = self.block()?;
-        let view: SubjectRefView<'_> = self.view(block)?;
-        self.check_type(view.type_)?;
-        let Some(subject) = view.subject_uri() else {
-            return Err(("bad_subject", "repost without subject.uri".into()));
-        };
-        let of_study_post = overlay.study_post_author(subject).is_some();
-        if !self.author_is_study && !of_study_post {
-            return Ok(());
-        }
-        let uri = self.uri();
-        let record = self.record_json(block)?;
-        let contents = transform::generic_record_cache_json(
-            uri.as_str(),
-            &self.cid(),
-            self.commit.repo.as_str(),
-            self.kind.nsid(),
-            &record,
-        );
-        let file = paths::record_file(&self.commit.repo, "repost", &self.op.rkey);
-        if self.author_is_study {
-            push_file(
-                out,
-                self.index,
-                &Folder::StudyRepost,
-                file.clone(),
-                &contents,
-            );
-        }
-        if of_study_post {
-            let rkey = post_rkey(subject).ok_or(("bad_subject", subject.to_owned()))?;
-            let folder = Folder::RepostOfUserPost(rkey);
+            let folder = match self.kind {
+                RecordKind::Like => Folder::LikeOnUserPost(subject_rkey()?),
+                _ => Folder::RepostOfUserPost(subject_rkey()?),
+            };
             out.updates.push(StateUpdate::Routed {
                 uri,
                 folder: folder.clone(),
