@@ -24,3 +24,4 @@ pub fn fixtures() -> Option<PathBuf> {
     }
 }
 pub mod relay;
+pub mod s3;

@@ -136,7 +136,17 @@ impl CacheWriter {
         self.ensure_dir(&dir)?;
         self.temp_counter += 1;
         let temp = dir.join(format!("{TEMP_PREFIX}{}-{}", self.pid, self.temp_counter));
-        let mut file = File::create(&temp).map_err(|e| CacheError::io("create", &temp, e))?;
+        let mut file = match File::create(&temp) {
+            Ok(file) => file,
+            // The export prunes empty folders (`--clear-cache`): a folder we created earlier
+            // may be gone. Forget it and create it again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.known_dirs.remove(&dir);
+                self.ensure_dir(&dir)?;
+                File::create(&temp).map_err(|e| CacheError::io("create", &temp, e))?
+            }
+            Err(e) => return Err(CacheError::io("create", &temp, e)),
+        };
         if let Err(e) = file.write_all(contents) {
             let _ = fs::remove_file(&temp);
             return Err(CacheError::io("write", &temp, e));

@@ -727,3 +727,23 @@ fn rkeys_starting_with_a_dot_never_become_hidden_folders() {
         assert_eq!(err.reason(), "hidden_name");
     }
 }
+
+#[test]
+fn a_folder_removed_by_the_export_is_created_again() {
+    let sandbox = Sandbox::new();
+    let mut w = CacheWriter::open(sandbox.root()).unwrap();
+    let rkey = RecordKey::parse("3l5jnpb6xyz2k").unwrap();
+    let first = Folder::LikeOnUserPost(rkey.clone())
+        .path("a.json".into())
+        .unwrap();
+    w.write(&first, b"{}").unwrap();
+    w.sync().unwrap();
+    // The export exports and deletes the file, then prunes the empty folder.
+    let dir = sandbox.root().join(first.dir());
+    std::fs::remove_file(dir.join("a.json")).unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+    let second = Folder::LikeOnUserPost(rkey).path("b.json".into()).unwrap();
+    w.write(&second, b"{}").unwrap();
+    w.sync().unwrap();
+    assert!(dir.join("b.json").is_file());
+}
