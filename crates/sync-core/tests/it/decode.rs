@@ -1,7 +1,6 @@
 //! Decoder conformance against fixtures we did not write: the relay capture with its production
 //! Jetstream output, the atproto data-model vectors and indigo's edge-case commits.
 
-
 use serde_json::Value;
 use sync_core::cbor;
 use sync_core::frame::{capture_frames, decode_frame, Event};
