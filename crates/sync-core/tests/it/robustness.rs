@@ -669,7 +669,7 @@ fn bit_flips_of(
     tally: &mut Tally,
 ) -> usize {
     let l = layout(&f.bytes);
-    let deep = full || !f.name.starts_with("relay") || index % DEEP_EVERY == 0;
+    let deep = full || !f.name.starts_with("relay") || index.is_multiple_of(DEEP_EVERY);
     let spread = if deep {
         DEEP_FLIP_POSITIONS
     } else {
