@@ -52,6 +52,35 @@ pub fn load_tracked(config: &Config) -> Result<(HashSet<Did>, HashSet<Did>)> {
     Ok((study, in_network))
 }
 
+/// One writer per state file: a second one would interleave cursors and delete the first one's
+/// temp files at start-up. The lock is held until the returned file is dropped.
+fn lock_instance(config: &Config) -> Result<std::fs::File> {
+    let mut path = config.state.clone().into_os_string();
+    path.push(".lock");
+    let path = std::path::PathBuf::from(path);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another firehose-writer is running with state {} (lock {} is held)",
+            config.state.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Seeds the study-post index so reactions to posts made before this state existed are routed:
 /// from `--study-posts` (every start) and, when the index is empty, from study posts in the cache.
 fn seed_study_posts(state: &mut state::StateStore, config: &Config) -> Result<()> {
@@ -88,6 +117,7 @@ pub async fn run(
     on_start: impl FnOnce(Handles),
 ) -> Result<ProcessorSummary> {
     install_crypto_provider();
+    let _instance = lock_instance(&config)?;
     let (study, in_network) = load_tracked(&config)?;
     info!(
         study_users = study.len(),

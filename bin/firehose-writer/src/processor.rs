@@ -66,6 +66,18 @@ pub struct Processor {
     summary: ProcessorSummary,
 }
 
+/// Marks an error that must stop the writer instead of being retried.
+#[derive(Debug)]
+struct Fatal;
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("unrecoverable cache flush failure")
+    }
+}
+
+impl std::error::Error for Fatal {}
+
 /// A barrier is also due after this many unsynced files, bounding the work (and the temp
 /// files) of one barrier during a burst.
 const MAX_PENDING_FILES: usize = 4096;
@@ -127,6 +139,8 @@ impl Processor {
                 Input::ResetSeq => {
                     self.last_seq = None;
                     self.handled_seq.store(-1, Ordering::Relaxed);
+                    // The old stream's cursor means nothing to the new one.
+                    self.durable_cursor.store(-1, Ordering::Relaxed);
                 }
                 Input::End => break,
             }
@@ -196,7 +210,15 @@ impl Processor {
             }
         }
         let clock = self.clock().to_owned();
-        let routing = route_event(&event, &self.state, &clock);
+        // A failed index lookup would silently drop a reaction: route again until the lookups
+        // succeed (the cursor does not move meanwhile).
+        let routing = self.retry("state lookup", seq, |p| {
+            let routing = route_event(&event, &p.state, &clock);
+            match p.state.take_lookup_error() {
+                Some(e) => Err(anyhow::anyhow!(e)),
+                None => Ok(routing),
+            }
+        })?;
         for dropped in &routing.dropped {
             self.metrics.dropped(dropped.reason);
             debug!(seq, reason = dropped.reason, detail = %dropped.detail, "dropped op");
@@ -255,6 +277,11 @@ impl Processor {
                         self.metrics.set_error(None);
                     }
                     return Ok(v);
+                }
+                Err(e) if e.is::<Fatal>() || e.chain().any(|c| c.is::<Fatal>()) => {
+                    self.metrics.set_error(Some(format!("{what}: {e:#}")));
+                    error!(seq, error = %format!("{e:#}"), "{what} failed in a way a retry cannot repair; stopping with the cursor at the last durable seq");
+                    return Err(e);
                 }
                 Err(e) => {
                     failed = true;

@@ -22,6 +22,8 @@ use crate::processor::Input;
 /// Messages larger than this make tungstenite fail the connection; larger than
 /// [`MAX_FRAME_BYTES`] but below it are received, dropped and counted.
 const WS_MAX_MESSAGE: usize = 64 << 20;
+/// Keepalive pings: every 20 s, or more often when the stall timeout is short, so the socket is
+/// exercised well within it. Pongs do not count as events for the stall watchdog.
 const PING_EVERY: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -94,7 +96,10 @@ impl RelaySource {
         let load = |a: &AtomicI64| Some(a.load(Ordering::Relaxed)).filter(|&v| v >= 0);
         match how {
             Reconnect::Live => None,
-            Reconnect::Durable => load(&self.durable_cursor).or(self.start_cursor),
+            // Nothing committed yet: the handled seq is the best resume point we have.
+            Reconnect::Durable => load(&self.durable_cursor)
+                .or_else(|| load(&self.handled_seq))
+                .or(self.start_cursor),
             Reconnect::Handled => load(&self.handled_seq)
                 .or_else(|| load(&self.durable_cursor))
                 .or(self.start_cursor),
@@ -159,8 +164,15 @@ impl RelaySource {
             // After FutureCursor -> live, seqs restart lower: the processor must accept them.
             let mut reset_seq =
                 matches!(how, Reconnect::Live) && self.handled_seq.load(Ordering::Relaxed) >= 0;
-            let mut ping = tokio::time::interval(PING_EVERY);
+            let mut ping = tokio::time::interval(
+                PING_EVERY
+                    .min(self.stall_timeout / 2)
+                    .max(Duration::from_millis(100)),
+            );
             ping.tick().await;
+            // The stall watchdog measures time since the last event (binary message), not since
+            // the last wake-up: pings, pongs and other control traffic must not reset it.
+            let mut last_event = tokio::time::Instant::now();
             // Frames already received are handed over in batches: one channel operation (and at
             // most one processor wake-up) per batch instead of per frame.
             let mut batch = Batch::default();
@@ -188,14 +200,12 @@ impl RelaySource {
                                 }
                                 continue;
                             }
-                            next = tokio::time::timeout(self.stall_timeout, ws.next()) => match next {
-                                Ok(next) => next,
-                                Err(_) => {
-                                    self.metrics.stalls.fetch_add(1, Ordering::Relaxed);
-                                    warn!(stall_timeout_s = self.stall_timeout.as_secs(), "no event within the stall timeout; reconnecting");
-                                    break Ok(Some(Reconnect::Handled));
-                                }
-                            },
+                            _ = tokio::time::sleep_until(last_event + self.stall_timeout) => {
+                                self.metrics.stalls.fetch_add(1, Ordering::Relaxed);
+                                warn!(stall_timeout_s = self.stall_timeout.as_secs_f64(), "no event within the stall timeout; reconnecting");
+                                break Ok(Some(Reconnect::Handled));
+                            }
+                            next = ws.next() => next,
                         }
                     }
                 };
@@ -234,6 +244,7 @@ impl RelaySource {
                             }
                         }
                         batch.push(bytes);
+                        last_event = tokio::time::Instant::now();
                         attempt = 0;
                     }
                     Message::Text(_) => self.metrics.dropped("text_message"),

@@ -54,6 +54,9 @@ pub struct StateStore {
     revs: HashMap<Did, Tid>,
     pending: Pending,
     cursor: Option<i64>,
+    /// A lookup that failed during routing (routing reads through an infallible trait); the
+    /// processor takes it and routes the event again.
+    lookup_error: std::cell::RefCell<Option<String>>,
 }
 
 impl StateStore {
@@ -87,6 +90,7 @@ impl StateStore {
             revs: HashMap::new(),
             pending: Pending::default(),
             cursor,
+            lookup_error: std::cell::RefCell::new(None),
         };
         store.load()?;
         Ok(store)
@@ -116,6 +120,11 @@ impl StateStore {
             }
         }
         Ok(())
+    }
+
+    /// The error of a failed lookup since the last call, if any.
+    pub fn take_lookup_error(&self) -> Option<String> {
+        self.lookup_error.borrow_mut().take()
     }
 
     /// The committed cursor (last fully handled seq whose files are durable).
@@ -288,7 +297,7 @@ impl StateStore {
             .prepare_cached("SELECT author FROM study_posts WHERE uri = ?1")
             .and_then(|mut s| s.query_row(params![uri], |r| r.get(0)).optional())
             .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "study-post lookup failed");
+                *self.lookup_error.borrow_mut() = Some(format!("study-post lookup: {e}"));
                 None
             });
         author.and_then(|a| Did::parse(&a).ok())
@@ -333,7 +342,7 @@ impl RoutingState for StateStore {
                     .collect::<Result<Vec<_>, _>>()
             })
             .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "routed-record lookup failed");
+                *self.lookup_error.borrow_mut() = Some(format!("routed-record lookup: {e}"));
                 Vec::new()
             });
         for dir in stored {

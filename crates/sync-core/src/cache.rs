@@ -45,6 +45,18 @@ impl CacheError {
     pub fn is_io(&self) -> bool {
         matches!(self, CacheError::Io { .. })
     }
+
+    /// True when flushing written data failed (`fsync`/`syncfs`): the kernel may have dropped
+    /// the pages, so retrying cannot prove the data reached the disk.
+    pub fn is_flush_failure(&self) -> bool {
+        matches!(
+            self,
+            CacheError::Io {
+                op: "fsync" | "syncfs" | "fsync directory",
+                ..
+            }
+        )
+    }
 }
 
 /// A written temp file waiting for the barrier. The handle is closed at once (a burst of

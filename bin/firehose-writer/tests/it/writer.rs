@@ -816,3 +816,25 @@ async fn wss_connects_use_the_installed_crypto_provider_without_panicking() {
     );
     writer.stop().await.expect("clean stop, no panic");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_on_the_same_state_is_refused() {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        Source::Relay(relay.url()),
+        &["did:plc:z72i7hdynmk6r22z27h6tvur".to_owned()],
+        &[],
+    );
+    let first = start_writer(cfg.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = firehose_writer::run(cfg, std::future::pending(), None, |_| {})
+        .await
+        .expect_err("the state is locked");
+    assert!(
+        format!("{err:#}").contains("another firehose-writer is running"),
+        "{err:#}"
+    );
+    first.stop().await.unwrap();
+}
