@@ -30,8 +30,9 @@ pub use config::{Args, Config, Source};
 pub use metrics::Metrics;
 pub use processor::ProcessorSummary;
 
-/// Batches buffered between the socket and the processor: the only queue (backpressure). With
-/// batches of at most 64 frames or 512 KiB this bounds the buffer to about 8 MiB.
+/// Batches buffered between the socket and the processor: the only queue (backpressure). A batch
+/// holds at most 64 frames or 512 KiB (plus the frame that crossed the limit), so the queue holds
+/// ~8 MiB of typical frames and at most ~90 MiB if every batch ended on a 5 MiB frame.
 pub const CHANNEL_BATCHES: usize = 16;
 
 /// Handles a running writer exposes to its caller (tests read metrics and the HTTP address).
