@@ -135,6 +135,9 @@ pub struct Commit<'a> {
     /// Ops in commit order; a malformed op is an error for that op only.
     pub ops: Vec<Result<RepoOp, OpError>>,
     pub blocks: CarBlocks<'a>,
+    /// CIDs whose block was already hash-checked: many ops may point at one block, and a hostile
+    /// commit must not make us hash the same megabyte 200 times.
+    verified: std::cell::RefCell<Vec<Cid>>,
 }
 
 impl<'a> Commit<'a> {
@@ -157,7 +160,10 @@ impl<'a> Commit<'a> {
         if block.len() > MAX_RECORD_BYTES {
             return Err(OpError::RecordTooLarge(block.len()));
         }
-        cbor::verify_block(cid, block)?;
+        if !self.verified.borrow().contains(cid) {
+            cbor::verify_block(cid, block)?;
+            self.verified.borrow_mut().push(*cid);
+        }
         Ok(Some(block))
     }
 
@@ -517,6 +523,7 @@ fn decode_commit(body_bytes: &[u8]) -> Result<Commit<'_>, FrameError> {
         time: raw.time,
         ops: raw.ops.into_iter().map(parse_op).collect(),
         blocks,
+        verified: std::cell::RefCell::new(Vec::new()),
     })
 }
 
