@@ -126,6 +126,47 @@ impl<'a> PostView<'a> {
     }
 }
 
+/// What routing needs from a post: its `$type`, reply refs and quoted record.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PostRefs<'a> {
+    pub type_: Option<&'a str>,
+    pub reply_root: Option<&'a str>,
+    pub reply_parent: Option<&'a str>,
+    pub quoted: Option<&'a str>,
+}
+
+impl<'a> PostView<'a> {
+    pub fn refs(&self) -> PostRefs<'a> {
+        PostRefs {
+            type_: self.type_,
+            reply_root: self.reply_root(),
+            reply_parent: self.reply_parent(),
+            quoted: self.quoted(),
+        }
+    }
+}
+
+impl<'a> PostRefs<'a> {
+    /// The same fields read from the JSON data model: the slow path for posts whose open unions
+    /// (e.g. an embed type we do not know) do not fit [`PostView`]'s shapes. Such a post is still
+    /// routed by author; only refs that are not where we expect them are missed.
+    pub fn from_json(record: &'a serde_json::Value) -> Self {
+        let s = |v: &'a serde_json::Value| v.as_str();
+        let embed = &record["embed"];
+        let quoted = match embed["$type"].as_str() {
+            Some("app.bsky.embed.record") => s(&embed["record"]["uri"]),
+            Some("app.bsky.embed.recordWithMedia") => s(&embed["record"]["record"]["uri"]),
+            _ => None,
+        };
+        PostRefs {
+            type_: s(&record["$type"]),
+            reply_root: s(&record["reply"]["root"]["uri"]),
+            reply_parent: s(&record["reply"]["parent"]["uri"]),
+            quoted,
+        }
+    }
+}
+
 /// The routing-relevant fields of a like or repost (`subject` is a strongRef).
 #[derive(Deserialize, Debug, Default)]
 pub struct SubjectRefView<'a> {

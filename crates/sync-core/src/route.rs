@@ -11,7 +11,7 @@ use crate::frame::{AccountEvent, Action, Commit, Event, IdentityEvent, RepoOp};
 use crate::ids::{AtUri, Did, RecordKey};
 use crate::paths::{self, CachePath, Folder};
 use crate::pyjson::PyJsonWriter;
-use crate::records::{self, PostView, RecordKind, SubjectDidView, SubjectRefView};
+use crate::records::{self, PostRefs, PostView, RecordKind, SubjectDidView, SubjectRefView};
 use crate::transform;
 
 /// What routing reads: who is tracked and what was routed before.
@@ -252,8 +252,16 @@ impl<'a> OpCtx<'_, 'a> {
     fn route_post(&self, overlay: &mut Overlay<'_>, out: &mut Routing) -> OpResult {
         let author = &self.commit.repo;
         let block = self.block()?;
-        let view: PostView<'_> = self.view(block)?;
-        self.check_type(view.type_)?;
+        let fallback: serde_json::Value;
+        let refs = match self.view::<PostView<'_>>(block) {
+            Ok(view) => view.refs(),
+            // An open union in a shape the view does not expect: read the refs from JSON.
+            Err(_) => {
+                fallback = self.record_json(block)?;
+                PostRefs::from_json(&fallback)
+            }
+        };
+        self.check_type(refs.type_)?;
         let uri = self.uri();
         let mut folders: Vec<Folder> = Vec::new();
         // P1: the study user's own post; it becomes a study post at once (same commit too).
@@ -268,8 +276,8 @@ impl<'a> OpCtx<'_, 'a> {
                 .push((uri.as_str().to_owned(), author.clone()));
         }
         // P2, rule R: nest under the root if it is a study post, else under the parent.
-        let root = view.reply_root();
-        let parent = view.reply_parent();
+        let root = refs.reply_root;
+        let parent = refs.reply_parent;
         let nest = root
             .filter(|r| overlay.study_post_author(r).is_some())
             .or(parent.filter(|p| overlay.study_post_author(p).is_some()));
@@ -284,7 +292,7 @@ impl<'a> OpCtx<'_, 'a> {
             folders.push(Folder::InNetworkPost(author.clone()));
         }
         // Quote of a study post (ours, DESIGN.md §5).
-        if let Some(quoted) = view.quoted() {
+        if let Some(quoted) = refs.quoted {
             if overlay.study_post_author(quoted).is_some() {
                 if let Some(rkey) = post_rkey(quoted) {
                     folders.push(Folder::QuoteOfUserPost(rkey));

@@ -546,3 +546,22 @@ fn a_study_post_and_a_reply_to_it_in_the_same_commit() {
         ],
     );
 }
+
+#[test]
+fn a_post_with_an_unexpected_embed_shape_is_still_routed() {
+    // An open-union embed whose `record` is not a map: the fast view cannot read it, the post
+    // is routed anyway (own folder and in-network), and its reply refs still count.
+    let record = json!({"$type": POST, "text": "new embed kind", "createdAt": "2024-10-02T14:05:10.001Z",
+        "embed": {"$type": "app.bsky.embed.somethingNew", "record": "not a map"},
+        "reply": {"root": {"uri": STUDY_POST, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"},
+                  "parent": {"uri": STUDY_POST, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}}});
+    check(
+        &[commit(1, S2, &[create(POST, "3l5kaaaaaaa2a", record)])],
+        &mut cast(),
+        &[
+            "study_user_activity/create/post/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_post_uri_suffix=3l5kaaaaaaa2a.json",
+            "in_network_user_activity/create/post/did:plc:4llrhdclvdlmmynkwsmg5tdc/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_post_uri_suffix=3l5kaaaaaaa2a.json",
+            "study_user_activity/create/reply_to_user_post/3l5jnpb6xyz2k/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_post_uri_suffix=3l5kaaaaaaa2a.json",
+        ],
+    );
+}
