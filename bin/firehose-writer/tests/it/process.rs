@@ -136,7 +136,7 @@ fn reference(d: &Data) -> BTreeMap<String, Value> {
 
 #[test]
 fn sigkill_at_random_points_loses_and_corrupts_nothing() {
-    let Some(d) = data(30) else { return };
+    let Some(d) = data(60) else { return };
     let expected = reference(&d);
     assert!(expected.len() > 500, "{} files", expected.len());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -169,9 +169,13 @@ fn sigkill_at_random_points_loses_and_corrupts_nothing() {
         cursors.windows(2).all(|w| w[0] <= w[1]),
         "cursor never goes back: {cursors:?}"
     );
+    let mid_stream = cursors
+        .iter()
+        .filter(|c| c.unwrap_or(0) < d.last_seq)
+        .count();
     assert!(
-        cursors.last().unwrap().unwrap_or(0) < d.last_seq,
-        "kills happened mid-stream: {cursors:?}"
+        mid_stream >= 20,
+        "at least 20 kills landed mid-stream: {cursors:?}"
     );
     // A final run to the end, stopped cleanly.
     relay.set_fault(Fault::None);

@@ -568,7 +568,20 @@ async fn unwritable_cache_blocks_the_cursor_then_recovers_without_loss() {
     let blocker = cfg.cache_dir.join("study_user_activity");
     std::fs::write(&blocker, "not a directory").unwrap();
     let writer = start_writer(cfg.clone());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while writer
+        .metrics
+        .lock()
+        .unwrap()
+        .as_ref()
+        .is_none_or(|m| m.write_errors.load(Ordering::Relaxed) == 0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no write error seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let metrics = writer.metrics();
     assert!(metrics.write_errors.load(Ordering::Relaxed) >= 1);
     assert!(
@@ -828,7 +841,15 @@ async fn a_second_writer_on_the_same_state_is_refused() {
         &[],
     );
     let first = start_writer(cfg.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // on_start runs after the lock is taken
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while first.metrics.lock().unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first writer did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let err = firehose_writer::run(cfg, std::future::pending(), None, |_| {})
         .await
         .expect_err("the state is locked");
