@@ -380,31 +380,34 @@ mod tests {
         let like =
             AtUri::parse("at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.like/3l5jv2xq4tk2p")
                 .unwrap();
-        {
-            let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
-            assert_eq!(store.cursor(), None);
-            store
-                .apply(&StateUpdate::StudyPost {
+        // The same updates a batch of events produces, applied before and after a "crash".
+        let apply_batch = |store: &mut StateStore| {
+            let updates = [
+                StateUpdate::StudyPost {
                     uri: post.clone(),
                     author: s1.clone(),
-                })
-                .unwrap();
-            store
-                .apply(&StateUpdate::StudyFollow {
+                },
+                StateUpdate::StudyFollow {
                     uri: follow.clone(),
                     follower: s1.clone(),
                     subject: a2.clone(),
-                })
-                .unwrap();
-            store
-                .apply(&StateUpdate::Routed {
+                },
+                StateUpdate::Routed {
                     uri: like.clone(),
                     folder: Folder::LikeOnUserPost(
                         sync_core::ids::RecordKey::parse("3l5jnpb6xyz2k").unwrap(),
                     ),
-                })
-                .unwrap();
+                },
+            ];
+            for update in &updates {
+                store.apply(update).unwrap();
+            }
             store.record_rev(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap());
+        };
+        {
+            let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+            assert_eq!(store.cursor(), None);
+            apply_batch(&mut store);
             assert_eq!(
                 store.study_post_author(post.as_str()),
                 Some(s1.clone()),
@@ -417,28 +420,7 @@ mod tests {
             let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
             assert_eq!(store.study_post_author(post.as_str()), None);
             assert!(!store.is_in_network(&a2));
-            store
-                .apply(&StateUpdate::StudyPost {
-                    uri: post.clone(),
-                    author: s1.clone(),
-                })
-                .unwrap();
-            store
-                .apply(&StateUpdate::StudyFollow {
-                    uri: follow.clone(),
-                    follower: s1.clone(),
-                    subject: a2.clone(),
-                })
-                .unwrap();
-            store
-                .apply(&StateUpdate::Routed {
-                    uri: like.clone(),
-                    folder: Folder::LikeOnUserPost(
-                        sync_core::ids::RecordKey::parse("3l5jnpb6xyz2k").unwrap(),
-                    ),
-                })
-                .unwrap();
-            store.record_rev(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap());
+            apply_batch(&mut store);
             store.commit(Some(42)).unwrap();
         }
         let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();

@@ -361,6 +361,18 @@ impl Running {
     }
 }
 
+/// A writer configuration following `relay` from cursor 0 with the looped data's tracked sets.
+fn relay_config(dir: &Path, relay: &TestRelay, data: &Looped) -> Config {
+    let mut cfg = config(
+        dir,
+        Source::Relay(relay.url()),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(0);
+    cfg
+}
+
 /// Runs the writer against `relay` from cursor 0 until it has committed `last_seq`, then stops it
 /// and checks the cache against the uninterrupted reference.
 async fn check_recovers(
@@ -369,13 +381,7 @@ async fn check_recovers(
     tweak: impl FnOnce(&mut Config),
 ) -> Arc<Metrics> {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(
-        tmp.path(),
-        Source::Relay(relay.url()),
-        &data.study,
-        &data.in_network,
-    );
-    cfg.cursor = Some(0);
+    let mut cfg = relay_config(tmp.path(), relay, data);
     tweak(&mut cfg);
     let writer = start_writer(cfg.clone());
     let done = writer
@@ -556,13 +562,7 @@ async fn unwritable_cache_blocks_the_cursor_then_recovers_without_loss() {
     let Some(data) = looped(1) else { return };
     let relay = TestRelay::start(data.frames.clone()).await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(
-        tmp.path(),
-        Source::Relay(relay.url()),
-        &data.study,
-        &data.in_network,
-    );
-    cfg.cursor = Some(0);
+    let cfg = relay_config(tmp.path(), &relay, &data);
     // A file where the study folder must go: every study write fails (like a full disk would).
     std::fs::create_dir_all(&cfg.cache_dir).unwrap();
     let blocker = cfg.cache_dir.join("study_user_activity");
@@ -728,13 +728,7 @@ async fn health_and_metrics_are_served_over_http() {
     let Some(data) = looped(1) else { return };
     let relay = TestRelay::start(data.frames.clone()).await.unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(
-        tmp.path(),
-        Source::Relay(relay.url()),
-        &data.study,
-        &data.in_network,
-    );
-    cfg.cursor = Some(0);
+    let mut cfg = relay_config(tmp.path(), &relay, &data);
     cfg.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
     let addr = Arc::new(Mutex::new(None));
     let slot = addr.clone();
