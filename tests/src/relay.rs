@@ -129,6 +129,8 @@ struct Shared {
     len_tx: watch::Sender<usize>,
     window: Option<i64>,
     connections: AtomicUsize,
+    /// Subscriptions whose start point is fixed (error-frame answers not counted).
+    subscriptions: AtomicUsize,
     frames_sent: AtomicUsize,
 }
 
@@ -213,6 +215,7 @@ impl TestRelay {
             len_tx,
             window: config.window,
             connections: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
             frames_sent: AtomicUsize::new(0),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -291,6 +294,19 @@ impl TestRelay {
     /// Waits until at least `n` connections were accepted; false on timeout.
     pub async fn wait_for_connections(&self, n: usize, timeout: Duration) -> bool {
         self.wait_until(timeout, || self.connections() >= n).await
+    }
+
+    /// Subscriptions accepted so far whose start point is fixed: a frame pushed after this
+    /// count went up reaches them, even on a live tail.
+    pub fn subscriptions(&self) -> usize {
+        self.shared.subscriptions.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` subscriptions have a fixed start point; false on timeout.
+    /// Use this, not [`TestRelay::wait_for_connections`], before pushing a frame a live tail
+    /// must receive: a connection is counted before its start point is decided.
+    pub async fn wait_for_subscriptions(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, || self.subscriptions() >= n).await
     }
 
     /// Waits until at least `n` frames were sent; false on timeout.
@@ -621,7 +637,15 @@ async fn stream_events(
     shared: &Shared,
 ) -> WsResult<()> {
     let (mut sink, mut incoming) = ws.split();
-    let start = resolve_start(&mut shared.lock(), cursor, shared.window);
+    let start = {
+        let mut state = shared.lock();
+        let start = resolve_start(&mut state, cursor, shared.window);
+        if matches!(start, Start::From { .. }) {
+            // Counted under the lock, so a push that sees the count is after the start point.
+            shared.subscriptions.fetch_add(1, Ordering::SeqCst);
+        }
+        start
+    };
     let (index, notice, fault) = match start {
         Start::Error(frame) => {
             send(&mut sink, shared, frame.into()).await?;

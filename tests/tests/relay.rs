@@ -87,6 +87,7 @@ async fn no_cursor_is_live_tail() {
     let relay = TestRelay::start(frames(1..=5)).await.unwrap();
     let mut ws = connect(&relay.url()).await;
     assert_quiet(&mut ws).await;
+    assert_eq!(relay.subscriptions(), 1);
     relay.push(frame(6));
     relay.push(frame(7));
     assert_eq!(next_seqs(&mut ws, 2).await, some([6, 7]));
@@ -145,6 +146,11 @@ async fn future_cursor_gets_error_frame_and_close() {
     assert_eq!(message.as_deref(), Some("Cursor in the future."));
     assert_closed(&mut ws).await;
     assert_eq!(relay.frames_sent(), 0);
+    assert_eq!(
+        relay.subscriptions(),
+        0,
+        "an error answer is not a subscription"
+    );
     relay.shutdown().await;
 }
 
@@ -225,6 +231,8 @@ async fn concurrent_connections_each_get_everything() {
     let mut live = connect(&relay.url()).await;
     assert_eq!(next_seqs(&mut a, 3).await, some(1..=3));
     assert_eq!(next_seqs(&mut b, 3).await, some(1..=3));
+    // The live tail starts where the log ends when its start point is fixed, not at accept.
+    assert!(relay.wait_for_subscriptions(3, WAIT).await);
     relay.push(frame(4));
     for ws in [&mut a, &mut b, &mut live] {
         assert_eq!(next_seqs(ws, 1).await, some([4]));

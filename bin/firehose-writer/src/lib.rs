@@ -193,6 +193,7 @@ pub async fn run(
     if let Some(mut reload_rx) = reload.take() {
         let tx = tx.clone();
         let config = config.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             while reload_rx.recv().await.is_some() {
                 let cfg = config.clone();
@@ -203,9 +204,13 @@ pub async fn run(
                         }
                     }
                     Ok(Err(e)) => {
+                        metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the current tracked sets")
                     }
-                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                    Err(e) => {
+                        metrics.reload_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "reload task failed")
+                    }
                 }
             }
         });

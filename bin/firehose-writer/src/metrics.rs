@@ -24,6 +24,8 @@ pub const STALLS: &str = "firehose_stalls_total";
 pub const OUTDATED_CURSOR: &str = "firehose_outdated_cursor_total";
 pub const WRITE_ERRORS: &str = "firehose_cache_write_errors_total";
 pub const COMMITS: &str = "firehose_cursor_commits_total";
+pub const RELOADS: &str = "firehose_tracked_set_reloads_total";
+pub const RELOAD_FAILURES: &str = "firehose_tracked_set_reload_failures_total";
 pub const CURSOR: &str = "firehose_cursor";
 pub const LAG: &str = "firehose_lag_seconds";
 pub const CONNECTED: &str = "firehose_connected";
@@ -56,6 +58,10 @@ pub struct Metrics {
     pub outdated_cursor: AtomicU64,
     pub write_errors: AtomicU64,
     pub commits: AtomicU64,
+    /// Tracked-set reloads applied (SIGHUP).
+    pub reloads: AtomicU64,
+    /// Reloads refused because a file did not parse (the old sets stay).
+    pub reload_failures: AtomicU64,
     /// Committed cursor, -1 before the first commit.
     pub cursor: AtomicI64,
     /// `time` of the last handled event, Unix microseconds (0 = none yet).
@@ -208,6 +214,18 @@ impl Metrics {
             r(&self.write_errors),
         );
         counter(&mut out, COMMITS, "Cursor commits.", r(&self.commits));
+        counter(
+            &mut out,
+            RELOADS,
+            "Tracked-set reloads applied.",
+            r(&self.reloads),
+        );
+        counter(
+            &mut out,
+            RELOAD_FAILURES,
+            "Tracked-set reloads refused (the previous sets stay).",
+            r(&self.reload_failures),
+        );
         let _ = writeln!(
             out,
             "# HELP {CURSOR} Committed cursor (seq).\n# TYPE {CURSOR} gauge\n{CURSOR} {}",

@@ -135,6 +135,7 @@ impl Processor {
                         "tracked sets reloaded"
                     );
                     self.state.replace_sets(study, in_network);
+                    self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                 }
                 Input::ResetSeq => {
                     self.last_seq = None;

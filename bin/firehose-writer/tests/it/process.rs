@@ -268,16 +268,23 @@ fn sighup_reloads_the_study_users_without_dropping_events() {
     study.push(newcomer.to_owned());
     std::fs::write(tmp.path().join("study.txt"), study.join("\n")).unwrap();
     signal(&child, libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(500));
-    relay.push(synth::account_frame(
-        d.last_seq + 2,
-        newcomer,
-        true,
-        None,
-        "2026-07-04T15:00:01.000Z",
-    ));
-    wait_cursor(d.last_seq + 2);
-    assert!(has(d.last_seq + 2), "routed after the reload");
+    // The reload is applied between two batches at a moment the test cannot see, so keep
+    // sending events until one is routed under the new list; every one must be handled.
+    let mut seq = d.last_seq + 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !has(seq) {
+        assert!(Instant::now() < deadline, "the reload was never applied");
+        seq += 1;
+        relay.push(synth::account_frame(
+            seq,
+            newcomer,
+            true,
+            None,
+            "2026-07-04T15:00:01.000Z",
+        ));
+        wait_cursor(seq);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
     rt.block_on(relay.shutdown());

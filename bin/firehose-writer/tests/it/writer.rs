@@ -8,6 +8,9 @@ use firehose_writer::config::{Config, FutureCursorPolicy, Source};
 use serde_json::Value;
 use workspace_tests::fixtures;
 
+/// Generous: CI machines are shared and a wait only ends early on success.
+const WAIT: Duration = Duration::from_secs(30);
+
 /// Every file under `root` (relative path -> contents), temp files excluded.
 fn cache_tree(root: &Path) -> BTreeMap<String, String> {
     crate::support::cache_files(root)
@@ -308,6 +311,14 @@ struct Running {
 }
 
 fn start_writer(cfg: Config) -> Running {
+    start_writer_with_reload(cfg, None)
+}
+
+/// As [`start_writer`]; a send on `reload` acts as SIGHUP.
+fn start_writer_with_reload(
+    cfg: Config,
+    reload: Option<tokio::sync::mpsc::Receiver<()>>,
+) -> Running {
     let metrics = Arc::new(Mutex::new(None));
     let slot = metrics.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -316,7 +327,7 @@ fn start_writer(cfg: Config) -> Running {
         async move {
             let _ = stopped.await;
         },
-        None,
+        reload,
         move |h| *slot.lock().unwrap() = Some(h.metrics),
     ));
     Running {
@@ -533,10 +544,16 @@ async fn future_cursor_exits_with_a_clear_error_unless_live_is_allowed() {
     cfg.cursor = Some(data.last_seq + 1_000_000);
     cfg.on_future_cursor = FutureCursorPolicy::Live;
     let writer = start_writer(cfg);
+    // Connection 1 was the first writer's; connection 2 is answered with FutureCursor and
+    // only the reconnect without a cursor becomes a subscription. Pushing before its start
+    // point is fixed would put the frame before the live tail (as upstream would).
     assert!(
-        relay.wait_for_connections(3, Duration::from_secs(20)).await,
+        relay
+            .wait_for_subscriptions(1, Duration::from_secs(20))
+            .await,
         "reconnected without the cursor"
     );
+    assert_eq!(relay.connections(), 3);
     let live = synth::identity_frame(
         data.last_seq + 1,
         &data.study[0],
@@ -555,6 +572,66 @@ async fn future_cursor_exits_with_a_clear_error_unless_live_is_allowed() {
         Some(None),
         "reconnected without a cursor"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_keeps_the_old_sets_and_a_good_one_applies() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = relay_config(tmp.path(), &relay, &data);
+    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
+    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    assert!(writer.wait_for_cursor(data.last_seq, WAIT).await);
+    let metrics = writer.metrics();
+    let account_file = |did: &str, seq: i64| {
+        cfg.cache_dir.join(format!(
+            "study_user_activity/account/did={did}_account_seq={seq}.json"
+        ))
+    };
+    let newcomer = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+    let account = |seq: i64, did: &str| {
+        synth::account_frame(seq, did, true, None, "2026-07-04T15:00:00.000Z")
+    };
+
+    // A list that does not parse is refused whole: the old study users are still followed.
+    let mut study = data.study.clone();
+    study.push(newcomer.to_owned());
+    study.push("@not-a-did".to_owned());
+    std::fs::write(&cfg.study_users, study.join("\n")).unwrap();
+    reload.send(()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metrics.reload_failures.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bad reload not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.reloads.load(Ordering::Relaxed), 0);
+    relay.push(account(data.last_seq + 1, &data.study[0]));
+    relay.push(account(data.last_seq + 2, newcomer));
+    assert!(writer.wait_for_cursor(data.last_seq + 2, WAIT).await);
+    assert!(account_file(&data.study[0], data.last_seq + 1).exists());
+    assert!(!account_file(newcomer, data.last_seq + 2).exists());
+
+    // The fixed list applies: the newcomer is followed from the next batch on.
+    study.pop();
+    std::fs::write(&cfg.study_users, study.join("\n")).unwrap();
+    reload.send(()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metrics.reloads.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "good reload not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.push(account(data.last_seq + 3, newcomer));
+    assert!(writer.wait_for_cursor(data.last_seq + 3, WAIT).await);
+    assert!(account_file(newcomer, data.last_seq + 3).exists());
+    assert_eq!(metrics.reload_failures.load(Ordering::Relaxed), 1);
+    writer.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
