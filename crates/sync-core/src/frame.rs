@@ -79,6 +79,10 @@ pub enum OpError {
     RecordTooLarge(usize),
     #[error("record block: {0}")]
     Block(#[from] CborError),
+    #[error("op field `{0}` is missing or has the wrong type")]
+    Field(&'static str),
+    #[error("op is not a map")]
+    NotAMap,
 }
 
 impl OpError {
@@ -91,6 +95,7 @@ impl OpError {
             OpError::RecordTooLarge(_) => "record_too_large",
             OpError::Block(CborError::HashMismatch(_)) => "cid_mismatch",
             OpError::Block(_) => "bad_record",
+            OpError::Field(_) | OpError::NotAMap => "bad_op",
         }
     }
 }
@@ -301,16 +306,173 @@ struct RawCommit<'a> {
     time: &'a str,
 }
 
-#[derive(Deserialize)]
-struct RawOp<'a> {
-    #[serde(borrow)]
+/// One entry of a commit's `ops`. Read leniently: a field of the wrong type fails this op (an
+/// [`OpError`]), not the frame, so the other ops of the commit are still captured. The CBOR
+/// itself must still be well formed; malformed bytes are a frame error.
+struct RawOp<'a>(Result<RawOpFields<'a>, OpError>);
+
+struct RawOpFields<'a> {
     action: &'a str,
-    #[serde(borrow)]
     path: &'a str,
-    #[serde(default)]
     cid: Option<Cid>,
-    #[serde(default)]
     prev: Option<Cid>,
+}
+
+/// An op field's value, as far as op parsing cares.
+enum Loose<'a> {
+    Str(&'a str),
+    Link(Cid),
+    Null,
+    /// Any other type (or a CID whose bytes do not parse): the op fails.
+    Other,
+}
+
+/// Generates the visitor methods of values that are neither strings, links, nulls nor maps.
+macro_rules! visit_other {
+    ($other:expr) => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok($other)
+        }
+    };
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Loose<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an op field")
+            }
+            visit_other!(Loose::Other);
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Loose<'a>, E> {
+                Ok(Loose::Str(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Loose<'a>, E> {
+                // Frames are decoded from a slice, so strings always borrow; be safe anyway.
+                Ok(Loose::Other)
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Loose<'a>, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Loose<'a>, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Loose<'a>, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_newtype_struct<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Loose<'a>, D::Error> {
+                // serde_ipld_dagcbor hands a tag-42 link over as a newtype of its bytes.
+                let bytes = <&'de [u8]>::deserialize(d)?;
+                Ok(Cid::try_from(bytes).map_or(Loose::Other, Loose::Link))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Loose<'a>, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Loose::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawOp<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = RawOp<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a repo op")
+            }
+            visit_other!(RawOp(Err(OpError::NotAMap)));
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<RawOp<'a>, E> {
+                Ok(RawOp(Err(OpError::NotAMap)))
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<RawOp<'a>, E> {
+                Ok(RawOp(Err(OpError::NotAMap)))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<RawOp<'a>, E> {
+                Ok(RawOp(Err(OpError::NotAMap)))
+            }
+            fn visit_newtype_struct<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<RawOp<'a>, D::Error> {
+                <&'de [u8]>::deserialize(d)?;
+                Ok(RawOp(Err(OpError::NotAMap)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawOp<'a>, A::Error> {
+                let (mut action, mut path) = (None, None);
+                let (mut cid, mut prev) = (Loose::Null, Loose::Null);
+                while let Some(key) = map.next_key::<&'de str>()? {
+                    match key {
+                        "action" => action = Some(map.next_value::<Loose<'a>>()?),
+                        "path" => path = Some(map.next_value::<Loose<'a>>()?),
+                        "cid" => cid = map.next_value::<Loose<'a>>()?,
+                        "prev" => prev = map.next_value::<Loose<'a>>()?,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                let text = |v: Option<Loose<'a>>, field| match v {
+                    Some(Loose::Str(s)) => Ok(s),
+                    _ => Err(OpError::Field(field)),
+                };
+                let link = |v: Loose<'a>, field| match v {
+                    Loose::Link(c) => Ok(Some(c)),
+                    Loose::Null => Ok(None),
+                    _ => Err(OpError::Field(field)),
+                };
+                let fields = (|| {
+                    Ok(RawOpFields {
+                        action: text(action, "action")?,
+                        path: text(path, "path")?,
+                        cid: link(cid, "cid")?,
+                        prev: link(prev, "prev")?,
+                    })
+                })();
+                Ok(RawOp(fields))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -379,6 +541,7 @@ fn id<T>(kind: &'static str, r: Result<T, IdError>) -> Result<T, FrameError> {
 }
 
 fn parse_op(raw: RawOp<'_>) -> Result<RepoOp, OpError> {
+    let raw = raw.0?;
     let action = match raw.action {
         "create" => Action::Create,
         "update" => Action::Update,

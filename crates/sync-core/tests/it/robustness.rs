@@ -1336,6 +1336,107 @@ fn oversized_and_pathological_frames_fail_with_the_right_error() {
     tally.finish("oversized/pathological", started);
 }
 
+#[test]
+fn a_badly_typed_op_fails_that_op_only() {
+    let (first, first_block) = block_of(&post("first"));
+    let (last, last_block) = block_of(&post("last"));
+    let good =
+        |rkey: &str, cid: &Cid| op("create", &format!("app.bsky.feed.post/{rkey}"), Some(cid));
+    let with = |key: &str, value: Ipld| {
+        let Ipld::Map(mut m) = good("3l5jnpb6xyb00", &first) else {
+            unreachable!()
+        };
+        m.insert(key.to_owned(), value);
+        Ipld::Map(m)
+    };
+    let without = |key: &str| {
+        let Ipld::Map(mut m) = good("3l5jnpb6xyb00", &first) else {
+            unreachable!()
+        };
+        m.remove(key);
+        Ipld::Map(m)
+    };
+    let nested = Ipld::Map(BTreeMap::from([(
+        "deep".to_owned(),
+        Ipld::List(vec![Ipld::Link(first), Ipld::Null]),
+    )]));
+    let ops = vec![
+        good("3l5jnpb6xya00", &first),
+        with("path", Ipld::Integer(5)),
+        with("action", Ipld::Bytes(b"create".to_vec())),
+        with("cid", Ipld::String(SOME_CID.into())),
+        with("prev", Ipld::Bool(true)),
+        without("action"),
+        without("path"),
+        Ipld::Integer(7),
+        Ipld::List(vec![Ipld::String("create".into())]),
+        Ipld::String("app.bsky.feed.post/3l5jnpb6xyb01".into()),
+        Ipld::Null,
+        Ipld::Link(first),
+        // Unknown fields (even nested ones) are ignored, as a newer relay may add some.
+        with("extra", nested),
+        good("3l5jnpb6xyz00", &last),
+    ];
+    let frame = commit_with(
+        ops,
+        synth::car(&first, &[(first, first_block), (last, last_block)]),
+        vec![],
+    );
+    let event = decode_frame(&frame).expect("the frame itself is well formed");
+    let Event::Commit(commit) = &event else {
+        panic!("not a commit")
+    };
+    let shape: Vec<String> = commit
+        .ops
+        .iter()
+        .map(|op| match op {
+            Ok(op) => format!("ok {}", op.rkey.as_str()),
+            Err(e) => e.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            "ok 3l5jnpb6xya00",
+            "op field `path` is missing or has the wrong type",
+            "op field `action` is missing or has the wrong type",
+            "op field `cid` is missing or has the wrong type",
+            "op field `prev` is missing or has the wrong type",
+            "op field `action` is missing or has the wrong type",
+            "op field `path` is missing or has the wrong type",
+            "op is not a map",
+            "op is not a map",
+            "op is not a map",
+            "op is not a map",
+            "op is not a map",
+            "ok 3l5jnpb6xyb00",
+            "ok 3l5jnpb6xyz00",
+        ]
+    );
+
+    // Routing captures the good ops of the study user and counts the others.
+    let mut state = MemoryState::default();
+    state.study_users.insert(Did::parse(S1).unwrap());
+    let routing = route_event(&event, &state, CLOCK);
+    let mut files: Vec<String> = routing
+        .files
+        .iter()
+        .map(|f| f.path.file_name().to_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "{files:?}");
+    for rkey in ["3l5jnpb6xya00", "3l5jnpb6xyb00", "3l5jnpb6xyz00"] {
+        assert!(
+            files.iter().any(|f| f.contains(rkey)),
+            "{rkey} in {files:?}"
+        );
+    }
+    let reasons: Vec<_> = routing.dropped.iter().map(|d| d.reason).collect();
+    assert_eq!(reasons, ["bad_op"; 11]);
+    let indexes: Vec<_> = routing.dropped.iter().map(|d| d.op_index).collect();
+    assert_eq!(indexes, (1..=11).map(Some).collect::<Vec<_>>());
+}
+
 // ---------------------------------------------------------------------------------------------
 // proptest: arbitrary bytes and mutations of a valid commit frame
 // ---------------------------------------------------------------------------------------------
