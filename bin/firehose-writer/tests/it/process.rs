@@ -141,8 +141,10 @@ fn sigkill_at_random_points_loses_and_corrupts_nothing() {
     assert!(expected.len() > 500, "{} files", expected.len());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let relay = rt.block_on(TestRelay::start(d.frames.clone())).unwrap();
-    // A slow relay, so kills land mid-stream rather than after the end.
-    relay.set_fault(Fault::Delay(Duration::from_micros(300)));
+    // A slow relay, so kills land mid-stream rather than after the end: at most 1,000 frames/s
+    // (tokio timers have 1 ms resolution), so the 9,000 frames outlast the 24 runs of
+    // 80-480 ms each (about 7 s in total, start-up included) whatever the machine's speed.
+    relay.set_fault(Fault::Delay(Duration::from_millis(1)));
     let tmp = tempfile::tempdir().unwrap();
     write_sets(tmp.path(), &d);
     let url = relay.url();
