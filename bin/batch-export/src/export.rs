@@ -247,7 +247,7 @@ impl Run<'_> {
                     let rel = f.rel_path();
                     tracing::warn!(file = %rel, %reason, "corrupt cache file");
                     if !self.config.dry_run {
-                        match scan::quarantine(root, &rel, id, &reason) {
+                        match scan::quarantine(root, &f, id, &reason) {
                             Ok(dest) => tracing::warn!(to = %dest.display(), "quarantined"),
                             Err(e) => {
                                 tracing::error!(file = %rel, error = format!("{e:#}"), "could not quarantine")
@@ -259,11 +259,11 @@ impl Run<'_> {
                     self.summary.files_read += 1;
                     if exported.next().unwrap_or(false) {
                         self.summary.already_exported += 1;
-                        replays.push((f.rel_path(), id));
+                        replays.push((f.disk_rel_path(), id));
                         continue;
                     }
                     batch_keys.push(key);
-                    to_delete.push((f.rel_path(), id));
+                    to_delete.push((f.disk_rel_path(), id));
                     if !self.seen_rows.insert(parsed.dedupe) {
                         self.summary.duplicates += 1;
                         continue;

@@ -2,8 +2,9 @@
 //! exported ones.
 //!
 //! Names starting with `.` are never touched: the writer's `.tmp-*` files, `.export/` (state)
-//! and `.quarantine/`. Only complete files are ever seen, because the writer renames each file
-//! into place.
+//! and `.quarantine/`. The one exception is a file this export took out of the writer's way to
+//! delete it ([`TAKEN_PREFIX`]), which the walk reports under its original name. Only complete
+//! files are ever seen, because the writer renames each file into place.
 
 use std::fs::{self, File, ReadDir};
 use std::io::{self, Read};
@@ -17,22 +18,51 @@ use sha2::{Digest, Sha256};
 use crate::state::FileKey;
 use crate::tables::{classify, Source};
 
+/// Prefix of a file taken out of the writer's way by [`delete_if_same`]:
+/// `.exported-<32 hex>-<original name>`. The writer never writes or reads such a name; the walk
+/// reports it under the original name, so a take left behind (by a crash, or because the writer
+/// had already written a newer file at the original name) is exported or deleted next run.
+pub const TAKEN_PREFIX: &str = ".exported-";
+
+/// The original name of a taken file, or `None` if `name` is not one.
+pub fn original_of_taken(name: &str) -> Option<&str> {
+    let (id, original) = name.strip_prefix(TAKEN_PREFIX)?.split_once('-')?;
+    let well_formed = id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && !original.is_empty()
+        && !original.starts_with('.');
+    well_formed.then_some(original)
+}
+
 /// A cache file found by the walk.
 #[derive(Debug, Clone)]
 pub struct FileRef {
     /// Cache-relative directory, `/`-separated.
     pub dir: Arc<str>,
+    /// The name the writer gave the file (what keys and table parsing use).
     pub name: String,
+    /// The name on disk when it differs from `name` (a taken file, see [`TAKEN_PREFIX`]).
+    pub taken: Option<String>,
     /// `None` for a folder that feeds no table.
     pub source: Option<Arc<Source>>,
 }
 
 impl FileRef {
+    /// Cache-relative path under the writer's name: part of the file's key.
     pub fn rel_path(&self) -> String {
+        self.join(&self.name)
+    }
+
+    /// Cache-relative path of the file on disk.
+    pub fn disk_rel_path(&self) -> String {
+        self.join(self.taken.as_deref().unwrap_or(&self.name))
+    }
+
+    fn join(&self, name: &str) -> String {
         if self.dir.is_empty() {
-            self.name.clone()
+            name.to_owned()
         } else {
-            format!("{}/{}", self.dir, self.name)
+            format!("{}/{}", self.dir, name)
         }
     }
 }
@@ -96,10 +126,18 @@ impl Iterator for Walker {
                 tracing::warn!(dir = %frame.dir, name = ?name, "skipping a non-UTF-8 name");
                 continue;
             };
+            let Ok(ty) = entry.file_type() else { continue };
             if name.starts_with('.') {
+                if let Some(original) = original_of_taken(name).filter(|_| ty.is_file()) {
+                    return Some(FileRef {
+                        dir: frame.dir.clone(),
+                        name: original.to_owned(),
+                        taken: Some(name.to_owned()),
+                        source: frame.source.clone(),
+                    });
+                }
                 continue;
             }
-            let Ok(ty) = entry.file_type() else { continue };
             if ty.is_dir() {
                 let dir: Arc<str> = if frame.dir.is_empty() {
                     Arc::from(name)
@@ -123,6 +161,7 @@ impl Iterator for Walker {
                 return Some(FileRef {
                     dir: frame.dir.clone(),
                     name: name.to_owned(),
+                    taken: None,
                     source: frame.source.clone(),
                 });
             }
@@ -145,7 +184,7 @@ pub enum Read1 {
 /// Reads a file and computes its key.
 pub fn read_file(root: &Path, f: &FileRef, strip_synctimestamp: bool) -> Read1 {
     let rel = f.rel_path();
-    let path = root.join(&rel);
+    let path = root.join(f.disk_rel_path());
     let mut file = match File::open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Read1::Gone,
@@ -216,11 +255,64 @@ pub fn file_key(rel_path: &str, bytes: &[u8], strip: bool) -> FileKey {
     d[..16].try_into().expect("16 bytes")
 }
 
-/// Deletes `rel` if it is still the file that was read. Returns whether it was deleted.
+/// Deletes the file at `rel` (a path on disk) if it is still the file that was read. Returns
+/// whether it was deleted.
+///
+/// The writer may rename a newer file over `rel` at any moment (a re-follow has the same name),
+/// so "check, then unlink" could delete a file nobody exported. Instead the file is first taken
+/// out of the way with one atomic rename; what was taken is checked, and if it is not the file
+/// that was read it goes back (unless the writer has already put an even newer one there, in
+/// which case it stays under its taken name and the next run exports it).
 pub fn delete_if_same(root: &Path, rel: &str, id: FileId) -> io::Result<bool> {
+    delete_if_same_with(root, rel, id, || {})
+}
+
+fn delete_if_same_with(
+    root: &Path,
+    rel: &str,
+    id: FileId,
+    after_take: impl FnOnce(),
+) -> io::Result<bool> {
     let path = root.join(rel);
-    match fs::symlink_metadata(&path) {
-        Ok(m) if m.dev() == id.dev && m.ino() == id.ino => match fs::remove_file(&path) {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    if original_of_taken(name).is_some() {
+        // Only this export ever writes a taken name.
+        return unlink_if_same(&path, id);
+    }
+    let taken = path.with_file_name(format!(
+        "{TAKEN_PREFIX}{}-{name}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    match fs::rename(&path, &taken) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        // A name within 43 bytes of NAME_MAX: fall back to check-then-unlink.
+        Err(e) if e.kind() == io::ErrorKind::InvalidFilename => return unlink_if_same(&path, id),
+        Err(e) => return Err(e),
+    }
+    after_take();
+    let m = fs::symlink_metadata(&taken)?;
+    if m.dev() == id.dev && m.ino() == id.ino {
+        fs::remove_file(&taken)?;
+        return Ok(true);
+    }
+    // The writer replaced the file after it was read: put the newer file back. A hard link
+    // fails rather than overwrite an even newer one.
+    match fs::hard_link(&taken, &path) {
+        Ok(()) => fs::remove_file(&taken)?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => tracing::info!(
+            file = %rel,
+            kept = %taken.display(),
+            "the writer rewrote this file twice during the export; the middle version is exported next run"
+        ),
+        Err(e) => return Err(e),
+    }
+    Ok(false)
+}
+
+fn unlink_if_same(path: &Path, id: FileId) -> io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.dev() == id.dev && m.ino() == id.ino => match fs::remove_file(path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
@@ -233,8 +325,9 @@ pub fn delete_if_same(root: &Path, rel: &str, id: FileId) -> io::Result<bool> {
 
 /// Moves a bad file to `<cache>/.quarantine/<rel>` (a free name is chosen if taken) and appends
 /// the reason to `<cache>/.quarantine/reasons.log`.
-pub fn quarantine(root: &Path, rel: &str, id: Option<FileId>, reason: &str) -> Result<PathBuf> {
-    let src = root.join(rel);
+pub fn quarantine(root: &Path, f: &FileRef, id: Option<FileId>, reason: &str) -> Result<PathBuf> {
+    let src = root.join(f.disk_rel_path());
+    let rel = &f.rel_path();
     if let Some(id) = id {
         let m = fs::symlink_metadata(&src).with_context(|| format!("stat {}", src.display()))?;
         if m.dev() != id.dev || m.ino() != id.ino {
@@ -308,6 +401,138 @@ fn is_skeleton(dir: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FOLLOW: &str = "study_user_activity/create/follow/follower";
+    const NAME: &str = "follower_did=did:plc:a_followee_did=did:plc:b.json";
+
+    /// A cache with one follow file; returns its identity as the export read it.
+    fn cache_with(contents: &str) -> (tempfile::TempDir, FileId) {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join(FOLLOW)).unwrap();
+        let id = replace(tmp.path(), contents);
+        (tmp, id)
+    }
+
+    /// What the writer does: a whole new file renamed over the old name.
+    fn replace(root: &Path, contents: &str) -> FileId {
+        let dir = root.join(FOLLOW);
+        let tmp = dir.join(".tmp-writer");
+        fs::write(&tmp, contents).unwrap();
+        fs::rename(&tmp, dir.join(NAME)).unwrap();
+        let m = fs::metadata(dir.join(NAME)).unwrap();
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
+
+    /// (name on disk, contents) of every file in the follow folder, walked as the export does.
+    fn listing(root: &Path) -> Vec<(String, String, String)> {
+        let mut out: Vec<_> = Walker::new(root)
+            .unwrap()
+            .map(|f| {
+                let contents = fs::read_to_string(root.join(f.disk_rel_path())).unwrap();
+                (f.rel_path(), f.taken.is_some().to_string(), contents)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn rel() -> String {
+        format!("{FOLLOW}/{NAME}")
+    }
+
+    #[test]
+    fn deletes_the_file_that_was_read() {
+        let (tmp, id) = cache_with("first");
+        assert!(delete_if_same(tmp.path(), &rel(), id).unwrap());
+        assert!(listing(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn a_file_replaced_before_the_delete_stays() {
+        let (tmp, id) = cache_with("first");
+        replace(tmp.path(), "second");
+        assert!(!delete_if_same(tmp.path(), &rel(), id).unwrap());
+        assert_eq!(
+            listing(tmp.path()),
+            [(rel(), "false".into(), "second".into())]
+        );
+    }
+
+    #[test]
+    fn a_file_replaced_right_after_the_check_stays() {
+        // The window "check, then unlink" lost: the writer renames a re-follow in between.
+        let (tmp, id) = cache_with("first");
+        let root = tmp.path().to_owned();
+        let deleted = delete_if_same_with(tmp.path(), &rel(), id, || {
+            replace(&root, "second");
+        })
+        .unwrap();
+        assert!(deleted);
+        assert_eq!(
+            listing(tmp.path()),
+            [(rel(), "false".into(), "second".into())]
+        );
+    }
+
+    #[test]
+    fn a_file_replaced_twice_keeps_both_newer_versions_for_the_next_run() {
+        let (tmp, id) = cache_with("first");
+        replace(tmp.path(), "second");
+        let root = tmp.path().to_owned();
+        let deleted = delete_if_same_with(tmp.path(), &rel(), id, || {
+            replace(&root, "third");
+        })
+        .unwrap();
+        assert!(!deleted);
+        // "second" waits under a taken name, reported under the writer's name.
+        assert_eq!(
+            listing(tmp.path()),
+            [
+                (rel(), "false".into(), "third".into()),
+                (rel(), "true".into(), "second".into()),
+            ]
+        );
+        // Next run: the taken file is read and deleted like any other.
+        let taken = Walker::new(tmp.path())
+            .unwrap()
+            .find(|f| f.taken.is_some())
+            .unwrap();
+        let Read1::Ok { id, key, .. } = read_file(tmp.path(), &taken, false) else {
+            panic!("taken file unreadable")
+        };
+        assert_eq!(
+            key,
+            file_key(&rel(), b"second", false),
+            "keyed by the writer's name"
+        );
+        assert!(delete_if_same(tmp.path(), &taken.disk_rel_path(), id).unwrap());
+        assert_eq!(
+            listing(tmp.path()),
+            [(rel(), "false".into(), "third".into())]
+        );
+    }
+
+    #[test]
+    fn only_well_formed_taken_names_are_recognised() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            original_of_taken(&format!(".exported-{id}-a.json")),
+            Some("a.json")
+        );
+        for bad in [
+            ".exported-a.json".to_owned(),
+            format!(".exported-{id}-"),
+            format!(".exported-{id}-.hidden"),
+            format!(".exported-{}-a.json", &id[1..]),
+            format!(".exported-{}-a.json", id.replace('a', "g")),
+            format!(".tmp-{id}-a.json"),
+        ] {
+            assert_eq!(original_of_taken(&bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn key_ignores_synctimestamp_only() {

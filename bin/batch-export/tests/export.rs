@@ -591,6 +591,53 @@ fn replays_and_duplicates_are_exported_once() {
 }
 
 #[test]
+fn files_taken_for_deletion_by_an_interrupted_run_are_finished_next_run() {
+    // A run takes each exported file out of the writer's way (`.exported-<id>-<name>`) before
+    // deleting it; a kill in between leaves the taken file behind. So does a writer that
+    // rewrote the same name twice during the delete. The next run must treat it as the file it
+    // was: delete it if it was exported, export it if not.
+    let env = Env::new();
+    let exported = follow_json(S1, A1, "3l5jw7c2bde2s");
+    env.write(&follow_path("follower", S1, A1), &exported);
+    env.export_ok(&[]);
+    assert!(env.cache_files().is_empty());
+    let taken = |rel: &str, id: &str| {
+        let (dir, name) = rel.rsplit_once('/').unwrap();
+        format!("{dir}/.exported-{id}-{name}")
+    };
+    let already = taken(
+        &follow_path("follower", S1, A1),
+        "0123456789abcdef0123456789abcdef",
+    );
+    let pending = taken(
+        &follow_path("follower", S1, A2),
+        "fedcba9876543210fedcba9876543210",
+    );
+    env.write(&already, &exported);
+    env.write(&pending, &follow_json(S1, A2, "3l5jw7c2bde3a"));
+    // Not a taken name (no id): an ordinary hidden file, never touched.
+    let stray = "study_user_activity/create/follow/follower/.exported-notes.json";
+    env.write(stray, "not data");
+    assert_eq!(env.cache_files().len(), 3);
+    let s = env.export_ok(&[]);
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_eq!(s["files_exported"], 1, "{s}");
+    assert_eq!(env.cache_files(), [stray.to_owned()]);
+    let t = env.read();
+    let mut got: Vec<String> = rows(&t, "scraped_user_social_network")
+        .iter()
+        .map(|r| r["follow_did"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let mut want = vec![A1.to_owned(), A2.to_owned()];
+    want.sort();
+    assert_eq!(
+        got, want,
+        "each follow exported once, under its original table"
+    );
+}
+
+#[test]
 fn corrupt_files_are_quarantined_once() {
     let env = Env::new();
     let bad = "study_user_activity/create/post/author_did=did:plc:x_post_uri_suffix=1.json";

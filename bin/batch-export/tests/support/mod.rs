@@ -126,7 +126,9 @@ pub fn list_files(root: &Path) -> Vec<String> {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
+            // Hidden names are the writer's temp files and the export's own state, except a
+            // file the export took out of the way to delete it: that one is still data.
+            if name.starts_with('.') && !name.starts_with(".exported-") {
                 continue;
             }
             let p = e.path();
