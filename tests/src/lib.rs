@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 /// The shared fixtures directory (`$SYNC_FIXTURES`, default `../shared/fixtures` beside the repo),
-/// or `None` with a printed reason when it is absent.
+/// or `None` (the test then skips) when it is absent and `SYNC_SKIP_FIXTURE_TESTS` is set;
+/// absent otherwise is a test failure, so a misconfigured CI cannot pass by skipping.
 pub fn fixtures() -> Option<PathBuf> {
     let dir = std::env::var_os("SYNC_FIXTURES")
         .map(PathBuf::from)
@@ -16,12 +17,20 @@ pub fn fixtures() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!(
-            "skipping: fixtures not found at {} (set SYNC_FIXTURES)",
-            dir.display()
-        );
-        None
+        missing_fixtures(&dir)
     }
 }
 pub mod relay;
 pub mod s3;
+
+fn missing_fixtures(dir: &std::path::Path) -> Option<PathBuf> {
+    if std::env::var_os("SYNC_SKIP_FIXTURE_TESTS").is_some() {
+        eprintln!("skipping: fixtures not found at {}", dir.display());
+        return None;
+    }
+    panic!(
+        "fixtures not found at {}: set SYNC_FIXTURES to the shared fixtures directory \
+         (or SYNC_SKIP_FIXTURE_TESTS=1 to skip the tests that need them)",
+        dir.display()
+    )
+}

@@ -12,8 +12,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sync_core::ids::*;
 
-use crate::fixtures_root;
-
 /// Data lines of a fixture file: not blank, not starting with `#`. Nothing is trimmed (leading and
 /// trailing whitespace is significant in the invalid files). Yields (1-based line number, line).
 fn data_lines(text: &str) -> Vec<(usize, &str)> {
@@ -158,14 +156,10 @@ const KINDS: &[(&str, Checker)] = &[
 
 #[test]
 fn interop_syntax_fixtures() {
-    let dir = fixtures_root().join("interop").join("syntax");
-    if !dir.is_dir() {
-        println!(
-            "SKIP: fixture dir {} not found (set SYNC_FIXTURES)",
-            dir.display()
-        );
+    let Some(root) = crate::fixtures() else {
         return;
-    }
+    };
+    let dir = root.join("interop").join("syntax");
     let mut failures = Vec::new();
     let mut total = 0usize;
     for &(kind, check) in KINDS {

@@ -11,7 +11,7 @@ mod transform_examples;
 use std::path::PathBuf;
 
 /// The shared fixtures (`$SYNC_FIXTURES`, default `../shared/fixtures` beside the repo).
-pub fn fixtures_root() -> PathBuf {
+fn fixtures_root() -> PathBuf {
     std::env::var_os("SYNC_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -22,16 +22,26 @@ pub fn fixtures_root() -> PathBuf {
         })
 }
 
-/// The fixtures directory, or `None` with a printed reason when it is absent (tests then skip).
+/// The fixtures directory, or `None` (the test then skips) when it is absent and
+/// `SYNC_SKIP_FIXTURE_TESTS` is set; absent otherwise is a test failure, so a misconfigured
+/// CI cannot pass by skipping.
 pub fn fixtures() -> Option<PathBuf> {
     let dir = fixtures_root();
     if dir.join("relay-capture/frames.bin").is_file() {
         Some(dir)
     } else {
-        eprintln!(
-            "skipping: fixtures not found at {} (set SYNC_FIXTURES)",
-            dir.display()
-        );
-        None
+        missing_fixtures(&dir)
     }
+}
+
+fn missing_fixtures(dir: &std::path::Path) -> Option<PathBuf> {
+    if std::env::var_os("SYNC_SKIP_FIXTURE_TESTS").is_some() {
+        eprintln!("skipping: fixtures not found at {}", dir.display());
+        return None;
+    }
+    panic!(
+        "fixtures not found at {}: set SYNC_FIXTURES to the shared fixtures directory \
+         (or SYNC_SKIP_FIXTURE_TESTS=1 to skip the tests that need them)",
+        dir.display()
+    )
 }
