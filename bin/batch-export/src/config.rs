@@ -1,7 +1,7 @@
 //! Command line (every flag also an environment variable, prefix `BATCH_EXPORT_`) and the
 //! validated [`Config`] a run works from.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
@@ -159,7 +159,10 @@ pub struct S3Options {
 pub struct Config {
     pub cache_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// A local output is absolute (see [`absolute_output`]).
     pub output: Output,
+    /// What the state directory is bound to (see [`output_identity`]).
+    pub output_identity: String,
     pub compression: Compression,
     pub clear_filepaths: bool,
     pub clear_cache: bool,
@@ -191,9 +194,58 @@ pub fn parse_output(s: &str) -> Result<Output> {
     }
 }
 
+/// A local output as one canonical absolute path: the journal stores final locations, so a
+/// relative path would point elsewhere when the next run starts in another directory, and two
+/// spellings of one directory (`out`, `./out`, a symlink) must be recognised as one output. The
+/// existing part of the path is resolved; the rest (created by the run) is appended.
+pub fn absolute_output(p: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(p).with_context(|| format!("--output {}", p.display()))?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    loop {
+        match std::fs::canonicalize(existing) {
+            Ok(mut resolved) => {
+                resolved.extend(rest.iter().rev());
+                return Ok(resolved);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match (existing.parent(), existing.file_name()) {
+                    (Some(parent), Some(name)) => {
+                        rest.push(name.to_owned());
+                        existing = parent;
+                    }
+                    // `..` in a part that does not exist yet: keep it as given.
+                    _ => return Ok(abs),
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("resolving --output {}", p.display())),
+        }
+    }
+}
+
+/// The identity of an output, recorded in the state database on first use: the absolute local
+/// path, or `s3://bucket/prefix` plus the endpoint when one is set (the same bucket name on
+/// another S3-compatible store is another output).
+pub fn output_identity(output: &Output, endpoint: Option<&str>) -> String {
+    match output {
+        Output::Local(p) => p.display().to_string(),
+        Output::S3 { bucket, prefix } => {
+            let mut id = format!("s3://{bucket}/{prefix}");
+            if let Some(ep) = endpoint {
+                id.push_str(&format!(" at {}", ep.trim_end_matches('/')));
+            }
+            id
+        }
+    }
+}
+
 impl Config {
     pub fn from_args(args: &Args) -> Result<Config> {
-        let output = parse_output(&args.output)?;
+        let output = match parse_output(&args.output)? {
+            Output::Local(p) => Output::Local(absolute_output(&p)?),
+            s3 => s3,
+        };
+        let output_identity = output_identity(&output, args.s3_endpoint.as_deref());
         if args.batch_files == 0 {
             bail!("--batch-files must be at least 1");
         }
@@ -216,6 +268,7 @@ impl Config {
             cache_dir: args.cache_dir.clone(),
             state_dir,
             output,
+            output_identity,
             compression: args.compression,
             clear_filepaths: args.clear_filepaths,
             clear_cache: args.clear_cache,
@@ -260,6 +313,31 @@ mod tests {
         assert!(parse_output("s3:///x").is_err());
         assert!(parse_output("gs://x").is_err());
         assert_eq!(parse_output("out").unwrap(), Output::Local("out".into()));
+    }
+
+    #[test]
+    fn local_outputs_are_absolute_and_canonical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, tmp.path().join("link")).unwrap();
+        let canon = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(absolute_output(&tmp.path().join("link")).unwrap(), canon);
+        assert_eq!(
+            absolute_output(&tmp.path().join("link/not/yet")).unwrap(),
+            canon.join("not/yet")
+        );
+        let rel = absolute_output(Path::new("some/relative/out")).unwrap();
+        assert!(
+            rel.is_absolute() && rel.ends_with("some/relative/out"),
+            "{rel:?}"
+        );
+        let s3 = parse_output("s3://b/p").unwrap();
+        assert_eq!(output_identity(&s3, None), "s3://b/p");
+        assert_eq!(
+            output_identity(&s3, Some("http://127.0.0.1:9000/")),
+            "s3://b/p at http://127.0.0.1:9000"
+        );
     }
 
     #[test]

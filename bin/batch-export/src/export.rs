@@ -98,6 +98,9 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
     } else {
         Some(State::open(&config.state_dir)?)
     };
+    if let Some(state) = &state {
+        check_output_binding(config, state)?;
+    }
     let sink = if config.dry_run {
         None
     } else {
@@ -131,6 +134,31 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
     result?;
     run.summary.seconds = started.elapsed().as_secs_f64();
     Ok(RunOutcome::Done(run.summary))
+}
+
+/// A state directory describes one output: its exported-keys store says which cache files are
+/// already in *that* output, and its journal's unfinished batches can only be rolled back there.
+/// Used with another output it would delete cache files whose rows never reach the first one,
+/// skip files as "already exported" that the new one never got, and roll back through the wrong
+/// sink (leaving an orphan Parquet file that duplicates rows). So the first run records the
+/// output and every later run must name the same one.
+fn check_output_binding(config: &Config, state: &State) -> Result<()> {
+    match state.bound_output()? {
+        Some(bound) if bound != config.output_identity => {
+            Err(anyhow::Error::new(crate::UsageError(format!(
+                "the state directory {} belongs to the output {bound}, not {}: its journal and \
+                 exported keys describe what was exported there. Run with that output (same \
+                 --output and --s3-endpoint) to continue that export; to export this cache somewhere else, give that export its \
+                 own --state-dir (on the live cache also --clear-filepaths false, so the regular \
+                 export still gets every file), or export a copy of the cache",
+                config.state_dir.display(),
+                config.output_identity,
+            ))))
+        }
+        Some(_) => Ok(()),
+        None if config.dry_run => Ok(()),
+        None => state.bind_output(&config.output_identity),
+    }
 }
 
 impl Run<'_> {

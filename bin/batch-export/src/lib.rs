@@ -28,6 +28,19 @@ pub mod exit {
     pub const QUARANTINED: u8 = 3;
 }
 
+/// An error of the command line or configuration (exit code [`exit::USAGE`]), e.g. a state
+/// directory used with another output than the one it is bound to.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()

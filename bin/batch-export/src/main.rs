@@ -68,6 +68,10 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::OK)
             }
         }
+        Err(e) if e.chain().any(|c| c.is::<batch_export::UsageError>()) => {
+            eprintln!("batch-export: invalid configuration: {e:#}");
+            ExitCode::from(exit::USAGE)
+        }
         Err(e) => {
             eprintln!("batch-export: error: {e:#}");
             ExitCode::from(exit::ERROR)

@@ -87,6 +87,22 @@ impl State {
         Ok(Some(State { conn }))
     }
 
+    /// The output this state directory is bound to (`None` before its first run).
+    pub fn bound_output(&self) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT v FROM meta WHERE k = 'output'", [], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Binds this state directory to `identity` (first run only; see `export::run`).
+    pub fn bind_output(&self, identity: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT INTO meta (k, v) VALUES ('output', ?1)", [identity])
+            .context("recording the output in the state database")?;
+        Ok(())
+    }
+
     /// Batches killed before their commit point.
     pub fn unfinished(&self) -> Result<Vec<Unfinished>> {
         let mut stmt = self

@@ -530,6 +530,109 @@ fn new_tables_round_trip() {
 }
 
 #[test]
+fn a_state_dir_is_bound_to_one_output() {
+    let env = Env::new();
+    let args = |output: &str, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--cache-dir".into(),
+            env.cache.display().to_string(),
+            "--output".into(),
+            output.into(),
+            "--json".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let post = |rkey: &str| {
+        let rel = post_path("study_user_activity/create/post", S1, rkey);
+        env.write(&rel, &study_post(S1, rkey, rkey));
+        rel
+    };
+    // The first run names the output relative to its working directory.
+    post("3l5jnpb6xyz2k");
+    let out = command(&args("out", &[]), &[])
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let main_out = fs::canonicalize(&env.out).unwrap();
+    // The journal holds absolute locations (a relative one would point elsewhere for a run
+    // started in another directory).
+    let db = env.cache.join(".export/state.sqlite");
+    let locations = sqlite_query(&db, "SELECT location || '|' || temp FROM batch_output");
+    assert!(!locations.is_empty());
+    for l in &locations {
+        for p in l.split('|') {
+            assert!(p.starts_with(&main_out.display().to_string()), "{l}");
+        }
+    }
+    assert_eq!(
+        sqlite_query(&db, "SELECT v FROM meta WHERE k = 'output'"),
+        [main_out.display().to_string()]
+    );
+
+    // Another output with the same state directory is refused before anything is touched.
+    let second = post("3l5jr4q7m2s2x");
+    let elsewhere = env.dir.path().join("elsewhere");
+    let out = run(&args(elsewhere.to_str().unwrap(), &[]), &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&main_out.display().to_string())
+            && err.contains(&elsewhere.display().to_string())
+            && err.contains("--state-dir"),
+        "names both outputs and the way out: {err}"
+    );
+    assert!(env.exists(&second), "nothing deleted");
+    assert!(!elsewhere.exists(), "nothing written");
+
+    // The same directory spelled another way (absolute, through a symlink) is the same output.
+    std::os::unix::fs::symlink(&env.out, env.dir.path().join("out-link")).unwrap();
+    let link = env.dir.path().join("out-link");
+    let out = run(&args(link.to_str().unwrap(), &[]), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(!env.exists(&second));
+
+    // The documented one-off: its own state directory and --clear-filepaths false, so the
+    // regular export still gets every file.
+    let third = post("3l5jsz2v4fc2d");
+    let oneoff_state = env.dir.path().join("oneoff-state");
+    let out = run(
+        &args(
+            elsewhere.to_str().unwrap(),
+            &[
+                "--state-dir",
+                oneoff_state.to_str().unwrap(),
+                "--clear-filepaths",
+                "false",
+            ],
+        ),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(env.exists(&third));
+    assert_eq!(
+        rows(
+            &read_parquet_tree(&elsewhere),
+            "study_user_activity/create/post"
+        )
+        .len(),
+        1
+    );
+    env.export_ok(&[]);
+    assert!(env.cache_files().is_empty());
+    let uris: BTreeSet<String> = rows(&env.read(), "study_user_activity/create/post")
+        .iter()
+        .map(|r| r["uri"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        uris.len(),
+        3,
+        "every file reached the main output once: {uris:?}"
+    );
+}
+
+#[test]
 fn readme_documents_every_table_schema() {
     let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     assert!(
@@ -1142,8 +1245,20 @@ fn s3_unreachable_or_failing_leaves_the_cache_untouched() {
     let before = env.cache_files();
     // Nothing listens on this port.
     let dead = format!("http://127.0.0.1:{}", s3::free_port());
+    // Its own state directory: a state directory is bound to its output, endpoint included.
+    let dead_state = env.dir.path().join("dead-state");
     let out = run(
-        &s3_args(&env, &dead, "s3://research/x", &["--s3-max-attempts", "2"]),
+        &s3_args(
+            &env,
+            &dead,
+            "s3://research/x",
+            &[
+                "--s3-max-attempts",
+                "2",
+                "--state-dir",
+                dead_state.to_str().unwrap(),
+            ],
+        ),
         s3::CLIENT_ENV,
     );
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -1227,9 +1342,11 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
         left > 0 && left < 12,
         "some batches committed before the failure, some not: {left} left"
     );
-    // S3 is back: the next run rolls back the failed batch and exports the rest.
+    // S3 is back (at the same endpoint): the next run rolls back the failed batch and exports
+    // the rest.
+    proxy.heal();
     let out = run(
-        &s3_args(&env, &server.endpoint, "s3://research/x", &[]),
+        &s3_args(&env, &endpoint, "s3://research/x", &[]),
         s3::CLIENT_ENV,
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));

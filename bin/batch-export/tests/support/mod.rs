@@ -162,6 +162,28 @@ pub fn command(args: &[String], env: &[(&str, &str)]) -> Command {
     c
 }
 
+/// Runs one SQL query with python3's sqlite3 module; each row's columns joined by `|`.
+pub fn sqlite_query(db: &Path, sql: &str) -> Vec<String> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\nfor r in sqlite3.connect(sys.argv[1]).execute(sys.argv[2]): print('|'.join(map(str, r)))",
+            &db.display().to_string(),
+            sql,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "sqlite3 query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn describe(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -350,6 +372,7 @@ pub fn is_export_ts(v: &Value) -> bool {
 pub struct FlakyProxy {
     pub port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    healed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FlakyProxy {
@@ -363,6 +386,8 @@ impl FlakyProxy {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let healed = Arc::new(AtomicBool::new(false));
+        let healed2 = healed.clone();
         let sent = Arc::new(AtomicUsize::new(0));
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
@@ -375,7 +400,8 @@ impl FlakyProxy {
                     }
                 };
                 client.set_nonblocking(false).unwrap();
-                if sent.load(Ordering::Relaxed) >= fail_after {
+                let broken = !healed2.load(Ordering::Relaxed);
+                if broken && sent.load(Ordering::Relaxed) >= fail_after {
                     let mut buf = [0u8; 4096];
                     let _ = client.read(&mut buf);
                     let _ = client.write_all(
@@ -395,7 +421,7 @@ impl FlakyProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if sent2.fetch_add(n, Ordering::Relaxed) + n > fail_after {
+                        if broken && sent2.fetch_add(n, Ordering::Relaxed) + n > fail_after {
                             break;
                         }
                         if server.try_clone().unwrap().write_all(&buf[..n]).is_err() {
@@ -411,7 +437,14 @@ impl FlakyProxy {
                 });
             }
         });
-        FlakyProxy { port, stop }
+        FlakyProxy { port, stop, healed }
+    }
+
+    /// From now on every new connection is forwarded in full (the store is "back"), at the same
+    /// endpoint: the export's state directory is bound to its endpoint.
+    pub fn heal(&self) {
+        self.healed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
