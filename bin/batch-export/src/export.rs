@@ -54,6 +54,47 @@ struct Run<'a> {
     progress_shown: std::sync::atomic::AtomicBool,
 }
 
+/// The cache's lock file (a dot-name: the writer and the walk ignore it).
+pub const CACHE_LOCK: &str = ".export.lock";
+
+enum Lock {
+    Held(File),
+    /// Another run holds it.
+    Busy,
+    /// The file cannot be created (read-only file system or no permission).
+    Unavailable,
+}
+
+/// `flock`-style non-blocking lock of `path`, created if `create` (the lock is released when the
+/// process ends, however it ends).
+fn take_lock(path: &std::path::Path, create: bool) -> Result<Lock> {
+    let opened = File::options()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            return Ok(Lock::Unavailable)
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Lock::Held(file)),
+        Err(TryLockError::WouldBlock) => Ok(Lock::Busy),
+        Err(TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Files after which a run counts as large enough for a progress bar.
 const LARGE_RUN_FILES: u64 = 20_000;
 
@@ -71,24 +112,38 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
             .num_threads(config.threads)
             .build_global();
     }
-    // The lock (dry runs take it only when the state directory exists: they write nothing).
-    let lock_path = config.state_dir.join("lock");
-    let _lock = if config.dry_run && !config.state_dir.is_dir() {
+    // Two non-blocking locks; a run that finds either held does nothing (exit 0). The state
+    // directory's lock keeps one journal to one run; the cache's lock keeps one export at a time
+    // deleting from a cache, even when two runs were given different --state-dir. Dry runs write
+    // nothing: they take a lock only if its file exists.
+    let state_lock = config.state_dir.join("lock");
+    let _state_lock = if config.dry_run && !config.state_dir.is_dir() {
         None
     } else {
         fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
-        match lock.try_lock() {
-            Ok(()) => Some(lock),
-            Err(TryLockError::WouldBlock) => return Ok(RunOutcome::Busy { lock: lock_path }),
-            Err(TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("locking {}", lock_path.display()))
+        match take_lock(&state_lock, !config.dry_run)? {
+            Lock::Held(f) => Some(f),
+            Lock::Busy => return Ok(RunOutcome::Busy { lock: state_lock }),
+            Lock::Unavailable => bail!(
+                "cannot create {} (read-only or no permission); the state directory must be writable",
+                state_lock.display()
+            ),
+        }
+    };
+    let cache_lock = config.cache_dir.join(CACHE_LOCK);
+    let _cache_lock = if config.dry_run && !cache_lock.exists() {
+        None
+    } else {
+        match take_lock(&cache_lock, !config.dry_run)? {
+            Lock::Held(f) => Some(f),
+            Lock::Busy => return Ok(RunOutcome::Busy { lock: cache_lock }),
+            Lock::Unavailable => {
+                // A read-only cache (a mounted copy, exported with its own --state-dir and
+                // --clear-filepaths false): no run can delete from it, so there is nothing
+                // for this lock to protect.
+                tracing::warn!(lock = %cache_lock.display(), "cannot create the cache lock (read-only cache?); running without it");
+                None
             }
         }
     };

@@ -863,6 +863,45 @@ fn a_second_run_exits_zero_while_the_lock_is_held() {
 }
 
 #[test]
+fn the_cache_lock_also_stops_a_run_with_another_state_dir() {
+    // Two runs on one cache with different --state-dir would both delete from it; the lock in
+    // the cache itself makes the second one wait its turn like any concurrent run.
+    let env = Env::new();
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k"),
+        &study_post(S1, "3l5jnpb6xyz2k", "x"),
+    );
+    let other_state = env.dir.path().join("other-state");
+    let extra = ["--state-dir", other_state.to_str().unwrap()];
+    let lock = fs::File::create(env.cache.join(".export.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let out = env.export(&extra);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another run holds") && err.contains(".export.lock"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(env.cache_files().len(), 1, "nothing exported while locked");
+    assert!(!env.out.exists());
+    // A dry run takes it too (it exists now).
+    let out = env.export(&["--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another run holds"),
+        "{}",
+        describe(&out)
+    );
+    drop(lock);
+    env.export_ok(&extra);
+    assert!(env.cache_files().is_empty());
+    assert_eq!(
+        rows(&env.read(), "study_user_activity/create/post").len(),
+        1
+    );
+}
+
+#[test]
 fn env_vars_configure_every_run() {
     let env = Env::new();
     env.write(
