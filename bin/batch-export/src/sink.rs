@@ -30,6 +30,12 @@ pub fn random_hex() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// Name of the temp (local) or staging (S3) file of the Parquet file `name`: hidden, and not
+/// ending in `.parquet`.
+pub fn temp_name(name: &str) -> String {
+    format!(".tmp-{name}.partial")
+}
+
 /// fsyncs a directory so a rename or create in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -71,9 +77,13 @@ impl Sink {
             Sink::Local { root } => {
                 let dir = root.join(&rel);
                 create_dir_all_durable(&dir)?;
+                // The temp file sits in the live partition folder, so its name must not end in
+                // `.parquet`: readers glob `**/*.parquet` (DuckDB, Polars, Spark) and would pick
+                // up a half-written or never-committed file. Rollback removes the temp path the
+                // journal recorded, so temps of older runs (`.tmp-<name>`) are still found.
                 Ok(PlannedOutput {
                     location: dir.join(&name).to_string_lossy().into_owned(),
-                    temp: dir.join(format!(".tmp-{name}")),
+                    temp: dir.join(temp_name(&name)),
                 })
             }
             Sink::S3(s) => {
@@ -86,7 +96,7 @@ impl Sink {
                 };
                 Ok(PlannedOutput {
                     location: key,
-                    temp: s.staging.join(name),
+                    temp: s.staging.join(temp_name(&name)),
                 })
             }
         }
@@ -351,5 +361,48 @@ impl S3Sink {
                 Ok::<(), anyhow::Error>(())
             })
             .with_context(|| format!("deleting s3://{}/{key}", self.bucket))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_never_match_parquet_globs_and_old_temps_roll_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = Sink::Local {
+            root: tmp.path().to_owned(),
+        };
+        let out = sink
+            .plan("study_user_activity/create/post", "2024-10-02")
+            .unwrap();
+        let temp = out.temp.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(
+            temp.starts_with(".tmp-") && !temp.ends_with(".parquet"),
+            "{temp}"
+        );
+        assert!(out.location.ends_with("-0.parquet"));
+        assert_eq!(out.temp.parent(), Path::new(&out.location).parent());
+
+        // A journal written before this change recorded `.tmp-<name>`: rollback removes
+        // exactly what the journal recorded.
+        let name = Path::new(&out.location)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        let old = PlannedOutput {
+            location: out.location.clone(),
+            temp: out.temp.with_file_name(format!(".tmp-{name}")),
+        };
+        fs::write(&old.temp, b"half written").unwrap();
+        fs::write(&old.location, b"published").unwrap();
+        sink.remove(&old).unwrap();
+        assert!(!old.temp.exists() && !Path::new(&old.location).exists());
+        // And the new temp name.
+        fs::write(&out.temp, b"half written").unwrap();
+        sink.remove(&out).unwrap();
+        assert!(!out.temp.exists());
     }
 }
