@@ -135,6 +135,17 @@ pub async fn run(
         Err(e) => warn!(error = %e, "could not scan the cache for stale temp files"),
     }
     let start_cursor = config.cursor.or(state.cursor());
+    if let (Some(requested), Some(stored)) = (config.cursor, state.cursor()) {
+        if requested < stored {
+            // Otherwise every tracked repo's events up to the stored cursor would be skipped
+            // as duplicates of what was captured before, defeating the rewind.
+            warn!(
+                cursor = requested,
+                stored, "rewinding below the stored cursor: events after it are captured again"
+            );
+            state.forget_revs()?;
+        }
+    }
     info!(cursor = ?start_cursor, stored = ?state.cursor(), "starting");
 
     let metrics = Metrics::new();

@@ -67,7 +67,10 @@ pub struct Metrics {
     /// `time` of the last handled event, Unix microseconds (0 = none yet).
     pub last_event_time_us: AtomicI64,
     pub connected: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    /// Failing cache writes/flushes or state commits: cleared by the processor on recovery.
+    cache_error: Mutex<Option<String>>,
+    /// Connection problems and relay error frames: cleared by the first event after them.
+    source_error: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -96,14 +99,17 @@ impl Metrics {
         self.events.snapshot()
     }
 
-    pub fn set_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    pub fn set_cache_error(&self, error: Option<String>) {
+        *self.cache_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
+    pub fn set_source_error(&self, error: Option<String>) {
+        *self.source_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+    /// The current problem, if any: a cache problem first (it blocks the cursor), else a
+    /// connection problem not yet followed by an event.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let read = |m: &Mutex<Option<String>>| m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        read(&self.cache_error).or_else(|| read(&self.source_error))
     }
 
     /// Seconds between now and the `time` of the last handled event.

@@ -98,6 +98,10 @@ impl Processor {
     ) -> Self {
         if let Some(c) = state.cursor() {
             metrics.cursor.store(c, Ordering::Relaxed);
+        }
+        // The resume point until the first commit: where this run starts (`--cursor` may
+        // rewind below the stored cursor), not where the previous run ended.
+        if let Some(c) = start_seq.or(state.cursor()) {
             durable_cursor.store(c, Ordering::Relaxed);
         }
         handled_seq.store(start_seq.unwrap_or(-1), Ordering::Relaxed);
@@ -275,19 +279,19 @@ impl Processor {
                 Ok(v) => {
                     if failed {
                         info!(seq, "{what} recovered");
-                        self.metrics.set_error(None);
+                        self.metrics.set_cache_error(None);
                     }
                     return Ok(v);
                 }
                 Err(e) if e.is::<Fatal>() || e.chain().any(|c| c.is::<Fatal>()) => {
-                    self.metrics.set_error(Some(format!("{what}: {e:#}")));
+                    self.metrics.set_cache_error(Some(format!("{what}: {e:#}")));
                     error!(seq, error = %format!("{e:#}"), "{what} failed in a way a retry cannot repair; stopping with the cursor at the last durable seq");
                     return Err(e);
                 }
                 Err(e) => {
                     failed = true;
                     self.metrics.write_errors.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.set_error(Some(format!("{what}: {e:#}")));
+                    self.metrics.set_cache_error(Some(format!("{what}: {e:#}")));
                     error!(seq, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed; the cursor will not move until it succeeds");
                     if self.shutdown.load(Ordering::Relaxed) {
                         bail!("shutting down while {what} is failing: {e:#}; the cursor stays at the last durable seq");
@@ -315,7 +319,18 @@ impl Processor {
         }
         let seq = self.last_seq;
         self.retry("cache sync", seq, |p| {
-            p.cache.sync().map(|_| ()).map_err(anyhow::Error::from)
+            p.cache.sync().map(|_| ()).map_err(|e| {
+                // After a failed fsync the kernel may have dropped the pages and a later
+                // fsync can report success anyway: stop instead, and let the restart replay
+                // from the durable cursor (the temp files are removed at start-up).
+                let fatal = e.is_flush_failure();
+                let e = anyhow::Error::from(e);
+                if fatal {
+                    e.context(Fatal)
+                } else {
+                    e
+                }
+            })
         })?;
         self.retry("state commit", seq, |p| p.state.commit(seq))?;
         if let Some(seq) = seq {

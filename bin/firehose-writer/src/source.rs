@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use sync_core::frame::{decode_frame, is_error_frame, Event, MAX_FRAME_BYTES};
+use sync_core::frame::{decode_frame, frame_seq, is_error_frame, Event, MAX_FRAME_BYTES};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -120,6 +120,10 @@ impl RelaySource {
             Reconnect::Live
         };
         let mut first = true;
+        // The last frame received: before the processor has handled anything, its seq is the
+        // resume point (a live tail that drops must not skip what came in meanwhile). Kept as
+        // the shared buffer itself and parsed only when needed.
+        let mut last_frame: Option<Bytes> = None;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -138,7 +142,12 @@ impl RelaySource {
                 attempt = attempt.saturating_add(1);
             }
             first = false;
-            let cursor = self.cursor_for(&how);
+            if matches!(how, Reconnect::Live) {
+                last_frame = None;
+            }
+            let cursor = self
+                .cursor_for(&how)
+                .or_else(|| last_frame.as_deref().and_then(frame_seq));
             let url = match cursor {
                 Some(c) => format!("{}?cursor={c}", self.url),
                 None => self.url.clone(),
@@ -151,7 +160,8 @@ impl RelaySource {
                 Ok(Ok((ws, _))) => ws,
                 Ok(Err(e)) => {
                     warn!(%url, error = %e, "connect failed");
-                    self.metrics.set_error(Some(format!("connect {url}: {e}")));
+                    self.metrics
+                        .set_source_error(Some(format!("connect {url}: {e}")));
                     continue;
                 }
                 Err(_) => {
@@ -173,6 +183,7 @@ impl RelaySource {
             // The stall watchdog measures time since the last event (binary message), not since
             // the last wake-up: pings, pongs and other control traffic must not reset it.
             let mut last_event = tokio::time::Instant::now();
+            let mut first_event = true;
             // Frames already received are handed over in batches: one channel operation (and at
             // most one processor wake-up) per batch instead of per frame.
             let mut batch = Batch::default();
@@ -185,14 +196,22 @@ impl RelaySource {
                 let next = match ready {
                     Some(next) => next,
                     None => {
-                        if !batch.frames.is_empty() && tx.send(batch.take()).await.is_err() {
-                            break Ok(None);
+                        if !batch.frames.is_empty() {
+                            if tx.send(batch.take()).await.is_err() {
+                                break Ok(None);
+                            }
+                            // A full channel (slow disk) may have held us here for long: the
+                            // watchdog measures upstream silence, not our own backpressure.
+                            last_event = tokio::time::Instant::now();
                         }
                         tokio::select! {
+                            // Data first: an expired watchdog must not win over a ready message.
+                            biased;
                             _ = shutdown.changed() => {
                                 let _ = ws.close(None).await;
                                 break Ok(None);
                             }
+                            next = ws.next() => next,
                             _ = ping.tick() => {
                                 if let Err(e) = ws.send(Message::Ping(Bytes::new())).await {
                                     warn!(error = %e, "ping failed");
@@ -205,7 +224,6 @@ impl RelaySource {
                                 warn!(stall_timeout_s = self.stall_timeout.as_secs_f64(), "no event within the stall timeout; reconnecting");
                                 break Ok(Some(Reconnect::Handled));
                             }
-                            next = ws.next() => next,
                         }
                     }
                 };
@@ -243,6 +261,12 @@ impl RelaySource {
                                 break Ok(None);
                             }
                         }
+                        if first_event {
+                            // Events flow again: a connection problem is over.
+                            self.metrics.set_source_error(None);
+                            first_event = false;
+                        }
+                        last_frame = Some(bytes.clone());
                         batch.push(bytes);
                         last_event = tokio::time::Instant::now();
                         attempt = 0;
@@ -276,7 +300,7 @@ impl RelaySource {
             _ => ("unreadable error frame".to_owned(), None),
         };
         self.metrics.event("error");
-        self.metrics.set_error(Some(format!(
+        self.metrics.set_source_error(Some(format!(
             "relay error {error}: {}",
             message.clone().unwrap_or_default()
         )));

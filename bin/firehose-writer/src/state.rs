@@ -171,6 +171,18 @@ impl StateStore {
         self.study_users.contains(did) || self.is_in_network(did)
     }
 
+    /// Forgets every repo's last rev, so events older than the stored cursor are handled again
+    /// (an operator rewinding with `--cursor`). Safe: a replayed event rewrites the same file
+    /// name and the index updates are idempotent; only duplicate counting is lost for a while.
+    pub fn forget_revs(&mut self) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM repo_revs", [])
+            .context("clearing the per-repo revs")?;
+        self.revs.clear();
+        self.pending.revs.clear();
+        Ok(())
+    }
+
     /// True when `rev` is not newer than the last rev seen for this (tracked) repo.
     pub fn is_duplicate(&self, did: &Did, rev: &Tid) -> bool {
         self.revs.get(did).is_some_and(|last| rev <= last)

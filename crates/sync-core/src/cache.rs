@@ -46,6 +46,18 @@ impl CacheError {
         matches!(self, CacheError::Io { .. })
     }
 
+    /// True when the operation is not supported here (e.g. `syncfs` outside Linux).
+    fn is_unsupported(&self) -> bool {
+        let CacheError::Io { source, .. } = self else {
+            return false;
+        };
+        source.kind() == io::ErrorKind::Unsupported
+            || matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+            )
+    }
+
     /// True when flushing written data failed (`fsync`/`syncfs`): the kernel may have dropped
     /// the pages, so retrying cannot prove the data reached the disk.
     pub fn is_flush_failure(&self) -> bool {
@@ -74,6 +86,8 @@ pub struct CacheWriter {
     dirty_dirs: HashSet<PathBuf>,
     temp_counter: u64,
     pid: u32,
+    /// Test hook: the next this-many flushes fail with EIO (see [`Self::inject_flush_failures`]).
+    injected_flush_failures: u32,
 }
 
 impl CacheWriter {
@@ -88,7 +102,16 @@ impl CacheWriter {
             dirty_dirs: HashSet::new(),
             temp_counter: 0,
             pid: std::process::id(),
+            injected_flush_failures: 0,
         })
+    }
+
+    /// Makes the next `n` flushes fail with EIO, as a disk whose write-back failed would. Only
+    /// for tests of the callers' handling: a real fsync error cannot be provoked without a
+    /// faulty block device.
+    #[doc(hidden)]
+    pub fn inject_flush_failures(&mut self, n: u32) {
+        self.injected_flush_failures = n;
     }
 
     pub fn root(&self) -> &Path {
@@ -175,14 +198,29 @@ impl CacheWriter {
         if self.pending.is_empty() && self.dirty_dirs.is_empty() {
             return Ok(0);
         }
+        if self.injected_flush_failures > 0 && !self.pending.is_empty() {
+            self.injected_flush_failures -= 1;
+            return Err(CacheError::io(
+                "fsync",
+                &self.root,
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         // One syncfs flushes every temp file's data at once; per-file fsync is the fallback
         // where syncfs is unavailable. Thousands of files per batch make the difference large
-        // (BENCHMARKS.md).
-        if !self.pending.is_empty() && self.syncfs().is_err() {
-            for p in &self.pending {
-                File::open(&p.temp)
-                    .and_then(|f| f.sync_data())
-                    .map_err(|e| CacheError::io("fsync", &p.temp, e))?;
+        // (BENCHMARKS.md). Any other syncfs error is a flush failure and is returned: a
+        // per-file fsync after it could succeed without the lost pages ever reaching the disk.
+        if !self.pending.is_empty() {
+            match self.syncfs() {
+                Ok(()) => {}
+                Err(e) if e.is_unsupported() => {
+                    for p in &self.pending {
+                        File::open(&p.temp)
+                            .and_then(|f| f.sync_data())
+                            .map_err(|e| CacheError::io("fsync", &p.temp, e))?;
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
         let count = self.pending.len();

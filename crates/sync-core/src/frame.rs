@@ -564,6 +564,13 @@ fn parse_op(raw: RawOp<'_>) -> Result<RepoOp, OpError> {
     })
 }
 
+/// The `seq` of a frame's body, if it has one, without decoding the rest (cheap: the body's
+/// other fields are skipped, not parsed).
+pub fn frame_seq(frame: &[u8]) -> Option<i64> {
+    let end = cbor::skip_item(frame, 0).ok()?;
+    seq_of(frame.get(end..)?).map(|s| s.0)
+}
+
 /// True when the message is an error frame (`op = -1`); reads only the header.
 pub fn is_error_frame(frame: &[u8]) -> bool {
     let Ok(end) = cbor::skip_item(frame, 0) else {

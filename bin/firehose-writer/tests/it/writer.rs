@@ -930,3 +930,189 @@ async fn a_second_writer_on_the_same_state_is_refused() {
     );
     first.stop().await.unwrap();
 }
+
+fn did_set(dids: &[String]) -> HashSet<sync_core::ids::Did> {
+    dids.iter()
+        .map(|d| sync_core::ids::Did::parse(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_failed_flush_stops_the_writer_before_the_cursor_moves() {
+    use firehose_writer::processor::{Input, Processor};
+    use std::sync::atomic::{AtomicBool, AtomicI64};
+    use sync_core::cache::CacheWriter;
+    use tokio_tungstenite::tungstenite::Bytes;
+
+    let Some(data) = looped(1) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let state_path = tmp.path().join("state.sqlite");
+    let mut cache = CacheWriter::open(&cache_dir).unwrap();
+    // A disk whose write-back failed: the first flush reports EIO. A retry could "succeed"
+    // without the lost pages ever reaching the disk, so the writer must stop instead.
+    cache.inject_flush_failures(1);
+    let state = firehose_writer::state::StateStore::open(
+        &state_path,
+        did_set(&data.study),
+        did_set(&data.in_network),
+    )
+    .unwrap();
+    let metrics = Metrics::new();
+    let processor = Processor::new(
+        cache,
+        state,
+        metrics.clone(),
+        Some(0),
+        Duration::from_millis(10),
+        Arc::new(AtomicI64::new(-1)),
+        Arc::new(AtomicI64::new(-1)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let frames: Vec<Bytes> = data.frames.iter().cloned().map(Bytes::from).collect();
+    tx.try_send(Input::Frames(frames)).unwrap();
+    tx.try_send(Input::End).unwrap();
+    drop(tx);
+    let err = processor
+        .run(rx)
+        .expect_err("a failed flush must stop the writer");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("flush") && msg.contains("fsync"), "{msg}");
+    assert!(metrics.last_error().is_some());
+    assert_eq!(crate::support::stored_cursor(&state_path), None);
+    assert!(
+        cache_tree(&cache_dir).is_empty(),
+        "nothing renamed into place after the failed flush"
+    );
+
+    // The restart replays from the durable cursor (none: from the start) and loses nothing.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let capture = tmp.path().join("capture.bin");
+    std::fs::write(&capture, synth::capture(&data.frames)).unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Replay(capture),
+        &data.study,
+        &data.in_network,
+    );
+    cfg.cursor = Some(0);
+    rt.block_on(run_to_end(cfg.clone()));
+    let expected = rt.block_on(reference_tree(&data.frames, &data.study, &data.in_network));
+    assert!(!expected.is_empty());
+    assert_eq!(
+        normalized(&cache_tree(&cfg.cache_dir)),
+        normalized(&expected)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_with_cursor_captures_tracked_accounts_again() {
+    let Some(data) = looped(1) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let capture = tmp.path().join("capture.bin");
+    std::fs::write(&capture, synth::capture(&data.frames)).unwrap();
+    let cfg = config(
+        tmp.path(),
+        Source::Replay(capture),
+        &data.study,
+        &data.in_network,
+    );
+    run_to_end(cfg.clone()).await;
+    let first = cache_tree(&cfg.cache_dir);
+    assert!(!first.is_empty());
+    // The cache is lost (or restored from an old backup); the operator rewinds.
+    std::fs::remove_dir_all(&cfg.cache_dir).unwrap();
+    let mut rewind = cfg.clone();
+    rewind.cursor = Some(0);
+    let summary = run_to_end(rewind).await;
+    assert_eq!(summary.cursor, Some(data.last_seq));
+    assert_eq!(
+        normalized(&cache_tree(&cfg.cache_dir)),
+        normalized(&first),
+        "every file captured again, none skipped as a duplicate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_slow_before_the_first_commit_resumes_from_the_requested_cursor() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // A first run leaves a stored cursor at the end.
+    let cfg = relay_config(tmp.path(), &relay, &data);
+    let writer = start_writer(cfg.clone());
+    assert!(writer.wait_for_cursor(data.last_seq, WAIT).await);
+    writer.stop().await.unwrap();
+    // Rewind to 1050; the relay drops the writer as too slow before anything is committed.
+    relay.set_fault(Fault::ErrorFrame("ConsumerTooSlow".into()));
+    let mut rewind = cfg.clone();
+    rewind.cursor = Some(1050);
+    let writer = start_writer(rewind);
+    let subscribed = relay.wait_for_subscriptions(2, WAIT).await;
+    writer.stop().await.unwrap();
+    let cursors = relay.cursors();
+    assert!(subscribed, "{cursors:?}");
+    assert_eq!(
+        &cursors[cursors.len() - 2..],
+        [Some(1050), Some(1050)],
+        "the resume point is where this run started, not the stored cursor: {cursors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tail_that_drops_before_anything_is_handled_resumes_after_the_last_frame() {
+    use firehose_writer::source::RelaySource;
+    use std::sync::atomic::AtomicI64;
+
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    relay.set_fault(Fault::DropAfter(3));
+    let metrics = Metrics::new();
+    // No processor: nothing is ever handled, as when the first frames are still queued.
+    let source = RelaySource {
+        url: relay.url(),
+        start_cursor: None,
+        stall_timeout: Duration::from_secs(60),
+        max_backoff: Duration::from_millis(200),
+        on_future_cursor: FutureCursorPolicy::Exit,
+        metrics: metrics.clone(),
+        handled_seq: Arc::new(AtomicI64::new(-1)),
+        durable_cursor: Arc::new(AtomicI64::new(-1)),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(source.run(tx, stopped));
+    assert!(relay.wait_for_subscriptions(1, WAIT).await);
+    let did = "did:plc:z72i7hdynmk6r22z27h6tvur";
+    for seq in 1..=5 {
+        relay.push(synth::identity_frame(
+            seq,
+            did,
+            None,
+            "2026-07-04T14:38:07.877Z",
+        ));
+    }
+    let mut seqs = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seqs.len() < 5 {
+        let input = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("all five frames arrive")
+            .unwrap();
+        if let firehose_writer::processor::Input::Frames(frames) = input {
+            seqs.extend(
+                frames
+                    .iter()
+                    .map(|f| sync_core::frame::frame_seq(f).unwrap()),
+            );
+        }
+    }
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4, 5],
+        "each frame once, none lost to the drop"
+    );
+    assert_eq!(relay.cursors(), [None, Some(3)]);
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
