@@ -81,6 +81,9 @@ pub enum Fault {
     /// Answer the next connection with an error frame `{error, message}` and close (with a close
     /// frame), once; e.g. `ErrorFrame("ConsumerTooSlow".into())`.
     ErrorFrame(String),
+    /// After n frames send an error frame `{error, message}` and close (with a close frame),
+    /// once; e.g. a relay dropping a consumer as too slow in the middle of a stream.
+    ErrorFrameAfter(usize, String),
     /// Send each message split into this many WebSocket frames (a binary frame, then
     /// continuation frames; a message shorter than that is split into 1-byte frames), for all
     /// connections until reset. 0 and 1 mean no split.
@@ -110,7 +113,8 @@ struct Entry {
 
 #[derive(Default)]
 struct Faults {
-    /// Pending one-shot fault (DropAfter, StallAfter, GarbageAfter, OversizedAfter, ErrorFrame).
+    /// Pending one-shot fault (DropAfter, StallAfter, GarbageAfter, OversizedAfter, ErrorFrame,
+    /// ErrorFrameAfter).
     once: Option<Fault>,
     refuse: usize,
     fragment: usize,
@@ -756,6 +760,13 @@ async fn serve_log(
                     send(sink, shared, gen.message().into()).await?;
                 }
                 fault = None;
+            }
+            Some(Fault::ErrorFrameAfter(n, error)) if sent == *n => {
+                let frame =
+                    sync_core::synth::error_frame(error, Some("Injected by the test relay."));
+                send(sink, shared, frame.into()).await?;
+                sink.close().await?;
+                return Ok(Outcome::PeerGone);
             }
             Some(Fault::OversizedAfter(n, size)) if sent == *n => {
                 let big: Vec<u8> = (0..*size).map(|i| (i % 251) as u8).collect();

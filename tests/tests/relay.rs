@@ -344,6 +344,21 @@ async fn error_frame_fault_answers_next_connection_once() {
     relay.shutdown().await;
 }
 
+#[tokio::test]
+async fn error_frame_after_n_frames_then_close_once() {
+    let relay = TestRelay::start(frames(1..=5)).await.unwrap();
+    relay.set_fault(Fault::ErrorFrameAfter(2, "ConsumerTooSlow".into()));
+    let mut ws = connect(&relay.url_with_cursor(0)).await;
+    assert_eq!(next_seqs(&mut ws, 2).await, some([1, 2]));
+    let (error, _) = error_of(&next_binary(&mut ws).await);
+    assert_eq!(error, "ConsumerTooSlow");
+    assert_closed(&mut ws).await;
+    let mut ws = connect(&relay.url_with_cursor(2)).await;
+    assert_eq!(next_seqs(&mut ws, 3).await, some(3..=5));
+    assert_eq!(relay.subscriptions(), 2);
+    relay.shutdown().await;
+}
+
 /// Connects with a raw TCP socket and returns the WebSocket frame headers
 /// `(fin, opcode, payload)` of the first `n` frames.
 async fn raw_frames(relay: &TestRelay, query: &str, n: usize) -> Vec<(bool, u8, Vec<u8>)> {

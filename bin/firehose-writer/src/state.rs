@@ -456,4 +456,66 @@ mod tests {
         let store = StateStore::open(&path, [s1].into(), HashSet::new()).unwrap();
         assert!(!store.is_in_network(&a2));
     }
+
+    #[test]
+    fn an_account_two_study_users_follow_stays_until_both_unfollow() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let s1 = did("did:plc:z72i7hdynmk6r22z27h6tvur");
+        let s2 = did("did:plc:w4xbfzo7kqfes5zb7r6qv3rw");
+        let a = did("did:plc:q6gjnaw2blty4crticxkmujt");
+        let follow_of = |by: &Did| {
+            AtUri::parse(&format!("at://{by}/app.bsky.graph.follow/3l5jw7c2bde2s")).unwrap()
+        };
+        let study: HashSet<Did> = [s1.clone(), s2.clone()].into();
+        let open = || StateStore::open(&path, study.clone(), HashSet::new()).unwrap();
+        let unfollow = |store: &mut StateStore, by: &Did| {
+            store
+                .apply(&StateUpdate::StudyUnfollow {
+                    uri: follow_of(by),
+                    follower: by.clone(),
+                })
+                .unwrap();
+        };
+        {
+            let mut store = open();
+            for by in [&s1, &s2] {
+                store
+                    .apply(&StateUpdate::StudyFollow {
+                        uri: follow_of(by),
+                        follower: by.clone(),
+                        subject: a.clone(),
+                    })
+                    .unwrap();
+            }
+            // The same follow replayed (after a crash) is not a second follower.
+            store
+                .apply(&StateUpdate::StudyFollow {
+                    uri: follow_of(&s1),
+                    follower: s1.clone(),
+                    subject: a.clone(),
+                })
+                .unwrap();
+            store.commit(Some(1)).unwrap();
+        }
+        // The counts are rebuilt from the database on reopen.
+        let mut store = open();
+        unfollow(&mut store, &s1);
+        assert!(
+            store.is_in_network(&a),
+            "still followed by the other study user"
+        );
+        store.commit(Some(2)).unwrap();
+        drop(store);
+        let mut store = open();
+        assert!(store.is_in_network(&a));
+        // A replayed unfollow of the same record changes nothing.
+        unfollow(&mut store, &s1);
+        assert!(store.is_in_network(&a));
+        unfollow(&mut store, &s2);
+        assert!(!store.is_in_network(&a), "nobody follows it any more");
+        store.commit(Some(3)).unwrap();
+        drop(store);
+        assert!(!open().is_in_network(&a));
+    }
 }

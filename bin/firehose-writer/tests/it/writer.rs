@@ -1116,3 +1116,49 @@ async fn a_live_tail_that_drops_before_anything_is_handled_resumes_after_the_las
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_slow_mid_stream_resumes_from_the_durable_cursor_not_the_handled_one() {
+    let Some(data) = looped(2) else { return };
+    let (head, tail) = data.frames.split_at(100);
+    let relay = TestRelay::start(head.to_vec()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = relay_config(tmp.path(), &relay, &data);
+    let writer = start_writer(cfg.clone());
+    assert!(writer.wait_for_cursor(1099, WAIT).await);
+    writer.stop().await.unwrap();
+    // Second run from the stored cursor 1099; no commit before the relay gives up on us (the
+    // interval is long), so the durable cursor stays 1099 while 150 more frames are handled.
+    for frame in tail {
+        relay.push(frame.clone());
+    }
+    relay.set_fault(Fault::ErrorFrameAfter(150, "ConsumerTooSlow".into()));
+    let mut resumed = cfg.clone();
+    resumed.cursor = None;
+    resumed.commit_interval = Duration::from_secs(3600);
+    let writer = start_writer(resumed);
+    assert!(relay.wait_for_subscriptions(3, WAIT).await);
+    let metrics = writer.metrics();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // 150 frames before the error, then 200 from 1099 again: the 150 replayed ones are skipped.
+    while metrics.frames.load(Ordering::Relaxed) < 350 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream not finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let summary = writer.stop().await.unwrap();
+    assert_eq!(summary.cursor, Some(data.last_seq));
+    assert_eq!(metrics.skipped_seq.load(Ordering::Relaxed), 150);
+    assert_eq!(
+        relay.cursors(),
+        [Some(0), Some(1099), Some(1099)],
+        "after ConsumerTooSlow the writer resumes from what is durable"
+    );
+    let expected = reference_tree(&data.frames, &data.study, &data.in_network).await;
+    assert_eq!(
+        normalized(&cache_tree(&cfg.cache_dir)),
+        normalized(&expected)
+    );
+}
