@@ -137,6 +137,56 @@ pub enum Compression {
     None,
 }
 
+/// Test-only fault injection: `BATCH_EXPORT_FAULT=after-plan|after-write|after-publish|
+/// after-commit|after-take` (an environment variable only; not a flag and deliberately not in
+/// the user documentation). The process aborts (`std::process::abort()`: no destructors, no
+/// cleanup, like a kill) the first time it reaches that point, which is in the first batch, so
+/// the tests can put a crash in each window of the exactly-once protocol deterministically
+/// instead of by a lucky SIGKILL:
+///
+/// * `after-plan`: the batch plan is committed (`writing`), nothing written yet;
+/// * `after-write`: the first table's Parquet temp file is written, not yet published;
+/// * `after-publish`: every table of the batch is published, the batch is not committed;
+/// * `after-commit`: the batch is committed, no cache file deleted yet;
+/// * `after-take`: the first exported cache file was taken (`.exported-<id>-<name>`), not
+///   deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    AfterPlan,
+    AfterWrite,
+    AfterPublish,
+    AfterCommit,
+    AfterTake,
+}
+
+impl Fault {
+    pub const ENV: &'static str = "BATCH_EXPORT_FAULT";
+
+    fn from_env() -> Result<Option<Fault>> {
+        let Ok(v) = std::env::var(Self::ENV) else {
+            return Ok(None);
+        };
+        Ok(Some(match v.as_str() {
+            "" => return Ok(None),
+            "after-plan" => Fault::AfterPlan,
+            "after-write" => Fault::AfterWrite,
+            "after-publish" => Fault::AfterPublish,
+            "after-commit" => Fault::AfterCommit,
+            "after-take" => Fault::AfterTake,
+            // A typo must not make a crash test silently test nothing.
+            other => bail!("{}={other:?} is not a known fault point", Self::ENV),
+        }))
+    }
+
+    /// Aborts the process if `configured` is `point`.
+    pub fn hit(configured: Option<Fault>, point: Fault) {
+        if configured == Some(point) {
+            eprintln!("batch-export: test fault {point:?}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// Where Parquet files go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -174,6 +224,8 @@ pub struct Config {
     pub s3: S3Options,
     /// Show a progress bar (stdout is a terminal, not `--json`, not `--no-progress`).
     pub progress: bool,
+    /// Test-only (see [`Fault`]).
+    pub fault: Option<Fault>,
 }
 
 /// Parses `s3://bucket/prefix` (prefix may be empty; no trailing `/`).
@@ -286,6 +338,7 @@ impl Config {
                 part_size: args.s3_part_size_mib * 1024 * 1024,
             },
             progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
+            fault: Fault::from_env()?,
         })
     }
 }

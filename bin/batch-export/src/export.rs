@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-use crate::config::Config;
+use crate::config::{Config, Fault};
 use crate::parquet::{build_frame, write_parquet};
 use crate::scan::{self, FileId, FileRef, Read1, Walker};
 use crate::sink::Sink;
@@ -385,6 +385,7 @@ impl Run<'_> {
                 ));
             }
             let batch_id = state.plan(now, &planned)?;
+            Fault::hit(self.config.fault, Fault::AfterPlan);
             let published = publish_all(self.config, sink, &mut rows, &planned, &mut self.summary);
             if let Err(e) = published {
                 // Best effort now; otherwise the next run rolls the batch back.
@@ -396,9 +397,11 @@ impl Run<'_> {
                     "batch {batch_id} not exported; the cache is untouched"
                 )));
             }
+            Fault::hit(self.config.fault, Fault::AfterPublish);
             let write_s = t_write.elapsed().as_secs_f64();
             let t_commit = Instant::now();
             state.commit(batch_id, now, &batch_keys, row_count)?;
+            Fault::hit(self.config.fault, Fault::AfterCommit);
             let commit_s = t_commit.elapsed().as_secs_f64();
             tracing::info!(
                 batch = batch_id,
@@ -419,7 +422,9 @@ impl Run<'_> {
             let deleted: usize = to_delete
                 .par_iter()
                 .chain(replays.par_iter())
-                .map(|(rel, id)| match scan::delete_if_same(root, rel, *id) {
+                .map(|(rel, id)| match scan::delete_if_same_with(root, rel, *id, || {
+                    Fault::hit(self.config.fault, Fault::AfterTake)
+                }) {
                     Ok(d) => usize::from(d),
                     Err(e) => {
                         tracing::warn!(file = %rel, error = %e, "could not delete an exported file (the next run will)");
@@ -475,6 +480,7 @@ fn publish_all(
         drop(taken);
         let bytes = write_parquet(&mut df, def, &out.temp, config.compression)?;
         drop(df);
+        Fault::hit(config.fault, Fault::AfterWrite);
         sink.publish(out)
             .with_context(|| format!("publishing {table_path}"))?;
         let s = summary.table(table_path);

@@ -267,7 +267,9 @@ pub fn delete_if_same(root: &Path, rel: &str, id: FileId) -> io::Result<bool> {
     delete_if_same_with(root, rel, id, || {})
 }
 
-fn delete_if_same_with(
+/// [`delete_if_same`] with a hook run right after the file was taken (tests and the test-only
+/// fault hook put a crash or a writer's rename there).
+pub fn delete_if_same_with(
     root: &Path,
     rel: &str,
     id: FileId,

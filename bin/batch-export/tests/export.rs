@@ -1025,7 +1025,16 @@ impl Writer {
 }
 
 fn assert_exactly_once(env: &Env, written: &BTreeMap<&'static str, BTreeSet<String>>) {
-    let t = env.read();
+    assert_rows_exactly_once(&env.read(), written);
+    assert!(
+        env.cache_files().is_empty(),
+        "left in cache: {:?}",
+        env.cache_files()
+    );
+}
+
+/// Every written URI is a row of its table exactly once, and there are no other rows.
+fn assert_rows_exactly_once(t: &Tables, written: &BTreeMap<&'static str, BTreeSet<String>>) {
     for (table, uris) in written {
         let r = rows(&t, table);
         let mut seen = BTreeMap::<String, usize>::new();
@@ -1047,11 +1056,6 @@ fn assert_exactly_once(env: &Env, written: &BTreeMap<&'static str, BTreeSet<Stri
         );
         assert!(extra.is_empty(), "{table}: unexpected rows {extra:?}");
     }
-    assert!(
-        env.cache_files().is_empty(),
-        "left in cache: {:?}",
-        env.cache_files()
-    );
 }
 
 #[test]
@@ -1106,6 +1110,225 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         "too few runs were killed mid-way ({killed}) for the test to mean anything"
     );
     assert!(written.values().map(BTreeSet::len).sum::<usize>() > 500);
+    assert_exactly_once(&env, &written);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Each crash window, hit deterministically with the test-only fault hook (`BATCH_EXPORT_FAULT`,
+// see `config::Fault`): a run aborted there, then a normal run that must recover.
+
+/// `n` cache files in two tables (in-network posts and likes on a study post).
+fn fill_two_tables(env: &Env, n: usize) -> BTreeMap<&'static str, BTreeSet<String>> {
+    let mut written: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    for i in 0..n {
+        let rkey = format!("3l{i:011}");
+        let author = [A1, A2, A3][i % 3];
+        if i % 2 == 0 {
+            let uri = format!("at://{author}/app.bsky.feed.post/{rkey}");
+            env.write(
+                &post_path(
+                    &format!("in_network_user_activity/create/post/{author}"),
+                    author,
+                    &rkey,
+                ),
+                &post_json(
+                    &uri,
+                    "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm",
+                    author,
+                    json!({"$type": "app.bsky.feed.post", "text": format!("post {i}"), "createdAt": "2024-10-02T13:00:00.000Z"}),
+                    CLOCK,
+                ),
+            );
+            written
+                .entry("in_network_user_activity")
+                .or_default()
+                .insert(uri);
+        } else {
+            env.write(
+                &format!("study_user_activity/create/like_on_user_post/3l5jnpb6xyz2k/author_did={author}_like_uri_suffix={rkey}.json"),
+                &like_json(author, &rkey, &format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k")),
+            );
+            written
+                .entry("study_user_activity/create/like_on_user_post")
+                .or_default()
+                .insert(format!("at://{author}/app.bsky.feed.like/{rkey}"));
+        }
+    }
+    written
+}
+
+/// Runs `args` with the fault hook set to `fault` and asserts the process aborted there.
+fn run_aborted_at(env: &Env, args: &[String], fault: &str, client_env: &[(&str, &str)]) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut vars = client_env.to_vec();
+    vars.push(("BATCH_EXPORT_FAULT", fault));
+    // In the temp dir: an abort may leave a core file in the working directory.
+    let out = command(args, &vars)
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(6),
+        "expected an abort at {fault}: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("test fault"),
+        "{}",
+        describe(&out)
+    );
+}
+
+fn local_args(env: &Env, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--cache-dir".into(),
+        env.cache.display().to_string(),
+        "--output".into(),
+        env.out.display().to_string(),
+        "--json".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Output files (relative paths) whose names end in `suffix`, hidden ones included.
+fn output_files_ending(env: &Env, suffix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![env.out.clone()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().ends_with(suffix) {
+                out.push(p.strip_prefix(&env.out).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Batches in state `writing` in the journal.
+fn unfinished_batches(env: &Env) -> usize {
+    sqlite_query(
+        &env.cache.join(".export/state.sqlite"),
+        "SELECT count(*) FROM batch WHERE state = 'writing'",
+    )[0]
+    .parse()
+    .unwrap()
+}
+
+const CRASH_FILES: usize = 30;
+const CRASH_BATCH: &[&str] = &["--batch-files", "10"];
+
+#[test]
+fn crash_after_plan_is_rolled_back() {
+    let env = Env::new();
+    let written = fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-plan", &[]);
+    assert_eq!(unfinished_batches(&env), 1);
+    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
+    let s = env.export_ok(&[]);
+    assert_eq!(s["batches_rolled_back"], 1, "{s}");
+    assert_eq!(s["files_exported"], CRASH_FILES, "{s}");
+    assert_eq!(unfinished_batches(&env), 0);
+    assert_exactly_once(&env, &written);
+}
+
+#[test]
+fn crash_after_write_leaves_no_parquet_file_a_reader_could_glob() {
+    // A temp file in a live partition folder must not match `**/*.parquet`.
+    let env = Env::new();
+    let written = fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-write", &[]);
+    let partial = output_files_ending(&env, ".partial");
+    assert_eq!(partial.len(), 1, "the first table's temp file: {partial:?}");
+    assert_eq!(
+        output_files_ending(&env, ".parquet"),
+        Vec::<String>::new(),
+        "no *.parquet file before anything is published"
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["batches_rolled_back"], 1, "{s}");
+    assert_eq!(output_files_ending(&env, ".partial"), Vec::<String>::new());
+    // Every *.parquet file is a committed output (the reader reads them all).
+    let parquet = output_files_ending(&env, ".parquet");
+    assert!(parquet
+        .iter()
+        .all(|p| p.ends_with("-0.parquet") && !p.rsplit('/').next().unwrap().starts_with('.')));
+    let committed = sqlite_query(
+        &env.cache.join(".export/state.sqlite"),
+        "SELECT o.location FROM batch_output o JOIN batch b ON b.id = o.batch_id WHERE b.state = 'committed'",
+    );
+    assert_eq!(
+        parquet.len(),
+        committed.len(),
+        "{parquet:?} vs {committed:?}"
+    );
+    assert_exactly_once(&env, &written);
+}
+
+#[test]
+fn crash_after_publish_is_rolled_back_without_an_orphan() {
+    let env = Env::new();
+    let written = fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-publish", &[]);
+    let orphans = output_files_ending(&env, ".parquet");
+    // (The walk is depth-first, so the first batch may hold one table or two.)
+    assert!(
+        !orphans.is_empty(),
+        "the batch's tables are published, not committed: {orphans:?}"
+    );
+    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
+    let s = env.export_ok(&[]);
+    assert_eq!(s["batches_rolled_back"], 1, "{s}");
+    for o in &orphans {
+        assert!(!env.out.join(o).exists(), "{o} rolled back");
+    }
+    assert_exactly_once(&env, &written);
+}
+
+#[test]
+fn crash_after_commit_deletes_without_exporting_again() {
+    let env = Env::new();
+    let written = fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-commit", &[]);
+    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted yet");
+    let s = env.export_ok(&[]);
+    assert_eq!(s["batches_rolled_back"], 0, "{s}");
+    assert_eq!(s["already_exported"], 10, "the committed batch: {s}");
+    assert_eq!(s["files_exported"], CRASH_FILES - 10, "{s}");
+    assert_eq!(s["files_deleted"], CRASH_FILES, "{s}");
+    assert_exactly_once(&env, &written);
+}
+
+#[test]
+fn crash_after_take_is_finished_next_run() {
+    let env = Env::new();
+    let written = fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-take", &[]);
+    let files = env.cache_files();
+    let taken: Vec<&String> = files
+        .iter()
+        .filter(|f| f.rsplit('/').next().unwrap().starts_with(".exported-"))
+        .collect();
+    // At least one (the deletes run on several threads).
+    assert!(!taken.is_empty(), "{files:?}");
+    assert_eq!(files.len(), CRASH_FILES, "the taken file is still there");
+    let s = env.export_ok(&[]);
+    assert_eq!(
+        s["already_exported"], 10,
+        "the committed batch, taken file included: {s}"
+    );
+    assert_eq!(s["files_exported"], CRASH_FILES - 10, "{s}");
+    for t in taken {
+        assert!(!env.cache.join(t).exists(), "{t} finished");
+    }
     assert_exactly_once(&env, &written);
 }
 
@@ -1274,6 +1497,31 @@ fn s3_upload_round_trip_and_multipart() {
     assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
     let r = rows(&t, "in_network_user_activity");
     assert_eq!(r[0]["text"], "Good morning, Bluesky!");
+}
+
+#[test]
+fn s3_crash_after_publish_is_rolled_back_without_an_orphan() {
+    require_pyarrow();
+    let server = s3::S3Server::start();
+    server.create_bucket("research");
+    let env = Env::new();
+    let written = fill_two_tables(&env, CRASH_FILES);
+    let args = s3_args(&env, &server.endpoint, "s3://research/x", CRASH_BATCH);
+    run_aborted_at(&env, &args, "after-publish", s3::CLIENT_ENV);
+    let orphans = download_bucket(&server, "research", &env.dir.path().join("orphans"));
+    assert!(!orphans.is_empty(), "uploaded, not committed");
+    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
+
+    let out = run(&args, s3::CLIENT_ENV);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(summary(&out)["batches_rolled_back"], 1);
+    assert!(env.cache_files().is_empty());
+    let dest = env.dir.path().join("downloaded");
+    let keys = download_bucket(&server, "research", &dest);
+    for o in &orphans {
+        assert!(!keys.contains(o), "{o} rolled back");
+    }
+    assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
 }
 
 #[test]
