@@ -1413,6 +1413,30 @@ fn download_bucket(server: &s3::S3Server, bucket: &str, dest: &std::path::Path) 
         .collect()
 }
 
+/// Key -> ETag of every object of `bucket`.
+fn object_etags(server: &s3::S3Server, bucket: &str) -> BTreeMap<String, String> {
+    let script = r#"
+import json, sys, boto3
+s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',
+                  aws_access_key_id='testing', aws_secret_access_key='testing')
+out = {}
+for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[2]):
+    for o in page.get('Contents', []):
+        out[o['Key']] = s3.head_object(Bucket=sys.argv[2], Key=o['Key'])['ETag']
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &server.endpoint, bucket])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn s3_args(env: &Env, endpoint: &str, output: &str, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "--cache-dir".into(),
@@ -1464,21 +1488,73 @@ fn s3_upload_round_trip_and_multipart() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(summary(&out)["parquet_files"], 3);
     assert!(env.cache_files().is_empty());
-    // Multipart path: every file above 0 MiB goes in parts.
-    env.write(
-        &post_path("study_user_activity/create/post", S2, "3l5k2aaaaaa2a"),
-        &study_post(S2, "3l5k2aaaaaa2a", "multipart"),
-    );
+    // Multipart path: a Parquet file over 10 MiB (no compression, incompressible text) in
+    // 5 MiB parts, so at least two parts are sent and reassembled.
+    let mut seed = rand_u64() | 1;
+    let big_posts = 26;
+    for i in 0..big_posts {
+        let text: String = (0..450_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 "
+                    [(seed % 63) as usize] as char
+            })
+            .collect();
+        let rkey = format!("3l5k2{i:08}");
+        env.write(
+            &post_path("study_user_activity/create/post", S2, &rkey),
+            &study_post(S2, &rkey, &text),
+        );
+    }
     let out = run(
         &s3_args(
             &env,
             &server.endpoint,
             "s3://research/bluesky/data",
-            &["--s3-multipart-threshold-mib", "0"],
+            &[
+                "--compression",
+                "none",
+                "--s3-multipart-threshold-mib",
+                "5",
+                "--s3-part-size-mib",
+                "5",
+                "--log",
+                "warn,batch_export::sink=debug",
+            ],
         ),
         s3::CLIENT_ENV,
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let s = summary(&out);
+    assert!(
+        s["parquet_bytes"].as_u64().unwrap() > 10 << 20,
+        "the Parquet file must exceed two parts: {s}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let parts: Vec<u64> = stderr
+        .lines()
+        .filter(|l| l.contains("multipart upload completed"))
+        .map(|l| {
+            let at = l.find("parts=").expect("parts field") + "parts=".len();
+            l[at..].split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(parts.len(), 1, "one multipart upload: {stderr}");
+    assert!(parts[0] >= 2, "sent in {} parts: {stderr}", parts[0]);
+    // The store agrees: a multipart object's ETag ends in -<number of parts>.
+    let etags = object_etags(&server, "research");
+    let big: Vec<&String> = etags.values().filter(|e| e.contains('-')).collect();
+    assert_eq!(big.len(), 1, "one multipart object: {etags:?}");
+    assert!(
+        big[0]
+            .trim_matches('"')
+            .ends_with(&format!("-{}", parts[0])),
+        "ETag {} of a {}-part upload",
+        big[0],
+        parts[0]
+    );
 
     let dest = env.dir.path().join("downloaded");
     let keys = download_bucket(&server, "research", &dest);
@@ -1493,7 +1569,16 @@ fn s3_upload_round_trip_and_multipart() {
         schema(&t, "study_user_activity/create/post"),
         expect_schema(POST_SCHEMA)
     );
-    assert_eq!(rows(&t, "study_user_activity/create/post").len(), 2);
+    let posts = rows(&t, "study_user_activity/create/post");
+    assert_eq!(posts.len(), 1 + big_posts);
+    assert_eq!(
+        posts
+            .iter()
+            .filter(|r| r["text"].as_str().unwrap().len() == 450_000)
+            .count(),
+        big_posts,
+        "every row of the multipart object read back whole"
+    );
     assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
     let r = rows(&t, "in_network_user_activity");
     assert_eq!(r[0]["text"], "Good morning, Bluesky!");
