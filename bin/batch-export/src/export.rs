@@ -230,6 +230,7 @@ impl Run<'_> {
         let mut walker = Walker::new(&self.config.cache_dir)?;
         loop {
             let files: Vec<FileRef> = walker.by_ref().take(self.config.batch_files).collect();
+            self.summary.skipped = walker.skipped;
             if files.is_empty() {
                 break;
             }
@@ -333,6 +334,9 @@ impl Run<'_> {
                         match scan::quarantine(root, &f, id, &reason) {
                             Ok(dest) => tracing::warn!(to = %dest.display(), "quarantined"),
                             Err(e) => {
+                                // Left in place and read again next run; counted (exit 3).
+                                self.summary.quarantined -= 1;
+                                self.summary.quarantine_failed += 1;
                                 tracing::error!(file = %rel, error = format!("{e:#}"), "could not quarantine")
                             }
                         }

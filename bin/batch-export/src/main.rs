@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             } else {
                 print!("{}", summary.to_text());
             }
-            if summary.quarantined > 0 {
+            if summary.needs_attention() {
                 ExitCode::from(exit::QUARANTINED)
             } else {
                 ExitCode::from(exit::OK)

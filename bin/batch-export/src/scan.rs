@@ -81,12 +81,32 @@ struct Frame {
     entries: ReadDir,
 }
 
+/// What the walk could not handle: never silently skipped, each is logged and counted, and the
+/// run exits "needs a human" (3). The writer only ever writes UTF-8 names, regular files and
+/// folders it can read, so each of these means something outside the service touched the cache.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// Entries whose name is not UTF-8 (left in place).
+    pub non_utf8_names: u64,
+    /// Symlinks, FIFOs, sockets, devices (left in place; a symlink is never followed).
+    pub non_regular_files: u64,
+    /// Folders that could not be listed and entries whose type could not be read.
+    pub unreadable: u64,
+}
+
+impl Skipped {
+    pub fn any(&self) -> bool {
+        *self != Skipped::default()
+    }
+}
+
 /// Depth-first, streaming walk of the cache (no full listing is held in memory).
 pub struct Walker {
     root: PathBuf,
     stack: Vec<Frame>,
     /// Directories seen (cache-relative), for `--clear-cache`.
     pub dirs: Vec<String>,
+    pub skipped: Skipped,
 }
 
 impl Walker {
@@ -100,6 +120,7 @@ impl Walker {
                 entries,
             }],
             dirs: Vec::new(),
+            skipped: Skipped::default(),
         })
     }
 }
@@ -116,6 +137,7 @@ impl Iterator for Walker {
                     continue;
                 }
                 Some(Err(e)) => {
+                    self.skipped.unreadable += 1;
                     tracing::warn!(dir = %frame.dir, error = %e, "cannot list a cache folder entry");
                     continue;
                 }
@@ -123,10 +145,19 @@ impl Iterator for Walker {
             };
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
-                tracing::warn!(dir = %frame.dir, name = ?name, "skipping a non-UTF-8 name");
+                self.skipped.non_utf8_names += 1;
+                tracing::warn!(dir = %frame.dir, name = ?name, "left in place: a name that is not UTF-8");
                 continue;
             };
-            let Ok(ty) = entry.file_type() else { continue };
+            let ty = match entry.file_type() {
+                Ok(ty) => ty,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    self.skipped.unreadable += 1;
+                    tracing::warn!(dir = %frame.dir, name, error = %e, "left in place: cannot read the type of a cache entry");
+                    continue;
+                }
+            };
             if name.starts_with('.') {
                 if let Some(original) = original_of_taken(name).filter(|_| ty.is_file()) {
                     return Some(FileRef {
@@ -155,7 +186,10 @@ impl Iterator for Walker {
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!(dir = %dir, error = %e, "cannot read a cache folder"),
+                    Err(e) => {
+                        self.skipped.unreadable += 1;
+                        tracing::warn!(dir = %dir, error = %e, "left in place: cannot read a cache folder");
+                    }
                 }
             } else if ty.is_file() {
                 return Some(FileRef {
@@ -164,6 +198,9 @@ impl Iterator for Walker {
                     taken: None,
                     source: frame.source.clone(),
                 });
+            } else {
+                self.skipped.non_regular_files += 1;
+                tracing::warn!(dir = %frame.dir, name, kind = ?ty, "left in place: not a regular file (a symlink is never followed)");
             }
         }
     }

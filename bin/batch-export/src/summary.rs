@@ -38,6 +38,12 @@ pub struct Summary {
     pub files_deleted: u64,
     pub parquet_files: u64,
     pub parquet_bytes: u64,
+    /// Quarantines that failed (the file stays in place and is read again next run).
+    pub quarantine_failed: u64,
+    /// Cache entries the walk could not handle (non-UTF-8 names, symlinks and other non-regular
+    /// files, unreadable folders): left in place and counted.
+    #[serde(flatten)]
+    pub skipped: crate::scan::Skipped,
     pub batches_rolled_back: u64,
     pub dirs_pruned: usize,
     pub seconds: f64,
@@ -59,6 +65,12 @@ impl Summary {
 
     pub fn table(&mut self, path: &str) -> &mut TableSummary {
         self.tables.entry(path.to_owned()).or_default()
+    }
+
+    /// Whether a human should look (exit code 3): corrupt files quarantined, a quarantine that
+    /// failed, or cache entries the walk could not handle.
+    pub fn needs_attention(&self) -> bool {
+        self.quarantined > 0 || self.quarantine_failed > 0 || self.skipped.any()
     }
 
     pub fn total_rows(&self) -> u64 {
@@ -95,6 +107,14 @@ impl Summary {
             self.quarantined,
             self.files_unrecognised,
             self.files_deleted
+        );
+        let _ = writeln!(
+            s,
+            "  left in place (look at them): {} failed quarantines, {} non-UTF-8 names, {} symlinks or other non-regular files, {} unreadable folders or entries",
+            self.quarantine_failed,
+            self.skipped.non_utf8_names,
+            self.skipped.non_regular_files,
+            self.skipped.unreadable
         );
         let _ = writeln!(
             s,

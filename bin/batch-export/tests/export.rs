@@ -780,6 +780,104 @@ fn corrupt_files_are_quarantined_once() {
 }
 
 #[test]
+fn entries_the_walk_cannot_handle_are_counted_and_need_a_human() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new();
+    let good = post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k");
+    env.write(&good, &study_post(S1, "3l5jnpb6xyz2k", "ok"));
+    let folder = env.cache.join("study_user_activity/create/post");
+    // A name that is not UTF-8.
+    let non_utf8 = folder.join(std::ffi::OsStr::from_bytes(
+        b"author_did=x_post_uri_suffix=\xff.json",
+    ));
+    fs::write(&non_utf8, study_post(S1, "3l5jnpb6xyz3a", "latin-1 name")).unwrap();
+    // A symlink to a valid post file outside the cache: never followed, never exported.
+    let target = env.dir.path().join("outside.json");
+    fs::write(&target, study_post(S2, "3l5jnpb6xyz4b", "outside")).unwrap();
+    let link = folder.join("author_did=y_post_uri_suffix=3l5jnpb6xyz4b.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    // A folder that cannot be listed. The tests run as root, so permission bits do not stop a
+    // read; a path longer than PATH_MAX (4096 bytes) really fails (ENAMETOOLONG) for anyone.
+    // It is built one relative step at a time, as only relative paths can reach it.
+    let deep = env
+        .cache
+        .join("study_user_activity/create/like_on_user_post");
+    fs::create_dir_all(&deep).unwrap();
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys\nos.chdir(sys.argv[1])\nfor _ in range(17):\n    os.mkdir(sys.argv[2]); os.chdir(sys.argv[2])",
+            deep.to_str().unwrap(),
+            &"d".repeat(250),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A quarantine that fails: `.quarantine` is a file, so no folder can be made in it.
+    let bad = "study_user_activity/create/post/author_did=z_post_uri_suffix=1.json";
+    env.write(bad, "{\"uri\": \"at://trunc");
+    fs::write(env.cache.join(".quarantine"), "not a folder").unwrap();
+
+    let out = env.export(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "needs a human: {}",
+        describe(&out)
+    );
+    let s = summary(&out);
+    assert_eq!(s["non_utf8_names"], 1, "{s}");
+    assert_eq!(s["non_regular_files"], 1, "{s}");
+    assert_eq!(s["unreadable"], 1, "{s}");
+    assert_eq!(s["quarantine_failed"], 1, "{s}");
+    assert_eq!(s["quarantined"], 0, "{s}");
+    assert_eq!(s["files_exported"], 1, "{s}");
+    // All left in place; only the good file exported.
+    assert!(non_utf8.exists() && link.symlink_metadata().is_ok() && env.exists(bad));
+    assert!(!env.exists(&good));
+    let r = rows(&env.read(), "study_user_activity/create/post");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["text"], "ok");
+
+    // The text summary says it too.
+    let text = run(
+        &[
+            "--cache-dir".into(),
+            env.cache.display().to_string(),
+            "--output".into(),
+            env.out.display().to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(text.status.code(), Some(3), "{}", describe(&text));
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains("1 failed quarantines, 1 non-UTF-8 names, 1 symlinks or other non-regular files, 1 unreadable"),
+        "{stdout}"
+    );
+
+    // Once a human has cleaned up, runs are clean again.
+    fs::remove_file(&non_utf8).unwrap();
+    fs::remove_file(&link).unwrap();
+    fs::remove_file(env.cache.join(".quarantine")).unwrap();
+    let status = std::process::Command::new("rm")
+        .args(["-rf", deep.join("d".repeat(250)).to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = env.export(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the bad file is quarantined now: {}",
+        describe(&out)
+    );
+    assert_eq!(summary(&out)["quarantined"], 1);
+    let s = env.export_ok(&[]);
+    assert_eq!(s["unreadable"], 0, "{s}");
+}
+
+#[test]
 fn dry_run_writes_nothing_and_keep_mode_never_reexports() {
     let env = Env::new();
     let rel = post_path(
