@@ -119,13 +119,13 @@ pub enum Command {
     /// Writes a synthetic cache of realistic post files (for benchmarks).
     GenCache {
         /// Number of post files to write.
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, env = "BATCH_EXPORT_GEN_POSTS", default_value_t = 100_000)]
         posts: usize,
         /// Share of posts by in-network authors (the rest are study users' posts).
-        #[arg(long, default_value_t = 0.8)]
+        #[arg(long, env = "BATCH_EXPORT_GEN_IN_NETWORK_SHARE", default_value_t = 0.8)]
         in_network_share: f64,
         /// Seed of the generator.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, env = "BATCH_EXPORT_GEN_SEED", default_value_t = 1)]
         seed: u64,
     },
 }
@@ -315,6 +315,16 @@ impl Config {
             .ok()
             .and_then(|h| h.checked_mul(3600))
             .context("--dedupe-retention-hours is too large")?;
+        // Checked: in a release build an overflow would wrap to a tiny part size or threshold.
+        let mib = |v: u64, flag: &str| {
+            v.checked_mul(1024 * 1024)
+                .with_context(|| format!("{flag} {v} is too large"))
+        };
+        let multipart_threshold = mib(
+            args.s3_multipart_threshold_mib,
+            "--s3-multipart-threshold-mib",
+        )?;
+        let part_size = mib(args.s3_part_size_mib, "--s3-part-size-mib")?;
         use std::io::IsTerminal;
         Ok(Config {
             cache_dir: args.cache_dir.clone(),
@@ -334,8 +344,8 @@ impl Config {
                 region: args.s3_region.clone(),
                 path_style: args.s3_path_style.unwrap_or(args.s3_endpoint.is_some()),
                 max_attempts: args.s3_max_attempts,
-                multipart_threshold: args.s3_multipart_threshold_mib * 1024 * 1024,
-                part_size: args.s3_part_size_mib * 1024 * 1024,
+                multipart_threshold,
+                part_size,
             },
             progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
             fault: Fault::from_env()?,
@@ -391,6 +401,22 @@ mod tests {
             output_identity(&s3, Some("http://127.0.0.1:9000/")),
             "s3://b/p at http://127.0.0.1:9000"
         );
+    }
+
+    #[test]
+    fn mib_sizes_that_overflow_are_usage_errors() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["batch-export"];
+            argv.extend_from_slice(extra);
+            Config::from_args(&Args::try_parse_from(argv).unwrap())
+        };
+        let huge = u64::MAX.to_string();
+        for flag in ["--s3-part-size-mib", "--s3-multipart-threshold-mib"] {
+            let err = parse(&[flag, &huge]).unwrap_err();
+            assert!(format!("{err:#}").contains("too large"), "{flag}: {err:#}");
+        }
+        let ok = parse(&["--s3-part-size-mib", "5"]).unwrap();
+        assert_eq!(ok.s3.part_size, 5 << 20);
     }
 
     #[test]

@@ -26,6 +26,12 @@ pub enum RunOutcome {
         lock: PathBuf,
     },
     Done(Summary),
+    /// The run failed after it had started exporting: `summary` says what it did before
+    /// (batches committed before the failure stay committed), with `summary.error` set.
+    Failed {
+        summary: Summary,
+        error: anyhow::Error,
+    },
 }
 
 enum Item {
@@ -186,9 +192,17 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
     };
     let result = run.go();
     run.progress.finish_and_clear();
-    result?;
     run.summary.seconds = started.elapsed().as_secs_f64();
-    Ok(RunOutcome::Done(run.summary))
+    match result {
+        Ok(()) => Ok(RunOutcome::Done(run.summary)),
+        Err(error) => {
+            run.summary.error = Some(format!("{error:#}"));
+            Ok(RunOutcome::Failed {
+                summary: run.summary,
+                error,
+            })
+        }
+    }
 }
 
 /// A state directory describes one output: its exported-keys store says which cache files are

@@ -20,6 +20,17 @@ fn init_logging(filter: Option<&str>) {
         .init();
 }
 
+fn print_summary(summary: &batch_export::Summary, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(summary).expect("summary serializes")
+        );
+    } else {
+        print!("{}", summary.to_text());
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log.as_deref());
@@ -56,15 +67,15 @@ fn main() -> ExitCode {
             );
             ExitCode::from(exit::OK)
         }
+        Ok(RunOutcome::Failed { summary, error }) => {
+            // What was done before the failure (committed batches stay exported) is worth
+            // printing too: `--json` readers get the counts and the `error`.
+            print_summary(&summary, args.json);
+            eprintln!("batch-export: error: {error:#}");
+            ExitCode::from(exit::ERROR)
+        }
         Ok(RunOutcome::Done(summary)) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&summary).expect("summary serializes")
-                );
-            } else {
-                print!("{}", summary.to_text());
-            }
+            print_summary(&summary, args.json);
             if summary.needs_attention() {
                 ExitCode::from(exit::QUARANTINED)
             } else {

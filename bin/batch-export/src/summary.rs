@@ -49,6 +49,9 @@ pub struct Summary {
     pub seconds: f64,
     /// Part of `seconds` spent deleting exported files.
     pub delete_seconds: f64,
+    /// Why the run failed (`null` when it succeeded). The counts above are what it did before:
+    /// batches committed before the failure are in Parquet and their files are deleted.
+    pub error: Option<String>,
 }
 
 impl Summary {
@@ -126,6 +129,9 @@ impl Summary {
             "  time: {:.2} s ({:.2} s deleting exported files)",
             self.seconds, self.delete_seconds
         );
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "  FAILED after the above: {e}");
+        }
         s
     }
 }

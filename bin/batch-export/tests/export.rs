@@ -1000,6 +1000,43 @@ fn the_cache_lock_also_stops_a_run_with_another_state_dir() {
 }
 
 #[test]
+fn gen_cache_takes_its_flags_from_the_environment() {
+    let env = Env::new();
+    let out = run(
+        &["gen-cache".into()],
+        &[
+            ("BATCH_EXPORT_CACHE_DIR", env.cache.to_str().unwrap()),
+            ("BATCH_EXPORT_GEN_POSTS", "7"),
+            ("BATCH_EXPORT_GEN_IN_NETWORK_SHARE", "0"),
+            ("BATCH_EXPORT_GEN_SEED", "3"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let files = env.cache_files();
+    assert_eq!(files.len(), 7, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.starts_with("study_user_activity/create/post/")),
+        "in-network share 0: study posts only: {files:?}"
+    );
+    // The documented command line form.
+    let other = env.dir.path().join("cache2");
+    let out = run(
+        &[
+            "--cache-dir".into(),
+            other.display().to_string(),
+            "gen-cache".into(),
+            "--posts".into(),
+            "2".into(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(list_files(&other).len(), 2);
+}
+
+#[test]
 fn env_vars_configure_every_run() {
     let env = Env::new();
     env.write(
@@ -1467,6 +1504,11 @@ fn concurrent_exports_and_a_live_writer() {
     let written = writer.finish();
     env.export_ok(&[]);
     eprintln!("{busy} of 12 runs found the lock held");
+    // The overlap this test is about. Not forced (nothing holds a run open on purpose), but
+    // reliable: the two runs of a round start within a millisecond and each takes tens of
+    // milliseconds (SQLite, a walk, Parquet), so in practice every round overlaps (6 of 12
+    // observed); this fails only if all six rounds ran one after the other.
+    assert!(busy >= 1, "no two runs overlapped");
     assert_exactly_once(&env, &written);
 }
 
@@ -1812,6 +1854,14 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
         left > 0 && left < 12,
         "some batches committed before the failure, some not: {left} left"
     );
+    // The failed run still reports what it committed, and why it stopped.
+    let s = summary(&out);
+    assert_eq!(s["files_exported"], 12 - left as u64, "{s}");
+    assert_eq!(s["files_deleted"], 12 - left as u64, "{s}");
+    assert!(
+        s["error"].as_str().unwrap_or("").contains("not exported"),
+        "{s}"
+    );
     // S3 is back (at the same endpoint): the next run rolls back the failed batch and exports
     // the rest.
     proxy.heal();
@@ -1825,6 +1875,7 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
         1,
         "the failed batch is rolled back"
     );
+    assert_eq!(summary(&out)["error"], Value::Null);
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
     download_bucket(&server, "research", &dest);
