@@ -41,6 +41,33 @@ pub struct Handles {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// An error a restart cannot fix: a human must change the configuration or the input files
+/// (the binary exits with [`EXIT_NEEDS_OPERATOR`], which the systemd unit does not restart).
+#[derive(Debug)]
+pub struct NeedsOperator(pub String);
+
+impl std::fmt::Display for NeedsOperator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NeedsOperator {}
+
+/// Exit code for invalid arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a [`NeedsOperator`] error.
+pub const EXIT_NEEDS_OPERATOR: u8 = 3;
+
+/// The exit code for a failed run: [`EXIT_NEEDS_OPERATOR`] or 1 (a restart may help).
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.chain().any(|c| c.is::<NeedsOperator>()) {
+        EXIT_NEEDS_OPERATOR
+    } else {
+        1
+    }
+}
+
 /// Loads the study-user and in-network files named by the configuration.
 pub fn load_tracked(config: &Config) -> Result<(HashSet<Did>, HashSet<Did>)> {
     let study = tracked::load_dids(&config.study_users, tracked::Table::StudyUsers)
@@ -119,7 +146,8 @@ pub async fn run(
 ) -> Result<ProcessorSummary> {
     install_crypto_provider();
     let _instance = lock_instance(&config)?;
-    let (study, in_network) = load_tracked(&config)?;
+    let (study, in_network) =
+        load_tracked(&config).map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
     info!(
         study_users = study.len(),
         in_network = in_network.len(),

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(2);
+            return ExitCode::from(firehose_writer::EXIT_USAGE);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(firehose_writer::exit_code(&e))
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use sync_core::frame::{decode_frame, frame_seq, is_error_frame, Event, MAX_FRAME_BYTES};
 use tokio::io::AsyncReadExt;
@@ -310,10 +310,10 @@ impl RelaySource {
                     error!(?cursor, ?message, "relay answered FutureCursor; --on-future-cursor=live: dropping the cursor and tailing live (events between the cursor and now are not captured)");
                     Ok(Reconnect::Live)
                 }
-                FutureCursorPolicy::Exit => bail!(
+                FutureCursorPolicy::Exit => Err(anyhow::Error::new(crate::NeedsOperator(format!(
                     "relay answered FutureCursor for cursor {cursor:?} ({}): the stored cursor is ahead of this relay (a different relay or a reset?). Fix the relay URL, pass --cursor, or set --on-future-cursor=live to tail live",
                     message.unwrap_or_default()
-                ),
+                )))),
             },
             "ConsumerTooSlow" => {
                 warn!(?message, "relay dropped us as too slow; reconnecting from the durable cursor");

@@ -532,6 +532,11 @@ async fn future_cursor_exits_with_a_clear_error_unless_live_is_allowed() {
         msg.contains("FutureCursor") && msg.contains("--on-future-cursor=live"),
         "{msg}"
     );
+    assert_eq!(
+        firehose_writer::exit_code(&err),
+        firehose_writer::EXIT_NEEDS_OPERATOR,
+        "systemd must not restart into the same error"
+    );
 
     // live: the cursor is dropped and live events are captured.
     let tmp = tempfile::tempdir().unwrap();
