@@ -494,6 +494,9 @@ async fn consumer_too_slow_and_refused_connections_recover() {
     })
     .await;
     assert!(metrics.reconnects.load(Ordering::Relaxed) >= 3);
+    // The refused connects set /health's last_error; events flowing again clear it, so an
+    // alert on "last_error stays set" does not fire for a problem that is over.
+    assert_eq!(metrics.last_error(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
