@@ -153,6 +153,8 @@ fn one_file_per_table(tables: &Tables) {
     }
 }
 
+/// Inputs made with the writer's transform (so a transform and export that agree with each
+/// other pass); `spec_worked_examples_literally` checks against the spec's own text.
 #[test]
 fn post_tables_round_trip_with_worked_examples() {
     let env = Env::new();
@@ -251,6 +253,243 @@ fn post_tables_round_trip_with_worked_examples() {
 
     let r = rows(&t, "study_user_activity/create/post");
     assert_post_row(&r[0], &study, &pd);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The spec's worked examples, literally: the cache files are the exact JSON text of
+// predecessor-data-format.md (§1.7 outputs, §2.1 likes, §2.2 follow), not made with this
+// project's transform, and every Parquet cell is compared with the values the spec text gives
+// (§1.7, §4.3-§4.5), written out here by hand.
+
+/// §1.7 Example 1 output (clock 2024-10-02-14:03:28), verbatim.
+const SPEC_EXAMPLE_1: &str = r##"{"uri": "at://did:plc:w4xbfzo7kqfes5zb7r6qv3rw/app.bsky.feed.post/3l5jqyv2s4k2c", "cid": "bafyreib2rxk3rybk3aobmv5cjuql3bm2twh4jo5uxgf5q5stv7lcmjvvty", "indexed_at": null, "author_did": "did:plc:w4xbfzo7kqfes5zb7r6qv3rw", "author_handle": null, "author_avatar": null, "author_display_name": null, "created_at": "2024-10-02T14:03:27.512Z", "text": "Good morning, Bluesky!", "embed": "{\"has_image\": false, \"image_alt_text\": null, \"has_embedded_record\": false, \"embedded_record\": null, \"has_external\": false, \"external\": null}", "entities": null, "facets": null, "labels": null, "langs": "en", "reply_parent": null, "reply_root": null, "tags": null, "synctimestamp": "2024-10-02-14:03:28", "url": "", "source": "firehose", "like_count": null, "reply_count": null, "repost_count": null}"##;
+/// §1.7 Example 2 output (clock 2024-10-02-14:05:11), verbatim.
+const SPEC_EXAMPLE_2: &str = r##"{"uri": "at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.post/3l5jr4q7m2s2x", "cid": "bafyreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku", "indexed_at": null, "author_did": "did:plc:q6gjnaw2blty4crticxkmujt", "author_handle": null, "author_avatar": null, "author_display_name": null, "created_at": "2024-10-02T14:05:10.001Z", "text": "Agreed \u2014 full report: example.org/report", "embed": "{\"has_image\": true, \"image_alt_text\": \"Bar chart of turnout by r\\u00e9gion;\", \"has_embedded_record\": false, \"embedded_record\": null, \"has_external\": false, \"external\": null}", "entities": null, "facets": "link:https://example.org/report", "labels": null, "langs": "en", "reply_parent": "at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5jpkd4abc2j", "reply_root": "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k", "tags": null, "synctimestamp": "2024-10-02-14:05:11", "url": "", "source": "firehose", "like_count": null, "reply_count": null, "repost_count": null}"##;
+/// §1.7 Example 3 output (clock 2024-10-02-14:07:46), verbatim.
+const SPEC_EXAMPLE_3: &str = r##"{"uri": "at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5jsz2v4fc2d", "cid": "bafyreigyuo3gfqvzpa3t4uqq7rbvkopyv4g4efbgnmgmjznwkmo2w2hr4e", "indexed_at": null, "author_did": "did:plc:ragtjsm2j2vknwkz3zp4oxrd", "author_handle": null, "author_avatar": null, "author_display_name": null, "created_at": "2024-10-02T14:07:45.250Z", "text": "Worth reading, @alice.bsky.social #science", "embed": "{\"has_image\": false, \"image_alt_text\": null, \"has_embedded_record\": true, \"embedded_record\": {\"cid\": \"bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm\", \"uri\": \"at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k\"}, \"has_external\": false, \"external\": null}", "entities": null, "facets": "mention:did:plc:z72i7hdynmk6r22z27h6tvur;tag:science", "labels": "graphic-media;nudity", "langs": "en;de", "reply_parent": null, "reply_root": null, "tags": "science;openaccess", "synctimestamp": "2024-10-02-14:07:46", "url": "", "source": "firehose", "like_count": null, "reply_count": null, "repost_count": null}"##;
+/// §2.1 Era H like cache JSON, verbatim.
+const SPEC_LIKE_ERA_H: &str = r##"{"uri": "at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.like/3l5jv2xq4tk2p", "cid": "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri", "author": "did:plc:q6gjnaw2blty4crticxkmujt", "record": {"createdAt": "2024-10-02T14:20:11.093Z", "subject": {"cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm", "uri": "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k", "py_type": "com.atproto.repo.strongRef"}, "py_type": "app.bsky.feed.like"}}"##;
+/// §2.1 Era S like cache JSON, verbatim.
+const SPEC_LIKE_ERA_S: &str = r##"{"author": "did:plc:q6gjnaw2blty4crticxkmujt", "cid": "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri", "record": "{\"created_at\": \"2024-10-02T14:20:11.093Z\", \"subject\": {\"cid\": \"bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm\", \"uri\": \"at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k\", \"py_type\": \"com.atproto.repo.strongRef\"}, \"py_type\": \"app.bsky.feed.like\"}", "uri": "at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.like/3l5jv2xq4tk2p"}"##;
+/// §2.2 Era H follow cache JSON (S1 follows A2), verbatim.
+const SPEC_FOLLOW_ERA_H: &str = r##"{"uri": "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.graph.follow/3l5jw7c2bde2s", "cid": "bafyreibwn4kwlezxabt2bzpopwfh7lbo56n4xb62wlbm5moqliwl4pzum4", "record": {"createdAt": "2024-10-02T14:25:00.000Z", "subject": "did:plc:q6gjnaw2blty4crticxkmujt", "py_type": "app.bsky.graph.follow"}, "author": "did:plc:z72i7hdynmk6r22z27h6tvur", "follower_did": "did:plc:z72i7hdynmk6r22z27h6tvur", "followee_did": "did:plc:q6gjnaw2blty4crticxkmujt"}"##;
+
+/// Asserts `row` has exactly the columns of `want`, with those values; `synctimestamp` and
+/// `insert_timestamp` (`EXPORT_TIME`) must be the export time, on the partition date.
+fn assert_row_is(row: &BTreeMap<String, Value>, want: &[(&str, Value)], partition_date: &str) {
+    let got_cols: Vec<&str> = row.keys().map(String::as_str).collect();
+    let mut want_cols: Vec<&str> = want.iter().map(|(c, _)| *c).collect();
+    want_cols.sort_unstable();
+    assert_eq!(got_cols, want_cols, "columns");
+    for (col, v) in want {
+        if v == &json!("EXPORT_TIME") {
+            assert!(is_export_ts(&row[*col]), "{col}: {}", row[*col]);
+            assert_eq!(&row[*col].as_str().unwrap()[..10], partition_date, "{col}");
+        } else {
+            assert_eq!(&row[*col], v, "column {col}");
+        }
+    }
+}
+
+#[test]
+fn spec_worked_examples_literally() {
+    let env = Env::new();
+    env.write(
+        &post_path(
+            &format!("in_network_user_activity/create/post/{A1}"),
+            A1,
+            "3l5jqyv2s4k2c",
+        ),
+        SPEC_EXAMPLE_1,
+    );
+    env.write(
+        &post_path(
+            "study_user_activity/create/reply_to_user_post/3l5jnpb6xyz2k",
+            A2,
+            "3l5jr4q7m2s2x",
+        ),
+        SPEC_EXAMPLE_2,
+    );
+    env.write(
+        &post_path(
+            "study_user_activity/create/quote_of_user_post/3l5jnpb6xyz2k",
+            A3,
+            "3l5jsz2v4fc2d",
+        ),
+        SPEC_EXAMPLE_3,
+    );
+    env.write(
+        &format!("study_user_activity/create/like_on_user_post/3l5jnpb6xyz2k/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+        SPEC_LIKE_ERA_H,
+    );
+    env.write(
+        &format!("study_user_activity/create/like/3l5jnpb6xyz2k/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+        SPEC_LIKE_ERA_S,
+    );
+    // §4.5: a follow file in follower/ gives relationship "follow", in followee/ "follower".
+    env.write(&follow_path("follower", S1, A2), SPEC_FOLLOW_ERA_H);
+    env.write(&follow_path("followee", S1, A2), SPEC_FOLLOW_ERA_H);
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_exported"], 7, "{s}");
+    let t = env.read();
+    let pd = t["in_network_user_activity"][0].partition_date.clone();
+    let null = Value::Null;
+    let post = |uri: &str, cid: &str, author: &str, created: &str, text: &str, embed: &str| {
+        vec![
+            ("uri", json!(uri)),
+            ("cid", json!(cid)),
+            ("indexed_at", null.clone()),
+            ("author_did", json!(author)),
+            ("author_handle", null.clone()),
+            ("author_avatar", null.clone()),
+            ("author_display_name", null.clone()),
+            ("created_at", json!(created)),
+            ("text", json!(text)),
+            ("embed", json!(embed)),
+            ("entities", null.clone()),
+            ("facets", null.clone()),
+            ("labels", null.clone()),
+            ("langs", json!("en")),
+            ("reply_parent", null.clone()),
+            ("reply_root", null.clone()),
+            ("tags", null.clone()),
+            // §4.2: replaced by the export time.
+            ("synctimestamp", json!("EXPORT_TIME")),
+            ("url", json!("")),
+            ("source", json!("firehose")),
+            ("like_count", null.clone()),
+            ("reply_count", null.clone()),
+            ("repost_count", null.clone()),
+        ]
+    };
+    let set = |row: &mut Vec<(&'static str, Value)>, col: &str, v: Value| {
+        row.iter_mut().find(|(c, _)| *c == col).unwrap().1 = v;
+    };
+
+    // Example 1 (§4.4: a row of in_network_user_activity).
+    let want1 = post(
+        "at://did:plc:w4xbfzo7kqfes5zb7r6qv3rw/app.bsky.feed.post/3l5jqyv2s4k2c",
+        "bafyreib2rxk3rybk3aobmv5cjuql3bm2twh4jo5uxgf5q5stv7lcmjvvty",
+        "did:plc:w4xbfzo7kqfes5zb7r6qv3rw",
+        "2024-10-02T14:03:27.512Z",
+        "Good morning, Bluesky!",
+        r#"{"has_image": false, "image_alt_text": null, "has_embedded_record": false, "embedded_record": null, "has_external": false, "external": null}"#,
+    );
+    let r = rows(&t, "in_network_user_activity");
+    assert_eq!(r.len(), 1);
+    assert_row_is(&r[0], &want1, &pd);
+
+    // Example 2: the real em dash in `text`; a literal `\u00e9` inside `embed`.
+    let mut want2 = post(
+        "at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.post/3l5jr4q7m2s2x",
+        "bafyreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
+        "did:plc:q6gjnaw2blty4crticxkmujt",
+        "2024-10-02T14:05:10.001Z",
+        "Agreed \u{2014} full report: example.org/report",
+        r#"{"has_image": true, "image_alt_text": "Bar chart of turnout by r\u00e9gion;", "has_embedded_record": false, "embedded_record": null, "has_external": false, "external": null}"#,
+    );
+    set(
+        &mut want2,
+        "facets",
+        json!("link:https://example.org/report"),
+    );
+    set(
+        &mut want2,
+        "reply_parent",
+        json!("at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5jpkd4abc2j"),
+    );
+    set(
+        &mut want2,
+        "reply_root",
+        json!("at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k"),
+    );
+    let r = rows(&t, "study_user_activity/create/reply_to_user_post");
+    assert_eq!(r.len(), 1);
+    assert_row_is(&r[0], &want2, &pd);
+    assert!(r[0]["embed"].as_str().unwrap().contains("r\\u00e9gion"));
+
+    // Example 3.
+    let mut want3 = post(
+        "at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5jsz2v4fc2d",
+        "bafyreigyuo3gfqvzpa3t4uqq7rbvkopyv4g4efbgnmgmjznwkmo2w2hr4e",
+        "did:plc:ragtjsm2j2vknwkz3zp4oxrd",
+        "2024-10-02T14:07:45.250Z",
+        "Worth reading, @alice.bsky.social #science",
+        r#"{"has_image": false, "image_alt_text": null, "has_embedded_record": true, "embedded_record": {"cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm", "uri": "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k"}, "has_external": false, "external": null}"#,
+    );
+    set(
+        &mut want3,
+        "facets",
+        json!("mention:did:plc:z72i7hdynmk6r22z27h6tvur;tag:science"),
+    );
+    set(&mut want3, "labels", json!("graphic-media;nudity"));
+    set(&mut want3, "langs", json!("en;de"));
+    set(&mut want3, "tags", json!("science;openaccess"));
+    let r = rows(&t, "study_user_activity/create/quote_of_user_post");
+    assert_eq!(r.len(), 1);
+    assert_row_is(&r[0], &want3, &pd);
+
+    // §4.3 like rows: from Era H and from Era S cache JSON alike, `record` is the §2.1 Era S
+    // string.
+    let want_like = vec![
+        ("author", json!("did:plc:q6gjnaw2blty4crticxkmujt")),
+        (
+            "cid",
+            json!("bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri"),
+        ),
+        (
+            "record",
+            json!(
+                r#"{"created_at": "2024-10-02T14:20:11.093Z", "subject": {"cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm", "uri": "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/3l5jnpb6xyz2k", "py_type": "com.atproto.repo.strongRef"}, "py_type": "app.bsky.feed.like"}"#
+            ),
+        ),
+        (
+            "uri",
+            json!("at://did:plc:q6gjnaw2blty4crticxkmujt/app.bsky.feed.like/3l5jv2xq4tk2p"),
+        ),
+        ("synctimestamp", json!("EXPORT_TIME")),
+    ];
+    for table in [
+        "study_user_activity/create/like_on_user_post",
+        "study_user_activity/create/like",
+    ] {
+        assert_eq!(schema(&t, table), expect_schema(LIKE_SCHEMA), "{table}");
+        let r = rows(&t, table);
+        assert_eq!(r.len(), 1, "{table}");
+        assert_row_is(&r[0], &want_like, &pd);
+    }
+
+    // §4.5 social network rows.
+    assert_eq!(
+        schema(&t, "scraped_user_social_network"),
+        expect_schema(SOCIAL_SCHEMA)
+    );
+    let mut r = rows(&t, "scraped_user_social_network");
+    r.sort_by_key(|r| r["relationship_to_study_user"].as_str().unwrap().to_owned());
+    assert_eq!(r.len(), 2);
+    for (row, relationship) in r.iter().zip(["follow", "follower"]) {
+        assert_row_is(
+            row,
+            &[
+                ("follow_handle", null.clone()),
+                ("follow_url", null.clone()),
+                ("follow_did", json!("did:plc:q6gjnaw2blty4crticxkmujt")),
+                ("follower_handle", null.clone()),
+                ("follower_url", null.clone()),
+                ("follower_did", json!("did:plc:z72i7hdynmk6r22z27h6tvur")),
+                ("insert_timestamp", json!("EXPORT_TIME")),
+                ("relationship_to_study_user", json!(relationship)),
+            ],
+            &pd,
+        );
+    }
+    for table in [
+        "in_network_user_activity",
+        "study_user_activity/create/reply_to_user_post",
+        "study_user_activity/create/quote_of_user_post",
+    ] {
+        assert_eq!(schema(&t, table), expect_schema(POST_SCHEMA), "{table}");
+    }
 }
 
 #[test]
