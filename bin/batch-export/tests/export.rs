@@ -1410,7 +1410,7 @@ fn assert_exactly_once(env: &Env, written: &BTreeMap<&'static str, BTreeSet<Stri
 /// Every written URI is a row of its table exactly once, and there are no other rows.
 fn assert_rows_exactly_once(t: &Tables, written: &BTreeMap<&'static str, BTreeSet<String>>) {
     for (table, uris) in written {
-        let r = rows(&t, table);
+        let r = rows(t, table);
         let mut seen = BTreeMap::<String, usize>::new();
         for row in &r {
             *seen
