@@ -133,6 +133,8 @@ struct Shared {
     len_tx: watch::Sender<usize>,
     window: Option<i64>,
     connections: AtomicUsize,
+    /// WebSocket pings received from clients on subscriptions (keepalive checks).
+    pings: Arc<AtomicUsize>,
     /// Subscriptions whose start point is fixed (error-frame answers not counted).
     subscriptions: AtomicUsize,
     frames_sent: AtomicUsize,
@@ -220,6 +222,7 @@ impl TestRelay {
             window: config.window,
             connections: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
+            pings: Arc::new(AtomicUsize::new(0)),
             frames_sent: AtomicUsize::new(0),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -311,6 +314,11 @@ impl TestRelay {
     /// must receive: a connection is counted before its start point is decided.
     pub async fn wait_for_subscriptions(&self, n: usize, timeout: Duration) -> bool {
         self.wait_until(timeout, || self.subscriptions() >= n).await
+    }
+
+    /// WebSocket pings received from clients on subscriptions so far.
+    pub fn pings_received(&self) -> usize {
+        self.shared.pings.load(Ordering::SeqCst)
     }
 
     /// Waits until at least `n` frames were sent; false on timeout.
@@ -672,9 +680,16 @@ async fn stream_events(
     // read half back when told to stop.
     let (gone_tx, mut gone_rx) = oneshot::channel::<()>();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let pings = shared.pings.clone();
     let reader = tokio::spawn(async move {
         tokio::select! {
-            _ = async { while let Some(Ok(_)) = incoming.next().await {} } => {
+            _ = async {
+                while let Some(Ok(message)) = incoming.next().await {
+                    if message.is_ping() {
+                        pings.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            } => {
                 let _ = gone_tx.send(());
                 None
             }

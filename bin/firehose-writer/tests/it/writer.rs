@@ -1301,3 +1301,58 @@ async fn too_slow_mid_stream_resumes_from_the_durable_cursor_not_the_handled_one
         normalized(&expected)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_pings_are_sent_while_the_relay_is_quiet() {
+    let Some(data) = looped(1) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = relay_config(tmp.path(), &relay, &data);
+    // Pings go out every min(20 s, stall timeout / 2): every second here.
+    cfg.stall_timeout = Duration::from_secs(2);
+    let writer = start_writer(cfg);
+    assert!(writer.wait_for_cursor(data.last_seq, WAIT).await);
+    let before = relay.pings_received();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let sent = relay.pings_received() - before;
+    writer.stop().await.unwrap();
+    // (The watchdog also reconnects after 2 s without events; pings do not reset it.)
+    assert!(sent >= 2, "{sent} pings in 3.5 s on a quiet connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_disk_slows_reading_instead_of_buffering_the_stream() {
+    let Some(data) = looped(60) else { return };
+    let relay = TestRelay::start(data.frames.clone()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = relay_config(tmp.path(), &relay, &data);
+    // Every study write fails (a file where the folder goes): the processor retries the first
+    // one forever, so nothing more is consumed.
+    std::fs::create_dir_all(&cfg.cache_dir).unwrap();
+    std::fs::write(cfg.cache_dir.join("study_user_activity"), "not a directory").unwrap();
+    let writer = start_writer(cfg);
+    // Wait until the relay can send no more: the count stops growing.
+    let mut last = usize::MAX;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let now = relay.frames_sent();
+        if now == last {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never stopped sending"
+        );
+        last = now;
+    }
+    let total = data.frames.len();
+    eprintln!("{last} of {total} frames left the relay while the disk was blocked");
+    let _ = writer.stop().await; // an error: it stops while the write is still failing
+                                 // The bounded channel (16 batches of <= 64 frames) plus the socket buffers hold a few
+                                 // thousand frames at most; the rest waits at the relay (TCP backpressure).
+    assert!(
+        last < total * 2 / 3,
+        "{last} of {total} frames were taken off the socket while nothing could be written"
+    );
+}
