@@ -574,24 +574,20 @@ fn resolve_start(state: &mut State, cursor: Option<i64>, window: Option<i64>) ->
     }
 }
 
-/// Deterministic splitmix64 stream for garbage messages.
-struct Garbage(u64);
+/// Deterministic stream of garbage messages.
+struct Garbage(sync_core::synth::SplitMix64);
 
 impl Garbage {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Garbage {
+        Garbage(sync_core::synth::SplitMix64(seed))
     }
 
     fn message(&mut self) -> Vec<u8> {
         loop {
-            let len = 1 + (self.next_u64() % 512) as usize;
+            let len = 1 + self.0.below(512) as usize;
             let mut out = Vec::with_capacity(len + 8);
             while out.len() < len {
-                out.extend_from_slice(&self.next_u64().to_le_bytes());
+                out.extend_from_slice(&self.0.next_u64().to_le_bytes());
             }
             out.truncate(len);
             // Garbage must stay garbage, whatever the seed.
@@ -604,7 +600,7 @@ impl Garbage {
 
 /// Deterministic garbage messages as sent by [`Fault::GarbageAfter`] (for assertions).
 pub fn garbage_messages(count: usize) -> Vec<Vec<u8>> {
-    let mut gen = Garbage(GARBAGE_SEED);
+    let mut gen = Garbage::new(GARBAGE_SEED);
     (0..count).map(|_| gen.message()).collect()
 }
 
@@ -770,7 +766,7 @@ async fn serve_log(
             Some(Fault::DropAfter(n)) if sent == *n => return Ok(Outcome::Drop),
             Some(Fault::StallAfter(n)) if sent == *n => return Ok(Outcome::Stall),
             Some(Fault::GarbageAfter(n, m)) if sent == *n => {
-                let mut gen = Garbage(GARBAGE_SEED);
+                let mut gen = Garbage::new(GARBAGE_SEED);
                 for _ in 0..*m {
                     send(sink, shared, gen.message().into()).await?;
                 }

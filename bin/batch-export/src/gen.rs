@@ -8,20 +8,17 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde_json::json;
+use sync_core::synth::SplitMix64;
 
-/// splitmix64: small, seedable, good enough for test data.
-struct Rng(u64);
+/// The shared test-data generator, plus what the cache generator needs.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Rng {
+        Rng(SplitMix64(seed))
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
@@ -163,7 +160,7 @@ fn post_json(rng: &mut Rng, author: &str, rkey: &str, others: &[String]) -> Resu
 /// authors (`in_network_user_activity/create/post/<did>/`), the rest by 500 study users
 /// (`study_user_activity/create/post/`). Returns the number of files written.
 pub fn generate(cache: &Path, posts: usize, in_network_share: f64, seed: u64) -> Result<usize> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let study: Vec<String> = (0..500).map(|_| did(&mut rng)).collect();
     let in_network: Vec<String> = (0..(posts / 20).max(1)).map(|_| did(&mut rng)).collect();
     let study_dir = cache.join("study_user_activity/create/post");
@@ -174,7 +171,7 @@ pub fn generate(cache: &Path, posts: usize, in_network_share: f64, seed: u64) ->
     }
     let threshold = (in_network_share.clamp(0.0, 1.0) * 1000.0) as u64;
     (0..posts).into_par_iter().try_for_each(|i| -> Result<()> {
-        let mut rng = Rng(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
         let rkey = tid(&mut rng);
         let (author, dir) = if rng.below(1000) < threshold {
             let a = &in_network[rng.below(in_network.len() as u64) as usize];

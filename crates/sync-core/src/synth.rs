@@ -10,6 +10,26 @@ use std::collections::BTreeMap;
 
 use crate::cbor;
 
+/// splitmix64: a small seedable generator for reproducible test data and fuzz-style variants
+/// (not for anything that must be unpredictable).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `0..n` (`n > 0`; the modulo bias does not matter for test data).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
 /// One op of a synthetic commit.
 #[derive(Debug, Clone)]
 pub enum OpSpec {

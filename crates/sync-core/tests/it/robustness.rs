@@ -478,18 +478,11 @@ fn car_start(frame: &[u8], first_section: usize) -> Option<usize> {
 // Deterministic PRNG (splitmix64)
 // ---------------------------------------------------------------------------------------------
 
-struct Rng(u64);
+struct Rng(synth::SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n as u64) as usize
     }
     fn in_range(&mut self, r: &std::ops::Range<usize>) -> usize {
         r.start + self.below(r.end - r.start)
@@ -559,7 +552,7 @@ fn flip_points(index: usize, frame: &[u8], l: &Layout, spread: usize) -> Vec<(us
             .flat_map(|p| [(p, (p % 4) as u8), (p, (p % 4 + 4) as u8)])
             .collect();
     }
-    let mut rng = Rng(0x5eed_0000 ^ index as u64);
+    let mut rng = Rng(synth::SplitMix64(0x5eed_0000 ^ index as u64));
     let mut points = Vec::with_capacity(spread + 256);
     // Every header bit.
     points.extend((0..l.header_end).flat_map(|p| (0..8).map(move |b| (p, b))));
