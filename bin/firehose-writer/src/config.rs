@@ -89,6 +89,12 @@ pub enum Command {
     /// Print every event of a capture file (`[u32 LE length][frame]...`) as one Jetstream-v1
     /// shaped JSON line (commit ops, identity, account; plus sync/info/error/invalid frames).
     Inspect {
+        /// A JSON object mapping each DID to its DID document (the format of
+        /// relay-capture/did_docs.json): every `#commit` and `#sync` line then gains
+        /// `"verify": "ok"` or `"verify": "<reason>"` (signature, commit structure, MST inversion,
+        /// future rev against this machine's clock; a DID missing from the file is a reason too).
+        #[arg(long, value_name = "FILE")]
+        did_docs: Option<PathBuf>,
         /// The capture file, e.g. relay-capture/frames.bin.
         frames_file: PathBuf,
     },

@@ -10,7 +10,7 @@ pub mod source;
 pub mod state;
 pub mod tracked;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,9 +20,11 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use sync_core::cache::CacheWriter;
-use sync_core::frame::{capture_frames, decode_frame};
+use sync_core::did_doc::{parse_did_doc_map, AtprotoIdentity, DidDocError};
+use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::ids::Did;
 use sync_core::jetstream::event_lines;
+use sync_core::verify::{verify_commit, verify_sync, VerifyOptions};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -293,13 +295,61 @@ pub struct InspectSummary {
     pub frames: u64,
     pub lines: u64,
     pub invalid_frames: u64,
+    /// `#commit` and `#sync` events that passed verification (only with DID documents).
+    pub verified: u64,
+    /// `#commit` and `#sync` events that failed it, whatever the reason.
+    pub verify_failed: u64,
+}
+
+/// Identities read from a `--did-docs` file: DID -> signing key, or why there is none.
+type IdentityMap = HashMap<Did, Result<AtprotoIdentity, DidDocError>>;
+
+fn load_did_docs(path: &Path) -> Result<IdentityMap> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading DID documents {}", path.display()))?;
+    parse_did_doc_map(&text).with_context(|| format!("parsing DID documents {}", path.display()))
+}
+
+/// The verdict of one event against the DID documents: `"ok"` or a reason label.
+fn verdict(event: &Event<'_>, identities: &IdentityMap, opts: &VerifyOptions) -> Option<String> {
+    let did = match event {
+        Event::Commit(c) => &c.repo,
+        Event::Sync(s) => &s.did,
+        _ => return None,
+    };
+    let key = match identities.get(did) {
+        None => return Some("no_did_document".into()),
+        Some(Err(e)) => return Some(format!("bad_did_document:{}", e.reason())),
+        Some(Ok(identity)) => &identity.signing_key,
+    };
+    let result = match event {
+        Event::Commit(c) => verify_commit(c, key, opts).map(|_| ()),
+        Event::Sync(s) => verify_sync(s, key, opts).map(|_| ()),
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => "ok".into(),
+        Err(e) => e.reason().into(),
+    })
 }
 
 /// Reads a capture (`[u32 LE length][frame]...`) and writes one JSON line per event to `out`.
 ///
 /// A frame that does not decode becomes a `{"kind": "invalid_frame", ...}` line and the rest of
 /// the capture is still printed; a truncated capture is an error after everything readable.
-pub fn inspect(capture: &Path, out: &mut dyn Write) -> Result<InspectSummary> {
+/// With `did_docs`, every line of a `#commit` or `#sync` event gains `"verify"`: `"ok"` or the
+/// reason it failed (the clock for the future-rev check is this machine's).
+pub fn inspect(
+    capture: &Path,
+    did_docs: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<InspectSummary> {
+    let identities = did_docs.map(load_did_docs).transpose()?;
+    let now_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let opts = VerifyOptions::at(now_micros);
     let data =
         std::fs::read(capture).with_context(|| format!("reading capture {}", capture.display()))?;
     let mut summary = InspectSummary::default();
@@ -319,7 +369,23 @@ pub fn inspect(capture: &Path, out: &mut dyn Write) -> Result<InspectSummary> {
         };
         summary.frames += 1;
         let lines = match decode_frame(frame) {
-            Ok(event) => event_lines(&event),
+            Ok(event) => {
+                let mut lines = event_lines(&event);
+                if let Some(verdict) = identities
+                    .as_ref()
+                    .and_then(|ids| verdict(&event, ids, &opts))
+                {
+                    if verdict == "ok" {
+                        summary.verified += 1;
+                    } else {
+                        summary.verify_failed += 1;
+                    }
+                    for line in &mut lines {
+                        line["verify"] = serde_json::Value::String(verdict.clone());
+                    }
+                }
+                lines
+            }
             Err(e) => {
                 summary.invalid_frames += 1;
                 vec![serde_json::json!({

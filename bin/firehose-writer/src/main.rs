@@ -29,15 +29,25 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Inspect { frames_file }) = &args.command {
+    if let Some(Command::Inspect {
+        frames_file,
+        did_docs,
+    }) = &args.command
+    {
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
-        return match firehose_writer::inspect(frames_file, &mut out) {
+        return match firehose_writer::inspect(frames_file, did_docs.as_deref(), &mut out) {
             Ok(summary) => {
                 eprintln!(
                     "{} frames, {} events, {} invalid frames",
                     summary.frames, summary.lines, summary.invalid_frames
                 );
+                if did_docs.is_some() {
+                    eprintln!(
+                        "{} commits/syncs verified, {} failed verification",
+                        summary.verified, summary.verify_failed
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

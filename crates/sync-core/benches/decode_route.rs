@@ -7,7 +7,10 @@
 //!   decoded and transformed);
 //! - `decode only`: frame + CAR decoding, no routing;
 //! - `decode all records to JSON`: the naive approach (every record of every op converted to the
-//!   JSON data model, as Jetstream does), for comparison.
+//!   JSON data model, as Jetstream does), for comparison;
+//! - `decode+verify+route`: the same with every commit fully verified first (Sync 1.1: commit
+//!   object, signature with the DID document's key, MST inversion), keys parsed once as the
+//!   writer's identity cache holds them; and the cost of each verification step alone.
 //!
 //! Reports frames/s, MB/s and the process's peak RSS (VmHWM).
 
@@ -16,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::ids::Did;
+use sync_core::crypto::PublicKey;
+use sync_core::did_doc::parse_did_doc_map;
 use sync_core::route::{route_event, MemoryState};
+use sync_core::verify::{prove_ops, verify_commit, verify_signed_commit, VerifyOptions};
 
 fn fixtures() -> std::path::PathBuf {
     std::env::var_os("SYNC_FIXTURES")
@@ -162,5 +168,68 @@ fn main() {
             _ => 1,
         },
     );
+
+    let docs = std::fs::read_to_string(fixtures().join("relay-capture/did_docs.json"))
+        .expect("relay-capture/did_docs.json");
+    let keys: std::collections::HashMap<Did, PublicKey> = parse_did_doc_map(&docs)
+        .expect("DID documents")
+        .into_iter()
+        .filter_map(|(did, id)| Some((did, id.ok()?.signing_key)))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let opts = VerifyOptions::at(now);
+    let commits = frames
+        .iter()
+        .filter(|f| matches!(decode_frame(f), Ok(Event::Commit(_))))
+        .count();
+    measure("decode+verify+route", &frames, bytes, budget, |frame| {
+        let event = decode_frame(frame).unwrap();
+        if let Event::Commit(c) = &event {
+            verify_commit(c, &keys[&c.repo], &opts).expect("capture commits verify");
+        }
+        route_event(&event, &state, clock).files.len()
+    });
+    println!("  ({commits} of {} frames are commits)", frames.len());
+    let step = |name: &str, f: &mut dyn FnMut(&sync_core::frame::Commit<'_>)| {
+        let decoded: Vec<_> = frames
+            .iter()
+            .filter_map(|f| match decode_frame(f).ok()? {
+                Event::Commit(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < budget / 2 {
+            for c in &decoded {
+                f(c);
+            }
+            n += decoded.len() as u64;
+        }
+        println!(
+            "{name:<28} {:>10.1} us per commit",
+            start.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    };
+    step("  commit object + signature", &mut |c| {
+        verify_signed_commit(&c.blocks, &c.commit, &c.repo, &c.rev, &keys[&c.repo], &opts)
+            .unwrap();
+    });
+    let data_of: std::collections::HashMap<_, _> = frames
+        .iter()
+        .filter_map(|f| match decode_frame(f).ok()? {
+            Event::Commit(c) => Some((
+                c.commit,
+                verify_commit(&c, &keys[&c.repo], &opts).unwrap().commit.data,
+            )),
+            _ => None,
+        })
+        .collect();
+    step("  MST inversion alone", &mut |c| {
+        prove_ops(c, &data_of[&c.commit]).unwrap();
+    });
     println!("peak RSS {:.0} MB", peak_rss_mb());
 }

@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod car;
+pub mod chain;
 pub mod cbor;
 pub mod frame;
 pub mod ids;
@@ -12,7 +13,10 @@ pub mod jetstream;
 pub mod paths;
 pub mod pyjson;
 pub mod records;
+pub mod repo;
 pub mod route;
 pub mod synth;
 pub mod time;
 pub mod transform;
+pub mod validate;
+pub mod verify;

@@ -321,3 +321,251 @@ impl Iterator for LoopedCapture {
         Some(out)
     }
 }
+
+/// A repository with a real MST and a real secp256k1 signing key: it produces signed `#commit`
+/// frames (with `prevData`, `since` and the proof blocks a verifier needs) and `getRepo` CARs,
+/// so verification, resync and backfill can be tested end to end without a PDS.
+pub struct SynthRepo {
+    did: crate::ids::Did,
+    secret: secp256k1::SecretKey,
+    tree: crate::mst::Tree,
+    records: std::collections::HashMap<Cid, Vec<u8>>,
+    last_rev: Option<crate::ids::Tid>,
+    /// The signed commit block of the last commit (or `getRepo`), for CARs.
+    last_commit: Option<(Cid, Vec<u8>)>,
+    /// The MST root that commit signed.
+    last_commit_data: Option<Cid>,
+}
+
+fn signing_context() -> &'static secp256k1::Secp256k1<secp256k1::SignOnly> {
+    static CONTEXT: std::sync::OnceLock<secp256k1::Secp256k1<secp256k1::SignOnly>> =
+        std::sync::OnceLock::new();
+    CONTEXT.get_or_init(secp256k1::Secp256k1::signing_only)
+}
+
+impl SynthRepo {
+    /// `did` must be a valid DID; `secret` a valid secp256k1 secret key (any 32 bytes below the
+    /// group order, e.g. `[3; 32]`).
+    pub fn new(did: &str, secret: [u8; 32]) -> SynthRepo {
+        SynthRepo {
+            did: crate::ids::Did::parse(did).expect("a valid synthetic DID"),
+            secret: secp256k1::SecretKey::from_slice(&secret).expect("a valid secret key"),
+            tree: crate::mst::Tree::empty(),
+            records: std::collections::HashMap::new(),
+            last_rev: None,
+            last_commit: None,
+            last_commit_data: None,
+        }
+    }
+
+    pub fn did(&self) -> crate::ids::Did {
+        self.did.clone()
+    }
+
+    /// The repo's signing key.
+    pub fn public_key(&self) -> crate::crypto::PublicKey {
+        let public = secp256k1::PublicKey::from_secret_key(signing_context(), &self.secret);
+        crate::crypto::PublicKey::from_compressed(
+            crate::crypto::KeyType::K256,
+            &public.serialize(),
+        )
+        .expect("a secp256k1 public key")
+    }
+
+    /// A DID document naming the signing key and `pds` as the PDS endpoint.
+    pub fn did_document(&self, pds: &str) -> Value {
+        json!({
+            "@context": ["https://www.w3.org/ns/did/v1", "https://w3id.org/security/multikey/v1"],
+            "id": self.did.as_str(),
+            "alsoKnownAs": [],
+            "verificationMethod": [{
+                "id": format!("{}#atproto", self.did.as_str()),
+                "type": "Multikey",
+                "controller": self.did.as_str(),
+                "publicKeyMultibase": self.public_key().to_multikey(),
+            }],
+            "service": [{
+                "id": "#atproto_pds",
+                "type": "AtprotoPersonalDataServer",
+                "serviceEndpoint": pds,
+            }],
+        })
+    }
+
+    /// Sets a record without committing (for building a repo's starting state).
+    pub fn put(&mut self, collection: &str, rkey: &str, record: Value) -> Cid {
+        let block = encode(&ipld(&record));
+        let cid = cbor::cid_for_dag_cbor(&block);
+        self.tree
+            .insert(format!("{collection}/{rkey}").as_bytes(), cid)
+            .expect("a fully loaded synthetic tree");
+        self.records.insert(cid, block);
+        cid
+    }
+
+    /// Whether the repo holds `collection/rkey` now.
+    pub fn has(&self, collection: &str, rkey: &str) -> bool {
+        self.tree
+            .get(format!("{collection}/{rkey}").as_bytes())
+            .expect("a fully loaded synthetic tree")
+            .is_some()
+    }
+
+    /// Removes a record without committing.
+    pub fn remove(&mut self, collection: &str, rkey: &str) -> Option<Cid> {
+        self.tree
+            .remove(format!("{collection}/{rkey}").as_bytes())
+            .expect("a fully loaded synthetic tree")
+    }
+
+    fn next_rev(&mut self, now_micros: u64) -> crate::ids::Tid {
+        let mut value = now_micros << 10;
+        if let Some(last) = self.last_rev {
+            value = value.max(last.to_u64() + 1);
+        }
+        let rev = crate::ids::Tid::from_u64(value);
+        self.last_rev = Some(rev);
+        rev
+    }
+
+    /// Signs a commit of the current tree; returns its CID and block.
+    fn sign(&mut self, rev: crate::ids::Tid) -> (Cid, Vec<u8>) {
+        use sha2::Digest as _;
+        let data = self.tree.root_cid().expect("a fully loaded synthetic tree");
+        let mut object = BTreeMap::new();
+        object.insert("did".to_owned(), Ipld::String(self.did.as_str().to_owned()));
+        object.insert("version".to_owned(), Ipld::Integer(3));
+        object.insert("data".to_owned(), Ipld::Link(data));
+        object.insert("rev".to_owned(), Ipld::String(rev.as_str().to_owned()));
+        object.insert("prev".to_owned(), Ipld::Null);
+        let unsigned = encode(&Ipld::Map(object.clone()));
+        let digest: [u8; 32] = sha2::Sha256::digest(&unsigned).into();
+        let signature = signing_context()
+            .sign_ecdsa(&secp256k1::Message::from_digest(digest), &self.secret)
+            .serialize_compact();
+        object.insert("sig".to_owned(), Ipld::Bytes(signature.to_vec()));
+        let block = encode(&Ipld::Map(object));
+        let cid = cbor::cid_for_dag_cbor(&block);
+        self.last_commit = Some((cid, block.clone()));
+        self.last_commit_data = Some(data);
+        (cid, block)
+    }
+
+    /// A `getRepo` CAR of the current state, signed at a rev taken from `now_micros`.
+    pub fn get_repo_car(&mut self, now_micros: u64) -> Vec<u8> {
+        self.get_repo_car_filtered(now_micros, |_| true)
+    }
+
+    /// [`Self::get_repo_car`] without the block `missing` (a damaged export).
+    pub fn get_repo_car_without(&mut self, now_micros: u64, missing: &Cid) -> Vec<u8> {
+        self.get_repo_car_filtered(now_micros, |cid| cid != missing)
+    }
+
+    fn get_repo_car_filtered(&mut self, now_micros: u64, keep: impl Fn(&Cid) -> bool) -> Vec<u8> {
+        // The last commit still describes the tree unless records were put since: then the
+        // export is signed at a new rev, as a PDS would have committed them.
+        let root = self.tree.root_cid().expect("a fully loaded synthetic tree");
+        let (commit_cid, commit_block) = match &self.last_commit {
+            Some((cid, block)) if self.last_commit_data == Some(root) => (*cid, block.clone()),
+            _ => {
+                let rev = self.next_rev(now_micros);
+                self.sign(rev)
+            }
+        };
+        let mut blocks = vec![(commit_cid, commit_block)];
+        blocks.extend(
+            self.tree
+                .node_blocks()
+                .expect("a fully loaded synthetic tree"),
+        );
+        let mut entries = Vec::new();
+        crate::mst::walk(
+            self.tree.root_cid().expect("a fully loaded synthetic tree"),
+            &blocks.iter().cloned().collect::<std::collections::HashMap<_, _>>(),
+            |_, cid| {
+                entries.push(cid);
+                Ok::<(), ()>(())
+            },
+        )
+        .expect("a consistent synthetic tree");
+        for cid in entries {
+            if let Some(block) = self.records.get(&cid) {
+                blocks.push((cid, block.clone()));
+            }
+        }
+        blocks.retain(|(cid, _)| keep(cid));
+        car(&commit_cid, &blocks)
+    }
+
+    /// Applies `ops` as one signed `#commit` frame: `prevData` is the root before, `since` the
+    /// previous rev, and `blocks` carry the commit, the new records and every MST node of the new
+    /// tree (a superset of the inversion proof; fine for the small repos of tests).
+    pub fn commit(&mut self, seq: i64, now_micros: u64, time: &str, ops: &[OpSpec]) -> Vec<u8> {
+        let since = self.last_rev;
+        let prev_data = self.tree.root_cid().expect("a fully loaded synthetic tree");
+        let mut op_values = Vec::new();
+        let mut new_blocks = Vec::new();
+        for op in ops {
+            let (action, collection, rkey, record) = match op {
+                OpSpec::Create {
+                    collection,
+                    rkey,
+                    record,
+                } => ("create", collection, rkey, Some(record)),
+                OpSpec::Update {
+                    collection,
+                    rkey,
+                    record,
+                } => ("update", collection, rkey, Some(record)),
+                OpSpec::Delete { collection, rkey } => ("delete", collection, rkey, None),
+            };
+            let path = format!("{collection}/{rkey}");
+            let prev = self
+                .tree
+                .get(path.as_bytes())
+                .expect("a fully loaded synthetic tree");
+            let mut m = BTreeMap::new();
+            m.insert("action".to_owned(), Ipld::String(action.into()));
+            m.insert("path".to_owned(), Ipld::String(path.clone()));
+            m.insert("prev".to_owned(), prev.map_or(Ipld::Null, Ipld::Link));
+            match record {
+                Some(record) => {
+                    let cid = self.put(collection, rkey, record.clone());
+                    new_blocks.push((cid, self.records[&cid].clone()));
+                    m.insert("cid".to_owned(), Ipld::Link(cid));
+                }
+                None => {
+                    self.remove(collection, rkey);
+                    m.insert("cid".to_owned(), Ipld::Null);
+                }
+            }
+            op_values.push(Ipld::Map(m));
+        }
+        let rev = self.next_rev(now_micros);
+        let (commit_cid, commit_block) = self.sign(rev);
+        let mut blocks = vec![(commit_cid, commit_block)];
+        blocks.extend(new_blocks);
+        blocks.extend(
+            self.tree
+                .node_blocks()
+                .expect("a fully loaded synthetic tree"),
+        );
+        let mut body = BTreeMap::new();
+        body.insert("seq".to_owned(), Ipld::Integer(seq.into()));
+        body.insert("repo".to_owned(), Ipld::String(self.did.as_str().to_owned()));
+        body.insert("rev".to_owned(), Ipld::String(rev.as_str().to_owned()));
+        body.insert(
+            "since".to_owned(),
+            since.map_or(Ipld::Null, |s| Ipld::String(s.as_str().to_owned())),
+        );
+        body.insert("commit".to_owned(), Ipld::Link(commit_cid));
+        body.insert("blocks".to_owned(), Ipld::Bytes(car(&commit_cid, &blocks)));
+        body.insert("ops".to_owned(), Ipld::List(op_values));
+        body.insert("prevData".to_owned(), Ipld::Link(prev_data));
+        body.insert("blobs".to_owned(), Ipld::List(vec![]));
+        body.insert("rebase".to_owned(), Ipld::Bool(false));
+        body.insert("tooBig".to_owned(), Ipld::Bool(false));
+        body.insert("time".to_owned(), Ipld::String(time.into()));
+        frame(json!({"op": 1, "t": "#commit"}), Ipld::Map(body))
+    }
+}

@@ -4,9 +4,11 @@
 mod cache_paths;
 mod decode;
 mod ids_syntax;
+mod repo;
 mod robustness;
 mod route;
 mod transform_examples;
+mod verify;
 
 use std::path::PathBuf;
 
