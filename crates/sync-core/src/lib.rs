@@ -7,6 +7,8 @@ pub mod cache;
 pub mod car;
 pub mod chain;
 pub mod cbor;
+pub mod crypto;
+pub mod did_doc;
 pub mod frame;
 pub mod ids;
 pub mod jetstream;

@@ -1,7 +1,8 @@
 //! sync-core integration tests, one binary: decoding conformance, identifier syntax, transforms,
-//! routing, robustness against hostile frames, and cache path safety.
+//! routing, robustness against hostile frames, cache path safety, and signing keys / DID documents.
 
 mod cache_paths;
+mod crypto;
 mod decode;
 mod ids_syntax;
 mod repo;
