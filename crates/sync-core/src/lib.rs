@@ -9,6 +9,7 @@ pub mod cbor;
 pub mod frame;
 pub mod ids;
 pub mod jetstream;
+pub mod mst;
 pub mod paths;
 pub mod pyjson;
 pub mod records;
