@@ -4,6 +4,7 @@
 mod cache_paths;
 mod decode;
 mod ids_syntax;
+mod mst;
 mod robustness;
 mod route;
 mod transform_examples;
