@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
+use ipld_core::cid::multihash::Multihash;
 use ipld_core::cid::Cid;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -128,7 +129,12 @@ pub trait BlockSource {
 
 impl BlockSource for CarBlocks<'_> {
     fn block(&self, cid: &Cid) -> Option<&[u8]> {
-        self.get(cid)
+        // A commit CAR is a handful of blocks: a scan comparing digests first (they differ in
+        // the first bytes) beats building an index.
+        let want = cid.hash().digest();
+        self.iter()
+            .find(|(c, _)| c.hash().digest() == want && *c == cid)
+            .map(|(_, b)| b)
     }
 }
 
@@ -177,32 +183,155 @@ pub struct EntryData {
     pub value: Cid,
 }
 
-/// Decodes a node block strictly: it must be DAG-CBOR of exactly this shape and re-encode to
-/// the same bytes (so map order, null fields and integer widths are canonical). Key prefixes are
-/// not checked here (that needs the reconstructed keys; the tree loader does it).
+/// Decodes a node block strictly: it must be DAG-CBOR of exactly this shape in canonical form
+/// (map keys in order, nullable fields present, shortest integer and length forms), i.e. the
+/// bytes [`encode_node`] would write. Key prefixes are not checked here (that needs the
+/// reconstructed keys; the tree loader and the walk do it).
 pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
-    // The shape is fixed (no free-form values), so serde's decoder cannot recurse deeply here.
-    let node: NodeData =
-        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| MstError::BadNode(e.to_string()))?;
-    let mut again = Vec::with_capacity(bytes.len());
-    encode_node_into(&node, &mut again);
-    if again != bytes {
-        return Err(MstError::NonCanonical);
+    let wire = read_wire(bytes)?;
+    Ok(NodeData {
+        entries: wire
+            .entries
+            .into_iter()
+            .map(|e| EntryData {
+                key_suffix: e.suffix.to_vec(),
+                prefix_len: e.prefix_len,
+                right: e.right,
+                value: e.value,
+            })
+            .collect(),
+        left: wire.left,
+    })
+}
+
+/// A node as read from its block, key suffixes borrowed.
+struct WireNode<'a> {
+    left: Option<Cid>,
+    entries: Vec<WireEntry<'a>>,
+}
+
+struct WireEntry<'a> {
+    prefix_len: u64,
+    suffix: &'a [u8],
+    value: Cid,
+    right: Option<Cid>,
+}
+
+fn read_wire(bytes: &[u8]) -> Result<WireNode<'_>, MstError> {
+    // The fast reader accepts only the canonical layout; when it refuses, the general decoder
+    // tells a non-canonical encoding of a node from something that is not a node at all.
+    Canonical { buf: bytes, pos: 0 }.node().ok_or_else(|| {
+        match serde_ipld_dagcbor::from_slice::<NodeData>(bytes) {
+            Ok(_) => MstError::NonCanonical,
+            Err(e) => MstError::BadNode(e.to_string()),
+        }
+    })
+}
+
+/// Reader of exactly the bytes [`encode_parts`] writes; any deviation is `None`. (The shape is
+/// fixed and flat, so there is no recursion.)
+struct Canonical<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Canonical<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
     }
-    Ok(node)
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let out = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(out)
+    }
+
+    fn expect(&mut self, bytes: &[u8]) -> Option<()> {
+        (self.take(bytes.len())? == bytes).then_some(())
+    }
+
+    /// A head of major type `major` in its shortest form; returns the argument.
+    fn head(&mut self, major: u8) -> Option<u64> {
+        let b = self.byte()?;
+        if b >> 5 != major {
+            return None;
+        }
+        let (arg, min) = match b & 0x1f {
+            info @ 0..=23 => return Some(u64::from(info)),
+            24 => (u64::from(self.byte()?), 24),
+            25 => (u64::from(u16::from_be_bytes(self.take(2)?.try_into().ok()?)), 0x100),
+            26 => (u64::from(u32::from_be_bytes(self.take(4)?.try_into().ok()?)), 0x1_0000),
+            27 => (u64::from_be_bytes(self.take(8)?.try_into().ok()?), 0x1_0000_0000),
+            _ => return None,
+        };
+        (arg >= min).then_some(arg)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.head(2)?).ok()?;
+        self.take(len)
+    }
+
+    fn link(&mut self) -> Option<Option<Cid>> {
+        if self.buf.get(self.pos) == Some(&0xf6) {
+            self.pos += 1;
+            return Some(None);
+        }
+        self.expect(&[0xd8, 42])?;
+        let (&prefix, raw) = self.bytes()?.split_first()?;
+        if prefix != 0 {
+            return None;
+        }
+        // Fast path: the CIDv1 DAG-CBOR SHA2-256 every atproto writer uses for nodes and records.
+        if let [0x01, 0x71, 0x12, 0x20, digest @ ..] = raw {
+            if digest.len() == 32 {
+                let mh = Multihash::wrap(SHA2_256, digest).ok()?;
+                return Some(Some(Cid::new_v1(DAG_CBOR, mh)));
+            }
+        }
+        let mut rest = raw;
+        let cid = Cid::read_bytes(&mut rest).ok()?;
+        // Non-minimal varints inside the CID would re-encode shorter.
+        (rest.is_empty() && cid.encoded_len() == raw.len()).then_some(Some(cid))
+    }
+
+    fn node(&mut self) -> Option<WireNode<'a>> {
+        self.expect(&[0xa2, 0x61, b'e'])?;
+        let n = self.head(4)?;
+        // An entry takes at least 12 bytes: a huge count cannot reserve memory.
+        let cap = usize::try_from(n).ok()?.min(self.buf.len() / 12);
+        let mut entries = Vec::with_capacity(cap);
+        for _ in 0..n {
+            self.expect(&[0xa4, 0x61, b'k'])?;
+            let suffix = self.bytes()?;
+            self.expect(&[0x61, b'p'])?;
+            let prefix_len = self.head(0)?;
+            self.expect(&[0x61, b't'])?;
+            let right = self.link()?;
+            self.expect(&[0x61, b'v'])?;
+            let value = self.link()??;
+            entries.push(WireEntry {
+                prefix_len,
+                suffix,
+                value,
+                right,
+            });
+        }
+        self.expect(&[0x61, b'l'])?;
+        let left = self.link()?;
+        (self.pos == self.buf.len()).then_some(WireNode { left, entries })
+    }
 }
 
 /// Encodes a node as canonical DAG-CBOR (written by hand: the layout is fixed, and this runs for
 /// every node changed by an inversion).
 pub fn encode_node(node: &NodeData) -> Vec<u8> {
     let mut buf = Vec::with_capacity(16 + node.entries.len() * 90);
-    encode_node_into(node, &mut buf);
-    buf
-}
-
-fn encode_node_into(node: &NodeData, buf: &mut Vec<u8>) {
     encode_parts(
-        buf,
+        &mut buf,
         node.left.as_ref(),
         node.entries.iter().map(|e| RawEntry {
             prefix_len: e.prefix_len,
@@ -211,6 +340,7 @@ fn encode_node_into(node: &NodeData, buf: &mut Vec<u8>) {
             right: e.right.as_ref(),
         }),
     );
+    buf
 }
 
 struct RawEntry<'a> {
@@ -248,11 +378,11 @@ fn write_link(buf: &mut Vec<u8>, cid: Option<&Cid>) {
     match cid {
         None => buf.push(0xf6),
         Some(cid) => {
-            let bytes = cid.to_bytes();
             buf.extend_from_slice(&[0xd8, 42]);
-            write_head(buf, 2, bytes.len() as u64 + 1);
+            write_head(buf, 2, cid.encoded_len() as u64 + 1);
             buf.push(0);
-            buf.extend_from_slice(&bytes);
+            // Writing into a Vec cannot fail.
+            let _ = cid.write_bytes(&mut *buf);
         }
     }
 }
@@ -281,39 +411,32 @@ fn encode_parts<'a>(
     write_link(buf, left);
 }
 
-/// A node block checked on its own: hash, codec, keys rebuilt and ordered, heights consistent.
-struct Parsed {
-    height: u32,
-    left: Option<Cid>,
-    /// (full key, value, right subtree)
-    entries: Vec<(Vec<u8>, Cid, Option<Cid>)>,
-}
-
-/// Parses and checks node `cid`. `expected` is the height the parent implies, `None` for the
-/// root (whose height is its first key's, and which may be the empty node but not a bare
-/// pointer). Bounds against the neighbouring keys are the caller's business.
-fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<Parsed, MstError> {
+/// Parses and checks node `cid` on its own: hash, codec, keys rebuilt and ordered, heights
+/// consistent. Its links are returned as stubs. `expected` is the height the parent implies,
+/// `None` for the root (whose height is its first key's, and which may be the empty node but not
+/// a bare pointer). Bounds against the neighbouring keys are the caller's business.
+fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u32), MstError> {
     cbor::verify_block(cid, bytes).map_err(|e| match e {
         CborError::HashMismatch(_) => MstError::HashMismatch(*cid),
         _ => MstError::BadLink(*cid),
     })?;
-    let data = decode_node(bytes)?;
+    let data = read_wire(bytes)?;
     if let Some(l) = &data.left {
         check_link(l)?;
     }
-    let mut entries: Vec<(Vec<u8>, Cid, Option<Cid>)> = Vec::with_capacity(data.entries.len());
+    let mut entries: Vec<Entry> = Vec::with_capacity(data.entries.len());
     for e in data.entries {
         if let Some(t) = &e.right {
             check_link(t)?;
         }
-        let prev: &[u8] = entries.last().map_or(&[], |(k, _, _)| k.as_slice());
+        let prev: &[u8] = entries.last().map_or(&[], |e| e.key.as_slice());
         let p = usize::try_from(e.prefix_len)
             .ok()
             .filter(|&p| p <= prev.len())
             .ok_or(MstError::BadKey("prefix longer than the previous key"))?;
-        let mut key = Vec::with_capacity(p + e.key_suffix.len());
+        let mut key = Vec::with_capacity(p + e.suffix.len());
         key.extend_from_slice(&prev[..p]);
-        key.extend_from_slice(&e.key_suffix);
+        key.extend_from_slice(e.suffix);
         check_key(&key)?;
         if key.as_slice() <= prev {
             return Err(MstError::KeyOrder);
@@ -323,19 +446,23 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<Parsed, 
         if common_prefix_len(prev, &key) != p {
             return Err(MstError::NonCanonical);
         }
-        entries.push((key, e.value, e.right));
+        entries.push(Entry {
+            key,
+            value: e.value,
+            right: e.right.map(Sub::Stub),
+        });
     }
     let height = match (expected, entries.first()) {
         (Some(h), _) => h,
-        (None, Some((k, _, _))) => key_height(k),
+        (None, Some(e)) => key_height(&e.key),
         (None, None) => 0,
     };
     if height > MAX_HEIGHT {
         return Err(MstError::TooDeep(height));
     }
     let skip = usize::from(expected.is_none()); // the root's first key defined its height
-    for (k, _, _) in entries.iter().skip(skip) {
-        if key_height(k) != height {
+    for e in entries.iter().skip(skip) {
+        if key_height(&e.key) != height {
             return Err(MstError::HeightMismatch);
         }
     }
@@ -345,14 +472,15 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<Parsed, 
             return Err(MstError::EmptyNode);
         }
     }
-    if height == 0 && (data.left.is_some() || entries.iter().any(|(_, _, t)| t.is_some())) {
+    if height == 0 && (data.left.is_some() || entries.iter().any(|e| e.right.is_some())) {
         return Err(MstError::HeightMismatch);
     }
-    Ok(Parsed {
-        height,
-        left: data.left,
+    let node = Node {
+        left: data.left.map(Sub::Stub),
         entries,
-    })
+        cid: Some(*cid),
+    };
+    Ok((node, height))
 }
 
 /// A subtree: loaded, or known only by CID (its block was not available).
@@ -641,64 +769,44 @@ fn encode_mem(node: &mut Node) -> Vec<u8> {
     buf
 }
 
-/// Loads node `cid` (already parsed) and every available node below it, checking that its keys
-/// lie strictly between `lower` and `upper`. Recursion depth is bounded by the height.
+/// Replaces the stubs of a parsed node by the nodes `blocks` holds, recursively, checking that
+/// the node's keys lie strictly between `lower` and `upper`. Recursion depth is bounded by the
+/// height (children are one lower, and [`parse_node`] refuses links below height 0).
 fn build<B: BlockSource + ?Sized>(
-    cid: Cid,
-    parsed: Parsed,
+    node: &mut Node,
+    height: u32,
     lower: Option<&[u8]>,
     upper: Option<&[u8]>,
     blocks: &B,
-) -> Result<Node, MstError> {
-    if let (Some(lo), Some((first, _, _))) = (lower, parsed.entries.first()) {
-        if first.as_slice() <= lo {
+) -> Result<(), MstError> {
+    if let (Some(lo), Some(first)) = (lower, node.entries.first()) {
+        if first.key.as_slice() <= lo {
             return Err(MstError::KeyOrder);
         }
     }
-    if let (Some(hi), Some((last, _, _))) = (upper, parsed.entries.last()) {
-        if last.as_slice() >= hi {
+    if let (Some(hi), Some(last)) = (upper, node.entries.last()) {
+        if last.key.as_slice() >= hi {
             return Err(MstError::KeyOrder);
         }
     }
-    let child_h = parsed.height.saturating_sub(1);
-    let load = |link: Option<Cid>, lo: Option<&[u8]>, hi: Option<&[u8]>| match link {
-        None => Ok(None),
-        Some(c) => match blocks.block(&c) {
-            None => Ok(Some(Sub::Stub(c))),
-            Some(bytes) => {
-                let p = parse_node(&c, bytes, Some(child_h))?;
-                Ok(Some(Sub::Node(Box::new(build(c, p, lo, hi, blocks)?))))
-            }
-        },
-    };
-    let mut links = Vec::with_capacity(parsed.entries.len());
-    let mut node = Node {
-        left: None,
-        entries: Vec::with_capacity(parsed.entries.len()),
-        cid: Some(cid),
-    };
-    for (key, value, right) in parsed.entries {
-        links.push(right);
-        node.entries.push(Entry {
-            key,
-            value,
-            right: None,
-        });
-    }
-    let n = node.entries.len();
-    let first_hi = node.entries.first().map(|e| e.key.as_slice()).or(upper);
-    node.left = load(parsed.left, lower, first_hi)?;
-    for (i, link) in links.into_iter().enumerate() {
-        let lo = Some(node.entries[i].key.as_slice());
-        let hi = if i + 1 < n {
-            Some(node.entries[i + 1].key.as_slice())
-        } else {
-            upper
+    let child_h = height.saturating_sub(1);
+    for i in 0..=node.entries.len() {
+        let Some(Sub::Stub(c)) = slot(node, i) else {
+            continue;
         };
-        let child = load(link, lo, hi)?;
-        node.entries[i].right = child;
+        let Some(bytes) = blocks.block(c) else {
+            continue;
+        };
+        let lo = match i.checked_sub(1) {
+            Some(j) => Some(node.entries[j].key.as_slice()),
+            None => lower,
+        };
+        let hi = node.entries.get(i).map(|e| e.key.as_slice()).or(upper);
+        let (mut child, _) = parse_node(c, bytes, Some(child_h))?;
+        build(&mut child, child_h, lo, hi, blocks)?;
+        *slot_mut(node, i) = Some(Sub::Node(Box::new(child)));
     }
-    Ok(node)
+    Ok(())
 }
 
 /// A partial in-memory MST: nodes whose blocks were available are loaded; absent subtrees are
@@ -735,9 +843,8 @@ impl Tree {
     pub fn load<B: BlockSource + ?Sized>(root: Cid, blocks: &B) -> Result<Tree, MstError> {
         check_link(&root)?;
         let bytes = blocks.block(&root).ok_or(MstError::MissingBlock(root))?;
-        let parsed = parse_node(&root, bytes, None)?;
-        let height = parsed.height;
-        let node = build(root, parsed, None, None, blocks)?;
+        let (mut node, height) = parse_node(&root, bytes, None)?;
+        build(&mut node, height, None, None, blocks)?;
         Ok(Tree {
             root: Sub::Node(Box::new(node)),
             height,
@@ -887,7 +994,8 @@ impl Tree {
 
 /// One node on the walk's current path.
 struct Frame {
-    parsed: Parsed,
+    node: Node,
+    height: u32,
     /// Next step: even `2i` visits slot `i`, odd `2i + 1` emits entry `i`.
     step: usize,
 }
@@ -910,8 +1018,10 @@ where
 {
     check_link(&root)?;
     let bytes = blocks.block(&root).ok_or(MstError::MissingBlock(root))?;
+    let (node, height) = parse_node(&root, bytes, None)?;
     let mut stack = vec![Frame {
-        parsed: parse_node(&root, bytes, None)?,
+        node,
+        height,
         step: 0,
     }];
     let mut last_key: Vec<u8> = Vec::new();
@@ -920,30 +1030,30 @@ where
         frame.step += 1;
         let i = step / 2;
         if step % 2 == 1 {
-            if let Some((key, value, _)) = frame.parsed.entries.get(i) {
+            if let Some(e) = frame.node.entries.get(i) {
                 // The first key is never empty (check_key), so `[]` works as "none yet".
-                if key.as_slice() <= last_key.as_slice() {
+                if e.key.as_slice() <= last_key.as_slice() {
                     return Err(MstError::KeyOrder.into());
                 }
                 last_key.clear();
-                last_key.extend_from_slice(key);
-                visit(key, *value).map_err(WalkError::Visit)?;
+                last_key.extend_from_slice(&e.key);
+                visit(&e.key, e.value).map_err(WalkError::Visit)?;
             }
             continue;
         }
-        if i > frame.parsed.entries.len() {
+        if i > frame.node.entries.len() {
             stack.pop();
             continue;
         }
-        let link = match i.checked_sub(1) {
-            None => frame.parsed.left,
-            Some(j) => frame.parsed.entries[j].2,
-        };
-        if let Some(link) = link {
-            let child_h = frame.parsed.height.saturating_sub(1);
+        // Links of a parsed node are stubs.
+        if let Some(Sub::Stub(link)) = slot(&frame.node, i) {
+            let link = *link;
+            let child_h = frame.height.saturating_sub(1);
             let bytes = blocks.block(&link).ok_or(MstError::MissingBlock(link))?;
+            let (node, height) = parse_node(&link, bytes, Some(child_h))?;
             stack.push(Frame {
-                parsed: parse_node(&link, bytes, Some(child_h))?,
+                node,
+                height,
                 step: 0,
             });
         }
