@@ -12,6 +12,7 @@ pub mod did_doc;
 pub mod frame;
 pub mod ids;
 pub mod jetstream;
+pub mod mst;
 pub mod paths;
 pub mod pyjson;
 pub mod records;

@@ -1,10 +1,12 @@
 //! sync-core integration tests, one binary: decoding conformance, identifier syntax, transforms,
-//! routing, robustness against hostile frames, cache path safety, and signing keys / DID documents.
+//! routing, robustness against hostile frames, cache path safety, signing keys / DID documents, the MST, commit and
+//! repo verification, and relay scenarios.
 
 mod cache_paths;
 mod crypto;
 mod decode;
 mod ids_syntax;
+mod mst;
 mod repo;
 mod robustness;
 mod route;
