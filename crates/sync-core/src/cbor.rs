@@ -142,6 +142,31 @@ pub fn verify_block(cid: &Cid, block: &[u8]) -> Result<(), CborError> {
     Ok(())
 }
 
+/// True for the only CID form atproto uses for records (and commits, MST nodes): CIDv1, DAG-CBOR
+/// codec, SHA2-256 multihash with a 32-byte digest. A record addressed any other way (CIDv0, raw
+/// codec, another hash) is not a valid atproto record, whatever its bytes hash to.
+pub fn is_atproto_record_cid(cid: &Cid) -> bool {
+    let mh = cid.hash();
+    cid.version() == ipld_core::cid::Version::V1
+        && cid.codec() == DAG_CBOR
+        && mh.code() == SHA2_256
+        && mh.size() == 32
+}
+
+/// Skips the remaining items of a sequence without decoding them (nothing is allocated per item)
+/// and returns `seen` plus their count: how a bounded list rejects a hostile length without
+/// collecting it.
+pub(crate) fn skip_rest<'de, A: serde::de::SeqAccess<'de>>(
+    mut seq: A,
+    seen: usize,
+) -> Result<usize, A::Error> {
+    let mut n = seen;
+    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// The CIDv1 (DAG-CBOR, SHA2-256) that addresses `block`.
 pub fn cid_for_dag_cbor(block: &[u8]) -> Cid {
     let digest = Sha256::digest(block);

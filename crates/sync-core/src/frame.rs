@@ -12,7 +12,8 @@ use crate::ids::{Did, IdError, Nsid, RecordKey, Seq, Tid};
 
 /// Largest frame accepted from the wire (atproto event-stream limit).
 pub const MAX_FRAME_BYTES: usize = 5 * 1024 * 1024;
-/// Largest `blocks` CAR of one commit (lexicon `maxLength`).
+/// Largest `blocks` CAR of one commit (lexicon `maxLength`), also applied to `#sync` blocks (whose
+/// lexicon `maxLength` is 10,000: a `#sync` CAR holds just the signed commit block).
 pub const MAX_BLOCKS_BYTES: usize = 2_000_000;
 /// Largest record block (atproto record size limit).
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
@@ -35,8 +36,9 @@ pub enum FrameError {
         #[source]
         source: IdError,
     },
-    #[error("commit blocks of {0} bytes exceed the {MAX_BLOCKS_BYTES}-byte limit")]
+    #[error("blocks CAR of {0} bytes exceeds the {MAX_BLOCKS_BYTES}-byte limit")]
     BlocksTooLarge(usize),
+    /// The count is exact: the excess ops are counted (skipped unread), never collected.
     #[error("commit has {0} ops, more than {MAX_OPS}")]
     TooManyOps(usize),
     #[error("bad commit CAR: {0}")]
@@ -73,6 +75,9 @@ pub enum OpError {
     PathShape(String),
     #[error("{0} op without a cid")]
     MissingCid(&'static str),
+    /// A record CID that is not CIDv1 + DAG-CBOR + SHA2-256 (see [`cbor::is_atproto_record_cid`]).
+    #[error("record CID {0} is not a CIDv1 DAG-CBOR SHA2-256 link")]
+    BadCid(Cid),
     #[error("record block {0} is not in the commit")]
     MissingBlock(String),
     #[error("record block of {0} bytes exceeds the {MAX_RECORD_BYTES}-byte limit")]
@@ -91,6 +96,7 @@ impl OpError {
             OpError::Action(_) => "bad_action",
             OpError::Path { .. } | OpError::PathShape(_) => "bad_path",
             OpError::MissingCid(_) => "missing_cid",
+            OpError::BadCid(_) => "bad_cid",
             OpError::MissingBlock(_) => "missing_block",
             OpError::RecordTooLarge(_) => "record_too_large",
             OpError::Block(CborError::HashMismatch(_)) => "cid_mismatch",
@@ -136,10 +142,17 @@ pub struct Commit<'a> {
     pub rev: Tid,
     pub since: Option<&'a str>,
     pub commit: Cid,
+    /// `prevData`: the MST root of the repo's previous commit (the one `since` names), which lets a
+    /// verifier check the commit inductively. `None` (null or absent) on legacy commits.
+    pub prev_data: Option<Cid>,
     pub time: &'a str,
     /// Ops in commit order; a malformed op is an error for that op only.
     pub ops: Vec<Result<RepoOp, OpError>>,
+    /// The `blocks` CAR, indexed.
     pub blocks: CarBlocks<'a>,
+    /// The `blocks` CAR exactly as sent (at most [`MAX_BLOCKS_BYTES`]), for consumers that need
+    /// the bytes themselves (e.g. to hand them on, or to re-read them).
+    pub blocks_bytes: &'a [u8],
     /// CIDs whose block was already hash-checked: many ops may point at one block, and a hostile
     /// commit must not make us hash the same megabyte 200 times.
     verified: std::cell::RefCell<Vec<Cid>>,
@@ -147,6 +160,7 @@ pub struct Commit<'a> {
 
 impl<'a> Commit<'a> {
     /// The record block of a create/update op, hash-checked against `op.cid`; `None` for deletes.
+    /// A `cid` that is not an atproto record CID is [`OpError::BadCid`] (checked before lookup).
     pub fn record_block(&self, op: &RepoOp) -> Result<Option<&'a [u8]>, OpError> {
         let Some(cid) = &op.cid else {
             return match op.action {
@@ -157,6 +171,9 @@ impl<'a> Commit<'a> {
         };
         if op.action == Action::Delete {
             return Ok(None);
+        }
+        if !cbor::is_atproto_record_cid(cid) {
+            return Err(OpError::BadCid(*cid));
         }
         let block = self
             .blocks
@@ -188,6 +205,10 @@ pub struct SyncEvent {
     pub did: Did,
     pub rev: Tid,
     pub time: String,
+    /// The CAR holding the signed commit block (its CID is the first root), as sent; required by
+    /// the lexicon, at most [`MAX_BLOCKS_BYTES`]. Owned: `#sync` is rare, and this keeps the event
+    /// free of the frame's lifetime. Not parsed here: a verifier reads it.
+    pub blocks: Vec<u8>,
 }
 
 /// An `#identity` event (handle or DID document changed).
@@ -232,6 +253,9 @@ pub enum Skipped {
     Unknown(String),
 }
 
+// A commit (two CIDs inline, ~380 bytes) dwarfs the other variants; an event is built once per
+// frame and consumed at once, so boxing it would only add an allocation per commit.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
     Commit(Commit<'a>),
@@ -298,12 +322,55 @@ struct RawCommit<'a> {
     #[serde(borrow, default)]
     since: Option<&'a str>,
     commit: Cid,
+    #[serde(default, rename = "prevData")]
+    prev_data: Option<Cid>,
     #[serde(borrow)]
     blocks: &'a [u8],
     #[serde(borrow)]
-    ops: Vec<RawOp<'a>>,
+    ops: RawOps<'a>,
     #[serde(borrow)]
     time: &'a str,
+    // Every other field (`blobs`, `rebase`, `tooBig`, `prev`, ...) is skipped by serde as
+    // `IgnoredAny`, which walks the CBOR without allocating, however long a list it holds.
+}
+
+/// A commit's `ops`, bounded while decoding: a list longer than [`MAX_OPS`] is counted and skipped
+/// unread, so a 5 MiB frame of millions of one-byte "ops" costs no memory per op (collecting them
+/// first, as a `Vec`, cost ~2 GB).
+enum RawOps<'a> {
+    Ops(Vec<RawOp<'a>>),
+    TooMany(usize),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawOps<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = RawOps<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of repo ops")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawOps<'a>, A::Error> {
+                // DAG-CBOR lists have a definite length, so the hint is the exact count.
+                let hint = seq.size_hint().unwrap_or(0);
+                if hint > MAX_OPS {
+                    return cbor::skip_rest(seq, 0).map(RawOps::TooMany);
+                }
+                let mut ops = Vec::with_capacity(hint);
+                while let Some(op) = seq.next_element::<RawOp<'a>>()? {
+                    if ops.len() == MAX_OPS {
+                        return cbor::skip_rest(seq, MAX_OPS + 1).map(RawOps::TooMany);
+                    }
+                    ops.push(op);
+                }
+                Ok(RawOps::Ops(ops))
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
 }
 
 /// One entry of a commit's `ops`. Read leniently: a field of the wrong type fails this op (an
@@ -484,6 +551,8 @@ struct RawSync<'a> {
     rev: &'a str,
     #[serde(borrow)]
     time: &'a str,
+    #[serde(borrow)]
+    blocks: &'a [u8],
 }
 
 #[derive(Deserialize)]
@@ -624,11 +693,15 @@ pub fn decode_frame(frame: &[u8]) -> Result<Event<'_>, FrameError> {
         "#commit" => decode_commit(body_bytes).map(Event::Commit),
         "#sync" => {
             let raw: RawSync<'_> = body("sync", body_bytes)?;
+            if raw.blocks.len() > MAX_BLOCKS_BYTES {
+                return Err(FrameError::BlocksTooLarge(raw.blocks.len()));
+            }
             Ok(Event::Sync(SyncEvent {
                 seq: Seq(raw.seq),
                 did: id("sync", Did::parse(raw.did))?,
                 rev: id("sync", Tid::parse(raw.rev))?,
                 time: raw.time.to_owned(),
+                blocks: raw.blocks.to_vec(),
             }))
         }
         "#identity" => {
@@ -680,9 +753,10 @@ fn decode_commit(body_bytes: &[u8]) -> Result<Commit<'_>, FrameError> {
     if raw.blocks.len() > MAX_BLOCKS_BYTES {
         return Err(FrameError::BlocksTooLarge(raw.blocks.len()));
     }
-    if raw.ops.len() > MAX_OPS {
-        return Err(FrameError::TooManyOps(raw.ops.len()));
-    }
+    let ops = match raw.ops {
+        RawOps::Ops(ops) => ops,
+        RawOps::TooMany(n) => return Err(FrameError::TooManyOps(n)),
+    };
     let blocks = CarBlocks::parse(raw.blocks)?;
     Ok(Commit {
         seq: Seq(raw.seq),
@@ -690,9 +764,11 @@ fn decode_commit(body_bytes: &[u8]) -> Result<Commit<'_>, FrameError> {
         rev: id("commit", Tid::parse(raw.rev))?,
         since: raw.since,
         commit: raw.commit,
+        prev_data: raw.prev_data,
         time: raw.time,
-        ops: raw.ops.into_iter().map(parse_op).collect(),
+        ops: ops.into_iter().map(parse_op).collect(),
         blocks,
+        blocks_bytes: raw.blocks,
         verified: std::cell::RefCell::new(Vec::new()),
     })
 }

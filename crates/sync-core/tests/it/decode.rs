@@ -1,7 +1,9 @@
 //! Decoder conformance against fixtures we did not write: the relay capture with its production
-//! Jetstream output, the atproto data-model vectors and indigo's edge-case commits.
+//! Jetstream output, the atproto data-model vectors, indigo's edge-case commits and indigo's relay
+//! scenarios (`prevData` on current commits, a real `#sync`).
 
 use serde_json::Value;
+use sync_core::car::CarBlocks;
 use sync_core::cbor;
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::jetstream::{event_lines, JETSTREAM_KINDS};
@@ -128,6 +130,8 @@ fn indigo_commits_decode_with_every_record() {
             panic!("{name}: not a commit")
         };
         assert_eq!(commit.ops.len(), body["ops"].as_array().unwrap().len());
+        // February 2025 commits, before `prevData` existed.
+        assert_eq!(commit.prev_data, None, "{name}");
         seen_41 |= commit.ops.len() >= 41;
         for op in &commit.ops {
             let op = op.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -151,4 +155,106 @@ fn indigo_commits_decode_with_every_record() {
     }
     assert_eq!(files, 4);
     assert!(seen_41, "the large (42-op) commit was decoded");
+}
+
+#[test]
+fn relay_capture_commits_carry_prev_data_and_their_car() {
+    let Some(dir) = fixtures() else { return };
+    let frames = std::fs::read(dir.join("relay-capture/frames.bin")).unwrap();
+    let mut commits = 0;
+    for frame in capture_frames(&frames) {
+        let frame = frame.unwrap();
+        let Event::Commit(c) = decode_frame(frame).unwrap() else {
+            continue;
+        };
+        commits += 1;
+        let seq = c.seq.0;
+        // The live relay sends the inductive-firehose field on every commit.
+        let prev_data = c
+            .prev_data
+            .unwrap_or_else(|| panic!("seq {seq}: no prevData"));
+        assert!(cbor::is_atproto_record_cid(&prev_data), "seq {seq}");
+        assert_ne!(prev_data, c.commit, "seq {seq}");
+        // `blocks_bytes` is the CAR as sent, borrowed from the frame; the commit is its first root.
+        assert!(frame.as_ptr_range().contains(&c.blocks_bytes.as_ptr()));
+        let again = CarBlocks::parse(c.blocks_bytes).unwrap();
+        assert_eq!(again.roots(), c.blocks.roots(), "seq {seq}");
+        assert_eq!(c.blocks.roots().first(), Some(&c.commit), "seq {seq}");
+        assert!(c.blocks.get(&c.commit).is_some(), "seq {seq}: commit block");
+        // The index finds every block it lists, in CID order.
+        let listed: Vec<_> = c.blocks.iter().collect();
+        assert!(listed.windows(2).all(|w| w[0].0 < w[1].0), "seq {seq}");
+        for (cid, data) in listed {
+            assert_eq!(c.blocks.get(cid), Some(data), "seq {seq}: {cid}");
+        }
+    }
+    assert_eq!(commits, 148);
+}
+
+/// The frames of one indigo relay scenario, with the JSON body of each.
+fn scenario_frames(dir: &std::path::Path, name: &str) -> Vec<(Value, Vec<u8>)> {
+    let path = dir.join("indigo-commits/relay-scenarios").join(name);
+    let scenario: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    scenario["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let to_cbor = |v: &Value| cbor::encode_ipld(&cbor::json_to_ipld(v).unwrap()).unwrap();
+            let mut frame = to_cbor(&m["frame"]["header"]);
+            frame.extend(to_cbor(&m["frame"]["body"]));
+            (m["frame"]["body"].clone(), frame)
+        })
+        .collect()
+}
+
+#[test]
+fn relay_scenario_commits_have_prev_data_exactly_when_sent() {
+    let Some(dir) = fixtures() else { return };
+    let (mut with, mut without) = (0, 0);
+    for name in ["post_lifecycle.json", "post_lifecycle_legacy.json"] {
+        for (body, frame) in scenario_frames(&dir, name) {
+            let Event::Commit(c) = decode_frame(&frame).unwrap_or_else(|e| panic!("{name}: {e}"))
+            else {
+                continue;
+            };
+            let sent = body["prevData"]["$link"].as_str();
+            assert_eq!(
+                c.prev_data.map(|p| p.to_string()).as_deref(),
+                sent,
+                "{name} seq {}",
+                c.seq.0
+            );
+            if sent.is_some() {
+                with += 1;
+            } else {
+                without += 1;
+            }
+        }
+    }
+    assert_eq!((with, without), (6, 6));
+}
+
+#[test]
+fn indigo_sync_event_decodes_with_its_commit_car() {
+    let Some(dir) = fixtures() else { return };
+    let frames = scenario_frames(&dir, "account_lifecycle.json");
+    let mut syncs = 0;
+    for (body, frame) in &frames {
+        let Event::Sync(s) = decode_frame(frame).unwrap() else {
+            continue;
+        };
+        syncs += 1;
+        assert_eq!(s.blocks, b64(body["blocks"]["$bytes"].as_str().unwrap()));
+        // The CAR holds the signed commit, whose CID is its first root, for this did and rev.
+        let car = CarBlocks::parse(&s.blocks).unwrap();
+        let root = car.roots()[0];
+        let block = car.get(&root).expect("commit block");
+        cbor::verify_block(&root, block).unwrap();
+        let commit = cbor::decode_to_json(block).unwrap();
+        assert_eq!(commit["did"].as_str(), Some(s.did.as_str()));
+        assert_eq!(commit["rev"].as_str(), Some(s.rev.as_str()));
+        assert!(commit["sig"]["$bytes"].is_string());
+    }
+    assert_eq!(syncs, 1);
 }

@@ -5,8 +5,12 @@
 //! variant goes through `decode_frame`, `event_lines`, `route_event` and `record_json` inside
 //! `catch_unwind`, and no variant may panic. Bit flips inside a record block must never yield a
 //! record. Oversized and pathological variants (frame over 5 MiB, blocks over 2 MB, 201 ops,
-//! record over 1 MiB, 100k-deep nesting, 2^63-byte CBOR lengths, huge CAR varints) must fail with
-//! the right error. A proptest feeds arbitrary bytes and mutations of a valid commit frame.
+//! record over 1 MiB, 100k-deep nesting, 2^63-byte CBOR lengths, huge CAR varints, too many CAR
+//! roots) must fail with the right error. Frame-format checks: `prevData` absent/null/link/badly
+//! typed, `#sync` blocks (required, size-limited), a CAR repeating a CID with different bytes
+//! (rejected) or the same bytes (merged), and record CIDs that are not CIDv1 DAG-CBOR SHA2-256
+//! (that op fails with `bad_cid`). A proptest feeds arbitrary bytes and mutations of a valid commit
+//! frame. Peak memory on hostile frames is measured by the separate `alloc` test binary.
 //!
 //! Fixture root: `$SYNC_FIXTURES`, else `<repo>/../shared/fixtures`; the fixture-driven tests
 //! skip (with a message) when it is absent, the synth-only ones always run. Counts are sized for
@@ -22,7 +26,7 @@ use ipld_core::cid::Cid;
 use ipld_core::ipld::Ipld;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use sync_core::car::CarError;
+use sync_core::car::{CarBlocks, CarError};
 use sync_core::cbor::{self, CborError};
 use sync_core::frame::{
     capture_frames, decode_frame, Event, FrameError, OpError, MAX_BLOCKS_BYTES, MAX_FRAME_BYTES,
@@ -446,7 +450,8 @@ fn layout(frame: &[u8]) -> Layout {
         first = first.min(cid_start);
         last = last.max(data_start + data.len());
         l.boundaries.extend([cid_start, data_start]);
-        // A duplicate block is never read (lookup returns the first), so only first ones count.
+        // The index merges identical repeats of a block (keeping the first), so `iter` yields
+        // each CID once; `seen` stays as a guard.
         if record_cids.contains(cid) && seen.insert(*cid) {
             l.records.push(RecordRegion {
                 cid: *cid,
@@ -613,8 +618,10 @@ fn check_record_flip(
         if in_cid { "CID" } else { "data" }
     );
     match outcome {
-        // A flipped CID may no longer parse: the CAR is rejected. Flipped data is opaque to the CAR.
+        // A flipped CID may no longer parse: the CAR is rejected. Flipped data is opaque to the CAR,
+        // unless the block is repeated in the CAR: the flipped copy then conflicts with the other.
         Outcome::Err(FrameError::Car(_)) if in_cid => {}
+        Outcome::Err(FrameError::Car(CarError::ConflictingBlock(c))) if *c == r.cid => {}
         Outcome::Err(e) => tally.violation(format!("{label}: frame rejected: {e}")),
         Outcome::Ok(ops) => {
             let mut hit = false;
@@ -996,6 +1003,19 @@ fn oversized_variants() -> Vec<Variant> {
         "TooManyOps",
         |o| matches!(o, Outcome::Err(FrameError::TooManyOps(50_000))),
     ));
+    // One-byte items: the list is counted while decoding, not collected (see tests/alloc.rs).
+    v.push(variant(
+        "commit whose ops are 1,000,000 zeros",
+        commit_with(vec![Ipld::Integer(0); 1_000_000], vec![], vec![]),
+        "TooManyOps",
+        |o| matches!(o, Outcome::Err(FrameError::TooManyOps(1_000_000))),
+    ));
+    v.push(variant(
+        "commit whose ops are MAX_OPS + 1 nulls",
+        commit_with(vec![Ipld::Null; MAX_OPS + 1], vec![], vec![]),
+        "TooManyOps",
+        |o| matches!(o, Outcome::Err(FrameError::TooManyOps(201))),
+    ));
 
     // Record size limit: the text grows until the block is exactly MAX_RECORD_BYTES.
     let record_of = |len: usize| block_of(&post(&"x".repeat(len)));
@@ -1281,13 +1301,28 @@ fn oversized_variants() -> Vec<Variant> {
             car,
             vec![],
         ),
-        "op error UnsupportedCid",
-        |o| {
-            op_errors(o, |e| {
-                matches!(e, OpError::Block(CborError::UnsupportedCid { .. }))
-            })
-        },
+        "op error BadCid",
+        |o| op_errors(o, |e| matches!(e, OpError::BadCid(_))),
     ));
+    // A CAR header listing MAX_ROOTS + 1 roots, and one listing 40,000 (41-byte links, the CAR
+    // just under MAX_BLOCKS_BYTES): counted, not collected.
+    for n in [sync_core::car::MAX_ROOTS + 1, 40_000] {
+        let mut m = BTreeMap::new();
+        m.insert("roots".to_owned(), Ipld::List(vec![link(&small.0); n]));
+        m.insert("version".to_owned(), Ipld::Integer(1));
+        let header = encode(&Ipld::Map(m));
+        let mut car = varint(header.len() as u64);
+        car.extend(&header);
+        v.push(variant(
+            format!("CAR header with {n} roots"),
+            commit_with(vec![], car, vec![]),
+            "Car TooManyRoots",
+            |o| {
+                matches!(o, Outcome::Err(FrameError::Car(CarError::TooManyRoots(n)))
+                    if *n == sync_core::car::MAX_ROOTS + 1 || *n == 40_000)
+            },
+        ));
+    }
     v
 }
 
@@ -1428,6 +1463,325 @@ fn a_badly_typed_op_fails_that_op_only() {
     assert_eq!(reasons, ["bad_op"; 11]);
     let indexes: Vec<_> = routing.dropped.iter().map(|d| d.op_index).collect();
     assert_eq!(indexes, (1..=11).map(Some).collect::<Vec<_>>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) frame-format checks: prevData, #sync blocks, repeated CAR blocks, record CID format
+// ---------------------------------------------------------------------------------------------
+
+fn decoded_commit(frame: &[u8]) -> sync_core::frame::Commit<'_> {
+    match decode_frame(frame) {
+        Ok(Event::Commit(c)) => c,
+        other => panic!("expected a commit, got {other:?}"),
+    }
+}
+
+#[test]
+fn commit_prev_data_is_optional_and_must_be_a_link() {
+    let (cid, block) = block_of(&post("prev"));
+    let ops = || vec![op("create", "app.bsky.feed.post/3l5jnpb6xyz3a", Some(&cid))];
+    let car = || synth::car(&cid, &[(cid, block.clone())]);
+    let prev = block_of(&json!({"l": null, "e": []})).0;
+
+    // Absent (legacy commits, and the synth frames) and null both mean "no prevData".
+    let absent = commit_with(ops(), car(), vec![]);
+    assert_eq!(decoded_commit(&absent).prev_data, None);
+    assert_eq!(decoded_commit(&synth_commit()).prev_data, None);
+    let null = commit_with(ops(), car(), vec![("prevData", Ipld::Null)]);
+    assert_eq!(decoded_commit(&null).prev_data, None);
+    let present = commit_with(ops(), car(), vec![("prevData", link(&prev))]);
+    let c = decoded_commit(&present);
+    assert_eq!(c.prev_data, Some(prev));
+    // The rest of the commit is unaffected.
+    assert_eq!(c.ops.len(), 1);
+    assert!(c.record_json(c.ops[0].as_ref().unwrap()).unwrap().is_some());
+
+    // A commit-level field of the wrong type is a bad body (as a bad `commit` link is).
+    for bad in [
+        Ipld::String(prev.to_string()),
+        Ipld::Bytes(prev.to_bytes()),
+        Ipld::Integer(1),
+    ] {
+        let frame = commit_with(ops(), car(), vec![("prevData", bad.clone())]);
+        let err = decode_frame(&frame).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Body { kind: "commit", .. }),
+            "prevData {bad:?}: {err}"
+        );
+        assert_eq!(err.reason(), "bad_body");
+    }
+}
+
+#[test]
+fn commit_exposes_its_raw_blocks_bytes() {
+    let frame = synth_commit();
+    let c = decoded_commit(&frame);
+    // Borrowed from the frame, and exactly the CAR the index was built from.
+    let range = frame.as_ptr_range();
+    assert!(range.contains(&c.blocks_bytes.as_ptr()));
+    let reparsed = CarBlocks::parse(c.blocks_bytes).unwrap();
+    assert_eq!(reparsed.roots(), c.blocks.roots());
+    assert_eq!(c.blocks.roots(), &c.blocks.roots[..]);
+    assert_eq!(c.blocks.roots()[0], c.commit);
+    assert_eq!(
+        reparsed.iter().collect::<Vec<_>>(),
+        c.blocks.iter().collect::<Vec<_>>()
+    );
+}
+
+fn sync_frame(blocks: Option<Ipld>) -> Vec<u8> {
+    let mut body = BTreeMap::new();
+    body.insert("seq".to_owned(), Ipld::Integer(42));
+    body.insert("did".to_owned(), Ipld::String(S1.into()));
+    body.insert("rev".to_owned(), Ipld::String(REV.into()));
+    body.insert("time".to_owned(), Ipld::String(TIME.into()));
+    if let Some(b) = blocks {
+        body.insert("blocks".to_owned(), b);
+    }
+    raw_frame(&json!({"op": 1, "t": "#sync"}), &Ipld::Map(body))
+}
+
+#[test]
+fn sync_event_carries_its_blocks_within_the_limit() {
+    // A #sync CAR: the signed commit block, its CID the first root.
+    let commit_block = encode(&ipld(
+        &json!({"did": S1, "rev": REV, "version": 3, "data": {"$link": SOME_CID}, "prev": null}),
+    ));
+    let commit_cid = cbor::cid_for_dag_cbor(&commit_block);
+    let car = synth::car(&commit_cid, &[(commit_cid, commit_block.clone())]);
+    let frame = sync_frame(Some(Ipld::Bytes(car.clone())));
+    let event = decode_frame(&frame).unwrap();
+    let Event::Sync(s) = &event else {
+        panic!("not a sync: {event:?}")
+    };
+    assert_eq!((s.seq.0, s.did.as_str(), s.rev.as_str()), (42, S1, REV));
+    assert_eq!(s.blocks, car);
+    let blocks = CarBlocks::parse(&s.blocks).unwrap();
+    assert_eq!(blocks.roots(), [commit_cid]);
+    assert_eq!(blocks.get(&commit_cid), Some(&commit_block[..]));
+    // Still rendered and routed as before.
+    let _ = event_lines(&event);
+    let routing = route_event(&event, &small_state(), CLOCK);
+    assert!(routing.files.is_empty() && routing.dropped.is_empty());
+
+    // Required by the lexicon: missing (or not bytes) is a bad body.
+    for (what, blocks) in [
+        ("missing", None),
+        ("null", Some(Ipld::Null)),
+        ("a string", Some(Ipld::String("car".into()))),
+        ("a list", Some(Ipld::List(vec![Ipld::Bytes(car.clone())]))),
+    ] {
+        let err = decode_frame(&sync_frame(blocks)).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Body { kind: "sync", .. }),
+            "blocks {what}: {err}"
+        );
+        assert_eq!(err.reason(), "bad_body", "blocks {what}");
+    }
+
+    // Same size limit as commit blocks (not parsed here, so any bytes do).
+    let at_limit = sync_frame(Some(Ipld::Bytes(vec![0x42; MAX_BLOCKS_BYTES])));
+    match decode_frame(&at_limit) {
+        Ok(Event::Sync(s)) => assert_eq!(s.blocks.len(), MAX_BLOCKS_BYTES),
+        other => panic!("blocks of exactly MAX_BLOCKS_BYTES: {other:?}"),
+    }
+    let over = sync_frame(Some(Ipld::Bytes(vec![0x42; MAX_BLOCKS_BYTES + 1])));
+    let err = decode_frame(&over).unwrap_err();
+    assert_eq!(err, FrameError::BlocksTooLarge(MAX_BLOCKS_BYTES + 1));
+    assert_eq!(err.reason(), "blocks_too_large");
+}
+
+#[test]
+fn car_repeating_a_cid_with_other_bytes_fails_identical_repeats_are_merged() {
+    let (a, a_block) = block_of(&post("a"));
+    let (b, b_block) = block_of(&post("b"));
+    let ops = || {
+        vec![
+            op("create", "app.bsky.feed.post/3l5jnpb6xyz3a", Some(&a)),
+            op("create", "app.bsky.feed.post/3l5jnpb6xyz3b", Some(&b)),
+        ]
+    };
+
+    // Identical repeat (before and after another block): harmless, kept once.
+    let car = synth::car(
+        &a,
+        &[
+            (a, a_block.clone()),
+            (b, b_block.clone()),
+            (a, a_block.clone()),
+        ],
+    );
+    let index = CarBlocks::parse(&car).unwrap();
+    assert_eq!(index.len(), 2);
+    assert_eq!(index.get(&a), Some(&a_block[..]));
+    // The first copy is the one kept (deterministic).
+    let first_copy = car
+        .windows(a_block.len())
+        .position(|w| w == &a_block[..])
+        .unwrap();
+    assert_eq!(offset_in(&car, index.get(&a).unwrap()), first_copy);
+    let frame = commit_with(ops(), car, vec![]);
+    let c = decoded_commit(&frame);
+    for op in &c.ops {
+        assert!(c.record_json(op.as_ref().unwrap()).unwrap().is_some());
+    }
+
+    // The same CID with other bytes, in either order and either place: the CAR is rejected,
+    // naming the CID (first-wins would let the section order decide which record is seen).
+    let forged = encode(&ipld(&post("forged")));
+    for blocks in [
+        vec![
+            (a, a_block.clone()),
+            (b, b_block.clone()),
+            (a, forged.clone()),
+        ],
+        vec![
+            (a, forged.clone()),
+            (a, a_block.clone()),
+            (b, b_block.clone()),
+        ],
+        vec![
+            (b, b_block.clone()),
+            (a, a_block.clone()),
+            (a, a_block.clone()),
+            (a, vec![]),
+        ],
+    ] {
+        let car = synth::car(&a, &blocks);
+        assert_eq!(
+            CarBlocks::parse(&car).unwrap_err(),
+            CarError::ConflictingBlock(a)
+        );
+        let err = decode_frame(&commit_with(ops(), car, vec![])).unwrap_err();
+        assert_eq!(err, FrameError::Car(CarError::ConflictingBlock(a)));
+        assert_eq!(err.reason(), "bad_car");
+        assert!(err.to_string().contains(&a.to_string()), "{err}");
+    }
+}
+
+#[test]
+fn car_index_finds_every_block_among_many() {
+    // 3,000 distinct blocks, in hash (i.e. random) order, plus some identical repeats.
+    let blocks: Vec<(Cid, Vec<u8>)> = (0..3000).map(|i| block_of(&json!({"i": i}))).collect();
+    let mut sections = blocks.clone();
+    sections.extend(blocks.iter().step_by(7).cloned());
+    let car = synth::car(&blocks[0].0, &sections);
+    let index = CarBlocks::parse(&car).unwrap();
+    assert_eq!(index.len(), blocks.len());
+    for (cid, data) in &blocks {
+        assert_eq!(index.get(cid), Some(&data[..]), "{cid}");
+    }
+    assert_eq!(index.get(&block_of(&json!({"i": -1})).0), None);
+    // `iter` is in CID order, each CID once.
+    let cids: Vec<Cid> = index.iter().map(|(c, _)| *c).collect();
+    assert!(cids.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(index.roots(), [blocks[0].0]);
+}
+
+/// `block` addressed by a CID of the given version/codec/hash (the digest really is the block's).
+fn cid_with(version: u64, codec: u64, hash: u64, block: &[u8]) -> Cid {
+    use sha2::Digest as _;
+    let digest = match hash {
+        0x12 => sha2::Sha256::digest(block).to_vec(),
+        0x13 => sha2::Sha512::digest(block).to_vec(),
+        _ => unreachable!(),
+    };
+    let mh = ipld_core::cid::multihash::Multihash::<64>::wrap(hash, &digest).unwrap();
+    if version == 0 {
+        Cid::new_v0(mh).unwrap()
+    } else {
+        Cid::new_v1(codec, mh)
+    }
+}
+
+#[test]
+fn non_atproto_record_cids_fail_that_op_only_with_bad_cid() {
+    let (good_a, good_a_block) = block_of(&post("first"));
+    let (good_b, good_b_block) = block_of(&post("last"));
+    let odd_block = encode(&ipld(&post("odd")));
+    let v0 = cid_with(0, 0x70, 0x12, &odd_block);
+    let raw = cid_with(1, cbor::RAW, 0x12, &odd_block);
+    let sha512 = cid_with(1, cbor::DAG_CBOR, 0x13, &odd_block);
+    let short = Cid::new_v1(
+        cbor::DAG_CBOR,
+        ipld_core::cid::multihash::Multihash::<64>::wrap(0x12, &good_a.hash().digest()[..20])
+            .unwrap(),
+    );
+    assert!(cbor::is_atproto_record_cid(&good_a));
+    for bad in [v0, raw, sha512, short] {
+        assert!(!cbor::is_atproto_record_cid(&bad), "{bad}");
+    }
+    // Every block is in the CAR under its (odd) CID, so only the CID format can fail the op.
+    let car = synth::car(
+        &good_a,
+        &[
+            (good_a, good_a_block),
+            (v0, odd_block.clone()),
+            (raw, odd_block.clone()),
+            (sha512, odd_block.clone()),
+            (short, odd_block),
+            (good_b, good_b_block),
+        ],
+    );
+    let post_op =
+        |rkey: &str, cid: &Cid| op("create", &format!("app.bsky.feed.post/{rkey}"), Some(cid));
+    let ops = vec![
+        post_op("3l5jnpb6xya00", &good_a),
+        post_op("3l5jnpb6xyb00", &v0),
+        post_op("3l5jnpb6xyc00", &raw),
+        post_op("3l5jnpb6xyd00", &sha512),
+        post_op("3l5jnpb6xye00", &short),
+        // A delete's cid is not looked at (it should be null).
+        op("delete", "app.bsky.feed.post/3l5jnpb6xyf00", Some(&v0)),
+        post_op("3l5jnpb6xyz00", &good_b),
+    ];
+    let frame = commit_with(ops, car, vec![]);
+    let event = decode_frame(&frame).expect("the frame itself is well formed");
+    let Event::Commit(c) = &event else {
+        panic!("not a commit")
+    };
+    let shape: Vec<String> = c
+        .ops
+        .iter()
+        .map(|op| {
+            let op = op.as_ref().expect("ops parse; the CID is checked on fetch");
+            match c.record_block(op) {
+                Ok(Some(_)) => "record".to_owned(),
+                Ok(None) => "delete".to_owned(),
+                Err(e) => e.reason().to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        ["record", "bad_cid", "bad_cid", "bad_cid", "bad_cid", "delete", "record"]
+    );
+    let err = c.record_block(c.ops[1].as_ref().unwrap()).unwrap_err();
+    assert_eq!(err, OpError::BadCid(v0));
+    assert!(err.to_string().contains(&v0.to_string()), "{err}");
+
+    // Routing captures the two good posts and drops the four others with `bad_cid`.
+    let mut state = MemoryState::default();
+    state.study_users.insert(Did::parse(S1).unwrap());
+    let routing = route_event(&event, &state, CLOCK);
+    let mut files: Vec<String> = routing
+        .files
+        .iter()
+        .map(|f| f.path.file_name().to_owned())
+        .filter(|f| f.contains("3l5jnpb6xya00") || f.contains("3l5jnpb6xyz00"))
+        .collect();
+    files.sort();
+    files.dedup();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let dropped: Vec<_> = routing
+        .dropped
+        .iter()
+        .map(|d| (d.op_index, d.reason))
+        .collect();
+    assert_eq!(
+        dropped,
+        (1..=4).map(|i| (Some(i), "bad_cid")).collect::<Vec<_>>()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
