@@ -259,11 +259,7 @@ impl RepoReader {
     /// [`Self::finish`] without the signature check, for auditing a repo whose DID document is
     /// not at hand (hashes, commit structure and the MST are still checked). The result says
     /// so in [`VerifiedRepo::signature_checked`]; never use it to decide what a user published.
-    pub fn finish_unsigned(
-        self,
-        did: &Did,
-        opts: &VerifyOptions,
-    ) -> Result<VerifiedRepo, RepoError> {
+    pub fn finish_unsigned(self, did: &Did, opts: &VerifyOptions) -> Result<VerifiedRepo, RepoError> {
         self.finish_with(did, None, opts)
     }
 

@@ -299,14 +299,7 @@ pub fn verify_signed_commit(
     let block = blocks
         .get(root)
         .ok_or(VerifyError::MissingCommitBlock(*root))?;
-    verify_commit_block(
-        root,
-        block,
-        envelope_did,
-        Some(envelope_rev),
-        Some(key),
-        opts,
-    )
+    verify_commit_block(root, block, envelope_did, Some(envelope_rev), Some(key), opts)
 }
 
 /// Checks one commit block: it hashes to `cid`, decodes to a version-3 commit by `did` (with
