@@ -7,9 +7,12 @@ use firehose_writer::config::{Args, Command, Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // No ANSI colour codes unless stderr is a terminal (journald, files and pipes get plain text).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -312,3 +312,35 @@ fn a_bad_study_user_line_fails_start_up_naming_file_and_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("study.txt"),
+        "did:plc:z72i7hdynmk6r22z27h6tvur\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(tmp.path())
+        .args(["--relay", "ws://127.0.0.1:9", "--study-users", "study.txt"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "text"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start firehose-writer");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("serving /health and /metrics") {
+        assert!(stderr.read_line(&mut log).unwrap() > 0, "{log}");
+    }
+    signal(&child, libc::SIGTERM);
+    wait_exit(&mut child, Duration::from_secs(30));
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+    assert!(
+        !log.contains('\x1b'),
+        "ANSI escape in piped text logs: {log:?}"
+    );
+}
