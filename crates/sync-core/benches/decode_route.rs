@@ -17,10 +17,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use sync_core::frame::{capture_frames, decode_frame, Event};
-use sync_core::ids::Did;
 use sync_core::crypto::PublicKey;
 use sync_core::did_doc::parse_did_doc_map;
+use sync_core::frame::{capture_frames, decode_frame, Event};
+use sync_core::ids::Did;
 use sync_core::route::{route_event, MemoryState};
 use sync_core::verify::{prove_ops, verify_commit, verify_signed_commit, VerifyOptions};
 
@@ -215,15 +215,17 @@ fn main() {
         );
     };
     step("  commit object + signature", &mut |c| {
-        verify_signed_commit(&c.blocks, &c.commit, &c.repo, &c.rev, &keys[&c.repo], &opts)
-            .unwrap();
+        verify_signed_commit(&c.blocks, &c.commit, &c.repo, &c.rev, &keys[&c.repo], &opts).unwrap();
     });
     let data_of: std::collections::HashMap<_, _> = frames
         .iter()
         .filter_map(|f| match decode_frame(f).ok()? {
             Event::Commit(c) => Some((
                 c.commit,
-                verify_commit(&c, &keys[&c.repo], &opts).unwrap().commit.data,
+                verify_commit(&c, &keys[&c.repo], &opts)
+                    .unwrap()
+                    .commit
+                    .data,
             )),
             _ => None,
         })

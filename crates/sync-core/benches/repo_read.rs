@@ -102,9 +102,18 @@ fn main() {
     let mut repo = SynthRepo::new(SYNTH_DID, SYNTH_SECRET);
     for i in 0..records {
         let (collection, record) = match i % 4 {
-            0 => ("app.bsky.feed.post", serde_json::json!({"$type": "app.bsky.feed.post", "text": format!("post number {i} with some text to make it realistic"), "langs": ["en"], "createdAt": "2026-01-01T00:00:00.000Z"})),
-            1 | 2 => ("app.bsky.feed.like", serde_json::json!({"$type": "app.bsky.feed.like", "subject": {"uri": format!("at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/app.bsky.feed.post/3k{i:011}"), "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}, "createdAt": "2026-01-01T00:00:00.000Z"})),
-            _ => ("app.bsky.graph.follow", serde_json::json!({"$type": "app.bsky.graph.follow", "subject": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "createdAt": "2026-01-01T00:00:00.000Z"})),
+            0 => (
+                "app.bsky.feed.post",
+                serde_json::json!({"$type": "app.bsky.feed.post", "text": format!("post number {i} with some text to make it realistic"), "langs": ["en"], "createdAt": "2026-01-01T00:00:00.000Z"}),
+            ),
+            1 | 2 => (
+                "app.bsky.feed.like",
+                serde_json::json!({"$type": "app.bsky.feed.like", "subject": {"uri": format!("at://did:plc:aaaaaaaaaaaaaaaaaaaaaaaa/app.bsky.feed.post/3k{i:011}"), "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}, "createdAt": "2026-01-01T00:00:00.000Z"}),
+            ),
+            _ => (
+                "app.bsky.graph.follow",
+                serde_json::json!({"$type": "app.bsky.graph.follow", "subject": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "createdAt": "2026-01-01T00:00:00.000Z"}),
+            ),
         };
         repo.put(collection, &format!("3k{i:011}"), record);
     }

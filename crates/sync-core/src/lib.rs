@@ -5,8 +5,8 @@
 
 pub mod cache;
 pub mod car;
-pub mod chain;
 pub mod cbor;
+pub mod chain;
 pub mod crypto;
 pub mod did_doc;
 pub mod frame;

@@ -262,9 +262,18 @@ impl<'a> Canonical<'a> {
         let (arg, min) = match b & 0x1f {
             info @ 0..=23 => return Some(u64::from(info)),
             24 => (u64::from(self.byte()?), 24),
-            25 => (u64::from(u16::from_be_bytes(self.take(2)?.try_into().ok()?)), 0x100),
-            26 => (u64::from(u32::from_be_bytes(self.take(4)?.try_into().ok()?)), 0x1_0000),
-            27 => (u64::from_be_bytes(self.take(8)?.try_into().ok()?), 0x1_0000_0000),
+            25 => (
+                u64::from(u16::from_be_bytes(self.take(2)?.try_into().ok()?)),
+                0x100,
+            ),
+            26 => (
+                u64::from(u32::from_be_bytes(self.take(4)?.try_into().ok()?)),
+                0x1_0000,
+            ),
+            27 => (
+                u64::from_be_bytes(self.take(8)?.try_into().ok()?),
+                0x1_0000_0000,
+            ),
             _ => return None,
         };
         (arg >= min).then_some(arg)

@@ -49,7 +49,7 @@ pub enum RepoError {
     #[error("commit: {0}")]
     Commit(#[from] VerifyError),
     #[error("MST: {0}")]
-    Mst(MstError),
+    Mst(Box<MstError>),
     #[error("record {path} ({cid}) is not in the CAR")]
     MissingRecord { path: String, cid: String },
     #[error("record {path} has CID {cid}, not an atproto record CID")]
@@ -72,7 +72,7 @@ impl RepoError {
                 _ => "bad_block",
             },
             RepoError::Commit(e) => e.reason(),
-            RepoError::Mst(MstError::MissingBlock(_)) => "missing_blocks",
+            RepoError::Mst(e) if matches!(**e, MstError::MissingBlock(_)) => "missing_blocks",
             RepoError::Mst(_) => "bad_mst",
             RepoError::MissingRecord { .. } => "missing_record",
             RepoError::RecordCid { .. } => "bad_cid",
@@ -259,7 +259,11 @@ impl RepoReader {
     /// [`Self::finish`] without the signature check, for auditing a repo whose DID document is
     /// not at hand (hashes, commit structure and the MST are still checked). The result says
     /// so in [`VerifiedRepo::signature_checked`]; never use it to decide what a user published.
-    pub fn finish_unsigned(self, did: &Did, opts: &VerifyOptions) -> Result<VerifiedRepo, RepoError> {
+    pub fn finish_unsigned(
+        self,
+        did: &Did,
+        opts: &VerifyOptions,
+    ) -> Result<VerifiedRepo, RepoError> {
         self.finish_with(did, None, opts)
     }
 
@@ -280,7 +284,7 @@ impl RepoReader {
         let commit_block = self
             .blocks
             .get(&root)
-            .ok_or(VerifyError::MissingCommitBlock(root))?;
+            .ok_or_else(|| VerifyError::MissingCommitBlock(root.to_string()))?;
         let commit = verify_commit_block(&root, commit_block, did, None, key, opts)?;
         let mut blocks = self.blocks;
         let mut records = Vec::new();
@@ -313,7 +317,7 @@ impl RepoReader {
         });
         match walked {
             Ok(()) => {}
-            Err(mst::WalkError::Mst(e)) => return Err(RepoError::Mst(e)),
+            Err(mst::WalkError::Mst(e)) => return Err(RepoError::Mst(Box::new(e))),
             Err(mst::WalkError::Visit(e)) => return Err(e),
         }
         if let Some(e) = missing {

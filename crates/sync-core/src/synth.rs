@@ -365,11 +365,8 @@ impl SynthRepo {
     /// The repo's signing key.
     pub fn public_key(&self) -> crate::crypto::PublicKey {
         let public = secp256k1::PublicKey::from_secret_key(signing_context(), &self.secret);
-        crate::crypto::PublicKey::from_compressed(
-            crate::crypto::KeyType::K256,
-            &public.serialize(),
-        )
-        .expect("a secp256k1 public key")
+        crate::crypto::PublicKey::from_compressed(crate::crypto::KeyType::K256, &public.serialize())
+            .expect("a secp256k1 public key")
     }
 
     /// A DID document naming the signing key and `pds` as the PDS endpoint.
@@ -481,7 +478,10 @@ impl SynthRepo {
         let mut entries = Vec::new();
         crate::mst::walk(
             self.tree.root_cid().expect("a fully loaded synthetic tree"),
-            &blocks.iter().cloned().collect::<std::collections::HashMap<_, _>>(),
+            &blocks
+                .iter()
+                .cloned()
+                .collect::<std::collections::HashMap<_, _>>(),
             |_, cid| {
                 entries.push(cid);
                 Ok::<(), ()>(())
@@ -552,7 +552,10 @@ impl SynthRepo {
         );
         let mut body = BTreeMap::new();
         body.insert("seq".to_owned(), Ipld::Integer(seq.into()));
-        body.insert("repo".to_owned(), Ipld::String(self.did.as_str().to_owned()));
+        body.insert(
+            "repo".to_owned(),
+            Ipld::String(self.did.as_str().to_owned()),
+        );
         body.insert("rev".to_owned(), Ipld::String(rev.as_str().to_owned()));
         body.insert(
             "since".to_owned(),

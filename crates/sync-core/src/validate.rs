@@ -48,7 +48,9 @@ impl DropReason {
 pub enum Decision {
     /// Pass the event on. `resync` is set when it revealed a gap: the event itself is valid,
     /// but the repo's history since the held state must be repaired from the repo.
-    Accept { resync: Option<Gap> },
+    Accept {
+        resync: Option<Gap>,
+    },
     Drop(DropReason),
 }
 
@@ -120,7 +122,9 @@ impl StreamValidator {
                 let verdict = check_commit(view.chain.as_ref(), &verified, commit.since);
                 view.chain = Some(ChainState::after(&verified.commit));
                 match verdict {
-                    ChainVerdict::First | ChainVerdict::InOrder => Decision::Accept { resync: None },
+                    ChainVerdict::First | ChainVerdict::InOrder => {
+                        Decision::Accept { resync: None }
+                    }
                     ChainVerdict::Gap(gap) => Decision::Accept { resync: Some(gap) },
                     ChainVerdict::Duplicate => Decision::Drop(DropReason::StaleRev),
                 }
@@ -164,10 +168,9 @@ impl StreamValidator {
                 };
                 Decision::Accept { resync: None }
             }
-            Event::Identity(_)
-            | Event::Info(_)
-            | Event::Error(_)
-            | Event::Skipped { .. } => Decision::Accept { resync: None },
+            Event::Identity(_) | Event::Info(_) | Event::Error(_) | Event::Skipped { .. } => {
+                Decision::Accept { resync: None }
+            }
         }
     }
 }

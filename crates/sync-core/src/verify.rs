@@ -50,12 +50,14 @@ pub enum VerifyError {
     BlocksTooLarge(usize),
     #[error("CAR has {0} roots, expected exactly one")]
     CarRootCount(usize),
+    // CIDs in errors are kept as text: errors are rare, and a `Cid` (~90 bytes) in a variant
+    // would make every `Result` of the hot path that large.
     #[error("CAR root {found} is not the commit {expected}")]
-    CarRoot { expected: Cid, found: Cid },
+    CarRoot { expected: String, found: String },
     #[error("commit block {0} is not in the CAR")]
-    MissingCommitBlock(Cid),
+    MissingCommitBlock(String),
     #[error("commit block does not hash to {0}")]
-    CommitHash(Cid),
+    CommitHash(String),
     #[error("commit object does not decode: {0}")]
     CommitObject(String),
     #[error("commit version {0}, expected {COMMIT_VERSION}")]
@@ -78,7 +80,7 @@ pub enum VerifyError {
     BadOp {
         index: usize,
         #[source]
-        source: OpError,
+        source: Box<OpError>,
     },
     #[error("{action} of {path} without `prev`")]
     MissingPrev { action: &'static str, path: String },
@@ -86,21 +88,21 @@ pub enum VerifyError {
     OpMismatch {
         action: &'static str,
         path: String,
-        tree: Option<Cid>,
-        op: Option<Cid>,
+        tree: Option<String>,
+        op: Option<String>,
     },
     #[error("record block of {path}: {source}")]
     RecordBlock {
         path: String,
         #[source]
-        source: OpError,
+        source: Box<OpError>,
     },
     #[error("the commit's blocks do not prove its ops: {0}")]
-    MissingBlocks(MstError),
+    MissingBlocks(Box<MstError>),
     #[error("MST: {0}")]
-    Mst(MstError),
+    Mst(Box<MstError>),
     #[error("ops inverted give root {computed}, prevData is {prev_data}")]
-    InversionMismatch { computed: Cid, prev_data: Cid },
+    InversionMismatch { computed: String, prev_data: String },
 }
 
 impl VerifyError {
@@ -121,7 +123,7 @@ impl VerifyError {
             VerifyError::BadOp { .. } => "bad_op",
             VerifyError::MissingPrev { .. } => "missing_prev",
             VerifyError::OpMismatch { .. } => "op_mismatch",
-            VerifyError::RecordBlock { source, .. } => match source {
+            VerifyError::RecordBlock { source, .. } => match &**source {
                 OpError::MissingBlock(_) => "missing_record_block",
                 other => other.reason(),
             },
@@ -292,14 +294,21 @@ pub fn verify_signed_commit(
     }
     if blocks.roots[0] != *root {
         return Err(VerifyError::CarRoot {
-            expected: *root,
-            found: blocks.roots[0],
+            expected: root.to_string(),
+            found: blocks.roots[0].to_string(),
         });
     }
     let block = blocks
         .get(root)
-        .ok_or(VerifyError::MissingCommitBlock(*root))?;
-    verify_commit_block(root, block, envelope_did, Some(envelope_rev), Some(key), opts)
+        .ok_or_else(|| VerifyError::MissingCommitBlock(root.to_string()))?;
+    verify_commit_block(
+        root,
+        block,
+        envelope_did,
+        Some(envelope_rev),
+        Some(key),
+        opts,
+    )
 }
 
 /// Checks one commit block: it hashes to `cid`, decodes to a version-3 commit by `did` (with
@@ -315,7 +324,7 @@ pub fn verify_commit_block(
     opts: &VerifyOptions,
 ) -> Result<SignedCommit, VerifyError> {
     if !cbor::is_atproto_record_cid(cid) || cbor::verify_block(cid, block).is_err() {
-        return Err(VerifyError::CommitHash(*cid));
+        return Err(VerifyError::CommitHash(cid.to_string()));
     }
     cbor::check_depth(block).map_err(|e| VerifyError::CommitObject(e.to_string()))?;
     let raw: RawSignedCommit<'_> = serde_ipld_dagcbor::from_slice(block)
@@ -367,8 +376,8 @@ fn op_path(op: &RepoOp) -> String {
 
 fn mst_error(e: MstError) -> VerifyError {
     match e {
-        MstError::MissingBlock(_) => VerifyError::MissingBlocks(e),
-        other => VerifyError::Mst(other),
+        MstError::MissingBlock(_) => VerifyError::MissingBlocks(Box::new(e)),
+        other => VerifyError::Mst(Box::new(other)),
     }
 }
 
@@ -408,14 +417,14 @@ pub fn prove_ops(commit: &Commit<'_>, data: &Cid) -> Result<Inversion, VerifyErr
     for (index, op) in commit.ops.iter().enumerate() {
         let op = op.as_ref().map_err(|source| VerifyError::BadOp {
             index,
-            source: source.clone(),
+            source: Box::new(source.clone()),
         })?;
         if op.action != Action::Delete {
             commit
                 .record_block(op)
                 .map_err(|source| VerifyError::RecordBlock {
                     path: op_path(op),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         ops.push(op);
@@ -432,8 +441,8 @@ pub fn prove_ops(commit: &Commit<'_>, data: &Cid) -> Result<Inversion, VerifyErr
                     return Err(VerifyError::OpMismatch {
                         action: op.action.as_str(),
                         path,
-                        tree: in_tree,
-                        op: op.cid,
+                        tree: in_tree.map(|c| c.to_string()),
+                        op: op.cid.map(|c| c.to_string()),
                     });
                 }
             }
@@ -447,8 +456,8 @@ pub fn prove_ops(commit: &Commit<'_>, data: &Cid) -> Result<Inversion, VerifyErr
         let mismatch = |tree: Option<Cid>| VerifyError::OpMismatch {
             action: op.action.as_str(),
             path: path.clone(),
-            tree,
-            op: op.cid,
+            tree: tree.map(|c| c.to_string()),
+            op: op.cid.map(|c| c.to_string()),
         };
         match op.action {
             Action::Create => {
@@ -476,8 +485,8 @@ pub fn prove_ops(commit: &Commit<'_>, data: &Cid) -> Result<Inversion, VerifyErr
     let computed = tree.root_cid().map_err(mst_error)?;
     if computed != prev_data {
         return Err(VerifyError::InversionMismatch {
-            computed,
-            prev_data,
+            computed: computed.to_string(),
+            prev_data: prev_data.to_string(),
         });
     }
     Ok(Inversion::Proven)

@@ -122,8 +122,13 @@ fn the_relay_capture_repo_fails_cleanly_when_damaged() {
     for cut in [car.len() - 1, car.len() / 2, 10] {
         let err = read(&car[..cut]).unwrap_err();
         assert!(
-            ["bad_car", "missing_blocks", "missing_record", "missing_commit_block"]
-                .contains(&err.reason()),
+            [
+                "bad_car",
+                "missing_blocks",
+                "missing_record",
+                "missing_commit_block"
+            ]
+            .contains(&err.reason()),
             "cut at {cut}: {err}"
         );
     }
@@ -162,14 +167,25 @@ fn a_signed_synthetic_repo_verifies_with_its_key_only() {
     let verified = read_repo(&car, &did, &key, &opts, DEFAULT_MAX_REPO_BYTES).unwrap();
     assert!(verified.signature_checked);
     assert_eq!(verified.records.len(), 501);
-    assert_eq!(verified.records[0].collection.as_str(), "app.bsky.feed.post");
-    assert_eq!(verified.records[500].collection.as_str(), "app.bsky.graph.follow");
+    assert_eq!(
+        verified.records[0].collection.as_str(),
+        "app.bsky.feed.post"
+    );
+    assert_eq!(
+        verified.records[500].collection.as_str(),
+        "app.bsky.graph.follow"
+    );
     assert_eq!(
         verified.record_json(&verified.records[7]).unwrap()["text"],
         "post 7"
     );
 
-    let other = PublicKey::from_did_key(&SynthRepo::new("did:plc:otherotherotherotherothe", [9u8; 32]).public_key().to_did_key()).unwrap();
+    let other = PublicKey::from_did_key(
+        &SynthRepo::new("did:plc:otherotherotherotherothe", [9u8; 32])
+            .public_key()
+            .to_did_key(),
+    )
+    .unwrap();
     assert_eq!(
         read_repo(&car, &did, &other, &opts, DEFAULT_MAX_REPO_BYTES)
             .unwrap_err()

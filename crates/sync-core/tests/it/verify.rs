@@ -268,7 +268,10 @@ fn each_tampered_variant_of_a_real_commit_fails_with_its_own_reason() {
         serde_ipld_dagcbor::to_vec(&Ipld::Map(editable.commit_object())).unwrap(),
         editable.block(&editable.commit_cid())
     );
-    assert_eq!(reason_of(&editable.to_frame(), &key, &opts), Ok(Inversion::Proven));
+    assert_eq!(
+        reason_of(&editable.to_frame(), &key, &opts),
+        Ok(Inversion::Proven)
+    );
 
     let sig_of = |e: &Editable| match &e.commit_object()["sig"] {
         Ipld::Bytes(b) => b.clone(),
@@ -319,10 +322,16 @@ fn each_tampered_variant_of_a_real_commit_fails_with_its_own_reason() {
         panic!("record is a map")
     };
     record.insert("forged".into(), Ipld::String("by a relay".into()));
-    let new_cid = e.replace_block(&record_cid, serde_ipld_dagcbor::to_vec(&Ipld::Map(record)).unwrap());
+    let new_cid = e.replace_block(
+        &record_cid,
+        serde_ipld_dagcbor::to_vec(&Ipld::Map(record)).unwrap(),
+    );
     ops[0].insert("cid".into(), Ipld::Link(new_cid));
     e.set_ops(ops);
-    assert_eq!(reason_of(&e.to_frame(), &key, &opts), Err("op_mismatch".into()));
+    assert_eq!(
+        reason_of(&e.to_frame(), &key, &opts),
+        Err("op_mismatch".into())
+    );
 
     // An op removed from the list.
     let mut e = editable.clone();
@@ -349,13 +358,19 @@ fn each_tampered_variant_of_a_real_commit_fails_with_its_own_reason() {
         "repo".into(),
         Ipld::String("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa".into()),
     );
-    assert_eq!(reason_of(&e.to_frame(), &key, &opts), Err("did_mismatch".into()));
+    assert_eq!(
+        reason_of(&e.to_frame(), &key, &opts),
+        Err("did_mismatch".into())
+    );
 
     // The envelope names another rev than the signed commit.
     let mut e = editable.clone();
     e.body
         .insert("rev".into(), Ipld::String("2222222222222".into()));
-    assert_eq!(reason_of(&e.to_frame(), &key, &opts), Err("rev_mismatch".into()));
+    assert_eq!(
+        reason_of(&e.to_frame(), &key, &opts),
+        Err("rev_mismatch".into())
+    );
 
     // A rev more than five minutes ahead of the verifier's clock; four minutes is tolerated.
     let Event::Commit(c) = decode_frame(&original).unwrap() else {
@@ -385,7 +400,8 @@ fn each_tampered_variant_of_a_real_commit_fails_with_its_own_reason() {
 
     // MST nodes missing: only the commit and the record remain.
     let mut e = editable.clone();
-    e.blocks.retain(|(c, _)| *c == commit_cid || *c == record_cid);
+    e.blocks
+        .retain(|(c, _)| *c == commit_cid || *c == record_cid);
     assert_eq!(
         reason_of(&e.to_frame(), &key, &opts),
         Err("missing_blocks".into())
@@ -479,7 +495,12 @@ fn indigo_edge_case_commits_invert() {
         // All four are legacy (no prevData): their creates must still be what the signed tree
         // holds, which needs the proof path of every op.
         assert_eq!(commit.prev_data, None);
-        assert_eq!(prove_ops(&commit, &data), Ok(Inversion::Legacy), "{}", path.display());
+        assert_eq!(
+            prove_ops(&commit, &data),
+            Ok(Inversion::Legacy),
+            "{}",
+            path.display()
+        );
         // Inverting the creates (removing them) must either work or stop at a block the commit
         // did not carry (bridged PDSes sent too few); never another error. indigo keeps
         // 4623075231 as the case where removal must trim a partial top: it must work.
@@ -544,13 +565,17 @@ fn indigo_relay_scenarios_accept_and_drop_message_by_message() {
         }
         let mut validator = StreamValidator::new(scenario["lenient"].as_bool().unwrap());
         for (index, message) in scenario["messages"].as_array().unwrap().iter().enumerate() {
-            let frame = json_frame_with_header(&message["frame"]["header"], &message["frame"]["body"]);
+            let frame =
+                json_frame_with_header(&message["frame"]["header"], &message["frame"]["body"]);
             // A frame that does not decode (rev_ordering's `3lmxjza3nva00` is not a TID) is
             // dropped by the decoder, before the validator sees it.
             let event = match decode_frame(&frame) {
                 Ok(event) => event,
                 Err(e) => {
-                    assert!(message["drop"].as_bool().unwrap(), "{name} message {index}: {e}");
+                    assert!(
+                        message["drop"].as_bool().unwrap(),
+                        "{name} message {index}: {e}"
+                    );
                     messages += 1;
                     continue;
                 }
@@ -614,7 +639,11 @@ fn the_chain_check_classifies_order_duplicates_and_gaps() {
     // Not newer: equal and older revs are duplicates whatever else they say.
     for rev in ["3lmxjza3nva27", "3lmxjza3nva22"] {
         assert_eq!(
-            check_commit(Some(&held), &verified(rev, b, Some(a)), Some("3lmxjza3nva27")),
+            check_commit(
+                Some(&held),
+                &verified(rev, b, Some(a)),
+                Some("3lmxjza3nva27")
+            ),
             ChainVerdict::Duplicate
         );
     }
@@ -650,7 +679,10 @@ fn the_chain_check_classifies_order_duplicates_and_gaps() {
         data,
         prev: None,
     };
-    assert_eq!(check_sync(None, &sync("3lmxjzbfkb522", b)), ChainVerdict::First);
+    assert_eq!(
+        check_sync(None, &sync("3lmxjzbfkb522", b)),
+        ChainVerdict::First
+    );
     assert_eq!(
         check_sync(Some(&held), &sync("3lmxjzbfkb522", b)),
         ChainVerdict::Gap(Gap::Sync)
@@ -693,9 +725,7 @@ fn signed_synthetic_commits_verify_and_chain_through_creates_updates_and_deletes
     use sync_core::synth::{OpSpec, SynthRepo};
     let mut repo = SynthRepo::new("did:plc:synthsynthsynthsynthsynt", [5u8; 32]);
     let key = repo.public_key();
-    let post = |i: u32| {
-        serde_json::json!({"$type": "app.bsky.feed.post", "text": format!("post {i}"), "createdAt": "2026-01-01T00:00:00Z"})
-    };
+    let post = |i: u32| serde_json::json!({"$type": "app.bsky.feed.post", "text": format!("post {i}"), "createdAt": "2026-01-01T00:00:00Z"});
     for i in 0..300u32 {
         repo.put("app.bsky.feed.post", &format!("3k{i:011}"), post(i));
     }
@@ -722,7 +752,12 @@ fn signed_synthetic_commits_verify_and_chain_through_creates_updates_and_deletes
                 (true, _) => OpSpec::delete("app.bsky.feed.post", &rkey),
             });
         }
-        let frame = repo.commit(seq * 2, start + seq as u64 * 1000, "2026-01-01T00:00:00Z", &ops);
+        let frame = repo.commit(
+            seq * 2,
+            start + seq as u64 * 1000,
+            "2026-01-01T00:00:00Z",
+            &ops,
+        );
         let event = decode_frame(&frame).unwrap();
         let Event::Commit(commit) = &event else {
             unreachable!()
