@@ -129,11 +129,18 @@ pub trait BlockSource {
 
 impl BlockSource for CarBlocks<'_> {
     fn block(&self, cid: &Cid) -> Option<&[u8]> {
-        // A commit CAR is a handful of blocks: a scan comparing digests first (they differ in
-        // the first bytes) beats building an index.
-        let want = cid.hash().digest();
+        // A commit CAR is a handful of blocks: a scan that compares the digests' first bytes
+        // before whole CIDs beats building an index.
+        fn head(c: &Cid) -> [u8; 8] {
+            let mut out = [0u8; 8];
+            let d = c.hash().digest();
+            let n = d.len().min(8);
+            out[..n].copy_from_slice(&d[..n]);
+            out
+        }
+        let want = head(cid);
         self.iter()
-            .find(|(c, _)| c.hash().digest() == want && *c == cid)
+            .find(|(c, _)| head(c) == want && *c == cid)
             .map(|(_, b)| b)
     }
 }
@@ -188,28 +195,20 @@ pub struct EntryData {
 /// bytes [`encode_node`] would write. Key prefixes are not checked here (that needs the
 /// reconstructed keys; the tree loader and the walk do it).
 pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
-    let wire = read_wire(bytes)?;
-    Ok(NodeData {
-        entries: wire
-            .entries
-            .into_iter()
-            .map(|e| EntryData {
-                key_suffix: e.suffix.to_vec(),
-                prefix_len: e.prefix_len,
-                right: e.right,
-                value: e.value,
-            })
-            .collect(),
-        left: wire.left,
-    })
+    let mut entries = Vec::new();
+    let left = read_wire(bytes, |e| {
+        entries.push(EntryData {
+            key_suffix: e.suffix.to_vec(),
+            prefix_len: e.prefix_len,
+            right: e.right,
+            value: e.value,
+        });
+        Ok(())
+    })?;
+    Ok(NodeData { entries, left })
 }
 
-/// A node as read from its block, key suffixes borrowed.
-struct WireNode<'a> {
-    left: Option<Cid>,
-    entries: Vec<WireEntry<'a>>,
-}
-
+/// One entry as read from its block, key suffix borrowed.
 struct WireEntry<'a> {
     prefix_len: u64,
     suffix: &'a [u8],
@@ -217,15 +216,28 @@ struct WireEntry<'a> {
     right: Option<Cid>,
 }
 
-fn read_wire(bytes: &[u8]) -> Result<WireNode<'_>, MstError> {
-    // The fast reader accepts only the canonical layout; when it refuses, the general decoder
-    // tells a non-canonical encoding of a node from something that is not a node at all.
-    Canonical { buf: bytes, pos: 0 }.node().ok_or_else(|| {
-        match serde_ipld_dagcbor::from_slice::<NodeData>(bytes) {
+/// Reads a node block, handing each entry to `on_entry` as it is read (no intermediate list);
+/// returns the left link. An encoding error wins over an error `on_entry` returned earlier.
+fn read_wire<'a>(
+    bytes: &'a [u8],
+    mut on_entry: impl FnMut(WireEntry<'a>) -> Result<(), MstError>,
+) -> Result<Option<Cid>, MstError> {
+    let mut entry_err = None;
+    let left = Canonical { buf: bytes, pos: 0 }.node(|e| {
+        if entry_err.is_none() {
+            entry_err = on_entry(e).err();
+        }
+    });
+    match (left, entry_err) {
+        (Some(_), Some(e)) => Err(e),
+        (Some(left), None) => Ok(left),
+        // The fast reader accepts only the canonical layout; when it refuses, the general
+        // decoder tells a non-canonical encoding of a node from something that is not a node.
+        (None, _) => Err(match serde_ipld_dagcbor::from_slice::<NodeData>(bytes) {
             Ok(_) => MstError::NonCanonical,
             Err(e) => MstError::BadNode(e.to_string()),
-        }
-    })
+        }),
+    }
 }
 
 /// Reader of exactly the bytes [`encode_parts`] writes; any deviation is `None`. (The shape is
@@ -249,8 +261,10 @@ impl<'a> Canonical<'a> {
         Some(out)
     }
 
-    fn expect(&mut self, bytes: &[u8]) -> Option<()> {
-        (self.take(bytes.len())? == bytes).then_some(())
+    /// The next bytes are exactly `want` (compared as an array: no memcmp call per map key).
+    fn expect<const N: usize>(&mut self, want: [u8; N]) -> Option<()> {
+        let got: [u8; N] = self.take(N)?.try_into().ok()?;
+        (got == want).then_some(())
     }
 
     /// A head of major type `major` in its shortest form; returns the argument.
@@ -280,7 +294,7 @@ impl<'a> Canonical<'a> {
             self.pos += 1;
             return Some(None);
         }
-        self.expect(&[0xd8, 42])?;
+        self.expect([0xd8, 42])?;
         let (&prefix, raw) = self.bytes()?.split_first()?;
         if prefix != 0 {
             return None;
@@ -298,31 +312,30 @@ impl<'a> Canonical<'a> {
         (rest.is_empty() && cid.encoded_len() == raw.len()).then_some(Some(cid))
     }
 
-    fn node(&mut self) -> Option<WireNode<'a>> {
-        self.expect(&[0xa2, 0x61, b'e'])?;
+    /// Reads the whole node; returns its left link.
+    fn node(&mut self, mut on_entry: impl FnMut(WireEntry<'a>)) -> Option<Option<Cid>> {
+        self.expect([0xa2, 0x61, b'e'])?;
+        // A huge count fails at the end of the buffer; nothing is reserved from it.
         let n = self.head(4)?;
-        // An entry takes at least 12 bytes: a huge count cannot reserve memory.
-        let cap = usize::try_from(n).ok()?.min(self.buf.len() / 12);
-        let mut entries = Vec::with_capacity(cap);
         for _ in 0..n {
-            self.expect(&[0xa4, 0x61, b'k'])?;
+            self.expect([0xa4, 0x61, b'k'])?;
             let suffix = self.bytes()?;
-            self.expect(&[0x61, b'p'])?;
+            self.expect([0x61, b'p'])?;
             let prefix_len = self.head(0)?;
-            self.expect(&[0x61, b't'])?;
+            self.expect([0x61, b't'])?;
             let right = self.link()?;
-            self.expect(&[0x61, b'v'])?;
+            self.expect([0x61, b'v'])?;
             let value = self.link()??;
-            entries.push(WireEntry {
+            on_entry(WireEntry {
                 prefix_len,
                 suffix,
                 value,
                 right,
             });
         }
-        self.expect(&[0x61, b'l'])?;
+        self.expect([0x61, b'l'])?;
         let left = self.link()?;
-        (self.pos == self.buf.len()).then_some(WireNode { left, entries })
+        (self.pos == self.buf.len()).then_some(left)
     }
 }
 
@@ -420,12 +433,9 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
         CborError::HashMismatch(_) => MstError::HashMismatch(*cid),
         _ => MstError::BadLink(*cid),
     })?;
-    let data = read_wire(bytes)?;
-    if let Some(l) = &data.left {
-        check_link(l)?;
-    }
-    let mut entries: Vec<Entry> = Vec::with_capacity(data.entries.len());
-    for e in data.entries {
+    // Most nodes hold a few entries; the vector grows for the rest.
+    let mut entries: Vec<Entry> = Vec::with_capacity(8);
+    let left = read_wire(bytes, |e| {
         if let Some(t) = &e.right {
             check_link(t)?;
         }
@@ -451,6 +461,10 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
             value: e.value,
             right: e.right.map(Sub::Stub),
         });
+        Ok(())
+    })?;
+    if let Some(l) = &left {
+        check_link(l)?;
     }
     let height = match (expected, entries.first()) {
         (Some(h), _) => h,
@@ -468,15 +482,15 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
     }
     if entries.is_empty() {
         // A non-root node needs something below it; the top must not be a bare pointer.
-        if expected.is_some() != data.left.is_some() {
+        if expected.is_some() != left.is_some() {
             return Err(MstError::EmptyNode);
         }
     }
-    if height == 0 && (data.left.is_some() || entries.iter().any(|e| e.right.is_some())) {
+    if height == 0 && (left.is_some() || entries.iter().any(|e| e.right.is_some())) {
         return Err(MstError::HeightMismatch);
     }
     let node = Node {
-        left: data.left.map(Sub::Stub),
+        left: left.map(Sub::Stub),
         entries,
         cid: Some(*cid),
     };
