@@ -131,12 +131,8 @@ impl BlockSource for CarBlocks<'_> {
     fn block(&self, cid: &Cid) -> Option<&[u8]> {
         // A commit CAR is a handful of blocks: a scan that compares the digests' first bytes
         // before whole CIDs beats building an index.
-        fn head(c: &Cid) -> [u8; 8] {
-            let mut out = [0u8; 8];
-            let d = c.hash().digest();
-            let n = d.len().min(8);
-            out[..n].copy_from_slice(&d[..n]);
-            out
+        fn head(c: &Cid) -> Option<[u8; 8]> {
+            c.hash().digest().get(..8)?.try_into().ok()
         }
         let want = head(cid);
         self.iter()
@@ -276,9 +272,18 @@ impl<'a> Canonical<'a> {
         let (arg, min) = match b & 0x1f {
             info @ 0..=23 => return Some(u64::from(info)),
             24 => (u64::from(self.byte()?), 24),
-            25 => (u64::from(u16::from_be_bytes(self.take(2)?.try_into().ok()?)), 0x100),
-            26 => (u64::from(u32::from_be_bytes(self.take(4)?.try_into().ok()?)), 0x1_0000),
-            27 => (u64::from_be_bytes(self.take(8)?.try_into().ok()?), 0x1_0000_0000),
+            25 => (
+                u64::from(u16::from_be_bytes(self.take(2)?.try_into().ok()?)),
+                0x100,
+            ),
+            26 => (
+                u64::from(u32::from_be_bytes(self.take(4)?.try_into().ok()?)),
+                0x1_0000,
+            ),
+            27 => (
+                u64::from_be_bytes(self.take(8)?.try_into().ok()?),
+                0x1_0000_0000,
+            ),
             _ => return None,
         };
         (arg >= min).then_some(arg)
@@ -390,6 +395,16 @@ fn write_key(buf: &mut Vec<u8>, k: u8) {
 fn write_link(buf: &mut Vec<u8>, cid: Option<&Cid>) {
     match cid {
         None => buf.push(0xf6),
+        Some(cid)
+            if cid.codec() == DAG_CBOR
+                && cid.hash().code() == SHA2_256
+                && cid.hash().size() == 32
+                && cid.version() == ipld_core::cid::Version::V1 =>
+        {
+            // The common case, without the generic varint writer.
+            buf.extend_from_slice(&[0xd8, 42, 0x58, 37, 0x00, 0x01, 0x71, 0x12, 0x20]);
+            buf.extend_from_slice(cid.hash().digest());
+        }
         Some(cid) => {
             buf.extend_from_slice(&[0xd8, 42]);
             write_head(buf, 2, cid.encoded_len() as u64 + 1);
@@ -439,22 +454,28 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
         if let Some(t) = &e.right {
             check_link(t)?;
         }
-        let prev: &[u8] = entries.last().map_or(&[], |e| e.key.as_slice());
+        let prev: &[u8] = entries.last().map_or(&[], |e| e.key.as_bytes());
         let p = usize::try_from(e.prefix_len)
             .ok()
             .filter(|&p| p <= prev.len())
             .ok_or(MstError::BadKey("prefix longer than the previous key"))?;
-        let mut key = Vec::with_capacity(p + e.suffix.len());
-        key.extend_from_slice(&prev[..p]);
-        key.extend_from_slice(e.suffix);
-        check_key(&key)?;
-        if key.as_slice() <= prev {
-            return Err(MstError::KeyOrder);
+        let key = Key::new(&prev[..p], e.suffix);
+        let key_bytes = key.as_bytes();
+        check_key(key_bytes)?;
+        // `key` and `prev` share their first `p` bytes by construction, so both checks look at
+        // byte `p` only. Writers always share the longest prefix; anything else is a second
+        // encoding of the same node, which would give the same key set two root CIDs.
+        let (next, prev_next) = (key_bytes.get(p), prev.get(p));
+        if let (Some(a), Some(b)) = (next, prev_next) {
+            if a == b {
+                return Err(MstError::NonCanonical);
+            }
         }
-        // Writers always share the longest prefix; anything else is a second encoding of the
-        // same node, which would give the same key set two root CIDs.
-        if common_prefix_len(prev, &key) != p {
-            return Err(MstError::NonCanonical);
+        // Strictly ascending: `key` must not end at the shared prefix and must not branch lower.
+        match (next, prev_next) {
+            (None, _) => return Err(MstError::KeyOrder),
+            (Some(a), Some(b)) if a < b => return Err(MstError::KeyOrder),
+            _ => {}
         }
         entries.push(Entry {
             key,
@@ -468,7 +489,7 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
     }
     let height = match (expected, entries.first()) {
         (Some(h), _) => h,
-        (None, Some(e)) => key_height(&e.key),
+        (None, Some(e)) => key_height(e.key.as_bytes()),
         (None, None) => 0,
     };
     if height > MAX_HEIGHT {
@@ -476,7 +497,7 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
     }
     let skip = usize::from(expected.is_none()); // the root's first key defined its height
     for e in entries.iter().skip(skip) {
-        if key_height(&e.key) != height {
+        if key_height(e.key.as_bytes()) != height {
             return Err(MstError::HeightMismatch);
         }
     }
@@ -512,9 +533,42 @@ struct Node {
     cid: Option<Cid>,
 }
 
+/// Longest key stored inline (repo paths nearly always fit: loading then allocates no key).
+const INLINE_KEY: usize = 62;
+
+/// Key bytes of an entry.
+#[derive(Debug, Clone)]
+enum Key {
+    Inline(u8, [u8; INLINE_KEY]),
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    /// The concatenation of `a` and `b`.
+    fn new(a: &[u8], b: &[u8]) -> Key {
+        let len = a.len() + b.len();
+        match u8::try_from(len) {
+            Ok(short) if len <= INLINE_KEY => {
+                let mut buf = [0u8; INLINE_KEY];
+                buf[..a.len()].copy_from_slice(a);
+                buf[a.len()..len].copy_from_slice(b);
+                Key::Inline(short, buf)
+            }
+            _ => Key::Heap([a, b].concat().into_boxed_slice()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline(len, buf) => &buf[..usize::from(*len)],
+            Key::Heap(b) => b,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
-    key: Vec<u8>,
+    key: Key,
     value: Cid,
     right: Option<Sub>,
 }
@@ -537,7 +591,7 @@ fn slot_mut(node: &mut Node, i: usize) -> &mut Option<Sub> {
 impl Node {
     /// Index of `key` among the entries, or of the slot it would fall into.
     fn search(&self, key: &[u8]) -> Result<usize, usize> {
-        self.entries.binary_search_by(|e| e.key.as_slice().cmp(key))
+        self.entries.binary_search_by(|e| e.key.as_bytes().cmp(key))
     }
 
     fn is_empty(&self) -> bool {
@@ -575,7 +629,7 @@ fn leaf(key: &[u8], value: Cid) -> Box<Node> {
     Box::new(Node {
         left: None,
         entries: vec![Entry {
-            key: key.to_vec(),
+            key: Key::new(key, &[]),
             value,
             right: None,
         }],
@@ -673,7 +727,7 @@ fn insert_into(
                 node.entries.insert(
                     i,
                     Entry {
-                        key: key.to_vec(),
+                        key: Key::new(key, &[]),
                         value,
                         right: above,
                     },
@@ -770,11 +824,11 @@ fn encode_mem(node: &mut Node) -> Vec<u8> {
         &mut buf,
         left.as_ref(),
         node.entries.iter().zip(&rights).map(|(e, right)| {
-            let p = common_prefix_len(prev, &e.key);
-            prev = &e.key;
+            let p = common_prefix_len(prev, e.key.as_bytes());
+            prev = e.key.as_bytes();
             RawEntry {
                 prefix_len: p as u64,
-                suffix: &e.key[p..],
+                suffix: &e.key.as_bytes()[p..],
                 value: &e.value,
                 right: right.as_ref(),
             }
@@ -794,12 +848,12 @@ fn build<B: BlockSource + ?Sized>(
     blocks: &B,
 ) -> Result<(), MstError> {
     if let (Some(lo), Some(first)) = (lower, node.entries.first()) {
-        if first.key.as_slice() <= lo {
+        if first.key.as_bytes() <= lo {
             return Err(MstError::KeyOrder);
         }
     }
     if let (Some(hi), Some(last)) = (upper, node.entries.last()) {
-        if last.key.as_slice() >= hi {
+        if last.key.as_bytes() >= hi {
             return Err(MstError::KeyOrder);
         }
     }
@@ -812,10 +866,10 @@ fn build<B: BlockSource + ?Sized>(
             continue;
         };
         let lo = match i.checked_sub(1) {
-            Some(j) => Some(node.entries[j].key.as_slice()),
+            Some(j) => Some(node.entries[j].key.as_bytes()),
             None => lower,
         };
-        let hi = node.entries.get(i).map(|e| e.key.as_slice()).or(upper);
+        let hi = node.entries.get(i).map(|e| e.key.as_bytes()).or(upper);
         let (mut child, _) = parse_node(c, bytes, Some(child_h))?;
         build(&mut child, child_h, lo, hi, blocks)?;
         *slot_mut(node, i) = Some(Sub::Node(Box::new(child)));
@@ -921,7 +975,7 @@ impl Tree {
             self.root = Sub::Node(Box::new(Node {
                 left: wrap(below, self.height, key_h - 1),
                 entries: vec![Entry {
-                    key: key.to_vec(),
+                    key: Key::new(key, &[]),
                     value,
                     right: wrap(above, self.height, key_h - 1),
                 }],
@@ -1046,12 +1100,12 @@ where
         if step % 2 == 1 {
             if let Some(e) = frame.node.entries.get(i) {
                 // The first key is never empty (check_key), so `[]` works as "none yet".
-                if e.key.as_slice() <= last_key.as_slice() {
+                if e.key.as_bytes() <= last_key.as_slice() {
                     return Err(MstError::KeyOrder.into());
                 }
                 last_key.clear();
-                last_key.extend_from_slice(&e.key);
-                visit(&e.key, e.value).map_err(WalkError::Visit)?;
+                last_key.extend_from_slice(e.key.as_bytes());
+                visit(e.key.as_bytes(), e.value).map_err(WalkError::Visit)?;
             }
             continue;
         }

@@ -234,7 +234,10 @@ fn trim_top_split_and_higher_layer_vectors() {
     assert_eq!(again.insert(k("3ft2j").as_bytes(), v).unwrap(), Some(l0));
     assert_eq!(again.root_cid().unwrap(), root);
     blocks.clear();
-    assert_eq!(Tree::load(root, &blocks).unwrap_err(), MstError::MissingBlock(root));
+    assert_eq!(
+        Tree::load(root, &blocks).unwrap_err(),
+        MstError::MissingBlock(root)
+    );
 }
 
 #[derive(Debug)]
@@ -313,10 +316,25 @@ fn commit_proof_fixtures_forward_and_inverted() {
         let proof: HashMap<Cid, Vec<u8>> = case
             .proof
             .iter()
-            .map(|c| (*c, all.get(c).expect("proof block is an after-tree node").clone()))
+            .map(|c| {
+                (
+                    *c,
+                    all.get(c)
+                        .expect("proof block is an after-tree node")
+                        .clone(),
+                )
+            })
             .collect();
-        assert_eq!(proof.len(), case.proof.len(), "{name}: distinct proof blocks");
-        assert_eq!(invert_case(case, &proof), Ok(case.before), "{name}: inverted");
+        assert_eq!(
+            proof.len(),
+            case.proof.len(),
+            "{name}: distinct proof blocks"
+        );
+        assert_eq!(
+            invert_case(case, &proof),
+            Ok(case.before),
+            "{name}: inverted"
+        );
         // The full after-tree inverts the same way.
         assert_eq!(invert_case(case, &all), Ok(case.before), "{name}");
 
@@ -354,7 +372,10 @@ fn example_keys_build_walk_and_empty_again() {
     assert_eq!(keys.len(), 156);
     let mut t = Tree::empty();
     for k in &keys {
-        assert_eq!(t.insert(k.as_bytes(), value_for(k.as_bytes())).unwrap(), None);
+        assert_eq!(
+            t.insert(k.as_bytes(), value_for(k.as_bytes())).unwrap(),
+            None
+        );
     }
     let root = t.root_cid().unwrap();
     let blocks = blocks_of(&mut t);
@@ -375,7 +396,10 @@ fn example_keys_build_walk_and_empty_again() {
     let mut order: Vec<&str> = keys.clone();
     order.sort_by_key(|k| value_for(k.as_bytes()).to_bytes());
     for k in &order {
-        assert_eq!(loaded.remove(k.as_bytes()).unwrap(), Some(value_for(k.as_bytes())));
+        assert_eq!(
+            loaded.remove(k.as_bytes()).unwrap(),
+            Some(value_for(k.as_bytes()))
+        );
         assert_eq!(loaded.remove(k.as_bytes()).unwrap(), None);
     }
     assert!(loaded.is_empty());
@@ -397,7 +421,10 @@ fn real_repo_car_walks_loads_and_rebuilds() {
     let commit: CommitBlock =
         serde_ipld_dagcbor::from_slice(car.get(&car.roots[0]).unwrap()).unwrap();
     let info = std::fs::read_to_string(dir.join("relay-capture/repo_expected_commit.txt")).unwrap();
-    let data_line = info.lines().find_map(|l| l.strip_prefix("Data CID: ")).unwrap();
+    let data_line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Data CID: "))
+        .unwrap();
     assert_eq!(commit.data, cid(data_line.trim()));
     let mut expected: Vec<(Vec<u8>, Cid)> =
         std::fs::read_to_string(dir.join("relay-capture/repo_expected_records.tsv"))
@@ -416,7 +443,11 @@ fn real_repo_car_walks_loads_and_rebuilds() {
     let mut loaded = Tree::load(commit.data, &car).unwrap();
     assert!(loaded.height() >= 1);
     for (cid, bytes) in loaded.node_blocks().unwrap() {
-        assert_eq!(car.get(&cid), Some(bytes.as_slice()), "re-encoded node {cid}");
+        assert_eq!(
+            car.get(&cid),
+            Some(bytes.as_slice()),
+            "re-encoded node {cid}"
+        );
     }
     let mut rebuilt = Tree::empty();
     for (k, v) in expected.iter().rev() {
@@ -471,7 +502,8 @@ fn capture_commits() -> Option<Vec<RawCommit>> {
 
 /// Inverts one relay commit against its own CAR; returns the inverted root.
 fn invert_commit(commit: &RawCommit, car: &CarBlocks<'_>) -> Result<Cid, MstError> {
-    let head: CommitBlock = serde_ipld_dagcbor::from_slice(car.get(&car.roots[0]).unwrap()).unwrap();
+    let head: CommitBlock =
+        serde_ipld_dagcbor::from_slice(car.get(&car.roots[0]).unwrap()).unwrap();
     let mut t = Tree::load(head.data, car)?;
     for op in commit.ops.iter().rev() {
         let key = op.path.as_bytes();
@@ -491,7 +523,11 @@ fn relay_commits_invert_to_prev_data() {
     let Some(commits) = capture_commits() else {
         return;
     };
-    assert!(commits.len() >= 100, "{} commits with prevData", commits.len());
+    assert!(
+        commits.len() >= 100,
+        "{} commits with prevData",
+        commits.len()
+    );
     for (i, commit) in commits.iter().enumerate() {
         let car = CarBlocks::parse(&commit.blocks).unwrap();
         assert_eq!(
@@ -666,11 +702,26 @@ fn hostile_nodes_are_rejected_with_reasons() {
     let r = put(&mut b, node(None, &[(b"asdf", 0, None), (blue, 0, None)]));
     rejects(r, &b, MstError::HeightMismatch);
     let r = put(&mut b, node(None, &[(b"a", 0, None), (b"b", 5, None)]));
-    rejects(r, &b, MstError::BadKey("prefix longer than the previous key"));
-    let r = put(&mut b, node(None, &[(b"a", 0, None), (b"b", u64::MAX, None)]));
-    rejects(r, &b, MstError::BadKey("prefix longer than the previous key"));
+    rejects(
+        r,
+        &b,
+        MstError::BadKey("prefix longer than the previous key"),
+    );
+    let r = put(
+        &mut b,
+        node(None, &[(b"a", 0, None), (b"b", u64::MAX, None)]),
+    );
+    rejects(
+        r,
+        &b,
+        MstError::BadKey("prefix longer than the previous key"),
+    );
     let r = put(&mut b, node(None, &[(b"x", 3, None)]));
-    rejects(r, &b, MstError::BadKey("prefix longer than the previous key"));
+    rejects(
+        r,
+        &b,
+        MstError::BadKey("prefix longer than the previous key"),
+    );
     let r = put(&mut b, node(None, &[(b"", 0, None)]));
     rejects(r, &b, MstError::BadKey("empty key"));
     let long = vec![b'a'; 1025];
@@ -758,10 +809,16 @@ fn hostile_nodes_are_rejected_with_reasons() {
     assert_eq!(Tree::load(r, &b).unwrap_err(), MstError::NonCanonical);
     let mut wide = ipld_node(full(Ipld::Link(cid(CID1))), None);
     // p = 0 written as a one-byte-argument integer (0x18 0x00) instead of 0x00
-    let at = wide.windows(3).position(|w| w == [0x61, b'p', 0x00]).unwrap();
+    let at = wide
+        .windows(3)
+        .position(|w| w == [0x61, b'p', 0x00])
+        .unwrap();
     wide.splice(at + 2..at + 3, [0x18, 0x00]);
     let r = put(&mut b, wide);
-    assert_eq!(Tree::load(r, &b).unwrap_err().reason(), "non_canonical_node");
+    assert_eq!(
+        Tree::load(r, &b).unwrap_err().reason(),
+        "non_canonical_node"
+    );
 
     // Links: a block under someone else's CID, a non-DAG-CBOR root, a raw-codec child link.
     let leaf_bytes = b[&leaf].clone();
@@ -820,7 +877,9 @@ fn chains_of_empty_nodes_are_bounded_by_the_root_height() {
 
 #[test]
 fn stubs_make_lookups_and_edits_fail_without_changing_the_tree() {
-    let keys: Vec<String> = (0..200).map(|i| format!("app.bsky.feed.post/k{i:04}")).collect();
+    let keys: Vec<String> = (0..200)
+        .map(|i| format!("app.bsky.feed.post/k{i:04}"))
+        .collect();
     let mut full = build(&keys, cid(CID1));
     let root = full.root_cid().unwrap();
     let mut blocks = blocks_of(&mut full);
@@ -829,7 +888,10 @@ fn stubs_make_lookups_and_edits_fail_without_changing_the_tree() {
     blocks.retain(|c, _| *c == root);
     let mut t = Tree::load(root, &blocks).unwrap();
     assert_eq!(t.root_cid().unwrap(), root);
-    assert!(matches!(walked(root, &blocks), Err(MstError::MissingBlock(_))));
+    assert!(matches!(
+        walked(root, &blocks),
+        Err(MstError::MissingBlock(_))
+    ));
     assert!(matches!(t.node_blocks(), Err(MstError::MissingBlock(_))));
     let mut missing = 0;
     for k in &keys {
@@ -855,8 +917,10 @@ fn stubs_make_lookups_and_edits_fail_without_changing_the_tree() {
 // Properties
 
 fn repo_key() -> impl Strategy<Value = String> {
-    proptest::string::string_regex("(app\\.bsky\\.feed\\.post|app\\.bsky\\.feed\\.like|com\\.example\\.x)/[a-z2-7]{1,13}")
-        .unwrap()
+    proptest::string::string_regex(
+        "(app\\.bsky\\.feed\\.post|app\\.bsky\\.feed\\.like|com\\.example\\.x)/[a-z2-7]{1,13}",
+    )
+    .unwrap()
 }
 
 fn key_set(max: usize) -> impl Strategy<Value = Vec<String>> {
@@ -934,7 +998,9 @@ fn invert<B: BlockSource>(root: Cid, blocks: &B, ops: &[Op]) -> Result<Cid, MstE
     for op in ops.iter().rev() {
         let before = t.root_cid()?;
         let r = match op {
-            Op::Create(k) => t.remove(k.as_bytes()).map(|p| assert_eq!(p, Some(new_value(k)))),
+            Op::Create(k) => t
+                .remove(k.as_bytes())
+                .map(|p| assert_eq!(p, Some(new_value(k)))),
             Op::Update(k) => t
                 .insert(k.as_bytes(), value_for(k.as_bytes()))
                 .map(|p| assert_eq!(p, Some(new_value(k)))),
@@ -943,7 +1009,11 @@ fn invert<B: BlockSource>(root: Cid, blocks: &B, ops: &[Op]) -> Result<Cid, MstE
                 .map(|p| assert_eq!(p, None)),
         };
         if let Err(e) = r {
-            assert_eq!(t.root_cid()?, before, "a failed op must not change the tree");
+            assert_eq!(
+                t.root_cid()?,
+                before,
+                "a failed op must not change the tree"
+            );
             return Err(e);
         }
     }
@@ -1088,4 +1158,3 @@ proptest! {
         let _ = decode_node(&bytes);
     }
 }
-
