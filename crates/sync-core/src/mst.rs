@@ -13,7 +13,7 @@
 //! recursion in this module (heights strictly decrease towards the leaves): a key of that height
 //! needs 128 leading zero bits of SHA-256, which no real key has.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 
 use ipld_core::cid::multihash::Multihash;
@@ -108,17 +108,22 @@ fn check_key(key: &[u8]) -> Result<(), MstError> {
     Ok(())
 }
 
+/// A CIDv1 DAG-CBOR SHA2-256: what every atproto writer uses for nodes and records.
+fn is_standard_cid(cid: &Cid) -> bool {
+    let mh = cid.hash();
+    cid.version() == ipld_core::cid::Version::V1
+        && cid.codec() == DAG_CBOR
+        && mh.code() == SHA2_256
+        && mh.size() == 32
+}
+
 /// Node links must be what [`cbor::verify_block`] can check and what writers produce.
 fn check_link(cid: &Cid) -> Result<(), MstError> {
-    let mh = cid.hash();
-    if cid.version() != ipld_core::cid::Version::V1
-        || cid.codec() != DAG_CBOR
-        || mh.code() != SHA2_256
-        || mh.size() != 32
-    {
-        return Err(MstError::BadLink(*cid));
+    if is_standard_cid(cid) {
+        Ok(())
+    } else {
+        Err(MstError::BadLink(*cid))
     }
-    Ok(())
 }
 
 /// Where tree nodes come from (a commit's CAR, a whole repo's blocks, a map in tests).
@@ -395,12 +400,7 @@ fn write_key(buf: &mut Vec<u8>, k: u8) {
 fn write_link(buf: &mut Vec<u8>, cid: Option<&Cid>) {
     match cid {
         None => buf.push(0xf6),
-        Some(cid)
-            if cid.codec() == DAG_CBOR
-                && cid.hash().code() == SHA2_256
-                && cid.hash().size() == 32
-                && cid.version() == ipld_core::cid::Version::V1 =>
-        {
+        Some(cid) if is_standard_cid(cid) => {
             // The common case, without the generic varint writer.
             buf.extend_from_slice(&[0xd8, 42, 0x58, 37, 0x00, 0x01, 0x71, 0x12, 0x20]);
             buf.extend_from_slice(cid.hash().digest());
@@ -611,8 +611,7 @@ fn into_sub(node: Box<Node>) -> Option<Sub> {
     (!node.is_empty()).then_some(Sub::Node(node))
 }
 
-/// A node at height `to - 1 ..` chain: wraps a subtree of height `from` in empty intermediate
-/// nodes until it is at height `to`.
+/// Lifts a subtree of height `from` to height `to` by wrapping it in empty intermediate nodes.
 fn wrap(sub: Option<Sub>, from: u32, to: u32) -> Option<Sub> {
     let mut sub = sub?;
     for _ in from..to {
@@ -840,12 +839,17 @@ fn encode_mem(node: &mut Node) -> Vec<u8> {
 /// Replaces the stubs of a parsed node by the nodes `blocks` holds, recursively, checking that
 /// the node's keys lie strictly between `lower` and `upper`. Recursion depth is bounded by the
 /// height (children are one lower, and [`parse_node`] refuses links below height 0).
+///
+/// Work stays linear in the blocks: a node linked from two places fails on its second visit,
+/// at once if it has entries (they are outside the second range), through `entryless` if it has
+/// none (a chain of those over a missing block would otherwise be re-read from every link to it).
 fn build<B: BlockSource + ?Sized>(
     node: &mut Node,
     height: u32,
     lower: Option<&[u8]>,
     upper: Option<&[u8]>,
     blocks: &B,
+    entryless: &mut HashSet<Cid>,
 ) -> Result<(), MstError> {
     if let (Some(lo), Some(first)) = (lower, node.entries.first()) {
         if first.key.as_bytes() <= lo {
@@ -871,7 +875,10 @@ fn build<B: BlockSource + ?Sized>(
         };
         let hi = node.entries.get(i).map(|e| e.key.as_bytes()).or(upper);
         let (mut child, _) = parse_node(c, bytes, Some(child_h))?;
-        build(&mut child, child_h, lo, hi, blocks)?;
+        if child.entries.is_empty() && !entryless.insert(*c) {
+            return Err(MstError::KeyOrder);
+        }
+        build(&mut child, child_h, lo, hi, blocks, entryless)?;
         *slot_mut(node, i) = Some(Sub::Node(Box::new(child)));
     }
     Ok(())
@@ -912,7 +919,7 @@ impl Tree {
         check_link(&root)?;
         let bytes = blocks.block(&root).ok_or(MstError::MissingBlock(root))?;
         let (mut node, height) = parse_node(&root, bytes, None)?;
-        build(&mut node, height, None, None, blocks)?;
+        build(&mut node, height, None, None, blocks, &mut HashSet::new())?;
         Ok(Tree {
             root: Sub::Node(Box::new(node)),
             height,

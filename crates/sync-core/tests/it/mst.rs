@@ -762,6 +762,30 @@ fn hostile_nodes_are_rejected_with_reasons() {
     );
     rejects(r, &b, MstError::KeyOrder);
 
+    // An entry-less node over a missing block, linked from three slots: valid once, not thrice
+    // (and not re-read per link).
+    let (k1, k2, k3) = (
+        key_of_height("p", 2),
+        key_of_height("q", 2),
+        key_of_height("r", 2),
+    );
+    let hollow = put(&mut b, node(Some(cbor::cid_for_dag_cbor(b"absent")), &[]));
+    let once = put(&mut b, node(None, &[(k1.as_bytes(), 0, Some(hollow))]));
+    assert!(Tree::load(once, &b).is_ok());
+    let r = put(
+        &mut b,
+        node(
+            None,
+            &[
+                (k1.as_bytes(), 0, Some(hollow)),
+                (k2.as_bytes(), 0, Some(hollow)),
+                (k3.as_bytes(), 0, Some(hollow)),
+            ],
+        ),
+    );
+    assert_eq!(Tree::load(r, &b).unwrap_err(), MstError::KeyOrder);
+    assert!(matches!(walked(r, &b), Err(MstError::MissingBlock(_))));
+
     // Bytes that are not a node at all.
     let garbage: [&[u8]; 5] = [b"", b"\xff\x00garbage", b"\xa0", b"\x80", &[0x81; 100_000]];
     for g in garbage {
@@ -917,8 +941,9 @@ fn stubs_make_lookups_and_edits_fail_without_changing_the_tree() {
 // Properties
 
 fn repo_key() -> impl Strategy<Value = String> {
+    // TID-like record keys, and some long ones (keys over 62 bytes are stored differently).
     proptest::string::string_regex(
-        "(app\\.bsky\\.feed\\.post|app\\.bsky\\.feed\\.like|com\\.example\\.x)/[a-z2-7]{1,13}",
+        "(app\\.bsky\\.feed\\.post|app\\.bsky\\.feed\\.like|com\\.example\\.x)/([a-z2-7]{1,13}|[a-zA-Z0-9:~._-]{30,60})",
     )
     .unwrap()
 }
