@@ -104,7 +104,14 @@ fn common_prefix_matches_interop_vectors() {
 #[test]
 fn empty_and_known_trees_have_the_interop_root_cids() {
     let v = cid(CID1);
-    assert_eq!(Tree::empty().root_cid().unwrap(), cid(EMPTY_ROOT));
+    let mut empty = Tree::empty();
+    assert_eq!(empty.root_cid().unwrap(), cid(EMPTY_ROOT));
+    let blocks = blocks_of(&mut empty);
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(walked(cid(EMPTY_ROOT), &blocks).unwrap(), vec![]);
+    let loaded = Tree::load(cid(EMPTY_ROOT), &blocks).unwrap();
+    assert!(loaded.is_empty());
+    assert_eq!(loaded.get(b"a/b").unwrap(), None);
     assert_eq!(
         cbor::cid_for_dag_cbor(&encode_node(&NodeData {
             entries: vec![],
