@@ -13,7 +13,7 @@
 //! recursion in this module (heights strictly decrease towards the leaves): a key of that height
 //! needs 128 leading zero bits of SHA-256, which no real key has.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 
 use ipld_core::cid::multihash::Multihash;
@@ -108,17 +108,22 @@ fn check_key(key: &[u8]) -> Result<(), MstError> {
     Ok(())
 }
 
+/// A CIDv1 DAG-CBOR SHA2-256: what every atproto writer uses for nodes and records.
+fn is_standard_cid(cid: &Cid) -> bool {
+    let mh = cid.hash();
+    cid.version() == ipld_core::cid::Version::V1
+        && cid.codec() == DAG_CBOR
+        && mh.code() == SHA2_256
+        && mh.size() == 32
+}
+
 /// Node links must be what [`cbor::verify_block`] can check and what writers produce.
 fn check_link(cid: &Cid) -> Result<(), MstError> {
-    let mh = cid.hash();
-    if cid.version() != ipld_core::cid::Version::V1
-        || cid.codec() != DAG_CBOR
-        || mh.code() != SHA2_256
-        || mh.size() != 32
-    {
-        return Err(MstError::BadLink(*cid));
+    if is_standard_cid(cid) {
+        Ok(())
+    } else {
+        Err(MstError::BadLink(*cid))
     }
-    Ok(())
 }
 
 /// Where tree nodes come from (a commit's CAR, a whole repo's blocks, a map in tests).
@@ -129,11 +134,14 @@ pub trait BlockSource {
 
 impl BlockSource for CarBlocks<'_> {
     fn block(&self, cid: &Cid) -> Option<&[u8]> {
-        // A commit CAR is a handful of blocks: a scan comparing digests first (they differ in
-        // the first bytes) beats building an index.
-        let want = cid.hash().digest();
+        // A commit CAR is a handful of blocks: a scan that compares the digests' first bytes
+        // before whole CIDs beats building an index.
+        fn head(c: &Cid) -> Option<[u8; 8]> {
+            c.hash().digest().get(..8)?.try_into().ok()
+        }
+        let want = head(cid);
         self.iter()
-            .find(|(c, _)| c.hash().digest() == want && *c == cid)
+            .find(|(c, _)| head(c) == want && *c == cid)
             .map(|(_, b)| b)
     }
 }
@@ -188,28 +196,20 @@ pub struct EntryData {
 /// bytes [`encode_node`] would write. Key prefixes are not checked here (that needs the
 /// reconstructed keys; the tree loader and the walk do it).
 pub fn decode_node(bytes: &[u8]) -> Result<NodeData, MstError> {
-    let wire = read_wire(bytes)?;
-    Ok(NodeData {
-        entries: wire
-            .entries
-            .into_iter()
-            .map(|e| EntryData {
-                key_suffix: e.suffix.to_vec(),
-                prefix_len: e.prefix_len,
-                right: e.right,
-                value: e.value,
-            })
-            .collect(),
-        left: wire.left,
-    })
+    let mut entries = Vec::new();
+    let left = read_wire(bytes, |e| {
+        entries.push(EntryData {
+            key_suffix: e.suffix.to_vec(),
+            prefix_len: e.prefix_len,
+            right: e.right,
+            value: e.value,
+        });
+        Ok(())
+    })?;
+    Ok(NodeData { entries, left })
 }
 
-/// A node as read from its block, key suffixes borrowed.
-struct WireNode<'a> {
-    left: Option<Cid>,
-    entries: Vec<WireEntry<'a>>,
-}
-
+/// One entry as read from its block, key suffix borrowed.
 struct WireEntry<'a> {
     prefix_len: u64,
     suffix: &'a [u8],
@@ -217,15 +217,28 @@ struct WireEntry<'a> {
     right: Option<Cid>,
 }
 
-fn read_wire(bytes: &[u8]) -> Result<WireNode<'_>, MstError> {
-    // The fast reader accepts only the canonical layout; when it refuses, the general decoder
-    // tells a non-canonical encoding of a node from something that is not a node at all.
-    Canonical { buf: bytes, pos: 0 }.node().ok_or_else(|| {
-        match serde_ipld_dagcbor::from_slice::<NodeData>(bytes) {
+/// Reads a node block, handing each entry to `on_entry` as it is read (no intermediate list);
+/// returns the left link. An encoding error wins over an error `on_entry` returned earlier.
+fn read_wire<'a>(
+    bytes: &'a [u8],
+    mut on_entry: impl FnMut(WireEntry<'a>) -> Result<(), MstError>,
+) -> Result<Option<Cid>, MstError> {
+    let mut entry_err = None;
+    let left = Canonical { buf: bytes, pos: 0 }.node(|e| {
+        if entry_err.is_none() {
+            entry_err = on_entry(e).err();
+        }
+    });
+    match (left, entry_err) {
+        (Some(_), Some(e)) => Err(e),
+        (Some(left), None) => Ok(left),
+        // The fast reader accepts only the canonical layout; when it refuses, the general
+        // decoder tells a non-canonical encoding of a node from something that is not a node.
+        (None, _) => Err(match serde_ipld_dagcbor::from_slice::<NodeData>(bytes) {
             Ok(_) => MstError::NonCanonical,
             Err(e) => MstError::BadNode(e.to_string()),
-        }
-    })
+        }),
+    }
 }
 
 /// Reader of exactly the bytes [`encode_parts`] writes; any deviation is `None`. (The shape is
@@ -249,8 +262,10 @@ impl<'a> Canonical<'a> {
         Some(out)
     }
 
-    fn expect(&mut self, bytes: &[u8]) -> Option<()> {
-        (self.take(bytes.len())? == bytes).then_some(())
+    /// The next bytes are exactly `want` (compared as an array: no memcmp call per map key).
+    fn expect<const N: usize>(&mut self, want: [u8; N]) -> Option<()> {
+        let got: [u8; N] = self.take(N)?.try_into().ok()?;
+        (got == want).then_some(())
     }
 
     /// A head of major type `major` in its shortest form; returns the argument.
@@ -289,7 +304,7 @@ impl<'a> Canonical<'a> {
             self.pos += 1;
             return Some(None);
         }
-        self.expect(&[0xd8, 42])?;
+        self.expect([0xd8, 42])?;
         let (&prefix, raw) = self.bytes()?.split_first()?;
         if prefix != 0 {
             return None;
@@ -307,31 +322,30 @@ impl<'a> Canonical<'a> {
         (rest.is_empty() && cid.encoded_len() == raw.len()).then_some(Some(cid))
     }
 
-    fn node(&mut self) -> Option<WireNode<'a>> {
-        self.expect(&[0xa2, 0x61, b'e'])?;
+    /// Reads the whole node; returns its left link.
+    fn node(&mut self, mut on_entry: impl FnMut(WireEntry<'a>)) -> Option<Option<Cid>> {
+        self.expect([0xa2, 0x61, b'e'])?;
+        // A huge count fails at the end of the buffer; nothing is reserved from it.
         let n = self.head(4)?;
-        // An entry takes at least 12 bytes: a huge count cannot reserve memory.
-        let cap = usize::try_from(n).ok()?.min(self.buf.len() / 12);
-        let mut entries = Vec::with_capacity(cap);
         for _ in 0..n {
-            self.expect(&[0xa4, 0x61, b'k'])?;
+            self.expect([0xa4, 0x61, b'k'])?;
             let suffix = self.bytes()?;
-            self.expect(&[0x61, b'p'])?;
+            self.expect([0x61, b'p'])?;
             let prefix_len = self.head(0)?;
-            self.expect(&[0x61, b't'])?;
+            self.expect([0x61, b't'])?;
             let right = self.link()?;
-            self.expect(&[0x61, b'v'])?;
+            self.expect([0x61, b'v'])?;
             let value = self.link()??;
-            entries.push(WireEntry {
+            on_entry(WireEntry {
                 prefix_len,
                 suffix,
                 value,
                 right,
             });
         }
-        self.expect(&[0x61, b'l'])?;
+        self.expect([0x61, b'l'])?;
         let left = self.link()?;
-        (self.pos == self.buf.len()).then_some(WireNode { left, entries })
+        (self.pos == self.buf.len()).then_some(left)
     }
 }
 
@@ -386,6 +400,11 @@ fn write_key(buf: &mut Vec<u8>, k: u8) {
 fn write_link(buf: &mut Vec<u8>, cid: Option<&Cid>) {
     match cid {
         None => buf.push(0xf6),
+        Some(cid) if is_standard_cid(cid) => {
+            // The common case, without the generic varint writer.
+            buf.extend_from_slice(&[0xd8, 42, 0x58, 37, 0x00, 0x01, 0x71, 0x12, 0x20]);
+            buf.extend_from_slice(cid.hash().digest());
+        }
         Some(cid) => {
             buf.extend_from_slice(&[0xd8, 42]);
             write_head(buf, 2, cid.encoded_len() as u64 + 1);
@@ -429,41 +448,48 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
         CborError::HashMismatch(_) => MstError::HashMismatch(*cid),
         _ => MstError::BadLink(*cid),
     })?;
-    let data = read_wire(bytes)?;
-    if let Some(l) = &data.left {
-        check_link(l)?;
-    }
-    let mut entries: Vec<Entry> = Vec::with_capacity(data.entries.len());
-    for e in data.entries {
+    // Most nodes hold a few entries; the vector grows for the rest.
+    let mut entries: Vec<Entry> = Vec::with_capacity(8);
+    let left = read_wire(bytes, |e| {
         if let Some(t) = &e.right {
             check_link(t)?;
         }
-        let prev: &[u8] = entries.last().map_or(&[], |e| e.key.as_slice());
+        let prev: &[u8] = entries.last().map_or(&[], |e| e.key.as_bytes());
         let p = usize::try_from(e.prefix_len)
             .ok()
             .filter(|&p| p <= prev.len())
             .ok_or(MstError::BadKey("prefix longer than the previous key"))?;
-        let mut key = Vec::with_capacity(p + e.suffix.len());
-        key.extend_from_slice(&prev[..p]);
-        key.extend_from_slice(e.suffix);
-        check_key(&key)?;
-        if key.as_slice() <= prev {
-            return Err(MstError::KeyOrder);
+        let key = Key::new(&prev[..p], e.suffix);
+        let key_bytes = key.as_bytes();
+        check_key(key_bytes)?;
+        // `key` and `prev` share their first `p` bytes by construction, so both checks look at
+        // byte `p` only. Writers always share the longest prefix; anything else is a second
+        // encoding of the same node, which would give the same key set two root CIDs.
+        let (next, prev_next) = (key_bytes.get(p), prev.get(p));
+        if let (Some(a), Some(b)) = (next, prev_next) {
+            if a == b {
+                return Err(MstError::NonCanonical);
+            }
         }
-        // Writers always share the longest prefix; anything else is a second encoding of the
-        // same node, which would give the same key set two root CIDs.
-        if common_prefix_len(prev, &key) != p {
-            return Err(MstError::NonCanonical);
+        // Strictly ascending: `key` must not end at the shared prefix and must not branch lower.
+        match (next, prev_next) {
+            (None, _) => return Err(MstError::KeyOrder),
+            (Some(a), Some(b)) if a < b => return Err(MstError::KeyOrder),
+            _ => {}
         }
         entries.push(Entry {
             key,
             value: e.value,
             right: e.right.map(Sub::Stub),
         });
+        Ok(())
+    })?;
+    if let Some(l) = &left {
+        check_link(l)?;
     }
     let height = match (expected, entries.first()) {
         (Some(h), _) => h,
-        (None, Some(e)) => key_height(&e.key),
+        (None, Some(e)) => key_height(e.key.as_bytes()),
         (None, None) => 0,
     };
     if height > MAX_HEIGHT {
@@ -471,21 +497,21 @@ fn parse_node(cid: &Cid, bytes: &[u8], expected: Option<u32>) -> Result<(Node, u
     }
     let skip = usize::from(expected.is_none()); // the root's first key defined its height
     for e in entries.iter().skip(skip) {
-        if key_height(&e.key) != height {
+        if key_height(e.key.as_bytes()) != height {
             return Err(MstError::HeightMismatch);
         }
     }
     if entries.is_empty() {
         // A non-root node needs something below it; the top must not be a bare pointer.
-        if expected.is_some() != data.left.is_some() {
+        if expected.is_some() != left.is_some() {
             return Err(MstError::EmptyNode);
         }
     }
-    if height == 0 && (data.left.is_some() || entries.iter().any(|e| e.right.is_some())) {
+    if height == 0 && (left.is_some() || entries.iter().any(|e| e.right.is_some())) {
         return Err(MstError::HeightMismatch);
     }
     let node = Node {
-        left: data.left.map(Sub::Stub),
+        left: left.map(Sub::Stub),
         entries,
         cid: Some(*cid),
     };
@@ -507,9 +533,42 @@ struct Node {
     cid: Option<Cid>,
 }
 
+/// Longest key stored inline (repo paths nearly always fit: loading then allocates no key).
+const INLINE_KEY: usize = 62;
+
+/// Key bytes of an entry.
+#[derive(Debug, Clone)]
+enum Key {
+    Inline(u8, [u8; INLINE_KEY]),
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    /// The concatenation of `a` and `b`.
+    fn new(a: &[u8], b: &[u8]) -> Key {
+        let len = a.len() + b.len();
+        match u8::try_from(len) {
+            Ok(short) if len <= INLINE_KEY => {
+                let mut buf = [0u8; INLINE_KEY];
+                buf[..a.len()].copy_from_slice(a);
+                buf[a.len()..len].copy_from_slice(b);
+                Key::Inline(short, buf)
+            }
+            _ => Key::Heap([a, b].concat().into_boxed_slice()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline(len, buf) => &buf[..usize::from(*len)],
+            Key::Heap(b) => b,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
-    key: Vec<u8>,
+    key: Key,
     value: Cid,
     right: Option<Sub>,
 }
@@ -532,7 +591,7 @@ fn slot_mut(node: &mut Node, i: usize) -> &mut Option<Sub> {
 impl Node {
     /// Index of `key` among the entries, or of the slot it would fall into.
     fn search(&self, key: &[u8]) -> Result<usize, usize> {
-        self.entries.binary_search_by(|e| e.key.as_slice().cmp(key))
+        self.entries.binary_search_by(|e| e.key.as_bytes().cmp(key))
     }
 
     fn is_empty(&self) -> bool {
@@ -552,8 +611,7 @@ fn into_sub(node: Box<Node>) -> Option<Sub> {
     (!node.is_empty()).then_some(Sub::Node(node))
 }
 
-/// A node at height `to - 1 ..` chain: wraps a subtree of height `from` in empty intermediate
-/// nodes until it is at height `to`.
+/// Lifts a subtree of height `from` to height `to` by wrapping it in empty intermediate nodes.
 fn wrap(sub: Option<Sub>, from: u32, to: u32) -> Option<Sub> {
     let mut sub = sub?;
     for _ in from..to {
@@ -570,7 +628,7 @@ fn leaf(key: &[u8], value: Cid) -> Box<Node> {
     Box::new(Node {
         left: None,
         entries: vec![Entry {
-            key: key.to_vec(),
+            key: Key::new(key, &[]),
             value,
             right: None,
         }],
@@ -668,7 +726,7 @@ fn insert_into(
                 node.entries.insert(
                     i,
                     Entry {
-                        key: key.to_vec(),
+                        key: Key::new(key, &[]),
                         value,
                         right: above,
                     },
@@ -765,11 +823,11 @@ fn encode_mem(node: &mut Node) -> Vec<u8> {
         &mut buf,
         left.as_ref(),
         node.entries.iter().zip(&rights).map(|(e, right)| {
-            let p = common_prefix_len(prev, &e.key);
-            prev = &e.key;
+            let p = common_prefix_len(prev, e.key.as_bytes());
+            prev = e.key.as_bytes();
             RawEntry {
                 prefix_len: p as u64,
-                suffix: &e.key[p..],
+                suffix: &e.key.as_bytes()[p..],
                 value: &e.value,
                 right: right.as_ref(),
             }
@@ -781,20 +839,25 @@ fn encode_mem(node: &mut Node) -> Vec<u8> {
 /// Replaces the stubs of a parsed node by the nodes `blocks` holds, recursively, checking that
 /// the node's keys lie strictly between `lower` and `upper`. Recursion depth is bounded by the
 /// height (children are one lower, and [`parse_node`] refuses links below height 0).
+///
+/// Work stays linear in the blocks: a node linked from two places fails on its second visit,
+/// at once if it has entries (they are outside the second range), through `entryless` if it has
+/// none (a chain of those over a missing block would otherwise be re-read from every link to it).
 fn build<B: BlockSource + ?Sized>(
     node: &mut Node,
     height: u32,
     lower: Option<&[u8]>,
     upper: Option<&[u8]>,
     blocks: &B,
+    entryless: &mut HashSet<Cid>,
 ) -> Result<(), MstError> {
     if let (Some(lo), Some(first)) = (lower, node.entries.first()) {
-        if first.key.as_slice() <= lo {
+        if first.key.as_bytes() <= lo {
             return Err(MstError::KeyOrder);
         }
     }
     if let (Some(hi), Some(last)) = (upper, node.entries.last()) {
-        if last.key.as_slice() >= hi {
+        if last.key.as_bytes() >= hi {
             return Err(MstError::KeyOrder);
         }
     }
@@ -807,12 +870,15 @@ fn build<B: BlockSource + ?Sized>(
             continue;
         };
         let lo = match i.checked_sub(1) {
-            Some(j) => Some(node.entries[j].key.as_slice()),
+            Some(j) => Some(node.entries[j].key.as_bytes()),
             None => lower,
         };
-        let hi = node.entries.get(i).map(|e| e.key.as_slice()).or(upper);
+        let hi = node.entries.get(i).map(|e| e.key.as_bytes()).or(upper);
         let (mut child, _) = parse_node(c, bytes, Some(child_h))?;
-        build(&mut child, child_h, lo, hi, blocks)?;
+        if child.entries.is_empty() && !entryless.insert(*c) {
+            return Err(MstError::KeyOrder);
+        }
+        build(&mut child, child_h, lo, hi, blocks, entryless)?;
         *slot_mut(node, i) = Some(Sub::Node(Box::new(child)));
     }
     Ok(())
@@ -853,7 +919,7 @@ impl Tree {
         check_link(&root)?;
         let bytes = blocks.block(&root).ok_or(MstError::MissingBlock(root))?;
         let (mut node, height) = parse_node(&root, bytes, None)?;
-        build(&mut node, height, None, None, blocks)?;
+        build(&mut node, height, None, None, blocks, &mut HashSet::new())?;
         Ok(Tree {
             root: Sub::Node(Box::new(node)),
             height,
@@ -916,7 +982,7 @@ impl Tree {
             self.root = Sub::Node(Box::new(Node {
                 left: wrap(below, self.height, key_h - 1),
                 entries: vec![Entry {
-                    key: key.to_vec(),
+                    key: Key::new(key, &[]),
                     value,
                     right: wrap(above, self.height, key_h - 1),
                 }],
@@ -1041,12 +1107,12 @@ where
         if step % 2 == 1 {
             if let Some(e) = frame.node.entries.get(i) {
                 // The first key is never empty (check_key), so `[]` works as "none yet".
-                if e.key.as_slice() <= last_key.as_slice() {
+                if e.key.as_bytes() <= last_key.as_slice() {
                     return Err(MstError::KeyOrder.into());
                 }
                 last_key.clear();
-                last_key.extend_from_slice(&e.key);
-                visit(&e.key, e.value).map_err(WalkError::Visit)?;
+                last_key.extend_from_slice(e.key.as_bytes());
+                visit(e.key.as_bytes(), e.value).map_err(WalkError::Visit)?;
             }
             continue;
         }
