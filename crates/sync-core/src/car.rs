@@ -86,9 +86,34 @@ impl<'de> Deserialize<'de> for Roots {
 #[derive(Debug, Clone, Default)]
 pub struct CarBlocks<'a> {
     pub roots: Vec<Cid>,
-    /// Sorted by CID, one entry per CID (identical repeats merged), so lookups are binary searches:
-    /// a verifier looks up many blocks per commit, and a CAR may hold up to [`MAX_BLOCKS`].
+    /// The sections in CAR order, identical repeats included.
     blocks: Vec<(Cid, &'a [u8])>,
+    /// `(digest_key(cid), position in blocks)` for each distinct CID (the first of identical
+    /// repeats). Above [`LINEAR_MAX`] entries it is sorted, and a lookup is a binary search on the
+    /// key then a CID comparison: a verifier looks up many blocks per commit, and a CAR may hold up
+    /// to [`MAX_BLOCKS`]. Up to [`LINEAR_MAX`] (a typical commit has about ten blocks) it stays in
+    /// CAR order and a lookup scans these 16-byte pairs, which is as fast as a binary search at
+    /// that size and spares the sort on every frame.
+    index: Vec<(u64, u32)>,
+}
+
+/// Largest index that is scanned rather than sorted and searched.
+const LINEAR_MAX: usize = 16;
+
+/// Blocks parsed before the rest of a CAR's sections are counted and reserved exactly: a typical
+/// commit (about ten blocks) never pays for the count, a large CAR is not over-allocated by
+/// doubling.
+const COUNT_AFTER: usize = 64;
+
+/// The first 8 bytes of a CID's digest (zero-padded): a hash prefix, so it nearly always tells
+/// two CIDs apart by itself. Equal keys (identical repeats, or one digest under two codecs) are
+/// told apart by comparing the CIDs.
+fn digest_key(cid: &Cid) -> u64 {
+    let digest = cid.hash().digest();
+    let mut key = [0u8; 8];
+    let n = digest.len().min(8);
+    key[..n].copy_from_slice(&digest[..n]);
+    u64::from_be_bytes(key)
 }
 
 fn read_varint(buf: &[u8], pos: usize) -> Result<(u64, usize), CarError> {
@@ -133,38 +158,76 @@ impl<'a> CarBlocks<'a> {
             Roots::Some(roots) => roots,
             Roots::TooMany(n) => return Err(CarError::TooManyRoots(n)),
         };
-        // Count the sections first (varint hops, no allocation), so the index is allocated once at
-        // its exact size and a CAR of hundreds of thousands of tiny sections fails before any of it.
-        let mut count = 0usize;
+        let mut blocks: Vec<(Cid, &[u8])> = Vec::with_capacity(16);
+        let mut index: Vec<(u64, u32)> = Vec::with_capacity(16);
         let mut pos = header_end;
         while pos < buf.len() {
-            if count == MAX_BLOCKS {
+            if blocks.len() == COUNT_AFTER {
+                // Many sections: count the rest (varint hops, no allocation) and reserve exactly,
+                // so hundreds of thousands of tiny sections fail before any is stored.
+                let mut rest = 0usize;
+                let mut p = pos;
+                while p < buf.len() {
+                    if blocks.len() + rest == MAX_BLOCKS {
+                        return Err(CarError::TooManyBlocks);
+                    }
+                    p = section_at(buf, p)?.1;
+                    rest += 1;
+                }
+                blocks.reserve_exact(rest);
+                index.reserve_exact(rest);
+            }
+            if blocks.len() == MAX_BLOCKS {
                 return Err(CarError::TooManyBlocks);
             }
-            pos = section_at(buf, pos)?.1;
-            count += 1;
-        }
-        let mut blocks = Vec::with_capacity(count);
-        pos = header_end;
-        while pos < buf.len() {
             let (start, end) = section_at(buf, pos)?;
             let mut section = &buf[start..end];
             let cid =
                 Cid::read_bytes(&mut section).map_err(|e| CarError::Cid(start, e.to_string()))?;
+            // MAX_BLOCKS fits a u32.
+            index.push((digest_key(&cid), blocks.len() as u32));
             blocks.push((cid, section));
             pos = end;
         }
-        // Unstable sort (in place, no scratch buffer); ties broken by position so the first of
-        // identical repeats is the one kept, deterministically.
-        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.as_ptr().cmp(&b.1.as_ptr())));
-        if let Some(w) = blocks
-            .windows(2)
-            .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
-        {
-            return Err(CarError::ConflictingBlock(w[0].0));
+        let sorted = index.len() > LINEAR_MAX;
+        if sorted {
+            // Plain tuple order: by key, then by position, so within a run of equal keys the CAR
+            // order is kept and the first of identical repeats is the one that stays.
+            index.sort_unstable();
         }
-        blocks.dedup_by(|later, kept| later.0 == kept.0);
-        Ok(CarBlocks { roots, blocks })
+        // Drop repeats, keeping the first; a repeat with other bytes is an error. A repeat can only
+        // be among the kept entries with its key: the run of them just before it when sorted, any
+        // of them (at most LINEAR_MAX) when not.
+        let mut kept = 0;
+        let mut run = 0;
+        for r in 0..index.len() {
+            let (key, i) = index[r];
+            if sorted && (kept == 0 || index[kept - 1].0 != key) {
+                run = kept;
+            }
+            let (cid, data) = &blocks[i as usize];
+            let mut repeat = false;
+            for &(k, j) in &index[run..kept] {
+                let (other, other_data) = &blocks[j as usize];
+                if k == key && other == cid {
+                    if other_data != data {
+                        return Err(CarError::ConflictingBlock(*cid));
+                    }
+                    repeat = true;
+                    break;
+                }
+            }
+            if !repeat {
+                index[kept] = (key, i);
+                kept += 1;
+            }
+        }
+        index.truncate(kept);
+        Ok(CarBlocks {
+            roots,
+            blocks,
+            index,
+        })
     }
 
     /// The header's roots (for a commit CAR, the first is the commit block's CID).
@@ -174,23 +237,37 @@ impl<'a> CarBlocks<'a> {
 
     /// The block addressed by `cid`, if the CAR carries it (not yet hash-checked).
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
-        self.blocks
-            .binary_search_by(|(c, _)| c.cmp(cid))
-            .ok()
-            .map(|i| self.blocks[i].1)
+        let key = digest_key(cid);
+        let hit = |&&(k, i): &&(u64, u32)| k == key && self.blocks[i as usize].0 == *cid;
+        // Sorted above LINEAR_MAX; a scan is right for any order (dropping repeats may leave a
+        // sorted index at or below LINEAR_MAX).
+        let found = if self.index.len() > LINEAR_MAX {
+            let from = self.index.partition_point(|&(k, _)| k < key);
+            self.index[from..]
+                .iter()
+                .take_while(|&&(k, _)| k == key)
+                .find(hit)
+        } else {
+            self.index.iter().find(hit)
+        };
+        found.map(|&(_, i)| self.blocks[i as usize].1)
     }
 
     /// Distinct blocks (identical repeats count once).
     pub fn len(&self) -> usize {
-        self.blocks.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
+        self.index.is_empty()
     }
 
-    /// Every distinct block, in CID order (not the CAR's section order).
+    /// Every distinct block (the first of identical repeats), in index order: by digest, not the
+    /// CAR's section order.
     pub fn iter(&self) -> impl Iterator<Item = (&Cid, &'a [u8])> {
-        self.blocks.iter().map(|(c, d)| (c, *d))
+        self.index.iter().map(|&(_, i)| {
+            let (cid, data) = &self.blocks[i as usize];
+            (cid, *data)
+        })
     }
 }
