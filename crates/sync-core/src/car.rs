@@ -89,9 +89,9 @@ pub struct CarBlocks<'a> {
     /// The sections in CAR order, identical repeats included.
     blocks: Vec<(Cid, &'a [u8])>,
     /// `(digest_key(cid), position in blocks)` for each distinct CID (the first of identical
-    /// repeats). Above [`LINEAR_MAX`] entries it is sorted, and a lookup is a binary search on the
-    /// key then a CID comparison: a verifier looks up many blocks per commit, and a CAR may hold up
-    /// to [`MAX_BLOCKS`]. Up to [`LINEAR_MAX`] (a typical commit has about ten blocks) it stays in
+    /// repeats). Above [`LINEAR_MAX`] entries it is sorted by key, then CID, and a lookup is a
+    /// binary search: a verifier looks up many blocks per commit, and a CAR may hold up to
+    /// [`MAX_BLOCKS`]. Up to [`LINEAR_MAX`] (a typical commit has about ten blocks) it stays in
     /// CAR order and a lookup scans these 16-byte pairs, which is as fast as a binary search at
     /// that size and spares the sort on every frame.
     index: Vec<(u64, u32)>,
@@ -105,9 +105,9 @@ const LINEAR_MAX: usize = 16;
 /// doubling.
 const COUNT_AFTER: usize = 64;
 
-/// The first 8 bytes of a CID's digest (zero-padded): a hash prefix, so it nearly always tells
-/// two CIDs apart by itself. Equal keys (identical repeats, or one digest under two codecs) are
-/// told apart by comparing the CIDs.
+/// The first 8 bytes of a CID's digest (zero-padded): a hash prefix, so it nearly always orders
+/// two CIDs by itself and the CIDs are compared only when keys are equal (identical repeats, one
+/// digest under two codecs, or a hostile CAR of colliding keys, which then costs a normal sort).
 fn digest_key(cid: &Cid) -> u64 {
     let digest = cid.hash().digest();
     let mut key = [0u8; 8];
@@ -137,6 +137,16 @@ fn section_at(buf: &[u8], pos: usize) -> Result<(usize, usize), CarError> {
         .filter(|&e| e <= buf.len())
         .ok_or(CarError::Truncated(pos))?;
     Ok((start, end))
+}
+
+/// A repeat of a kept block must carry the same bytes.
+fn check_repeat(blocks: &[(Cid, &[u8])], kept: u32, repeat: u32) -> Result<(), CarError> {
+    let (cid, data) = &blocks[kept as usize];
+    if blocks[repeat as usize].1 == *data {
+        Ok(())
+    } else {
+        Err(CarError::ConflictingBlock(*cid))
+    }
 }
 
 impl<'a> CarBlocks<'a> {
@@ -189,37 +199,36 @@ impl<'a> CarBlocks<'a> {
             blocks.push((cid, section));
             pos = end;
         }
-        let sorted = index.len() > LINEAR_MAX;
-        if sorted {
-            // Plain tuple order: by key, then by position, so within a run of equal keys the CAR
-            // order is kept and the first of identical repeats is the one that stays.
-            index.sort_unstable();
-        }
-        // Drop repeats, keeping the first; a repeat with other bytes is an error. A repeat can only
-        // be among the kept entries with its key: the run of them just before it when sorted, any
-        // of them (at most LINEAR_MAX) when not.
+        // Drop repeats, keeping the first; a repeat with other bytes is an error.
+        let cid_at = |i: u32| &blocks[i as usize].0;
+        let same = |a: (u64, u32), b: (u64, u32)| a.0 == b.0 && cid_at(a.1) == cid_at(b.1);
         let mut kept = 0;
-        let mut run = 0;
-        for r in 0..index.len() {
-            let (key, i) = index[r];
-            if sorted && (kept == 0 || index[kept - 1].0 != key) {
-                run = kept;
-            }
-            let (cid, data) = &blocks[i as usize];
-            let mut repeat = false;
-            for &(k, j) in &index[run..kept] {
-                let (other, other_data) = &blocks[j as usize];
-                if k == key && other == cid {
-                    if other_data != data {
-                        return Err(CarError::ConflictingBlock(*cid));
-                    }
-                    repeat = true;
-                    break;
+        if index.len() > LINEAR_MAX {
+            // By key, then CID (only compared on equal keys), then position: repeats end up
+            // adjacent, the first copy leading.
+            index.sort_unstable_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then_with(|| cid_at(a.1).cmp(cid_at(b.1)))
+                    .then(a.1.cmp(&b.1))
+            });
+            for r in 0..index.len() {
+                if kept > 0 && same(index[kept - 1], index[r]) {
+                    check_repeat(&blocks, index[kept - 1].1, index[r].1)?;
+                } else {
+                    index[kept] = index[r];
+                    kept += 1;
                 }
             }
-            if !repeat {
-                index[kept] = (key, i);
-                kept += 1;
+        } else {
+            // At most LINEAR_MAX entries: compare with every kept one.
+            for r in 0..index.len() {
+                match index[..kept].iter().find(|&&e| same(e, index[r])) {
+                    Some(&(_, first)) => check_repeat(&blocks, first, index[r].1)?,
+                    None => {
+                        index[kept] = index[r];
+                        kept += 1;
+                    }
+                }
             }
         }
         index.truncate(kept);
@@ -238,19 +247,20 @@ impl<'a> CarBlocks<'a> {
     /// The block addressed by `cid`, if the CAR carries it (not yet hash-checked).
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
         let key = digest_key(cid);
-        let hit = |&&(k, i): &&(u64, u32)| k == key && self.blocks[i as usize].0 == *cid;
-        // Sorted above LINEAR_MAX; a scan is right for any order (dropping repeats may leave a
-        // sorted index at or below LINEAR_MAX).
+        let at = |i: u32| &self.blocks[i as usize];
         let found = if self.index.len() > LINEAR_MAX {
-            let from = self.index.partition_point(|&(k, _)| k < key);
-            self.index[from..]
-                .iter()
-                .take_while(|&&(k, _)| k == key)
-                .find(hit)
+            self.index
+                .binary_search_by(|&(k, i)| k.cmp(&key).then_with(|| at(i).0.cmp(cid)))
+                .ok()
+                .map(|n| self.index[n].1)
         } else {
-            self.index.iter().find(hit)
+            // Scanned: right for any order (dropping repeats may leave a sorted index this short).
+            self.index
+                .iter()
+                .find(|&&(k, i)| k == key && at(i).0 == *cid)
+                .map(|&(_, i)| i)
         };
-        found.map(|&(_, i)| self.blocks[i as usize].1)
+        found.map(|i| at(i).1)
     }
 
     /// Distinct blocks (identical repeats count once).
@@ -262,8 +272,8 @@ impl<'a> CarBlocks<'a> {
         self.index.is_empty()
     }
 
-    /// Every distinct block (the first of identical repeats), in index order: by digest, not the
-    /// CAR's section order.
+    /// Every distinct block (the first of identical repeats). The order is unspecified: the CAR's
+    /// for small CARs, by digest for larger ones.
     pub fn iter(&self) -> impl Iterator<Item = (&Cid, &'a [u8])> {
         self.index.iter().map(|&(_, i)| {
             let (cid, data) = &self.blocks[i as usize];
