@@ -220,12 +220,17 @@ impl<'a> CarBlocks<'a> {
                 }
             }
         } else {
-            // At most LINEAR_MAX entries: compare with every kept one.
+            // At most LINEAR_MAX entries: compare with every kept one (keys first, inline: this
+            // runs for nearly every frame).
             for r in 0..index.len() {
-                match index[..kept].iter().find(|&&e| same(e, index[r])) {
-                    Some(&(_, first)) => check_repeat(&blocks, first, index[r].1)?,
+                let (key, i) = index[r];
+                let first = index[..kept]
+                    .iter()
+                    .find(|&&(k, j)| k == key && blocks[j as usize].0 == blocks[i as usize].0);
+                match first {
+                    Some(&(_, first)) => check_repeat(&blocks, first, i)?,
                     None => {
-                        index[kept] = index[r];
+                        index[kept] = (key, i);
                         kept += 1;
                     }
                 }
