@@ -86,9 +86,34 @@ impl<'de> Deserialize<'de> for Roots {
 #[derive(Debug, Clone, Default)]
 pub struct CarBlocks<'a> {
     pub roots: Vec<Cid>,
-    /// Sorted by CID, one entry per CID (identical repeats merged), so lookups are binary searches:
-    /// a verifier looks up many blocks per commit, and a CAR may hold up to [`MAX_BLOCKS`].
+    /// The sections in CAR order, identical repeats included.
     blocks: Vec<(Cid, &'a [u8])>,
+    /// `(digest_key(cid), position in blocks)` for each distinct CID (the first of identical
+    /// repeats). Above [`LINEAR_MAX`] entries it is sorted by key, then CID, and a lookup is a
+    /// binary search: a verifier looks up many blocks per commit, and a CAR may hold up to
+    /// [`MAX_BLOCKS`]. Up to [`LINEAR_MAX`] (a typical commit has about ten blocks) it stays in
+    /// CAR order and a lookup scans these 16-byte pairs, which is as fast as a binary search at
+    /// that size and spares the sort on every frame.
+    index: Vec<(u64, u32)>,
+}
+
+/// Largest index that is scanned rather than sorted and searched.
+const LINEAR_MAX: usize = 16;
+
+/// Blocks parsed before the rest of a CAR's sections are counted and reserved exactly: a typical
+/// commit (about ten blocks) never pays for the count, a large CAR is not over-allocated by
+/// doubling.
+const COUNT_AFTER: usize = 64;
+
+/// The first 8 bytes of a CID's digest (zero-padded): a hash prefix, so it nearly always orders
+/// two CIDs by itself and the CIDs are compared only when keys are equal (identical repeats, one
+/// digest under two codecs, or a hostile CAR of colliding keys, which then costs a normal sort).
+fn digest_key(cid: &Cid) -> u64 {
+    let digest = cid.hash().digest();
+    let mut key = [0u8; 8];
+    let n = digest.len().min(8);
+    key[..n].copy_from_slice(&digest[..n]);
+    u64::from_be_bytes(key)
 }
 
 fn read_varint(buf: &[u8], pos: usize) -> Result<(u64, usize), CarError> {
@@ -114,6 +139,16 @@ fn section_at(buf: &[u8], pos: usize) -> Result<(usize, usize), CarError> {
     Ok((start, end))
 }
 
+/// A repeat of a kept block must carry the same bytes.
+fn check_repeat(blocks: &[(Cid, &[u8])], kept: u32, repeat: u32) -> Result<(), CarError> {
+    let (cid, data) = &blocks[kept as usize];
+    if blocks[repeat as usize].1 == *data {
+        Ok(())
+    } else {
+        Err(CarError::ConflictingBlock(*cid))
+    }
+}
+
 impl<'a> CarBlocks<'a> {
     /// Parses a CAR v1 byte string. Every section's CID is parsed; block bytes are borrowed.
     ///
@@ -133,38 +168,80 @@ impl<'a> CarBlocks<'a> {
             Roots::Some(roots) => roots,
             Roots::TooMany(n) => return Err(CarError::TooManyRoots(n)),
         };
-        // Count the sections first (varint hops, no allocation), so the index is allocated once at
-        // its exact size and a CAR of hundreds of thousands of tiny sections fails before any of it.
-        let mut count = 0usize;
+        let mut blocks: Vec<(Cid, &[u8])> = Vec::with_capacity(16);
+        let mut index: Vec<(u64, u32)> = Vec::with_capacity(16);
         let mut pos = header_end;
         while pos < buf.len() {
-            if count == MAX_BLOCKS {
+            if blocks.len() == COUNT_AFTER {
+                // Many sections: count the rest (varint hops, no allocation) and reserve exactly,
+                // so hundreds of thousands of tiny sections fail before any is stored.
+                let mut rest = 0usize;
+                let mut p = pos;
+                while p < buf.len() {
+                    if blocks.len() + rest == MAX_BLOCKS {
+                        return Err(CarError::TooManyBlocks);
+                    }
+                    p = section_at(buf, p)?.1;
+                    rest += 1;
+                }
+                blocks.reserve_exact(rest);
+                index.reserve_exact(rest);
+            }
+            if blocks.len() == MAX_BLOCKS {
                 return Err(CarError::TooManyBlocks);
             }
-            pos = section_at(buf, pos)?.1;
-            count += 1;
-        }
-        let mut blocks = Vec::with_capacity(count);
-        pos = header_end;
-        while pos < buf.len() {
             let (start, end) = section_at(buf, pos)?;
             let mut section = &buf[start..end];
             let cid =
                 Cid::read_bytes(&mut section).map_err(|e| CarError::Cid(start, e.to_string()))?;
+            // MAX_BLOCKS fits a u32.
+            index.push((digest_key(&cid), blocks.len() as u32));
             blocks.push((cid, section));
             pos = end;
         }
-        // Unstable sort (in place, no scratch buffer); ties broken by position so the first of
-        // identical repeats is the one kept, deterministically.
-        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.as_ptr().cmp(&b.1.as_ptr())));
-        if let Some(w) = blocks
-            .windows(2)
-            .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
-        {
-            return Err(CarError::ConflictingBlock(w[0].0));
+        // Drop repeats, keeping the first; a repeat with other bytes is an error.
+        let cid_at = |i: u32| &blocks[i as usize].0;
+        let same = |a: (u64, u32), b: (u64, u32)| a.0 == b.0 && cid_at(a.1) == cid_at(b.1);
+        let mut kept = 0;
+        if index.len() > LINEAR_MAX {
+            // By key, then CID (only compared on equal keys), then position: repeats end up
+            // adjacent, the first copy leading.
+            index.sort_unstable_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then_with(|| cid_at(a.1).cmp(cid_at(b.1)))
+                    .then(a.1.cmp(&b.1))
+            });
+            for r in 0..index.len() {
+                if kept > 0 && same(index[kept - 1], index[r]) {
+                    check_repeat(&blocks, index[kept - 1].1, index[r].1)?;
+                } else {
+                    index[kept] = index[r];
+                    kept += 1;
+                }
+            }
+        } else {
+            // At most LINEAR_MAX entries: compare with every kept one (keys first, inline: this
+            // runs for nearly every frame).
+            for r in 0..index.len() {
+                let (key, i) = index[r];
+                let first = index[..kept]
+                    .iter()
+                    .find(|&&(k, j)| k == key && blocks[j as usize].0 == blocks[i as usize].0);
+                match first {
+                    Some(&(_, first)) => check_repeat(&blocks, first, i)?,
+                    None => {
+                        index[kept] = (key, i);
+                        kept += 1;
+                    }
+                }
+            }
         }
-        blocks.dedup_by(|later, kept| later.0 == kept.0);
-        Ok(CarBlocks { roots, blocks })
+        index.truncate(kept);
+        Ok(CarBlocks {
+            roots,
+            blocks,
+            index,
+        })
     }
 
     /// The header's roots (for a commit CAR, the first is the commit block's CID).
@@ -174,23 +251,38 @@ impl<'a> CarBlocks<'a> {
 
     /// The block addressed by `cid`, if the CAR carries it (not yet hash-checked).
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
-        self.blocks
-            .binary_search_by(|(c, _)| c.cmp(cid))
-            .ok()
-            .map(|i| self.blocks[i].1)
+        let key = digest_key(cid);
+        let at = |i: u32| &self.blocks[i as usize];
+        let found = if self.index.len() > LINEAR_MAX {
+            self.index
+                .binary_search_by(|&(k, i)| k.cmp(&key).then_with(|| at(i).0.cmp(cid)))
+                .ok()
+                .map(|n| self.index[n].1)
+        } else {
+            // Scanned: right for any order (dropping repeats may leave a sorted index this short).
+            self.index
+                .iter()
+                .find(|&&(k, i)| k == key && at(i).0 == *cid)
+                .map(|&(_, i)| i)
+        };
+        found.map(|i| at(i).1)
     }
 
     /// Distinct blocks (identical repeats count once).
     pub fn len(&self) -> usize {
-        self.blocks.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
+        self.index.is_empty()
     }
 
-    /// Every distinct block, in CID order (not the CAR's section order).
+    /// Every distinct block (the first of identical repeats). The order is unspecified: the CAR's
+    /// for small CARs, by digest for larger ones.
     pub fn iter(&self) -> impl Iterator<Item = (&Cid, &'a [u8])> {
-        self.blocks.iter().map(|(c, d)| (c, *d))
+        self.index.iter().map(|&(_, i)| {
+            let (cid, data) = &self.blocks[i as usize];
+            (cid, *data)
+        })
     }
 }

@@ -1625,10 +1625,30 @@ fn car_repeating_a_cid_with_other_bytes_fails_identical_repeats_are_merged() {
     for op in &c.ops {
         assert!(c.record_json(op.as_ref().unwrap()).unwrap().is_some());
     }
+    // The same in a CAR large enough to be sorted: repeats kept once, the first copy kept.
+    let mut sections: Vec<(Cid, Vec<u8>)> = (0..40).map(|i| block_of(&json!({"f": i}))).collect();
+    sections.insert(3, (a, a_block.clone()));
+    sections.insert(20, (b, b_block.clone()));
+    sections.push((a, a_block.clone()));
+    sections.push((b, b_block.clone()));
+    let car = synth::car(&a, &sections);
+    let index = CarBlocks::parse(&car).unwrap();
+    assert_eq!(index.len(), 42);
+    let first_copy = car
+        .windows(a_block.len())
+        .position(|w| w == &a_block[..])
+        .unwrap();
+    assert_eq!(offset_in(&car, index.get(&a).unwrap()), first_copy);
+    assert_eq!(index.get(&b), Some(&b_block[..]));
 
     // The same CID with other bytes, in either order and either place: the CAR is rejected,
     // naming the CID (first-wins would let the section order decide which record is seen).
+    // Small CARs are scanned, larger ones (over 16 blocks) sorted: both paths are covered.
     let forged = encode(&ipld(&post("forged")));
+    let mut large: Vec<(Cid, Vec<u8>)> = (0..40).map(|i| block_of(&json!({"f": i}))).collect();
+    large.insert(7, (a, a_block.clone()));
+    large.push((a, a_block.clone()));
+    large.insert(30, (a, forged.clone()));
     for blocks in [
         vec![
             (a, a_block.clone()),
@@ -1646,6 +1666,7 @@ fn car_repeating_a_cid_with_other_bytes_fails_identical_repeats_are_merged() {
             (a, a_block.clone()),
             (a, vec![]),
         ],
+        large,
     ] {
         let car = synth::car(&a, &blocks);
         assert_eq!(
@@ -1672,9 +1693,49 @@ fn car_index_finds_every_block_among_many() {
         assert_eq!(index.get(cid), Some(&data[..]), "{cid}");
     }
     assert_eq!(index.get(&block_of(&json!({"i": -1})).0), None);
-    // `iter` is in CID order, each CID once.
-    let cids: Vec<Cid> = index.iter().map(|(c, _)| *c).collect();
-    assert!(cids.windows(2).all(|w| w[0] < w[1]));
+    // One digest under two codecs: equal index keys, told apart by the whole CID, in a sorted
+    // (large) index and a scanned (small) one.
+    let (dag, dag_block) = block_of(&json!({"i": 0}));
+    let raw = Cid::new_v1(cbor::RAW, *dag.hash());
+    assert_eq!(index.get(&raw), None);
+    for n in [3, 40] {
+        let mut sections = blocks[1..n].to_vec();
+        sections.push((raw, b"raw bytes".to_vec()));
+        sections.push((dag, dag_block.clone()));
+        let car = synth::car(&dag, &sections);
+        let index = CarBlocks::parse(&car).unwrap();
+        assert_eq!(index.len(), n + 1);
+        assert_eq!(index.get(&dag), Some(&dag_block[..]), "{n}");
+        assert_eq!(index.get(&raw), Some(&b"raw bytes"[..]), "{n}");
+        for (cid, data) in &blocks[1..n] {
+            assert_eq!(index.get(cid), Some(&data[..]), "{n}");
+        }
+        assert_eq!(index.get(&blocks[n].0), None, "{n}");
+    }
+    // A hostile CAR whose CIDs all share one digest (5,000 codecs): every index key collides, yet
+    // parsing stays a sort (no pairwise scan) and each lookup a binary search.
+    let colliding: Vec<(Cid, Vec<u8>)> = (0..5000u64)
+        .map(|i| {
+            (
+                Cid::new_v1(0x1000 + i, *dag.hash()),
+                i.to_be_bytes().to_vec(),
+            )
+        })
+        .collect();
+    let car = synth::car(&dag, &colliding);
+    let started = Instant::now();
+    let hostile = CarBlocks::parse(&car).unwrap();
+    for (cid, data) in &colliding {
+        assert_eq!(hostile.get(cid), Some(&data[..]));
+    }
+    assert_eq!(hostile.get(&dag), None);
+    assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+    // `iter` lists each CID once.
+    let cids: HashSet<Cid> = index.iter().map(|(c, _)| *c).collect();
+    assert_eq!(
+        (cids.len(), index.iter().count()),
+        (blocks.len(), blocks.len())
+    );
     assert_eq!(index.roots(), [blocks[0].0]);
 }
 
