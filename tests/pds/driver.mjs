@@ -21,6 +21,7 @@
 // listens to the sequencer's 'events' emitter, the same feed the PDS's subscribeRepos outbox
 // serves to the writer, from before the first account is created.
 
+import { createHash } from 'node:crypto'
 import readline from 'node:readline'
 import { AtpAgent } from '@atproto/api'
 import { TestNetworkNoAppView } from '@atproto/dev-env'
@@ -60,6 +61,17 @@ const STUDY = 'study_user_activity'
 const IN_NETWORK = 'in_network_user_activity'
 const recordFile = (did, kind, rkey) => `author_did=${did}_${kind}_uri_suffix=${rkey}.json`
 const followFile = (follower, followee) => `follower_did=${follower}_followee_did=${followee}.json`
+// #account / #identity events are named by the event, never by the seq (paths.rs
+// `account_file`): the time as sent (when it looks like one) and the first 16 hex digits of the
+// SHA-256 of the JSON array [did, kind, time, handle, active, status].
+const accountFile = (did, kind, time, handle, active, status) => {
+  const digest = createHash('sha256')
+    .update(JSON.stringify([did, kind, time, handle, active, status]))
+    .digest('hex')
+    .slice(0, 16)
+  const shownTime = /^[0-9A-Za-z:.+-]{1,64}$/.test(time) ? time : 'invalid'
+  return `did=${did}_${kind}_time=${shownTime}_event=${digest}.json`
+}
 const P = {
   studyPost: (did, rkey) => `${STUDY}/create/post/${recordFile(did, 'post', rkey)}`,
   reply: (studyRkey, did, rkey) =>
@@ -85,7 +97,8 @@ const P = {
   // delete file name `author_did=<author>_<kind>_uri_suffix=<rkey>.json`
   deleteOfRouted: (createDir, did, kind, rkey) =>
     `${createDir.replace('/create/', '/delete/')}/${recordFile(did, kind, rkey)}`,
-  account: (did, kind, seq) => `${STUDY}/account/did=${did}_${kind}_seq=${seq}.json`,
+  account: (e) =>
+    `${STUDY}/account/${accountFile(e.did, e.type, e.time, e.handle, e.active, e.status)}`,
 }
 
 // ---- network, sequencer feed -------------------------------------------------------------
@@ -103,7 +116,7 @@ const seqEvents = [] // every event the sequencer emitted, in seq order
 let seenSeq = 0
 sequencer.on('events', (evts) => {
   for (const e of evts) {
-    seqEvents.push({ type: e.type, seq: e.seq, did: e.evt.did ?? e.evt.repo, evt: e.evt })
+    seqEvents.push({ type: e.type, seq: e.seq, time: e.time, did: e.evt.did ?? e.evt.repo, evt: e.evt })
     seenSeq = Math.max(seenSeq, e.seq)
   }
 })
@@ -292,15 +305,17 @@ const lastSeq = await settle()
 const accountEvents = []
 for (const e of seqEvents) {
   if ((e.type === 'identity' || e.type === 'account') && study.has(e.did)) {
-    expect(P.account(e.did, e.type, e.seq))
-    accountEvents.push({
+    const event = {
       did: e.did,
       type: e.type,
       seq: e.seq,
+      time: e.time,
       handle: e.evt.handle ?? null,
       active: e.evt.active ?? null,
       status: e.evt.status ?? null,
-    })
+    }
+    expect(P.account(event))
+    accountEvents.push(event)
   }
 }
 

@@ -462,7 +462,7 @@ fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
         return Item::Unrecognised;
     };
     if !f.name.ends_with(".json") {
-        return match scan::read_file(root, f, false) {
+        return match scan::read_file(root, f, None) {
             Read1::Gone => Item::Gone,
             Read1::Ok { id, .. } => Item::Bad {
                 id: Some(id),
@@ -471,7 +471,7 @@ fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
             Read1::Unreadable(reason) => Item::Bad { id: None, reason },
         };
     }
-    match scan::read_file(root, f, source.has_synctimestamp()) {
+    match scan::read_file(root, f, source.volatile_key()) {
         Read1::Gone => Item::Gone,
         Read1::Unreadable(reason) => Item::Bad { id: None, reason },
         Read1::Ok { id, key, bytes } => match tables::parse(source, &f.name, &bytes, export_ts) {

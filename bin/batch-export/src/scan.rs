@@ -218,8 +218,8 @@ pub enum Read1 {
     Unreadable(String),
 }
 
-/// Reads a file and computes its key.
-pub fn read_file(root: &Path, f: &FileRef, strip_synctimestamp: bool) -> Read1 {
+/// Reads a file and computes its key (`volatile`: see [`file_key`]).
+pub fn read_file(root: &Path, f: &FileRef, volatile: Option<&str>) -> Read1 {
     let rel = f.rel_path();
     let path = root.join(f.disk_rel_path());
     let mut file = match File::open(&path) {
@@ -253,7 +253,7 @@ pub fn read_file(root: &Path, f: &FileRef, strip_synctimestamp: bool) -> Read1 {
         }
     }
     bytes.truncate(filled);
-    let key = file_key(&rel, &bytes, strip_synctimestamp);
+    let key = file_key(&rel, &bytes, volatile);
     Read1::Ok {
         id: FileId {
             dev: meta.dev(),
@@ -264,26 +264,35 @@ pub fn read_file(root: &Path, f: &FileRef, strip_synctimestamp: bool) -> Read1 {
     }
 }
 
-const SYNC_KEY: &[u8] = b"\"synctimestamp\": \"";
-
 /// Key of a cache file: SHA-256 (first 16 bytes) of its cache-relative path and its contents,
-/// with the value of the top-level `"synctimestamp": "..."` left out when `strip` (a writer
-/// replay rewrites the same path with the same JSON except that ingest clock).
-pub fn file_key(rel_path: &str, bytes: &[u8], strip: bool) -> FileKey {
+/// with the value of the top-level key `volatile` left out (`synctimestamp` of posts: a writer
+/// replay rewrites the same path with the same JSON except that ingest clock; `seq` of account
+/// events: a second delivery of the same event comes with another seq).
+pub fn file_key(rel_path: &str, bytes: &[u8], volatile: Option<&str>) -> FileKey {
     let mut h = Sha256::new();
     h.update(rel_path.as_bytes());
     h.update([0u8]);
-    // In ASCII-escaped JSON a literal `"synctimestamp": "` can only be a key (a `"` inside a
-    // string value is always escaped); posts have it once, at the top level.
-    match strip
-        .then(|| memchr::memmem::find(bytes, SYNC_KEY))
-        .flatten()
-    {
-        Some(at) => {
-            let value_start = at + SYNC_KEY.len();
-            h.update(&bytes[..value_start]);
-            let end = memchr::memchr(b'"', &bytes[value_start..])
-                .map_or(bytes.len(), |i| value_start + i);
+    // In ASCII-escaped JSON a literal `"<key>": ` can only be a key (a `"` inside a string value
+    // is always escaped); these keys occur once, at the top level, before any nested object.
+    let found = volatile.and_then(|key| {
+        let pattern = format!("\"{key}\": ");
+        memchr::memmem::find(bytes, pattern.as_bytes()).map(|at| at + pattern.len())
+    });
+    match found {
+        Some(value_start) => {
+            // A string value keeps its quotes in the key (posts' keys are unchanged from when
+            // only `synctimestamp` was left out, so the exported-keys store stays valid); any
+            // other value ends at the next `,` or `}`.
+            let (keep_to, end) = if bytes.get(value_start) == Some(&b'"') {
+                let open = value_start + 1;
+                let close = memchr::memchr(b'"', &bytes[open..]).map_or(bytes.len(), |i| open + i);
+                (open, close)
+            } else {
+                let end = memchr::memchr2(b',', b'}', &bytes[value_start..])
+                    .map_or(bytes.len(), |i| value_start + i);
+                (value_start, end)
+            };
+            h.update(&bytes[..keep_to]);
             h.update(&bytes[end..]);
         }
         None => h.update(bytes),
@@ -539,12 +548,12 @@ mod tests {
             .unwrap()
             .find(|f| f.taken.is_some())
             .unwrap();
-        let Read1::Ok { id, key, .. } = read_file(tmp.path(), &taken, false) else {
+        let Read1::Ok { id, key, .. } = read_file(tmp.path(), &taken, None) else {
             panic!("taken file unreadable")
         };
         assert_eq!(
             key,
-            file_key(&rel(), b"second", false),
+            file_key(&rel(), b"second", None),
             "keyed by the writer's name"
         );
         assert!(delete_if_same(tmp.path(), &taken.disk_rel_path(), id).unwrap());
@@ -575,12 +584,36 @@ mod tests {
 
     #[test]
     fn key_ignores_synctimestamp_only() {
+        let ts = Some("synctimestamp");
         let a = br#"{"uri": "u", "synctimestamp": "2024-10-02-14:03:28", "url": ""}"#;
         let b = br#"{"uri": "u", "synctimestamp": "2024-10-03-01:00:00", "url": ""}"#;
         let c = br#"{"uri": "v", "synctimestamp": "2024-10-03-01:00:00", "url": ""}"#;
-        assert_eq!(file_key("p", a, true), file_key("p", b, true));
-        assert_ne!(file_key("p", a, false), file_key("p", b, false));
-        assert_ne!(file_key("p", b, true), file_key("p", c, true));
-        assert_ne!(file_key("p", a, true), file_key("q", a, true));
+        assert_eq!(file_key("p", a, ts), file_key("p", b, ts));
+        assert_ne!(file_key("p", a, None), file_key("p", b, None));
+        assert_ne!(file_key("p", b, ts), file_key("p", c, ts));
+        assert_ne!(file_key("p", a, ts), file_key("q", a, ts));
+        // The bytes hashed are those keys have always been made of (they are stored for days).
+        let mut h = Sha256::new();
+        h.update(b"p\0");
+        h.update(br#"{"uri": "u", "synctimestamp": ""#);
+        h.update(br#"", "url": ""}"#);
+        assert_eq!(file_key("p", a, ts)[..], h.finalize()[..16]);
+    }
+
+    #[test]
+    fn account_keys_ignore_the_seq_only() {
+        let seq = Some("seq");
+        let event = |seq: i64, status: &str| {
+            format!(
+                r#"{{"did": "did:plc:a", "kind": "account", "seq": {seq}, "time": "t", "handle": null, "active": false, "status": "{status}"}}"#
+            )
+        };
+        let k = |bytes: String| file_key("p", bytes.as_bytes(), seq);
+        assert_eq!(k(event(10, "deleted")), k(event(5_000_010, "deleted")));
+        assert_ne!(k(event(10, "deleted")), k(event(10, "takendown")));
+        assert_ne!(
+            file_key("p", event(10, "deleted").as_bytes(), None),
+            file_key("p", event(11, "deleted").as_bytes(), None)
+        );
     }
 }

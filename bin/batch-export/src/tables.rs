@@ -291,10 +291,16 @@ impl Source {
         }
     }
 
-    /// Posts carry an ingest `synctimestamp` that a writer replay changes: it is left out of the
-    /// file's dedupe key.
-    pub fn has_synctimestamp(&self) -> bool {
-        matches!(self, Source::Post(_))
+    /// The top-level key whose value may differ between two writes of the same file without the
+    /// file meaning anything else, so it is left out of the file's exported key: posts carry an
+    /// ingest `synctimestamp` that a writer replay changes; an account event delivered again (by
+    /// another relay, after a relay swap) has another `seq` but the same file name.
+    pub fn volatile_key(&self) -> Option<&'static str> {
+        match self {
+            Source::Post(_) => Some("synctimestamp"),
+            Source::Account => Some("seq"),
+            _ => None,
+        }
     }
 }
 
@@ -639,7 +645,20 @@ pub fn parse(
         }
         Source::Account => {
             let a: AccountJson = serde_json::from_slice(bytes).map_err(err)?;
-            let dedupe = dedupe_key(table, &[&a.did, &a.kind, &a.seq.to_string()]);
+            // What the writer names the file by: the event, not its seq (a second delivery under
+            // another seq is the same event).
+            let active = a.active.map(|b| b.to_string());
+            let dedupe = dedupe_key(
+                table,
+                &[
+                    &a.did,
+                    &a.kind,
+                    a.time.as_deref().unwrap_or("\0"),
+                    a.handle.as_deref().unwrap_or("\0"),
+                    active.as_deref().unwrap_or("\0"),
+                    a.status.as_deref().unwrap_or("\0"),
+                ],
+            );
             let row = vec![
                 Cell::str(a.did),
                 Cell::str(a.kind),

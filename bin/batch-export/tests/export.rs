@@ -601,6 +601,156 @@ fn follow_double_case_gives_two_rows() {
     );
 }
 
+/// Where the writer puts an `#account` / `#identity` event (named by the event, not its seq).
+fn account_path(
+    did: &str,
+    kind: &str,
+    time: &str,
+    handle: Option<&str>,
+    active: Option<bool>,
+    status: Option<&str>,
+) -> String {
+    let did = sync_core::ids::Did::parse(did).unwrap();
+    let name = sync_core::paths::account_file(&sync_core::paths::AccountEventKey {
+        did: &did,
+        kind,
+        time,
+        handle,
+        active,
+        status,
+    });
+    format!("study_user_activity/account/{name}")
+}
+
+/// The writer's account JSON for an event delivered with `seq`.
+fn account_json(did: &str, seq: i64, time: &str, status: &str) -> String {
+    format!(
+        "{{\"did\": \"{did}\", \"kind\": \"account\", \"seq\": {seq}, \"time\": \"{time}\", \"handle\": null, \"active\": false, \"status\": \"{status}\"}}"
+    )
+}
+
+/// Issue item 10: the same account event delivered twice (another relay, a relay swap) is one
+/// row: the writer rewrites one file (named by the event), and the export recognises the
+/// rewrite under another seq as already exported, across runs and within one.
+#[test]
+fn an_account_event_delivered_twice_is_one_row() {
+    let env = Env::new();
+    let t = "2024-10-02T15:00:00.000Z";
+    let rel = account_path(S1, "account", t, None, Some(false), Some("deactivated"));
+    env.write(&rel, &account_json(S1, 10, t, "deactivated"));
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_exported"], 1, "{s}");
+    // The second delivery, after the first was exported and deleted: same name, another seq.
+    env.write(&rel, &account_json(S1, 5_000_010, t, "deactivated"));
+    let s = env.export_ok(&[]);
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_eq!(s["files_exported"], 0, "{s}");
+    assert!(!env.exists(&rel));
+    // Within one run: a file from before the upgrade (named by seq) and the same event under the
+    // new name are one row; a genuinely different event at the same instant is another.
+    let t2 = "2024-10-02T16:00:00.000Z";
+    env.write(
+        &format!("study_user_activity/account/did={S1}_account_seq=20.json"),
+        &account_json(S1, 20, t2, "takendown"),
+    );
+    env.write(
+        &account_path(S1, "account", t2, None, Some(false), Some("takendown")),
+        &account_json(S1, 5_000_020, t2, "takendown"),
+    );
+    env.write(
+        &account_path(S1, "account", t2, None, Some(false), Some("suspended")),
+        &account_json(S1, 21, t2, "suspended"),
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["duplicates"], 1, "{s}");
+    let t = env.read();
+    let r = rows(&t, "study_user_activity/account");
+    let mut statuses: Vec<&str> = r.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, ["deactivated", "suspended", "takendown"]);
+}
+
+/// Issue item 11b: a study post whose record key begins with `.` (valid). The writer nests its
+/// reactions under `%2E...` instead of dropping them as hidden names (which the export would
+/// skip); routed by the real router, written by the real cache writer, exported, and the rows
+/// carry the original key and URIs.
+#[test]
+fn reactions_to_a_study_post_whose_rkey_starts_with_a_dot_are_exported() {
+    use sync_core::route::{route_event, MemoryState};
+    use sync_core::synth::{self, OpSpec};
+    let env = Env::new();
+    let study_post = format!("at://{S1}/app.bsky.feed.post/.x1");
+    let mut state = MemoryState::default();
+    state
+        .study_users
+        .insert(sync_core::ids::Did::parse(S1).unwrap());
+    state
+        .study_posts
+        .insert(study_post.clone(), sync_core::ids::Did::parse(S1).unwrap());
+    let like = json!({"$type": "app.bsky.feed.like", "createdAt": "2024-10-02T14:20:11.093Z",
+        "subject": {"uri": study_post, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}});
+    let frames = [
+        synth::commit_frame(
+            1,
+            A2,
+            "3l5jzzzzzzz2a",
+            "2024-10-02T14:20:11.100Z",
+            &[OpSpec::create("app.bsky.feed.like", "3l5jv2xq4tk2p", like)],
+        ),
+        synth::commit_frame(
+            2,
+            A2,
+            "3l5kaaaaaaa2a",
+            "2024-10-02T14:21:00.000Z",
+            &[OpSpec::delete("app.bsky.feed.like", "3l5jv2xq4tk2p")],
+        ),
+    ];
+    let mut cache = sync_core::cache::CacheWriter::open(&env.cache).unwrap();
+    for frame in &frames {
+        let event = sync_core::frame::decode_frame(frame).unwrap();
+        let routing = route_event(&event, &state, CLOCK);
+        assert!(routing.dropped.is_empty(), "{:?}", routing.dropped);
+        for update in &routing.updates {
+            let _ = state.apply(update);
+        }
+        for file in &routing.files {
+            cache.write(&file.path, file.contents.as_bytes()).unwrap();
+        }
+    }
+    cache.sync().unwrap();
+    let mut files = env.cache_files();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            format!("study_user_activity/create/like_on_user_post/%2Ex1/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+            format!("study_user_activity/delete/like_on_user_post/%2Ex1/author_did={A2}_like_uri_suffix=3l5jv2xq4tk2p.json"),
+        ]
+    );
+    let s = env.export_ok(&[]);
+    assert_eq!(s["files_exported"], 2, "{s}");
+    let t = env.read();
+    let r = rows(&t, "study_user_activity/create/like_on_user_post");
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0]["uri"],
+        format!("at://{A2}/app.bsky.feed.like/3l5jv2xq4tk2p")
+    );
+    let record: Value = serde_json::from_str(r[0]["record"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        record["subject"]["uri"], study_post,
+        "the original key, not %2E"
+    );
+    let r = rows(&t, "study_user_activity/delete");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["category"], "like_on_user_post");
+    assert_eq!(
+        r[0]["uri"],
+        format!("at://{A2}/app.bsky.feed.like/3l5jv2xq4tk2p")
+    );
+    assert!(env.cache_files().is_empty());
+}
+
 fn delete_json(uri: &str, author: &str, collection: &str, rkey: &str, seq: i64) -> String {
     let mut w = sync_core::pyjson::PyJsonWriter::new();
     w.begin_object()
@@ -671,14 +821,28 @@ fn new_tables_round_trip() {
         "{{\"did\": \"{S1}\", \"kind\": \"account\", \"seq\": 31527015322, \"time\": \"2024-10-02T15:00:00.000Z\", \"handle\": null, \"active\": false, \"status\": \"deactivated\"}}"
     );
     env.write(
-        &format!("study_user_activity/account/did={S1}_account_seq=31527015322.json"),
+        &account_path(
+            S1,
+            "account",
+            "2024-10-02T15:00:00.000Z",
+            None,
+            Some(false),
+            Some("deactivated"),
+        ),
         &account,
     );
     let identity = format!(
         "{{\"did\": \"{S1}\", \"kind\": \"identity\", \"seq\": 31527015323, \"time\": \"2024-10-02T15:00:01.000Z\", \"handle\": \"s1.example.com\", \"active\": null, \"status\": null}}"
     );
     env.write(
-        &format!("study_user_activity/account/did={S1}_identity_seq=31527015323.json"),
+        &account_path(
+            S1,
+            "identity",
+            "2024-10-02T15:00:01.000Z",
+            Some("s1.example.com"),
+            None,
+            None,
+        ),
         &identity,
     );
     // Deletes: a study user's own post; an unlike of a study post; an in-network post.

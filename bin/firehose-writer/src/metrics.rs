@@ -29,6 +29,7 @@ pub const RELOAD_FAILURES: &str = "firehose_tracked_set_reload_failures_total";
 pub const CURSOR: &str = "firehose_cursor";
 pub const LAG: &str = "firehose_lag_seconds";
 pub const CONNECTED: &str = "firehose_connected";
+pub const UNKNOWN_UNFOLLOWS: &str = "firehose_unknown_unfollows_total";
 
 #[derive(Default)]
 struct Labelled(Mutex<BTreeMap<&'static str, u64>>);
@@ -58,6 +59,9 @@ pub struct Metrics {
     pub outdated_cursor: AtomicU64,
     pub write_errors: AtomicU64,
     pub commits: AtomicU64,
+    /// Study users' deletes of follows never seen (made before tracking began): the subject is
+    /// unknown, so it stays in-network until the repo backfill resolves it.
+    pub unknown_unfollows: AtomicU64,
     /// Tracked-set reloads applied (SIGHUP).
     pub reloads: AtomicU64,
     /// Reloads refused because a file did not parse (the old sets stay).
@@ -220,6 +224,12 @@ impl Metrics {
             r(&self.write_errors),
         );
         counter(&mut out, COMMITS, "Cursor commits.", r(&self.commits));
+        counter(
+            &mut out,
+            UNKNOWN_UNFOLLOWS,
+            "Study users' unfollows of follows never seen (subject unknown; kept in-network, recorded for backfill).",
+            r(&self.unknown_unfollows),
+        );
         counter(
             &mut out,
             RELOADS,

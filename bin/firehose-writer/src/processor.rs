@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use sync_core::cache::CacheWriter;
 use sync_core::frame::{decode_frame, Event};
 use sync_core::ids::Did;
-use sync_core::route::{route_event, CacheFile};
+use sync_core::route::{route_event, Applied, CacheFile, StateUpdate};
 use sync_core::time::rfc3339_to_unix_micros;
 use sync_core::transform::sync_timestamp;
 use tokio::sync::mpsc;
@@ -232,9 +232,23 @@ impl Processor {
             self.write_with_retry(seq, file)?;
         }
         for update in &routing.updates {
-            self.state
+            let applied = self
+                .state
                 .apply(update)
                 .context("updating the state indexes")?;
+            if let (Applied::UnknownUnfollow, StateUpdate::StudyUnfollow { uri, follower, .. }) =
+                (applied, update)
+            {
+                self.metrics
+                    .unknown_unfollows
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(
+                    seq,
+                    repo = %follower,
+                    rkey = uri.rkey().unwrap_or_default(),
+                    "a study user deleted a follow made before tracking began: its subject is unknown and stays in-network; recorded in unknown_unfollows for the repo backfill"
+                );
+            }
         }
         for file in &routing.files {
             self.metrics.routed(file.folder);

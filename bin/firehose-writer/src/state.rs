@@ -1,5 +1,6 @@
 //! The state store: one SQLite file (WAL) holding the cursor, per-repo revs, the study-post index,
-//! the follow index and the routed-record index, plus the in-memory views routing reads.
+//! the follow index, the routed-record index (reactions, and in-network posts in their own table)
+//! and the unfollows of follows it never saw, plus the in-memory views routing reads.
 //!
 //! Updates are applied in memory at once (routing of the next event must see them) and queued;
 //! [`StateStore::commit`] writes them together with the cursor in one transaction, which the
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use sync_core::ids::{AtUri, Did, Tid};
 use sync_core::paths::Folder;
-use sync_core::route::{RoutingState, StateUpdate};
+use sync_core::route::{Applied, RoutingState, StateUpdate};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -23,6 +24,9 @@ CREATE TABLE IF NOT EXISTS routed (uri TEXT NOT NULL, folder TEXT NOT NULL, PRIM
 CREATE TABLE IF NOT EXISTS study_follows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, subject TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS study_follows_subject ON study_follows (subject);
 CREATE TABLE IF NOT EXISTS repo_revs (did TEXT PRIMARY KEY, rev TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS in_network_posts (uri TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS in_network_post_authors (did TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS unknown_unfollows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, seq INTEGER NOT NULL, time TEXT NOT NULL);
 ";
 
 fn key_hash(s: &str) -> u64 {
@@ -38,7 +42,16 @@ struct Pending {
     routed: Vec<(String, Folder)>,
     follows: HashMap<String, (Did, Did)>,
     unfollows: Vec<String>,
+    /// (follow uri, follower, seq, time) of unfollows whose follow was never seen.
+    unknown_unfollows: Vec<(String, Did, i64, String)>,
     revs: HashMap<Did, Tid>,
+}
+
+/// The author of `uri` if it is a post URI (`at://<did>/app.bsky.feed.post/<rkey>`).
+fn post_author(uri: &str) -> Option<&str> {
+    let (author, rest) = uri.strip_prefix("at://")?.split_once('/')?;
+    let (collection, _) = rest.split_once('/')?;
+    (collection == sync_core::records::POST).then_some(author)
 }
 
 pub struct StateStore {
@@ -49,7 +62,12 @@ pub struct StateStore {
     followed: HashMap<Did, u32>,
     /// Hashes of study-post URIs: a miss is certain, a hit is confirmed in the database.
     study_post_hashes: HashSet<u64>,
+    /// Hashes of URIs in the reaction part of the routed-record index (`routed`).
     routed_hashes: HashSet<u64>,
+    /// Hashes of the DIDs that have in-network posts in `in_network_posts`: a post delete by
+    /// anyone else is certainly not one. Per author rather than per post, because in-network
+    /// posts are most of what is routed (~1M a day) and their deletes are rare.
+    in_network_post_authors: HashSet<u64>,
     /// For duplicate detection: per hash of a tracked repo's DID, the highest rev seen (as u64).
     /// An upper bound for every DID with that hash, so "newer than this" is certain; "not newer"
     /// is confirmed against the exact rev (pending or in SQLite) before an event is skipped.
@@ -90,6 +108,7 @@ impl StateStore {
             followed: HashMap::new(),
             study_post_hashes: HashSet::new(),
             routed_hashes: HashSet::new(),
+            in_network_post_authors: HashSet::new(),
             revs: HashMap::new(),
             pending: Pending::default(),
             cursor,
@@ -107,6 +126,12 @@ impl StateStore {
         let mut stmt = self.conn.prepare("SELECT uri FROM routed")?;
         for uri in stmt.query_map([], |r| r.get::<_, String>(0))? {
             self.routed_hashes.insert(key_hash(&uri?));
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT did FROM in_network_post_authors")?;
+        for did in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            self.in_network_post_authors.insert(key_hash(&did?));
         }
         let mut stmt = self.conn.prepare("SELECT subject FROM study_follows")?;
         for subject in stmt.query_map([], |r| r.get::<_, String>(0))? {
@@ -225,7 +250,9 @@ impl StateStore {
         }
     }
 
-    pub fn apply(&mut self, update: &StateUpdate) -> Result<()> {
+    /// Applies one routing update (visible to routing at once, committed with the next
+    /// [`commit`](Self::commit)). Same semantics as [`sync_core::route::MemoryState::apply`].
+    pub fn apply(&mut self, update: &StateUpdate) -> Result<Applied> {
         match update {
             StateUpdate::StudyPost { uri, author } => {
                 self.study_post_hashes.insert(key_hash(uri.as_str()));
@@ -234,7 +261,12 @@ impl StateStore {
                     .insert(uri.as_str().to_owned(), author.clone());
             }
             StateUpdate::Routed { uri, folder } => {
-                self.routed_hashes.insert(key_hash(uri.as_str()));
+                match folder {
+                    Folder::InNetworkPost(author) => self
+                        .in_network_post_authors
+                        .insert(key_hash(author.as_str())),
+                    _ => self.routed_hashes.insert(key_hash(uri.as_str())),
+                };
                 self.pending
                     .routed
                     .push((uri.as_str().to_owned(), folder.clone()));
@@ -252,23 +284,37 @@ impl StateStore {
                     *self.followed.entry(subject.clone()).or_default() += 1;
                 }
             }
-            StateUpdate::StudyUnfollow { uri, .. } => {
+            StateUpdate::StudyUnfollow {
+                uri,
+                follower,
+                seq,
+                time,
+            } => {
                 let subject = match self.pending.follows.remove(uri.as_str()) {
                     Some((_, subject)) => Some(subject),
                     None => self.follow_subject_in_db(uri)?,
                 };
-                if let Some(subject) = subject {
-                    if let Some(count) = self.followed.get_mut(&subject) {
-                        *count -= 1;
-                        if *count == 0 {
-                            self.followed.remove(&subject);
-                        }
+                let Some(subject) = subject else {
+                    // Never seen (made before tracking began): the subject is unknown, so nobody
+                    // can leave the in-network set. Kept for the repo backfill to resolve.
+                    self.pending.unknown_unfollows.push((
+                        uri.as_str().to_owned(),
+                        follower.clone(),
+                        seq.0,
+                        time.clone(),
+                    ));
+                    return Ok(Applied::UnknownUnfollow);
+                };
+                if let Some(count) = self.followed.get_mut(&subject) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.followed.remove(&subject);
                     }
                 }
                 self.pending.unfollows.push(uri.as_str().to_owned());
             }
         }
-        Ok(())
+        Ok(Applied::Done)
     }
 
     fn follow_subject_in_db(&self, uri: &AtUri) -> Result<Option<Did>> {
@@ -298,8 +344,28 @@ impl StateStore {
             }
             let mut insert_routed =
                 tx.prepare_cached("INSERT OR IGNORE INTO routed (uri, folder) VALUES (?1, ?2)")?;
+            // The folder of an in-network post follows from its URI: one narrow row per post.
+            let mut insert_in_network =
+                tx.prepare_cached("INSERT OR IGNORE INTO in_network_posts (uri) VALUES (?1)")?;
+            let mut insert_author = tx.prepare_cached(
+                "INSERT OR IGNORE INTO in_network_post_authors (did) VALUES (?1)",
+            )?;
             for (uri, folder) in &self.pending.routed {
-                insert_routed.execute(params![uri, folder.dir()])?;
+                match folder {
+                    Folder::InNetworkPost(author) => {
+                        insert_in_network.execute(params![uri])?;
+                        insert_author.execute(params![author.as_str()])?;
+                    }
+                    _ => {
+                        insert_routed.execute(params![uri, folder.dir()])?;
+                    }
+                }
+            }
+            let mut insert_unknown = tx.prepare_cached(
+                "INSERT OR REPLACE INTO unknown_unfollows (uri, follower, seq, time) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (uri, follower, seq, time) in &self.pending.unknown_unfollows {
+                insert_unknown.execute(params![uri, follower.as_str(), seq, time])?;
             }
             let mut delete_follow =
                 tx.prepare_cached("DELETE FROM study_follows WHERE uri = ?1")?;
@@ -365,7 +431,10 @@ impl RoutingState for StateStore {
     }
 
     fn routed_folders(&self, uri: &str) -> Vec<Folder> {
-        if !self.routed_hashes.contains(&key_hash(uri)) {
+        let reaction = self.routed_hashes.contains(&key_hash(uri));
+        let in_network_author = post_author(uri)
+            .filter(|author| self.in_network_post_authors.contains(&key_hash(author)));
+        if !reaction && in_network_author.is_none() {
             return Vec::new();
         }
         let mut folders: Vec<Folder> = self
@@ -375,20 +444,41 @@ impl RoutingState for StateStore {
             .filter(|(u, _)| u == uri)
             .map(|(_, f)| f.clone())
             .collect();
-        let stored: Vec<String> = self
-            .conn
-            .prepare_cached("SELECT folder FROM routed WHERE uri = ?1")
-            .and_then(|mut s| {
-                s.query_map(params![uri], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .unwrap_or_else(|e| {
-                *self.lookup_error.borrow_mut() = Some(format!("routed-record lookup: {e}"));
-                Vec::new()
-            });
-        for dir in stored {
-            if let Some(folder) = Folder::from_dir(&dir) {
-                if !folders.contains(&folder) {
+        let lookup_error = |what: &str, e: rusqlite::Error| {
+            *self.lookup_error.borrow_mut() = Some(format!("{what} lookup: {e}"));
+        };
+        if reaction {
+            let stored: Vec<String> = self
+                .conn
+                .prepare_cached("SELECT folder FROM routed WHERE uri = ?1")
+                .and_then(|mut s| {
+                    s.query_map(params![uri], |r| r.get::<_, String>(0))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .unwrap_or_else(|e| {
+                    lookup_error("routed-record", e);
+                    Vec::new()
+                });
+            for dir in stored {
+                if let Some(folder) = Folder::from_dir(&dir) {
+                    if !folders.contains(&folder) {
+                        folders.push(folder);
+                    }
+                }
+            }
+        }
+        if let Some(author) = in_network_author.and_then(|a| Did::parse(a).ok()) {
+            let folder = Folder::InNetworkPost(author);
+            if !folders.contains(&folder) {
+                let stored = self
+                    .conn
+                    .prepare_cached("SELECT 1 FROM in_network_posts WHERE uri = ?1")
+                    .and_then(|mut s| s.exists(params![uri]))
+                    .unwrap_or_else(|e| {
+                        lookup_error("in-network post", e);
+                        false
+                    });
+                if stored {
                     folders.push(folder);
                 }
             }
@@ -400,6 +490,7 @@ impl RoutingState for StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sync_core::ids::Seq;
 
     fn did(s: &str) -> Did {
         Did::parse(s).unwrap()
@@ -475,6 +566,8 @@ mod tests {
             .apply(&StateUpdate::StudyUnfollow {
                 uri: follow,
                 follower: s1.clone(),
+                seq: Seq(43),
+                time: "2024-10-02T15:00:00.000Z".into(),
             })
             .unwrap();
         assert!(
@@ -536,6 +629,8 @@ mod tests {
                 .apply(&StateUpdate::StudyUnfollow {
                     uri: follow_of(by),
                     follower: by.clone(),
+                    seq: Seq(2),
+                    time: "2024-10-02T15:00:00.000Z".into(),
                 })
                 .unwrap();
         };
@@ -579,5 +674,233 @@ mod tests {
         store.commit(Some(3)).unwrap();
         drop(store);
         assert!(!open().is_in_network(&a));
+    }
+
+    mod against_memory_state {
+        //! The SQLite store and `MemoryState` (what the sync-core tests and benches route with)
+        //! must route alike: the same frames through both, compared after every event.
+
+        use super::*;
+        use serde_json::json;
+        use sync_core::frame::decode_frame;
+        use sync_core::route::{route_event, MemoryState};
+        use sync_core::synth::{self, OpSpec};
+
+        const S1: &str = "did:plc:z72i7hdynmk6r22z27h6tvur";
+        const S2: &str = "did:plc:4llrhdclvdlmmynkwsmg5tdc";
+        const A1: &str = "did:plc:w4xbfzo7kqfes5zb7r6qv3rw";
+        const A2: &str = "did:plc:q6gjnaw2blty4crticxkmujt";
+        const A3: &str = "did:plc:ragtjsm2j2vknwkz3zp4oxrd";
+        const FOLLOW: &str = "app.bsky.graph.follow";
+        const POST: &str = "app.bsky.feed.post";
+
+        fn follow(rkey: &str, subject: &str) -> OpSpec {
+            OpSpec::create(
+                FOLLOW,
+                rkey,
+                json!({"$type": FOLLOW, "createdAt": "2024-10-02T14:25:00.000Z", "subject": subject}),
+            )
+        }
+
+        fn unfollow(rkey: &str) -> OpSpec {
+            OpSpec::delete(FOLLOW, rkey)
+        }
+
+        fn post(rkey: &str) -> OpSpec {
+            OpSpec::create(
+                POST,
+                rkey,
+                json!({"$type": POST, "text": "t", "createdAt": "2024-10-02T14:03:27.512Z"}),
+            )
+        }
+
+        fn commit(seq: i64, repo: &str, ops: &[OpSpec]) -> Vec<u8> {
+            synth::commit_frame(seq, repo, "3l5jzzzzzzz2a", "2024-10-02T14:05:10.100Z", ops)
+        }
+
+        fn dids() -> Vec<Did> {
+            [S1, S2, A1, A2, A3].map(did).to_vec()
+        }
+
+        /// Routes one frame through both states, applies the updates, and returns (files,
+        /// outcomes) for each, asserting they agree.
+        fn step(frame: &[u8], memory: &mut MemoryState, store: &mut StateStore) -> Vec<String> {
+            let event = decode_frame(frame).unwrap();
+            let mem_routing = route_event(&event, memory, "2024-10-02-14:05:11");
+            let db_routing = route_event(&event, store, "2024-10-02-14:05:11");
+            assert_eq!(store.take_lookup_error(), None);
+            let paths = |r: &sync_core::route::Routing| -> Vec<String> {
+                r.files.iter().map(|f| f.path.to_string()).collect()
+            };
+            assert_eq!(paths(&mem_routing), paths(&db_routing), "same files");
+            assert_eq!(mem_routing.updates, db_routing.updates, "same updates");
+            let mem: Vec<Applied> = mem_routing
+                .updates
+                .iter()
+                .map(|u| memory.apply(u))
+                .collect();
+            let db: Vec<Applied> = db_routing
+                .updates
+                .iter()
+                .map(|u| store.apply(u).unwrap())
+                .collect();
+            assert_eq!(mem, db, "same outcomes");
+            for d in dids() {
+                assert_eq!(
+                    memory.is_in_network(&d),
+                    store.is_in_network(&d),
+                    "in-network disagrees on {d}"
+                );
+            }
+            paths(&db_routing)
+        }
+
+        #[test]
+        fn unfollows_agree_event_by_event() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.sqlite");
+            let study: HashSet<Did> = [did(S1), did(S2)].into();
+            let file_in_network: HashSet<Did> = [did(A1)].into();
+            let mut memory = MemoryState::default();
+            memory.study_users = study.clone();
+            memory.in_network = file_in_network.clone();
+            let open = || StateStore::open(&path, study.clone(), file_in_network.clone()).unwrap();
+            let mut store = open();
+            let frames = [
+                commit(1, S1, &[follow("3l5kf1aaaaa2a", A2)]),
+                commit(2, S2, &[follow("3l5kf2aaaaa2a", A2)]),
+                // A1 is listed in the in-network input: a live follow and unfollow keep it.
+                commit(3, S1, &[follow("3l5kf3aaaaa2a", A1)]),
+                commit(4, S1, &[unfollow("3l5kf3aaaaa2a")]),
+                commit(5, S1, &[unfollow("3l5kf1aaaaa2a")]),
+            ];
+            let later = [
+                // a follow made before tracking began: unknown, nothing changes
+                commit(6, S1, &[unfollow("3l4aaaaaaaa2a")]),
+                commit(7, S2, &[unfollow("3l5kf2aaaaa2a")]),
+                // follow and unfollow in one commit
+                commit(
+                    8,
+                    S1,
+                    &[follow("3l5kf4aaaaa2a", A3), unfollow("3l5kf4aaaaa2a")],
+                ),
+                // an unfollow applied once already (a rewind replays it)
+                commit(9, S1, &[unfollow("3l5kf1aaaaa2a")]),
+                commit(
+                    10,
+                    S2,
+                    &[follow("3l5kf5aaaaa2a", A1), unfollow("3l5kf5aaaaa2a")],
+                ),
+                commit(11, S2, &[follow("3l5kf6aaaaa2a", A3)]),
+            ];
+            for frame in &frames {
+                step(frame, &mut memory, &mut store);
+                store.commit(None).unwrap();
+            }
+            assert!(store.is_in_network(&did(A2)) && store.is_in_network(&did(A1)));
+            // The counts are rebuilt from the database.
+            drop(store);
+            let mut store = open();
+            for frame in &later {
+                step(frame, &mut memory, &mut store);
+            }
+            store.commit(Some(11)).unwrap();
+            assert!(!store.is_in_network(&did(A2)), "both follows deleted");
+            assert!(store.is_in_network(&did(A1)), "listed in the input");
+            assert!(store.is_in_network(&did(A3)));
+            let recorded: Vec<(String, String, i64)> = store
+                .conn
+                .prepare("SELECT uri, follower, seq FROM unknown_unfollows ORDER BY seq")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let uri = |rkey: &str| format!("at://{S1}/{FOLLOW}/{rkey}");
+            assert_eq!(
+                recorded,
+                [
+                    (uri("3l4aaaaaaaa2a"), S1.to_owned(), 6),
+                    (uri("3l5kf1aaaaa2a"), S1.to_owned(), 9)
+                ]
+            );
+            let memory_unknown: Vec<String> = memory
+                .unknown_unfollows
+                .iter()
+                .map(|u| u.as_str().to_owned())
+                .collect();
+            assert_eq!(memory_unknown, [uri("3l4aaaaaaaa2a"), uri("3l5kf1aaaaa2a")]);
+        }
+
+        /// An in-network post's delete is routed by the post having been routed (kept across a
+        /// restart), not by the author being in the network when it is deleted.
+        #[test]
+        fn in_network_post_deletes_follow_the_routed_index_across_restarts() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.sqlite");
+            let study: HashSet<Did> = [did(S1)].into();
+            let mut memory = MemoryState::default();
+            memory.study_users = study.clone();
+            memory.in_network = [did(A1)].into();
+            {
+                let mut store = StateStore::open(&path, study.clone(), [did(A1)].into()).unwrap();
+                let files = step(
+                    &commit(1, A1, &[post("3l5kaaaaaaa2a")]),
+                    &mut memory,
+                    &mut store,
+                );
+                assert_eq!(files.len(), 1);
+                // Routed and deleted before the commit: found among the pending updates.
+                let files = step(
+                    &commit(2, A1, &[post("3l5kaaaaaab2a")]),
+                    &mut memory,
+                    &mut store,
+                );
+                assert_eq!(files.len(), 1);
+                let files = step(
+                    &commit(3, A1, &[OpSpec::delete(POST, "3l5kaaaaaab2a")]),
+                    &mut memory,
+                    &mut store,
+                );
+                assert_eq!(
+                    files,
+                    [format!("in_network_user_activity/delete/post/{A1}/author_did={A1}_post_uri_suffix=3l5kaaaaaab2a.json")]
+                );
+                store.commit(Some(3)).unwrap();
+            }
+            // A1 has left the in-network input, A2 joined it.
+            memory.in_network = [did(A2)].into();
+            let mut store = StateStore::open(&path, study, [did(A2)].into()).unwrap();
+            let files = step(
+                &commit(4, A1, &[OpSpec::delete(POST, "3l5kaaaaaaa2a")]),
+                &mut memory,
+                &mut store,
+            );
+            assert_eq!(
+                files,
+                [format!("in_network_user_activity/delete/post/{A1}/author_did={A1}_post_uri_suffix=3l5kaaaaaaa2a.json")]
+            );
+            // A2's post from before it joined was never routed: its delete is not either.
+            let files = step(
+                &commit(5, A2, &[OpSpec::delete(POST, "3l5jaaaaaaa2a")]),
+                &mut memory,
+                &mut store,
+            );
+            assert!(files.is_empty(), "{files:?}");
+            // Another A1 post that was never routed, and a like delete by A1: nothing.
+            let files = step(
+                &commit(
+                    6,
+                    A1,
+                    &[
+                        OpSpec::delete(POST, "3l5kzzzzzzz2z"),
+                        OpSpec::delete("app.bsky.feed.like", "3l5kaaaaaaa2a"),
+                    ],
+                ),
+                &mut memory,
+                &mut store,
+            );
+            assert!(files.is_empty(), "{files:?}");
+        }
     }
 }

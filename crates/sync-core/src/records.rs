@@ -64,6 +64,38 @@ impl RecordKind {
     }
 }
 
+pub const EMBED_IMAGES: &str = "app.bsky.embed.images";
+pub const EMBED_EXTERNAL: &str = "app.bsky.embed.external";
+pub const EMBED_RECORD: &str = "app.bsky.embed.record";
+pub const EMBED_RECORD_WITH_MEDIA: &str = "app.bsky.embed.recordWithMedia";
+
+/// The embed union members the service tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbedType {
+    Images,
+    External,
+    /// A quote: `embed.record` is the strongRef of the quoted record.
+    Record,
+    /// A quote with media: `embed.record.record` is the quoted record's strongRef.
+    RecordWithMedia,
+    /// Video, unknown or missing.
+    Other,
+}
+
+/// Classifies an embed (or media) `$type`. `X#main` names the same lexicon definition as `X`
+/// and counts the same. This is the one place that decides what an embed is, for both the post's
+/// `embed` JSON (`transform`) and quote routing ([`PostView::quoted`], [`PostRefs::from_json`]),
+/// so a post can never count as a quote in one and not in the other.
+pub fn embed_type(type_: &str) -> EmbedType {
+    match type_.strip_suffix("#main").unwrap_or(type_) {
+        EMBED_IMAGES => EmbedType::Images,
+        EMBED_EXTERNAL => EmbedType::External,
+        EMBED_RECORD => EmbedType::Record,
+        EMBED_RECORD_WITH_MEDIA => EmbedType::RecordWithMedia,
+        _ => EmbedType::Other,
+    }
+}
+
 #[derive(Deserialize, Debug, Default)]
 pub struct StrongRefView<'a> {
     #[serde(borrow, default)]
@@ -118,9 +150,9 @@ impl<'a> PostView<'a> {
     pub fn quoted(&self) -> Option<&'a str> {
         let embed = self.embed.as_ref()?;
         let record = embed.record.as_ref()?;
-        match embed.type_? {
-            "app.bsky.embed.record" => record.uri,
-            "app.bsky.embed.recordWithMedia" => record.record.as_ref()?.uri,
+        match embed_type(embed.type_?) {
+            EmbedType::Record => record.uri,
+            EmbedType::RecordWithMedia => record.record.as_ref()?.uri,
             _ => None,
         }
     }
@@ -153,9 +185,9 @@ impl<'a> PostRefs<'a> {
     pub fn from_json(record: &'a serde_json::Value) -> Self {
         let s = |v: &'a serde_json::Value| v.as_str();
         let embed = &record["embed"];
-        let quoted = match embed["$type"].as_str() {
-            Some("app.bsky.embed.record") => s(&embed["record"]["uri"]),
-            Some("app.bsky.embed.recordWithMedia") => s(&embed["record"]["record"]["uri"]),
+        let quoted = match embed["$type"].as_str().map(embed_type) {
+            Some(EmbedType::Record) => s(&embed["record"]["uri"]),
+            Some(EmbedType::RecordWithMedia) => s(&embed["record"]["record"]["uri"]),
             _ => None,
         };
         PostRefs {

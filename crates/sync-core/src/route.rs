@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 
 use crate::frame::{AccountEvent, Action, Commit, Event, IdentityEvent, RepoOp};
-use crate::ids::{AtUri, Did, RecordKey};
-use crate::paths::{self, CachePath, Folder};
+use crate::ids::{AtUri, Did, RecordKey, Seq};
+use crate::paths::{self, AccountEventKey, CachePath, Folder};
 use crate::pyjson::PyJsonWriter;
 use crate::records::{self, PostRefs, PostView, RecordKind, SubjectDidView, SubjectRefView};
 use crate::transform;
@@ -17,11 +17,14 @@ use crate::transform;
 /// What routing reads: who is tracked and what was routed before.
 pub trait RoutingState {
     fn is_study_user(&self, did: &Did) -> bool;
+    /// In the in-network input (the social-network table or a DID list), or the subject of a
+    /// study user's follow seen in the stream and not deleted since.
     fn is_in_network(&self, did: &Did) -> bool;
     /// The study user who authored the post `uri` (exact at-URI match, as the predecessor).
     fn study_post_author(&self, uri: &str) -> Option<Did>;
-    /// Reaction folders (replies, likes, reposts, quotes of study posts; follows of study users)
-    /// that the record `uri` was routed to earlier, so its delete can be routed too.
+    /// Folders other than the author's own that the record `uri` was routed to earlier
+    /// (reactions to study posts, follows of study users, in-network posts), so its delete goes
+    /// where its create went, whatever the tracked sets say by the time it is deleted.
     fn routed_folders(&self, uri: &str) -> Vec<Folder>;
 }
 
@@ -39,8 +42,27 @@ pub enum StateUpdate {
         subject: Did,
     },
     /// A study user deleted the follow `uri`: its subject leaves the in-network set unless another
-    /// study user still follows it.
-    StudyUnfollow { uri: AtUri, follower: Did },
+    /// study user still follows it (or the in-network input lists it). A follow the state never
+    /// saw (made before tracking began) has no known subject: see [`Applied::UnknownUnfollow`].
+    StudyUnfollow {
+        uri: AtUri,
+        follower: Did,
+        /// Of the commit that deleted the follow, for the record of unknown unfollows.
+        seq: Seq,
+        time: String,
+    },
+}
+
+/// What applying a [`StateUpdate`] found that the caller must report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// A [`StateUpdate::StudyUnfollow`] of a follow record the state never saw: made before
+    /// tracking began (the in-network input does not carry follow record keys), or replayed
+    /// after its unfollow was already applied. Its subject is unknown, so nothing leaves the
+    /// in-network set; the state records the unfollow so the repo backfill can resolve it, and
+    /// the writer counts and logs it.
+    UnknownUnfollow,
 }
 
 /// One file to write: a cache-relative path and its whole contents.
@@ -314,9 +336,11 @@ impl<'a> OpCtx<'_, 'a> {
         let contents = post.to_cache_json();
         let file = paths::record_file(author, "post", &self.op.rkey);
         for folder in folders {
+            // Every folder but the author's own: its delete is routed by this record, not by
+            // whether the author is still in the network when the post is deleted.
             if matches!(
                 folder,
-                Folder::ReplyToUserPost(_) | Folder::QuoteOfUserPost(_)
+                Folder::ReplyToUserPost(_) | Folder::QuoteOfUserPost(_) | Folder::InNetworkPost(_)
             ) {
                 out.updates.push(StateUpdate::Routed {
                     uri: uri.clone(),
@@ -428,6 +452,16 @@ impl<'a> OpCtx<'_, 'a> {
 
     fn route_delete(&self, state: &dyn RoutingState, out: &mut Routing) {
         let uri = self.uri();
+        // Where the record went: earlier events (the state) and earlier ops of this commit
+        // (their updates are applied after the whole event).
+        let mut routed = state.routed_folders(uri.as_str());
+        for update in &out.updates {
+            if let StateUpdate::Routed { uri: u, folder } = update {
+                if u == &uri && !routed.contains(folder) {
+                    routed.push(folder.clone());
+                }
+            }
+        }
         let author = &self.commit.repo;
         let file = paths::record_file(author, self.kind.name(), &self.op.rkey);
         let mut contents: Option<String> = None;
@@ -452,14 +486,13 @@ impl<'a> OpCtx<'_, 'a> {
                 out.updates.push(StateUpdate::StudyUnfollow {
                     uri: uri.clone(),
                     follower: author.clone(),
+                    seq: self.commit.seq,
+                    time: self.commit.time.to_owned(),
                 });
             }
         }
-        if self.kind == RecordKind::Post && state.is_in_network(author) {
-            emit(out, &Folder::InNetworkPost(author.clone()), true);
-        }
-        for folder in state.routed_folders(uri.as_str()) {
-            emit(out, &folder, true);
+        for folder in &routed {
+            emit(out, folder, true);
         }
     }
 
@@ -478,27 +511,21 @@ impl<'a> OpCtx<'_, 'a> {
     }
 }
 
-fn account_json(
-    did: &Did,
-    kind: &str,
-    seq: i64,
-    time: &str,
-    handle: Option<&str>,
-    active: Option<bool>,
-    status: Option<&str>,
-) -> String {
+/// `{did, kind, seq, time, handle, active, status}`: the seq stays in the file (the name leaves it
+/// out, so a second delivery under another seq rewrites the file with the latest one).
+fn account_json(key: &AccountEventKey<'_>, seq: Seq) -> String {
     let mut w = PyJsonWriter::with_capacity(256);
     w.begin_object()
-        .field_str("did", did.as_str())
-        .field_str("kind", kind)
-        .field_i64("seq", seq)
-        .field_str("time", time)
-        .field_opt_str("handle", handle);
-    match active {
+        .field_str("did", key.did.as_str())
+        .field_str("kind", key.kind)
+        .field_i64("seq", seq.0)
+        .field_str("time", key.time)
+        .field_opt_str("handle", key.handle);
+    match key.active {
         Some(a) => w.field_bool("active", a),
         None => w.field_null("active"),
     };
-    w.field_opt_str("status", status).end_object();
+    w.field_opt_str("status", key.status).end_object();
     w.into_string()
 }
 
@@ -506,46 +533,38 @@ fn route_identity(identity: &IdentityEvent, state: &dyn RoutingState, out: &mut 
     if !state.is_study_user(&identity.did) {
         return;
     }
-    let contents = account_json(
-        &identity.did,
-        "identity",
-        identity.seq.0,
-        &identity.time,
-        identity.handle.as_deref(),
-        None,
-        None,
-    );
-    push_event_file(out, &identity.did, "identity", identity.seq, contents);
+    let key = AccountEventKey {
+        did: &identity.did,
+        kind: "identity",
+        time: &identity.time,
+        handle: identity.handle.as_deref(),
+        active: None,
+        status: None,
+    };
+    push_event_file(out, &key, identity.seq);
 }
 
 fn route_account(account: &AccountEvent, state: &dyn RoutingState, out: &mut Routing) {
     if !state.is_study_user(&account.did) {
         return;
     }
-    let contents = account_json(
-        &account.did,
-        "account",
-        account.seq.0,
-        &account.time,
-        None,
-        Some(account.active),
-        account.status.as_deref(),
-    );
-    push_event_file(out, &account.did, "account", account.seq, contents);
+    let key = AccountEventKey {
+        did: &account.did,
+        kind: "account",
+        time: &account.time,
+        handle: None,
+        active: Some(account.active),
+        status: account.status.as_deref(),
+    };
+    push_event_file(out, &key, account.seq);
 }
 
-fn push_event_file(
-    out: &mut Routing,
-    did: &Did,
-    kind: &str,
-    seq: crate::ids::Seq,
-    contents: String,
-) {
-    match Folder::Account.path(paths::account_file(did, kind, seq)) {
+fn push_event_file(out: &mut Routing, key: &AccountEventKey<'_>, seq: Seq) {
+    match Folder::Account.path(paths::account_file(key)) {
         Ok(path) => out.files.push(CacheFile {
             path,
             folder: Folder::Account.label(),
-            contents,
+            contents: account_json(key, seq),
         }),
         Err(e) => out.dropped.push(Dropped {
             op_index: None,
@@ -556,19 +575,26 @@ fn push_event_file(
 }
 
 /// An in-memory [`RoutingState`] that applies [`StateUpdate`]s: used by tests, benchmarks and
-/// `inspect`; the writer backs the same trait with its database.
+/// `inspect`; the writer backs the same trait with its database and must behave the same (a
+/// writer test runs one event sequence through both).
 #[derive(Debug, Default, Clone)]
 pub struct MemoryState {
     pub study_users: HashSet<Did>,
+    /// The in-network input (file or table): these accounts stay in-network whatever the
+    /// stream says, as in the writer (its in-network file is reloaded, never edited).
     pub in_network: HashSet<Did>,
     pub study_posts: HashMap<String, Did>,
     pub routed: HashMap<String, Vec<Folder>>,
-    /// follow uri -> (study user, subject)
-    pub study_follows: HashMap<String, (Did, Did)>,
+    /// follow uri -> (study user, subject): the study users' follows seen in the stream.
+    study_follows: HashMap<String, (Did, Did)>,
+    /// How many of `study_follows` point at each subject.
+    followed: HashMap<Did, u32>,
+    /// Unfollows of follows never seen ([`Applied::UnknownUnfollow`]), in arrival order.
+    pub unknown_unfollows: Vec<AtUri>,
 }
 
 impl MemoryState {
-    pub fn apply(&mut self, update: &StateUpdate) {
+    pub fn apply(&mut self, update: &StateUpdate) -> Applied {
         match update {
             StateUpdate::StudyPost { uri, author } => {
                 self.study_posts
@@ -585,19 +611,39 @@ impl MemoryState {
                 follower,
                 subject,
             } => {
-                self.study_follows
+                let previous = self
+                    .study_follows
                     .insert(uri.as_str().to_owned(), (follower.clone(), subject.clone()));
-                self.in_network.insert(subject.clone());
+                if let Some((_, old)) = previous {
+                    self.unfollow_subject(&old);
+                }
+                *self.followed.entry(subject.clone()).or_default() += 1;
             }
             StateUpdate::StudyUnfollow { uri, .. } => {
-                if let Some((_, subject)) = self.study_follows.remove(uri.as_str()) {
-                    let still_followed = self.study_follows.values().any(|(_, s)| s == &subject);
-                    if !still_followed {
-                        self.in_network.remove(&subject);
+                match self.study_follows.remove(uri.as_str()) {
+                    Some((_, subject)) => self.unfollow_subject(&subject),
+                    None => {
+                        self.unknown_unfollows.push(uri.clone());
+                        return Applied::UnknownUnfollow;
                     }
                 }
             }
         }
+        Applied::Done
+    }
+
+    fn unfollow_subject(&mut self, subject: &Did) {
+        if let Some(count) = self.followed.get_mut(subject) {
+            *count -= 1;
+            if *count == 0 {
+                self.followed.remove(subject);
+            }
+        }
+    }
+
+    /// The subject of the study follow `uri`, if it was seen and not deleted.
+    pub fn study_follow_subject(&self, uri: &str) -> Option<&Did> {
+        self.study_follows.get(uri).map(|(_, subject)| subject)
     }
 }
 
@@ -606,7 +652,7 @@ impl RoutingState for MemoryState {
         self.study_users.contains(did)
     }
     fn is_in_network(&self, did: &Did) -> bool {
-        self.in_network.contains(did)
+        self.in_network.contains(did) || self.followed.contains_key(did)
     }
     fn study_post_author(&self, uri: &str) -> Option<Did> {
         self.study_posts.get(uri).cloned()

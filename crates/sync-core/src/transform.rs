@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::pyjson::PyJsonWriter;
+use crate::records::{self, EmbedType};
 
 /// Collection NSID (and record `$type`) of posts.
 pub const POST_NSID: &str = "app.bsky.feed.post";
@@ -29,11 +30,6 @@ pub const FOLLOW_NSID: &str = "app.bsky.graph.follow";
 const STRONG_REF_NSID: &str = "com.atproto.repo.strongRef";
 /// The only member of the post `labels` union.
 const SELF_LABELS_TYPE: &str = "com.atproto.label.defs#selfLabels";
-
-const EMBED_IMAGES: &str = "app.bsky.embed.images";
-const EMBED_EXTERNAL: &str = "app.bsky.embed.external";
-const EMBED_RECORD: &str = "app.bsky.embed.record";
-const EMBED_RECORD_WITH_MEDIA: &str = "app.bsky.embed.recordWithMedia";
 
 const FACET_MENTION: [&str; 2] = [
     "app.bsky.richtext.facet#mention",
@@ -94,10 +90,9 @@ fn get_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
 
-/// `$type` of a union member, with the equivalent `#main` spelling normalised away.
-fn union_type(v: &Value) -> &str {
-    let t = get_str(v, "$type").unwrap_or("");
-    t.strip_suffix("#main").unwrap_or(t)
+/// The embed type of a union member (shared with quote routing: [`records::embed_type`]).
+fn union_type(v: &Value) -> EmbedType {
+    records::embed_type(get_str(v, "$type").unwrap_or(""))
 }
 
 /// Joins string tokens with a bare `;`; `None` when there is no token.
@@ -444,12 +439,12 @@ impl<'a> EmbedSummary<'a> {
             return Self::default();
         };
         match union_type(embed) {
-            EMBED_IMAGES => Self {
+            EmbedType::Images => Self {
                 has_image: true,
                 image_alt_text: Some(image_alts(embed)),
                 ..Self::default()
             },
-            EMBED_EXTERNAL => match embed.get("external").filter(|e| e.is_object()) {
+            EmbedType::External => match embed.get("external").filter(|e| e.is_object()) {
                 Some(ext) => Self {
                     has_external: true,
                     external: Some(External {
@@ -461,7 +456,7 @@ impl<'a> EmbedSummary<'a> {
                 },
                 None => Self::default(),
             },
-            EMBED_RECORD => match StrongRef::from_value(embed.get("record")) {
+            EmbedType::Record => match StrongRef::from_value(embed.get("record")) {
                 Some(r) => Self {
                     has_embedded_record: true,
                     embedded_record: Some(r),
@@ -469,9 +464,9 @@ impl<'a> EmbedSummary<'a> {
                 },
                 None => Self::default(),
             },
-            EMBED_RECORD_WITH_MEDIA => {
+            EmbedType::RecordWithMedia => {
                 let alts = match embed.get("media") {
-                    Some(media) if union_type(media) == EMBED_IMAGES => image_alts(media),
+                    Some(media) if union_type(media) == EmbedType::Images => image_alts(media),
                     _ => String::new(),
                 };
                 let record =
@@ -485,7 +480,7 @@ impl<'a> EmbedSummary<'a> {
                     external: None,
                 }
             }
-            _ => Self::default(),
+            EmbedType::Other => Self::default(),
         }
     }
 

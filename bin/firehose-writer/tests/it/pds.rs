@@ -10,7 +10,7 @@
 //! `SYNC_SKIP_PDS=1` skips it instead.
 
 use crate::support::stored_cursor;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -485,16 +485,28 @@ fn follows_the_official_pds_firehose() {
             .any(|e| e["type"] == "account" && e["status"] == "deleted"),
         "no account deletion event: {events:?}"
     );
+    // Files are named by the event, not the seq: two identical events (same instant, same
+    // content) share one file, which holds the later seq.
+    let name_of = |e: &Value| {
+        let did = sync_core::ids::Did::parse(str_of(e, "did")).unwrap();
+        sync_core::paths::account_file(&sync_core::paths::AccountEventKey {
+            did: &did,
+            kind: str_of(e, "type"),
+            time: str_of(e, "time"),
+            handle: e["handle"].as_str(),
+            active: e["active"].as_bool(),
+            status: e["status"].as_str(),
+        })
+    };
+    let mut last_seq: BTreeMap<String, i64> = BTreeMap::new();
     for e in events {
-        let (did, kind, seq) = (
-            str_of(e, "did"),
-            str_of(e, "type"),
-            e["seq"].as_i64().unwrap(),
-        );
-        let file = read_json(
-            &cache,
-            &format!("study_user_activity/account/did={did}_{kind}_seq={seq}.json"),
-        );
+        last_seq.insert(name_of(e), e["seq"].as_i64().unwrap());
+    }
+    for e in events {
+        let (did, kind) = (str_of(e, "did"), str_of(e, "type"));
+        let name = name_of(e);
+        let seq = last_seq[&name];
+        let file = read_json(&cache, &format!("study_user_activity/account/{name}"));
         assert_eq!(str_of(&file, "did"), did);
         assert_eq!(str_of(&file, "kind"), kind);
         assert_eq!(file["seq"].as_i64(), Some(seq));

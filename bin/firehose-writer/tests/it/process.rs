@@ -260,10 +260,24 @@ fn sighup_reloads_the_study_users_without_dropping_events() {
     ));
     wait_cursor(d.last_seq + 1);
     let account_dir = tmp.path().join("cache/study_user_activity/account");
+    // Files are named by the event, not its seq: the first event below is a deactivation at
+    // :00, every later one the same activation at :01 (one file, rewritten).
     let has = |seq: i64| {
-        account_dir
-            .join(format!("did={newcomer}_account_seq={seq}.json"))
-            .exists()
+        let first = seq == d.last_seq + 1;
+        let did = sync_core::ids::Did::parse(newcomer).unwrap();
+        let name = sync_core::paths::account_file(&sync_core::paths::AccountEventKey {
+            did: &did,
+            kind: "account",
+            time: if first {
+                "2026-07-04T15:00:00.000Z"
+            } else {
+                "2026-07-04T15:00:01.000Z"
+            },
+            handle: None,
+            active: Some(!first),
+            status: first.then_some("deactivated"),
+        });
+        account_dir.join(name).exists()
     };
     assert!(!has(d.last_seq + 1), "not a study user yet");
     let mut study = d.study.clone();

@@ -39,6 +39,24 @@ fn rkey_of(uri: &str) -> &str {
     uri.rsplit('/').next().unwrap()
 }
 
+/// The cache file of an `#account` / `#identity` event: named by the event's content, not its
+/// seq (`paths::account_file`).
+fn account_path(did: &str, kind: &str, e: &Value) -> String {
+    let did = sync_core::ids::Did::parse(did).unwrap();
+    let key = sync_core::paths::AccountEventKey {
+        did: &did,
+        kind,
+        time: e["time"].as_str().unwrap(),
+        handle: e["handle"].as_str(),
+        active: (kind == "account").then(|| e["active"].as_bool().unwrap()),
+        status: e["status"].as_str(),
+    };
+    format!(
+        "study_user_activity/account/{}",
+        sync_core::paths::account_file(&key)
+    )
+}
+
 /// The routing rules of predecessor-data-format.md §3.4 (+ DESIGN.md §5), applied to the
 /// production Jetstream rendering of the capture: an oracle independent of our decoder and router.
 fn expected_from_jetstream(
@@ -48,6 +66,8 @@ fn expected_from_jetstream(
 ) -> BTreeSet<String> {
     let mut in_network = in_network.clone();
     let mut study_posts: HashSet<String> = HashSet::new();
+    // In-network posts routed so far: their deletes follow them.
+    let mut in_network_posts: HashSet<String> = HashSet::new();
     let mut files = BTreeSet::new();
     let s = "study_user_activity";
     for line in lines {
@@ -56,8 +76,7 @@ fn expected_from_jetstream(
         match line["kind"].as_str().unwrap() {
             "identity" | "account" if is_study => {
                 let kind = line["kind"].as_str().unwrap();
-                let seq = line[kind]["seq"].as_i64().unwrap();
-                files.insert(format!("{s}/account/did={did}_{kind}_seq={seq}.json"));
+                files.insert(account_path(did, kind, &line[kind]));
             }
             "commit" => {
                 let c = &line["commit"];
@@ -99,6 +118,7 @@ fn expected_from_jetstream(
                             files.insert(format!(
                                 "in_network_user_activity/create/post/{did}/{name}"
                             ));
+                            in_network_posts.insert(uri.clone());
                         }
                     }
                     ("create", "like") => {
@@ -138,7 +158,7 @@ fn expected_from_jetstream(
                         if is_study {
                             files.insert(format!("{s}/delete/{kind}/{name}"));
                         }
-                        if kind == "post" && in_network.contains(did) {
+                        if kind == "post" && in_network_posts.contains(&uri) {
                             files.insert(format!(
                                 "in_network_user_activity/delete/post/{did}/{name}"
                             ));
@@ -723,15 +743,17 @@ async fn a_bad_reload_keeps_the_old_sets_and_a_good_one_applies() {
     let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
     assert!(writer.wait_for_cursor(data.last_seq, WAIT).await);
     let metrics = writer.metrics();
+    // Each event at its own time, so that each is its own file (files are named by the event).
+    let time = |seq: i64| format!("2026-07-04T15:00:{:02}.000Z", seq - data.last_seq);
     let account_file = |did: &str, seq: i64| {
-        cfg.cache_dir.join(format!(
-            "study_user_activity/account/did={did}_account_seq={seq}.json"
+        cfg.cache_dir.join(account_path(
+            did,
+            "account",
+            &serde_json::json!({"time": time(seq), "active": true}),
         ))
     };
     let newcomer = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
-    let account = |seq: i64, did: &str| {
-        synth::account_frame(seq, did, true, None, "2026-07-04T15:00:00.000Z")
-    };
+    let account = |seq: i64, did: &str| synth::account_frame(seq, did, true, None, &time(seq));
 
     // A list that does not parse is refused whole: the old study users are still followed.
     let mut study = data.study.clone();
@@ -880,6 +902,97 @@ async fn study_post_index_is_seeded_from_a_predecessor_map() {
     );
 }
 
+/// Issue items 10 and 11b, end to end through the writer: an account event delivered again under
+/// a later seq (a relay swap) rewrites its one file; a study user's unfollow of a follow made
+/// before tracking began is counted (`firehose_unknown_unfollows_total`) and recorded in the
+/// state's `unknown_unfollows` table for the repo backfill, while a follow seen in the stream
+/// and then deleted is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_account_events_and_unknown_unfollows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s1 = "did:plc:z72i7hdynmk6r22z27h6tvur";
+    let a2 = "did:plc:q6gjnaw2blty4crticxkmujt";
+    let t = "2024-10-02T15:00:00.000Z";
+    let follow =
+        serde_json::json!({"$type": "app.bsky.graph.follow", "createdAt": t, "subject": a2});
+    let commit =
+        |seq: i64, rev: &str, op: synth::OpSpec| synth::commit_frame(seq, s1, rev, t, &[op]);
+    let frames = [
+        synth::account_frame(1, s1, false, Some("deactivated"), t),
+        synth::identity_frame(2, s1, Some("s1.example.com"), t),
+        commit(
+            3,
+            "3l5jzzzzzzz2a",
+            synth::OpSpec::create("app.bsky.graph.follow", "3l5kf1aaaaa2a", follow),
+        ),
+        commit(
+            4,
+            "3l5kaaaaaaa2a",
+            synth::OpSpec::delete("app.bsky.graph.follow", "3l4aaaaaaaa2a"),
+        ),
+        commit(
+            5,
+            "3l5kaaaaaab2a",
+            synth::OpSpec::delete("app.bsky.graph.follow", "3l5kf1aaaaa2a"),
+        ),
+        // the new relay's sequence: the same two events again
+        synth::account_frame(9_000_001, s1, false, Some("deactivated"), t),
+        synth::identity_frame(9_000_002, s1, Some("s1.example.com"), t),
+    ];
+    let capture = tmp.path().join("capture.bin");
+    std::fs::write(&capture, synth::capture(&frames)).unwrap();
+    let cfg = config(tmp.path(), Source::Replay(capture), &[s1.to_owned()], &[]);
+    let slot = Arc::new(Mutex::new(None));
+    let metrics_slot = slot.clone();
+    firehose_writer::run(cfg.clone(), std::future::pending(), None, move |h| {
+        *metrics_slot.lock().unwrap() = Some(h.metrics)
+    })
+    .await
+    .unwrap();
+    let metrics: Arc<Metrics> = slot.lock().unwrap().clone().unwrap();
+    assert_eq!(metrics.unknown_unfollows.load(Ordering::Relaxed), 1);
+    assert!(metrics
+        .prometheus()
+        .contains("firehose_unknown_unfollows_total 1\n"));
+
+    let tree = cache_tree(&cfg.cache_dir);
+    let account_files: Vec<&String> = tree
+        .keys()
+        .filter(|p| p.starts_with("study_user_activity/account/"))
+        .collect();
+    assert_eq!(account_files.len(), 2, "{account_files:?}");
+    let account = &tree[&account_path(
+        s1,
+        "account",
+        &serde_json::json!({"time": t, "active": false, "status": "deactivated"}),
+    )];
+    let account: Value = serde_json::from_str(account).unwrap();
+    assert_eq!(account["seq"], 9_000_001, "rewritten by the later delivery");
+    // Both unfollows still write their delete file.
+    for rkey in ["3l4aaaaaaaa2a", "3l5kf1aaaaa2a"] {
+        assert!(tree.contains_key(&format!(
+            "study_user_activity/delete/follow/author_did={s1}_follow_uri_suffix={rkey}.json"
+        )));
+    }
+    let conn = rusqlite::Connection::open(&cfg.state).unwrap();
+    let recorded: Vec<(String, String, i64, String)> = conn
+        .prepare("SELECT uri, follower, seq, time FROM unknown_unfollows")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        recorded,
+        [(
+            format!("at://{s1}/app.bsky.graph.follow/3l4aaaaaaaa2a"),
+            s1.to_owned(),
+            4,
+            t.to_owned()
+        )]
+    );
+}
+
 /// indigo's relay scenarios mark which messages a relay must drop (stale rev, replayed seq).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_scenarios_drop_exactly_the_flagged_messages() {
@@ -888,15 +1001,19 @@ async fn relay_scenarios_drop_exactly_the_flagged_messages() {
         (
             "rev_ordering.json",
             vec![
-                "study_user_activity/create/like/3llz56wmk522o/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3lmxjza3h2i27.json",
-                "study_user_activity/delete/like/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3lmxjza3h2i27.json",
+                "study_user_activity/create/like/3llz56wmk522o/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3lmxjza3h2i27.json".to_owned(),
+                "study_user_activity/delete/like/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3lmxjza3h2i27.json".to_owned(),
             ],
         ),
         (
             "seq_ordering.json",
             vec![
-                "study_user_activity/account/did=did:plc:44ybard66vv44zksje25o7dz_identity_seq=1000.json",
-                "study_user_activity/create/like/3llmlwt3tl22o/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3llpyftcvih2r.json",
+                account_path(
+                    "did:plc:44ybard66vv44zksje25o7dz",
+                    "identity",
+                    &serde_json::json!({"time": "2025-04-01T04:01:30.384Z"}),
+                ),
+                "study_user_activity/create/like/3llmlwt3tl22o/author_did=did:plc:44ybard66vv44zksje25o7dz_like_uri_suffix=3llpyftcvih2r.json".to_owned(),
             ],
         ),
     ] {

@@ -15,8 +15,8 @@ use std::path::{Component, Path, PathBuf};
 
 use proptest::prelude::*;
 use sync_core::cache::{CacheError, CacheWriter, TEMP_PREFIX};
-use sync_core::ids::{Did, RecordKey, Seq, Tid};
-use sync_core::paths::{self, CachePath, Folder, MAX_NAME_BYTES};
+use sync_core::ids::{Did, RecordKey, Tid};
+use sync_core::paths::{self, AccountEventKey, CachePath, Folder, MAX_NAME_BYTES};
 
 const S1: &str = "did:plc:z72i7hdynmk6r22z27h6tvur";
 const A1: &str = "did:plc:w4xbfzo7kqfes5zb7r6qv3rw";
@@ -134,8 +134,24 @@ fn file_names(did: &Did, other: &Did, rkey: &RecordKey) -> Vec<String> {
     v.push(paths::follow_file(did, other));
     v.push(paths::follow_file(other, did));
     v.push(paths::profile_file(did, rkey, &rev));
-    v.push(paths::account_file(did, "account", Seq(i64::MAX)));
-    v.push(paths::account_file(did, "identity", Seq(-1)));
+    let account = AccountEventKey {
+        did,
+        kind: "account",
+        time: "2024-10-02T15:00:00.000Z",
+        handle: None,
+        active: Some(false),
+        status: Some("deleted"),
+    };
+    v.push(paths::account_file(&account));
+    // The event's time and handle are unvalidated input: never a path piece.
+    v.push(paths::account_file(&AccountEventKey {
+        kind: "identity",
+        time: "../../x/\0",
+        handle: Some("../.."),
+        active: None,
+        status: None,
+        ..account
+    }));
     v
 }
 
@@ -391,7 +407,14 @@ fn hostile_identifiers_are_refused_or_stay_inside() {
         .path("x.json".into())
         .is_err());
     assert!(Folder::StudyPost
-        .path(paths::account_file(&long, "account", Seq(1)))
+        .path(paths::account_file(&AccountEventKey {
+            did: &long,
+            kind: "account",
+            time: "2024-10-02T15:00:00.000Z",
+            handle: None,
+            active: Some(true),
+            status: None,
+        }))
         .is_err());
 }
 
@@ -720,12 +743,30 @@ fn names_over_255_bytes_are_refused() {
 
 #[test]
 fn rkeys_starting_with_a_dot_never_become_hidden_folders() {
-    // Valid record keys, but as nesting folders they would be invisible to every reader.
-    for rkey in [".x", "...", ".hidden"] {
+    // Valid record keys, but as nesting folders they would be invisible to every reader: the
+    // leading dot is spelled `%2E` (reversibly), and the file is written where readers look.
+    let sandbox = Sandbox::new();
+    let mut w = CacheWriter::open(sandbox.root()).unwrap();
+    for (rkey, folder) in [(".x", "%2Ex"), ("...", "%2E.."), (".hidden", "%2Ehidden")] {
         let rkey = RecordKey::parse(rkey).unwrap();
-        let err = Folder::StudyLike(rkey).path("f.json".into()).unwrap_err();
-        assert_eq!(err.reason(), "hidden_name");
+        let path = Folder::StudyLike(rkey.clone())
+            .path("f.json".into())
+            .unwrap();
+        assert_eq!(
+            path.dir(),
+            format!("study_user_activity/create/like/{folder}")
+        );
+        assert_eq!(
+            Folder::from_dir(path.dir()),
+            Some(Folder::StudyLike(rkey)),
+            "reversible"
+        );
+        w.write(&path, b"{}").unwrap();
     }
+    w.sync().unwrap();
+    let like = sandbox.root().join("study_user_activity/create/like");
+    assert_eq!(names(&like), ["%2E..", "%2Ehidden", "%2Ex"]);
+    sandbox.assert_contained();
 }
 
 #[test]

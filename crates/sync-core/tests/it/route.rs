@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use sync_core::frame::decode_frame;
 use sync_core::ids::Did;
-use sync_core::route::{route_event, MemoryState};
+use sync_core::route::{route_event, Applied, MemoryState, RoutingState};
 use sync_core::synth::{self, OpSpec};
 
 const S1: &str = "did:plc:z72i7hdynmk6r22z27h6tvur";
@@ -255,7 +255,7 @@ fn ex09_study_user_follows_someone_who_joins_the_in_network_set() {
         &["study_user_activity/create/follow/follower/follower_did=did:plc:z72i7hdynmk6r22z27h6tvur_followee_did=did:plc:q6gjnaw2blty4crticxkmujt.json"],
     );
     assert!(
-        state.in_network.contains(&Did::parse(A2).unwrap()),
+        state.is_in_network(&Did::parse(A2).unwrap()),
         "live in-network update (A4)"
     );
 }
@@ -366,6 +366,15 @@ fn deletes_of_routed_reactions_mirror_their_folder() {
             commit(3, A3, &[create(FOLLOW, "3l5kfffffff2f", follow(S1))]),
             commit(
                 4,
+                A1,
+                &[create(
+                    POST,
+                    "3l5jqyv2s4k2c",
+                    post("Good morning, Bluesky!"),
+                )],
+            ),
+            commit(
+                4,
                 A3,
                 &[create(
                     REPOST,
@@ -437,8 +446,36 @@ fn reposts_quotes_blocks_and_profiles() {
         .contains("\"has_embedded_record\": true"));
 }
 
+/// The account-file name of an event: built independently of `paths.rs` from its documented
+/// definition (SHA-256 of the compact JSON array `[did, kind, time, handle, active, status]`).
+fn account_path(did: &str, kind: &str, time: &str, rest: Value) -> String {
+    use sha2::Digest;
+    let mut array = json!([did, kind, time]);
+    array
+        .as_array_mut()
+        .unwrap()
+        .extend(rest.as_array().unwrap().iter().cloned());
+    let digest: String = sha2::Sha256::digest(array.to_string().as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("study_user_activity/account/did={did}_{kind}_time={time}_event={digest}.json")
+}
+
 #[test]
 fn account_and_identity_events_of_study_users_only() {
+    let account = account_path(
+        S1,
+        "account",
+        "2024-10-02T15:00:00.000Z",
+        json!([null, false, "deactivated"]),
+    );
+    let identity = account_path(
+        S1,
+        "identity",
+        "2024-10-02T15:00:01.000Z",
+        json!(["new.example.com", null, null]),
+    );
     let files = check(
         &[
             synth::account_frame(
@@ -452,16 +489,50 @@ fn account_and_identity_events_of_study_users_only() {
             synth::account_frame(12, A3, false, Some("deleted"), "2024-10-02T15:00:02.000Z"),
         ],
         &mut cast(),
-        &[
-            "study_user_activity/account/did=did:plc:z72i7hdynmk6r22z27h6tvur_account_seq=10.json",
-            "study_user_activity/account/did=did:plc:z72i7hdynmk6r22z27h6tvur_identity_seq=11.json",
-        ],
+        &[&account, &identity],
     );
-    let v: Value = serde_json::from_str(&files["study_user_activity/account/did=did:plc:z72i7hdynmk6r22z27h6tvur_account_seq=10.json"]).unwrap();
+    let v: Value = serde_json::from_str(&files[&account]).unwrap();
     assert_eq!(
         v,
         json!({"did": S1, "kind": "account", "seq": 10, "time": "2024-10-02T15:00:00.000Z", "handle": null, "active": false, "status": "deactivated"})
     );
+}
+
+/// Issue item 10: an account or identity event delivered again under another seq (a second
+/// relay, a relay swap) rewrites the same file; genuinely different events never share one.
+/// With the old `..._seq=<seq>.json` names the redelivery was a second file (a second row).
+#[test]
+fn an_account_event_delivered_twice_is_one_file_keyed_on_the_event() {
+    let t = "2024-10-02T15:00:00.000Z";
+    let mut state = cast();
+    let files = run(
+        &[
+            synth::account_frame(10, S1, false, Some("deactivated"), t),
+            synth::identity_frame(11, S1, Some("s1.example.com"), t),
+            // the same two events again, from another relay's sequence
+            synth::account_frame(5_000_010, S1, false, Some("deactivated"), t),
+            synth::identity_frame(5_000_011, S1, Some("s1.example.com"), t),
+            // different events: reactivation at the same instant, another status, another handle
+            synth::account_frame(12, S1, true, None, t),
+            synth::account_frame(13, S1, false, Some("takendown"), t),
+            synth::identity_frame(14, S1, Some("s1.other.example"), t),
+            synth::identity_frame(15, S1, None, t),
+        ],
+        &mut state,
+    );
+    assert_eq!(files.len(), 6, "{:#?}", files.keys().collect::<Vec<_>>());
+    let deactivated = account_path(S1, "account", t, json!([null, false, "deactivated"]));
+    let v: Value = serde_json::from_str(&files[&deactivated]).unwrap();
+    assert_eq!(
+        v["seq"], 5_000_010,
+        "the seq stays inside the file (the latest delivery)"
+    );
+    assert!(files.contains_key(&account_path(
+        S1,
+        "identity",
+        t,
+        json!(["s1.example.com", null, null])
+    )));
 }
 
 #[test]
@@ -475,20 +546,18 @@ fn unfollow_removes_from_in_network_unless_another_study_user_follows() {
         ],
         &mut state,
     );
-    assert!(state.in_network.contains(&a3));
+    assert!(state.is_in_network(&a3));
     run(
         &[commit(3, S1, &[OpSpec::delete(FOLLOW, "3l5kf1fffff2f")])],
         &mut state,
     );
-    assert!(state.in_network.contains(&a3), "S2 still follows A3");
+    assert!(state.is_in_network(&a3), "S2 still follows A3");
     run(
         &[commit(4, S2, &[OpSpec::delete(FOLLOW, "3l5kf2fffff2f")])],
         &mut state,
     );
-    assert!(
-        !state.in_network.contains(&a3),
-        "nobody follows A3 any more"
-    );
+    assert!(!state.is_in_network(&a3), "nobody follows A3 any more");
+    assert!(state.unknown_unfollows.is_empty());
     // and A3's posts stop being routed
     check(
         &[commit(5, A3, &[create(POST, "3l5kpppppp22p", post("x"))])],
@@ -563,5 +632,181 @@ fn a_post_with_an_unexpected_embed_shape_is_still_routed() {
             "in_network_user_activity/create/post/did:plc:4llrhdclvdlmmynkwsmg5tdc/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_post_uri_suffix=3l5kaaaaaaa2a.json",
             "study_user_activity/create/reply_to_user_post/3l5jnpb6xyz2k/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_post_uri_suffix=3l5kaaaaaaa2a.json",
         ],
+    );
+}
+
+// ---- review gaps (issue 11b) -------------------------------------------------------------------
+
+/// A quote whose embed `$type` is spelled with `#main` is the same lexicon type: the post's
+/// `embed` JSON already counted it as a quote, and routing now agrees (it used to miss it).
+#[test]
+fn quotes_with_main_suffixed_embed_types_are_routed() {
+    let cid = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm";
+    let quote_record = json!({"$type": POST, "text": "q", "createdAt": "2024-10-02T14:05:10.001Z",
+        "embed": {"$type": "app.bsky.embed.record#main", "record": {"uri": STUDY_POST, "cid": cid}}});
+    let quote_media = json!({"$type": POST, "text": "q", "createdAt": "2024-10-02T14:05:10.001Z",
+        "embed": {"$type": "app.bsky.embed.recordWithMedia#main",
+                  "record": {"$type": "app.bsky.embed.record#main", "record": {"uri": STUDY_POST, "cid": cid}},
+                  "media": {"$type": "app.bsky.embed.images#main", "images": [{"alt": "a"}]}}});
+    let files = check(
+        &[commit(1, A3, &[create(POST, "3l5kqqqqqqq2q", quote_record), create(POST, "3l5kqqqqqqr2q", quote_media)])],
+        &mut cast(),
+        &[
+            "study_user_activity/create/quote_of_user_post/3l5jnpb6xyz2k/author_did=did:plc:ragtjsm2j2vknwkz3zp4oxrd_post_uri_suffix=3l5kqqqqqqq2q.json",
+            "study_user_activity/create/quote_of_user_post/3l5jnpb6xyz2k/author_did=did:plc:ragtjsm2j2vknwkz3zp4oxrd_post_uri_suffix=3l5kqqqqqqr2q.json",
+        ],
+    );
+    for contents in files.values() {
+        let v: Value = serde_json::from_str(contents).unwrap();
+        let embed: Value = serde_json::from_str(v["embed"].as_str().unwrap()).unwrap();
+        assert_eq!(embed["has_embedded_record"], true);
+        assert_eq!(embed["embedded_record"]["uri"], STUDY_POST);
+    }
+}
+
+/// An in-network post's delete follows the post: routed when the post was routed (even if the
+/// author has left the network since), not when the author merely is in the network today.
+#[test]
+fn in_network_post_deletes_follow_what_was_routed_not_todays_membership() {
+    let mut state = cast();
+    let a1 = Did::parse(A1).unwrap();
+    let a3 = Did::parse(A3).unwrap();
+    run(
+        &[
+            commit(
+                1,
+                A1,
+                &[create(POST, "3l5kaaaaaaa2a", post("routed in-network"))],
+            ),
+            commit(
+                2,
+                A3,
+                &[create(POST, "3l5kbbbbbbb2b", post("before A3 joined"))],
+            ),
+            // A3 joins the network, A1 leaves it (the operator's file no longer lists it).
+            commit(3, S1, &[create(FOLLOW, "3l5kfffffff2f", follow(A3))]),
+        ],
+        &mut state,
+    );
+    state.in_network.remove(&a1);
+    assert!(!state.is_in_network(&a1) && state.is_in_network(&a3));
+    check(
+        &[
+            commit(4, A1, &[OpSpec::delete(POST, "3l5kaaaaaaa2a")]),
+            commit(5, A3, &[OpSpec::delete(POST, "3l5kbbbbbbb2b")]),
+            // created and deleted in one commit: the delete sees the create
+            commit(6, A3, &[create(POST, "3l5kccccccc2c", post("gone at once")), OpSpec::delete(POST, "3l5kccccccc2c")]),
+        ],
+        &mut state,
+        &[
+            "in_network_user_activity/delete/post/did:plc:w4xbfzo7kqfes5zb7r6qv3rw/author_did=did:plc:w4xbfzo7kqfes5zb7r6qv3rw_post_uri_suffix=3l5kaaaaaaa2a.json",
+            "in_network_user_activity/create/post/did:plc:ragtjsm2j2vknwkz3zp4oxrd/author_did=did:plc:ragtjsm2j2vknwkz3zp4oxrd_post_uri_suffix=3l5kccccccc2c.json",
+            "in_network_user_activity/delete/post/did:plc:ragtjsm2j2vknwkz3zp4oxrd/author_did=did:plc:ragtjsm2j2vknwkz3zp4oxrd_post_uri_suffix=3l5kccccccc2c.json",
+        ],
+    );
+}
+
+/// A study user deletes a follow made before tracking began: the state never saw the record, so
+/// its subject is unknown. The delete file is still written, the account stays (nothing says
+/// which one it was), and the unfollow is reported and recorded for the repo backfill.
+#[test]
+fn an_unfollow_of_a_follow_made_before_tracking_is_reported_and_recorded() {
+    let mut state = cast();
+    let frame = commit(1, S1, &[OpSpec::delete(FOLLOW, "3l4aaaaaaaa2a")]);
+    let event = decode_frame(&frame).unwrap();
+    let routing = route_event(&event, &state, CLOCK);
+    assert_eq!(
+        routing.files[0].path.to_string(),
+        "study_user_activity/delete/follow/author_did=did:plc:z72i7hdynmk6r22z27h6tvur_follow_uri_suffix=3l4aaaaaaaa2a.json"
+    );
+    let applied: Vec<Applied> = routing.updates.iter().map(|u| state.apply(u)).collect();
+    assert_eq!(applied, [Applied::UnknownUnfollow]);
+    assert_eq!(
+        state
+            .unknown_unfollows
+            .iter()
+            .map(|u| u.as_str())
+            .collect::<Vec<_>>(),
+        ["at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.graph.follow/3l4aaaaaaaa2a"]
+    );
+    for did in [S2, A1] {
+        assert!(state.is_in_network(&Did::parse(did).unwrap()));
+    }
+    // A follow seen in the stream is not unknown.
+    let mut applied = Vec::new();
+    for frame in [
+        commit(2, S1, &[create(FOLLOW, "3l5kfffffff2f", follow(A3))]),
+        commit(3, S1, &[OpSpec::delete(FOLLOW, "3l5kfffffff2f")]),
+    ] {
+        let event = decode_frame(&frame).unwrap();
+        for u in &route_event(&event, &state, CLOCK).updates {
+            applied.push(state.apply(u));
+        }
+    }
+    assert_eq!(applied, [Applied::Done, Applied::Done]);
+    assert!(!state.is_in_network(&Did::parse(A3).unwrap()));
+    assert_eq!(state.unknown_unfollows.len(), 1);
+}
+
+/// The in-network input is not the stream's to edit: an account it lists stays in-network after
+/// a study user follows and unfollows it (the SQLite state always behaved so; the in-memory one
+/// used to drop it).
+#[test]
+fn an_unfollow_never_removes_an_account_the_in_network_input_lists() {
+    let mut state = cast();
+    let a1 = Did::parse(A1).unwrap();
+    run(
+        &[
+            commit(1, S1, &[create(FOLLOW, "3l5kfffffff2f", follow(A1))]),
+            commit(2, S1, &[OpSpec::delete(FOLLOW, "3l5kfffffff2f")]),
+        ],
+        &mut state,
+    );
+    assert!(state.is_in_network(&a1));
+    check(
+        &[commit(3, A1, &[create(POST, "3l5kpppppp22p", post("still routed"))])],
+        &mut state,
+        &["in_network_user_activity/create/post/did:plc:w4xbfzo7kqfes5zb7r6qv3rw/author_did=did:plc:w4xbfzo7kqfes5zb7r6qv3rw_post_uri_suffix=3l5kpppppp22p.json"],
+    );
+}
+
+/// A valid record key may begin with `.`; as a nesting folder it is written `%2E...` so that it
+/// is not a hidden name (which the export skips). It used to be dropped as `hidden_name`.
+#[test]
+fn study_posts_whose_rkey_starts_with_a_dot_nest_under_an_encoded_folder() {
+    let dot_post = "at://did:plc:z72i7hdynmk6r22z27h6tvur/app.bsky.feed.post/.x1";
+    let mut state = cast();
+    state
+        .study_posts
+        .insert(dot_post.to_owned(), Did::parse(S1).unwrap());
+    let repost = json!({"$type": REPOST, "createdAt": "2024-10-02T14:05:10.001Z",
+        "subject": {"uri": dot_post, "cid": "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"}});
+    let files = check(
+        &[
+            commit(1, S2, &[create(LIKE, "3l5jv9zzzzz2c", like(dot_post))]),
+            commit(2, A3, &[create(POST, "3l5kbbbbbbb2b", reply(dot_post, dot_post))]),
+            commit(3, A2, &[create(REPOST, "3l5krrrrrrr2r", repost)]),
+            commit(4, S2, &[OpSpec::delete(LIKE, "3l5jv9zzzzz2c")]),
+        ],
+        &mut state,
+        &[
+            "study_user_activity/create/like/%2Ex1/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_like_uri_suffix=3l5jv9zzzzz2c.json",
+            "study_user_activity/create/like_on_user_post/%2Ex1/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_like_uri_suffix=3l5jv9zzzzz2c.json",
+            "study_user_activity/create/reply_to_user_post/%2Ex1/author_did=did:plc:ragtjsm2j2vknwkz3zp4oxrd_post_uri_suffix=3l5kbbbbbbb2b.json",
+            "study_user_activity/create/repost_of_user_post/%2Ex1/author_did=did:plc:q6gjnaw2blty4crticxkmujt_repost_uri_suffix=3l5krrrrrrr2r.json",
+            "study_user_activity/delete/like/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_like_uri_suffix=3l5jv9zzzzz2c.json",
+            "study_user_activity/delete/like_on_user_post/%2Ex1/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_like_uri_suffix=3l5jv9zzzzz2c.json",
+        ],
+    );
+    let like: Value = serde_json::from_str(&files["study_user_activity/create/like_on_user_post/%2Ex1/author_did=did:plc:4llrhdclvdlmmynkwsmg5tdc_like_uri_suffix=3l5jv9zzzzz2c.json"]).unwrap();
+    assert_eq!(
+        like["record"]["subject"]["uri"], dot_post,
+        "contents keep the real URI"
+    );
+    // A study user's own post with such a key: its file name keeps the key as is (not first).
+    check(
+        &[commit(5, S1, &[create(POST, ".y2", post("dot"))])],
+        &mut cast(),
+        &["study_user_activity/create/post/author_did=did:plc:z72i7hdynmk6r22z27h6tvur_post_uri_suffix=.y2.json"],
     );
 }
