@@ -14,32 +14,19 @@
 //!
 //! Reports frames/s, MB/s and the process's peak RSS (VmHWM).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use support::{fixtures, now_micros, peak_rss_mb};
 use sync_core::crypto::PublicKey;
 use sync_core::did_doc::parse_did_doc_map;
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::ids::Did;
 use sync_core::route::{route_event, MemoryState};
 use sync_core::verify::{prove_ops, verify_commit, verify_signed_commit, VerifyOptions};
-
-fn fixtures() -> std::path::PathBuf {
-    std::env::var_os("SYNC_FIXTURES")
-        .map(Into::into)
-        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into())
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 /// A deterministic fake did:plc (24 base32 chars) for index `i`.
 fn fake_did(i: u64) -> Did {
@@ -176,11 +163,7 @@ fn main() {
         .into_iter()
         .filter_map(|(did, id)| Some((did, id.ok()?.signing_key)))
         .collect();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64;
-    let opts = VerifyOptions::at(now);
+    let opts = VerifyOptions::at(now_micros());
     let commits = frames
         .iter()
         .filter(|f| matches!(decode_frame(f), Ok(Event::Commit(_))))

@@ -5,36 +5,16 @@
 //!
 //! `cargo bench -p sync-core --bench repo_read [-- SECONDS] [RECORDS]`
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
+use support::{fixtures, now_micros, peak_rss_mb};
 use sync_core::ids::Did;
 use sync_core::repo::{RepoReader, DEFAULT_MAX_REPO_BYTES};
 use sync_core::synth::SynthRepo;
 use sync_core::verify::VerifyOptions;
-
-fn fixtures() -> std::path::PathBuf {
-    std::env::var_os("SYNC_FIXTURES")
-        .map(Into::into)
-        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into())
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn now_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-}
 
 const SYNTH_DID: &str = "did:plc:benchbenchbenchbenchbenc";
 const SYNTH_SECRET: [u8; 32] = [11; 32];

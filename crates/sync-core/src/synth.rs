@@ -50,6 +50,23 @@ pub enum OpSpec {
 }
 
 impl OpSpec {
+    /// `(action, collection, rkey, record)`; the record is `None` for deletes.
+    fn parts(&self) -> (&'static str, &str, &str, Option<&Value>) {
+        match self {
+            OpSpec::Create {
+                collection,
+                rkey,
+                record,
+            } => ("create", collection, rkey, Some(record)),
+            OpSpec::Update {
+                collection,
+                rkey,
+                record,
+            } => ("update", collection, rkey, Some(record)),
+            OpSpec::Delete { collection, rkey } => ("delete", collection, rkey, None),
+        }
+    }
+
     pub fn create(collection: &str, rkey: &str, record: Value) -> Self {
         OpSpec::Create {
             collection: collection.into(),
@@ -100,8 +117,16 @@ fn varint(mut n: u64, out: &mut Vec<u8>) {
 
 /// A CAR v1 file with `root` as its only root and `blocks` in order.
 pub fn car(root: &Cid, blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
+    car_with_roots(std::slice::from_ref(root), blocks)
+}
+
+/// A CAR v1 file with any roots (none, or several, for hostile variants) and `blocks` in order.
+pub fn car_with_roots(roots: &[Cid], blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
     let mut header = BTreeMap::new();
-    header.insert("roots".to_owned(), Ipld::List(vec![Ipld::Link(*root)]));
+    header.insert(
+        "roots".to_owned(),
+        Ipld::List(roots.iter().map(|r| Ipld::Link(*r)).collect()),
+    );
     header.insert("version".to_owned(), Ipld::Integer(1));
     let header = encode(&Ipld::Map(header));
     let mut out = Vec::new();
@@ -123,19 +148,7 @@ pub fn commit_frame(seq: i64, repo: &str, rev: &str, time: &str, ops: &[OpSpec])
     let mut blocks = vec![(commit_cid, commit_block)];
     let mut op_values = Vec::new();
     for op in ops {
-        let (action, collection, rkey, record) = match op {
-            OpSpec::Create {
-                collection,
-                rkey,
-                record,
-            } => ("create", collection, rkey, Some(record)),
-            OpSpec::Update {
-                collection,
-                rkey,
-                record,
-            } => ("update", collection, rkey, Some(record)),
-            OpSpec::Delete { collection, rkey } => ("delete", collection, rkey, None),
-        };
+        let (action, collection, rkey, record) = op.parts();
         let mut m = BTreeMap::new();
         m.insert("action".to_owned(), Ipld::String(action.into()));
         m.insert(
@@ -506,19 +519,7 @@ impl SynthRepo {
         let mut op_values = Vec::new();
         let mut new_blocks = Vec::new();
         for op in ops {
-            let (action, collection, rkey, record) = match op {
-                OpSpec::Create {
-                    collection,
-                    rkey,
-                    record,
-                } => ("create", collection, rkey, Some(record)),
-                OpSpec::Update {
-                    collection,
-                    rkey,
-                    record,
-                } => ("update", collection, rkey, Some(record)),
-                OpSpec::Delete { collection, rkey } => ("delete", collection, rkey, None),
-            };
+            let (action, collection, rkey, record) = op.parts();
             let path = format!("{collection}/{rkey}");
             let prev = self
                 .tree

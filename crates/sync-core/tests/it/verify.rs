@@ -51,37 +51,8 @@ pub struct Editable {
     pub blocks: Vec<(Cid, Vec<u8>)>,
 }
 
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
 pub fn build_car(roots: &[Cid], blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
-    let header = Ipld::Map(BTreeMap::from([
-        (
-            "roots".to_string(),
-            Ipld::List(roots.iter().map(|c| Ipld::Link(*c)).collect()),
-        ),
-        ("version".to_string(), Ipld::Integer(1)),
-    ]));
-    let header = serde_ipld_dagcbor::to_vec(&header).unwrap();
-    let mut out = Vec::new();
-    varint(header.len() as u64, &mut out);
-    out.extend_from_slice(&header);
-    for (cid, data) in blocks {
-        let cid_bytes = cid.to_bytes();
-        varint((cid_bytes.len() + data.len()) as u64, &mut out);
-        out.extend_from_slice(&cid_bytes);
-        out.extend_from_slice(data);
-    }
-    out
+    sync_core::synth::car_with_roots(roots, blocks)
 }
 
 impl Editable {
