@@ -10,7 +10,7 @@ pub mod source;
 pub mod state;
 pub mod tracked;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -71,21 +71,21 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 }
 
 /// Loads the study-user and in-network files named by the configuration.
-pub fn load_tracked(config: &Config) -> Result<(HashSet<Did>, HashSet<Did>)> {
+pub fn load_tracked(config: &Config) -> Result<(tracked::DidSet, tracked::DidSet)> {
     let study = tracked::load_dids(&config.study_users, tracked::Table::StudyUsers)
         .with_context(|| format!("loading study users from {}", config.study_users.display()))?;
     let in_network = match &config.in_network {
         Some(path) => tracked::load_dids(path, tracked::Table::SocialNetwork)
             .with_context(|| format!("loading in-network users from {}", path.display()))?,
-        None => HashSet::new(),
+        None => tracked::DidSet::default(),
     };
     Ok((study, in_network))
 }
 
 /// One writer per state file: a second one would interleave cursors and delete the first one's
 /// temp files at start-up. The lock is held until the returned file is dropped.
-fn lock_instance(config: &Config) -> Result<std::fs::File> {
-    let mut path = config.state.clone().into_os_string();
+fn lock_instance(state: &Path) -> Result<std::fs::File> {
+    let mut path = state.to_path_buf().into_os_string();
     path.push(".lock");
     let path = std::path::PathBuf::from(path);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -102,7 +102,7 @@ fn lock_instance(config: &Config) -> Result<std::fs::File> {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another firehose-writer is running with state {} (lock {} is held)",
-            config.state.display(),
+            state.display(),
             path.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => {
@@ -147,7 +147,7 @@ pub async fn run(
     on_start: impl FnOnce(Handles),
 ) -> Result<ProcessorSummary> {
     install_crypto_provider();
-    let _instance = lock_instance(&config)?;
+    let _instance = lock_instance(&config.state)?;
     let (study, in_network) =
         load_tracked(&config).map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
     info!(
@@ -155,7 +155,7 @@ pub async fn run(
         in_network = in_network.len(),
         "tracked sets loaded"
     );
-    let mut state = state::StateStore::open(&config.state, study, in_network)?;
+    let mut state = state::StateStore::open_with_sets(&config.state, study, in_network)?;
     seed_study_posts(&mut state, &config)?;
     let cache = CacheWriter::open(&config.cache_dir)
         .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
@@ -164,19 +164,11 @@ pub async fn run(
         Ok(n) => info!(removed = n, "removed temp files left by an earlier crash"),
         Err(e) => warn!(error = %e, "could not scan the cache for stale temp files"),
     }
-    let start_cursor = config.cursor.or(state.cursor());
-    if let (Some(requested), Some(stored)) = (config.cursor, state.cursor()) {
-        if requested < stored {
-            // Otherwise every tracked repo's events up to the stored cursor would be skipped
-            // as duplicates of what was captured before, defeating the rewind.
-            warn!(
-                cursor = requested,
-                stored, "rewinding below the stored cursor: events after it are captured again"
-            );
-            state.forget_revs()?;
-        }
+    if let Some(requested) = config.cursor {
+        apply_cursor_flag(&mut state, requested)?;
     }
-    info!(cursor = ?start_cursor, stored = ?state.cursor(), "starting");
+    let start_cursor = state.cursor();
+    info!(cursor = ?start_cursor, "starting");
 
     let metrics = Metrics::new();
     let metrics_addr = match config.metrics_addr {
@@ -288,6 +280,51 @@ pub async fn run(
 }
 
 use processor::Input;
+
+/// `--cursor N` / `FIREHOSE_CURSOR`: applied once (recorded in the state), so the value left in
+/// an environment file does not rewind every restart.
+fn apply_cursor_flag(state: &mut state::StateStore, requested: i64) -> Result<()> {
+    use state::CursorChange;
+    let stored = state.cursor();
+    match state
+        .apply_cursor_flag(requested)
+        .context("applying --cursor")?
+    {
+        None => info!(
+            cursor = requested,
+            ?stored,
+            "--cursor / FIREHOSE_CURSOR {requested} was already applied by an earlier start: resuming from the stored cursor (use `firehose-writer set-cursor` to apply it again)"
+        ),
+        Some(CursorChange::First | CursorChange::Unchanged) => {
+            info!(cursor = requested, "cursor set by --cursor / FIREHOSE_CURSOR")
+        }
+        Some(CursorChange::Rewound { from }) => warn!(
+            cursor = requested,
+            stored = from,
+            "rewinding below the stored cursor: tracked accounts' events after it are captured again"
+        ),
+        Some(CursorChange::SkippedForward { from }) => warn!(
+            cursor = requested,
+            stored = from,
+            "skipping forward past the stored cursor: events after the stored cursor up to this one will NEVER be captured"
+        ),
+    }
+    Ok(())
+}
+
+/// `firehose-writer set-cursor N`: sets the stored cursor of a writer that is not running (its
+/// lock is taken first), in one transaction with what it implies (see [`state::set_cursor`]).
+pub fn set_cursor(state_path: &Path, cursor: i64) -> Result<state::CursorChange> {
+    // Checked before locking, so a mistyped path leaves no lock file behind.
+    if !state_path.is_file() {
+        anyhow::bail!(
+            "no state database at {} (a first start takes --cursor instead)",
+            state_path.display()
+        );
+    }
+    let _instance = lock_instance(state_path)?;
+    state::set_cursor(state_path, cursor)
+}
 
 /// Counts reported by [`inspect`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

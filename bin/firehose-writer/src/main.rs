@@ -30,6 +30,33 @@ async fn shutdown_signal() {
     }
 }
 
+/// `set-cursor`: an operator's one-shot command, so it talks to the terminal, not the log.
+fn set_cursor(state: &std::path::Path, cursor: i64) -> ExitCode {
+    use firehose_writer::state::CursorChange;
+    match firehose_writer::set_cursor(state, cursor) {
+        Ok(change) => {
+            match change {
+                CursorChange::First | CursorChange::Unchanged => {}
+                CursorChange::Rewound { from } => eprintln!(
+                    "rewound from {from}: the per-repo revs are forgotten, so tracked accounts' events after {cursor} are captured again"
+                ),
+                CursorChange::SkippedForward { from } => eprintln!(
+                    "warning: {cursor} is ahead of the stored cursor {from}: events after seq {from} up to {cursor} will NEVER be captured"
+                ),
+            }
+            println!(
+                "cursor of {} set to {cursor}: the next start resumes after it",
+                state.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Command::Inspect {
@@ -58,6 +85,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::SetCursor { cursor, state }) = &args.command {
+        return set_cursor(state, *cursor);
     }
     init_logs(args.log_format);
     let config = match Config::from_args(&args) {

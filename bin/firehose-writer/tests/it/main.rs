@@ -1,10 +1,11 @@
 //! firehose-writer integration tests, one binary: `inspect` CLI, the writer in-process against
 //! the replay file and the test relay (faults), as a process (SIGKILL crash safety, signals), and
-//! against the official atproto PDS.
+//! against the official atproto PDS, and the state an operator manages across restarts.
 
 mod cli;
 mod pds;
 mod process;
+mod state;
 mod writer;
 
 /// Helpers shared by the test modules.
