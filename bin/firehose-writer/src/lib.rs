@@ -164,11 +164,11 @@ pub async fn run(
         Ok(n) => info!(removed = n, "removed temp files left by an earlier crash"),
         Err(e) => warn!(error = %e, "could not scan the cache for stale temp files"),
     }
-    if let Some(requested) = config.cursor {
-        apply_cursor_flag(&mut state, requested)?;
-    }
-    let start_cursor = state.cursor();
-    info!(cursor = ?start_cursor, "starting");
+    let start_cursor = match config.cursor {
+        Some(requested) if apply_cursor_flag(&mut state, requested)? => Some(requested),
+        _ => state.cursor(),
+    };
+    info!(cursor = ?start_cursor, stored = ?state.cursor(), "starting");
 
     let metrics = Metrics::new();
     let metrics_addr = match config.metrics_addr {
@@ -281,15 +281,15 @@ pub async fn run(
 
 use processor::Input;
 
-/// `--cursor N` / `FIREHOSE_CURSOR`: applied once (recorded in the state), so the value left in
-/// an environment file does not rewind every restart.
-fn apply_cursor_flag(state: &mut state::StateStore, requested: i64) -> Result<()> {
+/// `--cursor N` / `FIREHOSE_CURSOR`: applied once (recorded in the state with the first commit),
+/// so the value left in an environment file does not rewind every restart. True when applied.
+fn apply_cursor_flag(state: &mut state::StateStore, requested: i64) -> Result<bool> {
     use state::CursorChange;
     let stored = state.cursor();
-    match state
+    let change = state
         .apply_cursor_flag(requested)
-        .context("applying --cursor")?
-    {
+        .context("applying --cursor")?;
+    match change {
         None => info!(
             cursor = requested,
             ?stored,
@@ -309,7 +309,7 @@ fn apply_cursor_flag(state: &mut state::StateStore, requested: i64) -> Result<()
             "skipping forward past the stored cursor: events after the stored cursor up to this one will NEVER be captured"
         ),
     }
-    Ok(())
+    Ok(change.is_some())
 }
 
 /// `firehose-writer set-cursor N`: sets the stored cursor of a writer that is not running (its

@@ -93,42 +93,62 @@ fn read_cursor(conn: &Connection) -> Result<Option<i64>> {
     .context("stored cursor is not a number")
 }
 
-/// Sets the stored cursor for an operator, in one transaction with what it implies: a rewind
-/// forgets the per-repo revs; the override is recorded (`meta`). Returns the change.
-fn override_cursor(conn: &mut Connection, cursor: i64, by: CursorSetBy) -> Result<CursorChange> {
-    let tx = conn.transaction().context("starting state transaction")?;
-    let previous = read_cursor(&tx)?;
-    let change = match previous {
-        None => CursorChange::First,
-        Some(p) if p == cursor => CursorChange::Unchanged,
-        Some(p) if cursor < p => CursorChange::Rewound { from: p },
-        Some(p) => CursorChange::SkippedForward { from: p },
-    };
-    if let CursorChange::Rewound { .. } = change {
-        tx.execute("DELETE FROM repo_revs", [])
-            .context("clearing the per-repo revs")?;
+/// An operator's cursor override, and what it changes.
+#[derive(Debug, Clone, Copy)]
+struct CursorOverride {
+    cursor: i64,
+    previous: Option<i64>,
+    by: CursorSetBy,
+}
+
+impl CursorOverride {
+    fn change(&self) -> CursorChange {
+        match self.previous {
+            None => CursorChange::First,
+            Some(p) if p == self.cursor => CursorChange::Unchanged,
+            Some(p) if self.cursor < p => CursorChange::Rewound { from: p },
+            Some(p) => CursorChange::SkippedForward { from: p },
+        }
     }
+
+    /// Writes what the override implies inside `tx`: a rewind forgets the per-repo revs (before
+    /// any rev of this transaction is written); the override is recorded in `meta`.
+    fn write(&self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        if let CursorChange::Rewound { .. } = self.change() {
+            tx.execute("DELETE FROM repo_revs", [])
+                .context("clearing the per-repo revs")?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, json_object('cursor', ?2, \
+             'previous', ?3, 'by', ?4, 'at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+            params![
+                META_CURSOR_OVERRIDE,
+                self.cursor,
+                self.previous,
+                self.by.label()
+            ],
+        )?;
+        if self.by == CursorSetBy::Flag {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![META_CURSOR_FLAG_APPLIED, self.cursor.to_string()],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn write_cursor(tx: &rusqlite::Transaction<'_>, cursor: i64) -> Result<()> {
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)",
         params![cursor.to_string()],
     )?;
-    tx.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, json_object('cursor', ?2, \
-         'previous', ?3, 'by', ?4, 'at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
-        params![META_CURSOR_OVERRIDE, cursor, previous, by.label()],
-    )?;
-    if by == CursorSetBy::Flag {
-        tx.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-            params![META_CURSOR_FLAG_APPLIED, cursor.to_string()],
-        )?;
-    }
-    tx.commit().context("committing the cursor override")?;
-    Ok(change)
+    Ok(())
 }
 
 /// `firehose-writer set-cursor`: sets the cursor of an existing state database that no writer
-/// holds (the caller holds the lock). See [`override_cursor`].
+/// holds (the caller holds the lock), in one transaction with what it implies: a rewind forgets
+/// the per-repo revs; the override is recorded in `meta`.
 pub fn set_cursor(path: &Path, cursor: i64) -> Result<CursorChange> {
     if !path.is_file() {
         anyhow::bail!(
@@ -141,7 +161,16 @@ pub fn set_cursor(path: &Path, cursor: i64) -> Result<CursorChange> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("creating schema in {}", path.display()))?;
-    override_cursor(&mut conn, cursor, CursorSetBy::Command)
+    let tx = conn.transaction().context("starting state transaction")?;
+    let change = CursorOverride {
+        cursor,
+        previous: read_cursor(&tx)?,
+        by: CursorSetBy::Command,
+    };
+    change.write(&tx)?;
+    write_cursor(&tx, cursor)?;
+    tx.commit().context("committing the cursor")?;
+    Ok(change.change())
 }
 
 const SCHEMA: &str = "
@@ -172,6 +201,9 @@ struct Pending {
     /// (follow uri, follower, seq, time) of unfollows whose follow was never seen.
     unknown_unfollows: Vec<(String, Did, i64, String)>,
     revs: HashMap<Did, Tid>,
+    /// A `--cursor` override, made durable with the first commit (with the rev reset of a
+    /// rewind), so a run that ends before committing anything leaves the state as it was.
+    cursor_override: Option<CursorOverride>,
 }
 
 /// The author of `uri` if it is a post URI (`at://<did>/app.bsky.feed.post/<rkey>`).
@@ -342,8 +374,11 @@ impl StateStore {
 
     /// Applies `--cursor N` / `FIREHOSE_CURSOR` unless this value was applied by an earlier
     /// start (`None`): an override left in the environment file must not rewind every restart
-    /// and wipe the duplicate memory each time. A rewind forgets the revs (safe: a replayed
-    /// event rewrites the same file name and the index updates are idempotent).
+    /// and wipe the duplicate memory each time. A rewind forgets the revs at once in memory (safe:
+    /// a replayed event rewrites the same file name and the index updates are idempotent); the
+    /// override, the rev reset and the new cursor become durable together with the next
+    /// [`commit`](Self::commit), so a run that commits nothing (e.g. the relay refuses the cursor)
+    /// changes nothing and the next start applies the value again.
     pub fn apply_cursor_flag(&mut self, cursor: i64) -> Result<Option<CursorChange>> {
         let applied: Option<String> = self
             .conn
@@ -356,13 +391,17 @@ impl StateStore {
         if applied.and_then(|v| v.parse::<i64>().ok()) == Some(cursor) {
             return Ok(None);
         }
-        let change = override_cursor(&mut self.conn, cursor, CursorSetBy::Flag)?;
-        if let CursorChange::Rewound { .. } = change {
+        let change = CursorOverride {
+            cursor,
+            previous: self.cursor,
+            by: CursorSetBy::Flag,
+        };
+        if let CursorChange::Rewound { .. } = change.change() {
             self.revs.clear();
             self.pending.revs.clear();
         }
-        self.cursor = Some(cursor);
-        Ok(Some(change))
+        self.pending.cursor_override = Some(change);
+        Ok(Some(change.change()))
     }
 
     /// True when `rev` is not newer than the last rev seen for this (tracked) repo.
@@ -490,6 +529,7 @@ impl StateStore {
 
     /// Writes every queued update and the cursor in one transaction.
     pub fn commit(&mut self, cursor: Option<i64>) -> Result<()> {
+        let cursor = cursor.or(self.pending.cursor_override.map(|o| o.cursor));
         let tx = self
             .conn
             .transaction()
@@ -537,16 +577,17 @@ impl StateStore {
             for (uri, (follower, subject)) in &self.pending.follows {
                 insert_follow.execute(params![uri, follower.as_str(), subject.as_str()])?;
             }
+            // Before the revs: a rewind's reset must not remove the revs recorded since.
+            if let Some(cursor_override) = &self.pending.cursor_override {
+                cursor_override.write(&tx)?;
+            }
             let mut upsert_rev =
                 tx.prepare_cached("INSERT OR REPLACE INTO repo_revs (did, rev) VALUES (?1, ?2)")?;
             for (did, rev) in &self.pending.revs {
                 upsert_rev.execute(params![did.as_str(), rev.as_str()])?;
             }
             if let Some(cursor) = cursor {
-                tx.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)",
-                    params![cursor.to_string()],
-                )?;
+                write_cursor(&tx, cursor)?;
             }
         }
         tx.commit().context("committing state")?;
@@ -840,7 +881,6 @@ mod tests {
             store.apply_cursor_flag(100).unwrap(),
             Some(CursorChange::First)
         );
-        assert_eq!(store.cursor(), Some(100));
         store.record_rev(&s1, &rev, &verify_now());
         store.commit(Some(500)).unwrap();
         drop(store);
@@ -849,21 +889,39 @@ mod tests {
         assert_eq!(store.apply_cursor_flag(100).unwrap(), None);
         assert_eq!(store.cursor(), Some(500));
         assert!(store.is_duplicate(&s1, &rev));
-        // A new value is a new decision: rewinds, and forgets the revs, in memory and on disk.
+        // A new value is a new decision: a rewind forgets the revs at once in memory...
         assert_eq!(
             store.apply_cursor_flag(200).unwrap(),
             Some(CursorChange::Rewound { from: 500 })
         );
-        assert_eq!(store.cursor(), Some(200));
         assert!(!store.is_duplicate(&s1, &rev));
+        // ...but durably only with a commit: a run that commits nothing changes nothing.
+        drop(store);
+        let mut store = open();
+        assert_eq!(store.cursor(), Some(500));
+        assert!(store.is_duplicate(&s1, &rev));
+        assert_eq!(
+            store.apply_cursor_flag(200).unwrap(),
+            Some(CursorChange::Rewound { from: 500 }),
+            "not recorded as applied yet"
+        );
+        let newer = Tid::parse("3l5kaaaaaab2a").unwrap();
+        store.record_rev(&s1, &newer, &verify_now());
+        store.commit(None).unwrap();
+        assert_eq!(store.cursor(), Some(200), "the override is the cursor");
         drop(store);
         let mut store = open();
         assert_eq!(store.cursor(), Some(200));
-        assert!(!store.is_duplicate(&s1, &rev));
+        assert!(
+            store.is_duplicate(&s1, &newer),
+            "revs recorded after the rewind are kept"
+        );
+        assert_eq!(store.apply_cursor_flag(200).unwrap(), None);
         assert_eq!(
             store.apply_cursor_flag(900).unwrap(),
             Some(CursorChange::SkippedForward { from: 200 })
         );
+        store.commit(Some(901)).unwrap();
         let recorded: String = store
             .conn
             .query_row(
@@ -880,6 +938,7 @@ mod tests {
             recorded["at"].as_str().unwrap().ends_with('Z'),
             "{recorded}"
         );
+        assert_eq!(store.cursor(), Some(901));
     }
 
     #[test]
