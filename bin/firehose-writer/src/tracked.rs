@@ -80,10 +80,10 @@ impl DidSet {
         match plc_key(did.as_str()) {
             Some(key) => {
                 let b = bucket(&key, self.bits);
-                match (self.index.get(b), self.index.get(b + 1)) {
-                    (Some(&start), Some(&end)) => self.plc[start..end].binary_search(&key).is_ok(),
-                    _ => false,
-                }
+                let bounds = self.index.get(b).zip(self.index.get(b + 1));
+                bounds
+                    .and_then(|(&start, &end)| self.plc.get(start..end))
+                    .is_some_and(|keys| keys.binary_search(&key).is_ok())
             }
             None => self.other.contains(did),
         }
@@ -135,8 +135,10 @@ impl DidSetBuilder {
         for key in &plc {
             index[bucket(key, bits) + 1] += 1;
         }
-        for b in 1..index.len() {
-            index[b] += index[b - 1];
+        let mut below = 0;
+        for slot in &mut index {
+            below += *slot;
+            *slot = below;
         }
         DidSet {
             plc,
