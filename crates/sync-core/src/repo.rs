@@ -177,44 +177,74 @@ impl RepoReader {
     }
 
     /// Feeds the next bytes of the CAR. Complete sections are parsed and hash-checked at once.
+    ///
+    /// Sections are parsed straight from `chunk`; only a section cut by the chunk's end is
+    /// copied aside, so each block is copied once (into the repo's block map).
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), RepoError> {
+        let chunk_start = self.received;
         self.received += chunk.len() as u64;
         if self.received > self.max_bytes {
             return Err(RepoError::TooLarge(self.max_bytes));
         }
-        self.pending.extend_from_slice(chunk);
+        let mut rest = chunk;
+        // First finish the section a previous chunk left incomplete.
+        while !self.pending.is_empty() && !rest.is_empty() {
+            let offset = chunk_start - self.pending.len() as u64;
+            match varint(&self.pending, offset)? {
+                None => {
+                    // Not even the length is complete: move one byte over (at most 10 times).
+                    self.pending.push(rest[0]);
+                    rest = &rest[1..];
+                }
+                Some((len, head)) => {
+                    let need = self.section_end(len, head)?;
+                    let take = (need - self.pending.len()).min(rest.len());
+                    self.pending.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if self.pending.len() == need {
+                        let section = std::mem::take(&mut self.pending);
+                        self.section(&section[head..], offset)?;
+                    }
+                }
+            }
+        }
         let mut pos = 0usize;
-        let base = self.received - self.pending.len() as u64;
         loop {
-            let offset = base + pos as u64;
-            let Some((len, head)) = varint(&self.pending[pos..], offset)? else {
+            let offset = chunk_start + (chunk.len() - rest.len() + pos) as u64;
+            let Some((len, head)) = varint(&rest[pos..], offset)? else {
                 break;
             };
-            if len > MAX_SECTION_BYTES as u64 && self.roots.is_some() {
-                return Err(RepoError::SectionTooLarge(len));
-            }
-            if self.roots.is_none() && len > 64 * 1024 {
-                return Err(RepoError::Header(format!("header of {len} bytes")));
-            }
-            let start = pos + head;
-            let end = start + len as usize;
-            if end > self.pending.len() {
+            let end = pos + self.section_end(len, head)?;
+            if end > rest.len() {
                 break;
             }
-            let section = &self.pending[start..end];
-            if self.roots.is_none() {
-                self.roots = Some(parse_header(section)?);
-            } else {
-                let mut rest = section;
-                let cid = Cid::read_bytes(&mut rest)
-                    .map_err(|e| RepoError::Cid(offset, e.to_string()))?;
-                let block = rest.to_vec();
-                self.insert_block(cid, block)?;
-            }
+            self.section(&rest[pos + head..end], offset)?;
             pos = end;
         }
-        self.pending.drain(..pos);
+        self.pending.extend_from_slice(&rest[pos..]);
         Ok(())
+    }
+
+    /// The length of a section (its length prefix included), within the limits.
+    fn section_end(&self, len: u64, head: usize) -> Result<usize, RepoError> {
+        if self.roots.is_none() && len > 64 * 1024 {
+            return Err(RepoError::Header(format!("header of {len} bytes")));
+        }
+        if len > MAX_SECTION_BYTES as u64 {
+            return Err(RepoError::SectionTooLarge(len));
+        }
+        Ok(head + len as usize)
+    }
+
+    /// One complete section: the header first, then `CID + block`s.
+    fn section(&mut self, section: &[u8], offset: u64) -> Result<(), RepoError> {
+        if self.roots.is_none() {
+            self.roots = Some(parse_header(section)?);
+            return Ok(());
+        }
+        let mut rest = section;
+        let cid = Cid::read_bytes(&mut rest).map_err(|e| RepoError::Cid(offset, e.to_string()))?;
+        self.insert_block(cid, rest.to_vec())
     }
 
     /// Sets the CAR roots when the caller parsed the header itself (see [`Self::push_block`]).
