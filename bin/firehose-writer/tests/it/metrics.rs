@@ -70,8 +70,11 @@ fn config(dir: &Path, relay: &str) -> Config {
     }
 }
 
+/// What `run` hands out once the writer is up: its metrics and the endpoint's address.
+type Started = Arc<Mutex<Option<(Arc<Metrics>, SocketAddr)>>>;
+
 struct Writer {
-    handles: Arc<Mutex<Option<(Arc<Metrics>, SocketAddr)>>>,
+    handles: Started,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<firehose_writer::ProcessorSummary>>,
 }
