@@ -636,7 +636,10 @@ struct ProcStat {
 
 impl ProcStat {
     fn read() -> Option<ProcStat> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        ProcStat::parse(&std::fs::read_to_string("/proc/self/stat").ok()?)
+    }
+
+    fn parse(stat: &str) -> Option<ProcStat> {
         // The command name (field 2) may contain spaces and parentheses: fields resume after
         // its last ')', with field 3 (state) first.
         let rest = &stat[stat.rfind(')')? + 1..];
@@ -669,4 +672,19 @@ fn boot_time() -> Option<f64> {
     let up = ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
     Some(now.as_secs_f64() - up)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_fields_follow_the_last_parenthesis() {
+        // A command name may hold spaces and parentheses; utime 14, stime 15, starttime 22.
+        let line = "4242 (fw (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 170 30 0 0 20 0 9 0 123456 287563776 6848 18446744073709551615";
+        let stat = ProcStat::parse(line).unwrap();
+        assert_eq!(stat.cpu_ticks, 200);
+        assert_eq!(stat.start_ticks, 123456);
+        assert!(ProcStat::parse("4242 (truncated").is_none());
+    }
 }
