@@ -4,6 +4,7 @@
 //! (decode, dedupe, route, write, durability barrier, cursor commit). See ARCHITECTURE.md.
 
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod processor;
 pub mod source;
@@ -179,19 +180,26 @@ pub async fn run(
     info!(cursor = ?start_cursor, stored = ?state.cursor(), "starting");
 
     let metrics = Metrics::new();
-    let metrics_addr = match config.metrics_addr {
-        Some(addr) => Some(metrics::serve(addr, metrics.clone()).await?),
+    let relay = matches!(config.source, Source::Relay(_));
+    metrics.configure_health(
+        config.commit_interval,
+        relay.then_some(config.stall_timeout),
+    );
+    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    metrics.watch_channel(&tx);
+    // Stops serving when `run` returns.
+    let server = match config.metrics_addr {
+        Some(addr) => Some(http::serve(addr, metrics.clone()).await?),
         None => None,
     };
     on_start(Handles {
         metrics: metrics.clone(),
-        metrics_addr,
+        metrics_addr: server.as_ref().map(http::Server::local_addr),
     });
 
     let handled_seq = Arc::new(AtomicI64::new(-1));
     let durable_cursor = Arc::new(AtomicI64::new(-1));
     let stopping = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let processor = processor::Processor::new(
         cache,
         state,

@@ -6,7 +6,7 @@
 //! forever (the cursor does not move, /health reports the error); no event is ever skipped.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -153,7 +153,11 @@ impl Processor {
                 || self.cache.pending() >= MAX_PENDING_FILES;
             if self.dirty && due {
                 self.commit()?;
+            } else if !self.dirty && self.cache.pending() == 0 {
+                // Nothing handled needs a commit: /health must not count this as stuck.
+                self.metrics.settled();
             }
+            self.metrics.set_pending_files(self.cache.pending());
         }
         self.commit()?;
         self.summary.cursor = self.state.cursor();
@@ -175,10 +179,7 @@ impl Processor {
 
     fn handle_frame(&mut self, bytes: &[u8]) -> Result<()> {
         self.summary.frames += 1;
-        self.metrics.frames.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .frame_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.metrics.frame(bytes.len());
         let event = match decode_frame(bytes) {
             Ok(event) => event,
             Err(e) => {
@@ -217,7 +218,7 @@ impl Processor {
         let clock = self.clock().to_owned();
         // A failed index lookup would silently drop a reaction: route again until the lookups
         // succeed (the cursor does not move meanwhile).
-        let routing = self.retry("state lookup", seq, |p| {
+        let routing = self.retry_state("state lookup", seq, |p| {
             let routing = route_event(&event, &p.state, &clock);
             match p.state.take_lookup_error() {
                 Some(e) => Err(anyhow::anyhow!(e)),
@@ -280,10 +281,31 @@ impl Processor {
         }
     }
 
+    /// Runs a cache operation until it succeeds; failures count as cache write errors.
     fn retry<T>(
         &mut self,
         what: &str,
         seq: Option<i64>,
+        op: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.retry_counted(what, seq, |m| &m.write_errors, op)
+    }
+
+    /// As [`Self::retry`] for state (SQLite) operations, counted as state errors.
+    fn retry_state<T>(
+        &mut self,
+        what: &str,
+        seq: Option<i64>,
+        op: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.retry_counted(what, seq, |m| &m.state_errors, op)
+    }
+
+    fn retry_counted<T>(
+        &mut self,
+        what: &str,
+        seq: Option<i64>,
+        errors: fn(&Metrics) -> &AtomicU64,
         mut op: impl FnMut(&mut Self) -> Result<T>,
     ) -> Result<T> {
         let mut delay = RETRY_START;
@@ -298,13 +320,14 @@ impl Processor {
                     return Ok(v);
                 }
                 Err(e) if e.is::<Fatal>() || e.chain().any(|c| c.is::<Fatal>()) => {
+                    errors(&self.metrics).fetch_add(1, Ordering::Relaxed);
                     self.metrics.set_cache_error(Some(format!("{what}: {e:#}")));
                     error!(seq, error = %format!("{e:#}"), "{what} failed in a way a retry cannot repair; stopping with the cursor at the last durable seq");
                     return Err(e);
                 }
                 Err(e) => {
                     failed = true;
-                    self.metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                    errors(&self.metrics).fetch_add(1, Ordering::Relaxed);
                     self.metrics.set_cache_error(Some(format!("{what}: {e:#}")));
                     error!(seq, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed; the cursor will not move until it succeeds");
                     if self.shutdown.load(Ordering::Relaxed) {
@@ -332,6 +355,7 @@ impl Processor {
             return Ok(());
         }
         let seq = self.last_seq;
+        let started = Instant::now();
         self.retry("cache sync", seq, |p| {
             p.cache.sync().map(|_| ()).map_err(|e| {
                 // After a failed fsync the kernel may have dropped the pages and a later
@@ -346,12 +370,12 @@ impl Processor {
                 }
             })
         })?;
-        self.retry("state commit", seq, |p| p.state.commit(seq))?;
+        self.retry_state("state commit", seq, |p| p.state.commit(seq))?;
         if let Some(seq) = seq {
             self.metrics.cursor.store(seq, Ordering::Relaxed);
             self.durable_cursor.store(seq, Ordering::Relaxed);
         }
-        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.committed(started.elapsed());
         self.summary.commits += 1;
         self.dirty = false;
         self.last_commit = Instant::now();

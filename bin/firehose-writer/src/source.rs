@@ -170,7 +170,7 @@ impl RelaySource {
                 }
             };
             info!(%url, ?cursor, "connected");
-            self.metrics.connected.store(true, Ordering::Relaxed);
+            self.metrics.set_connected(true);
             // After FutureCursor -> live, seqs restart lower: the processor must accept them.
             let mut reset_seq =
                 matches!(how, Reconnect::Live) && self.handled_seq.load(Ordering::Relaxed) >= 0;
@@ -244,7 +244,7 @@ impl RelaySource {
                 match message {
                     Message::Binary(bytes) => {
                         if bytes.len() > MAX_FRAME_BYTES {
-                            self.metrics.frames.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.frame(bytes.len());
                             self.metrics.dropped("frame_too_large");
                             warn!(bytes = bytes.len(), "dropping oversized message");
                             continue;
@@ -267,6 +267,7 @@ impl RelaySource {
                             first_event = false;
                         }
                         last_frame = Some(bytes.clone());
+                        self.metrics.frame_arrived();
                         batch.push(bytes);
                         last_event = tokio::time::Instant::now();
                         attempt = 0;
@@ -283,7 +284,7 @@ impl RelaySource {
             if !batch.frames.is_empty() {
                 let _ = tx.send(batch.take()).await;
             }
-            self.metrics.connected.store(false, Ordering::Relaxed);
+            self.metrics.set_connected(false);
             match outcome? {
                 None => return Ok(()),
                 Some(next) => how = next,
@@ -357,7 +358,7 @@ pub async fn replay(
         let len = u32::from_le_bytes(len_bytes) as usize;
         if len > WS_MAX_MESSAGE {
             // Cannot be a frame; skip its bytes so the rest of the capture is still read.
-            metrics.frames.fetch_add(1, Ordering::Relaxed);
+            metrics.frame(len);
             metrics.dropped("frame_too_large");
             warn!(offset, len, "skipping oversized capture record");
             let mut limited = (&mut reader).take(len as u64);
@@ -382,6 +383,7 @@ pub async fn replay(
             break Err(e).with_context(|| format!("reading {}", path.display()));
         }
         offset += 4 + len as u64;
+        metrics.frame_arrived();
         batch.push(Bytes::from(frame));
     };
     if !batch.frames.is_empty() {

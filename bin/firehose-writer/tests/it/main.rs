@@ -1,8 +1,9 @@
 //! firehose-writer integration tests, one binary: `inspect` CLI, the writer in-process against
 //! the replay file and the test relay (faults), as a process (SIGKILL crash safety, signals), and
-//! against the official atproto PDS.
+//! against the official atproto PDS; `/metrics` and `/health` over HTTP.
 
 mod cli;
+mod metrics;
 mod pds;
 mod process;
 mod writer;

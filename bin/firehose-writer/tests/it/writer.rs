@@ -951,9 +951,9 @@ async fn redelivered_account_events_and_unknown_unfollows() {
     .unwrap();
     let metrics: Arc<Metrics> = slot.lock().unwrap().clone().unwrap();
     assert_eq!(metrics.unknown_unfollows.load(Ordering::Relaxed), 1);
-    assert!(metrics
-        .prometheus()
-        .contains("firehose_unknown_unfollows_total 1\n"));
+    assert!(
+        firehose_writer::metrics::render(&metrics).contains("firehose_unknown_unfollows_total 1\n")
+    );
 
     let tree = cache_tree(&cfg.cache_dir);
     let account_files: Vec<&String> = tree

@@ -782,6 +782,8 @@ fn signed_synthetic_commits_verify_and_chain_through_creates_updates_and_deletes
     }
 }
 
+type OpMap = BTreeMap<String, Ipld>;
+
 /// The ops list is not covered by the signature: every way a relay could reshape it around a
 /// forged record must fail, each with its reason.
 #[test]
@@ -822,7 +824,7 @@ fn op_lists_that_lie_about_the_signed_tree_fail_with_their_reasons() {
     let forged = serde_ipld_dagcbor::to_vec(&cbor::json_to_ipld(&post("forged")).unwrap()).unwrap();
     let forged_cid = cbor::cid_for_dag_cbor(&forged);
     let link = |c: Cid| Ipld::Link(c);
-    let with_ops = |edit: &dyn Fn(&mut Vec<BTreeMap<String, Ipld>>)| {
+    let with_ops = |edit: &dyn Fn(&mut Vec<OpMap>)| {
         let mut e = base.clone();
         e.blocks.push((forged_cid, forged.clone()));
         let mut ops = e.ops();
