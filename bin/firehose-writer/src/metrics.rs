@@ -21,6 +21,7 @@ pub const DUPLICATES: &str = "firehose_duplicate_events_total";
 pub const SKIPPED_SEQ: &str = "firehose_replayed_seq_skipped_total";
 pub const RECONNECTS: &str = "firehose_reconnects_total";
 pub const STALLS: &str = "firehose_stalls_total";
+pub const SEQ_RESETS: &str = "firehose_seq_resets_total";
 pub const OUTDATED_CURSOR: &str = "firehose_outdated_cursor_total";
 pub const WRITE_ERRORS: &str = "firehose_cache_write_errors_total";
 pub const COMMITS: &str = "firehose_cursor_commits_total";
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub skipped_seq: AtomicU64,
     pub reconnects: AtomicU64,
     pub stalls: AtomicU64,
+    /// Connections whose first seq was at or below the cursor asked for.
+    pub seq_resets: AtomicU64,
     pub outdated_cursor: AtomicU64,
     pub write_errors: AtomicU64,
     pub commits: AtomicU64,
@@ -206,6 +209,12 @@ impl Metrics {
             STALLS,
             "Connections closed by the stall watchdog.",
             r(&self.stalls),
+        );
+        counter(
+            &mut out,
+            SEQ_RESETS,
+            "Connections whose first seq was at or below the requested cursor (reset or another relay).",
+            r(&self.seq_resets),
         );
         counter(
             &mut out,

@@ -5,6 +5,7 @@
 mod cli;
 mod pds;
 mod process;
+mod source;
 mod writer;
 
 /// Helpers shared by the test modules.
