@@ -325,6 +325,10 @@ fn check_upstream(
 ) -> Result<Option<i64>> {
     let configured = source::upstream_id(url);
     let mut start_cursor = start_cursor;
+    if let (None, Some(cursor)) = (state.upstream(), state.cursor()) {
+        // A state from before upstreams were recorded: the best guess is the configured one.
+        info!(upstream = %configured, cursor, "the stored cursor has no upstream recorded; taking it as the configured upstream's");
+    }
     if let (Some(stored), Some(cursor)) = (state.upstream().map(str::to_owned), state.cursor()) {
         if stored != configured {
             if let Some(requested) = config.cursor {
