@@ -33,6 +33,7 @@ pub const DUPLICATES: &str = "firehose_duplicate_events_total";
 pub const SKIPPED_SEQ: &str = "firehose_replayed_seq_skipped_total";
 pub const RECONNECTS: &str = "firehose_reconnects_total";
 pub const STALLS: &str = "firehose_stalls_total";
+pub const SEQ_RESETS: &str = "firehose_seq_resets_total";
 pub const OUTDATED_CURSOR: &str = "firehose_outdated_cursor_total";
 pub const WRITE_ERRORS: &str = "firehose_cache_write_errors_total";
 pub const STATE_ERRORS: &str = "firehose_state_errors_total";
@@ -84,6 +85,8 @@ pub struct Metrics {
     pub skipped_seq: AtomicU64,
     pub reconnects: AtomicU64,
     pub stalls: AtomicU64,
+    /// Connections whose first seq was at or below the cursor asked for.
+    pub seq_resets: AtomicU64,
     pub outdated_cursor: AtomicU64,
     /// Failed cache writes and flushes (each attempt).
     pub write_errors: AtomicU64,
@@ -149,6 +152,7 @@ impl Default for Metrics {
             outdated_cursor: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             state_errors: AtomicU64::new(0),
+            seq_resets: AtomicU64::new(0),
             unknown_unfollows: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             // 1 ms .. 30 s: a barrier is a syncfs, renames and one SQLite commit; seconds mean a
@@ -488,6 +492,12 @@ impl Collector for ScrapeTime {
             STALLS,
             "Connections closed by the stall watchdog.",
             r(&m.stalls),
+        )?;
+        counter(
+            e,
+            SEQ_RESETS,
+            "Connections whose first seq was at or below the requested cursor (reset or another relay).",
+            r(&m.seq_resets),
         )?;
         counter(
             e,

@@ -59,8 +59,8 @@ pub struct Processor {
     commit_interval: Duration,
     clock_secs: i64,
     clock: String,
-    /// Shared with the source: last handled seq (reconnect point) and last committed cursor.
-    pub handled_seq: Arc<AtomicI64>,
+    /// Shared with the source: the last committed cursor (its resume point after
+    /// `ConsumerTooSlow`).
     pub durable_cursor: Arc<AtomicI64>,
     shutdown: Arc<AtomicBool>,
     summary: ProcessorSummary,
@@ -92,7 +92,6 @@ impl Processor {
         metrics: Arc<Metrics>,
         start_seq: Option<i64>,
         commit_interval: Duration,
-        handled_seq: Arc<AtomicI64>,
         durable_cursor: Arc<AtomicI64>,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
@@ -100,11 +99,10 @@ impl Processor {
             metrics.cursor.store(c, Ordering::Relaxed);
         }
         // The resume point until the first commit: where this run starts (`--cursor` may
-        // rewind below the stored cursor), not where the previous run ended.
-        if let Some(c) = start_seq.or(state.cursor()) {
+        // rewind below the stored cursor; a live tail has none), not where the previous run ended.
+        if let Some(c) = start_seq {
             durable_cursor.store(c, Ordering::Relaxed);
         }
-        handled_seq.store(start_seq.unwrap_or(-1), Ordering::Relaxed);
         Processor {
             cache,
             state,
@@ -115,7 +113,6 @@ impl Processor {
             commit_interval,
             clock_secs: -1,
             clock: String::new(),
-            handled_seq,
             durable_cursor,
             shutdown,
             summary: ProcessorSummary::default(),
@@ -143,7 +140,6 @@ impl Processor {
                 }
                 Input::ResetSeq => {
                     self.last_seq = None;
-                    self.handled_seq.store(-1, Ordering::Relaxed);
                     // The old stream's cursor means nothing to the new one.
                     self.durable_cursor.store(-1, Ordering::Relaxed);
                 }
@@ -276,7 +272,6 @@ impl Processor {
     fn advance(&mut self, seq: Option<i64>) {
         if let Some(seq) = seq {
             self.last_seq = Some(seq);
-            self.handled_seq.store(seq, Ordering::Relaxed);
             self.dirty = true;
         }
     }

@@ -6,6 +6,7 @@ mod cli;
 mod metrics;
 mod pds;
 mod process;
+mod source;
 mod writer;
 
 /// Helpers shared by the test modules.
