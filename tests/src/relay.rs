@@ -64,7 +64,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// and `Fault::None` clears everything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    /// Clear all faults (pending one-shot faults, `Fragment`, `Delay` and `RefuseNext`).
+    /// Clear all faults (pending one-shot faults, `Fragment`, `Delay`, `RefuseNext` and
+    /// `IgnoreCursor`).
     None,
     /// Close the TCP connection abruptly (no close frame) after sending n frames, once.
     DropAfter(usize),
@@ -93,6 +94,10 @@ pub enum Fault {
     RefuseNext(usize),
     /// Sleep this long before each message, for all connections until reset (a slow relay).
     Delay(Duration),
+    /// Serve every request that has a cursor from the start of the log, never answering
+    /// `FutureCursor`: a relay whose sequence was reset, or another relay, that does not honour
+    /// the cursor. Requests without a cursor stay live tails. For all connections until reset.
+    IgnoreCursor,
 }
 
 /// Options of [`TestRelay::start_with_config`].
@@ -119,6 +124,7 @@ struct Faults {
     refuse: usize,
     fragment: usize,
     delay: Option<Duration>,
+    ignore_cursor: bool,
 }
 
 struct State {
@@ -272,6 +278,7 @@ impl TestRelay {
             Fault::Fragment(n) => faults.fragment = n,
             Fault::RefuseNext(n) => faults.refuse = n,
             Fault::Delay(d) => faults.delay = Some(d).filter(|d| !d.is_zero()),
+            Fault::IgnoreCursor => faults.ignore_cursor = true,
             once => faults.once = Some(once),
         }
     }
@@ -535,6 +542,7 @@ fn resolve_start(state: &mut State, cursor: Option<i64>, window: Option<i64>) ->
     }
     let (index, notice) = match cursor {
         None => (state.log.len(), None),
+        Some(_) if state.faults.ignore_cursor => (0, None),
         Some(n) => {
             let seqs = || state.log.iter().filter_map(|e| e.seq);
             let highest = seqs().max();

@@ -464,6 +464,27 @@ async fn delay_slows_every_message_until_reset() {
 }
 
 #[tokio::test]
+async fn ignore_cursor_serves_cursors_from_the_start_until_reset() {
+    let relay = TestRelay::start(frames(1..=3)).await.unwrap();
+    relay.set_fault(Fault::IgnoreCursor);
+    // Neither a replayed cursor nor a future one is honoured.
+    for cursor in [2, 99] {
+        let mut ws = connect(&relay.url_with_cursor(cursor)).await;
+        assert_eq!(next_seqs(&mut ws, 3).await, some(1..=3));
+        assert_quiet(&mut ws).await;
+    }
+    // No cursor is still a live tail.
+    let mut live = connect(&relay.url()).await;
+    assert!(relay.wait_for_subscriptions(3, WAIT).await);
+    relay.push(frame(4));
+    assert_eq!(next_seqs(&mut live, 1).await, some([4]));
+    relay.set_fault(Fault::None);
+    let mut ws = connect(&relay.url_with_cursor(2)).await;
+    assert_eq!(next_seqs(&mut ws, 2).await, some([3, 4]));
+    relay.shutdown().await;
+}
+
+#[tokio::test]
 async fn faults_of_different_kinds_combine() {
     let relay = TestRelay::start(frames(1..=4)).await.unwrap();
     relay.set_fault(Fault::Fragment(3));

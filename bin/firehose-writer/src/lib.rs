@@ -4,6 +4,7 @@
 //! (decode, dedupe, route, write, durability barrier, cursor commit). See ARCHITECTURE.md.
 
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod processor;
 pub mod source;
@@ -100,11 +101,12 @@ fn lock_instance(state: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening lock file {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another firehose-writer is running with state {} (lock {} is held)",
+        // A restart cannot take the lock while the other writer runs: exit 3, not a restart loop.
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::Error::new(NeedsOperator(format!(
+            "another firehose-writer is running with state {} (lock {} is held): stop it, or give this one its own --state",
             state.display(),
             path.display()
-        ),
+        )))),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("locking {}", path.display()))
         }
@@ -164,39 +166,57 @@ pub async fn run(
         Ok(n) => info!(removed = n, "removed temp files left by an earlier crash"),
         Err(e) => warn!(error = %e, "could not scan the cache for stale temp files"),
     }
-    let start_cursor = match config.cursor {
+    // The `--cursor` value, unless an earlier start applied it already.
+    let requested = match config.cursor {
         Some(requested) if apply_cursor_flag(&mut state, requested)? => Some(requested),
-        _ => state.cursor(),
+        _ => None,
+    };
+    let start_cursor = requested.or(state.cursor());
+    let start_cursor = match &config.source {
+        Source::Relay(url) => check_upstream(&mut state, &config, url, start_cursor, requested)?,
+        // A capture does not say which relay it came from; its frames at or below the stored
+        // cursor are skipped by design, and the stored relay identity stays as it was.
+        Source::Replay(_) => start_cursor,
     };
     info!(cursor = ?start_cursor, stored = ?state.cursor(), "starting");
 
     let metrics = Metrics::new();
-    let metrics_addr = match config.metrics_addr {
-        Some(addr) => Some(metrics::serve(addr, metrics.clone()).await?),
+    let relay = matches!(config.source, Source::Relay(_));
+    metrics.configure_health(
+        config.commit_interval,
+        relay.then_some(config.stall_timeout),
+    );
+    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+    metrics.watch_channel(&tx);
+    // Stops serving when `run` returns.
+    let server = match config.metrics_addr {
+        Some(addr) => Some(http::serve(addr, metrics.clone()).await?),
         None => None,
     };
     on_start(Handles {
         metrics: metrics.clone(),
-        metrics_addr,
+        metrics_addr: server.as_ref().map(http::Server::local_addr),
     });
 
-    let handled_seq = Arc::new(AtomicI64::new(-1));
     let durable_cursor = Arc::new(AtomicI64::new(-1));
     let stopping = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
     let processor = processor::Processor::new(
         cache,
         state,
         metrics.clone(),
         start_cursor,
         config.commit_interval,
-        handled_seq.clone(),
         durable_cursor.clone(),
         stopping.clone(),
     );
-    let processor = std::thread::Builder::new()
+    // The thread reports its end on a channel the source is raced against: a processor that
+    // stops (a failed flush, a panic) ends the run at once, not at the next frame.
+    let (processor_tx, mut processor_done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
         .name("processor".into())
-        .spawn(move || processor.run(rx))
+        .spawn(move || {
+            let _ = processor_tx.send(processor.run(rx));
+        })
         .context("starting the processor thread")?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -249,34 +269,86 @@ pub async fn run(
         });
     }
 
-    let source_result = match &config.source {
-        Source::Replay(path) => {
-            source::replay(path, tx.clone(), metrics.clone(), shutdown_rx).await
-        }
-        Source::Relay(url) => {
-            source::RelaySource {
-                url: url.clone(),
-                start_cursor,
-                stall_timeout: config.stall_timeout,
-                max_backoff: config.max_backoff,
-                on_future_cursor: config.on_future_cursor,
-                metrics: metrics.clone(),
-                handled_seq,
-                durable_cursor,
+    let source = async {
+        match &config.source {
+            Source::Replay(path) => {
+                source::replay(path, tx.clone(), metrics.clone(), shutdown_rx).await
             }
-            .run(tx.clone(), shutdown_rx)
-            .await
+            Source::Relay(url) => {
+                source::RelaySource {
+                    url: url.clone(),
+                    start_cursor,
+                    stall_timeout: config.stall_timeout,
+                    max_backoff: config.max_backoff,
+                    on_future_cursor: config.on_future_cursor,
+                    metrics: metrics.clone(),
+                    durable_cursor,
+                    max_message_bytes: source::WS_MAX_MESSAGE,
+                }
+                .run(tx.clone(), shutdown_rx)
+                .await
+            }
         }
+    };
+    let source_result = tokio::select! {
+        biased;
+        done = &mut processor_done => return Err(processor_stopped(done)),
+        result = source => result,
     };
     let _ = tx.send(Input::End).await;
     drop(tx);
-    let processor_result = tokio::task::spawn_blocking(move || processor.join())
-        .await
-        .context("joining the processor")?
-        .map_err(|_| anyhow!("the processor thread panicked"))?;
-    let summary = processor_result?;
+    let summary = match processor_done.await {
+        Ok(result) => result?,
+        Err(_) => return Err(anyhow!("the processor thread panicked")),
+    };
     source_result?;
     Ok(summary)
+}
+
+/// The error for a processor that stopped before the source did.
+fn processor_stopped(
+    done: Result<Result<ProcessorSummary>, tokio::sync::oneshot::error::RecvError>,
+) -> anyhow::Error {
+    match done {
+        Ok(Err(e)) => e.context("the processor stopped; nothing more can be handled"),
+        Ok(Ok(_)) => anyhow!("the processor stopped before the source"),
+        Err(_) => anyhow!("the processor thread panicked"),
+    }
+}
+
+/// A cursor means something only to the upstream that assigned it: refuses to start against
+/// another one unless the operator said where to start (`requested`: a `--cursor` applied by
+/// this start) or allowed a live tail, and records the configured upstream to be stored with the
+/// next cursor. Returns the start cursor.
+fn check_upstream(
+    state: &mut state::StateStore,
+    config: &Config,
+    url: &str,
+    start_cursor: Option<i64>,
+    requested: Option<i64>,
+) -> Result<Option<i64>> {
+    let configured = source::upstream_id(url);
+    let mut start_cursor = start_cursor;
+    if let (None, Some(cursor)) = (state.upstream(), state.cursor()) {
+        // A state from before upstreams were recorded: the best guess is the configured one.
+        info!(upstream = %configured, cursor, "the stored cursor has no upstream recorded; taking it as the configured upstream's");
+    }
+    if let (Some(stored), Some(cursor)) = (state.upstream().map(str::to_owned), state.cursor()) {
+        if stored != configured {
+            if let Some(requested) = requested {
+                warn!(stored = %stored, upstream = %configured, cursor = requested, "another upstream than the stored cursor's: starting from --cursor");
+            } else if config.on_future_cursor == config::FutureCursorPolicy::Live {
+                tracing::error!(stored = %stored, upstream = %configured, cursor, "the stored cursor belongs to another upstream; --on-future-cursor=live: tailing {configured} live (events since the stored cursor are not captured)");
+                start_cursor = None;
+            } else {
+                return Err(anyhow::Error::new(NeedsOperator(format!(
+                    "the stored cursor {cursor} is a seq of {stored}, but --relay is {configured}: seqs of one upstream mean nothing to another. Point --relay back at {stored}, or pass --cursor N (a seq of {configured}) or run `firehose-writer set-cursor N`, or set --on-future-cursor=live to tail {configured} live (events since the stored cursor are not captured)"
+                ))));
+            }
+        }
+    }
+    state.set_upstream(configured);
+    Ok(start_cursor)
 }
 
 use processor::Input;

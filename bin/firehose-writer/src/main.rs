@@ -1,9 +1,12 @@
-//! firehose-writer binary: parses arguments into a validated config and hands it to the library.
+//! firehose-writer binary: installs the signal handlers, parses arguments into a validated config
+//! and hands it to the library.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use firehose_writer::config::{Args, Command, Config, LogFormat};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 fn init_logs(format: LogFormat) {
@@ -20,13 +23,118 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+/// The signals the writer acts on. Registered before anything else runs: a signal that arrives
+/// during start-up (loading large DID files can take a while) is kept for the running writer
+/// instead of killing the process with the default action.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Must be called inside the runtime.
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// Resolves at the first SIGTERM or SIGINT (including one received before it was first polled).
+async fn shutdown_signal(mut term: Signal, mut int: Signal) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Exit status of a process ended by SIGINT/SIGTERM while it had nothing to drain (`inspect`).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signals = match runtime.block_on(async { Signals::install() }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: installing the signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args = Args::parse();
+    let code = if let Some(Command::Inspect {
+        frames_file,
+        did_docs,
+    }) = &args.command
+    {
+        inspect(&runtime, signals, frames_file.clone(), did_docs.clone())
+    } else if let Some(Command::SetCursor { cursor, state }) = &args.command {
+        set_cursor(state, *cursor)
+    } else {
+        writer(&runtime, signals, &args)
+    };
+    // Nothing left to wait for: a task still blocked (e.g. on a stuck disk) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// `inspect`: runs to the end of the capture, or exits at once on SIGINT/SIGTERM.
+fn inspect(
+    runtime: &tokio::runtime::Runtime,
+    signals: Signals,
+    frames_file: std::path::PathBuf,
+    did_docs: Option<std::path::PathBuf>,
+) -> ExitCode {
+    let has_did_docs = did_docs.is_some();
+    let result = runtime.block_on(async move {
+        let work = tokio::task::spawn_blocking(move || {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            firehose_writer::inspect(&frames_file, did_docs.as_deref(), &mut out)
+        });
+        tokio::select! {
+            result = work => Some(result),
+            _ = shutdown_signal(signals.term, signals.int) => None,
+        }
+    });
+    match result {
+        None => {
+            eprintln!("interrupted");
+            // The blocking reader cannot be cancelled; nothing of it needs saving.
+            std::process::exit(EXIT_INTERRUPTED.into());
+        }
+        Some(Ok(Ok(summary))) => {
+            eprintln!(
+                "{} frames, {} events, {} invalid frames",
+                summary.frames, summary.lines, summary.invalid_frames
+            );
+            if has_did_docs {
+                eprintln!(
+                    "{} commits/syncs verified, {} failed verification",
+                    summary.verified, summary.verify_failed
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Some(Ok(Err(e))) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Some(Err(e)) => {
+            eprintln!("error: inspect failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -57,73 +165,35 @@ fn set_cursor(state: &std::path::Path, cursor: i64) -> ExitCode {
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    if let Some(Command::Inspect {
-        frames_file,
-        did_docs,
-    }) = &args.command
-    {
-        let stdout = std::io::stdout();
-        let mut out = std::io::BufWriter::new(stdout.lock());
-        return match firehose_writer::inspect(frames_file, did_docs.as_deref(), &mut out) {
-            Ok(summary) => {
-                eprintln!(
-                    "{} frames, {} events, {} invalid frames",
-                    summary.frames, summary.lines, summary.invalid_frames
-                );
-                if did_docs.is_some() {
-                    eprintln!(
-                        "{} commits/syncs verified, {} failed verification",
-                        summary.verified, summary.verify_failed
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if let Some(Command::SetCursor { cursor, state }) = &args.command {
-        return set_cursor(state, *cursor);
-    }
+/// The long-running writer: SIGTERM/SIGINT drain and stop it, SIGHUP reloads the DID files.
+fn writer(runtime: &tokio::runtime::Runtime, signals: Signals, args: &Args) -> ExitCode {
     init_logs(args.log_format);
-    let config = match Config::from_args(&args) {
+    let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(firehose_writer::EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Signals { term, int, mut hup } = signals;
     let result = runtime.block_on(async {
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading tracked sets");
                 let _ = reload_tx.try_send(());
             }
         });
-        firehose_writer::run(config, shutdown_signal(), Some(reload_rx), |handles| {
-            if let Some(addr) = handles.metrics_addr {
-                tracing::info!(%addr, "serving /health and /metrics");
-            }
-        })
+        firehose_writer::run(
+            config,
+            shutdown_signal(term, int),
+            Some(reload_rx),
+            |handles| {
+                if let Some(addr) = handles.metrics_addr {
+                    tracing::info!(%addr, "serving /health and /metrics");
+                }
+            },
+        )
         .await
     });
     match result {

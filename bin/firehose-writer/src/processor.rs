@@ -5,7 +5,7 @@
 //! failing disk slows reading instead of growing memory. A failing write is retried with backoff
 //! forever (the cursor does not move, /health reports the error); no event is ever skipped.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,8 +59,8 @@ pub struct Processor {
     commit_interval: Duration,
     clock_secs: i64,
     clock: String,
-    /// Shared with the source: last handled seq (reconnect point) and last committed cursor.
-    pub handled_seq: Arc<AtomicI64>,
+    /// Shared with the source: the last committed cursor (its resume point after
+    /// `ConsumerTooSlow`).
     pub durable_cursor: Arc<AtomicI64>,
     shutdown: Arc<AtomicBool>,
     summary: ProcessorSummary,
@@ -92,7 +92,6 @@ impl Processor {
         metrics: Arc<Metrics>,
         start_seq: Option<i64>,
         commit_interval: Duration,
-        handled_seq: Arc<AtomicI64>,
         durable_cursor: Arc<AtomicI64>,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
@@ -100,11 +99,10 @@ impl Processor {
             metrics.cursor.store(c, Ordering::Relaxed);
         }
         // The resume point until the first commit: where this run starts (`--cursor` may
-        // rewind below the stored cursor), not where the previous run ended.
-        if let Some(c) = start_seq.or(state.cursor()) {
+        // rewind below the stored cursor; a live tail has none), not where the previous run ended.
+        if let Some(c) = start_seq {
             durable_cursor.store(c, Ordering::Relaxed);
         }
-        handled_seq.store(start_seq.unwrap_or(-1), Ordering::Relaxed);
         Processor {
             cache,
             state,
@@ -115,7 +113,6 @@ impl Processor {
             commit_interval,
             clock_secs: -1,
             clock: String::new(),
-            handled_seq,
             durable_cursor,
             shutdown,
             summary: ProcessorSummary::default(),
@@ -143,7 +140,6 @@ impl Processor {
                 }
                 Input::ResetSeq => {
                     self.last_seq = None;
-                    self.handled_seq.store(-1, Ordering::Relaxed);
                     // The old stream's cursor means nothing to the new one.
                     self.durable_cursor.store(-1, Ordering::Relaxed);
                 }
@@ -153,7 +149,11 @@ impl Processor {
                 || self.cache.pending() >= MAX_PENDING_FILES;
             if self.dirty && due {
                 self.commit()?;
+            } else if !self.dirty && self.cache.pending() == 0 {
+                // Nothing handled needs a commit: /health must not count this as stuck.
+                self.metrics.settled();
             }
+            self.metrics.set_pending_files(self.cache.pending());
         }
         self.commit()?;
         self.summary.cursor = self.state.cursor();
@@ -175,10 +175,7 @@ impl Processor {
 
     fn handle_frame(&mut self, bytes: &[u8]) -> Result<()> {
         self.summary.frames += 1;
-        self.metrics.frames.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .frame_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.metrics.frame(bytes.len());
         let event = match decode_frame(bytes) {
             Ok(event) => event,
             Err(e) => {
@@ -223,7 +220,7 @@ impl Processor {
         let clock = self.clock().to_owned();
         // A failed index lookup would silently drop a reaction: route again until the lookups
         // succeed (the cursor does not move meanwhile).
-        let routing = self.retry("state lookup", seq, |p| {
+        let routing = self.retry_state("state lookup", seq, |p| {
             let routing = route_event(&event, &p.state, &clock);
             match p.state.take_lookup_error() {
                 Some(e) => Err(anyhow::anyhow!(e)),
@@ -297,15 +294,35 @@ impl Processor {
     fn advance(&mut self, seq: Option<i64>) {
         if let Some(seq) = seq {
             self.last_seq = Some(seq);
-            self.handled_seq.store(seq, Ordering::Relaxed);
             self.dirty = true;
         }
     }
 
+    /// Runs a cache operation until it succeeds; failures count as cache write errors.
     fn retry<T>(
         &mut self,
         what: &str,
         seq: Option<i64>,
+        op: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.retry_counted(what, seq, |m| &m.write_errors, op)
+    }
+
+    /// As [`Self::retry`] for state (SQLite) operations, counted as state errors.
+    fn retry_state<T>(
+        &mut self,
+        what: &str,
+        seq: Option<i64>,
+        op: impl FnMut(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.retry_counted(what, seq, |m| &m.state_errors, op)
+    }
+
+    fn retry_counted<T>(
+        &mut self,
+        what: &str,
+        seq: Option<i64>,
+        errors: fn(&Metrics) -> &AtomicU64,
         mut op: impl FnMut(&mut Self) -> Result<T>,
     ) -> Result<T> {
         let mut delay = RETRY_START;
@@ -320,13 +337,14 @@ impl Processor {
                     return Ok(v);
                 }
                 Err(e) if e.is::<Fatal>() || e.chain().any(|c| c.is::<Fatal>()) => {
+                    errors(&self.metrics).fetch_add(1, Ordering::Relaxed);
                     self.metrics.set_cache_error(Some(format!("{what}: {e:#}")));
                     error!(seq, error = %format!("{e:#}"), "{what} failed in a way a retry cannot repair; stopping with the cursor at the last durable seq");
                     return Err(e);
                 }
                 Err(e) => {
                     failed = true;
-                    self.metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                    errors(&self.metrics).fetch_add(1, Ordering::Relaxed);
                     self.metrics.set_cache_error(Some(format!("{what}: {e:#}")));
                     error!(seq, error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "{what} failed; the cursor will not move until it succeeds");
                     if self.shutdown.load(Ordering::Relaxed) {
@@ -354,6 +372,7 @@ impl Processor {
             return Ok(());
         }
         let seq = self.last_seq;
+        let started = Instant::now();
         self.retry("cache sync", seq, |p| {
             p.cache.sync().map(|_| ()).map_err(|e| {
                 // After a failed fsync the kernel may have dropped the pages and a later
@@ -368,12 +387,12 @@ impl Processor {
                 }
             })
         })?;
-        self.retry("state commit", seq, |p| p.state.commit(seq))?;
+        self.retry_state("state commit", seq, |p| p.state.commit(seq))?;
         if let Some(seq) = seq {
             self.metrics.cursor.store(seq, Ordering::Relaxed);
             self.durable_cursor.store(seq, Ordering::Relaxed);
         }
-        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.committed(started.elapsed());
         self.summary.commits += 1;
         self.dirty = false;
         self.last_commit = Instant::now();

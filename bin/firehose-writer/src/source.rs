@@ -10,9 +10,12 @@ use anyhow::{Context, Result};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use sync_core::frame::{decode_frame, frame_seq, is_error_frame, Event, MAX_FRAME_BYTES};
 use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{error, info, warn};
 
 use crate::config::FutureCursorPolicy;
@@ -21,12 +24,18 @@ use crate::processor::Input;
 
 /// Messages larger than this make tungstenite fail the connection; larger than
 /// [`MAX_FRAME_BYTES`] but below it are received, dropped and counted.
-const WS_MAX_MESSAGE: usize = 64 << 20;
-/// Keepalive pings: every 20 s, or more often when the stall timeout is short, so the socket is
-/// exercised well within it. Pongs do not count as events for the stall watchdog.
+pub const WS_MAX_MESSAGE: usize = 64 << 20;
+/// Keepalive pings: every 20 s, or more often when the stall timeout is short, so at least one
+/// pong can answer within every stall timeout: a pong proves a quiet upstream is alive.
 const PING_EVERY: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sending our close frame waits for socket buffer space, which a peer that stopped reading
+/// never frees: stopping must not hang on it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Connections in a row that fail on an over-limit message at the same resume point before the
+/// writer gives up: the message is met again on every reconnect, so retrying cannot help.
+pub const TOO_LARGE_ATTEMPTS: u32 = 3;
 
 /// Most frames, and bytes, handed to the processor in one channel message.
 pub const BATCH_FRAMES: usize = 64;
@@ -71,59 +80,182 @@ pub fn backoff(attempt: u32, max: Duration) -> Duration {
     cap.mul_f64(frac)
 }
 
+/// The identity of an upstream, stored next to the cursor: the lowercase `host[:port]` of its URL
+/// without scheme, credentials, path or default port (`wss://bsky.network/xrpc/...` ->
+/// `bsky.network`). A seq means something only to the upstream that assigned it.
+pub fn upstream_id(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let authority = authority.to_ascii_lowercase();
+    // IPv6 literals keep their brackets; a port is what follows the host.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, tail)) => (format!("[{addr}]"), tail.strip_prefix(':')),
+            None => (authority.clone(), None),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (authority.clone(), None),
+        },
+    };
+    let host = host.trim_end_matches('.');
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "wss" | "https" => Some("443"),
+        "ws" | "http" => Some("80"),
+        _ => None,
+    };
+    match port.filter(|p| !p.is_empty() && Some(*p) != default_port) {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
+}
+
 pub struct RelaySource {
     pub url: String,
+    /// Where the first connect resumes (after this seq); `None` tails live.
     pub start_cursor: Option<i64>,
     pub stall_timeout: Duration,
     pub max_backoff: Duration,
     pub on_future_cursor: FutureCursorPolicy,
     pub metrics: Arc<Metrics>,
-    pub handled_seq: Arc<AtomicI64>,
+    /// The processor's committed cursor (-1 before the first commit). Read only when the relay
+    /// drops us as too slow: what was handed over but not yet durable may be lost then.
     pub durable_cursor: Arc<AtomicI64>,
+    /// Largest WebSocket message accepted: [`WS_MAX_MESSAGE`], smaller in tests.
+    pub max_message_bytes: usize,
 }
 
-enum Reconnect {
-    /// Resume after the last handled seq.
-    Handled,
-    /// Resume from the committed cursor (the relay dropped us as too slow).
+/// How the next connect resumes, as decided when a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// After the last frame handed to the processor.
+    AfterLast,
+    /// From the committed cursor (the relay dropped us as too slow).
     Durable,
-    /// Tail live without a cursor.
+    /// Without a cursor: a live tail of a new seq stream.
     Live,
 }
 
-impl RelaySource {
-    fn cursor_for(&self, how: &Reconnect) -> Option<i64> {
-        let load = |a: &AtomicI64| Some(a.load(Ordering::Relaxed)).filter(|&v| v >= 0);
-        match how {
-            Reconnect::Live => None,
-            // Nothing committed yet: the handled seq is the best resume point we have.
-            Reconnect::Durable => load(&self.durable_cursor)
-                .or_else(|| load(&self.handled_seq))
-                .or(self.start_cursor),
-            Reconnect::Handled => load(&self.handled_seq)
-                .or_else(|| load(&self.durable_cursor))
-                .or(self.start_cursor),
+/// Where the next connect resumes: the one place the source keeps it (ARCHITECTURE.md).
+///
+/// Every frame handed to the processor is handled in order, so resuming after the last one handed
+/// over neither skips nor fetches anything twice, whether or not the processor got to it yet.
+#[derive(Debug)]
+struct ResumePoint {
+    /// The cursor of the next connect; `None` tails live.
+    cursor: Option<i64>,
+    /// The cursor the current seq stream started from (for a live tail: just before its first
+    /// seq). The durable cursor is never below it, except while the processor has not yet seen
+    /// the switch to a new stream: then the old stream's value must not be used.
+    floor: Option<i64>,
+    /// The stream switched to a live tail: the processor must forget the old stream's seqs.
+    reset_pending: bool,
+}
+
+impl ResumePoint {
+    fn new(start: Option<i64>) -> Self {
+        ResumePoint {
+            cursor: start,
+            floor: start,
+            reset_pending: false,
         }
     }
 
+    /// Frames are being handed to the processor: the resume point moves past them.
+    fn handed_over(&mut self, frames: &[Bytes]) {
+        // The last frame almost always has a seq: one header-and-seq parse per batch.
+        let Some(last) = frames.iter().rev().find_map(|f| frame_seq(f)) else {
+            return;
+        };
+        if self.floor.is_none() {
+            let first = frames.iter().find_map(|f| frame_seq(f)).unwrap_or(last);
+            self.floor = Some(first - 1);
+        }
+        // A replayed lower seq (skipped by the processor) must not move the resume point back.
+        self.cursor = Some(self.cursor.map_or(last, |c| c.max(last)));
+    }
+
+    /// A connection ended; `durable` is the processor's committed cursor (-1: none).
+    fn after(&mut self, how: Resume, durable: i64) {
+        match how {
+            Resume::AfterLast => {}
+            Resume::Durable => {
+                if let (Some(cursor), Some(floor)) = (self.cursor, self.floor) {
+                    if durable >= 0 {
+                        self.cursor = Some(durable.clamp(floor, cursor));
+                    }
+                }
+            }
+            Resume::Live => {
+                self.cursor = None;
+                self.floor = None;
+                self.reset_pending = true;
+            }
+        }
+    }
+
+    /// True once after a switch to a live tail.
+    fn take_reset(&mut self) -> bool {
+        std::mem::take(&mut self.reset_pending)
+    }
+}
+
+/// Failures on an over-limit message, counted per resume point.
+#[derive(Default)]
+struct TooLarge {
+    at: Option<Option<i64>>,
+    count: u32,
+}
+
+impl TooLarge {
+    /// Counts a failure at `cursor`; returns the failures in a row there.
+    fn failed_at(&mut self, cursor: Option<i64>) -> u32 {
+        if self.at == Some(cursor) {
+            self.count += 1;
+        } else {
+            self.at = Some(cursor);
+            self.count = 1;
+        }
+        self.count
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+enum Connected {
+    Open(Box<Ws>),
+    Failed,
+    Shutdown,
+}
+
+/// How a connection ended.
+enum Ended {
+    /// Shutdown requested, or the processor is gone: stop.
+    Stop,
+    Reconnect(Resume),
+    /// A message over the WebSocket size limit: the connection is unusable.
+    TooLarge {
+        size: usize,
+        max_size: usize,
+    },
+}
+
+impl RelaySource {
     /// Runs until shutdown; returns an error only for conditions an operator must see
-    /// (FutureCursor with the `exit` policy, processor gone).
+    /// ([`crate::NeedsOperator`]: FutureCursor or a seq reset with the `exit` policy, a message
+    /// that cannot be received).
     pub async fn run(
         self,
         tx: mpsc::Sender<Input>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
+        let mut resume = ResumePoint::new(self.start_cursor);
         let mut attempt: u32 = 0;
-        let mut how = if self.start_cursor.is_some() {
-            Reconnect::Handled
-        } else {
-            Reconnect::Live
-        };
+        let mut too_large = TooLarge::default();
         let mut first = true;
-        // The last frame received: before the processor has handled anything, its seq is the
-        // resume point (a live tail that drops must not skip what came in meanwhile). Kept as
-        // the shared buffer itself and parsed only when needed.
-        let mut last_frame: Option<Bytes> = None;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -142,151 +274,57 @@ impl RelaySource {
                 attempt = attempt.saturating_add(1);
             }
             first = false;
-            if matches!(how, Reconnect::Live) {
-                last_frame = None;
+            let requested = resume.cursor;
+            let ws = match self.connect(requested, &mut shutdown).await {
+                Connected::Open(ws) => ws,
+                Connected::Failed => continue,
+                Connected::Shutdown => return Ok(()),
+            };
+            // A live tail after a switch starts a new seq stream, with lower seqs: the processor
+            // must accept them.
+            if resume.take_reset() && tx.send(Input::ResetSeq).await.is_err() {
+                return Ok(());
             }
-            let cursor = self
-                .cursor_for(&how)
-                .or_else(|| last_frame.as_deref().and_then(frame_seq));
-            let url = match cursor {
-                Some(c) => format!("{}?cursor={c}", self.url),
-                None => self.url.clone(),
-            };
-            let config = WebSocketConfig::default()
-                .max_message_size(Some(WS_MAX_MESSAGE))
-                .max_frame_size(Some(WS_MAX_MESSAGE));
-            let connect = tokio_tungstenite::connect_async_with_config(&url, Some(config), false);
-            let mut ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(Ok((ws, _))) => ws,
-                Ok(Err(e)) => {
-                    warn!(%url, error = %e, "connect failed");
-                    self.metrics
-                        .set_source_error(Some(format!("connect {url}: {e}")));
-                    continue;
+            self.metrics.set_connected(true);
+            let ended = self
+                .pump(
+                    *ws,
+                    requested,
+                    &tx,
+                    &mut shutdown,
+                    &mut resume,
+                    &mut attempt,
+                )
+                .await;
+            self.metrics.set_connected(false);
+            match ended? {
+                Ended::Stop => return Ok(()),
+                Ended::Reconnect(how) => {
+                    resume.after(how, self.durable_cursor.load(Ordering::Relaxed))
                 }
-                Err(_) => {
-                    warn!(%url, "connect timed out");
-                    continue;
+                Ended::TooLarge { size, max_size } => {
+                    let failures = too_large.failed_at(resume.cursor);
+                    let seq = resume.cursor;
+                    let after = match seq {
+                        Some(seq) => format!("seq {seq}"),
+                        None => "the start of a live tail".to_owned(),
+                    };
+                    self.metrics.set_source_error(Some(format!(
+                        "a {size}-byte message after {after} exceeds the {max_size}-byte WebSocket limit"
+                    )));
+                    warn!(
+                        ?seq,
+                        size,
+                        limit = max_size,
+                        failures,
+                        "message over the WebSocket size limit; reconnecting"
+                    );
+                    if failures >= TOO_LARGE_ATTEMPTS {
+                        return Err(anyhow::Error::new(crate::NeedsOperator(format!(
+                            "the relay sent a {size}-byte message right after {after}, over the {max_size}-byte WebSocket limit, on {failures} connections in a row: resuming there meets it again every time. Restart with --cursor set to the seq of the event after it to skip it (that event is not captured), or follow another relay"
+                        ))));
+                    }
                 }
-            };
-            info!(%url, ?cursor, "connected");
-            self.metrics.connected.store(true, Ordering::Relaxed);
-            // After FutureCursor -> live, seqs restart lower: the processor must accept them.
-            let mut reset_seq =
-                matches!(how, Reconnect::Live) && self.handled_seq.load(Ordering::Relaxed) >= 0;
-            let mut ping = tokio::time::interval(
-                PING_EVERY
-                    .min(self.stall_timeout / 2)
-                    .max(Duration::from_millis(100)),
-            );
-            ping.tick().await;
-            // The stall watchdog measures time since the last event (binary message), not since
-            // the last wake-up: pings, pongs and other control traffic must not reset it.
-            let mut last_event = tokio::time::Instant::now();
-            let mut first_event = true;
-            // Frames already received are handed over in batches: one channel operation (and at
-            // most one processor wake-up) per batch instead of per frame.
-            let mut batch = Batch::default();
-            let outcome: Result<Option<Reconnect>> = loop {
-                let ready = if batch.is_full() || batch.frames.is_empty() {
-                    None
-                } else {
-                    ws.next().now_or_never()
-                };
-                let next = match ready {
-                    Some(next) => next,
-                    None => {
-                        if !batch.frames.is_empty() {
-                            if tx.send(batch.take()).await.is_err() {
-                                break Ok(None);
-                            }
-                            // A full channel (slow disk) may have held us here for long: the
-                            // watchdog measures upstream silence, not our own backpressure.
-                            last_event = tokio::time::Instant::now();
-                        }
-                        tokio::select! {
-                            // Data first: an expired watchdog must not win over a ready message.
-                            biased;
-                            _ = shutdown.changed() => {
-                                let _ = ws.close(None).await;
-                                break Ok(None);
-                            }
-                            next = ws.next() => next,
-                            _ = ping.tick() => {
-                                if let Err(e) = ws.send(Message::Ping(Bytes::new())).await {
-                                    warn!(error = %e, "ping failed");
-                                    break Ok(Some(Reconnect::Handled));
-                                }
-                                continue;
-                            }
-                            _ = tokio::time::sleep_until(last_event + self.stall_timeout) => {
-                                self.metrics.stalls.fetch_add(1, Ordering::Relaxed);
-                                warn!(stall_timeout_s = self.stall_timeout.as_secs_f64(), "no event within the stall timeout; reconnecting");
-                                break Ok(Some(Reconnect::Handled));
-                            }
-                        }
-                    }
-                };
-                let message = match next {
-                    None => {
-                        warn!("relay closed the connection");
-                        break Ok(Some(Reconnect::Handled));
-                    }
-                    Some(Err(e)) => {
-                        warn!(error = %e, "websocket error");
-                        if e.to_string().contains("Space limit exceeded") {
-                            self.metrics.dropped("frame_too_large");
-                        }
-                        break Ok(Some(Reconnect::Handled));
-                    }
-                    Some(Ok(m)) => m,
-                };
-                match message {
-                    Message::Binary(bytes) => {
-                        if bytes.len() > MAX_FRAME_BYTES {
-                            self.metrics.frames.fetch_add(1, Ordering::Relaxed);
-                            self.metrics.dropped("frame_too_large");
-                            warn!(bytes = bytes.len(), "dropping oversized message");
-                            continue;
-                        }
-                        if is_error_frame(&bytes) {
-                            match self.handle_error_frame(&bytes, cursor) {
-                                Ok(next) => break Ok(Some(next)),
-                                Err(e) => break Err(e),
-                            }
-                        }
-                        if reset_seq {
-                            reset_seq = false;
-                            if tx.send(Input::ResetSeq).await.is_err() {
-                                break Ok(None);
-                            }
-                        }
-                        if first_event {
-                            // Events flow again: a connection problem is over.
-                            self.metrics.set_source_error(None);
-                            first_event = false;
-                        }
-                        last_frame = Some(bytes.clone());
-                        batch.push(bytes);
-                        last_event = tokio::time::Instant::now();
-                        attempt = 0;
-                    }
-                    Message::Text(_) => self.metrics.dropped("text_message"),
-                    Message::Close(frame) => {
-                        info!(?frame, "relay sent close");
-                        break Ok(Some(Reconnect::Handled));
-                    }
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                }
-            };
-            // Whatever arrived before the connection ended is still handled, in order.
-            if !batch.frames.is_empty() {
-                let _ = tx.send(batch.take()).await;
-            }
-            self.metrics.connected.store(false, Ordering::Relaxed);
-            match outcome? {
-                None => return Ok(()),
-                Some(next) => how = next,
             }
             if tx.is_closed() {
                 return Ok(());
@@ -294,7 +332,205 @@ impl RelaySource {
         }
     }
 
-    fn handle_error_frame(&self, bytes: &[u8], cursor: Option<i64>) -> Result<Reconnect> {
+    /// Opens the WebSocket (DNS, TCP, TLS, handshake), abandoned at once on shutdown.
+    async fn connect(
+        &self,
+        cursor: Option<i64>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Connected {
+        let url = match cursor {
+            Some(c) => format!("{}?cursor={c}", self.url),
+            None => self.url.clone(),
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(self.max_message_bytes))
+            .max_frame_size(Some(self.max_message_bytes));
+        let connect = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(&url, Some(config), false),
+        );
+        let result = tokio::select! {
+            result = connect => result,
+            _ = shutdown.changed() => return Connected::Shutdown,
+        };
+        match result {
+            Ok(Ok((ws, _))) => {
+                info!(%url, ?cursor, "connected");
+                Connected::Open(Box::new(ws))
+            }
+            Ok(Err(e)) => {
+                warn!(%url, error = %e, "connect failed");
+                self.metrics
+                    .set_source_error(Some(format!("connect {url}: {e}")));
+                Connected::Failed
+            }
+            Err(_) => {
+                warn!(%url, "connect timed out");
+                self.metrics
+                    .set_source_error(Some(format!("connect {url}: timed out")));
+                Connected::Failed
+            }
+        }
+    }
+
+    /// Hands the frames of one connection to the processor until the connection ends.
+    async fn pump(
+        &self,
+        mut ws: Ws,
+        requested: Option<i64>,
+        tx: &mpsc::Sender<Input>,
+        shutdown: &mut watch::Receiver<bool>,
+        resume: &mut ResumePoint,
+        attempt: &mut u32,
+    ) -> Result<Ended> {
+        let mut ping = tokio::time::interval(
+            PING_EVERY
+                .min(self.stall_timeout / 2)
+                .max(Duration::from_millis(100)),
+        );
+        ping.tick().await;
+        // The stall watchdog measures time since the upstream last showed it is alive: an event
+        // (binary message), or a pong answering our ping (a quiet upstream is not a stalled one).
+        // Our own pings and the wake-ups of this loop do not count.
+        let mut alive = tokio::time::Instant::now();
+        let mut first_event = true;
+        // The first seq of a connection that asked for a cursor must be above it.
+        let mut unchecked = requested;
+        // Frames already received are handed over in batches: one channel operation (and at
+        // most one processor wake-up) per batch instead of per frame.
+        let mut batch = Batch::default();
+        let ended: Result<Ended> = loop {
+            let ready = if batch.is_full() || batch.frames.is_empty() {
+                None
+            } else {
+                ws.next().now_or_never()
+            };
+            let next = match ready {
+                Some(next) => next,
+                None => {
+                    if !batch.frames.is_empty() {
+                        if !hand_over(&mut batch, tx, resume).await {
+                            break Ok(Ended::Stop);
+                        }
+                        // A full channel (slow disk) may have held us here for long: the
+                        // watchdog measures upstream silence, not our own backpressure.
+                        alive = tokio::time::Instant::now();
+                    }
+                    tokio::select! {
+                        // Data first: an expired watchdog must not win over a ready message.
+                        biased;
+                        _ = shutdown.changed() => {
+                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(None)).await;
+                            break Ok(Ended::Stop);
+                        }
+                        next = ws.next() => next,
+                        _ = ping.tick() => {
+                            if let Err(e) = ws.send(Message::Ping(Bytes::new())).await {
+                                warn!(error = %e, "ping failed");
+                                break Ok(Ended::Reconnect(Resume::AfterLast));
+                            }
+                            continue;
+                        }
+                        _ = tokio::time::sleep_until(alive + self.stall_timeout) => {
+                            self.metrics.stalls.fetch_add(1, Ordering::Relaxed);
+                            warn!(stall_timeout_s = self.stall_timeout.as_secs_f64(), "neither an event nor a pong within the stall timeout; reconnecting");
+                            break Ok(Ended::Reconnect(Resume::AfterLast));
+                        }
+                    }
+                }
+            };
+            let message = match next {
+                None => {
+                    warn!("relay closed the connection");
+                    break Ok(Ended::Reconnect(Resume::AfterLast));
+                }
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                    break Ok(Ended::TooLarge { size, max_size });
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "websocket error");
+                    break Ok(Ended::Reconnect(Resume::AfterLast));
+                }
+                Some(Ok(m)) => m,
+            };
+            match message {
+                Message::Binary(bytes) => {
+                    if bytes.len() > MAX_FRAME_BYTES {
+                        self.metrics.frame(bytes.len());
+                        self.metrics.dropped("frame_too_large");
+                        warn!(bytes = bytes.len(), "dropping oversized message");
+                        continue;
+                    }
+                    if is_error_frame(&bytes) {
+                        break self
+                            .handle_error_frame(&bytes, requested)
+                            .map(Ended::Reconnect);
+                    }
+                    if let Some(cursor) = unchecked {
+                        if let Some(seq) = frame_seq(&bytes) {
+                            unchecked = None;
+                            if seq <= cursor {
+                                break self.seq_reset(seq, cursor).map(Ended::Reconnect);
+                            }
+                        }
+                    }
+                    if first_event {
+                        // Events flow again: a connection problem is over.
+                        self.metrics.set_source_error(None);
+                        first_event = false;
+                    }
+                    self.metrics.frame_arrived();
+                    batch.push(bytes);
+                    alive = tokio::time::Instant::now();
+                    *attempt = 0;
+                }
+                Message::Pong(_) => alive = tokio::time::Instant::now(),
+                Message::Text(_) => self.metrics.dropped("text_message"),
+                Message::Close(frame) => {
+                    info!(?frame, "relay sent close");
+                    break Ok(Ended::Reconnect(Resume::AfterLast));
+                }
+                Message::Ping(_) | Message::Frame(_) => {}
+            }
+        };
+        // Whatever arrived before the connection ended is still handled, in order.
+        if !batch.frames.is_empty() {
+            hand_over(&mut batch, tx, resume).await;
+        }
+        ended
+    }
+
+    /// The upstream does not continue from our cursor: `FutureCursor`, or a first seq at or
+    /// below it. Either stop for an operator or, when allowed, tail live.
+    fn cursor_not_honoured(&self, what: String) -> Result<Resume> {
+        match self.on_future_cursor {
+            FutureCursorPolicy::Live => {
+                error!(upstream = %upstream_id(&self.url), "{what}; --on-future-cursor=live: dropping the cursor and tailing live (events between the cursor and now are not captured)");
+                Ok(Resume::Live)
+            }
+            FutureCursorPolicy::Exit => Err(anyhow::Error::new(crate::NeedsOperator(format!(
+                "{what}. Check --relay, pass --cursor N (a seq of this relay), or set --on-future-cursor=live to tail live (events between the cursor and now are not captured)"
+            )))),
+        }
+    }
+
+    fn seq_reset(&self, seq: i64, requested: i64) -> Result<Resume> {
+        self.metrics.seq_resets.fetch_add(1, Ordering::Relaxed);
+        self.metrics.set_source_error(Some(format!(
+            "relay answered cursor {requested} with seq {seq}"
+        )));
+        error!(
+            seq,
+            cursor = requested,
+            "the first seq is at or below the requested cursor"
+        );
+        self.cursor_not_honoured(format!(
+            "relay {} answered cursor {requested} with seq {seq}, at or below it: it does not continue our sequence (its seqs were reset, or it is another relay)",
+            upstream_id(&self.url)
+        ))
+    }
+
+    fn handle_error_frame(&self, bytes: &[u8], cursor: Option<i64>) -> Result<Resume> {
         let (error, message) = match decode_frame(bytes) {
             Ok(Event::Error(e)) => (e.error, e.message),
             _ => ("unreadable error frame".to_owned(), None),
@@ -305,26 +541,28 @@ impl RelaySource {
             message.clone().unwrap_or_default()
         )));
         match error.as_str() {
-            "FutureCursor" => match self.on_future_cursor {
-                FutureCursorPolicy::Live => {
-                    error!(?cursor, ?message, "relay answered FutureCursor; --on-future-cursor=live: dropping the cursor and tailing live (events between the cursor and now are not captured)");
-                    Ok(Reconnect::Live)
-                }
-                FutureCursorPolicy::Exit => Err(anyhow::Error::new(crate::NeedsOperator(format!(
-                    "relay answered FutureCursor for cursor {cursor:?} ({}): the stored cursor is ahead of this relay (a different relay or a reset?). Fix the relay URL, pass --cursor, or set --on-future-cursor=live to tail live",
-                    message.unwrap_or_default()
-                )))),
-            },
+            "FutureCursor" => self.cursor_not_honoured(format!(
+                "relay {} answered FutureCursor for cursor {cursor:?} ({}): the cursor is ahead of this relay (a different relay or a reset?)",
+                upstream_id(&self.url),
+                message.unwrap_or_default()
+            )),
             "ConsumerTooSlow" => {
                 warn!(?message, "relay dropped us as too slow; reconnecting from the durable cursor");
-                Ok(Reconnect::Durable)
+                Ok(Resume::Durable)
             }
             other => {
                 warn!(error = other, ?message, "relay error frame; reconnecting");
-                Ok(Reconnect::Handled)
+                Ok(Resume::AfterLast)
             }
         }
     }
+}
+
+/// Hands a batch to the processor, moving the resume point past it; false when the processor
+/// is gone.
+async fn hand_over(batch: &mut Batch, tx: &mpsc::Sender<Input>, resume: &mut ResumePoint) -> bool {
+    resume.handed_over(&batch.frames);
+    tx.send(batch.take()).await.is_ok()
 }
 
 /// Feeds a capture file (`[u32 LE length][frame]...`) to the processor, then returns.
@@ -357,7 +595,7 @@ pub async fn replay(
         let len = u32::from_le_bytes(len_bytes) as usize;
         if len > WS_MAX_MESSAGE {
             // Cannot be a frame; skip its bytes so the rest of the capture is still read.
-            metrics.frames.fetch_add(1, Ordering::Relaxed);
+            metrics.frame(len);
             metrics.dropped("frame_too_large");
             warn!(offset, len, "skipping oversized capture record");
             let mut limited = (&mut reader).take(len as u64);
@@ -382,10 +620,103 @@ pub async fn replay(
             break Err(e).with_context(|| format!("reading {}", path.display()));
         }
         offset += 4 + len as u64;
+        metrics.frame_arrived();
         batch.push(Bytes::from(frame));
     };
     if !batch.frames.is_empty() {
         let _ = tx.send(batch.take()).await;
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_ids_are_normalised_hosts() {
+        for (url, id) in [
+            ("wss://bsky.network", "bsky.network"),
+            (
+                "wss://BSKY.Network/xrpc/com.atproto.sync.subscribeRepos",
+                "bsky.network",
+            ),
+            ("wss://bsky.network:443/xrpc/x?cursor=1", "bsky.network"),
+            ("ws://bsky.network:80", "bsky.network"),
+            ("ws://bsky.network.:8080/", "bsky.network:8080"),
+            ("wss://bsky.network:80", "bsky.network:80"),
+            ("ws://127.0.0.1:2470/xrpc/x", "127.0.0.1:2470"),
+            ("ws://user:pw@pds.example.com", "pds.example.com"),
+            ("ws://[::1]:2470/xrpc/x", "[::1]:2470"),
+            ("wss://[2001:DB8::1]", "[2001:db8::1]"),
+        ] {
+            assert_eq!(upstream_id(url), id, "{url}");
+        }
+    }
+
+    fn frame(seq: i64) -> Bytes {
+        Bytes::from(sync_core::synth::identity_frame(
+            seq,
+            "did:plc:z72i7hdynmk6r22z27h6tvur",
+            None,
+            "2026-07-04T14:38:07.877Z",
+        ))
+    }
+
+    fn info() -> Bytes {
+        Bytes::from(sync_core::synth::info_frame("Note", None))
+    }
+
+    #[test]
+    fn the_resume_point_follows_the_frames_handed_over() {
+        let mut resume = ResumePoint::new(Some(10));
+        resume.handed_over(&[frame(11), frame(12), info()]);
+        assert_eq!(
+            resume.cursor,
+            Some(12),
+            "a trailing #info keeps the last seq"
+        );
+        resume.handed_over(&[info()]);
+        assert_eq!(resume.cursor, Some(12));
+        resume.handed_over(&[frame(9)]);
+        assert_eq!(
+            resume.cursor,
+            Some(12),
+            "a replayed lower seq does not move it back"
+        );
+        resume.after(Resume::AfterLast, 11);
+        assert_eq!(resume.cursor, Some(12));
+        resume.after(Resume::Durable, 11);
+        assert_eq!(resume.cursor, Some(11));
+        resume.after(Resume::Durable, -1);
+        assert_eq!(resume.cursor, Some(11), "nothing committed: keep the point");
+    }
+
+    #[test]
+    fn a_switch_to_live_starts_a_new_stream() {
+        let mut resume = ResumePoint::new(Some(5000));
+        resume.after(Resume::Live, 4990);
+        assert_eq!(resume.cursor, None);
+        assert!(resume.take_reset());
+        assert!(!resume.take_reset());
+        resume.after(Resume::Durable, 4990);
+        assert_eq!(resume.cursor, None, "still live: nothing received yet");
+        resume.handed_over(&[info(), frame(20), frame(21)]);
+        assert_eq!(resume.cursor, Some(21));
+        // The processor has not seen the switch yet: its durable cursor is the old stream's.
+        resume.after(Resume::Durable, 4990);
+        assert_eq!(resume.cursor, Some(21));
+        resume.after(Resume::Durable, 3);
+        assert_eq!(resume.cursor, Some(19), "not below the new stream's start");
+    }
+
+    #[test]
+    fn over_limit_failures_count_per_resume_point() {
+        let mut too_large = TooLarge::default();
+        assert_eq!(too_large.failed_at(Some(5)), 1);
+        assert_eq!(too_large.failed_at(Some(5)), 2);
+        assert_eq!(too_large.failed_at(Some(7)), 1, "progress starts over");
+        assert_eq!(too_large.failed_at(Some(7)), 2);
+        assert_eq!(too_large.failed_at(None), 1);
+    }
 }

@@ -148,7 +148,8 @@ fn write_cursor(tx: &rusqlite::Transaction<'_>, cursor: i64) -> Result<()> {
 
 /// `firehose-writer set-cursor`: sets the cursor of an existing state database that no writer
 /// holds (the caller holds the lock), in one transaction with what it implies: a rewind forgets
-/// the per-repo revs; the override is recorded in `meta`.
+/// the per-repo revs; the override is recorded in `meta`; the stored upstream is forgotten, so
+/// the next start takes the cursor as a seq of the upstream it is configured to follow.
 pub fn set_cursor(path: &Path, cursor: i64) -> Result<CursorChange> {
     if !path.is_file() {
         anyhow::bail!(
@@ -158,17 +159,18 @@ pub fn set_cursor(path: &Path, cursor: i64) -> Result<CursorChange> {
     }
     let mut conn = Connection::open(path)
         .with_context(|| format!("opening state database {}", path.display()))?;
+    check_schema(&conn, path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch(SCHEMA)
-        .with_context(|| format!("creating schema in {}", path.display()))?;
+    let not_a_state = || format!("{} is not a firehose-writer state database", path.display());
     let tx = conn.transaction().context("starting state transaction")?;
     let change = CursorOverride {
         cursor,
-        previous: read_cursor(&tx)?,
+        previous: read_cursor(&tx).with_context(not_a_state)?,
         by: CursorSetBy::Command,
     };
-    change.write(&tx)?;
+    change.write(&tx).with_context(not_a_state)?;
     write_cursor(&tx, cursor)?;
+    tx.execute("DELETE FROM meta WHERE key = 'upstream'", [])?;
     tx.commit().context("committing the cursor")?;
     Ok(change.change())
 }
@@ -184,6 +186,40 @@ CREATE TABLE IF NOT EXISTS in_network_posts (uri TEXT PRIMARY KEY) WITHOUT ROWID
 CREATE TABLE IF NOT EXISTS in_network_post_authors (did TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS unknown_unfollows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, seq INTEGER NOT NULL, time TEXT NOT NULL);
 ";
+
+/// `PRAGMA user_version` of the schema above. A newer file was written by a newer writer whose
+/// data this one could misread or damage.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Reads the schema version: a file that is not a readable SQLite database, or one from a newer
+/// writer, needs a human (exit 3), not a restart loop.
+fn check_schema(conn: &Connection, path: &Path) -> Result<i64> {
+    let version: i64 = match conn.query_row("PRAGMA user_version", [], |r| r.get(0)) {
+        Ok(v) => v,
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+            ) =>
+        {
+            return Err(anyhow::Error::new(crate::NeedsOperator(format!(
+                "state database {} is unreadable ({e}): not a firehose-writer state file, or corrupt. Restore it from a backup or point --state at the right file",
+                path.display()
+            ))));
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading the schema version of {}", path.display()))
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(anyhow::Error::new(crate::NeedsOperator(format!(
+            "state database {} has schema version {version}, newer than this writer's {SCHEMA_VERSION}: run the newer firehose-writer that wrote it",
+            path.display()
+        ))));
+    }
+    Ok(version)
+}
 
 fn key_hash(s: &str) -> u64 {
     let mut h = DefaultHasher::new();
@@ -234,6 +270,8 @@ pub struct StateStore {
     revs: HashMap<u64, u64>,
     pending: Pending,
     cursor: Option<i64>,
+    /// The upstream the cursor's seqs belong to (`source::upstream_id`), stored next to it.
+    upstream: Option<String>,
     /// A lookup that failed during routing (routing reads through an infallible trait); the
     /// processor takes it and routes the event again.
     lookup_error: std::cell::RefCell<Option<String>>,
@@ -252,11 +290,20 @@ impl StateStore {
         }
         let conn = Connection::open(path)
             .with_context(|| format!("opening state database {}", path.display()))?;
+        let version = check_schema(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating schema in {}", path.display()))?;
+        if version < SCHEMA_VERSION {
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        let upstream = conn
+            .query_row("SELECT value FROM meta WHERE key = 'upstream'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?;
         let cursor = read_cursor(&conn)?;
         let mut store = StateStore {
             conn,
@@ -269,6 +316,7 @@ impl StateStore {
             revs: HashMap::new(),
             pending: Pending::default(),
             cursor,
+            upstream,
             lookup_error: std::cell::RefCell::new(None),
         };
         store.load()?;
@@ -331,6 +379,17 @@ impl StateStore {
     /// The committed cursor (last fully handled seq whose files are durable).
     pub fn cursor(&self) -> Option<i64> {
         self.cursor
+    }
+
+    /// The upstream the cursor belongs to: as stored, or as set for the next commit.
+    pub fn upstream(&self) -> Option<&str> {
+        self.upstream.as_deref()
+    }
+
+    /// Sets the upstream stored with every cursor committed from now on. Call it only once the
+    /// cursors to be committed are this upstream's.
+    pub fn set_upstream(&mut self, upstream: String) {
+        self.upstream = Some(upstream);
     }
 
     /// Number of study posts in the index (committed and pending).
@@ -588,6 +647,12 @@ impl StateStore {
             }
             if let Some(cursor) = cursor {
                 write_cursor(&tx, cursor)?;
+                if let Some(upstream) = &self.upstream {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('upstream', ?1)",
+                        params![upstream],
+                    )?;
+                }
             }
         }
         tx.commit().context("committing state")?;

@@ -7,7 +7,7 @@
 //! that already iterate a CAR's blocks (for instance with `iroh-car` over an async body) can feed
 //! blocks directly with [`RepoReader::push_block`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use ipld_core::cid::Cid;
 use serde::Deserialize;
@@ -88,6 +88,85 @@ pub struct RepoRecord {
     pub cid: Cid,
 }
 
+/// Where a block's bytes are in a [`BlockStore`].
+#[derive(Debug, Clone, Copy)]
+struct BlockRef {
+    chunk: u32,
+    start: u32,
+    len: u32,
+}
+
+/// The blocks of a repo: bytes packed into 1 MiB chunks, indexed by SHA-256 digest.
+///
+/// Every block a repo can use (commit, MST nodes, records) is DAG-CBOR addressed by SHA-256, so the
+/// 32-byte digest is the whole key. Per block this costs the bytes plus ~50 bytes of index, where
+/// a map of `Cid -> Vec<u8>` costs ~200 (a CAR of tiny blocks would otherwise take ~9x its size),
+/// and growing chunk by chunk never copies what is already stored.
+#[derive(Debug, Clone, Default)]
+struct BlockStore {
+    chunks: Vec<Vec<u8>>,
+    index: HashMap<[u8; 32], BlockRef>,
+    bytes: usize,
+}
+
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// The SHA-256 digest a DAG-CBOR CID addresses, or `None` for any other kind of CID.
+fn dag_cbor_digest(cid: &Cid) -> Option<[u8; 32]> {
+    if cid.codec() != cbor::DAG_CBOR || cid.hash().code() != cbor::SHA2_256 {
+        return None;
+    }
+    cid.hash().digest().try_into().ok()
+}
+
+impl BlockStore {
+    fn insert(&mut self, digest: [u8; 32], block: &[u8]) {
+        if self.index.contains_key(&digest) {
+            return;
+        }
+        let fits = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= block.len());
+        if !fits {
+            self.chunks
+                .push(Vec::with_capacity(CHUNK_BYTES.max(block.len())));
+        }
+        let chunk = self.chunks.len() - 1;
+        let data = &mut self.chunks[chunk];
+        let start = data.len();
+        data.extend_from_slice(block);
+        self.bytes += block.len();
+        // Blocks are at most MAX_SECTION_BYTES and chunks at most that or 1 MiB: all fit in u32.
+        self.index.insert(
+            digest,
+            BlockRef {
+                chunk: chunk as u32,
+                start: start as u32,
+                len: block.len() as u32,
+            },
+        );
+    }
+
+    fn get(&self, cid: &Cid) -> Option<&[u8]> {
+        let at = self.index.get(&dag_cbor_digest(cid)?)?;
+        let start = at.start as usize;
+        self.chunks
+            .get(at.chunk as usize)?
+            .get(start..start + at.len as usize)
+    }
+
+    fn contains(&self, cid: &Cid) -> bool {
+        dag_cbor_digest(cid).is_some_and(|d| self.index.contains_key(&d))
+    }
+}
+
+impl mst::BlockSource for BlockStore {
+    fn block(&self, cid: &Cid) -> Option<&[u8]> {
+        self.get(cid)
+    }
+}
+
 /// A repo that passed every check: signed commit by the expected key, MST complete and
 /// well-formed, every record present and hash-checked.
 #[derive(Debug, Clone)]
@@ -100,14 +179,14 @@ pub struct VerifiedRepo {
     /// MST keys that are not `collection/rkey` with a valid NSID and record key: listed, not
     /// fatal, so one odd key does not cost the rest of the repo.
     pub invalid_keys: Vec<String>,
-    /// Record blocks by CID (MST nodes and the commit are dropped after the walk).
-    blocks: HashMap<Cid, Vec<u8>>,
+    /// Record blocks (MST nodes and the commit are dropped after the walk).
+    blocks: BlockStore,
 }
 
 impl VerifiedRepo {
     /// The record's DAG-CBOR bytes (already hash-checked).
     pub fn record_block(&self, cid: &Cid) -> Option<&[u8]> {
-        self.blocks.get(cid).map(Vec::as_slice)
+        self.blocks.get(cid)
     }
 
     /// The record in the atproto JSON data model.
@@ -120,7 +199,7 @@ impl VerifiedRepo {
 
     /// Bytes held for record blocks.
     pub fn block_bytes(&self) -> usize {
-        self.blocks.values().map(Vec::len).sum()
+        self.blocks.bytes
     }
 }
 
@@ -140,7 +219,9 @@ pub struct RepoReader {
     /// Bytes not yet parsed (at most one incomplete section, or the header).
     pending: Vec<u8>,
     roots: Option<Vec<Cid>>,
-    blocks: HashMap<Cid, Vec<u8>>,
+    blocks: BlockStore,
+    /// Blocks that are not DAG-CBOR/SHA-256: no repo structure can refer to them.
+    ignored_blocks: u64,
 }
 
 /// A complete varint at the start of `buf`: `Ok(Some((value, length)))`, `Ok(None)` if more
@@ -167,7 +248,8 @@ impl RepoReader {
             received: 0,
             pending: Vec::new(),
             roots: None,
-            blocks: HashMap::new(),
+            blocks: BlockStore::default(),
+            ignored_blocks: 0,
         }
     }
 
@@ -177,44 +259,74 @@ impl RepoReader {
     }
 
     /// Feeds the next bytes of the CAR. Complete sections are parsed and hash-checked at once.
+    ///
+    /// Sections are parsed straight from `chunk`; only a section cut by the chunk's end is
+    /// copied aside, so each block is copied once (into the repo's block map).
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), RepoError> {
+        let chunk_start = self.received;
         self.received += chunk.len() as u64;
         if self.received > self.max_bytes {
             return Err(RepoError::TooLarge(self.max_bytes));
         }
-        self.pending.extend_from_slice(chunk);
+        let mut rest = chunk;
+        // First finish the section a previous chunk left incomplete.
+        while !self.pending.is_empty() && !rest.is_empty() {
+            let offset = chunk_start - self.pending.len() as u64;
+            match varint(&self.pending, offset)? {
+                None => {
+                    // Not even the length is complete: move one byte over (at most 10 times).
+                    self.pending.push(rest[0]);
+                    rest = &rest[1..];
+                }
+                Some((len, head)) => {
+                    let need = self.section_end(len, head)?;
+                    let take = (need - self.pending.len()).min(rest.len());
+                    self.pending.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if self.pending.len() == need {
+                        let section = std::mem::take(&mut self.pending);
+                        self.section(&section[head..], offset)?;
+                    }
+                }
+            }
+        }
         let mut pos = 0usize;
-        let base = self.received - self.pending.len() as u64;
         loop {
-            let offset = base + pos as u64;
-            let Some((len, head)) = varint(&self.pending[pos..], offset)? else {
+            let offset = chunk_start + (chunk.len() - rest.len() + pos) as u64;
+            let Some((len, head)) = varint(&rest[pos..], offset)? else {
                 break;
             };
-            if len > MAX_SECTION_BYTES as u64 && self.roots.is_some() {
-                return Err(RepoError::SectionTooLarge(len));
-            }
-            if self.roots.is_none() && len > 64 * 1024 {
-                return Err(RepoError::Header(format!("header of {len} bytes")));
-            }
-            let start = pos + head;
-            let end = start + len as usize;
-            if end > self.pending.len() {
+            let end = pos + self.section_end(len, head)?;
+            if end > rest.len() {
                 break;
             }
-            let section = &self.pending[start..end];
-            if self.roots.is_none() {
-                self.roots = Some(parse_header(section)?);
-            } else {
-                let mut rest = section;
-                let cid = Cid::read_bytes(&mut rest)
-                    .map_err(|e| RepoError::Cid(offset, e.to_string()))?;
-                let block = rest.to_vec();
-                self.insert_block(cid, block)?;
-            }
+            self.section(&rest[pos + head..end], offset)?;
             pos = end;
         }
-        self.pending.drain(..pos);
+        self.pending.extend_from_slice(&rest[pos..]);
         Ok(())
+    }
+
+    /// The length of a section (its length prefix included), within the limits.
+    fn section_end(&self, len: u64, head: usize) -> Result<usize, RepoError> {
+        if self.roots.is_none() && len > 64 * 1024 {
+            return Err(RepoError::Header(format!("header of {len} bytes")));
+        }
+        if len > MAX_SECTION_BYTES as u64 {
+            return Err(RepoError::SectionTooLarge(len));
+        }
+        Ok(head + len as usize)
+    }
+
+    /// One complete section: the header first, then `CID + block`s.
+    fn section(&mut self, section: &[u8], offset: u64) -> Result<(), RepoError> {
+        if self.roots.is_none() {
+            self.roots = Some(parse_header(section)?);
+            return Ok(());
+        }
+        let mut rest = section;
+        let cid = Cid::read_bytes(&mut rest).map_err(|e| RepoError::Cid(offset, e.to_string()))?;
+        self.insert_block(cid, rest)
     }
 
     /// Sets the CAR roots when the caller parsed the header itself (see [`Self::push_block`]).
@@ -231,17 +343,27 @@ impl RepoReader {
         if block.len() > MAX_SECTION_BYTES {
             return Err(RepoError::SectionTooLarge(block.len() as u64));
         }
-        self.insert_block(cid, block)
+        self.insert_block(cid, &block)
     }
 
-    fn insert_block(&mut self, cid: Cid, block: Vec<u8>) -> Result<(), RepoError> {
+    /// Blocks skipped because their CID is not DAG-CBOR/SHA-256 (nothing in a repo can link
+    /// them).
+    pub fn ignored_blocks(&self) -> u64 {
+        self.ignored_blocks
+    }
+
+    fn insert_block(&mut self, cid: Cid, block: &[u8]) -> Result<(), RepoError> {
+        let Some(digest) = dag_cbor_digest(&cid) else {
+            self.ignored_blocks += 1;
+            return Ok(());
+        };
         // Every block is checked as it arrives: a CID repeated with other bytes fails here
         // (its hash cannot match both), so "first wins" never decides what a repo holds.
-        cbor::verify_block(&cid, &block).map_err(|source| RepoError::Block {
+        cbor::verify_block(&cid, block).map_err(|source| RepoError::Block {
             cid: cid.to_string(),
             source,
         })?;
-        self.blocks.entry(cid).or_insert(block);
+        self.blocks.insert(digest, block);
         Ok(())
     }
 
@@ -286,7 +408,7 @@ impl RepoReader {
             .get(&root)
             .ok_or_else(|| VerifyError::MissingCommitBlock(root.to_string()))?;
         let commit = verify_commit_block(&root, commit_block, did, None, key, opts)?;
-        let mut blocks = self.blocks;
+        let blocks = self.blocks;
         let mut records = Vec::new();
         let mut invalid_keys = Vec::new();
         let mut missing: Option<RepoError> = None;
@@ -298,7 +420,7 @@ impl RepoReader {
                     cid: cid.to_string(),
                 });
             }
-            if !blocks.contains_key(&cid) {
+            if !blocks.contains(&cid) {
                 missing.get_or_insert(RepoError::MissingRecord {
                     path: path.into_owned(),
                     cid: cid.to_string(),
@@ -323,9 +445,17 @@ impl RepoReader {
         if let Some(e) = missing {
             return Err(e);
         }
-        let keep: HashSet<Cid> = records.iter().map(|r| r.cid).collect();
-        blocks.retain(|cid, _| keep.contains(cid));
-        blocks.shrink_to_fit();
+        // Keep only the records' bytes: the tree and the commit are done with.
+        let mut kept = BlockStore::default();
+        for record in &records {
+            if let (Some(digest), Some(block)) =
+                (dag_cbor_digest(&record.cid), blocks.get(&record.cid))
+            {
+                kept.insert(digest, block);
+            }
+        }
+        drop(blocks);
+        let blocks = kept;
         Ok(VerifiedRepo {
             commit,
             signature_checked: key.is_some(),

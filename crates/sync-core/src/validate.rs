@@ -83,29 +83,54 @@ impl StreamValidator {
         self.accounts.get(did)
     }
 
-    /// Decides on `event`; `key` is the repo's current signing key, if known. Accepting an event
-    /// updates the view (seq, account status, chain state); a dropped event changes nothing
-    /// except that a seq, once seen, is never accepted again.
+    /// Decides on `event`; `key` is the repo's current signing key, if known. Only an accepted
+    /// event changes the view (seq, account status, chain state): a forged or broken frame with
+    /// an absurd seq or rev cannot block the events after it.
     pub fn check(
         &mut self,
         event: &Event<'_>,
         key: Option<&PublicKey>,
         opts: &VerifyOptions,
     ) -> Decision {
-        if let Some(seq) = event.seq() {
-            if self.last_seq.is_some_and(|last| seq.0 <= last) {
+        let seq = event.seq();
+        if let (Some(seq), Some(last)) = (seq, self.last_seq) {
+            if seq.0 <= last {
                 return Decision::Drop(DropReason::SeqNotIncreasing);
             }
-            self.last_seq = Some(seq.0);
         }
+        let decision = self.decide(event, key, opts);
+        if matches!(decision, Decision::Accept { .. }) {
+            if let Some(seq) = seq {
+                self.last_seq = Some(seq.0);
+            }
+        }
+        decision
+    }
+
+    fn inactive(&self, did: &Did) -> bool {
+        self.accounts
+            .get(did)
+            .is_some_and(|view| view.inactive_status.is_some())
+    }
+
+    fn chain(&self, did: &Did) -> Option<ChainState> {
+        self.accounts.get(did).and_then(|view| view.chain)
+    }
+
+    fn decide(
+        &mut self,
+        event: &Event<'_>,
+        key: Option<&PublicKey>,
+        opts: &VerifyOptions,
+    ) -> Decision {
         match event {
             Event::Commit(commit) => {
-                let view = self.accounts.entry(commit.repo.clone()).or_default();
-                if view.inactive_status.is_some() {
+                if self.inactive(&commit.repo) {
                     return Decision::Drop(DropReason::InactiveAccount);
                 }
+                let held = self.chain(&commit.repo);
                 // Cheap before the expensive: a stale rev needs no signature check.
-                if view.chain.is_some_and(|held| commit.rev <= held.rev) {
+                if held.is_some_and(|held| commit.rev <= held.rev) {
                     return Decision::Drop(DropReason::StaleRev);
                 }
                 let Some(key) = key else {
@@ -115,23 +140,24 @@ impl StreamValidator {
                     Ok(v) => v,
                     Err(e) => return Decision::Drop(DropReason::Invalid(e)),
                 };
-                if verified.inversion == Inversion::Legacy && view.chain.is_some() && !self.lenient
-                {
+                if verified.inversion == Inversion::Legacy && held.is_some() && !self.lenient {
                     return Decision::Drop(DropReason::LegacyCommit);
                 }
-                let verdict = check_commit(view.chain.as_ref(), &verified, commit.since);
-                view.chain = Some(ChainState::after(&verified.commit));
-                match verdict {
-                    ChainVerdict::First | ChainVerdict::InOrder => {
-                        Decision::Accept { resync: None }
-                    }
-                    ChainVerdict::Gap(gap) => Decision::Accept { resync: Some(gap) },
-                    ChainVerdict::Duplicate => Decision::Drop(DropReason::StaleRev),
+                let verdict = check_commit(held.as_ref(), &verified, commit.since);
+                if verdict == ChainVerdict::Duplicate {
+                    return Decision::Drop(DropReason::StaleRev);
+                }
+                self.accounts.entry(commit.repo.clone()).or_default().chain =
+                    Some(ChainState::after(&verified.commit));
+                Decision::Accept {
+                    resync: match verdict {
+                        ChainVerdict::Gap(gap) => Some(gap),
+                        _ => None,
+                    },
                 }
             }
             Event::Sync(sync) => {
-                let view = self.accounts.entry(sync.did.clone()).or_default();
-                if view.inactive_status.is_some() {
+                if self.inactive(&sync.did) {
                     return Decision::Drop(DropReason::InactiveAccount);
                 }
                 let Some(key) = key else {
@@ -141,22 +167,21 @@ impl StreamValidator {
                     Ok(s) => s,
                     Err(e) => return Decision::Drop(DropReason::Invalid(e)),
                 };
-                match check_sync(view.chain.as_ref(), &signed) {
-                    ChainVerdict::Duplicate => Decision::Drop(DropReason::StaleRev),
-                    verdict => {
-                        view.chain = Some(ChainState::after(&signed));
-                        Decision::Accept {
-                            resync: match verdict {
-                                ChainVerdict::Gap(gap) => Some(gap),
-                                _ => None,
-                            },
-                        }
-                    }
+                let verdict = check_sync(self.chain(&sync.did).as_ref(), &signed);
+                if verdict == ChainVerdict::Duplicate {
+                    return Decision::Drop(DropReason::StaleRev);
+                }
+                self.accounts.entry(sync.did.clone()).or_default().chain =
+                    Some(ChainState::after(&signed));
+                Decision::Accept {
+                    resync: match verdict {
+                        ChainVerdict::Gap(gap) => Some(gap),
+                        _ => None,
+                    },
                 }
             }
             Event::Account(account) => {
-                let view = self.accounts.entry(account.did.clone()).or_default();
-                view.inactive_status = if account.active {
+                let status = if account.active {
                     None
                 } else {
                     Some(
@@ -166,6 +191,13 @@ impl StreamValidator {
                             .unwrap_or_else(|| "inactive".to_owned()),
                     )
                 };
+                // An account never seen and reported active needs no entry.
+                if status.is_some() || self.accounts.contains_key(&account.did) {
+                    self.accounts
+                        .entry(account.did.clone())
+                        .or_default()
+                        .inactive_status = status;
+                }
                 Decision::Accept { resync: None }
             }
             Event::Identity(_) | Event::Info(_) | Event::Error(_) | Event::Skipped { .. } => {

@@ -84,6 +84,14 @@ pub enum VerifyError {
     },
     #[error("{action} of {path} without `prev`")]
     MissingPrev { action: &'static str, path: String },
+    #[error("{action} of {path}: {why}")]
+    BadOpShape {
+        action: &'static str,
+        path: String,
+        why: &'static str,
+    },
+    #[error("two ops on {0}")]
+    DuplicateOpPath(String),
     #[error("op {action} {path}: the tree holds {tree:?}, the op says {op:?}")]
     OpMismatch {
         action: &'static str,
@@ -122,6 +130,8 @@ impl VerifyError {
             VerifyError::Signature(e) => e.reason(),
             VerifyError::BadOp { .. } => "bad_op",
             VerifyError::MissingPrev { .. } => "missing_prev",
+            VerifyError::BadOpShape { .. } => "bad_op_shape",
+            VerifyError::DuplicateOpPath(_) => "duplicate_op_path",
             VerifyError::OpMismatch { .. } => "op_mismatch",
             VerifyError::RecordBlock { source, .. } => match &**source {
                 OpError::MissingBlock(_) => "missing_record_block",
@@ -152,6 +162,8 @@ pub const VERIFY_REASONS: &[&str] = &[
     "bad_signature_length",
     "bad_op",
     "missing_prev",
+    "bad_op_shape",
+    "duplicate_op_path",
     "op_mismatch",
     "missing_record_block",
     "cid_mismatch",
@@ -224,8 +236,9 @@ fn cbor_head(buf: &[u8], pos: usize) -> Option<(u8, u64, usize)> {
 /// The commit block without its `sig` entry: the bytes the signature covers.
 ///
 /// Works on the encoded map rather than re-serialising a struct, so fields this build does not
-/// know are still covered exactly as the signer encoded them. DAG-CBOR's canonical key order is
-/// preserved because entries are copied in their original order, minus one.
+/// know are still covered exactly as the signer encoded them. The block was checked to be
+/// canonical DAG-CBOR, so copying the other entries in their order, minus one, is the canonical
+/// encoding of the unsigned commit.
 fn unsigned_bytes(block: &[u8]) -> Option<Vec<u8>> {
     let (major, count, mut pos) = cbor_head(block, 0)?;
     if major != 5 || count == 0 || count > 64 {
@@ -327,6 +340,22 @@ pub fn verify_commit_block(
         return Err(VerifyError::CommitHash(cid.to_string()));
     }
     cbor::check_depth(block).map_err(|e| VerifyError::CommitObject(e.to_string()))?;
+    // Only the canonical encoding is accepted: otherwise one signed commit would have many
+    // CIDs (a reordered map, a longer length prefix), and the signed bytes cut from it below
+    // would not be the bytes the signer encoded.
+    let ipld: ipld_core::ipld::Ipld = serde_ipld_dagcbor::from_slice(block)
+        .map_err(|e| VerifyError::CommitObject(e.to_string()))?;
+    let canonical =
+        serde_ipld_dagcbor::to_vec(&ipld).map_err(|e| VerifyError::CommitObject(e.to_string()))?;
+    if canonical != block {
+        return Err(VerifyError::CommitObject(
+            "not in canonical DAG-CBOR form".into(),
+        ));
+    }
+    // `prev` is required (nullable) in a v3 commit; serde alone would read its absence as null.
+    if !matches!(&ipld, ipld_core::ipld::Ipld::Map(m) if m.contains_key("prev")) {
+        return Err(VerifyError::CommitObject("commit without `prev`".into()));
+    }
     let raw: RawSignedCommit<'_> = serde_ipld_dagcbor::from_slice(block)
         .map_err(|e| VerifyError::CommitObject(e.to_string()))?;
     if raw.version != COMMIT_VERSION {
@@ -413,73 +442,70 @@ pub fn verify_commit(
 /// every op readable, every create/update's record block present and hash-checked, and (with
 /// `prevData`) the MST inversion from `data`, the commit's MST root, back to `prevData`.
 pub fn prove_ops(commit: &Commit<'_>, data: &Cid) -> Result<Inversion, VerifyError> {
-    let mut ops = Vec::with_capacity(commit.ops.len());
+    let proving = commit.prev_data.is_some();
+    let mut ops: Vec<(String, &RepoOp)> = Vec::with_capacity(commit.ops.len());
     for (index, op) in commit.ops.iter().enumerate() {
         let op = op.as_ref().map_err(|source| VerifyError::BadOp {
             index,
             source: Box::new(source.clone()),
         })?;
+        let path = op_path(op);
+        check_op_shape(op, &path, proving)?;
         if op.action != Action::Delete {
             commit
                 .record_block(op)
                 .map_err(|source| VerifyError::RecordBlock {
-                    path: op_path(op),
+                    path: path.clone(),
                     source: Box::new(source),
                 })?;
         }
-        ops.push(op);
+        ops.push((path, op));
     }
+    // The ops list is not signed: two ops on one path could cancel out around a forged record
+    // (update A to F, then back) and still invert to `prevData`. One op per path, as the PDS
+    // writes them; then the order indigo uses (deletes first, then by path), so proofs that
+    // suffice for the reference implementation suffice here.
+    ops.sort_by(|(a, _), (b, _)| a.cmp(b));
+    if let Some(pair) = ops.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(VerifyError::DuplicateOpPath(pair[0].0.clone()));
+    }
+    // Stable: paths stay sorted within deletes and within the rest.
+    ops.sort_by_key(|(_, op)| op.action != Action::Delete);
     let mut tree = Tree::load(*data, &commit.blocks).map_err(mst_error)?;
+    let mismatch = |path: &str, op: &RepoOp, tree: Option<Cid>| VerifyError::OpMismatch {
+        action: op.action.as_str(),
+        path: path.to_owned(),
+        tree: tree.map(|c| c.to_string()),
+        op: op.cid.map(|c| c.to_string()),
+    };
     let Some(prev_data) = commit.prev_data else {
-        // Legacy commits cannot be inverted to anything checkable, but their creates and updates
-        // must still be what the signed tree holds: otherwise a relay could swap a record.
-        for op in &ops {
-            if op.action != Action::Delete {
-                let path = op_path(op);
-                let in_tree = tree.get(path.as_bytes()).map_err(mst_error)?;
-                if in_tree.is_none() || in_tree != op.cid {
-                    return Err(VerifyError::OpMismatch {
-                        action: op.action.as_str(),
-                        path,
-                        tree: in_tree.map(|c| c.to_string()),
-                        op: op.cid.map(|c| c.to_string()),
-                    });
-                }
+        // Legacy commits cannot be inverted to anything checkable, but each op must still agree
+        // with the signed tree: creates and updates hold their `cid`, deletes are absent.
+        for (path, op) in &ops {
+            let in_tree = tree.get(path.as_bytes()).map_err(mst_error)?;
+            let agrees = match op.action {
+                Action::Delete => in_tree.is_none(),
+                _ => in_tree.is_some() && in_tree == op.cid,
+            };
+            if !agrees {
+                return Err(mismatch(path, op, in_tree));
             }
         }
         return Ok(Inversion::Legacy);
     };
-    for op in ops.iter().rev() {
-        let path = op_path(op);
+    for (path, op) in &ops {
         let key = path.as_bytes();
-        let in_tree = tree.get(key).map_err(mst_error)?;
-        let mismatch = |tree: Option<Cid>| VerifyError::OpMismatch {
-            action: op.action.as_str(),
-            path: path.clone(),
-            tree: tree.map(|c| c.to_string()),
-            op: op.cid.map(|c| c.to_string()),
+        // Each inverse step returns what the tree held for the path after the commit, which
+        // must be exactly what the op says it wrote.
+        let (after, expected) = match (op.action, op.prev) {
+            (Action::Create, _) => (tree.remove(key).map_err(mst_error)?, op.cid),
+            (Action::Update, Some(prev)) => (tree.insert(key, prev).map_err(mst_error)?, op.cid),
+            (Action::Delete, Some(prev)) => (tree.insert(key, prev).map_err(mst_error)?, None),
+            // check_op_shape guarantees `prev` for updates and deletes of a proven commit.
+            (_, None) => return Err(missing_prev(op, path)),
         };
-        match op.action {
-            Action::Create => {
-                if in_tree.is_none() || in_tree != op.cid {
-                    return Err(mismatch(in_tree));
-                }
-                tree.remove(key).map_err(mst_error)?;
-            }
-            Action::Update | Action::Delete => {
-                let agrees = match op.action {
-                    Action::Update => in_tree.is_some() && in_tree == op.cid,
-                    _ => in_tree.is_none(),
-                };
-                if !agrees {
-                    return Err(mismatch(in_tree));
-                }
-                let prev = op.prev.ok_or_else(|| VerifyError::MissingPrev {
-                    action: op.action.as_str(),
-                    path: path.clone(),
-                })?;
-                tree.insert(key, prev).map_err(mst_error)?;
-            }
+        if after != expected {
+            return Err(mismatch(path, op, after));
         }
     }
     let computed = tree.root_cid().map_err(mst_error)?;
@@ -492,7 +518,56 @@ pub fn prove_ops(commit: &Commit<'_>, data: &Cid) -> Result<Inversion, VerifyErr
     Ok(Inversion::Proven)
 }
 
-/// Verifies a `#sync` event: its `blocks` CAR holds exactly the signed commit named by its root,
+fn missing_prev(op: &RepoOp, path: &str) -> VerifyError {
+    VerifyError::MissingPrev {
+        action: op.action.as_str(),
+        path: path.to_owned(),
+    }
+}
+
+/// The fields each action must (not) carry: a create has a `cid` and no `prev`, an update a
+/// `cid` and a different `prev`, a delete a `prev` and no `cid`. `prev` is only required where
+/// the commit claims to be provable (`prevData` present); legacy commits predate it.
+fn check_op_shape(op: &RepoOp, path: &str, proving: bool) -> Result<(), VerifyError> {
+    let shape = |why: &'static str| VerifyError::BadOpShape {
+        action: op.action.as_str(),
+        path: path.to_owned(),
+        why,
+    };
+    match op.action {
+        Action::Create => {
+            if op.cid.is_none() {
+                return Err(shape("a create without `cid`"));
+            }
+            if proving && op.prev.is_some() {
+                return Err(shape("a create with `prev`"));
+            }
+        }
+        Action::Update => {
+            if op.cid.is_none() {
+                return Err(shape("an update without `cid`"));
+            }
+            if proving && op.prev.is_none() {
+                return Err(missing_prev(op, path));
+            }
+            if op.prev.is_some() && op.prev == op.cid {
+                return Err(shape("an update whose `prev` is its `cid`"));
+            }
+        }
+        Action::Delete => {
+            if op.cid.is_some() {
+                return Err(shape("a delete with `cid`"));
+            }
+            if proving && op.prev.is_none() {
+                return Err(missing_prev(op, path));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Verifies a `#sync` event: its `blocks` CAR has one root, the signed commit (other blocks are
+/// ignored),
 /// signed by `key`, with `did` and `rev` equal to the event's. The returned commit's `data` is
 /// the repo's current MST root and `rev` its current revision.
 pub fn verify_sync(

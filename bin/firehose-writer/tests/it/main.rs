@@ -1,10 +1,13 @@
 //! firehose-writer integration tests, one binary: `inspect` CLI, the writer in-process against
 //! the replay file and the test relay (faults), as a process (SIGKILL crash safety, signals), and
-//! against the official atproto PDS, and the state an operator manages across restarts.
+//! against the official atproto PDS; `/metrics` and `/health` over HTTP; the state an operator
+//! manages across restarts.
 
 mod cli;
+mod metrics;
 mod pds;
 mod process;
+mod source;
 mod state;
 mod writer;
 

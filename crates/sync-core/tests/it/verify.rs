@@ -557,12 +557,33 @@ fn indigo_relay_scenarios_accept_and_drop_message_by_message() {
                 _ => None,
             };
             let key = did.as_ref().and_then(|d| keys.get(d));
+            let account_did = match &event {
+                Event::Account(a) => Some(a.did.clone()),
+                _ => None,
+            };
+            let status_before = account_did
+                .as_ref()
+                .map(|d| validator.account(d).and_then(|v| v.inactive_status.clone()));
             let decision = validator.check(&event, key, &opts);
             let dropped = matches!(decision, Decision::Drop(_));
             assert_eq!(
                 dropped,
                 message["drop"].as_bool().unwrap(),
                 "{name} message {index}: {decision:?}"
+            );
+            // `update`: whether the consumer's account state changes (an #account event that
+            // moves the status); no scenario here is marked `invalid`.
+            let status_after = account_did
+                .as_ref()
+                .map(|d| validator.account(d).and_then(|v| v.inactive_status.clone()));
+            assert_eq!(
+                status_before != status_after,
+                message["update"].as_bool().unwrap(),
+                "{name} message {index}: account status {status_before:?} -> {status_after:?}"
+            );
+            assert!(
+                !message["invalid"].as_bool().unwrap(),
+                "{name} message {index}"
             );
             messages += 1;
         }
@@ -719,7 +740,11 @@ fn signed_synthetic_commits_verify_and_chain_through_creates_updates_and_deletes
             let exists = repo.has("app.bsky.feed.post", &rkey);
             ops.push(match (exists, rng.below(2)) {
                 (false, _) => OpSpec::create("app.bsky.feed.post", &rkey, post(i + 1000)),
-                (true, 0) => OpSpec::update("app.bsky.feed.post", &rkey, post(i + 2000)),
+                (true, 0) => OpSpec::update(
+                    "app.bsky.feed.post",
+                    &rkey,
+                    post(i + 2000 + seq as u32 * 1000),
+                ),
                 (true, _) => OpSpec::delete("app.bsky.feed.post", &rkey),
             });
         }
@@ -753,6 +778,209 @@ fn signed_synthetic_commits_verify_and_chain_through_creates_updates_and_deletes
             validator.check(&decode_frame(&replayed).unwrap(), Some(&key), &opts),
             Decision::Drop(DropReason::StaleRev),
             "seq {seq}"
+        );
+    }
+}
+
+type OpMap = BTreeMap<String, Ipld>;
+
+/// The ops list is not covered by the signature: every way a relay could reshape it around a
+/// forged record must fail, each with its reason.
+#[test]
+fn op_lists_that_lie_about_the_signed_tree_fail_with_their_reasons() {
+    use sync_core::synth::{OpSpec, SynthRepo};
+    let mut repo = SynthRepo::new("did:plc:synthsynthsynthsynthsynt", [6u8; 32]);
+    let key = repo.public_key();
+    let post = |text: &str| serde_json::json!({"$type": "app.bsky.feed.post", "text": text, "createdAt": "2026-01-01T00:00:00Z"});
+    for i in 0..200u32 {
+        repo.put(
+            "app.bsky.feed.post",
+            &format!("3k{i:011}"),
+            post(&format!("old {i}")),
+        );
+    }
+    let opts = VerifyOptions::at(now_micros());
+    let frame = repo.commit(
+        1,
+        now_micros() - 1_000_000,
+        "2026-01-01T00:00:00Z",
+        &[
+            OpSpec::create("app.bsky.feed.post", "3k00000009999", post("new")),
+            OpSpec::update("app.bsky.feed.post", "3k00000000005", post("edited")),
+            OpSpec::delete("app.bsky.feed.post", "3k00000000007"),
+        ],
+    );
+    let base = Editable::from_frame(&frame);
+    let check = |e: &Editable| reason_of(&e.to_frame(), &key, &opts);
+    assert_eq!(check(&base), Ok(Inversion::Proven));
+
+    // Order does not matter: the same ops reversed still prove the same tree.
+    let mut e = base.clone();
+    let mut ops = e.ops();
+    ops.reverse();
+    e.set_ops(ops);
+    assert_eq!(check(&e), Ok(Inversion::Proven));
+
+    let forged = serde_ipld_dagcbor::to_vec(&cbor::json_to_ipld(&post("forged")).unwrap()).unwrap();
+    let forged_cid = cbor::cid_for_dag_cbor(&forged);
+    let link = |c: Cid| Ipld::Link(c);
+    let with_ops = |edit: &dyn Fn(&mut Vec<OpMap>)| {
+        let mut e = base.clone();
+        e.blocks.push((forged_cid, forged.clone()));
+        let mut ops = e.ops();
+        edit(&mut ops);
+        e.set_ops(ops);
+        check(&e)
+    };
+    let create_cid = match &base.ops()[0]["cid"] {
+        Ipld::Link(c) => *c,
+        _ => unreachable!(),
+    };
+
+    // The create's path updated to a forged record and back: two ops on one path.
+    assert_eq!(
+        with_ops(&|ops| {
+            let mut there = ops[0].clone();
+            there.insert("action".into(), Ipld::String("update".into()));
+            there.insert("prev".into(), link(create_cid));
+            there.insert("cid".into(), link(forged_cid));
+            let mut back = there.clone();
+            back.insert("prev".into(), link(forged_cid));
+            back.insert("cid".into(), link(create_cid));
+            ops.push(there);
+            ops.push(back);
+        }),
+        Err("duplicate_op_path".into())
+    );
+    // A forged record created and deleted again at an unrelated path.
+    assert_eq!(
+        with_ops(&|ops| {
+            let mut create = BTreeMap::new();
+            create.insert("action".into(), Ipld::String("create".into()));
+            create.insert(
+                "path".into(),
+                Ipld::String("app.bsky.feed.post/3kforged00000".into()),
+            );
+            create.insert("cid".into(), link(forged_cid));
+            create.insert("prev".into(), Ipld::Null);
+            let mut delete = create.clone();
+            delete.insert("action".into(), Ipld::String("delete".into()));
+            delete.insert("cid".into(), Ipld::Null);
+            delete.insert("prev".into(), link(forged_cid));
+            ops.push(create);
+            ops.push(delete);
+        }),
+        Err("duplicate_op_path".into())
+    );
+    // Fields that do not fit the action.
+    assert_eq!(
+        with_ops(&|ops| {
+            ops[0].insert("prev".into(), link(forged_cid));
+        }),
+        Err("bad_op_shape".into()),
+        "a create with prev"
+    );
+    assert_eq!(
+        with_ops(&|ops| {
+            let cid = ops[1]["cid"].clone();
+            ops[1].insert("prev".into(), cid);
+        }),
+        Err("bad_op_shape".into()),
+        "an update whose prev is its cid"
+    );
+    assert_eq!(
+        with_ops(&|ops| {
+            ops[2].insert("cid".into(), link(forged_cid));
+        }),
+        Err("bad_op_shape".into()),
+        "a delete with a cid"
+    );
+    assert_eq!(
+        with_ops(&|ops| {
+            ops[1].insert("prev".into(), Ipld::Null);
+        }),
+        Err("missing_prev".into()),
+        "an update without prev in a provable commit"
+    );
+    // An update claiming another previous record: the tree inverts to another root.
+    assert_eq!(
+        with_ops(&|ops| {
+            ops[1].insert("prev".into(), link(forged_cid));
+        }),
+        Err("inversion_mismatch".into())
+    );
+    // A delete of a key the signed tree still holds.
+    assert_eq!(
+        with_ops(&|ops| {
+            ops.push(BTreeMap::from([
+                ("action".to_string(), Ipld::String("delete".into())),
+                (
+                    "path".to_string(),
+                    Ipld::String("app.bsky.feed.post/3k00000000011".into()),
+                ),
+                ("cid".to_string(), Ipld::Null),
+                ("prev".to_string(), link(forged_cid)),
+            ]));
+        }),
+        Err("op_mismatch".into())
+    );
+    // One op of three removed.
+    assert_eq!(
+        with_ops(&|ops| {
+            ops.remove(2);
+        }),
+        Err("inversion_mismatch".into())
+    );
+    // The update's record swapped for the forged one (block present, CID consistent).
+    assert_eq!(
+        with_ops(&|ops| {
+            ops[1].insert("cid".into(), link(forged_cid));
+        }),
+        Err("op_mismatch".into())
+    );
+}
+
+/// A signed commit has exactly one encoding: a reordered or padded commit block (same
+/// signature, new CID) is refused, and so is a commit without its `prev` key.
+#[test]
+fn non_canonical_commit_blocks_are_refused() {
+    let Some(dir) = fixtures() else { return };
+    let (_, editable, key) = sample(&dir);
+    let opts = VerifyOptions::at(now_micros());
+    let block = editable.block(&editable.commit_cid()).to_vec();
+    // The commit map's entries, re-emitted with `sig` moved first (still a valid CBOR map).
+    let Ipld::Map(object) = serde_ipld_dagcbor::from_slice(&block).unwrap() else {
+        unreachable!()
+    };
+    let mut reordered = vec![0xa0 | object.len() as u8];
+    let entry = |k: &str, v: &Ipld| {
+        let mut out = serde_ipld_dagcbor::to_vec(&Ipld::String(k.into())).unwrap();
+        out.extend(serde_ipld_dagcbor::to_vec(v).unwrap());
+        out
+    };
+    reordered.extend(entry("sig", &object["sig"]));
+    for (k, v) in object.iter().filter(|(k, _)| *k != "sig") {
+        reordered.extend(entry(k, v));
+    }
+    assert_ne!(reordered, block);
+    let mut without_prev = object.clone();
+    without_prev.remove("prev");
+    for (name, bytes) in [
+        ("reordered", reordered),
+        (
+            "without prev",
+            serde_ipld_dagcbor::to_vec(&Ipld::Map(without_prev)).unwrap(),
+        ),
+    ] {
+        let mut e = editable.clone();
+        let old = e.commit_cid();
+        let cid = e.replace_block(&old, bytes);
+        e.roots = vec![cid];
+        e.body.insert("commit".into(), Ipld::Link(cid));
+        assert_eq!(
+            reason_of(&e.to_frame(), &key, &opts),
+            Err("bad_commit_object".into()),
+            "{name}"
         );
     }
 }
