@@ -67,6 +67,10 @@ fn main() -> ExitCode {
             return ExitCode::from(firehose_writer::EXIT_USAGE);
         }
     };
+    if let Err(e) = firehose_writer::cache::check_kernel(args.allow_old_kernel) {
+        eprintln!("error: {e}");
+        return ExitCode::from(firehose_writer::EXIT_NEEDS_OPERATOR);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
