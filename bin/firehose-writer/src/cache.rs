@@ -253,13 +253,16 @@ impl CacheWriter {
             .dev();
         let mode = match mode {
             FlushMode::PerFile => FlushMode::PerFile,
-            FlushMode::Syncfs => {
-                mode_after_probe(raw_syncfs(&root_fd)).map_err(|e| CacheError::io("syncfs", &root, e))?
-            }
+            FlushMode::Syncfs => mode_after_probe(raw_syncfs(&root_fd))
+                .map_err(|e| CacheError::io("syncfs", &root, e))?,
         };
         match mode {
-            FlushMode::Syncfs => info!(root = %root.display(), "cache flush: syncfs of the cache root's file system"),
-            FlushMode::PerFile => warn!(root = %root.display(), "cache flush: syncfs unavailable or unable to report errors here; every file is fsynced one by one (slower)"),
+            FlushMode::Syncfs => {
+                info!(root = %root.display(), "cache flush: syncfs of the cache root's file system")
+            }
+            FlushMode::PerFile => {
+                warn!(root = %root.display(), "cache flush: syncfs unavailable or unable to report errors here; every file is fsynced one by one (slower)")
+            }
         }
         Ok(CacheWriter {
             root,
@@ -770,7 +773,10 @@ mod tests {
         let err = io::Error::from_raw_os_error;
         assert_eq!(mode_after_probe(Ok(())).unwrap(), FlushMode::Syncfs);
         for errno in [libc::ENOSYS, libc::EOPNOTSUPP, libc::EINVAL] {
-            assert_eq!(mode_after_probe(Err(err(errno))).unwrap(), FlushMode::PerFile);
+            assert_eq!(
+                mode_after_probe(Err(err(errno))).unwrap(),
+                FlushMode::PerFile
+            );
         }
         assert_eq!(
             mode_after_probe(Err(io::ErrorKind::Unsupported.into())).unwrap(),

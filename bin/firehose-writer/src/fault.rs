@@ -96,10 +96,9 @@ mod imp {
         let (name, nth) = match value.split_once('@') {
             Some((name, n)) => (
                 name,
-                n.parse::<u32>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow!("{ENV}={value:?}: the count after @ must be 1 or more"))?,
+                n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    anyhow!("{ENV}={value:?}: the count after @ must be 1 or more")
+                })?,
             ),
             None => (value, 1),
         };
@@ -144,7 +143,12 @@ mod imp {
                 parse("after-state-commit@3").unwrap(),
                 Some((Point::AfterStateCommit, 3))
             );
-            for bad in ["mid_rename", "after-temp-write@0", "after-temp-write@x", "x@1"] {
+            for bad in [
+                "mid_rename",
+                "after-temp-write@0",
+                "after-temp-write@x",
+                "x@1",
+            ] {
                 assert!(parse(bad).is_err(), "{bad}");
             }
         }

@@ -331,7 +331,9 @@ impl Processor {
             return Ok(());
         }
         let seq = self.last_seq;
-        self.retry("cache sync", seq, |p| p.cache.sync().map(|_| ()).map_err(cache_error))?;
+        self.retry("cache sync", seq, |p| {
+            p.cache.sync().map(|_| ()).map_err(cache_error)
+        })?;
         self.retry("state commit", seq, |p| p.state.commit(seq))?;
         if let Some(seq) = seq {
             self.metrics.cursor.store(seq, Ordering::Relaxed);

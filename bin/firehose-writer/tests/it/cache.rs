@@ -18,8 +18,8 @@
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-use proptest::prelude::*;
 use firehose_writer::cache::{CacheError, CacheWriter, FlushMode, FlushStats, TEMP_PREFIX};
+use proptest::prelude::*;
 use sync_core::ids::{Did, RecordKey, Seq, Tid};
 use sync_core::paths::{self, CachePath, Folder, MAX_NAME_BYTES};
 
@@ -804,7 +804,12 @@ fn the_cache_root_stays_open_for_the_writers_lifetime() {
 fn syncfs_mode_flushes_a_batch_with_two_syncfs_and_no_fsync() {
     let sandbox = Sandbox::new();
     let mut w = CacheWriter::open(sandbox.root()).unwrap();
-    assert_eq!(w.mode(), FlushMode::Syncfs, "this kernel ({}) has a working syncfs", firehose_writer::cache::kernel_release().unwrap_or_default());
+    assert_eq!(
+        w.mode(),
+        FlushMode::Syncfs,
+        "this kernel ({}) has a working syncfs",
+        firehose_writer::cache::kernel_release().unwrap_or_default()
+    );
     for rkey in ["3l5jnpb6xyz2a", "3l5jnpb6xyz2b", "3l5jnpb6xyz2c"] {
         w.write(&post_path(rkey), b"x").unwrap();
     }
@@ -877,7 +882,9 @@ fn per_file_mode_fsyncs_every_file_and_new_directory_entry() {
 enum OtherFs {
     Mount(PathBuf),
     /// The linked folder, removed on drop.
-    Link { _shm: tempfile::TempDir },
+    Link {
+        _shm: tempfile::TempDir,
+    },
 }
 
 impl OtherFs {
@@ -949,7 +956,11 @@ fn a_folder_on_another_file_system_is_fsynced_file_by_file() {
     w.write(&local, b"on the root's file system").unwrap();
     assert_eq!(w.stats().file_fsyncs, 0, "waits for the barrier's syncfs");
     w.write(&foreign, b"on the other one").unwrap();
-    assert_eq!(w.stats().file_fsyncs, 1, "fsynced at once: syncfs of the root misses it");
+    assert_eq!(
+        w.stats().file_fsyncs,
+        1,
+        "fsynced at once: syncfs of the root misses it"
+    );
     assert_eq!(w.sync().unwrap(), 2);
     // The other file system's new folders (`create`, `post`, `<did>` in the mount's root and
     // below) and the renamed file's folder are fsynced; nothing on the root's.

@@ -84,7 +84,11 @@ fn data() -> Option<&'static Data> {
         };
         std::fs::write(data.study(), pick(0)).unwrap();
         std::fs::write(data.network(), pick(1)).unwrap();
-        std::fs::write(data.first_half(), synth::capture(&frames[..frames.len() / 2])).unwrap();
+        std::fs::write(
+            data.first_half(),
+            synth::capture(&frames[..frames.len() / 2]),
+        )
+        .unwrap();
         std::fs::write(data.all(), synth::capture(&frames)).unwrap();
         Some(data)
     })
@@ -105,7 +109,12 @@ fn run(d: &Data, dir: &Path, capture: &Path, env: &[(&str, &str)], extra: &[&str
         .arg(d.study())
         .arg("--in-network")
         .arg(d.network())
-        .args(["--metrics-addr", "127.0.0.1:0", "--commit-interval-ms", "1000"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--commit-interval-ms",
+            "1000",
+        ])
         .args(["--log-format", "json"])
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -220,19 +229,30 @@ fn crash_at(point: &str) -> Option<AtCrash> {
     assert_success(&run(d, tmp.path(), &d.all(), &[], &[]), "rerun");
     assert_eq!(stored_cursor(&state), Some(d.last_seq));
     let after = cache_tree(&cache);
-    let missing: Vec<&String> = reference.keys().filter(|k| !after.contains_key(*k)).collect();
-    let extra: Vec<&String> = after.keys().filter(|k| !reference.contains_key(*k)).collect();
+    let missing: Vec<&String> = reference
+        .keys()
+        .filter(|k| !after.contains_key(*k))
+        .collect();
+    let extra: Vec<&String> = after
+        .keys()
+        .filter(|k| !reference.contains_key(*k))
+        .collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "after a crash at {point}: missing {missing:?}\nextra {extra:?}"
     );
-    assert_eq!(&after, reference, "every file equals the uninterrupted run's");
+    assert_eq!(
+        &after, reference,
+        "every file equals the uninterrupted run's"
+    );
     Some(at_crash)
 }
 
 #[test]
 fn a_crash_after_the_temp_writes_loses_nothing() {
-    let Some(c) = crash_at("after-temp-write") else { return };
+    let Some(c) = crash_at("after-temp-write") else {
+        return;
+    };
     let d = data().unwrap();
     assert!(c.temps > 1, "the batch sat in temp files: {c:?}");
     assert_eq!(c.new_files, 0, "nothing renamed: {c:?}");
@@ -241,7 +261,9 @@ fn a_crash_after_the_temp_writes_loses_nothing() {
 
 #[test]
 fn a_crash_after_the_first_syncfs_loses_nothing() {
-    let Some(c) = crash_at("after-first-syncfs") else { return };
+    let Some(c) = crash_at("after-first-syncfs") else {
+        return;
+    };
     let d = data().unwrap();
     assert!(c.temps > 1, "flushed, not renamed: {c:?}");
     assert_eq!(c.new_files, 0, "{c:?}");
@@ -250,7 +272,9 @@ fn a_crash_after_the_first_syncfs_loses_nothing() {
 
 #[test]
 fn a_crash_in_the_middle_of_the_renames_loses_nothing() {
-    let Some(c) = crash_at("mid-rename") else { return };
+    let Some(c) = crash_at("mid-rename") else {
+        return;
+    };
     let d = data().unwrap();
     assert!(c.temps > 0 && c.new_files > 0, "half renamed: {c:?}");
     assert_eq!(c.cursor, Some(d.first_half_seq));
@@ -258,7 +282,9 @@ fn a_crash_in_the_middle_of_the_renames_loses_nothing() {
 
 #[test]
 fn a_crash_after_the_second_syncfs_loses_nothing() {
-    let Some(c) = crash_at("after-second-syncfs") else { return };
+    let Some(c) = crash_at("after-second-syncfs") else {
+        return;
+    };
     let d = data().unwrap();
     assert_eq!(c.temps, 0, "all renamed: {c:?}");
     assert!(c.new_files > 1, "{c:?}");
@@ -267,7 +293,9 @@ fn a_crash_after_the_second_syncfs_loses_nothing() {
 
 #[test]
 fn a_crash_inside_the_state_transaction_loses_nothing() {
-    let Some(c) = crash_at("before-state-commit") else { return };
+    let Some(c) = crash_at("before-state-commit") else {
+        return;
+    };
     let d = data().unwrap();
     assert_eq!(c.temps, 0, "{c:?}");
     assert!(c.new_files > 1, "{c:?}");
@@ -280,7 +308,9 @@ fn a_crash_inside_the_state_transaction_loses_nothing() {
 
 #[test]
 fn a_crash_after_the_state_commit_loses_nothing() {
-    let Some(c) = crash_at("after-state-commit") else { return };
+    let Some(c) = crash_at("after-state-commit") else {
+        return;
+    };
     let d = data().unwrap();
     assert_eq!(c.temps, 0, "{c:?}");
     assert!(c.new_files > 1, "{c:?}");
