@@ -157,11 +157,18 @@ pub fn check_kernel(allow_old: bool) -> Result<(), String> {
     if syncfs_reports_errors(&release) {
         return Ok(());
     }
-    let why = format!(
-        "kernel {release} is older than {}.{}: its syncfs does not report writeback errors, so a \
-         failed disk write could go unnoticed",
-        MIN_KERNEL.0, MIN_KERNEL.1
-    );
+    let (major, minor) = MIN_KERNEL;
+    let why = if parse_kernel_version(&release).is_some() {
+        format!(
+            "kernel {release} is older than {major}.{minor}: its syncfs does not report writeback \
+             errors, so a failed disk write could go unnoticed"
+        )
+    } else {
+        format!(
+            "kernel release {release:?} is not recognised: syncfs reports writeback errors only \
+             since Linux {major}.{minor}, so a failed disk write could go unnoticed"
+        )
+    };
     if allow_old {
         warn!(kernel = %release, "{why}; --allow-old-kernel is set: every file is fsynced one by one instead (slower)");
         Ok(())

@@ -203,7 +203,8 @@ fn crash_at(point: &str) -> Option<AtCrash> {
     assert_eq!(
         out.status.signal(),
         Some(libc::SIGABRT),
-        "the run aborts at {point}: {:?}\n{stderr}",
+        "the run aborts at {point}: {:?} (a binary built without the `fault-injection` \
+         feature never does: is {BIN} from this build?)\n{stderr}",
         out.status
     );
     assert!(stderr.contains("test fault"), "{stderr}");
