@@ -453,6 +453,18 @@ pub fn inspect(
                     } else {
                         summary.verify_failed += 1;
                     }
+                    // A commit without ops renders no Jetstream line, but its verdict must
+                    // still be visible.
+                    if lines.is_empty() {
+                        if let Event::Commit(c) = &event {
+                            lines.push(serde_json::json!({
+                                "did": c.repo.as_str(),
+                                "kind": "commit",
+                                "seq": c.seq.0,
+                                "commit": {"rev": c.rev.as_str(), "ops": 0},
+                            }));
+                        }
+                    }
                     for line in &mut lines {
                         line["verify"] = serde_json::Value::String(verdict.clone());
                     }
