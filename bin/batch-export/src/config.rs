@@ -137,12 +137,13 @@ pub enum Compression {
     None,
 }
 
-/// Test-only fault injection: `BATCH_EXPORT_FAULT=after-plan|after-write|after-publish|
-/// after-commit|after-take` (an environment variable only; not a flag and deliberately not in
-/// the user documentation). The process aborts (`std::process::abort()`: no destructors, no
-/// cleanup, like a kill) the first time it reaches that point, which is in the first batch, so
-/// the tests can put a crash in each window of the exactly-once protocol deterministically
-/// instead of by a lucky SIGKILL:
+/// Test-only fault injection, compiled in only with the `fault-injection` feature (the tests
+/// enable it; release builds do not have it): `BATCH_EXPORT_FAULT=after-plan|after-write|
+/// after-publish|after-commit|after-take` (an environment variable only; not a flag and
+/// deliberately not in the user documentation). The process aborts (`std::process::abort()`: no
+/// destructors, no cleanup, like a kill) the first time it reaches that point, which is in the
+/// first batch, so the tests can put a crash in each window of the exactly-once protocol
+/// deterministically instead of by a lucky SIGKILL:
 ///
 /// * `after-plan`: the batch plan is committed (`writing`), nothing written yet;
 /// * `after-write`: the first table's Parquet temp file is written, not yet published;
@@ -160,8 +161,10 @@ pub enum Fault {
 }
 
 impl Fault {
+    #[cfg(feature = "fault-injection")]
     pub const ENV: &'static str = "BATCH_EXPORT_FAULT";
 
+    #[cfg(feature = "fault-injection")]
     fn from_env() -> Result<Option<Fault>> {
         let Ok(v) = std::env::var(Self::ENV) else {
             return Ok(None);
@@ -178,13 +181,23 @@ impl Fault {
         }))
     }
 
+    #[cfg(not(feature = "fault-injection"))]
+    fn from_env() -> Result<Option<Fault>> {
+        Ok(None)
+    }
+
     /// Aborts the process if `configured` is `point`.
+    #[cfg(feature = "fault-injection")]
     pub fn hit(configured: Option<Fault>, point: Fault) {
         if configured == Some(point) {
             eprintln!("batch-export: test fault {point:?}: aborting");
             std::process::abort();
         }
     }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[inline(always)]
+    pub fn hit(_configured: Option<Fault>, _point: Fault) {}
 }
 
 /// Where Parquet files go.

@@ -8,17 +8,25 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde_json::json;
-use sync_core::synth::SplitMix64;
 
-/// The shared test-data generator, plus what the cache generator needs.
-struct Rng(SplitMix64);
+/// splitmix64, the same sequence as the tests' generator (`sync_core::synth::SplitMix64`, which
+/// release builds do not compile), so a seed gives the same cache as before.
+struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        Rng(SplitMix64(seed))
+        Rng(seed)
     }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// A value in `0..n` (`n > 0`; the modulo bias does not matter for benchmark data).
     fn below(&mut self, n: u64) -> u64 {
-        self.0.below(n)
+        self.next_u64() % n
     }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent

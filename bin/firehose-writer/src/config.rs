@@ -85,6 +85,11 @@ pub struct Args {
     /// Longest backoff between reconnects, in seconds.
     #[arg(long, env = "FIREHOSE_MAX_BACKOFF", default_value_t = 60)]
     pub max_backoff: u64,
+
+    /// Start on a Linux kernel older than 5.8, whose syncfs does not report writeback errors:
+    /// every cache file is then fsynced one by one (slower). Without it such a kernel is refused.
+    #[arg(long, env = "FIREHOSE_ALLOW_OLD_KERNEL")]
+    pub allow_old_kernel: bool,
 }
 
 #[derive(Subcommand, Debug, Clone)]

@@ -3,7 +3,9 @@
 //! Data flow: source (relay WebSocket or replay file) -> bounded channel -> processor thread
 //! (decode, dedupe, route, write, durability barrier, cursor commit). See ARCHITECTURE.md.
 
+pub mod cache;
 pub mod config;
+mod fault;
 pub mod http;
 pub mod metrics;
 pub mod processor;
@@ -20,7 +22,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
-use sync_core::cache::CacheWriter;
 use sync_core::did_doc::{parse_did_doc_map, AtprotoIdentity, DidDocError};
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::ids::Did;
@@ -29,6 +30,7 @@ use sync_core::verify::{verify_commit, verify_sync, VerifyOptions};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use cache::CacheWriter;
 pub use config::{Args, Config, Source};
 pub use metrics::Metrics;
 pub use processor::ProcessorSummary;
@@ -149,6 +151,7 @@ pub async fn run(
     on_start: impl FnOnce(Handles),
 ) -> Result<ProcessorSummary> {
     install_crypto_provider();
+    fault::check()?;
     let _instance = lock_instance(&config.state)?;
     let (study, in_network) =
         load_tracked(&config).map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
@@ -161,10 +164,12 @@ pub async fn run(
     seed_study_posts(&mut state, &config)?;
     let cache = CacheWriter::open(&config.cache_dir)
         .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
-    match cache.remove_stale_temps() {
-        Ok(0) => {}
-        Ok(n) => info!(removed = n, "removed temp files left by an earlier crash"),
-        Err(e) => warn!(error = %e, "could not scan the cache for stale temp files"),
+    let cleanup = cache.remove_stale_temps();
+    if cleanup.removed > 0 {
+        info!(
+            removed = cleanup.removed,
+            "removed temp files left by an earlier crash"
+        );
     }
     // The `--cursor` value, unless an earlier start applied it already.
     let requested = match config.cursor {
@@ -488,6 +493,18 @@ pub fn inspect(
                         summary.verified += 1;
                     } else {
                         summary.verify_failed += 1;
+                    }
+                    // A commit without ops renders no Jetstream line, but its verdict must
+                    // still be visible.
+                    if lines.is_empty() {
+                        if let Event::Commit(c) = &event {
+                            lines.push(serde_json::json!({
+                                "did": c.repo.as_str(),
+                                "kind": "commit",
+                                "seq": c.seq.0,
+                                "commit": {"rev": c.rev.as_str(), "ops": 0},
+                            }));
+                        }
                     }
                     for line in &mut lines {
                         line["verify"] = serde_json::Value::String(verdict.clone());

@@ -175,6 +175,10 @@ fn writer(runtime: &tokio::runtime::Runtime, signals: Signals, args: &Args) -> E
             return ExitCode::from(firehose_writer::EXIT_USAGE);
         }
     };
+    if let Err(e) = firehose_writer::cache::check_kernel(args.allow_old_kernel) {
+        eprintln!("error: {e}");
+        return ExitCode::from(firehose_writer::EXIT_NEEDS_OPERATOR);
+    }
     let Signals { term, int, mut hup } = signals;
     let result = runtime.block_on(async {
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);

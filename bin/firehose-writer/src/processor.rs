@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use sync_core::cache::CacheWriter;
 use sync_core::frame::{decode_frame, Event};
 use sync_core::route::{route_event, Applied, CacheFile, RoutingState, StateUpdate};
 use sync_core::time::rfc3339_to_unix_micros;
@@ -20,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Bytes;
 use tracing::{debug, error, info, warn};
 
+use crate::cache::{CacheError, CacheWriter};
 use crate::metrics::Metrics;
 use crate::state::{RevRecord, StateStore};
 use crate::tracked::DidSet;
@@ -77,6 +77,19 @@ impl std::fmt::Display for Fatal {
 }
 
 impl std::error::Error for Fatal {}
+
+/// After a failed fsync or syncfs the kernel may have dropped the pages and a later flush can
+/// report success anyway: such an error stops the writer, and the restart replays from the
+/// durable cursor (the temp files are removed at start-up). Other cache errors are retried.
+fn cache_error(e: CacheError) -> anyhow::Error {
+    let fatal = e.is_flush_failure();
+    let e = anyhow::Error::from(e);
+    if fatal {
+        e.context(Fatal)
+    } else {
+        e
+    }
+}
 
 /// A barrier is also due after this many unsynced files, bounding the work (and the temp
 /// files) of one barrier during a burst.
@@ -361,12 +374,12 @@ impl Processor {
         self.retry("cache write", seq, |p| {
             p.cache
                 .write(&file.path, file.contents.as_bytes())
-                .map_err(anyhow::Error::from)
+                .map_err(cache_error)
         })
     }
 
-    /// The durability barrier: files fsynced and renamed, directories fsynced, then the cursor and
-    /// state updates committed in one transaction.
+    /// The durability barrier: files flushed and renamed, directory entries flushed
+    /// ([`CacheWriter::sync`]), then the cursor and state updates committed in one transaction.
     fn commit(&mut self) -> Result<()> {
         if !self.dirty && self.cache.pending() == 0 {
             return Ok(());
@@ -374,18 +387,7 @@ impl Processor {
         let seq = self.last_seq;
         let started = Instant::now();
         self.retry("cache sync", seq, |p| {
-            p.cache.sync().map(|_| ()).map_err(|e| {
-                // After a failed fsync the kernel may have dropped the pages and a later
-                // fsync can report success anyway: stop instead, and let the restart replay
-                // from the durable cursor (the temp files are removed at start-up).
-                let fatal = e.is_flush_failure();
-                let e = anyhow::Error::from(e);
-                if fatal {
-                    e.context(Fatal)
-                } else {
-                    e
-                }
-            })
+            p.cache.sync().map(|_| ()).map_err(cache_error)
         })?;
         self.retry_state("state commit", seq, |p| p.state.commit(seq))?;
         if let Some(seq) = seq {

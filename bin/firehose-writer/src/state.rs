@@ -655,7 +655,9 @@ impl StateStore {
                 }
             }
         }
+        crate::fault::hit(crate::fault::Point::BeforeStateCommit);
         tx.commit().context("committing state")?;
+        crate::fault::hit(crate::fault::Point::AfterStateCommit);
         self.pending = Pending::default();
         if cursor.is_some() {
             self.cursor = cursor;

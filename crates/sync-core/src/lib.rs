@@ -1,9 +1,9 @@
 //! Pure core of the firehose sync service: bytes in, typed events out; event in, routing decisions out.
 //!
-//! Nothing in this crate touches the network, and only [`cache`] touches the file system (it is the
-//! cache writer, the one I/O edge that lives here so the writer binary and tests share it).
+//! Nothing in this crate touches the network or the file system: the cache writer lives in the
+//! writer binary (`firehose_writer::cache`). The test-data generators (`synth`) are compiled only
+//! with the `synth` feature, which tests and benchmarks enable.
 
-pub mod cache;
 pub mod car;
 pub mod cbor;
 pub mod chain;
@@ -18,6 +18,7 @@ pub mod pyjson;
 pub mod records;
 pub mod repo;
 pub mod route;
+#[cfg(feature = "synth")]
 pub mod synth;
 pub mod time;
 pub mod transform;

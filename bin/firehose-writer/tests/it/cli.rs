@@ -164,3 +164,28 @@ fn inspect_with_did_docs_names_missing_and_wrong_keys() {
         "{stderr}"
     );
 }
+
+#[test]
+fn inspect_with_did_docs_shows_the_verdict_of_a_commit_without_ops() {
+    use sync_core::synth::{self, SynthRepo};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut repo = SynthRepo::new("did:plc:synthsynthsynthsynthsynt", [4u8; 32]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let frame = repo.commit(7, now - 1_000_000, "2026-01-01T00:00:00Z", &[]);
+    let frames = tmp.path().join("frames.bin");
+    std::fs::write(&frames, synth::capture(&[frame])).unwrap();
+    let docs = tmp.path().join("docs.json");
+    let with_key =
+        serde_json::json!({ repo.did().as_str(): repo.did_document("https://pds.example") });
+    for (content, expected) in [(with_key, "ok"), (serde_json::json!({}), "no_did_document")] {
+        std::fs::write(&docs, content.to_string()).unwrap();
+        let (lines, _) = inspect_verified(&docs, &frames);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["kind"], "commit");
+        assert_eq!(lines[0]["commit"]["ops"], 0);
+        assert_eq!(lines[0]["verify"], expected);
+    }
+}

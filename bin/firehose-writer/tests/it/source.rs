@@ -212,7 +212,7 @@ async fn a_first_seq_at_or_below_the_requested_cursor_is_handled_like_future_cur
     );
     let metrics = writer.metrics.lock().unwrap().clone().unwrap();
     assert_eq!(metrics.seq_resets.load(Ordering::Relaxed), 1);
-    assert!(metrics.prometheus().contains("firehose_seq_resets_total 1"));
+    assert!(firehose_writer::metrics::render(&metrics).contains("firehose_seq_resets_total 1"));
     assert_eq!(metrics.skipped_seq.load(Ordering::Relaxed), 0);
     assert_eq!(relay.cursors(), [Some(3)]);
     assert!(

@@ -1,8 +1,7 @@
 //! sync-core integration tests, one binary: decoding conformance, identifier syntax, transforms,
-//! routing, robustness against hostile frames, cache path safety, signing keys / DID documents, the MST, commit and
+//! routing, robustness against hostile frames, signing keys / DID documents, the MST, commit and
 //! repo verification, and relay scenarios.
 
-mod cache_paths;
 mod crypto;
 mod decode;
 mod ids_syntax;

@@ -1,4 +1,5 @@
-//! Cache paths cannot leave the cache root, and the cache writer keeps its promises.
+//! The cache writer (`firehose_writer::cache`): paths cannot leave the cache root, writes are
+//! atomic, and the durability barrier flushes what it claims to.
 //!
 //! Path safety: for arbitrary (and hand-picked hostile) strings used as DID and record key, when
 //! `Did::parse` / `RecordKey::parse` accept them, every `Folder` variant's path built from them
@@ -9,12 +10,16 @@
 //! Writer semantics: invisible until `sync`, atomic replace on rewrite (idempotent replay),
 //! `.tmp-` temp names and `remove_stale_temps`, a failed `sync` keeps its pending files, and
 //! names over 255 bytes are refused by `Folder::path`.
+//!
+//! Flushing: `syncfs` on a cache-root descriptor held for the writer's lifetime, any `syncfs`
+//! error final (no fallback), per-file `fsync` for a folder on another file system (a mount
+//! inside the cache) and where `syncfs` is not used.
 
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
+use firehose_writer::cache::{CacheError, CacheWriter, FlushMode, FlushStats, TEMP_PREFIX};
 use proptest::prelude::*;
-use sync_core::cache::{CacheError, CacheWriter, TEMP_PREFIX};
 use sync_core::ids::{Did, RecordKey, Tid};
 use sync_core::paths::{self, AccountEventKey, CachePath, Folder, MAX_NAME_BYTES};
 
@@ -577,7 +582,7 @@ fn temp_files_are_dot_tmp_and_stale_ones_are_removed() {
     fs::write(nested.join("author_did=x.json"), b"real").unwrap();
     fs::write(nested.join(".tmp"), b"not ours: no dash").unwrap();
     let w = CacheWriter::open(sandbox.root()).unwrap();
-    assert_eq!(w.remove_stale_temps().unwrap(), 4);
+    assert_eq!(w.remove_stale_temps().removed, 4);
     let left: Vec<String> = files_under(&sandbox.root())
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -588,7 +593,7 @@ fn temp_files_are_dot_tmp_and_stale_ones_are_removed() {
     for p in &paths {
         assert!(!w.resolve(p).unwrap().exists());
     }
-    assert_eq!(w.remove_stale_temps().unwrap(), 0);
+    assert_eq!(w.remove_stale_temps().removed, 0);
     sandbox.assert_contained();
 }
 
@@ -787,4 +792,250 @@ fn a_folder_removed_by_the_export_is_created_again() {
     w.write(&second, b"{}").unwrap();
     w.sync().unwrap();
     assert!(dir.join("b.json").is_file());
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a flush proves
+// ---------------------------------------------------------------------------------------------
+
+/// This process's descriptors open on `dir`, with their `open` flags (from `/proc/self/fdinfo`).
+fn descriptors_on(dir: &Path) -> Vec<(String, u32)> {
+    let dir = fs::canonicalize(dir).unwrap();
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(entry) = entry else { continue };
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        if fs::read_link(entry.path()).ok().as_deref() != Some(dir.as_path()) {
+            continue;
+        }
+        let Ok(info) = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        out.push((fd, flags));
+    }
+    out
+}
+
+#[test]
+fn the_cache_root_stays_open_for_the_writers_lifetime() {
+    let sandbox = Sandbox::new();
+    let mut w = CacheWriter::open(sandbox.root()).unwrap();
+    let held = descriptors_on(&sandbox.root());
+    assert_eq!(held.len(), 1, "one descriptor of the root, held: {held:?}");
+    let flags = held[0].1 as i32;
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+    assert_ne!(flags & libc::O_DIRECTORY, 0, "O_DIRECTORY");
+    assert_ne!(flags & libc::O_CLOEXEC, 0, "O_CLOEXEC");
+    for rkey in ["3l5jnpb6xyz2a", "3l5jnpb6xyz2b"] {
+        w.write(&post_path(rkey), b"x").unwrap();
+        w.sync().unwrap();
+    }
+    // syncfs ran on that very descriptor: no other was opened (or left open) for it.
+    assert_eq!(descriptors_on(&sandbox.root()), held);
+    drop(w);
+    assert!(descriptors_on(&sandbox.root()).is_empty());
+}
+
+#[test]
+fn syncfs_mode_flushes_a_batch_with_two_syncfs_and_no_fsync() {
+    let sandbox = Sandbox::new();
+    let mut w = CacheWriter::open(sandbox.root()).unwrap();
+    assert_eq!(
+        w.mode(),
+        FlushMode::Syncfs,
+        "this kernel ({}) has a working syncfs",
+        firehose_writer::cache::kernel_release().unwrap_or_default()
+    );
+    for rkey in ["3l5jnpb6xyz2a", "3l5jnpb6xyz2b", "3l5jnpb6xyz2c"] {
+        w.write(&post_path(rkey), b"x").unwrap();
+    }
+    assert_eq!(w.sync().unwrap(), 3);
+    assert_eq!(
+        w.stats(),
+        FlushStats {
+            syncfs: 2,
+            file_fsyncs: 0,
+            dir_fsyncs: 0
+        },
+        "data, then directory entries"
+    );
+    assert_eq!(w.sync().unwrap(), 0);
+    assert_eq!(w.stats().syncfs, 2, "an empty barrier flushes nothing");
+}
+
+#[test]
+fn an_error_from_either_syncfs_is_final_and_nothing_falls_back() {
+    // (errors of the coming syncfs calls, whether the files were renamed before the error)
+    let cases = [
+        (vec![Some(libc::EIO)], false),
+        (vec![None, Some(libc::EIO)], true),
+        (vec![None, Some(libc::ENOSPC)], true),
+    ];
+    for (plan, renamed) in cases {
+        let sandbox = Sandbox::new();
+        let mut w = CacheWriter::open(sandbox.root()).unwrap();
+        assert_eq!(w.mode(), FlushMode::Syncfs);
+        w.inject_syncfs_errors(&plan);
+        let path = post_path(RKEY);
+        w.write(&path, b"x").unwrap();
+        let err = w.sync().expect_err("a failed syncfs fails the barrier");
+        assert!(err.is_flush_failure(), "{plan:?}: {err}");
+        assert!(err.to_string().starts_with("syncfs "), "{plan:?}: {err}");
+        // Neither per-file nor per-directory fsync was tried in its place: after a writeback
+        // error they could succeed without the lost pages.
+        assert_eq!(w.stats().file_fsyncs, 0, "{plan:?}");
+        assert_eq!(w.stats().dir_fsyncs, 0, "{plan:?}");
+        assert_eq!(w.resolve(&path).unwrap().exists(), renamed, "{plan:?}");
+    }
+}
+
+#[test]
+fn per_file_mode_fsyncs_every_file_and_new_directory_entry() {
+    let sandbox = Sandbox::new();
+    let mut w = CacheWriter::open_with(sandbox.root(), FlushMode::PerFile).unwrap();
+    assert_eq!(w.mode(), FlushMode::PerFile);
+    for rkey in ["3l5jnpb6xyz2a", "3l5jnpb6xyz2b", "3l5jnpb6xyz2c"] {
+        w.write(&post_path(rkey), b"x").unwrap();
+    }
+    assert_eq!(w.stats().file_fsyncs, 3, "each file as it is written");
+    assert_eq!(w.sync().unwrap(), 3);
+    // The root, `study_user_activity` and `create` got a new folder; `post` got the files.
+    assert_eq!(
+        w.stats(),
+        FlushStats {
+            syncfs: 0,
+            file_fsyncs: 3,
+            dir_fsyncs: 4
+        }
+    );
+    w.write(&post_path("3l5jnpb6xyz2d"), b"x").unwrap();
+    w.sync().unwrap();
+    assert_eq!(w.stats().dir_fsyncs, 5, "only `post` this time");
+}
+
+/// A file system other than the one holding `dir`'s parent, mounted (tmpfs, when this process
+/// may mount) or linked (a folder on /dev/shm) at `dir`; undone on drop.
+enum OtherFs {
+    Mount(PathBuf),
+    /// The linked folder, removed on drop.
+    Link {
+        _shm: tempfile::TempDir,
+    },
+}
+
+impl OtherFs {
+    fn at(dir: &Path) -> Option<OtherFs> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let parent_dev = fs::metadata(dir.parent().unwrap()).unwrap().dev();
+        fs::create_dir(dir).unwrap();
+        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: plain mount(2) with NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"firehose-test".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=16m".as_ptr().cast(),
+            )
+        };
+        if rc == 0 {
+            return Some(OtherFs::Mount(dir.to_owned()));
+        }
+        fs::remove_dir(dir).unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").ok()?;
+        if fs::metadata(shm.path()).ok()?.dev() == parent_dev {
+            return None;
+        }
+        std::os::unix::fs::symlink(shm.path(), dir).unwrap();
+        Some(OtherFs::Link { _shm: shm })
+    }
+}
+
+impl Drop for OtherFs {
+    fn drop(&mut self) {
+        if let OtherFs::Mount(dir) = self {
+            use std::os::unix::ffi::OsStrExt;
+            let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+            // SAFETY: umount2(2) with a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+#[test]
+fn a_folder_on_another_file_system_is_fsynced_file_by_file() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.root();
+    fs::create_dir_all(&root).unwrap();
+    let Some(other) = OtherFs::at(&root.join("in_network_user_activity")) else {
+        eprintln!("skipping: cannot mount here and /dev/shm is on the temp dir's file system");
+        return;
+    };
+    eprintln!(
+        "other file system by {}",
+        match other {
+            OtherFs::Mount(_) => "a tmpfs mount",
+            OtherFs::Link { .. } => "a link to /dev/shm",
+        }
+    );
+    let mut w = CacheWriter::open(&root).unwrap();
+    assert_eq!(w.mode(), FlushMode::Syncfs);
+    let did = Did::parse(A1).unwrap();
+    let rkey = RecordKey::parse(RKEY).unwrap();
+    let foreign = Folder::InNetworkPost(did.clone())
+        .path(paths::record_file(&did, "post", &rkey))
+        .unwrap();
+    let local = post_path(RKEY);
+    w.write(&local, b"on the root's file system").unwrap();
+    assert_eq!(w.stats().file_fsyncs, 0, "waits for the barrier's syncfs");
+    w.write(&foreign, b"on the other one").unwrap();
+    assert_eq!(
+        w.stats().file_fsyncs,
+        1,
+        "fsynced at once: syncfs of the root misses it"
+    );
+    assert_eq!(w.sync().unwrap(), 2);
+    // The other file system's new folders (`create`, `post`, `<did>` in the mount's root and
+    // below) and the renamed file's folder are fsynced; nothing on the root's.
+    assert_eq!(
+        w.stats(),
+        FlushStats {
+            syncfs: 2,
+            file_fsyncs: 1,
+            dir_fsyncs: 4
+        }
+    );
+    assert_eq!(
+        fs::read(w.resolve(&foreign).unwrap()).unwrap(),
+        b"on the other one"
+    );
+    assert_eq!(
+        fs::read(w.resolve(&local).unwrap()).unwrap(),
+        b"on the root's file system"
+    );
+    // A barrier with only files on the other file system needs no syncfs at all.
+    let rkey2 = RecordKey::parse("3l5jnpb6xyz2b").unwrap();
+    let foreign2 = Folder::InNetworkPost(did.clone())
+        .path(paths::record_file(&did, "post", &rkey2))
+        .unwrap();
+    w.write(&foreign2, b"again").unwrap();
+    w.sync().unwrap();
+    assert_eq!(
+        w.stats(),
+        FlushStats {
+            syncfs: 2,
+            file_fsyncs: 2,
+            dir_fsyncs: 5
+        }
+    );
+    drop(w);
+    drop(other);
 }

@@ -1,0 +1,393 @@
+//! A crash at each step of the durability barrier, and the start-up kernel check that decides
+//! how the barrier flushes.
+//!
+//! Each crash test runs the writer binary (built with the `fault-injection` feature) in three
+//! steps on the relay capture looped into unique events: a clean replay of the first half, a
+//! replay of the whole that aborts (`FIREHOSE_WRITER_FAULT`) at one step of its first barrier,
+//! and a clean rerun of the whole. What is on disk right after the crash shows the abort landed
+//! in that step; after the rerun, cache and cursor must equal one uninterrupted replay.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use sync_core::frame::capture_frames;
+use sync_core::synth;
+use workspace_tests::fixtures;
+
+use crate::support::{cache_files, stored_cursor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_firehose-writer");
+
+/// The relay capture looped into unique events, its two halves, and the tracked sets.
+struct Data {
+    dir: tempfile::TempDir,
+    first_half_seq: i64,
+    last_seq: i64,
+}
+
+impl Data {
+    fn first_half(&self) -> PathBuf {
+        self.dir.path().join("first-half.bin")
+    }
+    fn all(&self) -> PathBuf {
+        self.dir.path().join("all.bin")
+    }
+    fn study(&self) -> PathBuf {
+        self.dir.path().join("study.txt")
+    }
+    fn network(&self) -> PathBuf {
+        self.dir.path().join("network.txt")
+    }
+}
+
+const LOOPS: usize = 4;
+const FIRST_SEQ: i64 = 1000;
+
+fn data() -> Option<&'static Data> {
+    static DATA: OnceLock<Option<Data>> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let fixtures = fixtures()?;
+        let raw_data = std::fs::read(fixtures.join("relay-capture/frames.bin")).unwrap();
+        let raw: Vec<&[u8]> = capture_frames(&raw_data).map(|f| f.unwrap()).collect();
+        let frames: Vec<Vec<u8>> = synth::LoopedCapture::new(&raw, FIRST_SEQ)
+            .take(raw.len() * LOOPS)
+            .collect();
+        let mut dids: Vec<String> = raw
+            .iter()
+            .filter_map(|f| match sync_core::frame::decode_frame(f).ok()? {
+                sync_core::frame::Event::Commit(c) => Some(c.repo.as_str().to_owned()),
+                _ => None,
+            })
+            .collect();
+        dids.sort();
+        dids.dedup();
+        // Half the accounts are study users, the other half in-network: every rule fires.
+        let pick = |skip: usize| -> String {
+            (0..LOOPS as u32)
+                .flat_map(|n| {
+                    dids.iter()
+                        .skip(skip)
+                        .step_by(2)
+                        .map(move |d| synth::looped_did(d, n))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let data = Data {
+            dir: tempfile::tempdir().unwrap(),
+            first_half_seq: FIRST_SEQ + (frames.len() / 2) as i64 - 1,
+            last_seq: FIRST_SEQ + frames.len() as i64 - 1,
+        };
+        std::fs::write(data.study(), pick(0)).unwrap();
+        std::fs::write(data.network(), pick(1)).unwrap();
+        std::fs::write(
+            data.first_half(),
+            synth::capture(&frames[..frames.len() / 2]),
+        )
+        .unwrap();
+        std::fs::write(data.all(), synth::capture(&frames)).unwrap();
+        Some(data)
+    })
+    .as_ref()
+}
+
+/// Runs the writer binary to the end of `capture` (or to the fault) with `dir`'s cache and
+/// state. A long commit interval makes the first barrier of a run hold many files.
+fn run(d: &Data, dir: &Path, capture: &Path, env: &[(&str, &str)], extra: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--replay")
+        .arg(capture)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .arg("--state")
+        .arg(dir.join("state.sqlite"))
+        .arg("--study-users")
+        .arg(d.study())
+        .arg("--in-network")
+        .arg(d.network())
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--commit-interval-ms",
+            "1000",
+        ])
+        .args(["--log-format", "json"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        // An abort may leave a core file in the working directory.
+        .current_dir(dir)
+        .output()
+        .expect("run firehose-writer")
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Cache files (relative path -> JSON without the transform clock `synctimestamp`); temp files
+/// are included, so a leftover shows up as an extra entry.
+fn cache_tree(root: &Path) -> BTreeMap<String, Value> {
+    cache_files(root)
+        .into_iter()
+        .map(|(rel, text)| {
+            let mut json: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{rel} is partial or corrupt: {e}"));
+            if let Some(o) = json.as_object_mut() {
+                o.remove("synctimestamp");
+            }
+            (rel, json)
+        })
+        .collect()
+}
+
+fn is_temp(rel: &str) -> bool {
+    rel.rsplit('/').next().unwrap().starts_with(".tmp-")
+}
+
+/// The cache of one uninterrupted replay of the whole capture.
+fn reference(d: &Data) -> &'static BTreeMap<String, Value> {
+    static REFERENCE: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_success(&run(d, tmp.path(), &d.all(), &[], &[]), "reference run");
+        assert_eq!(
+            stored_cursor(&tmp.path().join("state.sqlite")),
+            Some(d.last_seq)
+        );
+        let tree = cache_tree(&tmp.path().join("cache"));
+        assert!(tree.len() > 200, "{} files", tree.len());
+        assert!(!tree.keys().any(|k| is_temp(k)));
+        tree
+    })
+}
+
+/// What the crash left, compared with the state after the first half.
+#[derive(Debug)]
+struct AtCrash {
+    temps: usize,
+    /// Files renamed into place by the crashed run.
+    new_files: usize,
+    cursor: Option<i64>,
+}
+
+/// The three runs around a crash at `point`; returns what the crash left on disk.
+fn crash_at(point: &str) -> Option<AtCrash> {
+    let d = data()?;
+    let reference = reference(d);
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state.sqlite");
+    let cache = tmp.path().join("cache");
+
+    assert_success(&run(d, tmp.path(), &d.first_half(), &[], &[]), "first half");
+    assert_eq!(stored_cursor(&state), Some(d.first_half_seq));
+    let before = cache_tree(&cache);
+
+    let out = run(
+        d,
+        tmp.path(),
+        &d.all(),
+        &[("FIREHOSE_WRITER_FAULT", point)],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "the run aborts at {point}: {:?} (a binary built without the `fault-injection` \
+         feature never does: is {BIN} from this build?)\n{stderr}",
+        out.status
+    );
+    assert!(stderr.contains("test fault"), "{stderr}");
+    let crashed = cache_files(&cache);
+    for (rel, text) in &before {
+        let now = serde_json::from_str::<Value>(&crashed[rel]).map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("synctimestamp");
+            }
+            v
+        });
+        assert_eq!(now.ok().as_ref(), Some(text), "{rel} is unchanged");
+    }
+    let at_crash = AtCrash {
+        temps: crashed.keys().filter(|k| is_temp(k)).count(),
+        new_files: crashed
+            .keys()
+            .filter(|k| !is_temp(k) && !before.contains_key(*k))
+            .count(),
+        cursor: stored_cursor(&state),
+    };
+
+    assert_success(&run(d, tmp.path(), &d.all(), &[], &[]), "rerun");
+    assert_eq!(stored_cursor(&state), Some(d.last_seq));
+    let after = cache_tree(&cache);
+    let missing: Vec<&String> = reference
+        .keys()
+        .filter(|k| !after.contains_key(*k))
+        .collect();
+    let extra: Vec<&String> = after
+        .keys()
+        .filter(|k| !reference.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "after a crash at {point}: missing {missing:?}\nextra {extra:?}"
+    );
+    assert_eq!(
+        &after, reference,
+        "every file equals the uninterrupted run's"
+    );
+    Some(at_crash)
+}
+
+#[test]
+fn a_crash_after_the_temp_writes_loses_nothing() {
+    let Some(c) = crash_at("after-temp-write") else {
+        return;
+    };
+    let d = data().unwrap();
+    assert!(c.temps > 1, "the batch sat in temp files: {c:?}");
+    assert_eq!(c.new_files, 0, "nothing renamed: {c:?}");
+    assert_eq!(c.cursor, Some(d.first_half_seq));
+}
+
+#[test]
+fn a_crash_after_the_first_syncfs_loses_nothing() {
+    let Some(c) = crash_at("after-first-syncfs") else {
+        return;
+    };
+    let d = data().unwrap();
+    assert!(c.temps > 1, "flushed, not renamed: {c:?}");
+    assert_eq!(c.new_files, 0, "{c:?}");
+    assert_eq!(c.cursor, Some(d.first_half_seq));
+}
+
+#[test]
+fn a_crash_in_the_middle_of_the_renames_loses_nothing() {
+    let Some(c) = crash_at("mid-rename") else {
+        return;
+    };
+    let d = data().unwrap();
+    assert!(c.temps > 0 && c.new_files > 0, "half renamed: {c:?}");
+    assert_eq!(c.cursor, Some(d.first_half_seq));
+}
+
+#[test]
+fn a_crash_after_the_second_syncfs_loses_nothing() {
+    let Some(c) = crash_at("after-second-syncfs") else {
+        return;
+    };
+    let d = data().unwrap();
+    assert_eq!(c.temps, 0, "all renamed: {c:?}");
+    assert!(c.new_files > 1, "{c:?}");
+    assert_eq!(c.cursor, Some(d.first_half_seq), "the cursor did not move");
+}
+
+#[test]
+fn a_crash_inside_the_state_transaction_loses_nothing() {
+    let Some(c) = crash_at("before-state-commit") else {
+        return;
+    };
+    let d = data().unwrap();
+    assert_eq!(c.temps, 0, "{c:?}");
+    assert!(c.new_files > 1, "{c:?}");
+    assert_eq!(
+        c.cursor,
+        Some(d.first_half_seq),
+        "the uncommitted transaction is rolled back"
+    );
+}
+
+#[test]
+fn a_crash_after_the_state_commit_loses_nothing() {
+    let Some(c) = crash_at("after-state-commit") else {
+        return;
+    };
+    let d = data().unwrap();
+    assert_eq!(c.temps, 0, "{c:?}");
+    assert!(c.new_files > 1, "{c:?}");
+    assert!(
+        c.cursor > Some(d.first_half_seq),
+        "the cursor moved with the commit: {c:?}"
+    );
+}
+
+#[test]
+fn an_unknown_fault_point_is_refused() {
+    let Some(d) = data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        d,
+        tmp.path(),
+        &d.first_half(),
+        &[("FIREHOSE_WRITER_FAULT", "mid_rename")],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a known fault point"), "{stderr}");
+}
+
+// ---- the kernel check -------------------------------------------------------------------------
+
+#[test]
+fn a_kernel_older_than_5_8_is_refused_unless_allowed_and_then_fsyncs_every_file() {
+    let Some(d) = data() else { return };
+    let old = [("FIREHOSE_WRITER_FAKE_KERNEL", "5.4.0-150-generic")];
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(d, tmp.path(), &d.all(), &old, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 3: a human must upgrade the kernel or allow it; the unit does not restart on 3.
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    for needle in [
+        "kernel 5.4.0-150-generic is older than 5.8",
+        "syncfs does not report writeback errors",
+        "--allow-old-kernel",
+        "FIREHOSE_ALLOW_OLD_KERNEL",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+    }
+    assert!(
+        !tmp.path().join("cache").exists() && !tmp.path().join("state.sqlite").exists(),
+        "refused before touching anything"
+    );
+
+    // Allowed (by flag, or by its variable): every file is fsynced one by one, and the cache
+    // is the same as with syncfs.
+    for (allow_env, flag) in [(None, "--allow-old-kernel"), (Some("true"), "")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut env = old.to_vec();
+        if let Some(v) = allow_env {
+            env.push(("FIREHOSE_ALLOW_OLD_KERNEL", v));
+        }
+        let extra: Vec<&str> = [flag].into_iter().filter(|f| !f.is_empty()).collect();
+        let out = run(d, tmp.path(), &d.all(), &env, &extra);
+        assert_success(&out, "allowed old kernel");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("fsynced one by one"), "{stderr}");
+        assert_eq!(
+            stored_cursor(&tmp.path().join("state.sqlite")),
+            Some(d.last_seq)
+        );
+        assert_eq!(&cache_tree(&tmp.path().join("cache")), reference(d));
+    }
+}
+
+#[test]
+fn this_kernel_passes_the_check() {
+    let Some(d) = data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(d, tmp.path(), &d.first_half(), &[], &[]);
+    assert_success(&out, "a run on this machine's kernel");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("fsynced one by one"), "{stderr}");
+}
