@@ -159,18 +159,17 @@ fn set_cursor(args: &[&str]) -> Output {
         .expect("run set-cursor")
 }
 
-fn override_record(state: &Path) -> Value {
+/// A value of the state's meta table, read as an operator would.
+fn meta(state: &Path, key: &str) -> Option<String> {
     let conn =
         rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
-    let text: String = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'cursor_override'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    serde_json::from_str(&text).unwrap()
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .ok()
+}
+
+fn override_record(state: &Path) -> Value {
+    serde_json::from_str(&meta(state, "cursor_override").expect("an override recorded")).unwrap()
 }
 
 #[test]
@@ -306,6 +305,11 @@ fn set_cursor_rewinds_once_warns_when_skipping_forward_and_waits_for_the_writer(
         (&json!(1), &json!(3), &json!("set-cursor"))
     );
     assert!(record["at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(
+        meta(&state, "upstream"),
+        None,
+        "the new cursor belongs to the relay the next start follows"
+    );
 
     // The environment file still says 0 (already applied): the command's cursor wins, and the
     // rewound commits are captured again, not skipped as duplicates.
@@ -314,6 +318,7 @@ fn set_cursor_rewinds_once_warns_when_skipping_forward_and_waits_for_the_writer(
     writer.stop();
     assert_eq!(relay.cursors()[1], Some(1));
     assert!(post_file(dir, "post-b").exists() && post_file(dir, "post-c").exists());
+    assert_eq!(meta(&state, "upstream"), Some(relay.addr().to_string()));
 
     // Skipping forward is allowed, with a warning.
     let out = set_cursor(&["10", "--state", state_arg]);
