@@ -173,7 +173,7 @@ async fn main() {
     let (t0, c0) = first.unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let peak = rss_kb(pid, "VmHWM:");
-    let cpu = cpu_seconds(pid);
+    let (user, system) = cpu_seconds(pid);
     unsafe { libc_kill(pid) };
     let _ = child.wait();
     let files = count_files(&work.join("cache"));
@@ -185,7 +185,12 @@ async fn main() {
         bytes as f64 / 1e6 / secs
     );
     println!("cache files written: {files}");
-    println!("writer CPU: {cpu:.1} s (user+system, whole run including set loading)");
+    // User time is the writer's own work (decode, route, lookups); system time is mostly the
+    // file system's, which follows the disk's state more than the binary's.
+    println!(
+        "writer CPU: {:.1} s (user {user:.1} s + system {system:.1} s, whole run including set loading)",
+        user + system
+    );
     println!(
         "writer RSS: median {} MB, max sampled {} MB, peak (VmHWM) {} MB",
         rss_samples[rss_samples.len() / 2] / 1024,
@@ -217,12 +222,18 @@ fn count_files(root: &std::path::Path) -> usize {
     n
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+/// (user, system) CPU seconds of `pid`.
+fn cpu_seconds(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // fields after the command name (which may contain spaces) start after the last ')'
     let rest = stat.rsplit(')').next().unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    let seconds = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 100.0
+    };
+    (seconds(11), seconds(12))
 }
