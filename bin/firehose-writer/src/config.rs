@@ -54,7 +54,10 @@ pub struct Args {
     #[arg(long, env = "FIREHOSE_STUDY_POSTS")]
     pub study_posts: Option<PathBuf>,
 
-    /// Start from this seq instead of the stored cursor.
+    /// Start after this seq instead of the stored cursor. Applied once: the value is recorded in
+    /// the state, and a later start with the same value resumes from the stored cursor (so it
+    /// may stay in an environment file). A value below the stored cursor forgets the per-repo
+    /// revs, so the range is captured again.
     #[arg(long, env = "FIREHOSE_CURSOR")]
     pub cursor: Option<i64>,
 
@@ -102,6 +105,23 @@ pub enum Command {
         did_docs: Option<PathBuf>,
         /// The capture file, e.g. relay-capture/frames.bin.
         frames_file: PathBuf,
+    },
+    /// Set the stored cursor of a writer that is not running, once (e.g. to capture a period
+    /// again): the next start resumes after N. Below the stored cursor the per-repo revs are
+    /// forgotten, so the range is captured again; above it, the events in between are never
+    /// captured (a warning says so). Recorded in the state's `meta` table. Refused while a
+    /// writer holds the state's lock.
+    SetCursor {
+        /// The new cursor: the writer resumes with the first event after this seq.
+        #[arg(value_parser = clap::value_parser!(i64).range(0..))]
+        cursor: i64,
+        /// State database (SQLite) of the writer.
+        #[arg(
+            long,
+            env = "FIREHOSE_STATE",
+            default_value = "./firehose-state.sqlite"
+        )]
+        state: PathBuf,
     },
 }
 

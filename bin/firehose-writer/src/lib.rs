@@ -13,7 +13,7 @@ pub mod source;
 pub mod state;
 pub mod tracked;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -74,21 +74,21 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
 }
 
 /// Loads the study-user and in-network files named by the configuration.
-pub fn load_tracked(config: &Config) -> Result<(HashSet<Did>, HashSet<Did>)> {
+pub fn load_tracked(config: &Config) -> Result<(tracked::DidSet, tracked::DidSet)> {
     let study = tracked::load_dids(&config.study_users, tracked::Table::StudyUsers)
         .with_context(|| format!("loading study users from {}", config.study_users.display()))?;
     let in_network = match &config.in_network {
         Some(path) => tracked::load_dids(path, tracked::Table::SocialNetwork)
             .with_context(|| format!("loading in-network users from {}", path.display()))?,
-        None => HashSet::new(),
+        None => tracked::DidSet::default(),
     };
     Ok((study, in_network))
 }
 
 /// One writer per state file: a second one would interleave cursors and delete the first one's
 /// temp files at start-up. The lock is held until the returned file is dropped.
-fn lock_instance(config: &Config) -> Result<std::fs::File> {
-    let mut path = config.state.clone().into_os_string();
+fn lock_instance(state: &Path) -> Result<std::fs::File> {
+    let mut path = state.to_path_buf().into_os_string();
     path.push(".lock");
     let path = std::path::PathBuf::from(path);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -106,7 +106,7 @@ fn lock_instance(config: &Config) -> Result<std::fs::File> {
         // A restart cannot take the lock while the other writer runs: exit 3, not a restart loop.
         Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::Error::new(NeedsOperator(format!(
             "another firehose-writer is running with state {} (lock {} is held): stop it, or give this one its own --state",
-            config.state.display(),
+            state.display(),
             path.display()
         )))),
         Err(std::fs::TryLockError::Error(e)) => {
@@ -152,7 +152,7 @@ pub async fn run(
 ) -> Result<ProcessorSummary> {
     install_crypto_provider();
     fault::check()?;
-    let _instance = lock_instance(&config)?;
+    let _instance = lock_instance(&config.state)?;
     let (study, in_network) =
         load_tracked(&config).map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
     info!(
@@ -160,7 +160,7 @@ pub async fn run(
         in_network = in_network.len(),
         "tracked sets loaded"
     );
-    let mut state = state::StateStore::open(&config.state, study, in_network)?;
+    let mut state = state::StateStore::open_with_sets(&config.state, study, in_network)?;
     seed_study_posts(&mut state, &config)?;
     let cache = CacheWriter::open(&config.cache_dir)
         .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
@@ -171,20 +171,14 @@ pub async fn run(
             "removed temp files left by an earlier crash"
         );
     }
-    let start_cursor = config.cursor.or(state.cursor());
-    if let (Some(requested), Some(stored)) = (config.cursor, state.cursor()) {
-        if requested < stored {
-            // Otherwise every tracked repo's events up to the stored cursor would be skipped
-            // as duplicates of what was captured before, defeating the rewind.
-            warn!(
-                cursor = requested,
-                stored, "rewinding below the stored cursor: events after it are captured again"
-            );
-            state.forget_revs()?;
-        }
-    }
+    // The `--cursor` value, unless an earlier start applied it already.
+    let requested = match config.cursor {
+        Some(requested) if apply_cursor_flag(&mut state, requested)? => Some(requested),
+        _ => None,
+    };
+    let start_cursor = requested.or(state.cursor());
     let start_cursor = match &config.source {
-        Source::Relay(url) => check_upstream(&mut state, &config, url, start_cursor)?,
+        Source::Relay(url) => check_upstream(&mut state, &config, url, start_cursor, requested)?,
         // A capture does not say which relay it came from; its frames at or below the stored
         // cursor are skipped by design, and the stored relay identity stays as it was.
         Source::Replay(_) => start_cursor,
@@ -328,13 +322,15 @@ fn processor_stopped(
 }
 
 /// A cursor means something only to the upstream that assigned it: refuses to start against
-/// another one unless the operator said where to start (`--cursor`) or allowed a live tail, and
-/// records the configured upstream to be stored with the next cursor. Returns the start cursor.
+/// another one unless the operator said where to start (`requested`: a `--cursor` applied by
+/// this start) or allowed a live tail, and records the configured upstream to be stored with the
+/// next cursor. Returns the start cursor.
 fn check_upstream(
     state: &mut state::StateStore,
     config: &Config,
     url: &str,
     start_cursor: Option<i64>,
+    requested: Option<i64>,
 ) -> Result<Option<i64>> {
     let configured = source::upstream_id(url);
     let mut start_cursor = start_cursor;
@@ -344,14 +340,14 @@ fn check_upstream(
     }
     if let (Some(stored), Some(cursor)) = (state.upstream().map(str::to_owned), state.cursor()) {
         if stored != configured {
-            if let Some(requested) = config.cursor {
+            if let Some(requested) = requested {
                 warn!(stored = %stored, upstream = %configured, cursor = requested, "another upstream than the stored cursor's: starting from --cursor");
             } else if config.on_future_cursor == config::FutureCursorPolicy::Live {
                 tracing::error!(stored = %stored, upstream = %configured, cursor, "the stored cursor belongs to another upstream; --on-future-cursor=live: tailing {configured} live (events since the stored cursor are not captured)");
                 start_cursor = None;
             } else {
                 return Err(anyhow::Error::new(NeedsOperator(format!(
-                    "the stored cursor {cursor} is a seq of {stored}, but --relay is {configured}: seqs of one upstream mean nothing to another. Point --relay back at {stored}, or pass --cursor N (a seq of {configured}), or set --on-future-cursor=live to tail {configured} live (events since the stored cursor are not captured)"
+                    "the stored cursor {cursor} is a seq of {stored}, but --relay is {configured}: seqs of one upstream mean nothing to another. Point --relay back at {stored}, or pass --cursor N (a seq of {configured}) or run `firehose-writer set-cursor N`, or set --on-future-cursor=live to tail {configured} live (events since the stored cursor are not captured)"
                 ))));
             }
         }
@@ -361,6 +357,51 @@ fn check_upstream(
 }
 
 use processor::Input;
+
+/// `--cursor N` / `FIREHOSE_CURSOR`: applied once (recorded in the state with the first commit),
+/// so the value left in an environment file does not rewind every restart. True when applied.
+fn apply_cursor_flag(state: &mut state::StateStore, requested: i64) -> Result<bool> {
+    use state::CursorChange;
+    let stored = state.cursor();
+    let change = state
+        .apply_cursor_flag(requested)
+        .context("applying --cursor")?;
+    match change {
+        None => info!(
+            cursor = requested,
+            ?stored,
+            "--cursor / FIREHOSE_CURSOR {requested} was already applied by an earlier start: resuming from the stored cursor (use `firehose-writer set-cursor` to apply it again)"
+        ),
+        Some(CursorChange::First | CursorChange::Unchanged) => {
+            info!(cursor = requested, "cursor set by --cursor / FIREHOSE_CURSOR")
+        }
+        Some(CursorChange::Rewound { from }) => warn!(
+            cursor = requested,
+            stored = from,
+            "rewinding below the stored cursor: tracked accounts' events after it are captured again"
+        ),
+        Some(CursorChange::SkippedForward { from }) => warn!(
+            cursor = requested,
+            stored = from,
+            "skipping forward past the stored cursor: events after the stored cursor up to this one will NEVER be captured"
+        ),
+    }
+    Ok(change.is_some())
+}
+
+/// `firehose-writer set-cursor N`: sets the stored cursor of a writer that is not running (its
+/// lock is taken first), in one transaction with what it implies (see [`state::set_cursor`]).
+pub fn set_cursor(state_path: &Path, cursor: i64) -> Result<state::CursorChange> {
+    // Checked before locking, so a mistyped path leaves no lock file behind.
+    if !state_path.is_file() {
+        anyhow::bail!(
+            "no state database at {} (a first start takes --cursor instead)",
+            state_path.display()
+        );
+    }
+    let _instance = lock_instance(state_path)?;
+    state::set_cursor(state_path, cursor)
+}
 
 /// Counts reported by [`inspect`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

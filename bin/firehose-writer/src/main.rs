@@ -79,6 +79,8 @@ fn main() -> ExitCode {
     }) = &args.command
     {
         inspect(&runtime, signals, frames_file.clone(), did_docs.clone())
+    } else if let Some(Command::SetCursor { cursor, state }) = &args.command {
+        set_cursor(state, *cursor)
     } else {
         writer(&runtime, signals, &args)
     };
@@ -131,6 +133,33 @@ fn inspect(
         }
         Some(Err(e)) => {
             eprintln!("error: inspect failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `set-cursor`: an operator's one-shot command, so it talks to the terminal, not the log.
+fn set_cursor(state: &std::path::Path, cursor: i64) -> ExitCode {
+    use firehose_writer::state::CursorChange;
+    match firehose_writer::set_cursor(state, cursor) {
+        Ok(change) => {
+            match change {
+                CursorChange::First | CursorChange::Unchanged => {}
+                CursorChange::Rewound { from } => eprintln!(
+                    "rewound from {from}: the per-repo revs are forgotten, so tracked accounts' events after {cursor} are captured again"
+                ),
+                CursorChange::SkippedForward { from } => eprintln!(
+                    "warning: {cursor} is ahead of the stored cursor {from}: events after seq {from} up to {cursor} will NEVER be captured"
+                ),
+            }
+            println!(
+                "cursor of {} set to {cursor}: the next start resumes after it",
+                state.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

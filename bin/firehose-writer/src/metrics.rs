@@ -30,6 +30,7 @@ pub const EVENTS: &str = "firehose_events_total";
 pub const ROUTED_FILES: &str = "firehose_routed_files_total";
 pub const DROPS: &str = "firehose_drops_total";
 pub const DUPLICATES: &str = "firehose_duplicate_events_total";
+pub const FUTURE_REVS: &str = "firehose_future_rev_commits_total";
 pub const SKIPPED_SEQ: &str = "firehose_replayed_seq_skipped_total";
 pub const RECONNECTS: &str = "firehose_reconnects_total";
 pub const STALLS: &str = "firehose_stalls_total";
@@ -82,6 +83,8 @@ pub struct Metrics {
     routed: Labelled,
     drops: Labelled,
     pub duplicates: AtomicU64,
+    /// Commits whose rev is more than 5 minutes ahead of the clock: routed, never a dedupe bound.
+    pub future_revs: AtomicU64,
     pub skipped_seq: AtomicU64,
     pub reconnects: AtomicU64,
     pub stalls: AtomicU64,
@@ -146,6 +149,7 @@ impl Default for Metrics {
             routed: Labelled::default(),
             drops: Labelled::default(),
             duplicates: AtomicU64::new(0),
+            future_revs: AtomicU64::new(0),
             skipped_seq: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
@@ -479,6 +483,12 @@ impl Collector for ScrapeTime {
             DUPLICATES,
             "Events skipped because their rev was not newer.",
             r(&m.duplicates),
+        )?;
+        counter(
+            e,
+            FUTURE_REVS,
+            "Commits whose rev is more than 5 minutes ahead of the clock (routed, not kept as the repo's duplicate bound).",
+            r(&m.future_revs),
         )?;
         counter(
             e,

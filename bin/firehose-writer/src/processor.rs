@@ -5,24 +5,24 @@
 //! failing disk slows reading instead of growing memory. A failing write is retried with backoff
 //! forever (the cursor does not move, /health reports the error); no event is ever skipped.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use sync_core::frame::{decode_frame, Event};
-use sync_core::ids::Did;
-use sync_core::route::{route_event, Applied, CacheFile, StateUpdate};
+use sync_core::route::{route_event, Applied, CacheFile, RoutingState, StateUpdate};
 use sync_core::time::rfc3339_to_unix_micros;
 use sync_core::transform::sync_timestamp;
+use sync_core::verify::VerifyOptions;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Bytes;
 use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheError, CacheWriter};
 use crate::metrics::Metrics;
-use crate::state::StateStore;
+use crate::state::{RevRecord, StateStore};
+use crate::tracked::DidSet;
 
 /// What the processor receives, in order.
 #[derive(Debug)]
@@ -32,7 +32,7 @@ pub enum Input {
     /// Time to check whether a commit is due (sent by a ticker while frames are scarce).
     Tick,
     /// New tracked sets (SIGHUP): study users, in-network users.
-    Reload(HashSet<Did>, HashSet<Did>),
+    Reload(DidSet, DidSet),
     /// The source switched to a live tail with lower seqs (FutureCursor with `--on-future-cursor=live`).
     ResetSeq,
     /// The source is done (end of replay or shutdown): commit and stop.
@@ -219,7 +219,13 @@ impl Processor {
         if let Event::Commit(commit) = &event {
             if self.state.is_duplicate(&commit.repo, &commit.rev) {
                 self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                debug!(seq, repo = %commit.repo, rev = %commit.rev, "duplicate event (rev not newer)");
+                // A study user's skipped commit is worth seeing in the log: if the rev memory
+                // were ever wrong, this is the only trace of what was not captured.
+                if self.state.is_study_user(&commit.repo) {
+                    info!(seq, repo = %commit.repo, rev = %commit.rev, "skipping a study user's duplicate commit (rev not newer than the last captured)");
+                } else {
+                    debug!(seq, repo = %commit.repo, rev = %commit.rev, "duplicate event (rev not newer)");
+                }
                 self.advance(seq);
                 return Ok(());
             }
@@ -267,7 +273,23 @@ impl Processor {
         self.summary.files += routing.files.len() as u64;
         let time = match &event {
             Event::Commit(c) => {
-                self.state.record_rev(&c.repo, &c.rev);
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0);
+                if self
+                    .state
+                    .record_rev(&c.repo, &c.rev, &VerifyOptions::at(now))
+                    == RevRecord::FutureRev
+                {
+                    // Routed all the same (the ops are real data); only the rev is not trusted.
+                    self.metrics.future_revs.fetch_add(1, Ordering::Relaxed);
+                    if self.state.is_study_user(&c.repo) {
+                        warn!(seq, repo = %c.repo, rev = %c.rev, "study user's commit has a rev more than 5 minutes ahead of the clock: routed, but not kept as the repo's duplicate bound");
+                    } else {
+                        debug!(seq, repo = %c.repo, rev = %c.rev, "commit rev ahead of the clock: not kept as a duplicate bound");
+                    }
+                }
                 Some(c.time)
             }
             Event::Identity(i) => Some(i.time.as_str()),

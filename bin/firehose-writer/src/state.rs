@@ -5,6 +5,10 @@
 //! Updates are applied in memory at once (routing of the next event must see them) and queued;
 //! [`StateStore::commit`] writes them together with the cursor in one transaction, which the
 //! processor only calls after the cache files covering that cursor are durable.
+//!
+//! Operator cursor overrides (`--cursor`, `set-cursor`) are applied here in one transaction with
+//! what they imply (a rewind forgets the revs) and recorded in `meta`, so an override left in
+//! the environment file is applied once, not on every restart.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -16,6 +20,160 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sync_core::ids::{AtUri, Did, Tid};
 use sync_core::paths::Folder;
 use sync_core::route::{Applied, RoutingState, StateUpdate};
+use sync_core::verify::{rev_is_plausible, VerifyOptions};
+use tracing::warn;
+
+use crate::tracked::DidSet;
+
+/// `meta` key of the last cursor override: JSON `{cursor, previous, by, at}`.
+pub const META_CURSOR_OVERRIDE: &str = "cursor_override";
+/// `meta` key of the `--cursor` / `FIREHOSE_CURSOR` value last applied.
+pub const META_CURSOR_FLAG_APPLIED: &str = "cursor_flag_applied";
+
+/// The clock the rev plausibility check runs against.
+fn verify_now() -> VerifyOptions {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    VerifyOptions::at(now)
+}
+
+/// Who set the cursor, recorded with the override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorSetBy {
+    /// `--cursor N` / `FIREHOSE_CURSOR` at start-up.
+    Flag,
+    /// `firehose-writer set-cursor N`.
+    Command,
+}
+
+impl CursorSetBy {
+    fn label(self) -> &'static str {
+        match self {
+            CursorSetBy::Flag => "--cursor",
+            CursorSetBy::Command => "set-cursor",
+        }
+    }
+}
+
+/// What a cursor override did to the stored cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorChange {
+    /// No cursor was stored.
+    First,
+    /// The stored cursor already had this value.
+    Unchanged,
+    /// Moved back: the per-repo revs were forgotten, so tracked accounts' events after the new
+    /// cursor are captured again instead of being skipped as duplicates.
+    Rewound { from: i64 },
+    /// Moved forward: events after `from` up to the new cursor will never be captured.
+    SkippedForward { from: i64 },
+}
+
+/// What [`StateStore::record_rev`] did with a commit's rev.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevRecord {
+    /// Remembered as the repo's duplicate bound (a tracked repo).
+    Remembered,
+    /// Not tracked: its events route idempotently by name, the rev is not needed.
+    Untracked,
+    /// More than 5 minutes ahead of the clock: never a duplicate bound, or every later commit
+    /// of the repo would be skipped until the clock caught up.
+    FutureRev,
+}
+
+fn read_cursor(conn: &Connection) -> Result<Option<i64>> {
+    conn.query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .optional()?
+    .map(|v| v.parse::<i64>())
+    .transpose()
+    .context("stored cursor is not a number")
+}
+
+/// An operator's cursor override, and what it changes.
+#[derive(Debug, Clone, Copy)]
+struct CursorOverride {
+    cursor: i64,
+    previous: Option<i64>,
+    by: CursorSetBy,
+}
+
+impl CursorOverride {
+    fn change(&self) -> CursorChange {
+        match self.previous {
+            None => CursorChange::First,
+            Some(p) if p == self.cursor => CursorChange::Unchanged,
+            Some(p) if self.cursor < p => CursorChange::Rewound { from: p },
+            Some(p) => CursorChange::SkippedForward { from: p },
+        }
+    }
+
+    /// Writes what the override implies inside `tx`: a rewind forgets the per-repo revs (before
+    /// any rev of this transaction is written); the override is recorded in `meta`.
+    fn write(&self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        if let CursorChange::Rewound { .. } = self.change() {
+            tx.execute("DELETE FROM repo_revs", [])
+                .context("clearing the per-repo revs")?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, json_object('cursor', ?2, \
+             'previous', ?3, 'by', ?4, 'at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+            params![
+                META_CURSOR_OVERRIDE,
+                self.cursor,
+                self.previous,
+                self.by.label()
+            ],
+        )?;
+        if self.by == CursorSetBy::Flag {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![META_CURSOR_FLAG_APPLIED, self.cursor.to_string()],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn write_cursor(tx: &rusqlite::Transaction<'_>, cursor: i64) -> Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)",
+        params![cursor.to_string()],
+    )?;
+    Ok(())
+}
+
+/// `firehose-writer set-cursor`: sets the cursor of an existing state database that no writer
+/// holds (the caller holds the lock), in one transaction with what it implies: a rewind forgets
+/// the per-repo revs; the override is recorded in `meta`; the stored upstream is forgotten, so
+/// the next start takes the cursor as a seq of the upstream it is configured to follow.
+pub fn set_cursor(path: &Path, cursor: i64) -> Result<CursorChange> {
+    if !path.is_file() {
+        anyhow::bail!(
+            "no state database at {} (a first start takes --cursor instead)",
+            path.display()
+        );
+    }
+    let mut conn = Connection::open(path)
+        .with_context(|| format!("opening state database {}", path.display()))?;
+    check_schema(&conn, path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let not_a_state = || format!("{} is not a firehose-writer state database", path.display());
+    let tx = conn.transaction().context("starting state transaction")?;
+    let change = CursorOverride {
+        cursor,
+        previous: read_cursor(&tx).with_context(not_a_state)?,
+        by: CursorSetBy::Command,
+    };
+    change.write(&tx).with_context(not_a_state)?;
+    write_cursor(&tx, cursor)?;
+    tx.execute("DELETE FROM meta WHERE key = 'upstream'", [])?;
+    tx.commit().context("committing the cursor")?;
+    Ok(change.change())
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,6 +237,9 @@ struct Pending {
     /// (follow uri, follower, seq, time) of unfollows whose follow was never seen.
     unknown_unfollows: Vec<(String, Did, i64, String)>,
     revs: HashMap<Did, Tid>,
+    /// A `--cursor` override, made durable with the first commit (with the rev reset of a
+    /// rewind), so a run that ends before committing anything leaves the state as it was.
+    cursor_override: Option<CursorOverride>,
 }
 
 /// The author of `uri` if it is a post URI (`at://<did>/app.bsky.feed.post/<rkey>`).
@@ -90,8 +251,8 @@ fn post_author(uri: &str) -> Option<&str> {
 
 pub struct StateStore {
     conn: Connection,
-    study_users: HashSet<Did>,
-    file_in_network: HashSet<Did>,
+    study_users: DidSet,
+    file_in_network: DidSet,
     /// Subjects of study users' live follows, with how many study follows point at each.
     followed: HashMap<Did, u32>,
     /// Hashes of study-post URIs: a miss is certain, a hit is confirmed in the database.
@@ -118,6 +279,11 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn open(path: &Path, study_users: HashSet<Did>, in_network: HashSet<Did>) -> Result<Self> {
+        Self::open_with_sets(path, study_users.into(), in_network.into())
+    }
+
+    /// [`open`](Self::open) with the sets in their compact form (what the writer loads).
+    pub fn open_with_sets(path: &Path, study_users: DidSet, in_network: DidSet) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating state directory {}", parent.display()))?;
@@ -138,14 +304,7 @@ impl StateStore {
                 r.get::<_, String>(0)
             })
             .optional()?;
-        let cursor = conn
-            .query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| {
-                r.get::<_, String>(0)
-            })
-            .optional()?
-            .map(|v| v.parse::<i64>())
-            .transpose()
-            .context("stored cursor is not a number")?;
+        let cursor = read_cursor(&conn)?;
         let mut store = StateStore {
             conn,
             study_users,
@@ -187,12 +346,27 @@ impl StateStore {
         }
         let mut stmt = self.conn.prepare("SELECT did, rev FROM repo_revs")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let now = verify_now();
+        let mut future = Vec::new();
         for row in rows {
             let (did, rev) = row?;
             if let Ok(rev) = Tid::parse(&rev) {
+                if !rev_is_plausible(&rev, &now) {
+                    future.push((did, rev));
+                    continue;
+                }
                 let bound = self.revs.entry(key_hash(&did)).or_insert(0);
                 *bound = (*bound).max(rev.to_u64());
             }
+        }
+        drop(stmt);
+        // Stored before future revs were refused: as bounds they would skip every commit of
+        // these repos until the clock caught up.
+        for (did, rev) in future {
+            warn!(repo = %did, rev = %rev, "forgetting a stored rev that is more than 5 minutes ahead of the clock");
+            self.conn
+                .execute("DELETE FROM repo_revs WHERE did = ?1", params![did])
+                .context("forgetting a future rev")?;
         }
         Ok(())
     }
@@ -248,7 +422,7 @@ impl StateStore {
     }
 
     /// Replaces the file-loaded sets (SIGHUP); live follows are kept.
-    pub fn replace_sets(&mut self, study_users: HashSet<Did>, in_network: HashSet<Did>) {
+    pub fn replace_sets(&mut self, study_users: DidSet, in_network: DidSet) {
         self.study_users = study_users;
         self.file_in_network = in_network;
     }
@@ -257,16 +431,36 @@ impl StateStore {
         self.study_users.contains(did) || self.is_in_network(did)
     }
 
-    /// Forgets every repo's last rev, so events older than the stored cursor are handled again
-    /// (an operator rewinding with `--cursor`). Safe: a replayed event rewrites the same file
-    /// name and the index updates are idempotent; only duplicate counting is lost for a while.
-    pub fn forget_revs(&mut self) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM repo_revs", [])
-            .context("clearing the per-repo revs")?;
-        self.revs.clear();
-        self.pending.revs.clear();
-        Ok(())
+    /// Applies `--cursor N` / `FIREHOSE_CURSOR` unless this value was applied by an earlier
+    /// start (`None`): an override left in the environment file must not rewind every restart
+    /// and wipe the duplicate memory each time. A rewind forgets the revs at once in memory (safe:
+    /// a replayed event rewrites the same file name and the index updates are idempotent); the
+    /// override, the rev reset and the new cursor become durable together with the next
+    /// [`commit`](Self::commit), so a run that commits nothing (e.g. the relay refuses the cursor)
+    /// changes nothing and the next start applies the value again.
+    pub fn apply_cursor_flag(&mut self, cursor: i64) -> Result<Option<CursorChange>> {
+        let applied: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                params![META_CURSOR_FLAG_APPLIED],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if applied.and_then(|v| v.parse::<i64>().ok()) == Some(cursor) {
+            return Ok(None);
+        }
+        let change = CursorOverride {
+            cursor,
+            previous: self.cursor,
+            by: CursorSetBy::Flag,
+        };
+        if let CursorChange::Rewound { .. } = change.change() {
+            self.revs.clear();
+            self.pending.revs.clear();
+        }
+        self.pending.cursor_override = Some(change);
+        Ok(Some(change.change()))
     }
 
     /// True when `rev` is not newer than the last rev seen for this (tracked) repo.
@@ -299,12 +493,18 @@ impl StateStore {
         *bound = (*bound).max(rev.to_u64());
     }
 
-    /// Remembers the rev of a tracked repo's event (untracked repos route idempotently by name).
-    pub fn record_rev(&mut self, did: &Did, rev: &Tid) {
-        if self.tracked(did) {
-            self.remember_rev(did, rev);
-            self.pending.revs.insert(did.clone(), *rev);
+    /// Remembers the rev of a tracked repo's commit (untracked repos route idempotently by
+    /// name), unless it is more than 5 minutes ahead of `opts`' clock.
+    pub fn record_rev(&mut self, did: &Did, rev: &Tid, opts: &VerifyOptions) -> RevRecord {
+        if !rev_is_plausible(rev, opts) {
+            return RevRecord::FutureRev;
         }
+        if !self.tracked(did) {
+            return RevRecord::Untracked;
+        }
+        self.remember_rev(did, rev);
+        self.pending.revs.insert(did.clone(), *rev);
+        RevRecord::Remembered
     }
 
     /// Applies one routing update (visible to routing at once, committed with the next
@@ -388,6 +588,7 @@ impl StateStore {
 
     /// Writes every queued update and the cursor in one transaction.
     pub fn commit(&mut self, cursor: Option<i64>) -> Result<()> {
+        let cursor = cursor.or(self.pending.cursor_override.map(|o| o.cursor));
         let tx = self
             .conn
             .transaction()
@@ -435,16 +636,17 @@ impl StateStore {
             for (uri, (follower, subject)) in &self.pending.follows {
                 insert_follow.execute(params![uri, follower.as_str(), subject.as_str()])?;
             }
+            // Before the revs: a rewind's reset must not remove the revs recorded since.
+            if let Some(cursor_override) = &self.pending.cursor_override {
+                cursor_override.write(&tx)?;
+            }
             let mut upsert_rev =
                 tx.prepare_cached("INSERT OR REPLACE INTO repo_revs (did, rev) VALUES (?1, ?2)")?;
             for (did, rev) in &self.pending.revs {
                 upsert_rev.execute(params![did.as_str(), rev.as_str()])?;
             }
             if let Some(cursor) = cursor {
-                tx.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?1)",
-                    params![cursor.to_string()],
-                )?;
+                write_cursor(&tx, cursor)?;
                 if let Some(upstream) = &self.upstream {
                     tx.execute(
                         "INSERT OR REPLACE INTO meta (key, value) VALUES ('upstream', ?1)",
@@ -599,7 +801,7 @@ mod tests {
             for update in &updates {
                 store.apply(update).unwrap();
             }
-            store.record_rev(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap());
+            store.record_rev(&s1, &Tid::parse("3l5jzzzzzzz2a").unwrap(), &verify_now());
         };
         {
             let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
@@ -658,7 +860,10 @@ mod tests {
         );
         let mut store =
             StateStore::open(&path, [s1.clone(), s2.clone()].into(), HashSet::new()).unwrap();
-        store.record_rev(&s1, &seen);
+        assert_eq!(
+            store.record_rev(&s1, &seen, &verify_now()),
+            RevRecord::Remembered
+        );
         assert!(store.is_duplicate(&s1, &older));
         assert!(store.is_duplicate(&s1, &seen));
         assert!(!store.is_duplicate(&s1, &newer));
@@ -675,6 +880,132 @@ mod tests {
         assert!(store.is_duplicate(&s1, &older));
         assert!(!store.is_duplicate(&s1, &newer));
         assert!(!store.is_duplicate(&s2, &seen));
+    }
+
+    /// A rev `secs` seconds ahead of (positive) or behind this machine's clock.
+    fn rev_at(secs: i64) -> Tid {
+        let micros = verify_now().now_micros as i64 + secs * 1_000_000;
+        Tid::from_u64((micros as u64) << 10)
+    }
+
+    #[test]
+    fn a_future_rev_never_becomes_the_duplicate_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let s1 = did("did:plc:z72i7hdynmk6r22z27h6tvur");
+        let a1 = did("did:plc:w4xbfzo7kqfes5zb7r6qv3rw");
+        let mut store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+        let (past, future) = (rev_at(-60), rev_at(24 * 3600));
+        assert_eq!(
+            store.record_rev(&s1, &future, &verify_now()),
+            RevRecord::FutureRev
+        );
+        assert_eq!(
+            store.record_rev(&a1, &future, &verify_now()),
+            RevRecord::FutureRev,
+            "refused for untracked repos too (counted alike)"
+        );
+        assert!(!store.is_duplicate(&s1, &past));
+        // Within the 5-minute tolerance a rev is taken as it is.
+        let soon = rev_at(120);
+        assert_eq!(
+            store.record_rev(&s1, &soon, &verify_now()),
+            RevRecord::Remembered
+        );
+        assert!(store.is_duplicate(&s1, &past));
+        assert_eq!(
+            store.record_rev(&a1, &past, &verify_now()),
+            RevRecord::Untracked
+        );
+        store.commit(Some(1)).unwrap();
+        // A state written before future revs were refused: the bound is forgotten at open.
+        store
+            .conn
+            .execute(
+                "UPDATE repo_revs SET rev = ?1 WHERE did = ?2",
+                params![future.as_str(), s1.as_str()],
+            )
+            .unwrap();
+        drop(store);
+        let store = StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+        assert!(!store.is_duplicate(&s1, &past));
+        let left: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM repo_revs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "deleted from the database too");
+    }
+
+    #[test]
+    fn a_cursor_flag_applies_once_and_a_rewind_forgets_the_revs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let s1 = did("did:plc:z72i7hdynmk6r22z27h6tvur");
+        let rev = Tid::parse("3l5kaaaaaaa2a").unwrap();
+        let open = || StateStore::open(&path, [s1.clone()].into(), HashSet::new()).unwrap();
+        let mut store = open();
+        assert_eq!(
+            store.apply_cursor_flag(100).unwrap(),
+            Some(CursorChange::First)
+        );
+        store.record_rev(&s1, &rev, &verify_now());
+        store.commit(Some(500)).unwrap();
+        drop(store);
+        // The same value again (the environment file still has it): not applied.
+        let mut store = open();
+        assert_eq!(store.apply_cursor_flag(100).unwrap(), None);
+        assert_eq!(store.cursor(), Some(500));
+        assert!(store.is_duplicate(&s1, &rev));
+        // A new value is a new decision: a rewind forgets the revs at once in memory...
+        assert_eq!(
+            store.apply_cursor_flag(200).unwrap(),
+            Some(CursorChange::Rewound { from: 500 })
+        );
+        assert!(!store.is_duplicate(&s1, &rev));
+        // ...but durably only with a commit: a run that commits nothing changes nothing.
+        drop(store);
+        let mut store = open();
+        assert_eq!(store.cursor(), Some(500));
+        assert!(store.is_duplicate(&s1, &rev));
+        assert_eq!(
+            store.apply_cursor_flag(200).unwrap(),
+            Some(CursorChange::Rewound { from: 500 }),
+            "not recorded as applied yet"
+        );
+        let newer = Tid::parse("3l5kaaaaaab2a").unwrap();
+        store.record_rev(&s1, &newer, &verify_now());
+        store.commit(None).unwrap();
+        assert_eq!(store.cursor(), Some(200), "the override is the cursor");
+        drop(store);
+        let mut store = open();
+        assert_eq!(store.cursor(), Some(200));
+        assert!(
+            store.is_duplicate(&s1, &newer),
+            "revs recorded after the rewind are kept"
+        );
+        assert_eq!(store.apply_cursor_flag(200).unwrap(), None);
+        assert_eq!(
+            store.apply_cursor_flag(900).unwrap(),
+            Some(CursorChange::SkippedForward { from: 200 })
+        );
+        store.commit(Some(901)).unwrap();
+        let recorded: String = store
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                params![META_CURSOR_OVERRIDE],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let recorded: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+        assert_eq!(recorded["cursor"], 900);
+        assert_eq!(recorded["previous"], 200);
+        assert_eq!(recorded["by"], "--cursor");
+        assert!(
+            recorded["at"].as_str().unwrap().ends_with('Z'),
+            "{recorded}"
+        );
+        assert_eq!(store.cursor(), Some(901));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Loading the tracked sets (study users, in-network users) from operator files.
+//! Loading the tracked sets (study users, in-network users) from operator files, and [`DidSet`],
+//! the compact form they are held in.
 //!
 //! A line or row that is not a valid DID fails start-up with the file and line named: tracking
 //! the wrong people silently is worse than not starting.
@@ -8,6 +9,161 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use sync_core::ids::{AtUri, Did};
+
+/// Bytes of a did:plc identifier decoded: 24 base32 characters carry exactly 120 bits.
+const PLC_KEY_LEN: usize = 15;
+const PLC_PREFIX: &str = "did:plc:";
+type PlcKey = [u8; PLC_KEY_LEN];
+
+/// The 15 bytes a did:plc identifier encodes, or `None` for any other DID (another method, or
+/// a did:plc that is not the canonical 24 lowercase base32 characters). The mapping is one to
+/// one on the DIDs it accepts, so comparing keys is comparing DIDs.
+fn plc_key(did: &str) -> Option<PlcKey> {
+    let id = did.strip_prefix(PLC_PREFIX)?;
+    // Uppercase input would decode too: refuse it so two different DID strings never share a key.
+    if id.len() != 24
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+    {
+        return None;
+    }
+    let mut upper = [0u8; 24];
+    upper.copy_from_slice(id.as_bytes());
+    upper.make_ascii_uppercase();
+    let mut key = [0u8; PLC_KEY_LEN];
+    match data_encoding::BASE32_NOPAD.decode_mut(&upper, &mut key) {
+        Ok(PLC_KEY_LEN) => Some(key),
+        _ => None,
+    }
+}
+
+/// A set of DIDs held compactly: the in-network set has about a million entries, and as
+/// `HashSet<Did>` it cost ~80 MB (a heap string plus a hash slot per DID). did:plc DIDs (nearly
+/// all of them) are kept as their 15 decoded bytes in one sorted array, with a bucket index on
+/// the leading bits so a lookup touches one bucket of a few entries instead of binary-searching
+/// the whole array: ~16 bytes per DID. Other methods (did:web) are rare and kept as they are.
+///
+/// Immutable once built ([`DidSetBuilder`], `collect`, `From<HashSet<Did>>`): the sets are
+/// replaced whole on reload, and live follows are tracked beside them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct DidSet {
+    /// Decoded did:plc identifiers, sorted, without duplicates.
+    plc: Vec<PlcKey>,
+    /// `plc[index[b]..index[b + 1]]` holds the keys whose leading `bits` bits equal `b`.
+    index: Vec<usize>,
+    bits: u32,
+    other: HashSet<Did>,
+}
+
+impl std::fmt::Debug for DidSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DidSet")
+            .field("plc", &self.plc.len())
+            .field("other", &self.other)
+            .finish()
+    }
+}
+
+/// Leading `bits` bits of a key (at most 24).
+fn bucket(key: &PlcKey, bits: u32) -> usize {
+    let top = u32::from_be_bytes([0, key[0], key[1], key[2]]);
+    (top >> (24 - bits)) as usize
+}
+
+impl DidSet {
+    pub fn builder() -> DidSetBuilder {
+        DidSetBuilder::default()
+    }
+
+    pub fn contains(&self, did: &Did) -> bool {
+        match plc_key(did.as_str()) {
+            Some(key) => {
+                let b = bucket(&key, self.bits);
+                let bounds = self.index.get(b).zip(self.index.get(b + 1));
+                bounds
+                    .and_then(|(&start, &end)| self.plc.get(start..end))
+                    .is_some_and(|keys| keys.binary_search(&key).is_ok())
+            }
+            None => self.other.contains(did),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.plc.len() + self.other.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Heap bytes held (capacities, not lengths): what the set costs in memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.plc.capacity() * PLC_KEY_LEN
+            + self.index.capacity() * std::mem::size_of::<usize>()
+            + self.other.capacity() * (std::mem::size_of::<Did>() + 1)
+            + self.other.iter().map(|d| d.as_str().len()).sum::<usize>()
+    }
+}
+
+/// Collects DIDs for a [`DidSet`]; duplicates are fine.
+#[derive(Default)]
+pub struct DidSetBuilder {
+    plc: Vec<PlcKey>,
+    other: HashSet<Did>,
+}
+
+impl DidSetBuilder {
+    pub fn insert(&mut self, did: Did) {
+        match plc_key(did.as_str()) {
+            Some(key) => self.plc.push(key),
+            None => {
+                self.other.insert(did);
+            }
+        }
+    }
+
+    pub fn build(self) -> DidSet {
+        let DidSetBuilder { mut plc, other } = self;
+        plc.sort_unstable();
+        plc.dedup();
+        plc.shrink_to_fit();
+        // About four keys per bucket: the index costs ~2 bytes per DID and a lookup reads one
+        // or two cache lines of keys.
+        let bits = (plc.len() / 4).max(1).ilog2().min(24);
+        let mut index = vec![0usize; (1 << bits) + 1];
+        for key in &plc {
+            index[bucket(key, bits) + 1] += 1;
+        }
+        let mut below = 0;
+        for slot in &mut index {
+            below += *slot;
+            *slot = below;
+        }
+        DidSet {
+            plc,
+            index,
+            bits,
+            other,
+        }
+    }
+}
+
+impl FromIterator<Did> for DidSet {
+    fn from_iter<I: IntoIterator<Item = Did>>(iter: I) -> Self {
+        let mut builder = DidSet::builder();
+        for did in iter {
+            builder.insert(did);
+        }
+        builder.build()
+    }
+}
+
+impl From<HashSet<Did>> for DidSet {
+    fn from(set: HashSet<Did>) -> Self {
+        set.into_iter().collect()
+    }
+}
 
 /// Which table column holds the DIDs when the file is a CSV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,9 +177,11 @@ pub enum Table {
 
 /// Reads a DID set from a text file (one DID per line, `#` comments, blank lines ignored) or a
 /// CSV file (by extension `.csv`).
-pub fn load_dids(path: &Path, table: Table) -> Result<HashSet<Did>> {
+pub fn load_dids(path: &Path, table: Table) -> Result<DidSet> {
+    let mut dids = DidSet::builder();
     if path.is_dir() {
-        return load_parquet_dataset(path, table);
+        load_parquet_dataset(path, table, &mut dids)?;
+        return Ok(dids.build());
     }
     let ext = path
         .extension()
@@ -31,19 +189,16 @@ pub fn load_dids(path: &Path, table: Table) -> Result<HashSet<Did>> {
         .unwrap_or_default()
         .to_ascii_lowercase();
     match ext.as_str() {
-        "csv" => load_csv(path, table),
-        "parquet" => {
-            let mut dids = HashSet::new();
-            load_parquet(path, table, &mut dids)?;
-            Ok(dids)
-        }
-        _ => load_text(path),
+        "csv" => load_csv(path, table, &mut dids)?,
+        "parquet" => load_parquet(path, table, &mut dids)?,
+        _ => load_text(path, &mut dids)?,
     }
+    Ok(dids.build())
 }
 
 /// A directory of Parquet files, e.g. the predecessor's `scraped_user_social_network/` dataset
 /// (`{cache,active}/partition_date=*/<hex>-0.parquet`): every `*.parquet` below it.
-fn load_parquet_dataset(dir: &Path, table: Table) -> Result<HashSet<Did>> {
+fn load_parquet_dataset(dir: &Path, table: Table, dids: &mut DidSetBuilder) -> Result<()> {
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -63,15 +218,14 @@ fn load_parquet_dataset(dir: &Path, table: Table) -> Result<HashSet<Did>> {
         bail!("{}: a directory without any .parquet file", dir.display());
     }
     files.sort();
-    let mut dids = HashSet::new();
     for file in files {
-        load_parquet(&file, table, &mut dids)?;
+        load_parquet(&file, table, dids)?;
     }
-    Ok(dids)
+    Ok(())
 }
 
 #[cfg(not(feature = "parquet"))]
-fn load_parquet(path: &Path, _table: Table, _dids: &mut HashSet<Did>) -> Result<()> {
+fn load_parquet(path: &Path, _table: Table, _dids: &mut DidSetBuilder) -> Result<()> {
     bail!(
         "{}: this build has no Parquet support (built without the `parquet` feature); use a text or CSV file",
         path.display()
@@ -79,7 +233,7 @@ fn load_parquet(path: &Path, _table: Table, _dids: &mut HashSet<Did>) -> Result<
 }
 
 #[cfg(feature = "parquet")]
-fn load_parquet(path: &Path, table: Table, dids: &mut HashSet<Did>) -> Result<()> {
+fn load_parquet(path: &Path, table: Table, dids: &mut DidSetBuilder) -> Result<()> {
     use polars::prelude::{ParquetReader, SerReader};
     let (did_col, relation_col) = match table {
         Table::StudyUsers => ("bluesky_user_did", None),
@@ -129,11 +283,10 @@ fn load_parquet(path: &Path, table: Table, dids: &mut HashSet<Did>) -> Result<()
     Ok(())
 }
 
-fn load_text(path: &Path) -> Result<HashSet<Did>> {
+fn load_text(path: &Path, dids: &mut DidSetBuilder) -> Result<()> {
     use std::io::BufRead;
     // Streamed line by line: a million-DID file never sits in memory next to the set.
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut dids = HashSet::new();
     for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line =
             line.with_context(|| format!("{}:{}: unreadable line", path.display(), number + 1))?;
@@ -145,10 +298,10 @@ fn load_text(path: &Path) -> Result<HashSet<Did>> {
             .with_context(|| format!("{}:{}: not a DID: {line:?}", path.display(), number + 1))?;
         dids.insert(did);
     }
-    Ok(dids)
+    Ok(())
 }
 
-fn load_csv(path: &Path, table: Table) -> Result<HashSet<Did>> {
+fn load_csv(path: &Path, table: Table, dids: &mut DidSetBuilder) -> Result<()> {
     let mut reader =
         csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
     let headers = reader
@@ -174,7 +327,6 @@ fn load_csv(path: &Path, table: Table) -> Result<HashSet<Did>> {
             Some(column("relationship_to_study_user")?),
         ),
     };
-    let mut dids = HashSet::new();
     for (index, record) in reader.records().enumerate() {
         // header is line 1
         let line = index + 2;
@@ -192,7 +344,7 @@ fn load_csv(path: &Path, table: Table) -> Result<HashSet<Did>> {
             .with_context(|| format!("{}:{line}: not a DID: {value:?}", path.display()))?;
         dids.insert(did);
     }
-    Ok(dids)
+    Ok(())
 }
 
 /// Study posts already in the cache (`study_user_activity/create/post/*.json`, e.g. written by a
@@ -312,7 +464,7 @@ mod tests {
         .into_iter()
         .map(|d| Did::parse(d).unwrap())
         .collect();
-        assert_eq!(set, expected);
+        assert_eq!(set, DidSet::from(expected));
         // A table without the column is a clear error.
         let err = format!(
             "{:#}",
@@ -326,6 +478,67 @@ mod tests {
         );
         let err = format!("{:#}", load_dids(&bad, Table::StudyUsers).unwrap_err());
         assert!(err.contains("row 2: not a DID: \"bob\""), "{err}");
+    }
+
+    /// Distinct, evenly spread did:plc DIDs (as real ones are: base32 of a hash).
+    fn plc_dids(n: u64) -> Vec<Did> {
+        let mut rng = sync_core::synth::SplitMix64(7);
+        (0..n)
+            .map(|_| {
+                let bits = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())) >> 8;
+                let id: String = (0..24)
+                    .map(|i| {
+                        b"abcdefghijklmnopqrstuvwxyz234567"[(bits >> (5 * i)) as usize & 31] as char
+                    })
+                    .collect();
+                Did::parse(&format!("did:plc:{id}")).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn did_set_answers_exactly_for_every_method() {
+        let members = plc_dids(10_000);
+        let strangers = plc_dids(20_000).split_off(10_000);
+        let web = Did::parse("did:web:example.com").unwrap();
+        // Not canonical did:plc (upper case, wrong length): kept as strings, never confused with
+        // the lowercase DID that decodes to the same bytes.
+        let upper = Did::parse(
+            &members[0]
+                .as_str()
+                .to_ascii_uppercase()
+                .replace("DID:PLC:", "did:plc:"),
+        )
+        .unwrap();
+        let short = Did::parse("did:plc:abc").unwrap();
+        let mut input = members.clone();
+        input.extend(members.iter().take(100).cloned()); // duplicates in the input
+        input.push(web.clone());
+        input.push(short.clone());
+        let set: DidSet = input.into_iter().collect();
+        assert_eq!(set.len(), members.len() + 2);
+        assert!(members.iter().all(|d| set.contains(d)));
+        assert!(strangers.iter().all(|d| !set.contains(d)));
+        assert!(set.contains(&web) && set.contains(&short));
+        assert!(!set.contains(&upper));
+        assert!(!set.contains(&Did::parse("did:web:example.org").unwrap()));
+        let with_upper: DidSet = [upper.clone()].into_iter().collect();
+        assert!(with_upper.contains(&upper) && !with_upper.contains(&members[0]));
+        assert!(DidSet::default().is_empty() && !DidSet::default().contains(&web));
+        let one: DidSet = [members[1].clone()].into_iter().collect();
+        assert!(one.contains(&members[1]) && !one.contains(&members[2]));
+    }
+
+    /// The point of `DidSet`: a million in-network DIDs in ~16 MB instead of ~80.
+    #[test]
+    fn a_million_did_plc_cost_at_most_17_bytes_each() {
+        let dids = plc_dids(1_000_000);
+        let probe = dids[123_456].clone();
+        let set: DidSet = dids.into_iter().collect();
+        assert_eq!(set.len(), 1_000_000);
+        assert!(set.contains(&probe));
+        let per_did = set.heap_bytes() as f64 / set.len() as f64;
+        assert!(per_did <= 17.0, "{per_did:.1} bytes per DID");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! firehose-writer integration tests, one binary: `inspect` CLI, the cache writer, the writer
 //! in-process against the replay file and the test relay (faults), as a process (SIGKILL crash
 //! safety, signals, a crash at each step of the durability barrier), and against the official
-//! atproto PDS; `/metrics` and `/health` over HTTP.
+//! atproto PDS; `/metrics` and `/health` over HTTP; the state an operator manages across restarts.
 
 mod cache;
 mod cli;
@@ -10,6 +10,7 @@ mod metrics;
 mod pds;
 mod process;
 mod source;
+mod state;
 mod writer;
 
 /// Helpers shared by the test modules.
