@@ -248,10 +248,18 @@ impl Processor {
             self.write_with_retry(seq, file)?;
         }
         for update in &routing.updates {
-            let applied = self
-                .state
-                .apply(update)
-                .context("updating the state indexes")?;
+            // Not retried: a failed apply may have changed part of the in-memory indexes, so the
+            // safe recovery is the restart's replay from the durable cursor. It is still counted
+            // and shown before the writer stops.
+            let applied = match self.state.apply(update) {
+                Ok(applied) => applied,
+                Err(e) => {
+                    self.metrics.state_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .set_cache_error(Some(format!("state index update: {e:#}")));
+                    return Err(e).context("updating the state indexes");
+                }
+            };
             if let (Applied::UnknownUnfollow, StateUpdate::StudyUnfollow { uri, follower, .. }) =
                 (applied, update)
             {

@@ -309,6 +309,7 @@ impl RelaySource {
                         Some(seq) => format!("seq {seq}"),
                         None => "the start of a live tail".to_owned(),
                     };
+                    self.metrics.dropped("frame_too_large");
                     self.metrics.set_source_error(Some(format!(
                         "a {size}-byte message after {after} exceeds the {max_size}-byte WebSocket limit"
                     )));
@@ -321,7 +322,7 @@ impl RelaySource {
                     );
                     if failures >= TOO_LARGE_ATTEMPTS {
                         return Err(anyhow::Error::new(crate::NeedsOperator(format!(
-                            "the relay sent a {size}-byte message right after {after}, over the {max_size}-byte WebSocket limit, on {failures} connections in a row: resuming there meets it again every time. Restart with --cursor set to the seq of the event after it to skip it (that event is not captured), or follow another relay"
+                            "the relay sent a {size}-byte message right after {after}, over the {max_size}-byte WebSocket limit, on {failures} connections in a row: resuming there meets it again every time. Skip it with `firehose-writer set-cursor N` (N the seq of the event after it; that event is not captured), or follow another relay"
                         ))));
                     }
                 }

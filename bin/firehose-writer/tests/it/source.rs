@@ -21,8 +21,14 @@ const WAIT: Duration = Duration::from_secs(30);
 const STUDY: &str = "did:plc:z72i7hdynmk6r22z27h6tvur";
 
 /// An identity event of the study user: routed to `study_user_activity/account/`.
+/// Each seq's event has its own time, so each is a distinct event with its own cache file
+/// (account files are named by the event's content, not by its seq).
+fn event_time(seq: i64) -> String {
+    format!("2026-07-04T14:38:{:02}.000Z", seq % 60)
+}
+
 fn frame(seq: i64) -> Vec<u8> {
-    synth::identity_frame(seq, STUDY, None, "2026-07-04T14:38:07.877Z")
+    synth::identity_frame(seq, STUDY, None, &event_time(seq))
 }
 
 fn frames(seqs: impl IntoIterator<Item = i64>) -> Vec<Vec<u8>> {
@@ -30,9 +36,17 @@ fn frames(seqs: impl IntoIterator<Item = i64>) -> Vec<Vec<u8>> {
 }
 
 fn account_file(dir: &Path, seq: i64) -> std::path::PathBuf {
-    dir.join(format!(
-        "cache/study_user_activity/account/did={STUDY}_identity_seq={seq}.json"
-    ))
+    let did = sync_core::ids::Did::parse(STUDY).unwrap();
+    let time = event_time(seq);
+    let name = sync_core::paths::account_file(&sync_core::paths::AccountEventKey {
+        did: &did,
+        kind: "identity",
+        time: &time,
+        handle: None,
+        active: None,
+        status: None,
+    });
+    dir.join("cache/study_user_activity/account").join(name)
 }
 
 /// A writer configuration built the way the binary builds it (flags), following `relay_url`.
@@ -292,7 +306,7 @@ async fn a_message_over_the_limit_at_the_same_resume_point_stops_after_three_tri
     assert!(
         msg.contains(&format!("{}-byte message right after seq 5", 4 * LIMIT))
             && msg.contains(&format!("{LIMIT}-byte WebSocket limit"))
-            && msg.contains("--cursor"),
+            && msg.contains("set-cursor"),
         "{msg}"
     );
     assert_eq!(relay.cursors(), [Some(0), Some(5), Some(5)]);

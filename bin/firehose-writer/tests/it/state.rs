@@ -246,8 +246,13 @@ fn a_cursor_left_in_the_environment_applies_once() {
     // A different value is a new decision: applied (a rewind), and the range captured again.
     std::fs::remove_file(post_file(dir, "post-b")).unwrap();
     let mut writer = start(dir, &relay, Some("1"));
-    // The stored cursor is already 4: wait for the subscription, which follows the override.
+    // The stored cursor is already 4, so waiting for it proves nothing: wait for the
+    // subscription, which follows the override, then for the replayed seq 2 to be written.
     assert!(rt.block_on(relay.wait_for_subscriptions(3, WAIT)));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !post_file(dir, "post-b").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     writer.wait_cursor(4);
     let log = writer.stop();
     assert_eq!(relay.cursors()[2], Some(1));
