@@ -2,16 +2,17 @@
 //! messages, the resume point, cancellable connects, and how the writer stops (signals during
 //! start-up, a dead processor, a held lock, an unreadable state).
 
+use crate::writer::start_writer;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use firehose_writer::config::{Args, Config, FutureCursorPolicy};
 use firehose_writer::processor::Input;
 use firehose_writer::source::{RelaySource, WS_MAX_MESSAGE};
-use firehose_writer::{exit_code, Metrics, ProcessorSummary, EXIT_NEEDS_OPERATOR};
+use firehose_writer::{exit_code, Metrics, EXIT_NEEDS_OPERATOR};
 use sync_core::synth;
 use tokio::sync::{mpsc, watch};
 use workspace_tests::relay::{Fault, TestRelay};
@@ -72,66 +73,6 @@ fn config(dir: &Path, relay_url: &str) -> Config {
     cfg
 }
 
-struct Running {
-    metrics: Arc<Mutex<Option<Arc<Metrics>>>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<ProcessorSummary>>,
-}
-
-fn start_writer(cfg: Config) -> Running {
-    let metrics = Arc::new(Mutex::new(None));
-    let slot = metrics.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(firehose_writer::run(
-        cfg,
-        async move {
-            let _ = stopped.await;
-        },
-        None,
-        move |h| *slot.lock().unwrap() = Some(h.metrics),
-    ));
-    Running {
-        metrics,
-        stop,
-        task,
-    }
-}
-
-impl Running {
-    fn metrics(&self) -> Arc<Metrics> {
-        self.metrics
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("writer started")
-    }
-
-    async fn wait_for_cursor(&self, seq: i64) -> bool {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while tokio::time::Instant::now() < deadline {
-            let cursor = self
-                .metrics
-                .lock()
-                .unwrap()
-                .as_ref()
-                .map(|m| m.cursor.load(Ordering::Relaxed));
-            if cursor.is_some_and(|c| c >= seq) {
-                return true;
-            }
-            if self.task.is_finished() {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
-    }
-
-    async fn stop(self) -> anyhow::Result<ProcessorSummary> {
-        let _ = self.stop.send(());
-        self.task.await.unwrap()
-    }
-}
-
 /// A value of the state's meta table, read as an operator would.
 fn meta(state: &Path, key: &str) -> Option<String> {
     let conn =
@@ -156,7 +97,7 @@ async fn the_cursor_is_stored_with_its_upstream_and_another_upstream_needs_a_dec
     let mut cfg = config(tmp.path(), &a.url());
     cfg.cursor = Some(0);
     let writer = start_writer(cfg.clone());
-    assert!(writer.wait_for_cursor(5).await);
+    assert!(writer.wait_for_cursor(5, WAIT).await);
     writer.stop().await.unwrap();
     assert_eq!(meta(&state, "cursor").as_deref(), Some("5"));
     assert_eq!(meta(&state, "upstream"), Some(host_of(&a)));
@@ -184,7 +125,7 @@ async fn the_cursor_is_stored_with_its_upstream_and_another_upstream_needs_a_dec
     let mut decided = other.clone();
     decided.cursor = Some(1);
     let writer = start_writer(decided);
-    assert!(writer.wait_for_cursor(3).await);
+    assert!(writer.wait_for_cursor(3, WAIT).await);
     writer.stop().await.unwrap();
     assert_eq!(b.cursors(), [Some(1)]);
     assert_eq!(meta(&state, "cursor").as_deref(), Some("3"));
@@ -196,7 +137,7 @@ async fn the_cursor_is_stored_with_its_upstream_and_another_upstream_needs_a_dec
     let writer = start_writer(live);
     assert!(a.wait_for_subscriptions(2, WAIT).await);
     a.push(frame(6));
-    assert!(writer.wait_for_cursor(6).await);
+    assert!(writer.wait_for_cursor(6, WAIT).await);
     writer.stop().await.unwrap();
     assert_eq!(a.cursors(), [Some(0), None], "no cursor of b's sent to a");
     assert_eq!(meta(&state, "cursor").as_deref(), Some("6"));
@@ -239,7 +180,7 @@ async fn a_first_seq_at_or_below_the_requested_cursor_is_handled_like_future_cur
     let writer = start_writer(cfg);
     assert!(relay.wait_for_subscriptions(3, WAIT).await);
     relay.push(frame(6));
-    assert!(writer.wait_for_cursor(6).await);
+    assert!(writer.wait_for_cursor(6, WAIT).await);
     let metrics = writer.metrics();
     writer.stop().await.unwrap();
     assert_eq!(relay.cursors(), [Some(3), Some(3), None]);
@@ -405,7 +346,7 @@ async fn a_dead_processor_ends_the_run_at_once() {
     // Nothing but the processor's end may stop this run: no stall reconnects.
     cfg.stall_timeout = Duration::from_secs(3600);
     let writer = start_writer(cfg);
-    assert!(writer.wait_for_cursor(3).await);
+    assert!(writer.wait_for_cursor(3, WAIT).await);
     // The state database loses a table under the writer: the next study follow cannot be
     // indexed and the processor stops with an error.
     let conn = rusqlite::Connection::open(tmp.path().join("state.sqlite")).unwrap();

@@ -455,13 +455,14 @@ async fn reference_tree(
     cache_tree(&cfg.cache_dir)
 }
 
-struct Running {
-    metrics: Arc<Mutex<Option<Arc<Metrics>>>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<firehose_writer::ProcessorSummary>>,
+/// A writer running in-process; also used by the other test modules.
+pub(crate) struct Running {
+    pub(crate) metrics: Arc<Mutex<Option<Arc<Metrics>>>>,
+    pub(crate) stop: tokio::sync::oneshot::Sender<()>,
+    pub(crate) task: tokio::task::JoinHandle<anyhow::Result<firehose_writer::ProcessorSummary>>,
 }
 
-fn start_writer(cfg: Config) -> Running {
+pub(crate) fn start_writer(cfg: Config) -> Running {
     start_writer_with_reload(cfg, None)
 }
 
@@ -489,7 +490,7 @@ fn start_writer_with_reload(
 }
 
 impl Running {
-    fn metrics(&self) -> Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
         self.metrics
             .lock()
             .unwrap()
@@ -497,7 +498,7 @@ impl Running {
             .expect("writer started")
     }
 
-    async fn wait_for_cursor(&self, seq: i64, timeout: Duration) -> bool {
+    pub(crate) async fn wait_for_cursor(&self, seq: i64, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
             if self
@@ -517,7 +518,7 @@ impl Running {
         false
     }
 
-    async fn stop(self) -> anyhow::Result<firehose_writer::ProcessorSummary> {
+    pub(crate) async fn stop(self) -> anyhow::Result<firehose_writer::ProcessorSummary> {
         let _ = self.stop.send(());
         self.task.await.unwrap()
     }
