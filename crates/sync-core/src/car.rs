@@ -199,6 +199,29 @@ impl<'a> CarBlocks<'a> {
             blocks.push((cid, section));
             pos = end;
         }
+        Self::indexed(roots, blocks, index)
+    }
+
+    /// Blocks gathered elsewhere (e.g. a verified repo's records), indexed like a parsed CAR's.
+    /// Repeats follow [`Self::parse`]'s rule.
+    pub fn from_blocks(roots: Vec<Cid>, blocks: Vec<(Cid, &'a [u8])>) -> Result<Self, CarError> {
+        if blocks.len() > MAX_BLOCKS {
+            return Err(CarError::TooManyBlocks);
+        }
+        let index = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, (cid, _))| (digest_key(cid), i as u32))
+            .collect();
+        Self::indexed(roots, blocks, index)
+    }
+
+    /// Drops repeated CIDs from `index` (in CAR order) and sorts it when large.
+    fn indexed(
+        roots: Vec<Cid>,
+        blocks: Vec<(Cid, &'a [u8])>,
+        mut index: Vec<(u64, u32)>,
+    ) -> Result<Self, CarError> {
         // Drop repeats, keeping the first; a repeat with other bytes is an error.
         let cid_at = |i: u32| &blocks[i as usize].0;
         let same = |a: (u64, u32), b: (u64, u32)| a.0 == b.0 && cid_at(a.1) == cid_at(b.1);

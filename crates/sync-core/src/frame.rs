@@ -159,6 +159,35 @@ pub struct Commit<'a> {
 }
 
 impl<'a> Commit<'a> {
+    /// A commit assembled by the caller rather than decoded from a frame: records read from a
+    /// repo (a resync or backfill) routed exactly as if they had streamed past. It has no CAR
+    /// bytes (`blocks_bytes` is empty) and is not verifiable as a commit; its record blocks are
+    /// still hash-checked when read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assembled(
+        seq: Seq,
+        repo: Did,
+        rev: Tid,
+        commit: Cid,
+        time: &'a str,
+        ops: Vec<RepoOp>,
+        blocks: CarBlocks<'a>,
+    ) -> Commit<'a> {
+        Commit {
+            seq,
+            repo,
+            rev,
+            since: None,
+            commit,
+            prev_data: None,
+            time,
+            ops: ops.into_iter().map(Ok).collect(),
+            blocks,
+            blocks_bytes: &[],
+            verified: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
     /// The record block of a create/update op, hash-checked against `op.cid`; `None` for deletes.
     /// A `cid` that is not an atproto record CID is [`OpError::BadCid`] (checked before lookup).
     pub fn record_block(&self, op: &RepoOp) -> Result<Option<&'a [u8]>, OpError> {

@@ -17,6 +17,7 @@ pub mod paths;
 pub mod pyjson;
 pub mod records;
 pub mod repo;
+pub mod resync;
 pub mod route;
 #[cfg(feature = "synth")]
 pub mod synth;

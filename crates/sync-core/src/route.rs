@@ -107,13 +107,32 @@ struct Overlay<'s> {
 }
 
 impl Overlay<'_> {
+    /// The study user who authored the post `uri`: a post URI names its author, so a post of a
+    /// study user is recognised at any age with no index (a like on a months-old post is routed);
+    /// the index still answers for URIs that name their author by handle, and for posts of users
+    /// who have since left the study set, as the predecessor did.
     fn study_post_author(&self, uri: &str) -> Option<Did> {
+        if let Some(author) = study_post_uri_author(self.state, uri) {
+            return Some(author);
+        }
         self.new_posts
             .iter()
             .find(|(u, _)| u == uri)
             .map(|(_, d)| d.clone())
             .or_else(|| self.state.study_post_author(uri))
     }
+}
+
+/// `Some(author)` when `uri` is `at://<did>/app.bsky.feed.post/<rkey>` (valid rkey) and the DID
+/// is a study user.
+fn study_post_uri_author(state: &dyn RoutingState, uri: &str) -> Option<Did> {
+    let parsed = AtUri::parse(uri).ok()?;
+    if parsed.collection() != Some(records::POST) {
+        return None;
+    }
+    RecordKey::parse(parsed.rkey()?).ok()?;
+    let author = parsed.authority_did()?;
+    state.is_study_user(&author).then_some(author)
 }
 
 /// The rkey of a study post's at-URI, used as a nesting folder.

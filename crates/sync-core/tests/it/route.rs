@@ -810,3 +810,26 @@ fn study_posts_whose_rkey_starts_with_a_dot_nest_under_an_encoded_folder() {
         &["study_user_activity/create/post/author_did=did:plc:z72i7hdynmk6r22z27h6tvur_post_uri_suffix=.y2.json"],
     );
 }
+
+/// A post URI names its author: reactions to a study user's post that no index has seen (made
+/// before tracking began) are routed by that rule; a URI that is not a post, or names an
+/// untracked author, is not.
+#[test]
+fn reactions_to_unindexed_posts_of_study_users_are_routed_by_the_uri_author() {
+    let old_post = format!("at://{S1}/app.bsky.feed.post/3jzfcijpj2z2a");
+    let not_a_post = format!("at://{S1}/app.bsky.feed.generator/3jzfcijpj2z2a");
+    let other_author = format!("at://{A1}/app.bsky.feed.post/3jzfcijpj2z2a");
+    check(
+        &[
+            commit(1, A2, &[create(LIKE, "3l5jv2xq4tk2p", like(&old_post))]),
+            commit(2, A3, &[create(POST, "3l5jv2xq4tk3a", reply(&old_post, &old_post))]),
+            commit(3, A2, &[create(LIKE, "3l5jv2xq4tk4a", like(&not_a_post))]),
+            commit(4, A3, &[create(LIKE, "3l5jv2xq4tk5a", like(&other_author))]),
+        ],
+        &mut cast(),
+        &[
+            "study_user_activity/create/like_on_user_post/3jzfcijpj2z2a/author_did=did:plc:q6gjnaw2blty4crticxkmujt_like_uri_suffix=3l5jv2xq4tk2p.json",
+            "study_user_activity/create/reply_to_user_post/3jzfcijpj2z2a/author_did=did:plc:ragtjsm2j2vknwkz3zp4oxrd_post_uri_suffix=3l5jv2xq4tk3a.json",
+        ],
+    );
+}

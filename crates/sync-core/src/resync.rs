@@ -1,0 +1,215 @@
+//! Repairing a repo from a fresh copy (resync and backfill): which records a consumer missed or
+//! still holds after they were deleted, and the assembled commits that route them exactly as if
+//! they had streamed past.
+//!
+//! Pure: the held records come from the caller's index, the repo from [`crate::repo`].
+
+use std::collections::HashMap;
+
+use ipld_core::cid::Cid;
+
+use crate::car::{CarBlocks, CarError};
+use crate::frame::{Action, Commit, RepoOp};
+use crate::ids::{Did, Nsid, RecordKey, Seq};
+use crate::repo::{RepoRecord, VerifiedRepo};
+use crate::time::rfc3339_to_unix_micros;
+
+/// A record the consumer routed or indexed earlier for this repo.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeldRecord {
+    pub collection: Nsid,
+    pub rkey: RecordKey,
+    /// The record's CID as text (as stored).
+    pub cid: String,
+}
+
+/// What a repo holds that the consumer does not, and the other way round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoDiff<'r> {
+    /// In the repo, not held: missed creates.
+    pub creates: Vec<&'r RepoRecord>,
+    /// Held with another CID: missed updates.
+    pub updates: Vec<&'r RepoRecord>,
+    /// Held, gone from the repo: missed deletes.
+    pub deletes: Vec<HeldRecord>,
+    /// Held with the same CID.
+    pub unchanged: usize,
+}
+
+/// Compares the repo's records in the collections `relevant` selects with what is held.
+/// Held records outside `relevant` are compared too (a held record is relevant by definition).
+pub fn diff<'r>(
+    repo: &'r [RepoRecord],
+    held: impl IntoIterator<Item = HeldRecord>,
+    relevant: impl Fn(&Nsid) -> bool,
+) -> RepoDiff<'r> {
+    let mut held: HashMap<(Nsid, RecordKey), String> = held
+        .into_iter()
+        .map(|h| ((h.collection, h.rkey), h.cid))
+        .collect();
+    let mut out = RepoDiff::default();
+    for record in repo {
+        match held.remove(&(record.collection.clone(), record.rkey.clone())) {
+            Some(cid) if cid == record.cid.to_string() => out.unchanged += 1,
+            Some(_) => out.updates.push(record),
+            None if relevant(&record.collection) => out.creates.push(record),
+            None => {}
+        }
+    }
+    let mut deletes: Vec<HeldRecord> = held
+        .into_iter()
+        .map(|((collection, rkey), cid)| HeldRecord {
+            collection,
+            rkey,
+            cid,
+        })
+        .collect();
+    deletes.sort();
+    out.deletes = deletes;
+    out
+}
+
+/// Ops per assembled commit: keeps the per-commit bookkeeping (verified-block list, overlay of
+/// new posts) small for repos of any size.
+pub const OPS_PER_COMMIT: usize = 64;
+
+/// One change to route.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'r> {
+    Create(&'r RepoRecord),
+    Update(&'r RepoRecord),
+    Delete(&'r HeldRecord),
+}
+
+/// The event context given to assembled commits: the repo's commit (rev, CID), and the `seq` and
+/// `time` the caller attributes the repair to (they appear in delete files).
+#[derive(Debug, Clone, Copy)]
+pub struct RepairContext<'t> {
+    pub seq: Seq,
+    pub time: &'t str,
+}
+
+/// Assembles `changes` into commits of at most [`OPS_PER_COMMIT`] ops, in order, carrying the
+/// repo's rev and commit CID, with each create/update's record block from `repo`.
+pub fn assemble<'r>(
+    repo: &'r VerifiedRepo,
+    did: &Did,
+    ctx: RepairContext<'r>,
+    changes: &[Change<'_>],
+) -> Result<Vec<Commit<'r>>, CarError> {
+    let mut commits = Vec::with_capacity(changes.len().div_ceil(OPS_PER_COMMIT));
+    for chunk in changes.chunks(OPS_PER_COMMIT) {
+        let mut ops = Vec::with_capacity(chunk.len());
+        let mut blocks: Vec<(Cid, &'r [u8])> = Vec::with_capacity(chunk.len());
+        for change in chunk {
+            let (action, collection, rkey, cid) = match change {
+                Change::Create(r) => (Action::Create, &r.collection, &r.rkey, Some(r.cid)),
+                Change::Update(r) => (Action::Update, &r.collection, &r.rkey, Some(r.cid)),
+                Change::Delete(h) => (Action::Delete, &h.collection, &h.rkey, None),
+            };
+            if let Some(cid) = cid {
+                // A verified repo holds every record block; a missing one reads as a missing
+                // block when routed (dropped and counted), never as a panic.
+                if let Some(block) = repo.record_block(&cid) {
+                    blocks.push((cid, block));
+                }
+            }
+            ops.push(RepoOp {
+                action,
+                collection: collection.clone(),
+                rkey: rkey.clone(),
+                cid,
+                prev: None,
+            });
+        }
+        let blocks = CarBlocks::from_blocks(vec![repo.commit.cid], blocks)?;
+        commits.push(Commit::assembled(
+            ctx.seq,
+            did.clone(),
+            repo.commit.rev,
+            repo.commit.cid,
+            ctx.time,
+            ops,
+            blocks,
+        ));
+    }
+    Ok(commits)
+}
+
+/// When a record was created, Unix microseconds: its `createdAt` when it has a valid one, else
+/// the timestamp of a TID record key, else `None` (e.g. a profile's `self` without `createdAt`).
+pub fn created_at_micros(record: &serde_json::Value, rkey: &RecordKey) -> Option<i64> {
+    if let Some(us) = record
+        .get("createdAt")
+        .and_then(|v| v.as_str())
+        .and_then(rfc3339_to_unix_micros)
+    {
+        return Some(us);
+    }
+    crate::ids::Tid::parse(rkey.as_str())
+        .ok()
+        .map(|tid| tid.timestamp_micros() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid(n: u8) -> Cid {
+        let digest = [n; 32];
+        let mh = ipld_core::cid::multihash::Multihash::<64>::wrap(0x12, &digest).unwrap();
+        Cid::new_v1(0x71, mh)
+    }
+
+    fn rec(collection: &str, rkey: &str, n: u8) -> RepoRecord {
+        RepoRecord {
+            collection: Nsid::parse(collection).unwrap(),
+            rkey: RecordKey::parse(rkey).unwrap(),
+            cid: cid(n),
+        }
+    }
+
+    fn held(r: &RepoRecord) -> HeldRecord {
+        HeldRecord {
+            collection: r.collection.clone(),
+            rkey: r.rkey.clone(),
+            cid: r.cid.to_string(),
+        }
+    }
+
+    #[test]
+    fn diff_finds_missed_creates_updates_and_deletes() {
+        let kept = rec("app.bsky.feed.post", "3kaaaaaaaaaa2", 1);
+        let missed = rec("app.bsky.feed.post", "3kaaaaaaaaab2", 2);
+        let changed = rec("app.bsky.actor.profile", "self", 3);
+        let ignored = rec("app.bsky.feed.generator", "x", 4);
+        let repo = vec![kept.clone(), missed.clone(), changed.clone(), ignored];
+        let gone = rec("app.bsky.feed.like", "3kaaaaaaaaac2", 5);
+        let mut old_profile = held(&changed);
+        old_profile.cid = cid(9).to_string();
+        let d = diff(&repo, vec![held(&kept), old_profile, held(&gone)], |c| {
+            c.as_str() != "app.bsky.feed.generator"
+        });
+        assert_eq!(d.creates, vec![&missed]);
+        assert_eq!(d.updates, vec![&changed]);
+        assert_eq!(d.deletes, vec![held(&gone)]);
+        assert_eq!(d.unchanged, 1);
+    }
+
+    #[test]
+    fn created_at_prefers_the_record_then_the_tid() {
+        let rkey = RecordKey::parse("3kaaaaaaaaaa2").unwrap();
+        let with = serde_json::json!({"createdAt": "2024-01-02T03:04:05.000Z"});
+        assert_eq!(
+            created_at_micros(&with, &rkey),
+            rfc3339_to_unix_micros("2024-01-02T03:04:05.000Z")
+        );
+        let tid = crate::ids::Tid::parse("3kaaaaaaaaaa2").unwrap();
+        assert_eq!(
+            created_at_micros(&serde_json::json!({"createdAt": "garbage"}), &rkey),
+            Some(tid.timestamp_micros() as i64)
+        );
+        let profile = RecordKey::parse("self").unwrap();
+        assert_eq!(created_at_micros(&serde_json::json!({}), &profile), None);
+    }
+}
