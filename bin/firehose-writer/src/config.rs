@@ -90,6 +90,81 @@ pub struct Args {
     /// every cache file is then fsynced one by one (slower). Without it such a kernel is refused.
     #[arg(long, env = "FIREHOSE_ALLOW_OLD_KERNEL")]
     pub allow_old_kernel: bool,
+
+    /// PLC directory did:plc documents are resolved from (did:web documents come from
+    /// `https://<host>/.well-known/did.json`).
+    #[arg(long, env = "FIREHOSE_PLC_URL", default_value = DEFAULT_PLC_URL)]
+    pub plc_url: String,
+
+    /// Which commits are verified (signature, structure, MST inversion) before anything of them
+    /// is written: `routed` (every commit of a tracked repo and every commit that produces a
+    /// cache file), `all`, or `off`. Default `routed`; under `--replay` `off` unless `--did-docs`
+    /// is given.
+    #[arg(long, env = "FIREHOSE_VERIFY", value_enum)]
+    pub verify: Option<VerifyMode>,
+
+    /// DID documents from a JSON file (DID -> document, the format `inspect --did-docs` reads),
+    /// consulted before the network; with it a capture replays verified and offline.
+    #[arg(long = "did-docs", env = "FIREHOSE_DID_DOCS", value_name = "FILE")]
+    pub did_docs: Option<PathBuf>,
+
+    /// Backfill each study user from their repo the first time the writer sees them (at start or
+    /// after a SIGHUP reload): their posts enter the study-post index, their follows the
+    /// in-network set. Default `on`; under `--replay` `off`.
+    #[arg(long, env = "FIREHOSE_BACKFILL", value_enum)]
+    pub backfill: Option<OnOff>,
+
+    /// With backfill: study users' records created at or after this RFC 3339 date or date-time
+    /// (UTC when no offset is given) are also written to the cache, like live ones.
+    #[arg(long, env = "FIREHOSE_BACKFILL_SINCE", value_name = "DATE")]
+    pub backfill_since: Option<String>,
+
+    /// Concurrent repo fetches (getRepo) per PDS host.
+    #[arg(long, env = "FIREHOSE_PDS_CONCURRENCY", default_value_t = 4)]
+    pub pds_concurrency: usize,
+
+    /// Requests per second per PDS host.
+    #[arg(long, env = "FIREHOSE_PDS_RATE", default_value_t = 5.0)]
+    pub pds_rate: f64,
+
+    /// Largest repo fetched for a backfill or resync, in bytes; a larger one fails (counted, not
+    /// retried until the next start).
+    #[arg(long, env = "FIREHOSE_MAX_REPO_BYTES", default_value_t = DEFAULT_MAX_REPO_BYTES)]
+    pub max_repo_bytes: u64,
+}
+
+/// Default PLC directory.
+pub const DEFAULT_PLC_URL: &str = "https://plc.directory";
+/// Default `--max-repo-bytes`: 1 GiB.
+pub const DEFAULT_MAX_REPO_BYTES: u64 = 1 << 30;
+
+/// `--verify`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyMode {
+    Off,
+    Routed,
+    All,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// `--backfill-since`: an RFC 3339 date (midnight UTC) or date-time, as Unix microseconds.
+pub fn parse_since(value: &str) -> Result<i64> {
+    let v = value.trim();
+    let full = if v.len() == 10 {
+        format!("{v}T00:00:00Z")
+    } else {
+        v.to_owned()
+    };
+    sync_core::time::rfc3339_to_unix_micros(&full).with_context(|| {
+        format!(
+            "{value:?} is not an RFC 3339 date (2024-01-31) or date-time (2024-01-31T12:00:00Z)"
+        )
+    })
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -161,6 +236,15 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     pub commit_interval: Duration,
     pub max_backoff: Duration,
+    pub plc_url: String,
+    pub verify: VerifyMode,
+    pub did_docs: Option<PathBuf>,
+    pub backfill: bool,
+    /// `--backfill-since`, Unix microseconds.
+    pub backfill_since: Option<i64>,
+    pub pds_concurrency: usize,
+    pub pds_rate: f64,
+    pub max_repo_bytes: u64,
 }
 
 /// `wss://host` -> `wss://host/xrpc/com.atproto.sync.subscribeRepos`.
@@ -195,6 +279,32 @@ impl Config {
         if args.commit_interval_ms == 0 || args.commit_interval_ms > 1000 {
             bail!("--commit-interval-ms must be between 1 and 1000 (the cursor is saved at least once a second)");
         }
+        let replay = args.replay.is_some();
+        let verify = args.verify.unwrap_or(if replay && args.did_docs.is_none() {
+            VerifyMode::Off
+        } else {
+            VerifyMode::Routed
+        });
+        let backfill = args
+            .backfill
+            .unwrap_or(if replay { OnOff::Off } else { OnOff::On })
+            == OnOff::On;
+        let backfill_since = args
+            .backfill_since
+            .as_deref()
+            .map(parse_since)
+            .transpose()
+            .context("invalid --backfill-since")?;
+        if args.pds_concurrency == 0 {
+            bail!("--pds-concurrency must be at least 1");
+        }
+        if !(args.pds_rate.is_finite() && args.pds_rate > 0.0) {
+            bail!("--pds-rate must be a positive number of requests per second");
+        }
+        let plc_url = args.plc_url.trim().trim_end_matches('/').to_owned();
+        if !(plc_url.starts_with("https://") || plc_url.starts_with("http://")) {
+            bail!("--plc-url {plc_url:?} must be an http(s) URL");
+        }
         if let Some(c) = args.cursor {
             if c < 0 {
                 bail!("--cursor must not be negative");
@@ -216,6 +326,14 @@ impl Config {
             metrics_addr: Some(args.metrics_addr),
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             max_backoff: Duration::from_secs(args.max_backoff.max(1)),
+            plc_url,
+            verify,
+            did_docs: args.did_docs.clone(),
+            backfill,
+            backfill_since,
+            pds_concurrency: args.pds_concurrency,
+            pds_rate: args.pds_rate,
+            max_repo_bytes: args.max_repo_bytes,
         })
     }
 }
@@ -223,6 +341,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backfill_since_takes_dates_and_date_times() {
+        assert_eq!(
+            parse_since("2024-01-31").unwrap(),
+            parse_since("2024-01-31T00:00:00Z").unwrap()
+        );
+        assert_eq!(
+            parse_since("2024-01-31T02:00:00+02:00").unwrap(),
+            parse_since("2024-01-31T00:00:00Z").unwrap()
+        );
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("2024-13-01").is_err());
+    }
 
     #[test]
     fn relay_urls() {

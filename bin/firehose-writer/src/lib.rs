@@ -9,9 +9,11 @@ mod fault;
 pub mod http;
 pub mod metrics;
 pub mod processor;
+pub mod repair;
 pub mod source;
 pub mod state;
 pub mod tracked;
+pub mod verifier;
 
 use std::collections::HashMap;
 use std::future::Future;

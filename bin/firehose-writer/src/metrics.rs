@@ -46,6 +46,15 @@ pub const CURSOR: &str = "firehose_cursor";
 pub const LAG: &str = "firehose_lag_seconds";
 pub const CONNECTED: &str = "firehose_connected";
 pub const UNKNOWN_UNFOLLOWS: &str = "firehose_unknown_unfollows_total";
+pub const VERIFIED_COMMITS: &str = "firehose_verified_commits_total";
+pub const VERIFY_FAILURES: &str = "firehose_verify_failures_total";
+pub const RESYNCS: &str = "firehose_resyncs_total";
+pub const RESYNC_QUEUE_DEPTH: &str = "firehose_resync_queue_depth";
+pub const REPAIRS_IN_FLIGHT: &str = "firehose_repairs_in_flight";
+pub const REPAIRS_COMPLETED: &str = "firehose_repairs_completed_total";
+pub const REPAIR_FAILURES: &str = "firehose_repair_failures_total";
+pub const REPAIR_RECORDS: &str = "firehose_repair_records_total";
+pub const IDENTITY_LOOKUPS: &str = "firehose_identity_lookups_total";
 pub const LAST_COMMIT: &str = "firehose_last_commit_timestamp_seconds";
 pub const LAST_EVENT: &str = "firehose_last_event_timestamp_seconds";
 pub const PENDING_FILES: &str = "firehose_pending_files";
@@ -82,6 +91,21 @@ pub struct Metrics {
     events: Labelled,
     routed: Labelled,
     drops: Labelled,
+    /// Commits (and `#sync`s) that passed verification.
+    pub verified_commits: AtomicU64,
+    /// Commits and `#sync`s dropped by verification, by reason.
+    verify_failures: Labelled,
+    /// Repos queued for a resync or backfill, by reason.
+    resyncs: Labelled,
+    /// Queued repos (backfill and resync) not yet done; failed ones excluded.
+    pub resync_queue_depth: AtomicU64,
+    pub repairs_in_flight: AtomicU64,
+    repairs_completed: Labelled,
+    repair_failures: Labelled,
+    /// Files written by repairs, by `<kind>_<create|update|delete>`.
+    repair_records: Labelled,
+    /// Identity lookups by result (from the resolver's own counters, read at scrape time).
+    identity_lookups: OnceLock<Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>>,
     pub duplicates: AtomicU64,
     /// Commits whose rev is more than 5 minutes ahead of the clock: routed, never a dedupe bound.
     pub future_revs: AtomicU64,
@@ -148,6 +172,15 @@ impl Default for Metrics {
             events: Labelled::default(),
             routed: Labelled::default(),
             drops: Labelled::default(),
+            verified_commits: AtomicU64::new(0),
+            verify_failures: Labelled::default(),
+            resyncs: Labelled::default(),
+            resync_queue_depth: AtomicU64::new(0),
+            repairs_in_flight: AtomicU64::new(0),
+            repairs_completed: Labelled::default(),
+            repair_failures: Labelled::default(),
+            repair_records: Labelled::default(),
+            identity_lookups: OnceLock::new(),
             duplicates: AtomicU64::new(0),
             future_revs: AtomicU64::new(0),
             skipped_seq: AtomicU64::new(0),
@@ -267,6 +300,51 @@ impl Metrics {
     pub fn dropped(&self, reason: &'static str) {
         self.drops.inc(reason, 1);
     }
+    pub fn verify_failed(&self, reason: &'static str) {
+        self.verify_failures.inc(reason, 1);
+    }
+    pub fn verify_failures(&self) -> BTreeMap<&'static str, u64> {
+        self.verify_failures.snapshot()
+    }
+    pub fn resync_queued(&self, reason: &'static str) {
+        self.resyncs.inc(reason, 1);
+    }
+    pub fn resyncs(&self) -> BTreeMap<&'static str, u64> {
+        self.resyncs.snapshot()
+    }
+    pub fn repair_completed(&self, kind: &'static str) {
+        self.repairs_completed.inc(kind, 1);
+    }
+    pub fn repairs_completed(&self) -> BTreeMap<&'static str, u64> {
+        self.repairs_completed.snapshot()
+    }
+    pub fn repair_failed(&self, reason: &'static str) {
+        self.repair_failures.inc(reason, 1);
+    }
+    pub fn repair_failures(&self) -> BTreeMap<&'static str, u64> {
+        self.repair_failures.snapshot()
+    }
+    pub fn repair_records(&self, change: &'static str, n: u64) {
+        if n > 0 {
+            self.repair_records.inc(change, n);
+        }
+    }
+    pub fn repair_record_counts(&self) -> BTreeMap<&'static str, u64> {
+        self.repair_records.snapshot()
+    }
+    /// Where identity lookup counts come from (the resolver), read at each scrape.
+    pub fn watch_identity_lookups(
+        &self,
+        read: impl Fn() -> Vec<(&'static str, u64)> + Send + Sync + 'static,
+    ) {
+        let _ = self.identity_lookups.set(Box::new(read));
+    }
+    fn identity_lookups(&self) -> BTreeMap<&'static str, u64> {
+        self.identity_lookups
+            .get()
+            .map(|read| read().into_iter().collect())
+            .unwrap_or_default()
+    }
     pub fn drops(&self) -> BTreeMap<&'static str, u64> {
         self.drops.snapshot()
     }
@@ -357,6 +435,8 @@ impl Metrics {
                 "cursor": if cursor < 0 { None } else { Some(cursor) },
                 "lag_seconds": self.lag_seconds(),
                 "last_error": self.last_error(),
+                "resync_queue_depth": self.resync_queue_depth.load(Ordering::Relaxed),
+                "repairs_in_flight": self.repairs_in_flight.load(Ordering::Relaxed),
             }),
         }
     }
@@ -526,6 +606,66 @@ impl Collector for ScrapeTime {
             UNKNOWN_UNFOLLOWS,
             "Study users' unfollows of follows never seen (subject unknown; kept in-network, recorded for backfill).",
             r(&m.unknown_unfollows),
+        )?;
+        counter(
+            e,
+            VERIFIED_COMMITS,
+            "Commits and #sync events that passed verification (signature, structure, MST inversion).",
+            r(&m.verified_commits),
+        )?;
+        labelled(
+            e,
+            VERIFY_FAILURES,
+            "Commits and #sync events dropped because they failed verification, by reason (nothing of them is written).",
+            "reason",
+            m.verify_failures.snapshot(),
+        )?;
+        labelled(
+            e,
+            RESYNCS,
+            "Repos queued for a repair from their PDS (resync or backfill), by reason.",
+            "reason",
+            m.resyncs.snapshot(),
+        )?;
+        gauge(
+            e,
+            RESYNC_QUEUE_DEPTH,
+            "Repos waiting for a backfill or resync (failed ones excluded).",
+            r(&m.resync_queue_depth),
+        )?;
+        gauge(
+            e,
+            REPAIRS_IN_FLIGHT,
+            "Repo fetches (getRepo) in progress.",
+            r(&m.repairs_in_flight),
+        )?;
+        labelled(
+            e,
+            REPAIRS_COMPLETED,
+            "Repairs applied, by kind (backfill, resync).",
+            "kind",
+            m.repairs_completed.snapshot(),
+        )?;
+        labelled(
+            e,
+            REPAIR_FAILURES,
+            "Failed repair attempts, by reason (retried with backoff unless the reason is permanent).",
+            "reason",
+            m.repair_failures.snapshot(),
+        )?;
+        labelled(
+            e,
+            REPAIR_RECORDS,
+            "Records repaired from repos, by kind and change (e.g. resync_create, resync_delete, backfill_index).",
+            "change",
+            m.repair_records.snapshot(),
+        )?;
+        labelled(
+            e,
+            IDENTITY_LOOKUPS,
+            "DID document lookups by result (cache hits, fetches, errors by reason).",
+            "result",
+            m.identity_lookups(),
         )?;
         counter(
             e,

@@ -10,19 +10,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use sync_core::frame::{decode_frame, Event};
+use std::collections::HashSet;
+
+use sync_core::chain::{check_commit, check_sync, ChainState, ChainVerdict};
+use sync_core::frame::{decode_frame, Action, Commit, Event, SyncEvent};
+use sync_core::ids::{Did, Nsid, Seq};
+use sync_core::records::RecordKind;
+use sync_core::repo::{RepoRecord, VerifiedRepo};
+use sync_core::resync::{self, Change, RepairContext};
 use sync_core::route::{route_event, Applied, CacheFile, RoutingState, StateUpdate};
 use sync_core::time::rfc3339_to_unix_micros;
 use sync_core::transform::sync_timestamp;
 use sync_core::verify::VerifyOptions;
+use sync_core::verify::{verify_commit, verify_sync, VerifiedCommit};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Bytes;
 use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheError, CacheWriter};
+use crate::config::VerifyMode;
 use crate::metrics::Metrics;
-use crate::state::{RevRecord, StateStore};
+use crate::repair::{repair_backoff, RepairRequest, RepairResult, MAX_IN_FLIGHT};
+use crate::state::{RevRecord, StateStore, WorkKind};
 use crate::tracked::DidSet;
+use crate::verifier::Identities;
 
 /// What the processor receives, in order.
 #[derive(Debug)]
@@ -35,8 +46,36 @@ pub enum Input {
     Reload(DidSet, DidSet),
     /// The source switched to a live tail with lower seqs (FutureCursor with `--on-future-cursor=live`).
     ResetSeq,
+    /// A repo fetched for a backfill or resync (or why it could not be).
+    Repaired(Box<crate::repair::RepairResult>),
     /// The source is done (end of replay or shutdown): commit and stop.
     End,
+}
+
+/// `--verify` and where its keys come from.
+pub struct Verification {
+    pub mode: VerifyMode,
+    /// `None` only with `VerifyMode::Off`.
+    pub identities: Option<Box<dyn Identities>>,
+}
+
+impl Verification {
+    pub fn off() -> Verification {
+        Verification {
+            mode: VerifyMode::Off,
+            identities: None,
+        }
+    }
+}
+
+/// Backfill and resync: where fetch requests go, and the backfill policy.
+#[derive(Default)]
+pub struct Repairs {
+    /// `None`: no fetcher (an offline replay): the queue is kept for a later run.
+    pub requests: Option<tokio::sync::mpsc::UnboundedSender<RepairRequest>>,
+    pub backfill: bool,
+    /// `--backfill-since`, Unix microseconds.
+    pub backfill_since: Option<i64>,
 }
 
 /// What a processor run did.
@@ -64,6 +103,10 @@ pub struct Processor {
     pub durable_cursor: Arc<AtomicI64>,
     shutdown: Arc<AtomicBool>,
     summary: ProcessorSummary,
+    verification: Verification,
+    repairs: Repairs,
+    /// Repos whose fetch request is out (at most [`MAX_IN_FLIGHT`]).
+    in_flight: HashSet<Did>,
 }
 
 /// Marks an error that must stop the writer instead of being retried.
@@ -129,7 +172,72 @@ impl Processor {
             durable_cursor,
             shutdown,
             summary: ProcessorSummary::default(),
+            verification: Verification::off(),
+            repairs: Repairs::default(),
+            in_flight: HashSet::new(),
         }
+    }
+
+    /// Sets the verification policy and the backfill/resync machinery (both off by default),
+    /// and queues the study users never backfilled.
+    pub fn with_repairs(mut self, verification: Verification, repairs: Repairs) -> Self {
+        self.verification = verification;
+        self.repairs = repairs;
+        self.queue_backfills();
+        self
+    }
+
+    /// Queues a backfill for every study user neither backfilled nor queued (start, reload).
+    fn queue_backfills(&mut self) {
+        if !self.repairs.backfill {
+            return;
+        }
+        for did in self.state.study_users_to_backfill() {
+            if self.state.enqueue(&did, WorkKind::Backfill, "first_seen") {
+                self.metrics.resync_queued("first_seen");
+                info!(repo = %did, "study user queued for backfill");
+                self.dirty = true;
+            }
+        }
+        self.dispatch_repairs();
+    }
+
+    /// Sends due queue entries to the fetcher, up to [`MAX_IN_FLIGHT`] at a time.
+    fn dispatch_repairs(&mut self) {
+        self.metrics
+            .resync_queue_depth
+            .store(self.state.work_depth() as u64, Ordering::Relaxed);
+        let Some(requests) = &self.repairs.requests else {
+            return;
+        };
+        let now = crate::state::unix_now();
+        let mut due: Vec<(Did, WorkKind, u32)> = self
+            .state
+            .work_items()
+            .filter(|(did, w)| !w.failed && w.not_before <= now && !self.in_flight.contains(*did))
+            .map(|(did, w)| (did.clone(), w.kind, w.attempts))
+            .collect();
+        // Fewest attempts first, so one repo that keeps failing does not hold up the rest.
+        due.sort_by_key(|(_, _, attempts)| *attempts);
+        for (did, kind, _) in due {
+            if self.in_flight.len() >= MAX_IN_FLIGHT {
+                break;
+            }
+            if requests
+                .send(RepairRequest {
+                    did: did.clone(),
+                    kind,
+                })
+                .is_err()
+            {
+                return;
+            }
+            debug!(repo = %did, kind = kind.label(), "repo fetch requested");
+            self.in_flight.insert(did);
+        }
+        self.metrics
+            .repairs_in_flight
+            .store(self.in_flight.len() as u64, Ordering::Relaxed);
     }
 
     /// Consumes inputs until `End` (or the channel closes), then commits.
@@ -141,7 +249,11 @@ impl Processor {
                         self.handle_frame(frame)?;
                     }
                 }
-                Input::Tick => {}
+                Input::Tick => self.dispatch_repairs(),
+                Input::Repaired(result) => {
+                    self.apply_repair(*result)?;
+                    self.dispatch_repairs();
+                }
                 Input::Reload(study, in_network) => {
                     info!(
                         study_users = study.len(),
@@ -150,6 +262,7 @@ impl Processor {
                     );
                     self.state.replace_sets(study, in_network);
                     self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                    self.queue_backfills();
                 }
                 Input::ResetSeq => {
                     self.last_seq = None;
@@ -209,7 +322,21 @@ impl Processor {
         match &event {
             Event::Info(info) if info.name == "OutdatedCursor" => {
                 self.metrics.outdated_cursor.fetch_add(1, Ordering::Relaxed);
-                error!(message = ?info.message, cursor = ?self.last_seq, "relay says OutdatedCursor: the cursor fell out of its replay window, events between it and the oldest retained event were LOST upstream");
+                error!(message = ?info.message, cursor = ?self.last_seq, "relay says OutdatedCursor: the cursor fell out of its replay window, events between it and the oldest retained event were LOST upstream; every tracked repo is queued for a resync");
+                let repos =
+                    self.retry_state("listing tracked repos", seq, |p| p.state.repos_to_resync())?;
+                for did in repos {
+                    self.queue_resync(&did, "outdated_cursor");
+                }
+            }
+            Event::Identity(identity) => {
+                if let Some(identities) = &self.verification.identities {
+                    if self.verification.mode == VerifyMode::All
+                        || self.state.tracked(&identity.did)
+                    {
+                        identities.changed(&identity.did);
+                    }
+                }
             }
             Event::Info(info) => info!(name = %info.name, message = ?info.message, "relay info"),
             Event::Error(e) => warn!(error = %e.error, message = ?e.message, "relay error frame"),
@@ -240,6 +367,48 @@ impl Processor {
                 None => Ok(routing),
             }
         })?;
+        // Verification before anything of the event is written.
+        let mut chain_after: Option<ChainState> = None;
+        let mut gap: Option<&'static str> = None;
+        match &event {
+            Event::Commit(c) => {
+                let tracked = self.state.tracked(&c.repo);
+                if self.must_verify(tracked, !routing.files.is_empty()) {
+                    let verified = match self.verify_commit(c) {
+                        Ok(v) => v,
+                        Err(reason) => {
+                            self.verify_failed(seq, &c.repo, c.rev.as_str(), reason, tracked);
+                            self.advance(seq);
+                            return Ok(());
+                        }
+                    };
+                    self.metrics
+                        .verified_commits
+                        .fetch_add(1, Ordering::Relaxed);
+                    if tracked {
+                        let held =
+                            self.retry_state("chain lookup", seq, |p| p.state.chain(&c.repo))?;
+                        match check_commit(held.as_ref(), &verified, c.since) {
+                            ChainVerdict::Duplicate => {
+                                self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                                debug!(seq, repo = %c.repo, rev = %c.rev, "commit not newer than the repo's chain state");
+                                self.advance(seq);
+                                return Ok(());
+                            }
+                            ChainVerdict::Gap(g) => gap = Some(g.reason()),
+                            ChainVerdict::First | ChainVerdict::InOrder => {}
+                        }
+                        chain_after = Some(ChainState::after(&verified.commit));
+                    }
+                }
+            }
+            Event::Sync(sync) => {
+                if self.verification.mode != VerifyMode::Off && self.state.tracked(&sync.did) {
+                    self.handle_sync(seq, sync)?;
+                }
+            }
+            _ => {}
+        }
         for dropped in &routing.dropped {
             self.metrics.dropped(dropped.reason);
             debug!(seq, reason = dropped.reason, detail = %dropped.detail, "dropped op");
@@ -279,7 +448,20 @@ impl Processor {
             debug!(seq, path = %file.path, "routed");
         }
         self.summary.files += routing.files.len() as u64;
+        if let Event::Commit(c) = &event {
+            self.hold_ops(c);
+        }
         let time = match &event {
+            Event::Commit(c) if chain_after.is_some() => {
+                if let Some(chain) = chain_after {
+                    self.state.record_chain(&c.repo, chain);
+                }
+                if let Some(reason) = gap {
+                    info!(seq, repo = %c.repo, rev = %c.rev, since = ?c.since, reason, "gap in a tracked repo's chain: queued for a resync");
+                    self.queue_resync(&c.repo, reason);
+                }
+                Some(c.time)
+            }
             Event::Commit(c) => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -309,6 +491,304 @@ impl Processor {
             self.metrics.last_event_time_us.store(us, Ordering::Relaxed);
         }
         self.advance(seq);
+        Ok(())
+    }
+
+    fn must_verify(&self, tracked: bool, produces_files: bool) -> bool {
+        match self.verification.mode {
+            VerifyMode::Off => false,
+            VerifyMode::All => true,
+            VerifyMode::Routed => tracked || produces_files,
+        }
+    }
+
+    /// Verifies a commit with its repo's key; a bad signature is tried once more with the
+    /// document fetched again (the key may have rotated without an `#identity` we saw).
+    fn verify_commit(&self, c: &Commit<'_>) -> Result<VerifiedCommit, &'static str> {
+        let identities = self
+            .verification
+            .identities
+            .as_ref()
+            .ok_or("no_identity_source")?;
+        let identity = identities.identity(&c.repo)?;
+        let opts = VerifyOptions::at(now_micros());
+        match verify_commit(c, &identity.signing_key, &opts) {
+            Ok(v) => Ok(v),
+            Err(e) if e.reason() == "bad_signature" => {
+                let fresh = identities.refresh(&c.repo)?;
+                if fresh.signing_key == identity.signing_key {
+                    return Err("bad_signature");
+                }
+                info!(repo = %c.repo, "signing key changed since the cached document; verifying with the new one");
+                verify_commit(c, &fresh.signing_key, &opts).map_err(|e| e.reason())
+            }
+            Err(e) => Err(e.reason()),
+        }
+    }
+
+    fn verify_failed(
+        &mut self,
+        seq: Option<i64>,
+        repo: &Did,
+        rev: &str,
+        reason: &'static str,
+        tracked: bool,
+    ) {
+        self.metrics.verify_failed(reason);
+        if tracked {
+            warn!(seq, repo = %repo, rev, reason, "dropping a tracked repo's commit that failed verification (nothing of it is written); the repo is queued for a resync");
+            self.queue_resync(repo, reason);
+        } else {
+            warn!(seq, repo = %repo, rev, reason, "dropping a commit that failed verification (nothing of it is written)");
+        }
+    }
+
+    /// A tracked repo's `#sync`: verified, then compared with the chain state; a newer tree
+    /// queues a resync.
+    fn handle_sync(&mut self, seq: Option<i64>, sync: &SyncEvent) -> Result<()> {
+        let Some(identities) = self.verification.identities.as_ref() else {
+            return Ok(());
+        };
+        let opts = VerifyOptions::at(now_micros());
+        let verified = identities
+            .identity(&sync.did)
+            .and_then(|id| verify_sync(sync, &id.signing_key, &opts).map_err(|e| e.reason()));
+        let signed = match verified {
+            Ok(signed) => signed,
+            Err(reason) => {
+                self.verify_failed(seq, &sync.did, sync.rev.as_str(), reason, true);
+                return Ok(());
+            }
+        };
+        self.metrics
+            .verified_commits
+            .fetch_add(1, Ordering::Relaxed);
+        let held = self.retry_state("chain lookup", seq, |p| p.state.chain(&sync.did))?;
+        match check_sync(held.as_ref(), &signed) {
+            ChainVerdict::Gap(g) => {
+                info!(seq, repo = %sync.did, rev = %sync.rev, "#sync announces a newer tree: queued for a resync");
+                self.queue_resync(&sync.did, g.reason());
+            }
+            ChainVerdict::First => self.queue_resync(&sync.did, "sync_first_seen"),
+            ChainVerdict::InOrder => self
+                .state
+                .record_chain(&sync.did, ChainState::after(&signed)),
+            ChainVerdict::Duplicate => {}
+        }
+        Ok(())
+    }
+
+    /// Queues a resync of `did` (once; a queued backfill covers it) and asks for it.
+    fn queue_resync(&mut self, did: &Did, reason: &'static str) {
+        if self.state.enqueue(did, WorkKind::Resync, reason) {
+            self.metrics.resync_queued(reason);
+            self.dirty = true;
+            self.dispatch_repairs();
+        }
+    }
+
+    /// Keeps the tracked repo's records as the stream changes them (what a resync diffs with).
+    fn hold_ops(&mut self, c: &Commit<'_>) {
+        let study = self.state.is_study_user(&c.repo);
+        let in_network = self.state.is_in_network(&c.repo);
+        if !study && !in_network {
+            return;
+        }
+        for op in c.ops.iter().flatten() {
+            if !relevant_collection(study, in_network, &op.collection) {
+                continue;
+            }
+            let cid = match op.action {
+                Action::Create | Action::Update => op.cid.map(|c| c.to_string()),
+                Action::Delete => None,
+            };
+            self.state
+                .hold(&c.repo, &op.collection, &op.rkey, cid, &c.rev);
+        }
+    }
+
+    /// A fetched repo (or why it could not be fetched).
+    fn apply_repair(&mut self, result: RepairResult) -> Result<()> {
+        let RepairResult { did, outcome } = result;
+        self.in_flight.remove(&did);
+        self.metrics
+            .repairs_in_flight
+            .store(self.in_flight.len() as u64, Ordering::Relaxed);
+        let Some(item) = self.state.work_item(&did).cloned() else {
+            return Ok(());
+        };
+        match outcome {
+            Err(failure) => {
+                self.metrics.repair_failed(failure.reason);
+                let retry_at = (!failure.permanent).then(|| {
+                    let backoff = failure
+                        .retry_after
+                        .unwrap_or_else(|| repair_backoff(item.attempts));
+                    crate::state::unix_now() + backoff.as_secs().max(1) as i64
+                });
+                match retry_at {
+                    Some(at) => {
+                        warn!(repo = %did, kind = item.kind.label(), reason = failure.reason, error = %failure.message, attempts = item.attempts + 1, retry_in_secs = at - crate::state::unix_now(), "repo fetch failed; will retry")
+                    }
+                    None => {
+                        error!(repo = %did, kind = item.kind.label(), reason = failure.reason, error = %failure.message, "repo fetch failed permanently: not retried until the writer restarts; the repo stays out of sync")
+                    }
+                }
+                self.state.work_failed(&did, failure.message, retry_at);
+                self.dirty = true;
+                Ok(())
+            }
+            Ok(repo) => self.apply_repo(&did, item.kind, &repo),
+        }
+    }
+
+    /// Diffs a verified repo with what is held for it and writes what was missed (creates,
+    /// updates, deletes) through the ordinary routing, then moves the chain state to the repo's
+    /// commit. Everything becomes durable with the next barrier, files first.
+    fn apply_repo(&mut self, did: &Did, kind: WorkKind, repo: &VerifiedRepo) -> Result<()> {
+        let study = self.state.is_study_user(did);
+        let in_network = self.state.is_in_network(did);
+        let held = self.retry_state("held records", None, |p| p.state.held_records(did))?;
+        let rev = repo.commit.rev;
+        let diff = resync::diff(&repo.records, &rev, held, |c| {
+            relevant_collection(study, in_network, c)
+        });
+        // Which missed records are also written as cache files (the rest only feed the indexes).
+        let since: Option<i64> = match kind {
+            WorkKind::Backfill => self.repairs.backfill_since,
+            WorkKind::Resync if self.state.is_backfilled(did) => Some(i64::MIN),
+            WorkKind::Resync => self
+                .retry_state("first seen", None, |p| p.state.first_seen(did))?
+                .map(|secs| secs.saturating_mul(1_000_000)),
+        };
+        let written = |record: &RepoRecord| -> bool {
+            let Some(since) = since else { return false };
+            if since == i64::MIN {
+                return true;
+            }
+            let created = repo
+                .record_json(record)
+                .ok()
+                .and_then(|json| resync::created_at_micros(&json, &record.rkey));
+            // No creation time: written (a research team would rather have it than not).
+            created.is_none_or(|t| t >= since)
+        };
+        let mut write: Vec<Change<'_>> = Vec::new();
+        let mut index_only: Vec<Change<'_>> = Vec::new();
+        for record in &diff.creates {
+            if written(record) {
+                write.push(Change::Create(record));
+            } else {
+                index_only.push(Change::Create(record));
+            }
+        }
+        for record in &diff.updates {
+            if written(record) {
+                write.push(Change::Update(record));
+            } else {
+                index_only.push(Change::Update(record));
+            }
+        }
+        let (written_creates, indexed) = (
+            write
+                .iter()
+                .filter(|c| !matches!(c, Change::Delete(_)))
+                .count(),
+            index_only.len(),
+        );
+        write.extend(diff.deletes.iter().map(Change::Delete));
+        let time = now_rfc3339();
+        let ctx = RepairContext {
+            seq: Seq(self.last_seq.unwrap_or(0)),
+            time: &time,
+        };
+        let clock = self.clock().to_owned();
+        let mut files = 0u64;
+        for (changes, write_files) in [(&write, true), (&index_only, false)] {
+            let commits = resync::assemble(repo, did, ctx, changes)
+                .map_err(|e| anyhow::anyhow!("assembling repaired records of {did}: {e}"))?;
+            for commit in commits {
+                let event = Event::Commit(commit);
+                let routing = self.retry_state("state lookup", None, |p| {
+                    let routing = route_event(&event, &p.state, &clock);
+                    match p.state.take_lookup_error() {
+                        Some(e) => Err(anyhow::anyhow!(e)),
+                        None => Ok(routing),
+                    }
+                })?;
+                for dropped in &routing.dropped {
+                    self.metrics.dropped(dropped.reason);
+                    debug!(repo = %did, reason = dropped.reason, detail = %dropped.detail, "dropped repaired record");
+                }
+                if write_files {
+                    for file in &routing.files {
+                        self.write_with_retry(None, file)?;
+                        self.metrics.routed(file.folder);
+                        debug!(repo = %did, path = %file.path, "repaired");
+                    }
+                    files += routing.files.len() as u64;
+                }
+                for update in &routing.updates {
+                    let keep = write_files
+                        || matches!(
+                            update,
+                            StateUpdate::StudyPost { .. } | StateUpdate::StudyFollow { .. }
+                        );
+                    if keep {
+                        self.state
+                            .apply(update)
+                            .context("updating the state indexes from a repaired repo")?;
+                    }
+                }
+            }
+        }
+        // The repair is done before its records are held: a delete is then forgotten, not kept
+        // as a tombstone.
+        self.state.work_done(did, kind, rev);
+        for record in diff.creates.iter().chain(&diff.updates) {
+            self.state.hold(
+                did,
+                &record.collection,
+                &record.rkey,
+                Some(record.cid.to_string()),
+                &rev,
+            );
+        }
+        for deleted in &diff.deletes {
+            self.state
+                .hold(did, &deleted.collection, &deleted.rkey, None, &rev);
+        }
+        self.state.purge_tombstones(did);
+        let current = self.retry_state("chain lookup", None, |p| p.state.chain(did))?;
+        if current.is_none_or(|c| c.rev < rev) {
+            self.state
+                .record_chain(did, ChainState::after(&repo.commit));
+        }
+        let label = kind.label();
+        self.metrics.repair_completed(label);
+        let (creates_label, deletes_label, index_label) = match kind {
+            WorkKind::Backfill => ("backfill_create", "backfill_delete", "backfill_index"),
+            WorkKind::Resync => ("resync_create", "resync_delete", "resync_index"),
+        };
+        self.metrics
+            .repair_records(creates_label, written_creates as u64);
+        self.metrics
+            .repair_records(deletes_label, diff.deletes.len() as u64);
+        self.metrics.repair_records(index_label, indexed as u64);
+        info!(
+            repo = %did,
+            kind = label,
+            rev = %rev,
+            records = repo.records.len(),
+            written = written_creates,
+            deleted = diff.deletes.len(),
+            indexed,
+            unchanged = diff.unchanged,
+            files,
+            "repo repaired from its PDS"
+        );
+        self.summary.files += files;
+        self.dirty = true;
         Ok(())
     }
 
@@ -408,4 +888,31 @@ impl Processor {
         self.last_commit = Instant::now();
         Ok(())
     }
+}
+
+/// The collections a resync compares for a repo: every routed kind for a study user, posts for
+/// an in-network account.
+pub fn relevant_collection(study: bool, in_network: bool, collection: &Nsid) -> bool {
+    (study && RecordKind::of(collection).is_some())
+        || (in_network && collection.as_str() == sync_core::records::POST)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The wall clock as RFC 3339 (UTC, milliseconds), the `time` of repaired deletes.
+fn now_rfc3339() -> String {
+    let micros = now_micros() as i64;
+    // `%Y-%m-%d-%H:%M:%S` -> `%Y-%m-%dT%H:%M:%S.mmmZ`
+    let stamp = sync_timestamp(micros.div_euclid(1_000_000));
+    format!(
+        "{}T{}.{:03}Z",
+        &stamp[..10],
+        &stamp[11..],
+        micros.rem_euclid(1_000_000) / 1_000
+    )
 }

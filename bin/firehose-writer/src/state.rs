@@ -25,6 +25,9 @@ use tracing::warn;
 
 use crate::tracked::DidSet;
 
+mod repair;
+pub use repair::{unix_now, WorkItem, WorkKind};
+
 /// `meta` key of the last cursor override: JSON `{cursor, previous, by, at}`.
 pub const META_CURSOR_OVERRIDE: &str = "cursor_override";
 /// `meta` key of the `--cursor` / `FIREHOSE_CURSOR` value last applied.
@@ -181,15 +184,43 @@ CREATE TABLE IF NOT EXISTS study_posts (uri TEXT PRIMARY KEY, author TEXT NOT NU
 CREATE TABLE IF NOT EXISTS routed (uri TEXT NOT NULL, folder TEXT NOT NULL, PRIMARY KEY (uri, folder));
 CREATE TABLE IF NOT EXISTS study_follows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, subject TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS study_follows_subject ON study_follows (subject);
-CREATE TABLE IF NOT EXISTS repo_revs (did TEXT PRIMARY KEY, rev TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS repo_revs (did TEXT PRIMARY KEY, rev TEXT NOT NULL, data TEXT, first_seen INTEGER);
 CREATE TABLE IF NOT EXISTS in_network_posts (uri TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS in_network_post_authors (did TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS unknown_unfollows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, seq INTEGER NOT NULL, time TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS repo_records (did TEXT NOT NULL, collection TEXT NOT NULL, rkey TEXT NOT NULL, cid TEXT, rev TEXT, PRIMARY KEY (did, collection, rkey)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS repo_work (did TEXT PRIMARY KEY, kind TEXT NOT NULL, reason TEXT NOT NULL, queued_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, not_before INTEGER NOT NULL DEFAULT 0, last_error TEXT, failed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS backfilled (did TEXT PRIMARY KEY, rev TEXT NOT NULL, at INTEGER NOT NULL);
 ";
 
 /// `PRAGMA user_version` of the schema above. A newer file was written by a newer writer whose
 /// data this one could misread or damage.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Brings a version-1 file to version 2: `repo_revs` gains the chain state's MST root (`data`)
+/// and when the repo was first seen. Runs before [`SCHEMA`], in the same start-up.
+fn migrate(conn: &Connection, version: i64) -> Result<()> {
+    if version >= 2 {
+        return Ok(());
+    }
+    let has_table: bool = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'repo_revs'")?
+        .exists([])?;
+    if !has_table {
+        return Ok(());
+    }
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('repo_revs')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (column, ty) in [("data", "TEXT"), ("first_seen", "INTEGER")] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE repo_revs ADD COLUMN {column} {ty}"))
+                .with_context(|| format!("adding repo_revs.{column}"))?;
+        }
+    }
+    Ok(())
+}
 
 /// Reads the schema version: a file that is not a readable SQLite database, or one from a newer
 /// writer, needs a human (exit 3), not a restart loop.
@@ -237,6 +268,16 @@ struct Pending {
     /// (follow uri, follower, seq, time) of unfollows whose follow was never seen.
     unknown_unfollows: Vec<(String, Did, i64, String)>,
     revs: HashMap<Did, Tid>,
+    /// MST roots of verified commits of tracked repos (the chain state's `data`, with `revs`).
+    datas: HashMap<Did, String>,
+    /// Per tracked repo, records held, deleted while a repair is pending, or no longer held.
+    held: HashMap<(Did, String, String), repair::HeldChange>,
+    /// Repos whose deletes seen during a repair are forgotten (the repair is applied).
+    purge_tombstones: Vec<Did>,
+    /// Backfill/resync queue changes.
+    work: HashMap<Did, repair::WorkChange>,
+    /// Repos backfilled (with the rev they were backfilled at).
+    backfilled: Vec<(Did, Tid)>,
     /// A `--cursor` override, made durable with the first commit (with the rev reset of a
     /// rewind), so a run that ends before committing anything leaves the state as it was.
     cursor_override: Option<CursorOverride>,
@@ -275,6 +316,10 @@ pub struct StateStore {
     /// A lookup that failed during routing (routing reads through an infallible trait); the
     /// processor takes it and routes the event again.
     lookup_error: std::cell::RefCell<Option<String>>,
+    /// The backfill/resync queue (one entry per repo), as committed plus pending changes.
+    work: HashMap<Did, repair::WorkItem>,
+    /// Study users already backfilled.
+    backfilled: HashSet<Did>,
 }
 
 impl StateStore {
@@ -294,6 +339,7 @@ impl StateStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        migrate(&conn, version)?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating schema in {}", path.display()))?;
         if version < SCHEMA_VERSION {
@@ -318,8 +364,11 @@ impl StateStore {
             cursor,
             upstream,
             lookup_error: std::cell::RefCell::new(None),
+            work: HashMap::new(),
+            backfilled: HashSet::new(),
         };
         store.load()?;
+        store.load_work()?;
         Ok(store)
     }
 
@@ -427,7 +476,7 @@ impl StateStore {
         self.file_in_network = in_network;
     }
 
-    fn tracked(&self, did: &Did) -> bool {
+    pub fn tracked(&self, did: &Did) -> bool {
         self.study_users.contains(did) || self.is_in_network(did)
     }
 
@@ -504,6 +553,8 @@ impl StateStore {
         }
         self.remember_rev(did, rev);
         self.pending.revs.insert(did.clone(), *rev);
+        // An unverified rev: the MST root it goes with is unknown.
+        self.pending.datas.remove(did);
         RevRecord::Remembered
     }
 
@@ -640,11 +691,18 @@ impl StateStore {
             if let Some(cursor_override) = &self.pending.cursor_override {
                 cursor_override.write(&tx)?;
             }
-            let mut upsert_rev =
-                tx.prepare_cached("INSERT OR REPLACE INTO repo_revs (did, rev) VALUES (?1, ?2)")?;
+            // `data` is kept only with the rev it belongs to: a rev recorded without a verified
+            // commit clears it (the chain is then unknown until the next verified commit).
+            let mut upsert_rev = tx.prepare_cached(
+                "INSERT INTO repo_revs (did, rev, data, first_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, data = excluded.data",
+            )?;
+            let now = repair::unix_now();
             for (did, rev) in &self.pending.revs {
-                upsert_rev.execute(params![did.as_str(), rev.as_str()])?;
+                let data = self.pending.datas.get(did);
+                upsert_rev.execute(params![did.as_str(), rev.as_str(), data, now])?;
             }
+            repair::write_pending(&self.pending, &tx)?;
             if let Some(cursor) = cursor {
                 write_cursor(&tx, cursor)?;
                 if let Some(upstream) = &self.upstream {
@@ -659,6 +717,7 @@ impl StateStore {
         tx.commit().context("committing state")?;
         crate::fault::hit(crate::fault::Point::AfterStateCommit);
         self.pending = Pending::default();
+        self.work.retain(|_, item| !item.done);
         if cursor.is_some() {
             self.cursor = cursor;
         }

@@ -97,6 +97,15 @@ impl DidSet {
         self.len() == 0
     }
 
+    /// Every DID of the set (did:plc ones rebuilt from their bytes), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = Did> + '_ {
+        let plc = self.plc.iter().filter_map(|key| {
+            let id = data_encoding::BASE32_NOPAD.encode(key).to_ascii_lowercase();
+            Did::parse(&format!("{PLC_PREFIX}{id}")).ok()
+        });
+        plc.chain(self.other.iter().cloned())
+    }
+
     /// Heap bytes held (capacities, not lengths): what the set costs in memory.
     pub fn heap_bytes(&self) -> usize {
         self.plc.capacity() * PLC_KEY_LEN
@@ -394,6 +403,25 @@ pub fn load_study_post_map(path: &Path) -> Result<Vec<(AtUri, Did)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iter_gives_back_every_did_as_given() {
+        let dids = [
+            "did:plc:z72i7hdynmk6r22z27h6tvur",
+            "did:plc:4llrhdclvdlmmynkwsmg5tdc",
+            "did:web:example.com",
+        ];
+        let set: DidSet = dids
+            .iter()
+            .map(|d| Did::parse(d).unwrap())
+            .collect::<HashSet<_>>()
+            .into();
+        let mut back: Vec<String> = set.iter().map(|d| d.as_str().to_owned()).collect();
+        back.sort();
+        let mut want: Vec<String> = dids.iter().map(|d| d.to_string()).collect();
+        want.sort();
+        assert_eq!(back, want);
+    }
 
     #[test]
     fn text_and_csv_inputs() {

@@ -10,17 +10,29 @@ use ipld_core::cid::Cid;
 
 use crate::car::{CarBlocks, CarError};
 use crate::frame::{Action, Commit, RepoOp};
-use crate::ids::{Did, Nsid, RecordKey, Seq};
+use crate::ids::{Did, Nsid, RecordKey, Seq, Tid};
 use crate::repo::{RepoRecord, VerifiedRepo};
 use crate::time::rfc3339_to_unix_micros;
 
-/// A record the consumer routed or indexed earlier for this repo.
+/// A record the consumer routed or indexed earlier for this repo, or (`cid: None`) a delete it
+/// saw while a repair of the repo was pending.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HeldRecord {
     pub collection: Nsid,
     pub rkey: RecordKey,
-    /// The record's CID as text (as stored).
-    pub cid: String,
+    /// The record's CID as text (as stored); `None` for a delete seen in the stream.
+    pub cid: Option<String>,
+    /// The rev of the commit the consumer learnt it from (`None`: unknown, e.g. a state from
+    /// before revs were kept): compared with the fetched repo's rev, so stream commits handled
+    /// while the fetch was under way are neither undone nor repeated.
+    pub rev: Option<Tid>,
+}
+
+impl HeldRecord {
+    /// Learnt from a commit newer than the fetched repo's `rev`.
+    fn newer_than(&self, rev: &Tid) -> bool {
+        self.rev.is_some_and(|r| r > *rev)
+    }
 }
 
 /// What a repo holds that the consumer does not, and the other way round.
@@ -36,33 +48,39 @@ pub struct RepoDiff<'r> {
     pub unchanged: usize,
 }
 
-/// Compares the repo's records in the collections `relevant` selects with what is held.
-/// Held records outside `relevant` are compared too (a held record is relevant by definition).
+/// Compares the records of a repo fetched at `rev` in the collections `relevant` selects with
+/// what is held. Held records outside `relevant` are compared too (a held record is relevant by
+/// definition). What the consumer learnt from commits newer than `rev` (handled from the stream
+/// while the fetch was under way) wins over the fetched copy: such a record is not deleted, such
+/// a delete is not undone, such an update is not reverted.
 pub fn diff<'r>(
     repo: &'r [RepoRecord],
+    rev: &Tid,
     held: impl IntoIterator<Item = HeldRecord>,
     relevant: impl Fn(&Nsid) -> bool,
 ) -> RepoDiff<'r> {
-    let mut held: HashMap<(Nsid, RecordKey), String> = held
+    let mut held: HashMap<(Nsid, RecordKey), HeldRecord> = held
         .into_iter()
-        .map(|h| ((h.collection, h.rkey), h.cid))
+        .map(|h| ((h.collection.clone(), h.rkey.clone()), h))
         .collect();
     let mut out = RepoDiff::default();
     for record in repo {
         match held.remove(&(record.collection.clone(), record.rkey.clone())) {
-            Some(cid) if cid == record.cid.to_string() => out.unchanged += 1,
-            Some(_) => out.updates.push(record),
+            Some(h) if h.newer_than(rev) => out.unchanged += 1,
+            Some(h) => match &h.cid {
+                Some(cid) if *cid == record.cid.to_string() => out.unchanged += 1,
+                Some(_) => out.updates.push(record),
+                // A delete seen at or before `rev`, yet the repo at `rev` holds the record: it
+                // was created again.
+                None => out.creates.push(record),
+            },
             None if relevant(&record.collection) => out.creates.push(record),
             None => {}
         }
     }
     let mut deletes: Vec<HeldRecord> = held
-        .into_iter()
-        .map(|((collection, rkey), cid)| HeldRecord {
-            collection,
-            rkey,
-            cid,
-        })
+        .into_values()
+        .filter(|h| h.cid.is_some() && !h.newer_than(rev))
         .collect();
     deletes.sort();
     out.deletes = deletes;
@@ -173,9 +191,13 @@ mod tests {
         HeldRecord {
             collection: r.collection.clone(),
             rkey: r.rkey.clone(),
-            cid: r.cid.to_string(),
+            cid: Some(r.cid.to_string()),
+            rev: Some(Tid::parse("3kaaaaaaaaaa2").unwrap()),
         }
     }
+
+    const FETCHED: &str = "3kbbbbbbbbbb2";
+    const NEWER: &str = "3kcccccccccc2";
 
     #[test]
     fn diff_finds_missed_creates_updates_and_deletes() {
@@ -186,13 +208,52 @@ mod tests {
         let repo = vec![kept.clone(), missed.clone(), changed.clone(), ignored];
         let gone = rec("app.bsky.feed.like", "3kaaaaaaaaac2", 5);
         let mut old_profile = held(&changed);
-        old_profile.cid = cid(9).to_string();
-        let d = diff(&repo, vec![held(&kept), old_profile, held(&gone)], |c| {
-            c.as_str() != "app.bsky.feed.generator"
-        });
+        old_profile.cid = Some(cid(9).to_string());
+        let d = diff(
+            &repo,
+            &Tid::parse(FETCHED).unwrap(),
+            vec![held(&kept), old_profile, held(&gone)],
+            |c| c.as_str() != "app.bsky.feed.generator",
+        );
         assert_eq!(d.creates, vec![&missed]);
         assert_eq!(d.updates, vec![&changed]);
         assert_eq!(d.deletes, vec![held(&gone)]);
+        assert_eq!(d.unchanged, 1);
+    }
+
+    /// Stream commits newer than the fetched repo were handled while it was fetched: the fetched
+    /// copy must not undo them.
+    #[test]
+    fn what_the_stream_taught_after_the_fetched_rev_wins() {
+        let fetched = Tid::parse(FETCHED).unwrap();
+        let newer = Some(Tid::parse(NEWER).unwrap());
+        // Deleted from the stream after the fetch: the repo still has it.
+        let deleted_later = rec("app.bsky.feed.post", "3kaaaaaaaaaa2", 1);
+        // Created from the stream after the fetch: the repo does not have it yet.
+        let created_later = rec("app.bsky.feed.post", "3kaaaaaaaaab2", 2);
+        // Deleted before the fetch, but in the fetched repo: created again.
+        let recreated = rec("app.bsky.feed.post", "3kaaaaaaaaac2", 3);
+        let repo = vec![deleted_later.clone(), recreated.clone()];
+        let tombstone = |r: &RepoRecord, rev: Option<Tid>| HeldRecord {
+            cid: None,
+            rev,
+            ..held(r)
+        };
+        let mut later = held(&created_later);
+        later.rev = newer;
+        let d = diff(
+            &repo,
+            &fetched,
+            vec![
+                tombstone(&deleted_later, newer),
+                later,
+                tombstone(&recreated, Some(Tid::parse("3kaaaaaaaaaa2").unwrap())),
+            ],
+            |_| true,
+        );
+        assert_eq!(d.creates, vec![&recreated]);
+        assert!(d.updates.is_empty());
+        assert!(d.deletes.is_empty(), "{:?}", d.deletes);
         assert_eq!(d.unchanged, 1);
     }
 

@@ -44,6 +44,36 @@ mod support {
         out
     }
 
+    /// A configuration whose issue-9 machinery is off (no verification, no backfill, no network):
+    /// the base for tests of other behaviour that build their frames without signatures. Tests
+    /// name every field they care about and take the rest from here.
+    pub fn offline_defaults() -> firehose_writer::Config {
+        use firehose_writer::config::{FutureCursorPolicy, VerifyMode};
+        use std::time::Duration;
+        firehose_writer::Config {
+            source: firehose_writer::Source::Replay("/nonexistent".into()),
+            cache_dir: "/nonexistent".into(),
+            state: "/nonexistent".into(),
+            study_users: "/nonexistent".into(),
+            in_network: None,
+            study_posts: None,
+            cursor: None,
+            stall_timeout: Duration::from_secs(60),
+            on_future_cursor: FutureCursorPolicy::Exit,
+            metrics_addr: None,
+            commit_interval: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(2),
+            plc_url: "http://127.0.0.1:9".into(),
+            verify: VerifyMode::Off,
+            did_docs: None,
+            backfill: false,
+            backfill_since: None,
+            pds_concurrency: 4,
+            pds_rate: 5.0,
+            max_repo_bytes: 1 << 30,
+        }
+    }
+
     /// The committed cursor, read from the state database as an operator would.
     pub fn stored_cursor(state: &Path) -> Option<i64> {
         if !state.exists() {

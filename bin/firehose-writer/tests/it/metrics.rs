@@ -67,6 +67,7 @@ fn config(dir: &Path, relay: &str) -> Config {
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         commit_interval: Duration::from_millis(100),
         max_backoff: Duration::from_secs(1),
+        ..crate::support::offline_defaults()
     }
 }
 

@@ -32,6 +32,7 @@ fn config(dir: &Path, source: Source, study: &[String], in_network: &[String]) -
         metrics_addr: None,
         commit_interval: Duration::from_millis(200),
         max_backoff: Duration::from_secs(2),
+        ..crate::support::offline_defaults()
     }
 }
 
