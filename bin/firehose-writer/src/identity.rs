@@ -17,6 +17,8 @@
 //!   [`IdentityConfig::refresh_interval`] (a stream of bad signatures cannot make us hammer the
 //!   PLC): inside that window it returns what memory holds without a request.
 //! - [`IdentityResolver::stats`]: counters ([`IdentityStats`]) for the metrics.
+//! - [`IdentityResolver::prune_sqlite`]`(older_than).await`: deletes old SQLite rows (call it
+//!   now and then, e.g. daily with a week).
 //!
 //! Rules chosen here:
 //! - The `--did-docs` file is authoritative and never expires: a DID listed there is never
@@ -37,7 +39,10 @@
 //!   did:web must be a host name (letters, digits, hyphens, dots) with at most a `%3A`-encoded
 //!   port; path-based did:web (`:` in the identifier) and any other percent escape are refused
 //!   (`invalid_did`); other methods are `unsupported_method`. did:web uses `https://`, except
-//!   for `localhost` and `127.0.0.1`, which use plain `http://` (tests).
+//!   for a loopback host (`localhost`, 127.0.0.0/8), which uses plain `http://` and is refused
+//!   unless [`IdentityConfig::allow_loopback`] (tests, the local end-to-end setup).
+//! - Memory holds at most [`IdentityConfig::max_memory_entries`] DIDs; past that, expired ones
+//!   and then arbitrary ones are dropped (SQLite keeps them, so a dropped DID costs one read).
 //! - Concurrent lookups of one DID share one request.
 //! - A SQLite error never fails a lookup: it is logged and the lookup goes on to the network
 //!   (reads) or keeps the result in memory only (writes).
@@ -56,7 +61,7 @@ use sync_core::ids::Did;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::net::{backoff_delay, check_url, is_loopback_host, RateLimiter, UrlError};
+use crate::net::{backoff_delay, check_remote_url, check_url, is_loopback, RateLimiter, UrlError};
 
 /// Identities from a `--did-docs` file (DID → identity, or why its document is unusable).
 pub type DidDocMap = HashMap<Did, Result<AtprotoIdentity, DidDocError>>;
@@ -84,6 +89,13 @@ pub struct IdentityConfig {
     pub request_timeout: Duration,
     /// Largest document accepted (PLC documents are about 1 KiB).
     pub max_document_bytes: usize,
+    /// DIDs held in memory (a few hundred bytes each). Past it, expired entries and then
+    /// arbitrary ones are dropped; SQLite still has them.
+    pub max_memory_entries: usize,
+    /// Whether a did:web may name this machine (`localhost`, 127.0.0.0/8, `::1`). Off in
+    /// production: a stranger's DID must not make the writer call its own services. Tests and
+    /// the local end-to-end setup turn it on (e.g. when `--plc-url` is itself on loopback).
+    pub allow_loopback: bool,
 }
 
 impl Default for IdentityConfig {
@@ -98,6 +110,8 @@ impl Default for IdentityConfig {
             lookup_burst: 10,
             request_timeout: Duration::from_secs(15),
             max_document_bytes: 256 * 1024,
+            max_memory_entries: 250_000,
+            allow_loopback: false,
         }
     }
 }
@@ -389,15 +403,15 @@ impl IdentityResolver {
             bump(&inner.stats.hits_did_docs);
             return found.clone();
         }
-        if let Some(answer) = self.from_memory(did) {
+        if let Some(answer) = self.lookup_memory(did) {
             return answer;
         }
         let _flight = self.single_flight(did).await;
         // Another task may have fetched it while we waited for the DID's lock.
-        if let Some(answer) = self.from_memory(did) {
+        if let Some(answer) = self.lookup_memory(did) {
             return answer;
         }
-        if let Some(identity) = self.from_sqlite(did).await {
+        if let Some(identity) = self.lookup_sqlite(did).await {
             bump(&inner.stats.hits_sqlite);
             return Ok(identity);
         }
@@ -416,7 +430,7 @@ impl IdentityResolver {
         let _flight = self.single_flight(did).await;
         {
             let mut memory = lock(&inner.memory);
-            let entry = memory.entry(did.clone()).or_default();
+            let entry = self.entry_mut(&mut memory, did);
             let now = Instant::now();
             if let Some(last) = entry.last_refresh {
                 if now.saturating_duration_since(last) < inner.config.refresh_interval {
@@ -441,6 +455,57 @@ impl IdentityResolver {
         self.fetch_and_store(did).await
     }
 
+    /// The DID's memory entry, created if absent; makes room first when memory is full.
+    fn entry_mut<'m>(&self, memory: &'m mut HashMap<Did, Entry>, did: &Did) -> &'m mut Entry {
+        let cap = self.inner.config.max_memory_entries.max(1);
+        if memory.len() >= cap && !memory.contains_key(did) {
+            let now = Instant::now();
+            // First what is worth nothing: expired documents with no running backoff.
+            memory.retain(|_, e| {
+                e.failure.as_ref().is_some_and(|f| f.until > now)
+                    || e.identity.as_ref().is_some_and(|(_, t)| self.fresh(*t))
+            });
+            // Then arbitrary entries (SQLite still has their documents), a tenth at a time so
+            // this does not run on every insert.
+            if memory.len() >= cap {
+                let drop_n = memory.len() - cap * 9 / 10;
+                let victims: Vec<Did> = memory.keys().take(drop_n).cloned().collect();
+                for victim in victims {
+                    memory.remove(&victim);
+                }
+            }
+        }
+        memory.entry(did.clone()).or_default()
+    }
+
+    /// Deletes SQLite rows fetched longer than `older_than` ago (the cache would otherwise
+    /// grow with every DID ever resolved). Returns how many were deleted; a SQLite failure is
+    /// logged and counted, and deletes nothing.
+    pub async fn prune_sqlite(&self, older_than: Duration) -> usize {
+        let inner = &*self.inner;
+        let Some(db) = inner.db.clone() else {
+            return 0;
+        };
+        let cutoff = unix_secs(SystemTime::now()) - older_than.as_secs() as i64;
+        let result = tokio::task::spawn_blocking(move || {
+            lock(&db).execute("DELETE FROM identity_cache WHERE fetched_at < ?1", [cutoff])
+        })
+        .await;
+        match result {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                bump(&inner.stats.sqlite_errors);
+                warn!(error = %e, "identity cache prune failed");
+                0
+            }
+            Err(e) => {
+                bump(&inner.stats.sqlite_errors);
+                warn!(error = %e, "identity cache prune task failed");
+                0
+            }
+        }
+    }
+
     fn fresh(&self, fetched: SystemTime) -> bool {
         SystemTime::now()
             .duration_since(fetched)
@@ -451,7 +516,7 @@ impl IdentityResolver {
 
     /// The memory's answer, if it has one: a fresh identity, or the error of a running
     /// backoff (or a stale identity during an outage's backoff). `None`: go further.
-    fn from_memory(&self, did: &Did) -> Option<Result<Arc<AtprotoIdentity>, IdentityError>> {
+    fn lookup_memory(&self, did: &Did) -> Option<Result<Arc<AtprotoIdentity>, IdentityError>> {
         let inner = &*self.inner;
         let memory = lock(&inner.memory);
         let entry = memory.get(did)?;
@@ -494,7 +559,7 @@ impl IdentityResolver {
     }
 
     /// A fresh row from SQLite, put into memory.
-    async fn from_sqlite(&self, did: &Did) -> Option<Arc<AtprotoIdentity>> {
+    async fn lookup_sqlite(&self, did: &Did) -> Option<Arc<AtprotoIdentity>> {
         let inner = &*self.inner;
         let db = inner.db.clone()?;
         let key = did.as_str().to_owned();
@@ -534,7 +599,7 @@ impl IdentityResolver {
             Ok(identity) => {
                 let identity = Arc::new(identity);
                 let mut memory = lock(&inner.memory);
-                let entry = memory.entry(did.clone()).or_default();
+                let entry = self.entry_mut(&mut memory, did);
                 entry.identity = Some((identity.clone(), fetched));
                 Some(identity)
             }
@@ -554,7 +619,7 @@ impl IdentityResolver {
                 let now = SystemTime::now();
                 {
                     let mut memory = lock(&inner.memory);
-                    let entry = memory.entry(did.clone()).or_default();
+                    let entry = self.entry_mut(&mut memory, did);
                     entry.identity = Some((identity.clone(), now));
                     entry.failure = None;
                 }
@@ -578,7 +643,7 @@ impl IdentityResolver {
                     self.forget(did).await;
                 }
                 let mut memory = lock(&inner.memory);
-                let entry = memory.entry(did.clone()).or_default();
+                let entry = self.entry_mut(&mut memory, did);
                 if !error.is_outage() {
                     entry.identity = None;
                 }
@@ -672,7 +737,7 @@ impl IdentityResolver {
                 url.set_path(&path);
                 Ok(url)
             }
-            "web" => did_web_url(did.method_specific_id()),
+            "web" => did_web_url(did.method_specific_id(), self.inner.config.allow_loopback),
             other => Err(IdentityError::UnsupportedMethod(
                 other.chars().take(32).collect(),
             )),
@@ -761,8 +826,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// `https://<host>/.well-known/did.json` for a hostname-level did:web (`http://` for loopback
-/// hosts). `id` is the method-specific identifier of an already validated DID.
-fn did_web_url(id: &str) -> Result<Url, IdentityError> {
+/// hosts, which are refused unless `allow_loopback`). `id` is the method-specific identifier of
+/// an already validated DID.
+fn did_web_url(id: &str, allow_loopback: bool) -> Result<Url, IdentityError> {
     let invalid = |why: &str| IdentityError::InvalidDid(format!("did:web {why}"));
     if id.contains(':') {
         return Err(invalid("with a path is not supported by atproto"));
@@ -798,23 +864,18 @@ fn did_web_url(id: &str) -> Result<Url, IdentityError> {
     if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
         return Err(invalid("host is not a valid host name"));
     }
-    let scheme = if is_loopback_host(&host) {
-        "http"
-    } else {
-        "https"
-    };
     let authority = match port {
         Some(port) => format!("{host}:{port}"),
         None => host,
     };
-    let url = format!("{scheme}://{authority}/.well-known/did.json");
-    let url = Url::parse(&url).map_err(|_| invalid("does not form a URL"))?;
-    // Url normalises hosts (e.g. numeric forms): check the policy on what will be used.
-    check_url(&format!(
-        "{}://{}",
-        url.scheme(),
-        crate::net::host_key(&url)
-    ))?;
+    let mut url = Url::parse(&format!("https://{authority}/.well-known/did.json"))
+        .map_err(|_| invalid("does not form a URL"))?;
+    // The loopback test is made on what `Url` made of the host (numeric forms normalised).
+    if is_loopback(&url) {
+        url.set_scheme("http")
+            .map_err(|()| invalid("does not form a URL"))?;
+    }
+    check_remote_url(url.as_str(), allow_loopback)?;
     Ok(url)
 }
 
@@ -836,7 +897,7 @@ mod tests {
 
     #[test]
     fn did_web_urls() {
-        let ok = |id: &str| did_web_url(id).map(|u| u.to_string());
+        let ok = |id: &str| did_web_url(id, true).map(|u| u.to_string());
         assert_eq!(
             ok("example.com").unwrap(),
             "https://example.com/.well-known/did.json"
@@ -865,9 +926,26 @@ mod tests {
             "%3A80",
         ] {
             assert!(
-                matches!(did_web_url(bad), Err(IdentityError::InvalidDid(_))),
+                matches!(did_web_url(bad, true), Err(IdentityError::InvalidDid(_))),
                 "{bad}"
             );
         }
+        // Loopback hosts only when allowed.
+        for host in [
+            "localhost",
+            "localhost%3A2583",
+            "127.0.0.1",
+            "127.0.0.9%3A80",
+            "0.0.0.0",
+        ] {
+            assert!(
+                matches!(
+                    did_web_url(host, false),
+                    Err(IdentityError::Url(UrlError::Loopback(_)))
+                ),
+                "{host}"
+            );
+        }
+        assert!(did_web_url("example.com", false).is_ok());
     }
 }

@@ -10,8 +10,10 @@
 //! no provider and no roots of its own (check: `cargo tree -i aws-lc-rs -e features` shows only
 //! the AWS SDK).
 //!
-//! URL policy ([`check_url`]): `https://` anywhere; plain `http://` only to `localhost`,
-//! `127.0.0.1` or `[::1]` (the tests and the local PDS of the end-to-end test). Redirects are not
+//! URL policy ([`check_url`]): `https://` anywhere; plain `http://` only to this machine
+//! (`localhost`, 127.0.0.0/8, `[::1]`: the tests and the local PDS of the end-to-end test).
+//! URLs taken from strangers (did:web hosts, PDS endpoints in DID documents) must moreover not
+//! point at this machine unless the caller allows it ([`check_remote_url`]). Redirects are not
 //! followed: neither a PLC directory nor a PDS answering `getRepo` redirects, and following one
 //! would let a document send us to a host the policy never checked.
 
@@ -99,11 +101,39 @@ pub enum UrlError {
     NoHost(String),
     #[error("URL carries credentials, a query or a fragment: {0}")]
     Extra(String),
+    #[error("URL points at this machine (loopback not allowed here): {0}")]
+    Loopback(String),
 }
 
-/// Whether `host` (as `Url::host_str` spells it) is this machine's loopback by name.
-pub fn is_loopback_host(host: &str) -> bool {
-    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+/// [`check_url`], and unless `allow_loopback`, refuses URLs that point at this machine: the
+/// hosts in DID documents and did:web identifiers are chosen by strangers, and must not make
+/// the writer send requests to its own services (`/metrics`, a local database's HTTP port).
+/// Tests and the local end-to-end setup (PDS and PLC on localhost) allow it.
+pub fn check_remote_url(url: &str, allow_loopback: bool) -> Result<Url, UrlError> {
+    let parsed = check_url(url)?;
+    if !allow_loopback && is_loopback(&parsed) {
+        return Err(UrlError::Loopback(url.chars().take(128).collect()));
+    }
+    Ok(parsed)
+}
+
+/// Whether `url` points at this machine: `localhost` (or a name under `.localhost`), a
+/// loopback address (127.0.0.0/8, `::1`) or the unspecified address (which Linux connects to
+/// this machine). `Url` has already normalised numeric forms such as `127.1`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        None => false,
+    }
 }
 
 /// Parses a base URL (PLC directory, PDS endpoint) and applies the policy: `https`, or `http`
@@ -111,13 +141,12 @@ pub fn is_loopback_host(host: &str) -> bool {
 pub fn check_url(url: &str) -> Result<Url, UrlError> {
     let shown = || url.chars().take(128).collect::<String>();
     let parsed = Url::parse(url).map_err(|_| UrlError::Invalid(shown()))?;
-    let host = parsed
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| UrlError::NoHost(shown()))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(UrlError::NoHost(shown()));
+    }
     match parsed.scheme() {
         "https" => {}
-        "http" if is_loopback_host(host) => {}
+        "http" if is_loopback(&parsed) => {}
         "http" => return Err(UrlError::InsecureHttp(shown())),
         other => return Err(UrlError::Scheme(other.chars().take(16).collect())),
     }
@@ -230,6 +259,24 @@ mod tests {
         assert!(matches!(check_url("nonsense"), Err(UrlError::Invalid(_))));
         // A loopback name inside another host is not loopback.
         assert!(check_url("http://localhost.example.com").is_err());
+        // Numeric spellings of loopback are loopback.
+        assert!(check_url("http://127.1:80").is_ok());
+        assert!(check_url("http://2130706433").is_ok());
+        for url in [
+            "https://localhost",
+            "https://127.0.0.7:443",
+            "https://[::1]",
+            "https://0.0.0.0",
+            "http://a.localhost",
+            "https://[::ffff:127.0.0.1]",
+        ] {
+            assert!(
+                matches!(check_remote_url(url, false), Err(UrlError::Loopback(_))),
+                "{url}"
+            );
+            assert!(check_remote_url(url, true).is_ok(), "{url}");
+        }
+        assert!(check_remote_url("https://pds.example.com", false).is_ok());
     }
 
     #[test]

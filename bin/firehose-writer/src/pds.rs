@@ -13,7 +13,9 @@
 //!
 //! Rules:
 //! - The PDS is the `#atproto_pds` endpoint of the DID document (never the relay). The URL
-//!   policy of `net::check_url` applies (https, or http to a loopback host).
+//!   policy of `net::check_remote_url` applies: https, or http to a loopback host, and a
+//!   loopback host only with [`PdsConfig::allow_loopback`] (a stranger's DID document must not
+//!   make the writer call its own services; tests and the local end-to-end setup allow it).
 //! - Per host (`host[:port]` of the endpoint): at most [`PdsConfig::concurrency_per_host`]
 //!   requests at once (a request holds its slot until its body is read) and at most
 //!   [`PdsConfig::rate_per_host`] request starts per second (token bucket, burst 1).
@@ -61,7 +63,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::net::{backoff_delay, check_url, host_key, RateLimiter, UrlError};
+use crate::net::{backoff_delay, check_remote_url, host_key, RateLimiter, UrlError};
 
 /// Settings of the client (`--pds-concurrency` and `--pds-rate` map to the first two).
 #[derive(Debug, Clone)]
@@ -84,6 +86,8 @@ pub struct PdsConfig {
     pub default_rate_limit_wait: Duration,
     /// Time to the response headers (the body is bounded by the client's read timeout).
     pub header_timeout: Duration,
+    /// Whether a PDS endpoint may point at this machine (see the module documentation).
+    pub allow_loopback: bool,
 }
 
 impl Default for PdsConfig {
@@ -99,6 +103,7 @@ impl Default for PdsConfig {
             max_rate_limit_wait: Duration::from_secs(300),
             default_rate_limit_wait: Duration::from_secs(30),
             header_timeout: Duration::from_secs(60),
+            allow_loopback: false,
         }
     }
 }
@@ -298,12 +303,12 @@ impl PdsClient {
     }
 
     /// The `getRepo` URL on `identity`'s PDS.
-    pub fn get_repo_url(identity: &AtprotoIdentity) -> Result<Url, PdsError> {
+    pub fn get_repo_url(&self, identity: &AtprotoIdentity) -> Result<Url, PdsError> {
         let endpoint = identity
             .pds_endpoint
             .as_deref()
             .ok_or(PdsError::NoPdsEndpoint)?;
-        let mut url = check_url(endpoint)?;
+        let mut url = check_remote_url(endpoint, self.inner.config.allow_loopback)?;
         let path = format!(
             "{}/xrpc/com.atproto.sync.getRepo",
             url.path().trim_end_matches('/')
@@ -338,7 +343,7 @@ impl PdsClient {
 
     async fn get_repo_inner(&self, identity: &AtprotoIdentity) -> Result<VerifiedRepo, PdsError> {
         let config = &self.inner.config;
-        let url = Self::get_repo_url(identity)?;
+        let url = self.get_repo_url(identity)?;
         let host = self.host(host_key(&url));
         let mut transient = 0u32;
         let mut limited = 0u32;

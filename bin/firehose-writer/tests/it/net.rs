@@ -227,6 +227,7 @@ fn client() -> reqwest::Client {
 fn config(plc: &str) -> IdentityConfig {
     IdentityConfig {
         plc_url: plc.to_owned(),
+        allow_loopback: true,
         ..IdentityConfig::default()
     }
 }
@@ -277,6 +278,7 @@ fn get_repo_target(did: &str) -> String {
 
 fn pds_config() -> PdsConfig {
     PdsConfig {
+        allow_loopback: true,
         rate_per_host: 1000.0,
         retry_initial: Duration::from_millis(20),
         retry_max: Duration::from_millis(100),
@@ -663,6 +665,37 @@ async fn plain_http_is_refused_off_loopback() {
         .unwrap_err();
     assert_eq!(err.reason(), "insecure_url");
     assert_eq!(pds.stats().requests.load(Ordering::Relaxed), 0);
+    // By default neither a did:web nor a PDS endpoint may point at this machine.
+    let server = TestServer::start().await;
+    let strict = PdsClient::new(client(), PdsConfig::default());
+    for endpoint in [server.url(), format!("https://localhost:{}", server.port)] {
+        let err = strict
+            .get_repo(&identity_of(&repo, &endpoint))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PdsError::Url(UrlError::Loopback(_))),
+            "{endpoint}: {err}"
+        );
+    }
+    let strict = IdentityResolver::new(
+        client(),
+        IdentityConfig {
+            plc_url: server.url(),
+            ..IdentityConfig::default()
+        },
+        HashMap::new(),
+        None,
+    )
+    .unwrap();
+    let did = Did::parse(&format!("did:web:localhost%3A{}", server.port)).unwrap();
+    let err = strict.resolve(&did).await.unwrap_err();
+    assert!(
+        matches!(err, IdentityError::Url(UrlError::Loopback(_))),
+        "{err}"
+    );
+    assert_eq!(server.requests(), 0);
+
     let mut no_pds = identity_of(&repo, "https://pds.example.com");
     no_pds.pds_endpoint = None;
     assert_eq!(pds.get_repo(&no_pds).await.unwrap_err().reason(), "no_pds");
