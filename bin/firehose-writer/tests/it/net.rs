@@ -15,6 +15,7 @@ use firehose_writer::identity::{
 };
 use firehose_writer::net::{build_client, HttpConfig, UrlError};
 use firehose_writer::pds::{PdsClient, PdsConfig, PdsError};
+use futures_util::StreamExt as _;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 use sync_core::did_doc::{parse_did_document, AtprotoIdentity};
 use sync_core::ids::{Did, Tid};
 use sync_core::synth::SynthRepo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ------------------------------------------------------------------------------------------
 // A programmable HTTP/1.1 server on 127.0.0.1
@@ -39,6 +41,8 @@ struct Reply {
     chunked: Option<usize>,
     /// Held this long before answering (counted as in flight).
     delay: Duration,
+    /// Sends only this many body bytes, then neither more nor the end (a stalled download).
+    stall_after: Option<usize>,
 }
 
 impl Reply {
@@ -49,6 +53,7 @@ impl Reply {
             body: Vec::new(),
             chunked: None,
             delay: Duration::ZERO,
+            stall_after: None,
         }
     }
     fn json(value: &Value) -> Reply {
@@ -73,6 +78,10 @@ impl Reply {
     }
     fn delayed(mut self, delay: Duration) -> Reply {
         self.delay = delay;
+        self
+    }
+    fn stalled_after(mut self, bytes: usize) -> Reply {
+        self.stall_after = Some(bytes);
         self
     }
 }
@@ -188,6 +197,14 @@ async fn answer(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
     for (name, value) in &reply.headers {
         builder = builder.header(*name, value);
     }
+    if let Some(n) = reply.stall_after {
+        let first: Result<Frame<Bytes>, std::io::Error> =
+            Ok(Frame::data(Bytes::copy_from_slice(&reply.body[..n])));
+        let stream = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+        return builder
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap();
+    }
     let body: Body = match reply.chunked {
         None => Full::new(Bytes::from(reply.body))
             .map_err(|never| match never {})
@@ -198,7 +215,7 @@ async fn answer(state: &ServerState, req: Request<Incoming>) -> Response<Body> {
                 .chunks(size.max(1))
                 .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
                 .collect();
-            StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+            BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks)))
         }
     };
     builder.body(body).unwrap()
@@ -1059,4 +1076,267 @@ async fn get_repo_over_the_size_limit_is_too_large() {
     // Counted while streaming: stopped near the limit, not after the whole body.
     assert!(client.stats().bytes.load(Ordering::Relaxed) <= limit + 512);
     assert_eq!(pds.requests(), 2, "a too-large repo is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_of_one_did_share_one_request() {
+    let plc = TestServer::start().await;
+    let did_str = plc_did("popular");
+    let (repo, _) = synth_repo(&did_str, 3, 1);
+    plc.route(
+        &format!("/{did_str}"),
+        vec![Reply::json(&repo.did_document("https://pds.example.com"))
+            .delayed(Duration::from_millis(200))],
+    );
+    let resolver = resolver(&plc, None);
+    let did = Did::parse(&did_str).unwrap();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let resolver = resolver.clone();
+            let did = did.clone();
+            tokio::spawn(async move { resolver.resolve(&did).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().signing_key, repo.public_key());
+    }
+    assert_eq!(plc.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_are_rate_limited_overall() {
+    let plc = TestServer::start().await;
+    let resolver = IdentityResolver::new(
+        client(),
+        IdentityConfig {
+            lookups_per_second: 4.0,
+            lookup_burst: 1,
+            ..config(&plc.url())
+        },
+        HashMap::new(),
+        None,
+    )
+    .unwrap();
+    for tag in ["one", "two", "three"] {
+        let did_str = plc_did(tag);
+        let (repo, _) = synth_repo(&did_str, 3, 1);
+        plc.route(
+            &format!("/{did_str}"),
+            vec![Reply::json(&repo.did_document("https://pds.example.com"))],
+        );
+        resolver
+            .resolve(&Did::parse(&did_str).unwrap())
+            .await
+            .unwrap();
+    }
+    let seen = plc.seen();
+    assert_eq!(seen.len(), 3);
+    // 4/s with a burst of one: the third lookup is at least two intervals after the first.
+    assert!(seen[2].at.duration_since(seen[0].at) >= Duration::from_millis(450));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_document_is_served_during_an_outage_but_not_after_a_404() {
+    let plc = TestServer::start().await;
+    let did_str = plc_did("outage");
+    let (repo, _) = synth_repo(&did_str, 3, 1);
+    let target = format!("/{did_str}");
+    plc.route(
+        &target,
+        vec![Reply::json(&repo.did_document("https://pds.example.com"))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.sqlite");
+    // TTL zero: every document is expired as soon as it is fetched.
+    let resolver = IdentityResolver::new(
+        client(),
+        IdentityConfig {
+            ttl: Duration::ZERO,
+            ..config(&plc.url())
+        },
+        HashMap::new(),
+        Some(&state),
+    )
+    .unwrap();
+    let did = Did::parse(&did_str).unwrap();
+    resolver.resolve(&did).await.unwrap();
+
+    // The directory fails: the expired document is still the best answer.
+    plc.route(&target, vec![Reply::status(502)]);
+    assert_eq!(
+        resolver.resolve(&did).await.unwrap().signing_key,
+        repo.public_key()
+    );
+    assert_eq!(resolver.stats().stale_served.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        resolver.stats().errors_http_status.load(Ordering::Relaxed),
+        1
+    );
+    // During the backoff too, without a request.
+    assert!(resolver.resolve(&did).await.is_ok());
+    assert_eq!(plc.requests(), 2);
+
+    // The directory says the DID is gone: nothing is served any more, from memory or SQLite.
+    plc.route(&target, vec![Reply::status(404)]);
+    assert_eq!(
+        resolver.refresh(&did).await.unwrap_err(),
+        IdentityError::NotFound
+    );
+    assert!(resolver.resolve(&did).await.is_err());
+    let rows: i64 = rusqlite::Connection::open(&state)
+        .unwrap()
+        .query_row("SELECT count(*) FROM identity_cache", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_cache_shares_the_state_file_with_the_state_store() {
+    let plc = TestServer::start().await;
+    let did_str = plc_did("shared");
+    let (repo, _) = synth_repo(&did_str, 3, 1);
+    plc.route(
+        &format!("/{did_str}"),
+        vec![Reply::json(&repo.did_document("https://pds.example.com"))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.sqlite");
+    let state =
+        firehose_writer::state::StateStore::open(&path, Default::default(), Default::default())
+            .unwrap();
+    let resolver = resolver(&plc, Some(&path));
+    resolver
+        .resolve(&Did::parse(&did_str).unwrap())
+        .await
+        .unwrap();
+    drop(state);
+    // The state store opens the file again with the extra table in it.
+    let state =
+        firehose_writer::state::StateStore::open(&path, Default::default(), Default::default())
+            .unwrap();
+    drop(state);
+    let restarted = self::resolver(&plc, Some(&path));
+    restarted
+        .resolve(&Did::parse(&did_str).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(plc.requests(), 1);
+    // Pruning drops rows older than asked, and only those.
+    assert_eq!(restarted.prune_sqlite(Duration::from_secs(3600)).await, 0);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE identity_cache SET fetched_at = fetched_at - 7200",
+            [],
+        )
+        .unwrap();
+    assert_eq!(restarted.prune_sqlite(Duration::from_secs(3600)).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_stack_starts_without_a_process_default_provider() {
+    // A TCP server that answers a TLS hello with garbage: the client must fail the handshake
+    // with an error (rustls initialised with ring), not panic over two compiled-in providers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let (repo, _) = synth_repo(&plc_did("tls"), 3, 1);
+    let client = PdsClient::new(
+        client(),
+        PdsConfig {
+            max_retries: 0,
+            ..pds_config()
+        },
+    );
+    let err = client
+        .get_repo(&identity_of(&repo, &format!("https://127.0.0.1:{port}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "network", "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_download_times_out_and_is_retried() {
+    let pds = TestServer::start().await;
+    let (mut repo, _) = synth_repo(&plc_did("stalled"), 3, 50);
+    let car = repo.get_repo_car(now_micros());
+    pds.route(
+        &get_repo_target(repo.did().as_str()),
+        vec![Reply::bytes(car).stalled_after(100)],
+    );
+    let http = build_client(&HttpConfig {
+        read_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    })
+    .unwrap();
+    let client = PdsClient::new(
+        http,
+        PdsConfig {
+            max_retries: 1,
+            ..pds_config()
+        },
+    );
+    let err = client
+        .get_repo(&identity_of(&repo, &pds.url()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "timeout", "{err}");
+    assert_eq!(pds.requests(), 2, "one try and one retry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_shorter_than_its_content_length_is_a_network_error() {
+    // A raw server: full headers, half the CAR, then the connection closes.
+    let (mut repo, _) = synth_repo(&plc_did("truncated"), 3, 50);
+    let car = repo.get_repo_car(now_micros());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    {
+        let connections = connections.clone();
+        let car = car.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    car.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(&car[..car.len() / 2]).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+    }
+    let client = PdsClient::new(
+        client(),
+        PdsConfig {
+            max_retries: 1,
+            ..pds_config()
+        },
+    );
+    let err = client
+        .get_repo(&identity_of(&repo, &format!("http://127.0.0.1:{port}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "network", "{err}");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "one try and one retry"
+    );
 }
