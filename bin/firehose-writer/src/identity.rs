@@ -16,6 +16,9 @@
 //!   always wins) and fetches the document again, at most once per DID per
 //!   [`IdentityConfig::refresh_interval`] (a stream of bad signatures cannot make us hammer the
 //!   PLC): inside that window it returns what memory holds without a request.
+//! - [`IdentityResolver::invalidate`]`(&did)`: no I/O; the held document stops answering and
+//!   the next `resolve` fetches (an `#identity` event handled in the hot path, with the fetch
+//!   left to whoever resolves next).
 //! - [`IdentityResolver::stats`]: counters ([`IdentityStats`]) for the metrics.
 //! - [`IdentityResolver::prune_sqlite`]`(older_than).await`: deletes old SQLite rows (call it
 //!   now and then, e.g. daily with a week).
@@ -275,6 +278,9 @@ struct Entry {
     failure: Option<Failure>,
     /// When the last refresh fetch was made (the per-DID refresh limit).
     last_refresh: Option<Instant>,
+    /// Set by [`IdentityResolver::invalidate`]: the held document (memory and SQLite) no longer
+    /// answers; the next `resolve` fetches.
+    invalidated: bool,
 }
 
 #[derive(Debug)]
@@ -388,12 +394,32 @@ impl IdentityResolver {
             return found.as_ref().ok().cloned();
         }
         let memory = lock(&inner.memory);
-        let (identity, fetched) = memory.get(did)?.identity.as_ref()?;
-        if self.fresh(*fetched) {
+        let entry = memory.get(did)?;
+        let (identity, fetched) = entry.identity.as_ref()?;
+        if !entry.invalidated && self.fresh(*fetched) {
             bump(&inner.stats.hits_memory);
             return Some(identity.clone());
         }
         None
+    }
+
+    /// Marks `did`'s held document as out of date without any I/O (e.g. on an `#identity`
+    /// event in the processor's hot path): [`Self::cached`] stops returning it and the next
+    /// [`Self::resolve`] fetches, skipping SQLite (a running backoff still applies, and during
+    /// an outage the old document may still be served, see the module documentation). A DID
+    /// from `--did-docs` is not affected.
+    pub fn invalidate(&self, did: &Did) {
+        let inner = &*self.inner;
+        if inner.did_docs.contains_key(did) {
+            return;
+        }
+        let mut memory = lock(&inner.memory);
+        self.entry_mut(&mut memory, did).invalidated = true;
+    }
+
+    /// DIDs held in memory (for a gauge).
+    pub fn memory_entries(&self) -> usize {
+        lock(&self.inner.memory).len()
     }
 
     /// Resolves `did` through every cache, then the network. See the module documentation.
@@ -411,7 +437,10 @@ impl IdentityResolver {
         if let Some(answer) = self.lookup_memory(did) {
             return answer;
         }
-        if let Some(identity) = self.lookup_sqlite(did).await {
+        let invalidated = lock(&inner.memory).get(did).is_some_and(|e| e.invalidated);
+        if invalidated {
+            // The SQLite row is the document `invalidate` was called against.
+        } else if let Some(identity) = self.lookup_sqlite(did).await {
             bump(&inner.stats.hits_sqlite);
             return Ok(identity);
         }
@@ -521,7 +550,7 @@ impl IdentityResolver {
         let memory = lock(&inner.memory);
         let entry = memory.get(did)?;
         if let Some((identity, fetched)) = &entry.identity {
-            if self.fresh(*fetched) {
+            if !entry.invalidated && self.fresh(*fetched) {
                 bump(&inner.stats.hits_memory);
                 return Some(Ok(identity.clone()));
             }
@@ -622,6 +651,7 @@ impl IdentityResolver {
                     let entry = self.entry_mut(&mut memory, did);
                     entry.identity = Some((identity.clone(), now));
                     entry.failure = None;
+                    entry.invalidated = false;
                 }
                 self.store(did, doc, unix_secs(now)).await;
                 Ok(identity)

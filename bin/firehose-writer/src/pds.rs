@@ -405,7 +405,11 @@ impl PdsClient {
         bump(&inner.stats.requests);
         let did = identity.did.as_str();
         debug!(did, host = host.key, "getRepo request");
-        let send = inner.client.get(url.clone()).send();
+        let send = inner
+            .client
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "application/vnd.ipld.car")
+            .send();
         let response = match tokio::time::timeout(config.header_timeout, send).await {
             Err(_) => {
                 return Err(Failed::Transient(PdsError::Timeout(

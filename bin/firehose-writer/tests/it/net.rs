@@ -624,6 +624,27 @@ async fn refresh_picks_up_a_rotated_key_at_most_once_a_minute() {
         new.public_key()
     );
     assert_eq!(plc.requests(), 2);
+
+    // `invalidate` (no I/O) after yet another rotation: the hot path stops answering, the
+    // next resolve fetches, skipping the SQLite row.
+    let (newest, _) = synth_repo(&did_str, 5, 1);
+    plc.route(
+        &target,
+        vec![Reply::json(&newest.did_document("https://pds.example.com"))],
+    );
+    restarted.invalidate(&did);
+    assert_eq!(plc.requests(), 2);
+    assert!(restarted.cached(&did).is_none());
+    assert_eq!(
+        restarted.resolve(&did).await.unwrap().signing_key,
+        newest.public_key()
+    );
+    assert_eq!(plc.requests(), 3);
+    assert_eq!(
+        restarted.cached(&did).unwrap().signing_key,
+        newest.public_key()
+    );
+    assert_eq!(restarted.memory_entries(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
