@@ -7,6 +7,7 @@ mod cache;
 mod cli;
 mod crash;
 mod metrics;
+mod net;
 mod pds;
 mod process;
 mod source;
