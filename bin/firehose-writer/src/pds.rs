@@ -68,9 +68,10 @@ use crate::net::{backoff_delay, check_remote_url, host_key, RateLimiter, UrlErro
 /// Settings of the client (`--pds-concurrency` and `--pds-rate` map to the first two).
 #[derive(Debug, Clone)]
 pub struct PdsConfig {
-    /// Requests in flight per PDS host.
+    /// Requests in flight per PDS host (0 is taken as 1).
     pub concurrency_per_host: usize,
-    /// Request starts per second per PDS host.
+    /// Request starts per second per PDS host (a value that is not a positive finite number
+    /// means no limit).
     pub rate_per_host: f64,
     /// Largest repo CAR accepted.
     pub max_repo_bytes: u64,
@@ -144,6 +145,7 @@ impl PdsError {
     pub fn reason(&self) -> &'static str {
         match self {
             PdsError::NoPdsEndpoint => "no_pds",
+            PdsError::Url(UrlError::Loopback(_)) => "loopback_refused",
             PdsError::Url(_) => "insecure_url",
             PdsError::RateLimited { .. } => "rate_limited",
             PdsError::TooLarge { .. } => "too_large",
