@@ -84,7 +84,8 @@ pub struct IdentityConfig {
     /// First wait after a failed fetch; doubles per consecutive failure up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// Network lookups per second, over all DIDs (token bucket).
+    /// Network lookups per second, over all DIDs (token bucket; a value that is not a positive
+    /// finite number means no limit). A lookup waits for its token, it never fails for it.
     pub lookups_per_second: f64,
     /// Lookups that may be made at once after a quiet period.
     pub lookup_burst: u32,
@@ -157,6 +158,7 @@ impl IdentityError {
             }
             IdentityError::UnsupportedMethod(_) => "unsupported_method",
             IdentityError::InvalidDid(_) => "invalid_did",
+            IdentityError::Url(UrlError::Loopback(_)) => "loopback_refused",
             IdentityError::Url(_) => "insecure_url",
             IdentityError::Backoff { .. } => "backoff",
         }
@@ -216,6 +218,7 @@ pub struct IdentityStats {
     pub errors_unsupported_method: AtomicU64,
     pub errors_invalid_did: AtomicU64,
     pub errors_insecure_url: AtomicU64,
+    pub errors_loopback_refused: AtomicU64,
     /// Lookups answered with [`IdentityError::Backoff`] (no request).
     pub errors_backoff: AtomicU64,
     /// SQLite reads or writes that failed (the lookup went on without the durable cache).
@@ -233,6 +236,7 @@ impl IdentityStats {
             }
             IdentityError::UnsupportedMethod(_) => &self.errors_unsupported_method,
             IdentityError::InvalidDid(_) => &self.errors_invalid_did,
+            IdentityError::Url(UrlError::Loopback(_)) => &self.errors_loopback_refused,
             IdentityError::Url(_) => &self.errors_insecure_url,
             IdentityError::Backoff { .. } => &self.errors_backoff,
         };
@@ -240,7 +244,7 @@ impl IdentityStats {
     }
 
     /// Errors by reason label, for a `reason`-labelled counter.
-    pub fn errors_by_reason(&self) -> [(&'static str, u64); 8] {
+    pub fn errors_by_reason(&self) -> [(&'static str, u64); 9] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("not_found", get(&self.errors_not_found)),
@@ -250,6 +254,7 @@ impl IdentityStats {
             ("unsupported_method", get(&self.errors_unsupported_method)),
             ("invalid_did", get(&self.errors_invalid_did)),
             ("insecure_url", get(&self.errors_insecure_url)),
+            ("loopback_refused", get(&self.errors_loopback_refused)),
             ("backoff", get(&self.errors_backoff)),
         ]
     }

@@ -17,8 +17,9 @@
 //!   loopback host only with [`PdsConfig::allow_loopback`] (a stranger's DID document must not
 //!   make the writer call its own services; tests and the local end-to-end setup allow it).
 //! - Per host (`host[:port]` of the endpoint): at most [`PdsConfig::concurrency_per_host`]
-//!   requests at once (a request holds its slot until its body is read) and at most
-//!   [`PdsConfig::rate_per_host`] request starts per second (token bucket, burst 1).
+//!   requests at once (a request holds its slot until its body is read, not while the repo is
+//!   verified) and at most [`PdsConfig::rate_per_host`] request starts per second (token
+//!   bucket, burst 1).
 //! - HTTP 429: the wait is the later of `Retry-After` (seconds or an HTTP date) and
 //!   `RateLimit-Reset` (Unix seconds; a small number is taken as seconds from now), 30 s when
 //!   neither is given, at least 500 ms. The whole host pauses: no request to it starts before
@@ -46,7 +47,13 @@
 //! HTTP layer reports a body shorter than its `Content-Length`, and a missing block fails the
 //! MST walk in `finish`), and it accepts sections up to 4 MiB where the core caps them at
 //! 2 MiB (`push_block` re-checks the core's limit).
-//! The MST walk and signature check (`RepoReader::finish`) run on the blocking pool.
+//! The MST walk and signature check (`RepoReader::finish`) run on the blocking pool; block
+//! hashing happens as blocks arrive, on the calling task.
+//!
+//! Memory: `RepoReader` holds every block of the repo until `finish` (and the records after),
+//! so one download costs up to [`PdsConfig::max_repo_bytes`] plus its index. The per-host
+//! limits do not bound downloads across hosts: the caller (the resync/backfill queue) must
+//! bound how many `get_repo` calls run at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,9 +75,10 @@ use crate::net::{backoff_delay, check_remote_url, host_key, RateLimiter, UrlErro
 /// Settings of the client (`--pds-concurrency` and `--pds-rate` map to the first two).
 #[derive(Debug, Clone)]
 pub struct PdsConfig {
-    /// Requests in flight per PDS host.
+    /// Requests in flight per PDS host (0 is taken as 1).
     pub concurrency_per_host: usize,
-    /// Request starts per second per PDS host.
+    /// Request starts per second per PDS host (a value that is not a positive finite number
+    /// means no limit).
     pub rate_per_host: f64,
     /// Largest repo CAR accepted.
     pub max_repo_bytes: u64,
@@ -144,6 +152,7 @@ impl PdsError {
     pub fn reason(&self) -> &'static str {
         match self {
             PdsError::NoPdsEndpoint => "no_pds",
+            PdsError::Url(UrlError::Loopback(_)) => "loopback_refused",
             PdsError::Url(_) => "insecure_url",
             PdsError::RateLimited { .. } => "rate_limited",
             PdsError::TooLarge { .. } => "too_large",
@@ -392,7 +401,7 @@ impl PdsClient {
         host.wait_unpaused(config.max_rate_limit_wait)
             .await
             .map_err(Failed::Fatal)?;
-        let _slot = host
+        let slot = host
             .slots
             .acquire()
             .await
@@ -451,6 +460,8 @@ impl PdsClient {
             }));
         }
         let reader = self.read_car(response, limit).await?;
+        // The host's part is done: verification and the MST walk need no slot of it.
+        drop(slot);
         let did = identity.did.clone();
         let key = identity.signing_key.clone();
         let opts = VerifyOptions::at(now_micros());

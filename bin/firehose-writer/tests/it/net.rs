@@ -715,6 +715,7 @@ async fn plain_http_is_refused_off_loopback() {
             matches!(err, PdsError::Url(UrlError::Loopback(_))),
             "{endpoint}: {err}"
         );
+        assert_eq!(err.reason(), "loopback_refused");
     }
     let strict = IdentityResolver::new(
         client(),
@@ -731,6 +732,14 @@ async fn plain_http_is_refused_off_loopback() {
     assert!(
         matches!(err, IdentityError::Url(UrlError::Loopback(_))),
         "{err}"
+    );
+    assert_eq!(err.reason(), "loopback_refused");
+    assert_eq!(
+        strict
+            .stats()
+            .errors_loopback_refused
+            .load(Ordering::Relaxed),
+        1
     );
     assert_eq!(server.requests(), 0);
 
