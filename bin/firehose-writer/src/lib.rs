@@ -208,6 +208,7 @@ pub async fn run(
         metrics_addr: server.as_ref().map(http::Server::local_addr),
     });
 
+    let (verification, repairs) = repair_machinery(&config, &metrics, &tx)?;
     let durable_cursor = Arc::new(AtomicI64::new(-1));
     let stopping = Arc::new(AtomicBool::new(false));
     let processor = processor::Processor::new(
@@ -218,7 +219,8 @@ pub async fn run(
         config.commit_interval,
         durable_cursor.clone(),
         stopping.clone(),
-    );
+    )
+    .with_repairs(verification, repairs);
     // The thread reports its end on a channel the source is raced against: a processor that
     // stops (a failed flush, a panic) ends the run at once, not at the next frame.
     let (processor_tx, mut processor_done) = tokio::sync::oneshot::channel();
@@ -313,6 +315,141 @@ pub async fn run(
     };
     source_result?;
     Ok(summary)
+}
+
+/// Verification keys and the backfill/resync fetcher, as the configuration asks.
+///
+/// A replay without backfill is offline: keys come from `--did-docs` only and nothing is
+/// fetched (a resync queued meanwhile waits for a networked run). Otherwise DID documents come
+/// from `--did-docs`, then the resolver's caches, then the PLC directory (did:plc) or the DID's
+/// host (did:web), and a fetcher task downloads repos from their PDS. Loopback hosts in DID
+/// documents (a PDS on this machine) are allowed only when the PLC directory itself is on
+/// loopback (a local test network): a stranger's document must not point the writer at its own
+/// services.
+fn repair_machinery(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    tx: &mpsc::Sender<Input>,
+) -> Result<(processor::Verification, processor::Repairs)> {
+    use config::VerifyMode;
+    use processor::{Repairs, Verification};
+    let offline = matches!(config.source, Source::Replay(_)) && !config.backfill;
+    let mut repairs = Repairs {
+        requests: None,
+        backfill: config.backfill,
+        backfill_since: config.backfill_since,
+    };
+    if offline {
+        let identities: Option<Box<dyn verifier::Identities>> = match (
+            &config.did_docs,
+            config.verify,
+        ) {
+            (_, VerifyMode::Off) => None,
+            (Some(path), _) => Some(Box::new(verifier::StaticIdentities::load(path)?)),
+            (None, _) => {
+                warn!("--verify without --did-docs while replaying offline: every commit that needs verification fails with no_did_document and is dropped");
+                Some(Box::new(verifier::StaticIdentities::default()))
+            }
+        };
+        return Ok((
+            Verification {
+                mode: config.verify,
+                identities,
+            },
+            repairs,
+        ));
+    }
+    let loopback = url::Url::parse(&config.plc_url)
+        .map(|u| net::is_loopback(&u))
+        .unwrap_or(false);
+    let client =
+        net::build_client(&net::HttpConfig::default()).context("building the HTTP client")?;
+    let docs = match &config.did_docs {
+        Some(path) => identity::load_did_docs(path)
+            .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?,
+        None => Default::default(),
+    };
+    let resolver = identity::IdentityResolver::new(
+        client.clone(),
+        identity::IdentityConfig {
+            plc_url: config.plc_url.clone(),
+            allow_loopback: loopback,
+            ..Default::default()
+        },
+        docs,
+        Some(&config.state),
+    )
+    .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
+    {
+        let resolver = resolver.clone();
+        metrics.watch_identity_lookups(move || {
+            let s = resolver.stats();
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let mut out = vec![
+                ("hit_did_docs", get(&s.hits_did_docs)),
+                ("hit_memory", get(&s.hits_memory)),
+                ("hit_state", get(&s.hits_sqlite)),
+                ("miss", get(&s.misses)),
+                ("fetch", get(&s.fetches)),
+                ("stale_served", get(&s.stale_served)),
+            ];
+            out.extend(
+                s.errors_by_reason()
+                    .into_iter()
+                    .map(|(reason, n)| (repair_error_label(reason), n)),
+            );
+            out
+        });
+    }
+    let pds = pds::PdsClient::new(
+        client,
+        pds::PdsConfig {
+            concurrency_per_host: config.pds_concurrency,
+            rate_per_host: config.pds_rate,
+            max_repo_bytes: config.max_repo_bytes,
+            allow_loopback: loopback,
+            ..Default::default()
+        },
+    );
+    let (requests, requests_rx) = tokio::sync::mpsc::unbounded_channel();
+    repairs.requests = Some(requests);
+    tokio::spawn(repair::run_fetcher(
+        requests_rx,
+        tx.clone(),
+        resolver.clone(),
+        pds,
+    ));
+    let identities: Option<Box<dyn verifier::Identities>> = (config.verify != VerifyMode::Off)
+        .then(|| {
+            Box::new(repair::ResolverIdentities {
+                resolver,
+                runtime: tokio::runtime::Handle::current(),
+                timeout: std::time::Duration::from_secs(30),
+            }) as Box<dyn verifier::Identities>
+        });
+    Ok((
+        Verification {
+            mode: config.verify,
+            identities,
+        },
+        repairs,
+    ))
+}
+
+/// `error_<reason>` for the identity lookup metric.
+fn repair_error_label(reason: &'static str) -> &'static str {
+    match reason {
+        "not_found" => "error_not_found",
+        "network" => "error_network",
+        "http_status" => "error_http_status",
+        "invalid_document" => "error_invalid_document",
+        "unsupported_method" => "error_unsupported_method",
+        "invalid_did" => "error_invalid_did",
+        "insecure_url" => "error_insecure_url",
+        "loopback_refused" => "error_loopback_refused",
+        "backoff" => "error_backoff",
+        _ => "error_other",
+    }
 }
 
 /// The error for a processor that stopped before the source did.
