@@ -76,6 +76,8 @@ fn write_sets(dir: &Path, d: &Data) {
 
 fn writer(dir: &Path, source: &[&str], extra: &[&str]) -> Child {
     Command::new(BIN)
+        // Synthetic, unsigned frames and no network: verification and backfill off.
+        .args(["--verify", "off", "--backfill", "off"])
         .args(source)
         .arg("--cache-dir")
         .arg(dir.join("cache"))
@@ -337,6 +339,8 @@ fn text_logs_to_a_pipe_carry_no_colour_codes() {
     )
     .unwrap();
     let mut child = Command::new(BIN)
+        // Synthetic, unsigned frames and no network: verification and backfill off.
+        .args(["--verify", "off", "--backfill", "off"])
         .current_dir(tmp.path())
         .args(["--relay", "ws://127.0.0.1:9", "--study-users", "study.txt"])
         .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "text"])

@@ -65,7 +65,12 @@ fn config(dir: &Path, relay_url: &str) -> Config {
         dir.join("state.sqlite").as_os_str(),
         "--max-backoff".as_ref(),
         "1".as_ref(),
-    ] as [&std::ffi::OsStr; 11])
+        // Synthetic, unsigned frames and no network: verification and backfill off.
+        "--verify".as_ref(),
+        "off".as_ref(),
+        "--backfill".as_ref(),
+        "off".as_ref(),
+    ] as [&std::ffi::OsStr; 15])
     .unwrap();
     let mut cfg = Config::from_args(&args).unwrap();
     cfg.metrics_addr = None;
@@ -458,6 +463,8 @@ fn sigterm_during_start_up_stops_the_writer_cleanly() {
     let mut lock = state.clone().into_os_string();
     lock.push(".lock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_firehose-writer"))
+        // Synthetic, unsigned frames and no network: verification and backfill off.
+        .args(["--verify", "off", "--backfill", "off"])
         .args([
             "--relay",
             "ws://127.0.0.1:9",

@@ -65,6 +65,8 @@ fn start(dir: &Path, relay: &TestRelay, env_cursor: Option<&str>) -> Writer {
     let log = dir.join(format!("writer-{runs}.log"));
     let mut command = Command::new(BIN);
     command
+        // Synthetic, unsigned frames and no network: verification and backfill off.
+        .args(["--verify", "off", "--backfill", "off"])
         .args(["--relay", &relay.url()])
         .arg("--cache-dir")
         .arg(dir.join("cache"))

@@ -58,8 +58,26 @@ fn account_path(did: &str, kind: &str, e: &Value) -> String {
     )
 }
 
-/// The routing rules of predecessor-data-format.md §3.4 (+ DESIGN.md §5), applied to the
-/// production Jetstream rendering of the capture: an oracle independent of our decoder and router.
+/// A study post: seen created in the capture (the predecessor's index), or (issue 9) any post
+/// URI whose author is a study user, whatever its age.
+fn is_study_post(seen: &HashSet<String>, study: &HashSet<String>, uri: &str) -> bool {
+    if seen.contains(uri) {
+        return true;
+    }
+    let Some(rest) = uri.strip_prefix("at://") else {
+        return false;
+    };
+    let mut parts = rest.split('/');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(author), Some("app.bsky.feed.post"), Some(rkey), None)
+            if study.contains(author) && !rkey.is_empty()
+    )
+}
+
+/// The routing rules of predecessor-data-format.md §3.4 (+ DESIGN.md §5, and issue 9's rule that a
+/// post URI names its author), applied to the production Jetstream rendering of the capture: an
+/// oracle independent of our decoder and router.
 fn expected_from_jetstream(
     lines: &[Value],
     study: &HashSet<String>,
@@ -107,8 +125,8 @@ fn expected_from_jetstream(
                         let root = r["reply"]["root"]["uri"].as_str();
                         let parent = r["reply"]["parent"]["uri"].as_str();
                         if let Some(nest) = root
-                            .filter(|u| study_posts.contains(*u))
-                            .or(parent.filter(|u| study_posts.contains(*u)))
+                            .filter(|u| is_study_post(&study_posts, study, u))
+                            .or(parent.filter(|u| is_study_post(&study_posts, study, u)))
                         {
                             files.insert(format!(
                                 "{s}/create/reply_to_user_post/{}/{name}",
@@ -127,7 +145,7 @@ fn expected_from_jetstream(
                         if is_study {
                             files.insert(format!("{s}/create/like/{}/{name}", rkey_of(subject)));
                         }
-                        if study_posts.contains(subject) {
+                        if is_study_post(&study_posts, study, subject) {
                             files.insert(format!(
                                 "{s}/create/like_on_user_post/{}/{name}",
                                 rkey_of(subject)
@@ -387,6 +405,120 @@ async fn replay_of_the_relay_capture_writes_exactly_the_routed_files() {
         "a restarted replay skips frames at or below the cursor"
     );
     assert_eq!(cache_tree(&cfg.cache_dir), tree);
+}
+
+/// The same replay verified (`--verify routed` with the capture's DID documents, offline):
+/// every commit that is routed or of a tracked repo is checked, none fails, and the cache is
+/// exactly the unverified replay's. Then one tracked repo's commits are verified against
+/// another repo's key: they are all dropped as `bad_signature`, and nothing of them is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_replay_of_the_relay_capture_drops_nothing_and_writes_the_same_files() {
+    let Some(capture) = relay_capture() else {
+        return;
+    };
+    let did_docs = capture.path.with_file_name("did_docs.json");
+    let (study, in_network) = split(&capture.dids);
+    let run = |cfg: Config| async move {
+        let metrics: Arc<Mutex<Option<Arc<Metrics>>>> = Arc::default();
+        let seen = metrics.clone();
+        firehose_writer::run(cfg.clone(), std::future::pending(), None, move |h| {
+            *seen.lock().unwrap() = Some(h.metrics)
+        })
+        .await
+        .expect("writer run");
+        let m = metrics.lock().unwrap().clone().unwrap();
+        (cache_tree(&cfg.cache_dir), m)
+    };
+    let plain = tempfile::tempdir().unwrap();
+    let cfg = config(
+        plain.path(),
+        Source::Replay(capture.path.clone()),
+        &study,
+        &in_network,
+    );
+    let (unverified, _) = run(cfg).await;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp.path(),
+        Source::Replay(capture.path.clone()),
+        &study,
+        &in_network,
+    );
+    cfg.verify = firehose_writer::config::VerifyMode::Routed;
+    cfg.did_docs = Some(did_docs.clone());
+    let (verified, metrics) = run(cfg).await;
+    // Paths: the contents carry the wall clock (`synctimestamp`).
+    let paths = |t: &BTreeMap<String, String>| t.keys().cloned().collect::<BTreeSet<String>>();
+    assert_eq!(paths(&verified), paths(&unverified));
+    assert!(
+        metrics.verified_commits.load(Ordering::Relaxed) >= 100,
+        "tracked repos' commits were verified"
+    );
+    assert_eq!(metrics.verify_failures(), BTreeMap::new());
+
+    // A study user whose document names another account's key.
+    let docs: Value = serde_json::from_str(&std::fs::read_to_string(&did_docs).unwrap()).unwrap();
+    let victim = study
+        .iter()
+        .find(|d| {
+            let file = verified
+                .keys()
+                .any(|p| p.contains(&format!("author_did={d}_post")));
+            file && docs.get(d.as_str()).is_some()
+        })
+        .expect("a study user with a post file")
+        .clone();
+    let other = docs
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|d| **d != victim)
+        .unwrap()
+        .clone();
+    let mut forged = docs.clone();
+    // The other account's document, renamed: its key is not the one that signs the victim's repo.
+    forged[&victim] =
+        serde_json::from_str(&docs[&other].to_string().replace(&other, &victim)).unwrap();
+    let forged_path = tmp.path().join("forged_docs.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        tmp2.path(),
+        Source::Replay(capture.path.clone()),
+        &study,
+        &in_network,
+    );
+    cfg.verify = firehose_writer::config::VerifyMode::Routed;
+    cfg.did_docs = Some(forged_path);
+    let (tree, metrics) = run(cfg).await;
+    assert!(
+        metrics
+            .verify_failures()
+            .get("bad_signature")
+            .copied()
+            .unwrap_or(0)
+            >= 1,
+        "{:?}",
+        metrics.verify_failures()
+    );
+    let victims_files = |t: &BTreeMap<String, String>| -> Vec<String> {
+        t.keys()
+            .filter(|p| p.contains(&format!("author_did={victim}_")))
+            .cloned()
+            .collect()
+    };
+    assert!(!victims_files(&verified).is_empty());
+    assert_eq!(victims_files(&tree), Vec::<String>::new());
+    assert!(
+        metrics.resyncs().get("bad_signature").is_some(),
+        "the study user is queued for a resync"
+    );
+    // Everyone else's files are untouched.
+    let others = |t: &BTreeMap<String, String>| -> BTreeSet<String> {
+        t.keys().filter(|p| !p.contains(&victim)).cloned().collect()
+    };
+    assert_eq!(others(&tree), others(&verified));
 }
 
 // ---- against the test relay -------------------------------------------------------------------
