@@ -26,6 +26,17 @@ import readline from 'node:readline'
 import { AtpAgent } from '@atproto/api'
 import { TestNetworkNoAppView } from '@atproto/dev-env'
 
+// `node driver.mjs gapfree` runs the command-driven scenario of gapfree.mjs instead (its own
+// protocol: README.md); without an argument (or with `default`), the scenario below.
+const scenario = process.argv[2] ?? 'default'
+if (scenario === 'gapfree') {
+  await import('./gapfree.mjs') // exits the process when its network is shut down
+  process.exit(0)
+} else if (scenario !== 'default') {
+  console.error(`[pds-driver] unknown scenario ${JSON.stringify(scenario)} (default, gapfree)`)
+  process.exit(2)
+}
+
 const log = (...args) => console.error('[pds-driver]', ...args)
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
