@@ -66,6 +66,14 @@ impl Client {
         }
     }
 
+    /// The next frame, whatever it is.
+    async fn next(&mut self) -> Vec<u8> {
+        tokio::time::timeout(WAIT, self.frames.recv())
+            .await
+            .expect("no frame")
+            .expect("the relay connection ended")
+    }
+
     /// Receives until a frame with seq >= `seq` arrived.
     async fn until_seq(&mut self, seq: i64) {
         while self.order.last().is_none_or(|&s| s < seq) {
@@ -306,6 +314,16 @@ fn gapfree_infrastructure_against_the_official_pds() {
     let frame = &live.by_seq[&post.commit.seq];
     assert_eq!(verify(frame, &new_key), Ok(()));
     assert_eq!(verify(frame, &key), Err("bad_signature"));
+
+    // An injected frame (an #info notice, no seq) follows what was forwarded.
+    proxy.inject(sync_core::synth::info_frame(
+        "OutdatedCursor",
+        Some("injected by the test"),
+    ));
+    let notice = rt.block_on(live.next());
+    assert_eq!(FrameInfo::of(&notice).kind, "info:OutdatedCursor");
+    assert_eq!(proxy.report().last().unwrap().fate, Fate::Injected);
+    assert_eq!(proxy.served_seqs().last(), Some(&None));
 
     assert_eq!(proxy.upstream_connections(), 1);
     rt.block_on(xrpc.shutdown());
