@@ -455,7 +455,8 @@ impl Gapfree {
         self.written(&format!("follow {who} {name} {target}"))
     }
 
-    /// `delete WHO RECORD`.
+    /// `delete WHO RECORD`; RECORD must be a record the driver created (a name): the answer
+    /// for an `at://` URI of another record has no rev/seq to parse (use [`Self::command`]).
     pub fn delete(&mut self, who: &str, record: &str) -> Written {
         self.written(&format!("delete {who} {record}"))
     }

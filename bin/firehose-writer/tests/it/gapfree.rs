@@ -27,8 +27,10 @@ use crate::pds::{bad_log_lines, cache_files, read_json, sigterm, spawn_writer, w
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Cache paths, from the README's folder table (`crates/sync-core/src/paths.rs`).
 mod path {
+    //! Cache paths, from the README's folder table (`crates/sync-core/src/paths.rs`), written
+    //! out here rather than computed by the writer's code.
+
     const STUDY: &str = "study_user_activity";
 
     fn record_file(did: &str, kind: &str, rkey: &str) -> String {
