@@ -207,6 +207,9 @@ emit({
   in_network: [A1.did],
   others: [A2.did, A3.did],
   names: Object.fromEntries([S1, S2, A1, A2, A3].map((a) => [a.name, a.did])),
+  // Only with PDS_DRIVER_URLS=1 (a writer that resolves identities needs the PLC's URL);
+  // without it the line is as it always was.
+  ...(process.env.PDS_DRIVER_URLS === '1' ? { pds_url: pds.url, plc_url: network.plc.url } : {}),
 })
 await expectLine('go')
 

@@ -179,6 +179,17 @@ impl Driver {
     /// Starts `node driver.mjs [scenario]` in the toolchain's driver directory. The PDS keeps
     /// its SQLite files and blobs under the OS temp dir: it is pointed at `<work>/pds-tmp`.
     pub fn start(toolchain: &Toolchain, work: &Path, scenario: Option<&str>) -> Driver {
+        Driver::start_with_env(toolchain, work, scenario, &[])
+    }
+
+    /// [`Driver::start`] with extra environment variables (e.g. `PDS_DRIVER_URLS=1`: the
+    /// default scenario's ready line then also has `pds_url` and `plc_url`).
+    pub fn start_with_env(
+        toolchain: &Toolchain,
+        work: &Path,
+        scenario: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Driver {
         let log = work.join("driver.log");
         let tmp = work.join("pds-tmp");
         std::fs::create_dir_all(&tmp).expect("create the PDS temp dir");
@@ -189,6 +200,7 @@ impl Driver {
         }
         cmd.current_dir(&toolchain.driver_dir)
             .env("TMPDIR", tmp)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut proc = Proc::spawn("driver", &mut cmd, log);

@@ -163,9 +163,12 @@ fn follows_the_official_pds_firehose() {
     let cache = work.join("cache");
     let state = work.join("state.sqlite");
 
-    let mut driver = Driver::start(&toolchain, work, None);
+    // PDS_DRIVER_URLS=1: the ready line also names the PLC (issue 9: pass it as `--plc-url`
+    // once the writer verifies commits by default).
+    let mut driver = Driver::start_with_env(&toolchain, work, None, &[("PDS_DRIVER_URLS", "1")]);
     let ready = driver.recv(Duration::from_secs(180), "ready line");
     let ws = str_of(&ready, "ws").to_owned();
+    let plc_url = str_of(&ready, "plc_url").to_owned();
     let list = |key: &str| -> Vec<String> {
         ready[key]
             .as_array()
@@ -179,7 +182,7 @@ fn follows_the_official_pds_firehose() {
     std::fs::write(work.join("study.txt"), study.join("\n")).unwrap();
     std::fs::write(work.join("network.txt"), in_network.join("\n")).unwrap();
     eprintln!(
-        "PDS up at {ws} after {:?}; study {study:?}, in-network {in_network:?}",
+        "PDS up at {ws} (PLC {plc_url}) after {:?}; study {study:?}, in-network {in_network:?}",
         started.elapsed()
     );
 
