@@ -512,7 +512,7 @@ fn a_forged_commit_writes_nothing_and_a_rotated_key_verifies() {
 #[test]
 #[ignore = "needs issue 9 writer flags"]
 fn a_restart_during_backfill_finishes_it_without_duplicates() {
-    let Some(e2e) = E2e::start() else { return };
+    let Some(mut e2e) = E2e::start() else { return };
     let (s1, s2, a1) = (e2e.did("S1"), e2e.did("S2"), e2e.did("A1"));
     let xrpc = e2e.rt.block_on(XrpcProxy::start(&e2e.net.pds_url)).unwrap();
     xrpc.throttle_with(Throttle {
@@ -554,7 +554,9 @@ fn a_restart_during_backfill_finishes_it_without_duplicates() {
     xrpc.clear_throttles();
     let mut second = e2e.writer("writer-2", workspace_tests::s3::free_port(), &args);
     e2e.wait_files(&mut second, &s2_files);
-    let files = e2e.finish(&mut second, e2e.net.last_seq);
+    // A commit nobody tracks, so the stored cursor has a seq to reach.
+    let tick = e2e.net.post("A3", "a3_tick", "moves the cursor");
+    let files = e2e.finish(&mut second, tick.commit.seq);
     assert_eq!(files, set(s1_files.into_iter().chain(s2_files)));
     // S1's finished backfill is not redone; S2's is fetched once more and succeeds.
     assert_eq!(xrpc.requests_for_did(GET_REPO, &s1).len(), 1);
@@ -575,7 +577,7 @@ fn a_restart_during_backfill_finishes_it_without_duplicates() {
 #[test]
 #[ignore = "needs issue 9 writer flags"]
 fn a_pds_answering_429_is_waited_for_not_hammered() {
-    let Some(e2e) = E2e::start() else { return };
+    let Some(mut e2e) = E2e::start() else { return };
     let (s1, s2) = (e2e.did("S1"), e2e.did("S2"));
     let xrpc = e2e.rt.block_on(XrpcProxy::start(&e2e.net.pds_url)).unwrap();
     let retry_after = Duration::from_secs(2);
@@ -613,7 +615,8 @@ fn a_pds_answering_429_is_waited_for_not_hammered() {
             path::study_post(&s2, &e2e.rkey("s2_post")),
         ],
     );
-    let _ = e2e.finish(&mut writer, e2e.net.last_seq);
+    let tick = e2e.net.post("A3", "a3_tick", "moves the cursor");
+    let _ = e2e.finish(&mut writer, tick.commit.seq);
     for did in [&s1, &s2] {
         let gets = xrpc.requests_for_did(GET_REPO, did);
         let statuses: Vec<u16> = gets.iter().map(|r| r.status).collect();
