@@ -78,6 +78,8 @@ pub struct Throttle {
 pub struct RequestLog {
     /// When its head arrived.
     pub at: Instant,
+    /// When the proxy had its answer's head (after any hold, and the upstream's answer).
+    pub answered: Instant,
     pub method: String,
     pub path: String,
     pub query: Option<String>,
@@ -107,13 +109,18 @@ fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
 
 struct State {
     throttles: Vec<Throttle>,
+    /// Held requests wait while a hold matches them: (nsid, did).
+    holds: Vec<(String, Option<String>)>,
+    /// Requests waiting on a hold now.
+    holding: usize,
     requests: Vec<RequestLog>,
 }
 
 struct Shared {
     state: Mutex<State>,
     upstream: Upstream,
-    /// Bumped after every request is logged.
+    /// Bumped after every request is logged, and when a request starts or stops waiting on a
+    /// hold or a hold is released (wakes `wait_for` and held requests).
     logged_tx: watch::Sender<usize>,
 }
 
@@ -121,6 +128,14 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn bump(&self) {
+        self.logged_tx.send_modify(|n| *n += 1);
+    }
+}
+
+fn matches(nsid: &str, did: Option<&str>, req_nsid: Option<&str>, req_did: Option<&str>) -> bool {
+    Some(nsid) == req_nsid && did.is_none_or(|d| Some(d) == req_did)
 }
 
 /// Where requests go: host and port of an `http://` URL.
@@ -179,6 +194,8 @@ impl XrpcProxy {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 throttles: Vec::new(),
+                holds: Vec::new(),
+                holding: 0,
                 requests: Vec::new(),
             }),
             upstream: Upstream { host, port },
@@ -225,6 +242,32 @@ impl XrpcProxy {
         self.shared.lock().throttles.clear();
     }
 
+    /// Holds requests of `nsid` (for `did`, or any) before they are forwarded (or throttled),
+    /// until [`XrpcProxy::release`]: e.g. a resync's `getRepo` kept open while the test makes
+    /// more commits. [`XrpcProxy::holding`] counts the requests waiting.
+    pub fn hold(&self, nsid: &str, did: Option<&str>) {
+        self.shared
+            .lock()
+            .holds
+            .push((nsid.to_owned(), did.map(str::to_owned)));
+    }
+
+    /// Releases every hold: waiting requests go on, in no particular order.
+    pub fn release(&self) {
+        self.shared.lock().holds.clear();
+        self.shared.bump();
+    }
+
+    /// Requests waiting on a hold now.
+    pub fn holding(&self) -> usize {
+        self.shared.lock().holding
+    }
+
+    /// Waits until at least `n` requests wait on a hold; false on timeout.
+    pub async fn wait_for_holding(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, |state| state.holding >= n).await
+    }
+
     /// Every request received so far, in order of arrival.
     pub fn requests(&self) -> Vec<RequestLog> {
         self.shared.lock().requests.clone()
@@ -252,18 +295,23 @@ impl XrpcProxy {
         timeout: Duration,
         mut cond: impl FnMut(&[RequestLog]) -> bool,
     ) -> bool {
+        self.wait_until(timeout, |state| cond(&state.requests))
+            .await
+    }
+
+    async fn wait_until(&self, timeout: Duration, mut cond: impl FnMut(&State) -> bool) -> bool {
         let mut rx = self.shared.logged_tx.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             rx.borrow_and_update();
-            if cond(&self.shared.lock().requests) {
+            if cond(&self.shared.lock()) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
                 .is_err()
             {
-                return cond(&self.shared.lock().requests);
+                return cond(&self.shared.lock());
             }
         }
     }
@@ -335,13 +383,34 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<B
     let query = req.uri().query().map(str::to_owned);
     let nsid = path.strip_prefix("/xrpc/").map(str::to_owned);
     let did = query.as_deref().and_then(|q| query_param(q, "did"));
+    let held = |state: &State| {
+        state
+            .holds
+            .iter()
+            .any(|(n, d)| matches(n, d.as_deref(), nsid.as_deref(), did))
+    };
+    let mut released = shared.logged_tx.subscribe();
+    if held(&shared.lock()) {
+        shared.lock().holding += 1;
+        shared.bump();
+        loop {
+            released.borrow_and_update();
+            if !held(&shared.lock()) {
+                break;
+            }
+            if released.changed().await.is_err() {
+                break;
+            }
+        }
+        shared.lock().holding -= 1;
+        shared.bump();
+    }
     let throttle = {
         let mut state = shared.lock();
-        let found = state.throttles.iter_mut().find(|t| {
-            t.count > 0
-                && Some(t.nsid.as_str()) == nsid.as_deref()
-                && t.did.as_deref().is_none_or(|d| Some(d) == did)
-        });
+        let found = state
+            .throttles
+            .iter_mut()
+            .find(|t| t.count > 0 && matches(&t.nsid, t.did.as_deref(), nsid.as_deref(), did));
         found.map(|t| {
             t.count -= 1;
             t.clone()
@@ -358,6 +427,7 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<B
     };
     let entry = RequestLog {
         at,
+        answered: Instant::now(),
         method,
         path,
         query,
@@ -366,7 +436,7 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<B
         retry_after,
     };
     shared.lock().requests.push(entry);
-    shared.logged_tx.send_modify(|n| *n += 1);
+    shared.bump();
     Ok(response)
 }
 

@@ -396,6 +396,47 @@ fn a_gap_is_repaired_from_the_repo_with_its_delete() {
     e2e.net.stop();
 }
 
+/// What to build, item 3: stream events of a repo that arrive while it is being resynced are
+/// not lost. S1's resync `getRepo` is held open by the XRPC proxy while S1 makes another
+/// commit; after the release, the missed post, the commit that revealed the gap and the one
+/// made during the resync are all in the cache.
+#[test]
+#[ignore = "needs issue 9 writer flags"]
+fn commits_during_a_resync_are_not_lost() {
+    let Some(mut e2e) = E2e::start() else { return };
+    let s1 = e2e.did("S1");
+    let xrpc = e2e.rt.block_on(XrpcProxy::start(&e2e.net.pds_url)).unwrap();
+    let docs = e2e.did_docs(&xrpc.url());
+    let mut writer = e2e.writer(
+        "writer",
+        workspace_tests::s3::free_port(),
+        &["--did-docs", docs.to_str().unwrap()],
+    );
+    assert!(e2e
+        .rt
+        .block_on(xrpc.wait_for_status(GET_REPO, 200, 2, WAIT)));
+    let before = e2e.net.post("S1", "s1_before_gap", "before the gap");
+    e2e.wait_files(&mut writer, &[path::study_post(&s1, &before.record.rkey)]);
+
+    xrpc.hold(GET_REPO, Some(&s1));
+    e2e.proxy.add_rule(Rule::drop_next_commits(&s1, 1));
+    let missed = e2e.net.post("S1", "s1_gap_post", "a post the relay skips");
+    let reveals = e2e.net.post("S1", "s1_reveals", "reveals the gap");
+    // The resync's getRepo is waiting; S1 commits again meanwhile.
+    assert!(e2e.rt.block_on(xrpc.wait_for_holding(1, WAIT)));
+    let during = e2e.net.post("S1", "s1_during", "made during the resync");
+    assert!(e2e
+        .rt
+        .block_on(e2e.proxy.wait_for_upstream_seq(during.commit.seq, WAIT)));
+    xrpc.release();
+
+    let files = e2e.finish(&mut writer, during.commit.seq);
+    let expected =
+        set([&before, &missed, &reveals, &during].map(|w| path::study_post(&s1, &w.record.rkey)));
+    assert_eq!(files, expected);
+    e2e.net.stop();
+}
+
 /// What to build, item 2: `OutdatedCursor` marks every tracked repo out of sync. The notice is
 /// injected by the gap proxy after the backfill; the study users' repos are fetched again
 /// (through the XRPC proxy their documents name). A1, in-network through S1's follow, is
