@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
-use workspace_tests::gap_proxy::{forge_commit, Fate, GapProxy, Rule};
+use workspace_tests::gap_proxy::{forge_commit, Action, Fate, GapProxy, Rule};
 use workspace_tests::pds::{toolchain_or_skip, Gapfree, Proc};
 use workspace_tests::xrpc_proxy::{did_docs_with_pds, RetryHeaders, Throttle, XrpcProxy, GET_REPO};
 
@@ -543,6 +543,48 @@ fn a_forged_commit_writes_nothing_and_a_rotated_key_verifies() {
     assert!(
         !files.iter().any(|f| f.contains(&forged_rkey)),
         "the forged post was written: {files:?}"
+    );
+    e2e.net.stop();
+}
+
+/// What to build, item 1: an identity is "refreshed on `#identity` and once after a
+/// signature failure". The relay loses the `#identity` of S1's key rotation (the gap proxy
+/// drops it), so S1's next commit fails with the cached key; one refresh from the PLC gives
+/// the new key, and the commit is routed.
+#[test]
+#[ignore = "needs issue 9 writer flags"]
+fn a_rotation_whose_identity_event_is_lost_verifies_after_a_refresh() {
+    let Some(mut e2e) = E2e::start() else { return };
+    let s1 = e2e.did("S1");
+    let mut writer = e2e.writer("writer", workspace_tests::s3::free_port(), &[]);
+    let warmup = e2e.net.post("S1", "s1_warmup", "verified with the PLC key");
+    e2e.wait_files(&mut writer, &[path::study_post(&s1, &warmup.record.rkey)]);
+
+    let did = s1.clone();
+    e2e.proxy.add_rule(Rule::new(
+        "drop S1's #identity",
+        move |f| f.kind == "identity" && f.did.as_deref() == Some(did.as_str()),
+        Action::Drop,
+        Some(1),
+    ));
+    let rotation = e2e.net.rotate_key("S1");
+    let rotated = e2e.net.post("S1", "s1_rotated", "signed with the new key");
+    assert_eq!(rotated.commit.signing_key, rotation.new_key);
+    let files = e2e.finish(&mut writer, rotated.commit.seq);
+    assert_eq!(
+        e2e.proxy
+            .dropped()
+            .iter()
+            .map(|f| f.seq)
+            .collect::<Vec<_>>(),
+        [Some(rotation.identity.seq)]
+    );
+    assert_eq!(
+        files,
+        set([
+            path::study_post(&s1, &warmup.record.rkey),
+            path::study_post(&s1, &rotated.record.rkey),
+        ])
     );
     e2e.net.stop();
 }
