@@ -316,6 +316,47 @@ const commands = {
       identity: { seq: e.seq, time: e.time, handle: e.evt.handle ?? null },
     }
   },
+  // accounts PREFIX N: N more accounts, labelled PREFIX1..PREFIXN (for load: backfill
+  // benchmarks), handles <label in lower case>-user.test
+  async accounts([prefix, n]) {
+    const count = Number(n)
+    if (!/^[A-Z][A-Z0-9]{0,15}$/i.test(prefix ?? '') || !Number.isInteger(count) || count < 1) {
+      throw new Error('usage: accounts PREFIX N')
+    }
+    const made = {}
+    for (let i = 1; i <= count; i++) {
+      const label = `${prefix}${i}`.toUpperCase()
+      if (accounts[label]) throw new Error(`account ${label} exists`)
+      made[label] = await describeAccount(await account(label))
+    }
+    return { accounts: made }
+  },
+  // bulk WHO N: N posts by WHO in commits of up to 200 creates (com.atproto.repo.applyWrites);
+  // not named, not kept in `records` (for load: a large repo to backfill)
+  async bulk([w, n]) {
+    const a = who(w)
+    const count = Number(n)
+    if (!Number.isInteger(count) || count < 1) throw new Error('usage: bulk WHO N')
+    const createdAt = now()
+    let first = null
+    let last = null
+    for (let done = 0; done < count; ) {
+      const batch = Math.min(200, count - done)
+      const writes = Array.from({ length: batch }, (_, i) => ({
+        $type: 'com.atproto.repo.applyWrites#create',
+        collection: 'app.bsky.feed.post',
+        value: { $type: 'app.bsky.feed.post', text: `bulk post ${done + i + 1}`, createdAt },
+      }))
+      const res = await a.agent.com.atproto.repo.applyWrites({ repo: a.did, writes })
+      const rev = res.data?.commit?.rev
+      if (!rev) throw new Error(`applyWrites returned no commit rev: ${JSON.stringify(res.data)}`)
+      last = rev
+      first ??= rev
+      done += batch
+    }
+    const commit = await describeCommit(a.did, last)
+    return { did: a.did, count, first_rev: first, commit }
+  },
   // last-seq: the sequencer's last seq, every event up to it emitted
   async 'last-seq'() {
     return { last_seq: await settle() }

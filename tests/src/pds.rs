@@ -331,6 +331,18 @@ pub struct Rotation {
     pub identity: IdentityEvent,
 }
 
+/// The answer to `bulk`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Bulk {
+    pub did: String,
+    /// Posts created.
+    pub count: usize,
+    /// Rev of the first of its commits (up to 200 creates each).
+    pub first_rev: String,
+    /// The last of its commits.
+    pub commit: Commit,
+}
+
 /// The `gapfree` scenario of the driver (`tests/pds/README.md`): accounts S1, S2 (study users)
 /// and A1..A3; before the writer starts, S1's posts `s1_old1`, `s1_old2` (backdated
 /// `createdAt`: 2024-01-10 and 2024-01-11), `s1_recent`, A1's post `a1_old`, S1's like of
@@ -478,6 +490,23 @@ impl Gapfree {
         let answer = self.command(&format!("rotate-key {who}"));
         serde_json::from_value(answer.clone())
             .unwrap_or_else(|e| panic!("answer to rotate-key: {e}: {answer}"))
+    }
+
+    /// `accounts PREFIX N`: N more accounts labelled `PREFIX1`..`PREFIXN` (upper case), added
+    /// to [`Gapfree::accounts`]; returns them by label.
+    pub fn add_accounts(&mut self, prefix: &str, n: usize) -> BTreeMap<String, Account> {
+        let answer = self.command(&format!("accounts {prefix} {n}"));
+        let made: BTreeMap<String, Account> = serde_json::from_value(answer["accounts"].clone())
+            .unwrap_or_else(|e| panic!("answer to accounts: {e}: {answer}"));
+        self.accounts.extend(made.clone());
+        made
+    }
+
+    /// `bulk WHO N`: N posts by WHO, 200 to a commit (not named, not in [`Gapfree::records`]).
+    pub fn bulk(&mut self, who: &str, n: usize) -> Bulk {
+        let answer = self.command(&format!("bulk {who} {n}"));
+        serde_json::from_value(answer.clone())
+            .unwrap_or_else(|e| panic!("answer to bulk: {e}: {answer}"))
     }
 
     /// `last-seq`: the last seq sequenced so far (all of it emitted to subscribers).

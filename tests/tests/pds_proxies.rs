@@ -1,8 +1,9 @@
 //! The gap-free test infrastructure against the official PDS, without the writer: the
 //! `gapfree` driver scenario, the gap proxy (drop and forge frames of the PDS's real firehose,
 //! as a client of the test relay sees them), the XRPC proxy (429 then forward) with the DID
-//! documents pointing at it, and a key rotation published on the PLC. One network serves every
-//! part (a PDS start costs tens of seconds on this machine).
+//! documents pointing at it (and holding a request), a key rotation published on the PLC, and
+//! the load commands (more accounts, bulk posts). One network serves every part (a PDS start
+//! costs tens of seconds on this machine).
 //!
 //! Needs `tests/setup.sh` (Node 22, `@atproto/dev-env`); `SYNC_SKIP_PDS=1` skips it.
 
@@ -336,6 +337,29 @@ fn gapfree_infrastructure_against_the_official_pds() {
     assert_eq!(FrameInfo::of(&notice).kind, "info:OutdatedCursor");
     assert_eq!(proxy.report().last().unwrap().fate, Fate::Injected);
     assert_eq!(proxy.served_seqs().last(), Some(&None));
+
+    // Load for benchmarks: more accounts, and a repo of 250 posts in two commits.
+    let more = net.add_accounts("B", 2);
+    assert_eq!(more.keys().collect::<Vec<_>>(), ["B1", "B2"]);
+    let bulk = net.bulk("B1", 250);
+    assert_eq!((bulk.count, bulk.did.as_str()), (250, net.did("B1")));
+    assert_eq!(bulk.commit.since.as_deref(), Some(bulk.first_rev.as_str()));
+    let car = rt
+        .block_on(http_get(&format!(
+            "{}/xrpc/{GET_REPO}?did={}",
+            net.pds_url, bulk.did
+        )))
+        .unwrap();
+    let b1_key = rt.block_on(plc_key(&net.plc_url, &bulk.did));
+    let b1_repo = read_repo(
+        &car.body,
+        &Did::parse(&bulk.did).unwrap(),
+        &b1_key,
+        &VerifyOptions::at(now_micros()),
+        DEFAULT_MAX_REPO_BYTES,
+    )
+    .expect("B1's repo verifies");
+    assert_eq!(b1_repo.records.len(), 250);
 
     assert_eq!(proxy.upstream_connections(), 1);
     rt.block_on(xrpc.shutdown());
