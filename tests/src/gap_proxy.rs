@@ -286,6 +286,9 @@ impl GapProxy {
     /// the relay can serve any cursor; `None`: a live tail). The subscription is connected when
     /// this returns. If it ends, it is re-opened from the last upstream seq handled (or
     /// `cursor`), so no frame is handled twice.
+    ///
+    /// The relay answers a cursor above the highest seq it holds with `FutureCursor`: before a
+    /// client asks for cursor N, wait for [`GapProxy::wait_for_upstream_seq`]`(N)`.
     pub async fn start(upstream: &str, cursor: Option<i64>) -> io::Result<GapProxy> {
         let relay = TestRelay::start(Vec::new()).await?;
         let (handled_tx, _) = watch::channel(0);
