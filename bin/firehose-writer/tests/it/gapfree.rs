@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::PathBuf;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -23,7 +24,10 @@ use workspace_tests::gap_proxy::{forge_commit, Action, Fate, GapProxy, Rule};
 use workspace_tests::pds::{toolchain_or_skip, Gapfree, Proc};
 use workspace_tests::xrpc_proxy::{did_docs_with_pds, RetryHeaders, Throttle, XrpcProxy, GET_REPO};
 
-use crate::pds::{bad_log_lines, cache_files, read_json, sigterm, spawn_writer, wait_cursor};
+use crate::pds::{
+    bad_log_lines, cache_files, one_network_at_a_time, read_json, sigterm, spawn_writer,
+    wait_cursor,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -90,18 +94,23 @@ mod path {
 
 /// One end-to-end run: the `gapfree` network, the gap proxy subscribed to its firehose from
 /// the start, and the study-user file (S1, S2).
+///
+/// Fields drop in declaration order: the driver (its network) and the proxies, the work
+/// directory, the runtime, and last the lock that lets the next network start.
 struct E2e {
-    rt: Runtime,
     net: Gapfree,
     proxy: GapProxy,
     work: PathBuf,
     _tmp: Option<TempDir>,
+    rt: Runtime,
+    _network: MutexGuard<'static, ()>,
 }
 
 impl E2e {
     /// `None` when the PDS toolchain is missing and `SYNC_SKIP_PDS=1`.
     fn start() -> Option<E2e> {
         let toolchain = toolchain_or_skip()?;
+        let network = one_network_at_a_time();
         let tmp = tempfile::tempdir().unwrap();
         let work = tmp.path().to_path_buf();
         // SYNC_PDS_KEEP=1 keeps the cache, state and logs for a look afterwards.
@@ -126,6 +135,7 @@ impl E2e {
             proxy,
             work,
             _tmp: tmp,
+            _network: network,
         })
     }
 

@@ -14,12 +14,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use workspace_tests::pds::{toolchain_or_skip, Driver, Proc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_firehose-writer");
+
+/// Held by every test that runs a PDS network (this one and `gapfree.rs`'s): one network at a
+/// time, so a machine with two cores is not asked to start several PDSs and writers at once
+/// (the other tests of the binary still run alongside).
+pub(crate) fn one_network_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Starts the writer with `args` plus what every end-to-end run uses: `--cache-dir
 /// <work>/cache`, `--state <work>/state.sqlite`, `--metrics-addr metrics_addr` (e.g.
@@ -148,6 +157,7 @@ fn follows_the_official_pds_firehose() {
     let Some(toolchain) = toolchain_or_skip() else {
         return;
     };
+    let _network = one_network_at_a_time();
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().to_path_buf();
