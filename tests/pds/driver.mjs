@@ -26,6 +26,17 @@ import readline from 'node:readline'
 import { AtpAgent } from '@atproto/api'
 import { TestNetworkNoAppView } from '@atproto/dev-env'
 
+// `node driver.mjs gapfree` runs the command-driven scenario of gapfree.mjs instead (its own
+// protocol: README.md); without an argument (or with `default`), the scenario below.
+const scenario = process.argv[2] ?? 'default'
+if (scenario === 'gapfree') {
+  await import('./gapfree.mjs') // exits the process when its network is shut down
+  process.exit(0)
+} else if (scenario !== 'default') {
+  console.error(`[pds-driver] unknown scenario ${JSON.stringify(scenario)} (default, gapfree)`)
+  process.exit(2)
+}
+
 const log = (...args) => console.error('[pds-driver]', ...args)
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
@@ -196,6 +207,9 @@ emit({
   in_network: [A1.did],
   others: [A2.did, A3.did],
   names: Object.fromEntries([S1, S2, A1, A2, A3].map((a) => [a.name, a.did])),
+  // Only with PDS_DRIVER_URLS=1 (a writer that resolves identities needs the PLC's URL);
+  // without it the line is as it always was.
+  ...(process.env.PDS_DRIVER_URLS === '1' ? { pds_url: pds.url, plc_url: network.plc.url } : {}),
 })
 await expectLine('go')
 

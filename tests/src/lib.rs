@@ -1,4 +1,6 @@
-//! Support code for the workspace-level end-to-end tests: fixture lookup and binary paths.
+//! Support code for the workspace-level end-to-end tests: fixture lookup, the test relay, the
+//! official PDS driver (`pds`), and the proxies that put gaps, forgeries and rate limits between
+//! the PDS and the writer (`gap_proxy`, `xrpc_proxy`).
 
 use std::path::PathBuf;
 
@@ -20,8 +22,11 @@ pub fn fixtures() -> Option<PathBuf> {
         missing_fixtures(&dir)
     }
 }
+pub mod gap_proxy;
+pub mod pds;
 pub mod relay;
 pub mod s3;
+pub mod xrpc_proxy;
 
 fn missing_fixtures(dir: &std::path::Path) -> Option<PathBuf> {
     if std::env::var_os("SYNC_SKIP_FIXTURE_TESTS").is_some() {

@@ -151,6 +151,32 @@ impl Shared {
         // A panicking connection task must not take the whole relay down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn push(&self, frame: Vec<u8>) {
+        let len = {
+            let mut state = self.lock();
+            state.log.push(Entry {
+                seq: frame_seq(&frame),
+                bytes: Bytes::from(frame),
+            });
+            state.log.len()
+        };
+        self.len_tx.send_replace(len);
+    }
+}
+
+/// Appends frames to a [`TestRelay`]'s log ([`TestRelay::pusher`]); pushing after the relay
+/// stopped does nothing visible.
+#[derive(Clone)]
+pub struct Pusher {
+    shared: Arc<Shared>,
+}
+
+impl Pusher {
+    /// Same as [`TestRelay::push`].
+    pub fn push(&self, frame: Vec<u8>) {
+        self.shared.push(frame);
+    }
 }
 
 /// A running in-memory relay. Dropping it stops the server (without waiting);
@@ -258,15 +284,15 @@ impl TestRelay {
 
     /// Appends a live frame: delivered to connected subscribers and to later cursors.
     pub fn push(&self, frame: Vec<u8>) {
-        let len = {
-            let mut state = self.shared.lock();
-            state.log.push(Entry {
-                seq: frame_seq(&frame),
-                bytes: Bytes::from(frame),
-            });
-            state.log.len()
-        };
-        self.shared.len_tx.send_replace(len);
+        self.shared.push(frame);
+    }
+
+    /// A handle that appends frames like [`TestRelay::push`] from another task (e.g. a proxy
+    /// feeding the relay from an upstream subscription).
+    pub fn pusher(&self) -> Pusher {
+        Pusher {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Sets a fault; see [`Fault`] for which connections each variant applies to.

