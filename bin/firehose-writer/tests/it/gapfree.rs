@@ -217,6 +217,27 @@ impl E2e {
         }
     }
 
+    /// Waits until `cond` holds while the writer runs (fails at once when it exits).
+    fn wait_running(&self, writer: &mut Proc, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !cond() {
+            assert!(writer.alive(), "the writer exited before {what}");
+            assert!(Instant::now() < deadline, "no {what} after {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Waits until the XRPC proxy answered `n` `getRepo` requests with `status`.
+    fn wait_get_repos(&self, writer: &mut Proc, xrpc: &XrpcProxy, status: u16, n: usize) {
+        self.wait_running(writer, &format!("{n} getRepo answered {status}"), || {
+            xrpc.requests_for(GET_REPO)
+                .iter()
+                .filter(|r| r.status == status)
+                .count()
+                >= n
+        });
+    }
+
     /// Waits for the writer's cursor to reach `seq`, stops it (SIGTERM, exit 0) and returns
     /// the cache's files.
     fn finish(&self, writer: &mut Proc, seq: i64) -> BTreeSet<String> {
@@ -361,9 +382,7 @@ fn a_gap_is_repaired_from_the_repo_with_its_delete() {
     let mut writer = e2e.writer("writer", port, &["--did-docs", docs.to_str().unwrap()]);
     // The backfill of S1 (no files without --backfill-since) indexes s1_old2; a first live
     // commit, once its file is in, shows the writer holds S1's chain.
-    assert!(e2e
-        .rt
-        .block_on(xrpc.wait_for_status(GET_REPO, 200, 2, WAIT)));
+    e2e.wait_get_repos(&mut writer, &xrpc, 200, 2);
     let before = e2e.net.post("S1", "s1_before_gap", "before the gap");
     e2e.wait_files(&mut writer, &[path::study_post(&s1, &before.record.rkey)]);
     let fetched_before_gap = xrpc.requests_for_did(GET_REPO, &s1).len();
@@ -422,9 +441,7 @@ fn commits_during_a_resync_are_not_lost() {
         workspace_tests::s3::free_port(),
         &["--did-docs", docs.to_str().unwrap()],
     );
-    assert!(e2e
-        .rt
-        .block_on(xrpc.wait_for_status(GET_REPO, 200, 2, WAIT)));
+    e2e.wait_get_repos(&mut writer, &xrpc, 200, 2);
     let before = e2e.net.post("S1", "s1_before_gap", "before the gap");
     e2e.wait_files(&mut writer, &[path::study_post(&s1, &before.record.rkey)]);
 
@@ -433,7 +450,9 @@ fn commits_during_a_resync_are_not_lost() {
     let missed = e2e.net.post("S1", "s1_gap_post", "a post the relay skips");
     let reveals = e2e.net.post("S1", "s1_reveals", "reveals the gap");
     // The resync's getRepo is waiting; S1 commits again meanwhile.
-    assert!(e2e.rt.block_on(xrpc.wait_for_holding(1, WAIT)));
+    e2e.wait_running(&mut writer, "the resync's getRepo held", || {
+        xrpc.holding() >= 1
+    });
     let during = e2e.net.post("S1", "s1_during", "made during the resync");
     assert!(e2e
         .rt
@@ -464,9 +483,7 @@ fn an_outdated_cursor_resyncs_the_study_users() {
         &["--did-docs", docs.to_str().unwrap()],
     );
     // Backfill done (both repos fetched), and the writer is following the stream.
-    assert!(e2e
-        .rt
-        .block_on(xrpc.wait_for_status(GET_REPO, 200, 2, WAIT)));
+    e2e.wait_get_repos(&mut writer, &xrpc, 200, 2);
     let live = e2e.net.post("S1", "s1_live", "before the notice");
     e2e.wait_files(&mut writer, &[path::study_post(&s1, &live.record.rkey)]);
     let before = [s1.as_str(), s2.as_str()].map(|d| xrpc.requests_for_did(GET_REPO, d).len());
@@ -475,21 +492,15 @@ fn an_outdated_cursor_resyncs_the_study_users() {
         "OutdatedCursor",
         Some("Requested cursor exceeded limit. Possibly missing events"),
     ));
-    let refetched = e2e.rt.block_on(xrpc.wait_for(WAIT, |log| {
-        [s1.as_str(), s2.as_str()]
-            .iter()
-            .zip(before)
-            .all(|(did, n)| {
-                log.iter()
-                    .filter(|r| r.nsid.as_deref() == Some(GET_REPO) && r.param("did") == Some(did))
-                    .count()
-                    > n
-            })
-    }));
-    assert!(
-        refetched,
-        "getRepo after OutdatedCursor: {:?}",
-        xrpc.requests()
+    e2e.wait_running(
+        &mut writer,
+        "getRepo of S1 and S2 after OutdatedCursor",
+        || {
+            [s1.as_str(), s2.as_str()]
+                .iter()
+                .zip(before)
+                .all(|(did, n)| xrpc.requests_for_did(GET_REPO, did).len() > n)
+        },
     );
     // Nothing was missed, so the resync writes nothing new.
     let files = e2e.finish(&mut writer, live.commit.seq);
@@ -634,9 +645,7 @@ fn a_restart_during_backfill_finishes_it_without_duplicates() {
 
     let mut first = e2e.writer("writer-1", workspace_tests::s3::free_port(), &args);
     e2e.wait_files(&mut first, &s1_files);
-    assert!(e2e
-        .rt
-        .block_on(xrpc.wait_for_status(GET_REPO, 429, 1, WAIT)));
+    e2e.wait_get_repos(&mut first, &xrpc, 429, 1);
     // Mid-backfill: S2's repo is still owed.
     let status = sigterm(&mut first);
     assert!(status.success(), "writer exit status {status}");
