@@ -94,17 +94,42 @@ pub struct RequestLog {
 
 impl RequestLog {
     /// The value of query parameter `name` (not percent-decoded; DIDs need none).
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub fn param(&self, name: &str) -> Option<String> {
         query_param(self.query.as_deref()?, name)
     }
 }
 
-fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+/// A query parameter, percent-decoded (clients encode a DID's `:` as `%3A`).
+fn query_param(query: &str, name: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap() * 16 + hex(l).unwrap()) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 struct State {
@@ -285,7 +310,7 @@ impl XrpcProxy {
     pub fn requests_for_did(&self, nsid: &str, did: &str) -> Vec<RequestLog> {
         self.requests_for(nsid)
             .into_iter()
-            .filter(|r| r.param("did") == Some(did))
+            .filter(|r| r.param("did").as_deref() == Some(did))
             .collect()
     }
 
@@ -387,7 +412,7 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<B
         state
             .holds
             .iter()
-            .any(|(n, d)| matches(n, d.as_deref(), nsid.as_deref(), did))
+            .any(|(n, d)| matches(n, d.as_deref(), nsid.as_deref(), did.as_deref()))
     };
     let mut released = shared.logged_tx.subscribe();
     if held(&shared.lock()) {
@@ -407,10 +432,9 @@ async fn serve(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<B
     }
     let throttle = {
         let mut state = shared.lock();
-        let found = state
-            .throttles
-            .iter_mut()
-            .find(|t| t.count > 0 && matches(&t.nsid, t.did.as_deref(), nsid.as_deref(), did));
+        let found = state.throttles.iter_mut().find(|t| {
+            t.count > 0 && matches(&t.nsid, t.did.as_deref(), nsid.as_deref(), did.as_deref())
+        });
         found.map(|t| {
             t.count -= 1;
             t.clone()

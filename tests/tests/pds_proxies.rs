@@ -258,7 +258,7 @@ fn gapfree_infrastructure_against_the_official_pds() {
         gets.iter().map(|r| r.status).collect::<Vec<_>>(),
         [429, 429, 200]
     );
-    assert_eq!(gets[0].param("did"), Some(s1.as_str()));
+    assert_eq!(gets[0].param("did").as_deref(), Some(s1.as_str()));
     assert_eq!(gets[0].retry_after, Some(Duration::from_secs(1)));
     for pair in gets.windows(2) {
         assert!(

@@ -267,13 +267,13 @@ fn metric(port: u16, parts: &[&str]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The harness with today's writer (no issue 9 flags): the writer follows the PDS through the
-/// gap proxy from the ready seq, routes what the proxy forwards and never sees the commit it
-/// drops. Today that post is simply missing; with issue 9 (whose defaults are `--verify
-/// routed --backfill on`, so this test then needs `--plc-url`) the next commit reveals the
-/// gap and the resync writes it: `a_gap_is_repaired_from_the_repo_with_its_delete`.
+/// The baseline: a writer that trusts its upstream (`--verify off --backfill off`, the first
+/// release's behaviour) follows the PDS through the gap proxy from the ready seq, routes what
+/// the proxy forwards and never sees the commit it drops: that post is simply missing. With the
+/// defaults the next commit reveals the gap and the resync writes it:
+/// `a_gap_is_repaired_from_the_repo_with_its_delete`.
 #[test]
-fn todays_writer_through_the_gap_proxy_misses_the_dropped_commit() {
+fn an_unverifying_writer_misses_the_dropped_commit() {
     let Some(mut e2e) = E2e::start() else { return };
     let (s1, a1) = (e2e.did("S1"), e2e.did("A1"));
     let network = e2e.work.join("network.txt");
@@ -281,7 +281,14 @@ fn todays_writer_through_the_gap_proxy_misses_the_dropped_commit() {
     let mut writer = e2e.writer_today(
         "writer",
         workspace_tests::s3::free_port(),
-        &["--in-network", network.to_str().unwrap()],
+        &[
+            "--in-network",
+            network.to_str().unwrap(),
+            "--verify",
+            "off",
+            "--backfill",
+            "off",
+        ],
     );
     let first = e2e.net.post("S1", "s1_live", "a live post");
     e2e.wait_files(&mut writer, &[path::study_post(&s1, &first.record.rkey)]);
@@ -320,7 +327,6 @@ fn todays_writer_through_the_gap_proxy_misses_the_dropped_commit() {
 /// `--backfill-since` the study users' records created since that date are in the cache, and
 /// older ones only in the indexes.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn backfill_routes_reactions_to_old_posts_and_the_follow_graph() {
     let Some(mut e2e) = E2e::start() else { return };
     let (s1, s2, a1, a2) = (e2e.did("S1"), e2e.did("S2"), e2e.did("A1"), e2e.did("A2"));
@@ -372,7 +378,6 @@ fn backfill_routes_reactions_to_old_posts_and_the_follow_graph() {
 /// resync (`getRepo`, through the XRPC proxy), the missed post's file and the deleted post's
 /// delete file are in the cache, once each.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn a_gap_is_repaired_from_the_repo_with_its_delete() {
     let Some(mut e2e) = E2e::start() else { return };
     let s1 = e2e.did("S1");
@@ -430,7 +435,6 @@ fn a_gap_is_repaired_from_the_repo_with_its_delete() {
 /// commit; after the release, the missed post, the commit that revealed the gap and the one
 /// made during the resync are all in the cache.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn commits_during_a_resync_are_not_lost() {
     let Some(mut e2e) = E2e::start() else { return };
     let s1 = e2e.did("S1");
@@ -471,7 +475,6 @@ fn commits_during_a_resync_are_not_lost() {
 /// (through the XRPC proxy their documents name). A1, in-network through S1's follow, is
 /// tracked too, but its document is not in `--did-docs`: where its resync goes is not checked.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn an_outdated_cursor_resyncs_the_study_users() {
     let Some(mut e2e) = E2e::start() else { return };
     let (s1, s2) = (e2e.did("S1"), e2e.did("S2"));
@@ -512,7 +515,6 @@ fn an_outdated_cursor_resyncs_the_study_users() {
 /// of a commit of an account nobody tracks) writes nothing and is counted as `bad_signature`;
 /// a key rotation published on the PLC followed by `#identity` lets later commits verify.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn a_forged_commit_writes_nothing_and_a_rotated_key_verifies() {
     let Some(mut e2e) = E2e::start() else { return };
     let (s1, a3) = (e2e.did("S1"), e2e.did("A3"));
@@ -573,7 +575,6 @@ fn a_forged_commit_writes_nothing_and_a_rotated_key_verifies() {
 /// drops it), so S1's next commit fails with the cached key; one refresh from the PLC gives
 /// the new key, and the commit is routed.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn a_rotation_whose_identity_event_is_lost_verifies_after_a_refresh() {
     let Some(mut e2e) = E2e::start() else { return };
     let s1 = e2e.did("S1");
@@ -614,7 +615,6 @@ fn a_rotation_whose_identity_event_is_lost_verifies_after_a_refresh() {
 /// `getRepo` is answered 429 (Retry-After 60 s) until the writer is stopped; S1's backfill is
 /// complete by then and is not fetched again after the restart; S2's completes.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn a_restart_during_backfill_finishes_it_without_duplicates() {
     let Some(mut e2e) = E2e::start() else { return };
     let (s1, s2, a1) = (e2e.did("S1"), e2e.did("S2"), e2e.did("A1"));
@@ -677,7 +677,6 @@ fn a_restart_during_backfill_finishes_it_without_duplicates() {
 /// request of that repo comes no sooner than that, and each backfill takes exactly three
 /// requests.
 #[test]
-#[ignore = "needs issue 9 writer flags"]
 fn a_pds_answering_429_is_waited_for_not_hammered() {
     let Some(mut e2e) = E2e::start() else { return };
     let (s1, s2) = (e2e.did("S1"), e2e.did("S2"));

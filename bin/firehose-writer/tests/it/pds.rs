@@ -173,8 +173,8 @@ fn follows_the_official_pds_firehose() {
     let cache = work.join("cache");
     let state = work.join("state.sqlite");
 
-    // PDS_DRIVER_URLS=1: the ready line also names the PLC (issue 9: pass it as `--plc-url`
-    // once the writer verifies commits by default).
+    // PDS_DRIVER_URLS=1: the ready line also names the PLC: the writer runs with its defaults
+    // (`--verify routed --backfill on`) and resolves every identity from that PLC.
     let mut driver = Driver::start_with_env(&toolchain, work, None, &[("PDS_DRIVER_URLS", "1")]);
     let ready = driver.recv(Duration::from_secs(180), "ready line");
     let ws = str_of(&ready, "ws").to_owned();
@@ -211,6 +211,8 @@ fn follows_the_official_pds_firehose() {
             study_file.as_os_str(),
             "--in-network".as_ref(),
             network_file.as_os_str(),
+            "--plc-url".as_ref(),
+            plc_url.as_ref(),
         ],
     );
 
