@@ -83,6 +83,9 @@ impl Labelled {
     }
 }
 
+/// Reads labelled counts kept elsewhere (the identity resolver's), at scrape time.
+type LookupCounts = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
 /// Counters, gauges and health inputs shared by the source, the processor and the HTTP endpoint.
 pub struct Metrics {
     pub frames: AtomicU64,
@@ -105,7 +108,7 @@ pub struct Metrics {
     /// Files written by repairs, by `<kind>_<create|update|delete>`.
     repair_records: Labelled,
     /// Identity lookups by result (from the resolver's own counters, read at scrape time).
-    identity_lookups: OnceLock<Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>>,
+    identity_lookups: OnceLock<LookupCounts>,
     pub duplicates: AtomicU64,
     /// Commits whose rev is more than 5 minutes ahead of the clock: routed, never a dedupe bound.
     pub future_revs: AtomicU64,

@@ -402,10 +402,10 @@ impl Processor {
                     }
                 }
             }
-            Event::Sync(sync) => {
-                if self.verification.mode != VerifyMode::Off && self.state.tracked(&sync.did) {
-                    self.handle_sync(seq, sync)?;
-                }
+            Event::Sync(sync)
+                if self.verification.mode != VerifyMode::Off && self.state.tracked(&sync.did) =>
+            {
+                self.handle_sync(seq, sync)?;
             }
             _ => {}
         }

@@ -43,20 +43,6 @@ pub fn repair_backoff(attempts: u32) -> Duration {
     Duration::from_secs(secs.min(3600))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(repair_backoff(0), Duration::from_secs(30));
-        assert_eq!(repair_backoff(1), Duration::from_secs(60));
-        assert_eq!(repair_backoff(6), Duration::from_secs(1920));
-        assert_eq!(repair_backoff(7), Duration::from_secs(3600));
-        assert_eq!(repair_backoff(40), Duration::from_secs(3600));
-    }
-}
-
 /// Identity failures as stable labels (`identity_<reason>`), for metrics.
 pub fn identity_reason(e: &crate::identity::IdentityError) -> &'static str {
     match e.root().reason() {
@@ -201,5 +187,19 @@ impl crate::verifier::Identities for ResolverIdentities {
 
     fn changed(&self, did: &Did) {
         self.resolver.invalidate(did);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(repair_backoff(0), Duration::from_secs(30));
+        assert_eq!(repair_backoff(1), Duration::from_secs(60));
+        assert_eq!(repair_backoff(6), Duration::from_secs(1920));
+        assert_eq!(repair_backoff(7), Duration::from_secs(3600));
+        assert_eq!(repair_backoff(40), Duration::from_secs(3600));
     }
 }

@@ -511,7 +511,7 @@ async fn verified_replay_of_the_relay_capture_drops_nothing_and_writes_the_same_
     assert!(!victims_files(&verified).is_empty());
     assert_eq!(victims_files(&tree), Vec::<String>::new());
     assert!(
-        metrics.resyncs().get("bad_signature").is_some(),
+        metrics.resyncs().contains_key("bad_signature"),
         "the study user is queued for a resync"
     );
     // Everyone else's files are untouched.
