@@ -269,6 +269,17 @@ pub struct LoopedCapture {
     loop_index: u32,
     next_seq: i64,
     rev_counter: u64,
+    /// With [`Self::signed`]: each renamed repo's last rev (its next commit's `since`), in the
+    /// order repos first appeared.
+    signed: Option<Vec<(String, Option<String>)>>,
+    signed_index: std::collections::HashMap<String, usize>,
+}
+
+/// The signing key [`LoopedCapture::signed`] uses for `did`: derived from the DID, so a DID
+/// document can be written for it at any time.
+pub fn looped_secret(did: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(format!("looped-capture-key:{did}").as_bytes()).into()
 }
 
 impl LoopedCapture {
@@ -294,7 +305,88 @@ impl LoopedCapture {
             next_seq: first_seq,
             // 2026-01-01 in microseconds, shifted into TID position
             rev_counter: 1_767_225_600_000_000,
+            signed: None,
+            signed_index: std::collections::HashMap::new(),
         }
+    }
+
+    /// Re-signs every `#commit` and `#sync` for its renamed repo (its `did` and new `rev` in the
+    /// commit object, signed with [`looped_secret`]) and chains each repo's commits by `since`,
+    /// so the stream verifies: the MST data and proofs are the capture's, still valid, since
+    /// renaming a repo does not change its tree.
+    pub fn signed(mut self) -> Self {
+        self.signed = Some(Vec::new());
+        self
+    }
+
+    /// DID documents (the `--did-docs` format) of every repo the signed stream has named so far,
+    /// with `pds` as their PDS endpoint.
+    pub fn did_documents(&self, pds: &str) -> Value {
+        let mut docs = serde_json::Map::new();
+        for (did, _) in self.signed.iter().flatten() {
+            let repo = SynthRepo::new(did, looped_secret(did));
+            docs.insert(did.clone(), repo.did_document(pds));
+        }
+        Value::Object(docs)
+    }
+
+    /// Replaces the commit block of a renamed `#commit`/`#sync` body with one signed for `did`
+    /// at `rev`, and chains `since`.
+    fn resign(&mut self, map: &mut BTreeMap<String, Ipld>, did: &str, rev: &str) {
+        use sha2::Digest as _;
+        let Some(Ipld::Bytes(car_bytes)) = map.get("blocks") else {
+            return;
+        };
+        let Ok(blocks) = crate::car::CarBlocks::parse(car_bytes) else {
+            return;
+        };
+        let Some(root) = blocks.roots.first().copied() else {
+            return;
+        };
+        let Some(Ok(Ipld::Map(mut object))) = blocks
+            .get(&root)
+            .map(serde_ipld_dagcbor::from_slice::<Ipld>)
+        else {
+            return;
+        };
+        object.insert("did".to_owned(), Ipld::String(did.to_owned()));
+        object.insert("rev".to_owned(), Ipld::String(rev.to_owned()));
+        object.remove("sig");
+        let secret =
+            secp256k1::SecretKey::from_slice(&looped_secret(did)).expect("a valid secret key");
+        let digest: [u8; 32] = sha2::Sha256::digest(encode(&Ipld::Map(object.clone()))).into();
+        let signature = signing_context()
+            .sign_ecdsa(&secp256k1::Message::from_digest(digest), &secret)
+            .serialize_compact();
+        object.insert("sig".to_owned(), Ipld::Bytes(signature.to_vec()));
+        let block = encode(&Ipld::Map(object));
+        let cid = cbor::cid_for_dag_cbor(&block);
+        let mut out: Vec<(Cid, Vec<u8>)> = vec![(cid, block)];
+        out.extend(
+            blocks
+                .iter()
+                .filter(|(c, _)| **c != root)
+                .map(|(c, b)| (*c, b.to_vec())),
+        );
+        let car_bytes = car(&cid, &out);
+        if map.contains_key("commit") {
+            map.insert("commit".into(), Ipld::Link(cid));
+        }
+        map.insert("blocks".into(), Ipld::Bytes(car_bytes));
+        let signed = self.signed.get_or_insert_with(Vec::new);
+        let slot = *self.signed_index.entry(did.to_owned()).or_insert_with(|| {
+            signed.push((did.to_owned(), None));
+            signed.len() - 1
+        });
+        if map.contains_key("since") {
+            let since = signed[slot]
+                .1
+                .clone()
+                .map(Ipld::String)
+                .unwrap_or(Ipld::Null);
+            map.insert("since".into(), since);
+        }
+        signed[slot].1 = Some(rev.to_owned());
     }
 }
 
@@ -327,6 +419,15 @@ impl Iterator for LoopedCapture {
                 self.rev_counter += 1;
                 let tid = crate::ids::Tid::from_u64(self.rev_counter << 10);
                 map.insert("rev".into(), Ipld::String(tid.as_str().to_owned()));
+                let did = ["repo", "did"].iter().find_map(|k| match map.get(*k) {
+                    Some(Ipld::String(d)) => Some(d.clone()),
+                    _ => None,
+                });
+                if let (Some(_), Some(did)) = (&self.signed, did) {
+                    let mut owned = std::mem::take(map);
+                    self.resign(&mut owned, &did, tid.as_str());
+                    *map = owned;
+                }
             }
         }
         let mut out = header;

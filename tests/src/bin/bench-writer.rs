@@ -6,6 +6,11 @@
 //! The relay capture is looped (seq, repo and rev rewritten, so no event repeats) to FRAMES
 //! frames (default 1,000,000). 1,000 study users and 1,000,000 in-network DIDs are loaded.
 //! Prints frames/s from the first to the last committed cursor and the writer's RSS.
+//!
+//! `BENCH_SIGNED=1` re-signs every commit for its renamed repo (`LoopedCapture::signed`) and
+//! writes the repos' DID documents to `WORKDIR/did_docs.json`, so a verifying writer verifies the
+//! whole stream; `BENCH_WRITER_ARGS` adds writer flags (whitespace-separated; `{did_docs}` is
+//! replaced by that file's path), e.g. `--verify routed --did-docs {did_docs} --backfill off`.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -85,7 +90,28 @@ async fn main() {
         .collect();
 
     let t = Instant::now();
-    let frames: Vec<Vec<u8>> = synth::LoopedCapture::new(&raw, 1).take(total).collect();
+    let signed = std::env::var("BENCH_SIGNED").as_deref() == Ok("1");
+    let mut looped = synth::LoopedCapture::new(&raw, 1);
+    if signed {
+        looped = looped.signed();
+    }
+    let frames: Vec<Vec<u8>> = looped.by_ref().take(total).collect();
+    let did_docs = work.join("did_docs.json");
+    if signed {
+        // The PDS endpoint is never reached: the benchmark runs without backfill.
+        let docs = looped.did_documents("https://pds.invalid");
+        std::fs::write(&did_docs, docs.to_string()).unwrap();
+        eprintln!(
+            "signed stream: {} DID documents in {}",
+            docs.as_object().map_or(0, |m| m.len()),
+            did_docs.display()
+        );
+    }
+    let extra: Vec<String> = std::env::var("BENCH_WRITER_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|a| a.replace("{did_docs}", &did_docs.to_string_lossy()))
+        .collect();
     let bytes: usize = frames.iter().map(Vec::len).sum();
     let loops = total.div_ceil(raw.len()) as u32;
     eprintln!(
@@ -140,6 +166,7 @@ async fn main() {
         .arg(work.join("study.txt"))
         .arg("--in-network")
         .arg(work.join("network.txt"))
+        .args(&extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -174,6 +201,7 @@ async fn main() {
     let secs = t0.elapsed().as_secs_f64();
     let peak = rss_kb(pid, "VmHWM:");
     let (user, system) = cpu_seconds(pid);
+    let verify_metrics = metric_lines(metrics_addr, "firehose_verif");
     unsafe { libc_kill(pid) };
     let _ = child.wait();
     let files = count_files(&work.join("cache"));
@@ -197,7 +225,28 @@ async fn main() {
         rss_samples.last().unwrap() / 1024,
         peak / 1024
     );
+    if let Some(lines) = verify_metrics {
+        println!("{lines}");
+    }
     relay.shutdown().await;
+}
+
+/// The `/metrics` sample lines whose name starts with `prefix` (None if the writer is gone).
+fn metric_lines(addr: &str, prefix: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 unsafe fn libc_kill(pid: u32) {
