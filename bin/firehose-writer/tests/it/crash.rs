@@ -42,6 +42,9 @@ impl Data {
     fn network(&self) -> PathBuf {
         self.dir.path().join("network.txt")
     }
+    fn did_docs(&self) -> PathBuf {
+        self.dir.path().join("did_docs.json")
+    }
 }
 
 const LOOPS: usize = 4;
@@ -53,9 +56,11 @@ fn data() -> Option<&'static Data> {
         let fixtures = fixtures()?;
         let raw_data = std::fs::read(fixtures.join("relay-capture/frames.bin")).unwrap();
         let raw: Vec<&[u8]> = capture_frames(&raw_data).map(|f| f.unwrap()).collect();
-        let frames: Vec<Vec<u8>> = synth::LoopedCapture::new(&raw, FIRST_SEQ)
-            .take(raw.len() * LOOPS)
-            .collect();
+        // Re-signed for the renamed repos: the writer replays with `--did-docs`, so every routed
+        // or tracked commit is verified (`--verify routed`) in every crash window.
+        let mut looped = synth::LoopedCapture::new(&raw, FIRST_SEQ).signed();
+        let frames: Vec<Vec<u8>> = looped.by_ref().take(raw.len() * LOOPS).collect();
+        let docs = looped.did_documents("https://pds.invalid");
         let mut dids: Vec<String> = raw
             .iter()
             .filter_map(|f| match sync_core::frame::decode_frame(f).ok()? {
@@ -82,6 +87,7 @@ fn data() -> Option<&'static Data> {
             first_half_seq: FIRST_SEQ + (frames.len() / 2) as i64 - 1,
             last_seq: FIRST_SEQ + frames.len() as i64 - 1,
         };
+        std::fs::write(data.did_docs(), docs.to_string()).unwrap();
         std::fs::write(data.study(), pick(0)).unwrap();
         std::fs::write(data.network(), pick(1)).unwrap();
         std::fs::write(
@@ -109,6 +115,8 @@ fn run(d: &Data, dir: &Path, capture: &Path, env: &[(&str, &str)], extra: &[&str
         .arg(d.study())
         .arg("--in-network")
         .arg(d.network())
+        .arg("--did-docs")
+        .arg(d.did_docs())
         .args([
             "--metrics-addr",
             "127.0.0.1:0",
@@ -159,7 +167,11 @@ fn reference(d: &Data) -> &'static BTreeMap<String, Value> {
     static REFERENCE: OnceLock<BTreeMap<String, Value>> = OnceLock::new();
     REFERENCE.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
-        assert_success(&run(d, tmp.path(), &d.all(), &[], &[]), "reference run");
+        let out = run(d, tmp.path(), &d.all(), &[], &[]);
+        assert_success(&out, "reference run");
+        // Every routed or tracked commit was verified, and none failed.
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!log.contains("failed verification"), "{log}");
         assert_eq!(
             stored_cursor(&tmp.path().join("state.sqlite")),
             Some(d.last_seq)
