@@ -440,11 +440,8 @@ fn commits_during_a_resync_are_not_lost() {
     let s1 = e2e.did("S1");
     let xrpc = e2e.rt.block_on(XrpcProxy::start(&e2e.net.pds_url)).unwrap();
     let docs = e2e.did_docs(&xrpc.url());
-    let mut writer = e2e.writer(
-        "writer",
-        workspace_tests::s3::free_port(),
-        &["--did-docs", docs.to_str().unwrap()],
-    );
+    let port = workspace_tests::s3::free_port();
+    let mut writer = e2e.writer("writer", port, &["--did-docs", docs.to_str().unwrap()]);
     e2e.wait_get_repos(&mut writer, &xrpc, 200, 2);
     let before = e2e.net.post("S1", "s1_before_gap", "before the gap");
     e2e.wait_files(&mut writer, &[path::study_post(&s1, &before.record.rkey)]);
@@ -457,6 +454,12 @@ fn commits_during_a_resync_are_not_lost() {
     e2e.wait_running(&mut writer, "the resync's getRepo held", || {
         xrpc.holding() >= 1
     });
+    // `/health` shows the repair under way (still healthy: a repair is not a stall).
+    let (code, body) = workspace_tests::s3::http(port, "GET", "/health").unwrap();
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["resync_queue_depth"], 1, "{health}");
+    assert_eq!(health["repairs_in_flight"], 1, "{health}");
     let during = e2e.net.post("S1", "s1_during", "made during the resync");
     assert!(e2e
         .rt

@@ -367,6 +367,8 @@ async fn health_is_ok_while_frames_are_committed() {
     assert_eq!(json["cursor"], 10);
     assert!(json["lag_seconds"].as_f64().is_some());
     assert_eq!(json["last_error"], Value::Null);
+    assert_eq!(json["resync_queue_depth"], 0);
+    assert_eq!(json["repairs_in_flight"], 0);
     // A quiet relay after that is not a stuck writer.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (status, body) = get(writer.addr(), "/health").await;
