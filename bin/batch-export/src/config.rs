@@ -109,6 +109,13 @@ pub struct Args {
     #[arg(long, env = "BATCH_EXPORT_S3_PART_SIZE_MIB", default_value_t = 16)]
     pub s3_part_size_mib: u64,
 
+    /// Rebuild this state directory's memory (journal, exported keys) from the output's
+    /// manifests and take the output's owner marker over: for a state directory that was lost,
+    /// restored from a backup, or moved to a new machine (a run refuses such a state with exit 2
+    /// and says so).
+    #[arg(long, env = "BATCH_EXPORT_ADOPT_OUTPUT", conflicts_with = "dry_run")]
+    pub adopt_output: bool,
+
     /// Log filter (tracing `EnvFilter` syntax; `RUST_LOG` is used when this is unset).
     #[arg(long, env = "BATCH_EXPORT_LOG")]
     pub log: Option<String>,
@@ -138,25 +145,27 @@ pub enum Compression {
 }
 
 /// Test-only fault injection, compiled in only with the `fault-injection` feature (the tests
-/// enable it; release builds do not have it): `BATCH_EXPORT_FAULT=after-plan|after-write|
-/// after-publish|after-commit|after-take` (an environment variable only; not a flag and
-/// deliberately not in the user documentation). The process aborts (`std::process::abort()`: no
-/// destructors, no cleanup, like a kill) the first time it reaches that point, which is in the
-/// first batch, so the tests can put a crash in each window of the exactly-once protocol
-/// deterministically instead of by a lucky SIGKILL:
+/// enable it; release builds do not have it): `BATCH_EXPORT_FAULT=after-stage|after-commit|
+/// after-publish-one|after-publish|after-manifest|after-take` (an environment variable only; not
+/// a flag and deliberately not in the user documentation). The process aborts
+/// (`std::process::abort()`: no destructors, no cleanup, like a kill) the first time it reaches
+/// that point, which is in the first batch (or the first batch rolled forward), so the tests
+/// can put a crash in each window of the exactly-once protocol deterministically:
 ///
-/// * `after-plan`: the batch plan is committed (`writing`), nothing written yet;
-/// * `after-write`: the first table's Parquet temp file is written, not yet published;
-/// * `after-publish`: every table of the batch is published, the batch is not committed;
-/// * `after-commit`: the batch is committed, no cache file deleted yet;
+/// * `after-stage`: every table's Parquet file is staged and fsynced, the batch not committed;
+/// * `after-commit`: the batch is committed, nothing published;
+/// * `after-publish-one`: the first table is published, the others not;
+/// * `after-publish`: every table is published, the manifest not written;
+/// * `after-manifest`: the manifest is written, the batch not marked published;
 /// * `after-take`: the first exported cache file was taken (`.exported-<id>-<name>`), not
 ///   deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    AfterPlan,
-    AfterWrite,
-    AfterPublish,
+    AfterStage,
     AfterCommit,
+    AfterPublishOne,
+    AfterPublish,
+    AfterManifest,
     AfterTake,
 }
 
@@ -171,10 +180,11 @@ impl Fault {
         };
         Ok(Some(match v.as_str() {
             "" => return Ok(None),
-            "after-plan" => Fault::AfterPlan,
-            "after-write" => Fault::AfterWrite,
-            "after-publish" => Fault::AfterPublish,
+            "after-stage" => Fault::AfterStage,
             "after-commit" => Fault::AfterCommit,
+            "after-publish-one" => Fault::AfterPublishOne,
+            "after-publish" => Fault::AfterPublish,
+            "after-manifest" => Fault::AfterManifest,
             "after-take" => Fault::AfterTake,
             // A typo must not make a crash test silently test nothing.
             other => bail!("{}={other:?} is not a known fault point", Self::ENV),
@@ -231,6 +241,7 @@ pub struct Config {
     pub clear_cache: bool,
     pub prune_min_age_secs: u64,
     pub dry_run: bool,
+    pub adopt_output: bool,
     pub batch_files: usize,
     pub dedupe_retention_secs: i64,
     pub threads: usize,
@@ -349,6 +360,7 @@ impl Config {
             clear_cache: args.clear_cache,
             prune_min_age_secs: args.prune_min_age_secs,
             dry_run: args.dry_run,
+            adopt_output: args.adopt_output,
             batch_files: args.batch_files,
             dedupe_retention_secs: retention,
             threads: args.threads,
