@@ -1,6 +1,7 @@
-//! A local S3-compatible server for tests: moto (`python3 -m moto.server`, PyPI `moto[server]`,
-//! see `tests/requirements.txt`) on 127.0.0.1 at a free port. Std only, so a test binary can also
-//! include this file with `#[path]`.
+//! A local S3-compatible server for tests: moto (`moto.server`, PyPI `moto[server]`, see
+//! `tests/requirements.txt`) on 127.0.0.1 at a free port, with every request it receives logged
+//! (method, path, query) so that tests can assert what a client did and did not send (e.g. no
+//! `DeleteObject`). Std only, so a test binary can also include this file with `#[path]`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,6 +14,46 @@ pub struct S3Server {
     pub port: u16,
     /// `http://127.0.0.1:<port>`
     pub endpoint: String,
+    /// One line per request received: `METHOD /path?query`.
+    log: std::path::PathBuf,
+}
+
+/// moto's own server entry point, with a WSGI wrapper that appends each request's method, path
+/// and query to a log file before moto handles it.
+const LOGGING_MOTO: &str = r#"
+import sys, threading
+import moto.server as ms
+log = open(sys.argv[1], 'a', buffering=1)
+lock = threading.Lock()
+orig = ms.run_simple
+def run_simple(host, port, app, **kw):
+    def logged(environ, start_response):
+        with lock:
+            log.write(environ['REQUEST_METHOD'] + ' ' + environ.get('PATH_INFO', '') + '?' + environ.get('QUERY_STRING', '') + '\n')
+        return app(environ, start_response)
+    return orig(host, port, logged, **kw)
+ms.run_simple = run_simple
+ms.main(sys.argv[2:])
+"#;
+
+/// One request an S3 server received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+}
+
+impl Request {
+    /// `DeleteObject` (DELETE of a key, not an `uploadId` abort) or `DeleteObjects` (`POST ?delete`).
+    pub fn is_delete_object(&self) -> bool {
+        let has = |name: &str| {
+            self.query
+                .split('&')
+                .any(|kv| kv.split('=').next() == Some(name))
+        };
+        (self.method == "DELETE" && !has("uploadId")) || (self.method == "POST" && has("delete"))
+    }
 }
 
 /// Environment a client of the test server needs (dummy credentials, fixed region, no IMDS).
@@ -61,10 +102,16 @@ impl S3Server {
             String::from_utf8_lossy(&check.stderr)
         );
         let port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "s3-requests-{}-{port}.log",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&log);
         let child = Command::new("python3")
             .args([
-                "-m",
-                "moto.server",
+                "-c",
+                LOGGING_MOTO,
+                &log.display().to_string(),
                 "-H",
                 "127.0.0.1",
                 "-p",
@@ -79,6 +126,7 @@ impl S3Server {
             child,
             port,
             endpoint: format!("http://127.0.0.1:{port}"),
+            log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -100,9 +148,28 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// Every request the server received so far, in order.
+    pub fn requests(&self) -> Vec<Request> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (method, rest) = l.split_once(' ')?;
+                let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+                Some(Request {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    query: query.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }

@@ -189,7 +189,9 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
             adopted =
                 manifest::adopt(sink, state, &config.state_dir, config.dedupe_retention_secs)?;
         }
-        manifest::reconcile(sink, state, &config.state_dir)?;
+        manifest::reconcile(sink, state, &config.state_dir).context(
+            "checking the state directory against the output; nothing was exported and the cache is untouched",
+        )?;
     }
     // A spinner on stderr, drawn only when stdout is a terminal and the run turns out large.
     let progress =

@@ -1326,9 +1326,11 @@ fn clear_cache_prunes_only_empty_old_folders() {
             &format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
         ),
     );
-    // An unexported file in an unknown folder is never removed.
+    // An unexported file in an unknown folder is never removed (and needs a human: exit 3).
     env.write("somewhere/else/keep.json", "{}");
-    env.export_ok(&["--clear-cache", "--prune-min-age-secs", "0"]);
+    let out = env.export(&["--clear-cache", "--prune-min-age-secs", "0"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(summary(&out)["files_unrecognised"], 1);
     assert!(
         !env.cache.join(liked).exists(),
         "empty nested folder pruned"
@@ -1604,6 +1606,8 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let writer = Writer::start(env.cache.clone(), 100_000, Duration::from_micros(300));
     let mut killed = 0;
     let mut completed = 0;
+    // Every Parquet file any run published: none may ever disappear.
+    let mut ever_published = BTreeSet::new();
     // At least 25 runs, and as many more (up to 100) as it takes for 12 of them to be killed
     // mid-way: on a fast machine more runs finish before their kill time.
     for i in 0..100u64 {
@@ -1641,6 +1645,7 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
             }
         }
         let _ = child.wait();
+        ever_published.extend(published(&env.out).into_keys());
     }
     let written = writer.finish();
     let s = env.export_ok(&[]);
@@ -1650,6 +1655,10 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         "too few runs were killed mid-way ({killed}) for the test to mean anything"
     );
     assert!(written.values().map(BTreeSet::len).sum::<usize>() > 500);
+    let now = published(&env.out);
+    let withdrawn: Vec<_> = ever_published.iter().filter(|p| !now.contains_key(*p)).collect();
+    assert!(withdrawn.is_empty(), "published, then withdrawn: {withdrawn:?}");
+    assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
 }
 
@@ -1753,105 +1762,163 @@ fn output_files_ending(env: &Env, suffix: &str) -> Vec<String> {
     out
 }
 
-/// Batches in state `writing` in the journal.
-fn unfinished_batches(env: &Env) -> usize {
-    sqlite_query(
-        &env.cache.join(".export/state.sqlite"),
-        "SELECT count(*) FROM batch WHERE state = 'writing'",
-    )[0]
-    .parse()
-    .unwrap()
+/// Every published Parquet file of a local output (relative path -> bytes). Nothing under
+/// `_batch_export/` ends in `.parquet`.
+fn published(root: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().ends_with(".parquet") {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                assert!(
+                    !rel.starts_with("_batch_export"),
+                    "a *.parquet name in the export's own folder: {rel}"
+                );
+                out.insert(rel, fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Every file published before is still there, byte for byte (rows are never withdrawn).
+fn assert_nothing_withdrawn(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>) {
+    for (path, bytes) in before {
+        match after.get(path) {
+            None => panic!("{path} was published, then withdrawn"),
+            Some(b) => assert!(b == bytes, "{path} was published, then changed"),
+        }
+    }
+}
+
+/// The output's manifests (local): batch id -> (manifest JSON, its keys object's length).
+fn manifests(root: &std::path::Path) -> BTreeMap<i64, Value> {
+    let dir = root.join("_batch_export/batches");
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".json") {
+            let m: Value = serde_json::from_slice(&fs::read(e.path()).unwrap()).unwrap();
+            let keys = fs::read(dir.join(format!("{stem}.keys"))).unwrap();
+            assert_eq!(
+                keys.len() as u64,
+                16 * m["keys"]["count"].as_u64().unwrap(),
+                "{name}"
+            );
+            out.insert(stem.parse().unwrap(), m);
+        }
+    }
+    out
+}
+
+/// Every published Parquet file is named by exactly one manifest, with its row count, and the
+/// manifests chain (each names the one before).
+fn assert_manifests_cover(root: &std::path::Path) {
+    let m = manifests(root);
+    let files = published(root);
+    let mut named = BTreeSet::new();
+    let mut previous: Option<i64> = None;
+    for (id, man) in &m {
+        assert_eq!(man["batch_id"], *id);
+        assert_eq!(man["previous_batch_id"].as_i64(), previous, "chain at {id}");
+        previous = Some(*id);
+        for f in man["files"].as_array().unwrap() {
+            let path = f["path"].as_str().unwrap().to_owned();
+            assert!(files.contains_key(&path), "manifest {id} names {path}, not in the output");
+            assert!(named.insert(path.clone()), "{path} in two manifests");
+        }
+    }
+    let unnamed: Vec<_> = files.keys().filter(|p| !named.contains(*p)).collect();
+    assert!(unnamed.is_empty(), "published files no manifest names: {unnamed:?}");
 }
 
 const CRASH_FILES: usize = 30;
 const CRASH_BATCH: &[&str] = &["--batch-files", "10"];
 
-#[test]
-fn crash_after_plan_is_rolled_back() {
+/// A run aborted at `fault` in the first batch, then a normal run: nothing published is ever
+/// withdrawn, nothing is lost or doubled, every output file is in a manifest. Returns the
+/// recovery run's summary and what was published at the crash.
+fn crash_and_recover(fault: &str) -> (Value, BTreeMap<String, Vec<u8>>) {
     let env = Env::new();
     let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-plan", &[]);
-    assert_eq!(unfinished_batches(&env), 1);
-    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), fault, &[]);
+    let at_crash = published(&env.out);
     let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 1, "{s}");
-    assert_eq!(s["files_exported"], CRASH_FILES, "{s}");
-    assert_eq!(unfinished_batches(&env), 0);
-    assert_exactly_once(&env, &written);
-}
-
-#[test]
-fn crash_after_write_leaves_no_parquet_file_a_reader_could_glob() {
-    // A temp file in a live partition folder must not match `**/*.parquet`.
-    let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-write", &[]);
-    let partial = output_files_ending(&env, ".partial");
-    assert_eq!(partial.len(), 1, "the first table's temp file: {partial:?}");
+    let after = published(&env.out);
+    assert_nothing_withdrawn(&at_crash, &after);
     assert_eq!(
-        output_files_ending(&env, ".parquet"),
+        output_files_ending(&env, ".staged"),
         Vec::<String>::new(),
-        "no *.parquet file before anything is published"
+        "staged files are published or removed"
     );
-    let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 1, "{s}");
-    assert_eq!(output_files_ending(&env, ".partial"), Vec::<String>::new());
-    // Every *.parquet file is a committed output (the reader reads them all).
-    let parquet = output_files_ending(&env, ".parquet");
-    assert!(parquet
-        .iter()
-        .all(|p| p.ends_with("-0.parquet") && !p.rsplit('/').next().unwrap().starts_with('.')));
-    let committed = sqlite_query(
-        &env.cache.join(".export/state.sqlite"),
-        "SELECT o.location FROM batch_output o JOIN batch b ON b.id = o.batch_id WHERE b.state = 'committed'",
-    );
-    assert_eq!(
-        parquet.len(),
-        committed.len(),
-        "{parquet:?} vs {committed:?}"
-    );
+    assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
+    (s, at_crash)
 }
 
 #[test]
-fn crash_after_publish_is_rolled_back_without_an_orphan() {
+fn crash_after_stage_publishes_nothing_and_exports_again() {
     let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-publish", &[]);
-    let orphans = output_files_ending(&env, ".parquet");
-    // (The walk is depth-first, so the first batch may hold one table or two.)
-    assert!(
-        !orphans.is_empty(),
-        "the batch's tables are published, not committed: {orphans:?}"
-    );
+    fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-stage", &[]);
+    // Staged, fsynced, invisible: nothing a `**/*.parquet` glob or a hive reader can see.
+    assert!(!output_files_ending(&env, ".staged").is_empty());
+    assert!(published(&env.out).is_empty());
     assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
-    let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 1, "{s}");
-    for o in &orphans {
-        assert!(!env.out.join(o).exists(), "{o} rolled back");
-    }
-    assert_exactly_once(&env, &written);
+    drop(env);
+    let (s, at_crash) = crash_and_recover("after-stage");
+    assert!(at_crash.is_empty());
+    assert_eq!(s["batches_rolled_forward"], 0, "{s}");
+    assert_eq!(s["files_exported"], CRASH_FILES, "{s}");
 }
 
 #[test]
-fn crash_after_commit_deletes_without_exporting_again() {
-    let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-commit", &[]);
-    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted yet");
-    let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 0, "{s}");
+fn crash_after_commit_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-commit");
+    assert!(at_crash.is_empty(), "committed, not yet published");
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
     assert_eq!(s["already_exported"], 10, "the committed batch: {s}");
     assert_eq!(s["files_exported"], CRASH_FILES - 10, "{s}");
     assert_eq!(s["files_deleted"], CRASH_FILES, "{s}");
-    assert_exactly_once(&env, &written);
 }
 
 #[test]
-fn crash_after_take_is_finished_next_run() {
+fn crash_between_two_tables_of_a_batch_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-publish-one");
+    assert_eq!(at_crash.len(), 1, "one table published: {:?}", at_crash.keys());
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
+    assert_eq!(s["already_exported"], 10, "{s}");
+}
+
+#[test]
+fn crash_after_publish_before_the_manifest_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-publish");
+    assert!(!at_crash.is_empty());
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
+    assert_eq!(s["already_exported"], 10, "{s}");
+}
+
+#[test]
+fn crash_after_the_manifest_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-manifest");
+    assert!(!at_crash.is_empty());
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
+    assert_eq!(s["already_exported"], 10, "{s}");
+}
+
+#[test]
+fn crash_between_publish_and_delete_is_finished_next_run() {
     let env = Env::new();
     let written = fill_two_tables(&env, CRASH_FILES);
     run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-take", &[]);
+    let at_crash = published(&env.out);
     let files = env.cache_files();
     let taken: Vec<&String> = files
         .iter()
@@ -1861,14 +1928,17 @@ fn crash_after_take_is_finished_next_run() {
     assert!(!taken.is_empty(), "{files:?}");
     assert_eq!(files.len(), CRASH_FILES, "the taken file is still there");
     let s = env.export_ok(&[]);
+    assert_eq!(s["batches_rolled_forward"], 0, "{s}");
     assert_eq!(
         s["already_exported"], 10,
-        "the committed batch, taken file included: {s}"
+        "the published batch, taken file included: {s}"
     );
     assert_eq!(s["files_exported"], CRASH_FILES - 10, "{s}");
     for t in taken {
         assert!(!env.cache.join(t).exists(), "{t} finished");
     }
+    assert_nothing_withdrawn(&at_crash, &published(&env.out));
+    assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
 }
 
@@ -2103,11 +2173,17 @@ fn s3_upload_round_trip_and_multipart() {
 
     let dest = env.dir.path().join("downloaded");
     let keys = download_bucket(&server, "research", &dest);
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    let parquet: Vec<&String> = keys.iter().filter(|k| k.ends_with(".parquet")).collect();
+    assert_eq!(parquet.len(), 4, "{keys:?}");
     assert!(
-        keys.iter()
-            .all(|k| k.starts_with("bluesky/data/") && k.ends_with("-0.parquet")),
+        keys.iter().all(|k| k.starts_with("bluesky/data/")
+            && (k.ends_with("-0.parquet") || k.starts_with("bluesky/data/_batch_export/"))),
         "{keys:?}"
+    );
+    assert_manifests_cover(&dest.join("bluesky/data"));
+    assert!(
+        !server.requests().iter().any(|r| r.is_delete_object()),
+        "no DeleteObject"
     );
     let t = read_parquet_tree(&dest.join("bluesky/data"));
     assert_eq!(
@@ -2130,28 +2206,54 @@ fn s3_upload_round_trip_and_multipart() {
 }
 
 #[test]
-fn s3_crash_after_publish_is_rolled_back_without_an_orphan() {
+fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
     require_pyarrow();
     let server = s3::S3Server::start();
-    server.create_bucket("research");
-    let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    let args = s3_args(&env, &server.endpoint, "s3://research/x", CRASH_BATCH);
-    run_aborted_at(&env, &args, "after-publish", s3::CLIENT_ENV);
-    let orphans = download_bucket(&server, "research", &env.dir.path().join("orphans"));
-    assert!(!orphans.is_empty(), "uploaded, not committed");
-    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
-
-    let out = run(&args, s3::CLIENT_ENV);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(summary(&out)["batches_rolled_back"], 1);
-    assert!(env.cache_files().is_empty());
-    let dest = env.dir.path().join("downloaded");
-    let keys = download_bucket(&server, "research", &dest);
-    for o in &orphans {
-        assert!(!keys.contains(o), "{o} rolled back");
+    for fault in [
+        "after-stage",
+        "after-commit",
+        "after-publish-one",
+        "after-publish",
+        "after-manifest",
+        "after-take",
+    ] {
+        let bucket = format!("crash-{fault}");
+        server.create_bucket(&bucket);
+        let env = Env::new();
+        let written = fill_two_tables(&env, CRASH_FILES);
+        let args = s3_args(&env, &server.endpoint, &format!("s3://{bucket}/x"), CRASH_BATCH);
+        run_aborted_at(&env, &args, fault, s3::CLIENT_ENV);
+        let at_crash = object_etags(&server, &bucket);
+        if fault == "after-stage" || fault == "after-commit" {
+            assert!(
+                !at_crash.keys().any(|k| k.ends_with(".parquet")),
+                "{fault}: nothing published yet: {at_crash:?}"
+            );
+        }
+        let out = run(&args, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        let rolled = summary(&out)["batches_rolled_forward"].as_u64().unwrap();
+        let committed_at_crash = !matches!(fault, "after-stage" | "after-take");
+        assert_eq!(rolled, u64::from(committed_at_crash), "{fault}");
+        // Every object there at the crash is still there, unchanged (a roll-forward rewrites a
+        // manifest with the same bytes, and never re-uploads a finished Parquet file).
+        let after = object_etags(&server, &bucket);
+        for (key, etag) in &at_crash {
+            assert_eq!(after.get(key), Some(etag), "{fault}: {key} withdrawn or changed");
+        }
+        assert!(env.cache_files().is_empty(), "{fault}");
+        let dest = env.dir.path().join("downloaded");
+        download_bucket(&server, &bucket, &dest);
+        assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
+        assert_manifests_cover(&dest.join("x"));
     }
-    assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
+    let requests = server.requests();
+    assert!(
+        requests.iter().filter(|r| r.method == "PUT").count() > 20,
+        "the server logged the uploads: {requests:?}"
+    );
+    let deletes: Vec<_> = requests.iter().filter(|r| r.is_delete_object()).collect();
+    assert!(deletes.is_empty(), "DeleteObject sent: {deletes:?}");
 }
 
 #[test]
@@ -2210,7 +2312,11 @@ fn s3_unreachable_or_failing_leaves_the_cache_untouched() {
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
     let keys = download_bucket(&server, "research", &dest);
-    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with(".parquet")).count(),
+        3,
+        "{keys:?}"
+    );
     let t = read_parquet_tree(&dest.join("x"));
     assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
     assert_eq!(rows(&t, "in_network_user_activity").len(), 1);
@@ -2264,11 +2370,14 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     assert_eq!(s["files_exported"], 12 - left as u64, "{s}");
     assert_eq!(s["files_deleted"], 12 - left as u64, "{s}");
     assert!(
-        s["error"].as_str().unwrap_or("").contains("not exported"),
+        s["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("committed but not yet published"),
         "{s}"
     );
-    // S3 is back (at the same endpoint): the next run rolls back the failed batch and exports
-    // the rest.
+    // S3 is back (at the same endpoint): the next run publishes the committed batch (roll
+    // forward) and exports the rest.
     proxy.heal();
     let out = run(
         &s3_args(&env, &endpoint, "s3://research/x", &[]),
@@ -2276,10 +2385,11 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(
-        summary(&out)["batches_rolled_back"],
+        summary(&out)["batches_rolled_forward"],
         1,
-        "the failed batch is rolled back"
+        "the failed batch is rolled forward"
     );
+    assert!(!server.requests().iter().any(|r| r.is_delete_object()));
     assert_eq!(summary(&out)["error"], Value::Null);
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
@@ -2293,4 +2403,140 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     let unique: BTreeSet<String> = got.iter().cloned().collect();
     assert_eq!(got.len(), unique.len(), "a row was exported twice");
     assert_eq!(unique, written);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The export's memory travels with the output: a state directory that is lost, restored from a
+// backup or foreign is refused (exit 2) and recovered with --adopt-output.
+
+/// Writes `n` study posts with rkeys numbered from `from`; returns (cache path, URI) of each.
+fn study_posts(env: &Env, from: usize, n: usize) -> Vec<(String, String)> {
+    (from..from + n)
+        .map(|i| {
+            let rkey = format!("3l6a{i:09}");
+            let rel = post_path("study_user_activity/create/post", S1, &rkey);
+            env.write(&rel, &study_post(S1, &rkey, &format!("post {i}")));
+            (rel, format!("at://{S1}/app.bsky.feed.post/{rkey}"))
+        })
+        .collect()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Every URI of `posts` is a row of the study post table exactly once, and nothing else is.
+fn assert_posts_once(env: &Env, posts: &[(String, String)]) {
+    let mut written: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    written.insert(
+        "study_user_activity/create/post",
+        posts.iter().map(|(_, u)| u.clone()).collect(),
+    );
+    assert_exactly_once(env, &written);
+    assert_manifests_cover(&env.out);
+}
+
+/// A refused run: exit 2, the message says `what` and names the way out, and nothing changed.
+fn assert_refused(env: &Env, args: &[&str], what: &str) {
+    let before_out = published(&env.out);
+    let before_cache = env.cache_files();
+    let out = env.export(args);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(what), "says {what:?}: {err}");
+    assert!(err.contains("--adopt-output"), "names the way out: {err}");
+    assert_eq!(published(&env.out), before_out, "nothing published");
+    assert_eq!(env.cache_files(), before_cache, "nothing deleted");
+}
+
+#[test]
+fn a_lost_state_directory_is_refused_then_adopted() {
+    let env = Env::new();
+    let mut posts = study_posts(&env, 0, 5);
+    let replayed = posts[2].clone();
+    let replay_json = fs::read_to_string(env.cache.join(&replayed.0)).unwrap();
+    env.export_ok(&["--batch-files", "2"]);
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    // Meanwhile: new files, and the writer replayed (rewrote) an exported one.
+    posts.extend(study_posts(&env, 100, 3));
+    env.write(
+        &replayed.0,
+        &replay_json.replace("2024-10-02-14:03:28", "2024-10-03-09:00:00"),
+    );
+    assert_refused(&env, &[], "behind the output");
+    let s = env.export_ok(&["--adopt-output"]);
+    assert_eq!(s["batches_adopted"], 3, "{s}");
+    assert_eq!(s["already_exported"], 1, "the replay is known from the manifests: {s}");
+    assert_eq!(s["files_exported"], 3, "{s}");
+    assert_posts_once(&env, &posts);
+    // Adopted for good: the next run needs no flag.
+    posts.extend(study_posts(&env, 200, 1));
+    env.export_ok(&[]);
+    assert_posts_once(&env, &posts);
+}
+
+#[test]
+fn a_restored_state_directory_is_refused_then_adopted() {
+    let env = Env::new();
+    let mut posts = study_posts(&env, 0, 3);
+    env.export_ok(&[]);
+    let backup = env.dir.path().join("state-backup");
+    copy_dir(&env.cache.join(".export"), &backup);
+    let later = study_posts(&env, 100, 3);
+    let replay_json = fs::read_to_string(env.cache.join(&later[0].0)).unwrap();
+    posts.extend(later.clone());
+    env.export_ok(&[]);
+    // The state directory is restored from the backup taken before the second batch.
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    fs::rename(&backup, env.cache.join(".export")).unwrap();
+    posts.extend(study_posts(&env, 200, 2));
+    env.write(&later[0].0, &replay_json);
+    assert_refused(&env, &[], "behind the output");
+    let s = env.export_ok(&["--adopt-output"]);
+    assert_eq!(s["batches_adopted"], 2, "{s}");
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_posts_once(&env, &posts);
+}
+
+#[test]
+fn an_output_behind_its_state_directory_is_refused() {
+    let env = Env::new();
+    study_posts(&env, 0, 3);
+    env.export_ok(&[]);
+    let old_copy = env.dir.path().join("out-copy");
+    copy_dir(&env.out, &old_copy);
+    study_posts(&env, 100, 3);
+    env.export_ok(&[]);
+    // The output is restored from the older copy: the second batch's rows are gone from it.
+    fs::remove_dir_all(&env.out).unwrap();
+    fs::rename(&old_copy, &env.out).unwrap();
+    study_posts(&env, 200, 1);
+    assert_refused(&env, &[], "ahead of the output");
+}
+
+#[test]
+fn a_second_exporter_on_one_output_is_refused() {
+    let env = Env::new();
+    study_posts(&env, 0, 2);
+    env.export_ok(&[]);
+    study_posts(&env, 100, 2);
+    let other = env.dir.path().join("other-state");
+    assert_refused(
+        &env,
+        &["--state-dir", other.to_str().unwrap()],
+        "another exporter",
+    );
+    let marker: Value =
+        serde_json::from_slice(&fs::read(env.out.join("_batch_export/owner.json")).unwrap())
+            .unwrap();
+    assert!(
+        marker["state_dir"].as_str().unwrap().ends_with(".export"),
+        "{marker}"
+    );
 }
