@@ -102,10 +102,8 @@ impl S3Server {
             String::from_utf8_lossy(&check.stderr)
         );
         let port = free_port();
-        let log = std::env::temp_dir().join(format!(
-            "s3-requests-{}-{port}.log",
-            std::process::id()
-        ));
+        let log =
+            std::env::temp_dir().join(format!("s3-requests-{}-{port}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
         let child = Command::new("python3")
             .args([

@@ -4,6 +4,8 @@
 //! with them and refuses (exit 2) a state that is behind, ahead of, or foreign to its output,
 //! instead of silently exporting rows twice; `--adopt-output` rebuilds the state from them.
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -145,10 +147,19 @@ fn owner_json(owner: &str, state_dir: &std::path::Path) -> Vec<u8> {
     serde_json::to_vec_pretty(&Owner {
         owner: owner.to_owned(),
         host,
-        state_dir: state_dir.display().to_string(),
+        state_dir: canonical(state_dir),
         since: crate::now_secs(),
     })
     .expect("the owner marker serializes")
+}
+
+/// A state directory as the owner marker records it (canonical, so two spellings of one
+/// directory are one exporter).
+fn canonical(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_owned())
+        .display()
+        .to_string()
 }
 
 fn read_owner(sink: &Sink) -> Result<Option<Owner>> {
@@ -171,23 +182,25 @@ marker over, and exports what is still in the cache exactly once";
 /// Checks the state directory against the output's owner marker and manifests before anything
 /// is published. Refuses (exit 2) a second exporter, and a state directory that is behind or
 /// ahead of its output.
-pub fn reconcile(sink: &Sink, state: &State, state_dir: &std::path::Path) -> Result<()> {
+pub fn reconcile(sink: &Sink, state: &State, state_dir: &Path) -> Result<()> {
     let me = state.ensure_owner_id()?;
     let out = sink.describe();
-    match read_owner(sink)? {
-        Some(o) if o.owner != me => {
-            return Err(refuse(format!(
-                "the output {out} is written by another exporter (owner marker \
-                 {out}/_batch_export/{OWNER}: state directory {} on host {:?}, since {}), not by \
-                 this state directory ({}). Two exporters on one output would export rows \
-                 twice. Stop the other exporter; {ADOPT_HINT}",
-                o.state_dir,
-                o.host,
-                o.since,
-                state_dir.display()
-            )))
-        }
-        _ => {}
+    let marker = read_owner(sink)?;
+    // A marker of another state directory: a second exporter. A marker naming this state
+    // directory's path with another id: this directory was recreated (lost, restored from a
+    // backup); the manifest checks below say which.
+    let foreign = marker.as_ref().filter(|o| o.owner != me);
+    if let Some(o) = foreign.filter(|o| o.state_dir != canonical(state_dir)) {
+        return Err(refuse(format!(
+            "the output {out} is written by another exporter (owner marker \
+             {out}/_batch_export/{OWNER}: state directory {} on host {:?}, since {}), not by \
+             this state directory ({}). Two exporters on one output would export rows \
+             twice. Stop the other exporter; {ADOPT_HINT}",
+            o.state_dir,
+            o.host,
+            o.since,
+            state_dir.display()
+        )));
     }
     let last = state.last_published()?;
     let unpublished: Vec<i64> = state.unpublished()?.iter().map(|b| b.id).collect();
@@ -238,9 +251,17 @@ pub fn reconcile(sink: &Sink, state: &State, state_dir: &std::path::Path) -> Res
             }
         }
     }
+    if foreign.is_some() {
+        return Err(refuse(format!(
+            "the state directory {} was recreated since it claimed the output {out} (the owner \
+             marker names another exporter id for the same path): its memory of what was \
+             exported is not the one the output was written with. {ADOPT_HINT}",
+            state_dir.display()
+        )));
+    }
     // Only now is this state directory known to be the output's: claim it if unclaimed. A
     // race with another exporter is lost cleanly (the conditional create fails).
-    if read_owner(sink)?.is_none() && !sink.create_meta(OWNER, &owner_json(&me, state_dir))? {
+    if marker.is_none() && !sink.create_meta(OWNER, &owner_json(&me, state_dir))? {
         match read_owner(sink)? {
             Some(o) if o.owner == me => {}
             _ => {

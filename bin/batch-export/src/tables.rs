@@ -304,8 +304,13 @@ impl Source {
     }
 }
 
-/// Folders nested by the rkey of a study post (the nesting level is not part of the table).
+/// The record kinds a study user's own deletes are filed under (`delete/<kind>/`).
+const DELETE_KINDS: &[&str] = &["post", "like", "repost", "follow", "block", "profile"];
+
+/// Folders nested by the rkey of a post (the nesting level is not part of the table); `like` is
+/// nested by the liked post's rkey.
 const NESTED_BY_RKEY: &[&str] = &[
+    "like",
     "reply_to_user_post",
     "like_on_user_post",
     "repost_of_user_post",
@@ -341,16 +346,23 @@ pub fn classify(rel_dir: &str) -> Option<Source> {
         ["study_user_activity", "create", "block"] => Some(Source::Block),
         ["study_user_activity", "create", "profile"] => Some(Source::Profile),
         ["study_user_activity", "account"] => Some(Source::Account),
-        ["study_user_activity", "delete", rest @ ..] if !rest.is_empty() => {
-            let category = if NESTED_BY_RKEY.contains(&rest[0]) {
-                if rest.len() != 2 {
-                    return None;
-                }
-                rest[0].to_owned()
-            } else {
-                rest.join("/")
-            };
-            Some(Source::StudyDelete { category })
+        // A study user's own delete (`delete/<kind>/`), or the mirror of a routed create folder
+        // (`delete/<folder>/<rkey>/`, `delete/follow/followee/`): the category is the folder
+        // without its rkey nesting. Any other folder under `delete/` is unknown (exit 3).
+        ["study_user_activity", "delete", kind] if DELETE_KINDS.contains(kind) => {
+            Some(Source::StudyDelete {
+                category: (*kind).to_owned(),
+            })
+        }
+        ["study_user_activity", "delete", nested, _] if NESTED_BY_RKEY.contains(nested) => {
+            Some(Source::StudyDelete {
+                category: (*nested).to_owned(),
+            })
+        }
+        ["study_user_activity", "delete", "follow", side @ ("follower" | "followee")] => {
+            Some(Source::StudyDelete {
+                category: format!("follow/{side}"),
+            })
         }
         ["in_network_user_activity", "delete", "post", _] => Some(Source::InNetworkDelete),
         ["in_network_user_activity", "create", "post", _] => {
@@ -901,7 +913,100 @@ mod tests {
             })
         );
         assert_eq!(classify("study_user_activity/delete"), None);
+        assert_eq!(classify("study_user_activity/delete/unknown_kind"), None);
+        assert_eq!(classify("study_user_activity/delete/post/x"), None);
         assert_eq!(classify("create/post"), None);
+    }
+
+    /// The folder -> table mapping ([`classify`]) against every folder the writer's routing
+    /// can produce (`sync_core::paths::Folder`, and the `delete/` mirror of each create folder
+    /// that a later delete is routed to). The `match`es have no wildcard: a new `Folder`
+    /// variant does not compile until it is mapped here.
+    #[test]
+    fn every_folder_the_writer_routes_to_feeds_its_table() {
+        use sync_core::ids::{Did, RecordKey};
+        use sync_core::paths::Folder;
+        use sync_core::records::RecordKind;
+        let did = Did::parse("did:plc:z72i7hdynmk6r22z27h6tvur").unwrap();
+        let mut folders = vec![
+            Folder::StudyPost,
+            Folder::InNetworkPost(did),
+            Folder::Follower,
+            Folder::Followee,
+            Folder::StudyRepost,
+            Folder::StudyBlock,
+            Folder::StudyProfile,
+            Folder::Account,
+        ];
+        // An ordinary rkey, one that starts with `.` (written `%2E...`) and a literal one.
+        for rkey in ["3l5jnpb6xyz2k", ".hidden", "self"] {
+            let r = RecordKey::parse(rkey).unwrap();
+            folders.extend([
+                Folder::ReplyToUserPost(r.clone()),
+                Folder::StudyLike(r.clone()),
+                Folder::LikeOnUserPost(r.clone()),
+                Folder::RepostOfUserPost(r.clone()),
+                Folder::QuoteOfUserPost(r),
+            ]);
+        }
+        for kind in [
+            RecordKind::Post,
+            RecordKind::Like,
+            RecordKind::Repost,
+            RecordKind::Follow,
+            RecordKind::Block,
+            RecordKind::Profile,
+        ] {
+            folders.push(Folder::StudyDelete(kind.name()));
+        }
+        for folder in &folders {
+            let expected = match folder {
+                Folder::StudyPost => TableId::StudyPost,
+                Folder::ReplyToUserPost(_) => TableId::ReplyToUserPost,
+                Folder::InNetworkPost(_) => TableId::InNetworkPost,
+                Folder::StudyLike(_) => TableId::StudyLike,
+                Folder::LikeOnUserPost(_) => TableId::LikeOnUserPost,
+                Folder::Follower | Folder::Followee => TableId::SocialNetwork,
+                Folder::StudyRepost => TableId::StudyRepost,
+                Folder::RepostOfUserPost(_) => TableId::RepostOfUserPost,
+                Folder::QuoteOfUserPost(_) => TableId::QuoteOfUserPost,
+                Folder::StudyBlock => TableId::StudyBlock,
+                Folder::StudyProfile => TableId::StudyProfile,
+                Folder::Account => TableId::StudyAccount,
+                Folder::StudyDelete(_) => TableId::StudyDelete,
+            };
+            let path = folder.path("x.json".into()).unwrap();
+            let got = classify(path.dir()).map(|s| s.table());
+            assert_eq!(got, Some(expected), "{}", path.dir());
+            // Where a delete of a record routed here goes (route.rs: `to_delete`).
+            let mirrored = match folder {
+                Folder::InNetworkPost(_) => Some(TableId::InNetworkDelete),
+                Folder::Account | Folder::StudyDelete(_) => None,
+                Folder::StudyPost
+                | Folder::ReplyToUserPost(_)
+                | Folder::StudyLike(_)
+                | Folder::LikeOnUserPost(_)
+                | Folder::Follower
+                | Folder::Followee
+                | Folder::StudyRepost
+                | Folder::RepostOfUserPost(_)
+                | Folder::QuoteOfUserPost(_)
+                | Folder::StudyBlock
+                | Folder::StudyProfile => Some(TableId::StudyDelete),
+            };
+            if let Some(t) = mirrored {
+                let del = path.to_delete();
+                let src = classify(del.dir());
+                assert_eq!(src.as_ref().map(Source::table), Some(t), "{}", del.dir());
+                if let Some(Source::StudyDelete { category }) = src {
+                    assert!(
+                        !category.contains('%') && !category.contains("3l5j") && category != "self",
+                        "the category of {} is a folder name, not an rkey: {category}",
+                        del.dir()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

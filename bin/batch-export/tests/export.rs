@@ -1656,8 +1656,14 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     );
     assert!(written.values().map(BTreeSet::len).sum::<usize>() > 500);
     let now = published(&env.out);
-    let withdrawn: Vec<_> = ever_published.iter().filter(|p| !now.contains_key(*p)).collect();
-    assert!(withdrawn.is_empty(), "published, then withdrawn: {withdrawn:?}");
+    let withdrawn: Vec<_> = ever_published
+        .iter()
+        .filter(|p| !now.contains_key(*p))
+        .collect();
+    assert!(
+        withdrawn.is_empty(),
+        "published, then withdrawn: {withdrawn:?}"
+    );
     assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
 }
@@ -1831,12 +1837,18 @@ fn assert_manifests_cover(root: &std::path::Path) {
         previous = Some(*id);
         for f in man["files"].as_array().unwrap() {
             let path = f["path"].as_str().unwrap().to_owned();
-            assert!(files.contains_key(&path), "manifest {id} names {path}, not in the output");
+            assert!(
+                files.contains_key(&path),
+                "manifest {id} names {path}, not in the output"
+            );
             assert!(named.insert(path.clone()), "{path} in two manifests");
         }
     }
     let unnamed: Vec<_> = files.keys().filter(|p| !named.contains(*p)).collect();
-    assert!(unnamed.is_empty(), "published files no manifest names: {unnamed:?}");
+    assert!(
+        unnamed.is_empty(),
+        "published files no manifest names: {unnamed:?}"
+    );
 }
 
 const CRASH_FILES: usize = 30;
@@ -1892,7 +1904,12 @@ fn crash_after_commit_is_rolled_forward() {
 #[test]
 fn crash_between_two_tables_of_a_batch_is_rolled_forward() {
     let (s, at_crash) = crash_and_recover("after-publish-one");
-    assert_eq!(at_crash.len(), 1, "one table published: {:?}", at_crash.keys());
+    assert_eq!(
+        at_crash.len(),
+        1,
+        "one table published: {:?}",
+        at_crash.keys()
+    );
     assert_eq!(s["batches_rolled_forward"], 1, "{s}");
     assert_eq!(s["already_exported"], 10, "{s}");
 }
@@ -2221,7 +2238,12 @@ fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
         server.create_bucket(&bucket);
         let env = Env::new();
         let written = fill_two_tables(&env, CRASH_FILES);
-        let args = s3_args(&env, &server.endpoint, &format!("s3://{bucket}/x"), CRASH_BATCH);
+        let args = s3_args(
+            &env,
+            &server.endpoint,
+            &format!("s3://{bucket}/x"),
+            CRASH_BATCH,
+        );
         run_aborted_at(&env, &args, fault, s3::CLIENT_ENV);
         let at_crash = object_etags(&server, &bucket);
         if fault == "after-stage" || fault == "after-commit" {
@@ -2239,7 +2261,11 @@ fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
         // manifest with the same bytes, and never re-uploads a finished Parquet file).
         let after = object_etags(&server, &bucket);
         for (key, etag) in &at_crash {
-            assert_eq!(after.get(key), Some(etag), "{fault}: {key} withdrawn or changed");
+            assert_eq!(
+                after.get(key),
+                Some(etag),
+                "{fault}: {key} withdrawn or changed"
+            );
         }
         assert!(env.cache_files().is_empty(), "{fault}");
         let dest = env.dir.path().join("downloaded");
@@ -2472,7 +2498,10 @@ fn a_lost_state_directory_is_refused_then_adopted() {
     assert_refused(&env, &[], "behind the output");
     let s = env.export_ok(&["--adopt-output"]);
     assert_eq!(s["batches_adopted"], 3, "{s}");
-    assert_eq!(s["already_exported"], 1, "the replay is known from the manifests: {s}");
+    assert_eq!(
+        s["already_exported"], 1,
+        "the replay is known from the manifests: {s}"
+    );
     assert_eq!(s["files_exported"], 3, "{s}");
     assert_posts_once(&env, &posts);
     // Adopted for good: the next run needs no flag.
