@@ -2569,3 +2569,80 @@ fn a_second_exporter_on_one_output_is_refused() {
         "{marker}"
     );
 }
+
+#[test]
+fn a_file_missing_a_required_key_is_quarantined_and_unknown_keys_are_counted() {
+    let env = Env::new();
+    // A post without `url` (it used to become a null `url`; the predecessor's is always "").
+    let full: Value = serde_json::from_str(&study_post(S1, "3l5jnpb6xyz2k", "no url")).unwrap();
+    let mut no_url = full.as_object().unwrap().clone();
+    no_url.remove("url");
+    let missing = post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k");
+    env.write(&missing, &serde_json::to_string(&no_url).unwrap());
+    // A post with two keys this export does not know: exported, the keys counted.
+    let mut extra: Value = serde_json::from_str(&study_post(S1, "3l5jr4q7m2s2x", "extra")).unwrap();
+    extra["brand_new"] = json!({"x": 1});
+    extra["another"] = json!(null);
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jr4q7m2s2x"),
+        &serde_json::to_string(&extra).unwrap(),
+    );
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let s = summary(&out);
+    assert_eq!(s["quarantined"], 1, "{s}");
+    assert_eq!(s["unknown_keys"], 2, "{s}");
+    assert_eq!(s["files_exported"], 1, "{s}");
+    assert!(env.cache.join(".quarantine").join(&missing).exists());
+    let log = fs::read_to_string(env.cache.join(".quarantine/reasons.log")).unwrap();
+    assert!(log.contains("missing required key(s): url"), "{log}");
+    let r = rows(&env.read(), "study_user_activity/create/post");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["url"], "", "{:?}", r[0]);
+}
+
+/// `chattr +i` (immutable: not even root can rename or unlink it) for the life of the guard.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Immutable(path))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn an_exported_file_that_cannot_be_deleted_needs_a_human() {
+    let env = Env::new();
+    let posts = study_posts(&env, 0, 3);
+    // The only way to make a delete fail for root: an immutable file (ext4/xfs/btrfs).
+    let Some(guard) = Immutable::set(env.cache.join(&posts[1].0)) else {
+        eprintln!("skipping: chattr +i is not supported here (file system or capability)");
+        return;
+    };
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let s = summary(&out);
+    assert_eq!(s["delete_failed"], 1, "{s}");
+    assert_eq!(s["files_deleted"], 2, "{s}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"delete_failed\":1"));
+    drop(guard);
+    // Known as exported: the next run deletes it without exporting it again.
+    let s = env.export_ok(&[]);
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_eq!(s["files_deleted"], 1, "{s}");
+    assert_posts_once(&env, &posts);
+}
