@@ -28,8 +28,11 @@ lock = threading.Lock()
 orig = ms.run_simple
 def run_simple(host, port, app, **kw):
     def logged(environ, start_response):
+        headers = ','.join(sorted(k[5:].lower().replace('_', '-') + '=' + environ[k] for k in environ
+                                  if k.startswith('HTTP_X_AMZ_CHECKSUM') or k.startswith('HTTP_X_AMZ_SDK_CHECKSUM')
+                                  or k.startswith('HTTP_X_AMZ_SERVER_SIDE_ENCRYPTION') or k == 'HTTP_X_AMZ_TRAILER'))
         with lock:
-            log.write(environ['REQUEST_METHOD'] + ' ' + environ.get('PATH_INFO', '') + '?' + environ.get('QUERY_STRING', '') + '\n')
+            log.write(environ['REQUEST_METHOD'] + ' ' + environ.get('PATH_INFO', '') + '?' + environ.get('QUERY_STRING', '') + ' ' + headers + '\n')
         return app(environ, start_response)
     return orig(host, port, logged, **kw)
 ms.run_simple = run_simple
@@ -42,6 +45,9 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub query: String,
+    /// `x-amz-checksum-*`, `x-amz-sdk-checksum-*`, `x-amz-trailer` and `x-amz-server-side-encryption*` headers as
+    /// `name=value`, comma-separated.
+    pub headers: String,
 }
 
 impl Request {
@@ -153,11 +159,13 @@ impl S3Server {
         text.lines()
             .filter_map(|l| {
                 let (method, rest) = l.split_once(' ')?;
-                let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let (target, headers) = rest.split_once(' ').unwrap_or((rest, ""));
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
                 Some(Request {
                     method: method.to_owned(),
                     path: path.to_owned(),
                     query: query.to_owned(),
+                    headers: headers.to_owned(),
                 })
             })
             .collect()

@@ -109,6 +109,22 @@ pub struct Args {
     #[arg(long, env = "BATCH_EXPORT_S3_PART_SIZE_MIB", default_value_t = 16)]
     pub s3_part_size_mib: u64,
 
+    /// S3: when the SDK adds CRC checksums to requests and checks them in answers:
+    /// `when-supported` (every upload, the SDK default) or `when-required` (only where the API
+    /// requires one), for S3-compatible stores that reject the checksum headers.
+    #[arg(long, env = "BATCH_EXPORT_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
+    pub s3_checksum: S3Checksum,
+
+    /// S3: server-side encryption of every object written (`aws:kms` with --s3-kms-key-id, or
+    /// `AES256`); default: the bucket's own default.
+    #[arg(long, env = "BATCH_EXPORT_S3_SSE", value_enum)]
+    pub s3_sse: Option<S3Sse>,
+
+    /// S3: the KMS key (id, ARN or alias) for `--s3-sse aws:kms` (default: the account's
+    /// `aws/s3` key).
+    #[arg(long, env = "BATCH_EXPORT_S3_KMS_KEY_ID")]
+    pub s3_kms_key_id: Option<String>,
+
     /// Rebuild this state directory's memory (journal, exported keys) from the output's
     /// manifests and take the output's owner marker over: for a state directory that was lost,
     /// restored from a backup, or moved to a new machine (a run refuses such a state with exit 2
@@ -135,6 +151,20 @@ pub enum Command {
         #[arg(long, env = "BATCH_EXPORT_GEN_SEED", default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum S3Checksum {
+    WhenSupported,
+    WhenRequired,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum S3Sse {
+    #[value(name = "aws:kms")]
+    AwsKms,
+    #[value(name = "AES256")]
+    Aes256,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -225,6 +255,9 @@ pub struct S3Options {
     pub max_attempts: u32,
     pub multipart_threshold: u64,
     pub part_size: u64,
+    pub checksum: S3Checksum,
+    pub sse: Option<S3Sse>,
+    pub kms_key_id: Option<String>,
 }
 
 /// A validated run configuration.
@@ -328,6 +361,9 @@ impl Config {
         if args.s3_part_size_mib < 5 {
             bail!("--s3-part-size-mib must be at least 5 (S3's minimum part size)");
         }
+        if args.s3_kms_key_id.is_some() && args.s3_sse != Some(S3Sse::AwsKms) {
+            bail!("--s3-kms-key-id needs --s3-sse aws:kms");
+        }
         if args.s3_max_attempts == 0 {
             bail!("--s3-max-attempts must be at least 1");
         }
@@ -371,6 +407,9 @@ impl Config {
                 max_attempts: args.s3_max_attempts,
                 multipart_threshold,
                 part_size,
+                checksum: args.s3_checksum,
+                sse: args.s3_sse,
+                kms_key_id: args.s3_kms_key_id.clone(),
             },
             progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
             fault: Fault::from_env()?,

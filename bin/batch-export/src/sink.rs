@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{Output, S3Options};
+use crate::config::{Output, S3Checksum, S3Options, S3Sse};
 
 pub enum Sink {
     Local { root: PathBuf },
@@ -357,6 +357,12 @@ impl S3Sink {
                 b = b.endpoint_url(ep);
             }
             b = b.force_path_style(opts.path_style);
+            if opts.checksum == S3Checksum::WhenRequired {
+                use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+                b = b
+                    .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                    .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            }
             aws_sdk_s3::Client::from_conf(b.build())
         });
         Ok(S3Sink {
@@ -387,6 +393,8 @@ impl S3Sink {
                         .key(key)
                         .content_length(len as i64)
                         .body(body)
+                        .set_server_side_encryption(self.sse())
+                        .set_ssekms_key_id(self.opts.kms_key_id.clone())
                         .send()
                         .await
                         .map_err(sdk_err)?;
@@ -404,6 +412,8 @@ impl S3Sink {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.opts.kms_key_id.clone())
             .send()
             .await
             .map_err(sdk_err)?;
@@ -482,6 +492,14 @@ impl S3Sink {
                 .await;
         }
         result
+    }
+
+    fn sse(&self) -> Option<aws_sdk_s3::types::ServerSideEncryption> {
+        use aws_sdk_s3::types::ServerSideEncryption;
+        self.opts.sse.map(|s| match s {
+            S3Sse::AwsKms => ServerSideEncryption::AwsKms,
+            S3Sse::Aes256 => ServerSideEncryption::Aes256,
+        })
     }
 
     /// `prefix/rel` (or `rel` without a prefix).
@@ -577,7 +595,9 @@ impl S3Sink {
                     .bucket(&self.bucket)
                     .key(key)
                     .content_length(bytes.len() as i64)
-                    .body(aws_sdk_s3::primitives::ByteStream::from(bytes.to_vec()));
+                    .body(aws_sdk_s3::primitives::ByteStream::from(bytes.to_vec()))
+                    .set_server_side_encryption(self.sse())
+                    .set_ssekms_key_id(self.opts.kms_key_id.clone());
                 if if_absent {
                     req = req.if_none_match("*");
                 }

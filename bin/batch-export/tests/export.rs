@@ -2646,3 +2646,83 @@ fn an_exported_file_that_cannot_be_deleted_needs_a_human() {
     assert_eq!(s["files_deleted"], 1, "{s}");
     assert_posts_once(&env, &posts);
 }
+
+#[test]
+fn s3_checksum_and_encryption_options_reach_the_store() {
+    require_pyarrow();
+    let server = s3::S3Server::start();
+    server.create_bucket("opts");
+    let env = Env::new();
+    fill_examples(&env);
+    let out = run(
+        &s3_args(&env, &server.endpoint, "s3://opts/x", &[]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let parquet_puts = |from: usize| -> Vec<s3::Request> {
+        server.requests()[from..]
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.ends_with(".parquet"))
+            .cloned()
+            .collect()
+    };
+    let first = parquet_puts(0);
+    assert_eq!(first.len(), 3, "{first:?}");
+    // The SDK's default: a CRC checksum with every upload.
+    assert!(
+        first.iter().all(|r| r.headers.contains("checksum")),
+        "{first:?}"
+    );
+    let seen = server.requests().len();
+    env.write(
+        &post_path("study_user_activity/create/post", S2, "3l5jr4q7m2s2x"),
+        &study_post(S2, "3l5jr4q7m2s2x", "second"),
+    );
+    let out = run(
+        &s3_args(
+            &env,
+            &server.endpoint,
+            "s3://opts/x",
+            &[
+                "--s3-checksum",
+                "when-required",
+                "--s3-sse",
+                "aws:kms",
+                "--s3-kms-key-id",
+                "alias/research-export",
+            ],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let second = parquet_puts(seen);
+    assert_eq!(second.len(), 1, "{second:?}");
+    let h = &second[0].headers;
+    assert!(!h.contains("checksum"), "no checksum header: {h}");
+    assert!(h.contains("x-amz-server-side-encryption=aws:kms"), "{h}");
+    assert!(
+        h.contains("x-amz-server-side-encryption-aws-kms-key-id=alias/research-export"),
+        "{h}"
+    );
+    let dest = env.dir.path().join("downloaded");
+    download_bucket(&server, "opts", &dest);
+    assert_eq!(
+        rows(
+            &read_parquet_tree(&dest.join("x")),
+            "study_user_activity/create/post"
+        )
+        .len(),
+        2
+    );
+    // A KMS key without aws:kms is a usage error.
+    let out = run(
+        &s3_args(
+            &env,
+            &server.endpoint,
+            "s3://opts/x",
+            &["--s3-kms-key-id", "k"],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
