@@ -179,3 +179,75 @@ impl Drop for S3Server {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// A second, independent S3-compatible server: `s3s-fs` (crates.io, pinned 0.14.1; `.ci/run`
+/// installs it with `cargo install s3s-fs --version 0.14.1 --features binary --locked`), storing
+/// objects as files under a temporary directory. Found as `$S3S_FS_BIN`, else `s3s-fs` on
+/// `PATH`. Killed (by its pid) when dropped.
+pub struct S3sFs {
+    child: Child,
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`
+    pub endpoint: String,
+    /// The root directory: each bucket is a folder, each object a file.
+    pub root: std::path::PathBuf,
+}
+
+impl S3sFs {
+    /// Starts s3s-fs with the test credentials ([`CLIENT_ENV`]); panics with install
+    /// instructions when the binary is missing.
+    pub fn start(root: &std::path::Path) -> S3sFs {
+        let bin = std::env::var_os("S3S_FS_BIN").unwrap_or_else(|| "s3s-fs".into());
+        let port = free_port();
+        std::fs::create_dir_all(root).expect("creating the s3s-fs root");
+        let child = Command::new(&bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                "testing",
+                "--secret-key",
+                "testing",
+            ])
+            .arg(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin:?} ({e}): install it with `cargo install s3s-fs --version \
+                     0.14.1 --features binary --locked` (what .ci/run does) or set S3S_FS_BIN"
+                )
+            });
+        let server = S3sFs {
+            child,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root: root.to_owned(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// A bucket is a folder of the root.
+    pub fn create_bucket(&self, bucket: &str) {
+        std::fs::create_dir_all(self.root.join(bucket)).expect("creating a bucket folder");
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -106,6 +106,19 @@ fn take_lock(path: &std::path::Path, create: bool) -> Result<Lock> {
     }
 }
 
+/// `6038` -> `6,038`: whole numbers for the progress line.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Files after which a run counts as large enough for a progress bar.
 const LARGE_RUN_FILES: u64 = 20_000;
 
@@ -181,13 +194,15 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
     if let (Some(state), Some(sink)) = (state.as_mut(), &sink) {
         if let Some(legacy) = state.legacy_unfinished()?.first() {
             return Err(anyhow::Error::new(crate::UsageError(format!(
-                "batch {legacy} in {} was left unfinished by an older batch-export, which                  published before committing; this version never removes a published file.                  Run the previous version once to roll it back, then this one",
+                "batch {legacy} in {} was left unfinished by an older batch-export, which \
+                 published before committing; this version never removes a published file. \
+                 Run the previous version once to roll it back, then this one",
                 config.state_dir.display()
             ))));
         }
         if config.adopt_output {
-            adopted =
-                manifest::adopt(sink, state, &config.state_dir, config.dedupe_retention_secs)?;
+            adopted = manifest::adopt(sink, state, &config.state_dir, config.dedupe_retention_secs)
+                .context("--adopt-output: rebuilding the state from the output's manifests")?;
         }
         manifest::reconcile(sink, state, &config.state_dir).context(
             "checking the state directory against the output; nothing was exported and the cache is untouched",
@@ -198,8 +213,26 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
     progress.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} {elapsed} {pos} files read ({per_sec}) {msg}",
+            "{spinner} {elapsed} {pos} files read ({rate}){left}",
         )
+        .map(|s| {
+            s.with_key(
+                "rate",
+                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{} files/s", thousands(st.per_sec() as u64));
+                },
+            )
+            .with_key(
+                "left",
+                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    // Known once the walk is done (the length is set then).
+                    if let Some(len) = st.len() {
+                        let left = len.saturating_sub(st.pos());
+                        let _ = write!(w, ", {} left", thousands(left));
+                    }
+                },
+            )
+        })
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     let mut run = Run {
@@ -277,9 +310,15 @@ impl Run<'_> {
         if self.config.clear_cache && !self.config.dry_run {
             walker.prune_empty_dirs(self.config.prune_min_age_secs);
         }
+        let mut listed = 0u64;
         loop {
             let files: Vec<FileRef> = walker.by_ref().take(self.config.batch_files).collect();
             self.summary.skipped = walker.skipped;
+            listed += files.len() as u64;
+            if files.len() < self.config.batch_files {
+                // The walk is done: the progress line can say how many files are left.
+                self.progress.set_length(listed);
+            }
             if files.is_empty() {
                 break;
             }
@@ -548,6 +587,17 @@ impl Run<'_> {
         self.summary.files_deleted += deleted as u64;
         self.summary.delete_failed += failed as u64;
         self.summary.delete_seconds += t.elapsed().as_secs_f64();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_numbers_are_whole_with_separators() {
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(6038), "6,038");
+        assert_eq!(super::thousands(1_234_567), "1,234,567");
     }
 }
 

@@ -2023,12 +2023,12 @@ print('\n'.join(sorted(keys)))
 "#;
 
 /// Lists and downloads every object of `bucket`; returns the keys.
-fn download_bucket(server: &s3::S3Server, bucket: &str, dest: &std::path::Path) -> Vec<String> {
+fn download_bucket(endpoint: &str, bucket: &str, dest: &std::path::Path) -> Vec<String> {
     let out = std::process::Command::new("python3")
         .args([
             "-c",
             S3_READER,
-            &server.endpoint,
+            endpoint,
             bucket,
             &dest.display().to_string(),
         ])
@@ -2046,7 +2046,7 @@ fn download_bucket(server: &s3::S3Server, bucket: &str, dest: &std::path::Path) 
 }
 
 /// Key -> ETag of every object of `bucket`.
-fn object_etags(server: &s3::S3Server, bucket: &str) -> BTreeMap<String, String> {
+fn object_etags(endpoint: &str, bucket: &str) -> BTreeMap<String, String> {
     let script = r#"
 import json, sys, boto3
 s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',
@@ -2058,7 +2058,7 @@ for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[2]):
 print(json.dumps(out))
 "#;
     let out = std::process::Command::new("python3")
-        .args(["-c", script, &server.endpoint, bucket])
+        .args(["-c", script, endpoint, bucket])
         .output()
         .unwrap();
     assert!(
@@ -2176,7 +2176,7 @@ fn s3_upload_round_trip_and_multipart() {
     assert_eq!(parts.len(), 1, "one multipart upload: {stderr}");
     assert!(parts[0] >= 2, "sent in {} parts: {stderr}", parts[0]);
     // The store agrees: a multipart object's ETag ends in -<number of parts>.
-    let etags = object_etags(&server, "research");
+    let etags = object_etags(&server.endpoint, "research");
     let big: Vec<&String> = etags.values().filter(|e| e.contains('-')).collect();
     assert_eq!(big.len(), 1, "one multipart object: {etags:?}");
     assert!(
@@ -2189,7 +2189,7 @@ fn s3_upload_round_trip_and_multipart() {
     );
 
     let dest = env.dir.path().join("downloaded");
-    let keys = download_bucket(&server, "research", &dest);
+    let keys = download_bucket(&server.endpoint, "research", &dest);
     let parquet: Vec<&String> = keys.iter().filter(|k| k.ends_with(".parquet")).collect();
     assert_eq!(parquet.len(), 4, "{keys:?}");
     assert!(
@@ -2245,7 +2245,7 @@ fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
             CRASH_BATCH,
         );
         run_aborted_at(&env, &args, fault, s3::CLIENT_ENV);
-        let at_crash = object_etags(&server, &bucket);
+        let at_crash = object_etags(&server.endpoint, &bucket);
         if fault == "after-stage" || fault == "after-commit" {
             assert!(
                 !at_crash.keys().any(|k| k.ends_with(".parquet")),
@@ -2259,7 +2259,7 @@ fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
         assert_eq!(rolled, u64::from(committed_at_crash), "{fault}");
         // Every object there at the crash is still there, unchanged (a roll-forward rewrites a
         // manifest with the same bytes, and never re-uploads a finished Parquet file).
-        let after = object_etags(&server, &bucket);
+        let after = object_etags(&server.endpoint, &bucket);
         for (key, etag) in &at_crash {
             assert_eq!(
                 after.get(key),
@@ -2269,7 +2269,7 @@ fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
         }
         assert!(env.cache_files().is_empty(), "{fault}");
         let dest = env.dir.path().join("downloaded");
-        download_bucket(&server, &bucket, &dest);
+        download_bucket(&server.endpoint, &bucket, &dest);
         assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
         assert_manifests_cover(&dest.join("x"));
     }
@@ -2337,7 +2337,7 @@ fn s3_unreachable_or_failing_leaves_the_cache_untouched() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
-    let keys = download_bucket(&server, "research", &dest);
+    let keys = download_bucket(&server.endpoint, "research", &dest);
     assert_eq!(
         keys.iter().filter(|k| k.ends_with(".parquet")).count(),
         3,
@@ -2419,7 +2419,7 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     assert_eq!(summary(&out)["error"], Value::Null);
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
-    download_bucket(&server, "research", &dest);
+    download_bucket(&server.endpoint, "research", &dest);
     let t = read_parquet_tree(&dest.join("x"));
     let r = rows(&t, "in_network_user_activity");
     let got: Vec<String> = r
@@ -2705,7 +2705,7 @@ fn s3_checksum_and_encryption_options_reach_the_store() {
         "{h}"
     );
     let dest = env.dir.path().join("downloaded");
-    download_bucket(&server, "opts", &dest);
+    download_bucket(&server.endpoint, "opts", &dest);
     assert_eq!(
         rows(
             &read_parquet_tree(&dest.join("x")),
@@ -2725,4 +2725,107 @@ fn s3_checksum_and_encryption_options_reach_the_store() {
         s3::CLIENT_ENV,
     );
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+#[test]
+fn s3s_fs_round_trip_and_crash_windows() {
+    // The same protocol against a second, independent S3 implementation: what moto tolerates
+    // is not what production code may rely on.
+    require_pyarrow();
+    let root = tempfile::tempdir().unwrap();
+    let server = s3::S3sFs::start(root.path());
+    for fault in [
+        None,
+        Some("after-commit"),
+        Some("after-publish-one"),
+        Some("after-manifest"),
+    ] {
+        let bucket = format!("s3s-{}", fault.unwrap_or("plain"));
+        server.create_bucket(&bucket);
+        let env = Env::new();
+        let written = fill_two_tables(&env, CRASH_FILES);
+        let args = s3_args(
+            &env,
+            &server.endpoint,
+            &format!("s3://{bucket}/x"),
+            CRASH_BATCH,
+        );
+        let mut at_crash = BTreeMap::new();
+        if let Some(fault) = fault {
+            run_aborted_at(&env, &args, fault, s3::CLIENT_ENV);
+            at_crash = object_etags(&server.endpoint, &bucket);
+        }
+        let out = run(&args, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault:?}: {}", describe(&out));
+        assert_eq!(
+            summary(&out)["batches_rolled_forward"],
+            u64::from(fault.is_some()),
+            "{fault:?}"
+        );
+        let after = object_etags(&server.endpoint, &bucket);
+        for (key, etag) in &at_crash {
+            assert_eq!(
+                after.get(key),
+                Some(etag),
+                "{fault:?}: {key} withdrawn or changed"
+            );
+        }
+        assert!(env.cache_files().is_empty(), "{fault:?}");
+        let dest = env.dir.path().join("downloaded");
+        download_bucket(&server.endpoint, &bucket, &dest);
+        assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
+        assert_manifests_cover(&dest.join("x"));
+        // A second exporter is refused here too (the owner marker is read back).
+        let other = env.dir.path().join("other-state");
+        let mut second = args.clone();
+        second.extend(["--state-dir".to_owned(), other.display().to_string()]);
+        let out = run(&second, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    }
+}
+
+#[test]
+fn a_journal_of_the_previous_protocol_is_upgraded_or_refused() {
+    // A version-1 journal (published before committing): its committed batches count as
+    // published, and a batch it left `writing` (possibly published) is refused, never deleted.
+    let env = Env::new();
+    let posts = study_posts(&env, 0, 2);
+    let state = env.cache.join(".export");
+    fs::create_dir_all(&state).unwrap();
+    let v1 = "CREATE TABLE batch (id INTEGER PRIMARY KEY, started_at INTEGER NOT NULL, state TEXT NOT NULL, files INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE batch_output (batch_id INTEGER NOT NULL, table_path TEXT NOT NULL, location TEXT NOT NULL, temp TEXT NOT NULL, rows INTEGER NOT NULL);
+        CREATE TABLE exported (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+        INSERT INTO batch VALUES (1, 100, 'committed', 1, 1);
+        INSERT INTO batch VALUES (2, 200, 'writing', 0, 0);";
+    let db = state.join("state.sqlite");
+    let exec = |sql: &str| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()",
+                db.to_str().unwrap(),
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    exec(v1);
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("older batch-export"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(env.cache_files().len(), 2, "nothing deleted");
+    // What the older version's own run would do: roll its batch back.
+    exec("UPDATE batch SET state = 'rolled_back' WHERE id = 2");
+    env.export_ok(&[]);
+    assert_eq!(
+        sqlite_query(&db, "SELECT id, state FROM batch ORDER BY id"),
+        ["1|published", "2|rolled_back", "3|published"]
+    );
+    assert_posts_once(&env, &posts);
 }
