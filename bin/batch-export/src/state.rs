@@ -580,7 +580,10 @@ impl RunRows {
     pub fn new() -> Result<RunRows> {
         // An empty file name is a private temporary database on disk.
         let conn = Connection::open("").context("opening the run's de-duplication store")?;
+        // Private and thrown away with the run: no rollback journal, no fsync.
+        conn.pragma_update(None, "journal_mode", "OFF")?;
         conn.pragma_update(None, "synchronous", "OFF")?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.execute_batch("CREATE TABLE run_rows (k BLOB PRIMARY KEY) WITHOUT ROWID;")?;
         Ok(RunRows { conn })
     }

@@ -522,6 +522,11 @@ impl Obj {
     /// The cell of `key` (moved out).
     fn cell(&mut self, key: &str) -> Cell {
         let i = self.index(key);
+        self.cell_at(i)
+    }
+
+    /// The cell of the `i`th key (moved out).
+    fn cell_at(&mut self, i: usize) -> Cell {
         match self.values[i].take() {
             Some(Value1::Cell(c)) => c,
             _ => Cell::Null,
@@ -619,9 +624,17 @@ impl<'de> serde::de::DeserializeSeed<'de> for ObjSeed {
                     values: keys.iter().map(|_| None).collect(),
                     unknown: 0,
                 };
+                // The writer writes the keys in the declared order: try the next expected one
+                // first (one comparison per key), then look the key up.
+                let mut next = 0;
                 while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
-                    match keys.iter().position(|(name, _)| *name == k) {
+                    let found = match keys.get(next) {
+                        Some((name, _)) if *name == k => Some(next),
+                        _ => keys.iter().position(|(name, _)| *name == k),
+                    };
+                    match found {
                         Some(i) => {
+                            next = i + 1;
                             if obj.values[i].is_some() {
                                 return Err(A::Error::custom(format!("duplicate key {k}")));
                             }
@@ -691,17 +704,19 @@ fn like_record(record: serde_json::Value) -> Result<String, String> {
     }
 }
 
-/// Builds a row of `table` column by column, by name: `cell(name)` gives each column's value,
-/// which must fit the declared type.
+/// Builds a row of `table` column by column, by name: `cell(index, name)` gives each column's
+/// value, which must fit the declared type (`index` is the column's position, which for the
+/// post tables is also the position of its key in [`post_keys`]).
 fn row_by_name(
     table: TableId,
-    mut cell: impl FnMut(&str) -> Result<Cell, String>,
+    mut cell: impl FnMut(usize, &str) -> Result<Cell, String>,
 ) -> Result<Vec<Cell>, String> {
     self::table(table)
         .columns
         .iter()
-        .map(|(name, ty)| {
-            let c = cell(name)?;
+        .enumerate()
+        .map(|(i, (name, ty))| {
+            let c = cell(i, name)?;
             if c.fits(*ty) {
                 Ok(c)
             } else {
@@ -728,10 +743,11 @@ pub fn parse(
             unknown = o.unknown;
             let uri = o.peek_str("uri").ok_or("uri is null")?;
             let dedupe = dedupe_key(table, &[uri]);
-            let row = row_by_name(table, |name| {
+            // The post tables' columns are the post keys, in the same order (`post_keys`).
+            let row = row_by_name(table, |i, name| {
                 Ok(match name {
                     "synctimestamp" => ts(),
-                    other => o.cell(other),
+                    _ => o.cell_at(i),
                 })
             })?;
             (row, dedupe)
@@ -744,7 +760,7 @@ pub fn parse(
             let dedupe = dedupe_key(table, &[&uri]);
             let mut uri = Some(uri);
             let mut record = Some(record);
-            let row = row_by_name(table, |name| {
+            let row = row_by_name(table, |_, name| {
                 Ok(match name {
                     "uri" => Cell::str(uri.take().unwrap_or_default()),
                     "record" => Cell::str(record.take().unwrap_or_default()),
@@ -763,7 +779,7 @@ pub fn parse(
             let dedupe = dedupe_key(table, &[&followee, &follower, relationship]);
             // §4.5: the followee is `follow_did`, the follower `follower_did`; handles and URLs
             // were never known.
-            let row = row_by_name(table, |name| {
+            let row = row_by_name(table, |_, name| {
                 Ok(match name {
                     "follow_did" => Cell::str(followee.as_str()),
                     "follower_did" => Cell::str(follower.as_str()),
@@ -786,7 +802,7 @@ pub fn parse(
                 _ => dedupe_key(table, &[&uri]),
             };
             let mut uri = Some(uri);
-            let row = row_by_name(table, |name| {
+            let row = row_by_name(table, |_, name| {
                 Ok(match name {
                     "uri" => Cell::str(uri.take().unwrap_or_default()),
                     "cid" | "author" => o.cell(name),
@@ -829,7 +845,7 @@ pub fn parse(
             if matches!(o.values[o.index("seq")], Some(Value1::Cell(Cell::Null))) {
                 return Err("seq is null".into());
             }
-            let row = row_by_name(table, |name| {
+            let row = row_by_name(table, |_, name| {
                 Ok(match name {
                     "synctimestamp" => ts(),
                     other => o.cell(other),
@@ -849,7 +865,7 @@ pub fn parse(
                 Some(c) => dedupe_key(table, &[&uri, c]),
                 None => dedupe_key(table, &[&uri]),
             };
-            let row = row_by_name(table, |name| {
+            let row = row_by_name(table, |_, name| {
                 Ok(match name {
                     "category" => category.map_or(Cell::Null, Cell::str),
                     "synctimestamp" => ts(),
