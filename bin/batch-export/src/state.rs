@@ -591,12 +591,16 @@ impl RunRows {
     /// Records row de-duplication keys; returns, per key, whether it is new in this run (a key
     /// repeated within `keys` is new only the first time).
     pub fn first_in_run(&self, keys: &[u128]) -> Result<Vec<bool>> {
+        // Inserted in key order (a stable sort keeps repeated keys in their order, so the first
+        // one is the new one): neighbouring inserts touch the same B-tree pages.
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by_key(|&i| keys[i]);
         let tx = self.conn.unchecked_transaction()?;
-        let mut out = Vec::with_capacity(keys.len());
+        let mut out = vec![false; keys.len()];
         {
             let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO run_rows (k) VALUES (?1)")?;
-            for k in keys {
-                out.push(stmt.execute([&k.to_le_bytes()[..]])? == 1);
+            for i in order {
+                out[i] = stmt.execute([&keys[i].to_be_bytes()[..]])? == 1;
             }
         }
         tx.commit()?;
