@@ -111,7 +111,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -590,17 +590,6 @@ impl Run<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn progress_numbers_are_whole_with_separators() {
-        assert_eq!(super::thousands(0), "0");
-        assert_eq!(super::thousands(999), "999");
-        assert_eq!(super::thousands(6038), "6,038");
-        assert_eq!(super::thousands(1_234_567), "1,234,567");
-    }
-}
-
 fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
     let Some(source) = &f.source else {
         return Item::Unrecognised;
@@ -625,5 +614,16 @@ fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
                 reason,
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_numbers_are_whole_with_separators() {
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(6038), "6,038");
+        assert_eq!(super::thousands(1_234_567), "1,234,567");
     }
 }

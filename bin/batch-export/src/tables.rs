@@ -1100,7 +1100,8 @@ mod tests {
         assert_eq!(extra.unknown_keys, 2);
         assert_eq!(extra.row, ok.row, "unknown keys change nothing else");
         // Every other kind: one key removed is a bad file.
-        let kinds: &[(Source, &[(&str, Slot)], &str)] = &[
+        type Kind = (Source, &'static [(&'static str, Slot)], &'static str);
+        let kinds: &[Kind] = &[
             (
                 Source::Like(TableId::StudyLike),
                 LIKE_KEYS,
