@@ -322,23 +322,6 @@ impl State {
             .optional()?)
     }
 
-    /// A committed or published batch by id.
-    pub fn batch(&self, id: i64) -> Result<Option<Batch>> {
-        let sql = format!(
-            "SELECT {} FROM batch WHERE id = ?1 AND state IN ('committed', 'published')",
-            Self::BATCH_COLUMNS
-        );
-        let Some(mut b) = self
-            .conn
-            .query_row(&sql, [id], |r| self.batch_from_row(r))
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        b.outputs = self.outputs_of(id)?;
-        Ok(Some(b))
-    }
-
     /// Batches past their commit point whose publication did not finish (oldest first).
     pub fn unpublished(&self) -> Result<Vec<Batch>> {
         let sql = format!(
@@ -546,26 +529,6 @@ impl State {
         )?;
         tx.commit().context("adopting the output's manifests")?;
         Ok(())
-    }
-
-    /// Records that this state directory's exporter owns the output (after `--adopt-output`
-    /// took it over, the marker names this id).
-    pub fn set_owner_id(&self, id: &str) -> Result<()> {
-        self.set_meta("owner", id)
-    }
-
-    /// Exported keys currently remembered (for tests and the summary).
-    pub fn key_count(&self) -> Result<u64> {
-        let mut n = 0u64;
-        for g in self.generations()? {
-            let c: i64 = self.conn.query_row(
-                &format!("SELECT count(*) FROM {}", generation_table(g)),
-                [],
-                |r| r.get(0),
-            )?;
-            n += c as u64;
-        }
-        Ok(n)
     }
 }
 
