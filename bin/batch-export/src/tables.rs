@@ -901,6 +901,59 @@ pub fn schema_markdown() -> String {
     out
 }
 
+/// The per-table reader recipes of `docs/querying.md` (DuckDB local and S3, Polars, pyarrow,
+/// Athena/Glue DDL with partition projection), generated from [`TABLES`] so that the column
+/// lists cannot drift from the declared schemas (a test keeps the document in sync).
+pub fn querying_markdown() -> String {
+    let mut out = String::new();
+    for t in TABLES {
+        let name = t.path.replace('/', "_");
+        let athena_type = |ty: ColType| match ty {
+            ColType::Str => "string",
+            ColType::I64 => "bigint",
+            ColType::Bool => "boolean",
+        };
+        let cols: Vec<String> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| format!("  `{n}` {}", athena_type(*ty)))
+            .collect();
+        out.push_str(&format!(
+            "### `{path}`\n\n\
+             ```sql\n\
+             -- DuckDB, local output\n\
+             SELECT * FROM read_parquet('OUTPUT/{path}/active/*/*.parquet', hive_partitioning = true);\n\
+             -- DuckDB, S3 output (INSTALL httpfs; LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain);)\n\
+             SELECT * FROM read_parquet('s3://BUCKET/PREFIX/{path}/active/*/*.parquet', hive_partitioning = true);\n\
+             ```\n\n\
+             ```python\n\
+             import polars as pl, pyarrow.dataset as ds\n\
+             df = pl.scan_parquet(\"OUTPUT/{path}/active/**/*.parquet\", hive_partitioning=True).collect()\n\
+             table = ds.dataset(\"OUTPUT/{path}/active\", format=\"parquet\", partitioning=\"hive\").to_table()\n\
+             ```\n\n\
+             ```sql\n\
+             -- Athena / Glue\n\
+             CREATE EXTERNAL TABLE {name} (\n{cols}\n)\n\
+             PARTITIONED BY (`partition_date` string)\n\
+             STORED AS PARQUET\n\
+             LOCATION 's3://BUCKET/PREFIX/{path}/active/'\n\
+             TBLPROPERTIES (\n\
+             \x20 'projection.enabled' = 'true',\n\
+             \x20 'projection.partition_date.type' = 'date',\n\
+             \x20 'projection.partition_date.format' = 'yyyy-MM-dd',\n\
+             \x20 'projection.partition_date.range' = '2024-01-01,NOW',\n\
+             \x20 'projection.partition_date.interval' = '1',\n\
+             \x20 'projection.partition_date.interval.unit' = 'DAYS',\n\
+             \x20 'storage.location.template' = 's3://BUCKET/PREFIX/{path}/active/partition_date=${{partition_date}}/'\n\
+             );\n\
+             ```\n\n",
+            path = t.path,
+            cols = cols.join(",\n"),
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2832,3 +2832,135 @@ fn a_journal_of_the_previous_protocol_is_upgraded_or_refused() {
     );
     assert_posts_once(&env, &posts);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Readers: docs/querying.md's recipes, generated from the declared schemas, run by DuckDB.
+
+const QUERYING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/querying.md");
+
+#[test]
+fn querying_doc_has_a_recipe_and_ddl_for_every_declared_table() {
+    let generated = batch_export::tables::querying_markdown();
+    if std::env::var_os("BATCH_EXPORT_BLESS_DOCS").is_some() {
+        let doc = fs::read_to_string(QUERYING).unwrap();
+        let start = doc.find("<!-- generated -->").unwrap() + "<!-- generated -->\n".len();
+        let end = doc.find("<!-- /generated -->").unwrap();
+        fs::write(
+            QUERYING,
+            format!("{}{generated}{}", &doc[..start], &doc[end..]),
+        )
+        .unwrap();
+    }
+    let doc = fs::read_to_string(QUERYING).unwrap();
+    assert!(
+        doc.contains(&generated),
+        "docs/querying.md is stale: run this test with BATCH_EXPORT_BLESS_DOCS=1"
+    );
+    // Every DDL column list is the table's declared schema, in order.
+    for t in batch_export::tables::TABLES {
+        let name = t.path.replace('/', "_");
+        let at = doc
+            .find(&format!("CREATE EXTERNAL TABLE {name} ("))
+            .unwrap_or_else(|| panic!("no DDL for {}", t.path));
+        let body = &doc[at..];
+        let body = &body[body.find('(').unwrap() + 1..body.find("\n)").unwrap()];
+        let cols: Vec<(String, String)> = body
+            .split(",\n")
+            .map(|c| {
+                let mut p = c.split_whitespace();
+                let n = p.next().unwrap().trim_matches('`').to_owned();
+                (n, p.next().unwrap().to_owned())
+            })
+            .collect();
+        let want: Vec<(String, String)> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| {
+                let athena = match ty.name() {
+                    "string" => "string",
+                    "int64" => "bigint",
+                    _ => "boolean",
+                };
+                (n.to_string(), athena.to_owned())
+            })
+            .collect();
+        assert_eq!(cols, want, "{}", t.path);
+    }
+}
+
+#[test]
+fn duckdb_recipes_read_every_exported_table_with_typed_columns() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "duckdb is not installed for python3 (pip install -r tests/requirements.txt)"
+    );
+    let env = Env::new();
+    fill_two_tables(&env, 20);
+    fill_examples(&env);
+    let s = env.export_ok(&[]);
+    let doc = fs::read_to_string(QUERYING).unwrap();
+    let mut ran = 0;
+    for t in batch_export::tables::TABLES {
+        let Some(rows) = s["tables"][t.path]["rows"].as_u64() else {
+            continue;
+        };
+        let recipe = doc
+            .lines()
+            .find(|l| {
+                l.starts_with("SELECT * FROM read_parquet('OUTPUT/")
+                    && l.contains(&format!("/{}/active/", t.path))
+            })
+            .unwrap_or_else(|| panic!("no DuckDB recipe for {}", t.path))
+            .replace("OUTPUT", &env.out.display().to_string());
+        let script = r#"
+import duckdb, json, sys
+sql = sys.argv[1].rstrip(';')
+con = duckdb.connect()
+cols = [(r[0], r[1]) for r in con.execute('DESCRIBE ' + sql).fetchall()]
+n = con.execute('SELECT count(*) FROM (' + sql + ')').fetchone()[0]
+print(json.dumps({'cols': cols, 'rows': n}))
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", script, &recipe])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{recipe}: {}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["rows"].as_u64(), Some(rows), "{recipe}");
+        let got: Vec<(String, String)> = v["cols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c[0].as_str().unwrap().to_owned(),
+                    c[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let mut want: Vec<(String, String)> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| {
+                let duck = match ty.name() {
+                    "string" => "VARCHAR",
+                    "int64" => "BIGINT",
+                    _ => "BOOLEAN",
+                };
+                (n.to_string(), duck.to_owned())
+            })
+            .collect();
+        // The hive partition column, typed as a date by DuckDB's partition type inference.
+        let part = got.last().cloned().unwrap();
+        assert_eq!(part.0, "partition_date", "{got:?}");
+        assert!(part.1 == "DATE" || part.1 == "VARCHAR", "{part:?}");
+        want.push(part);
+        assert_eq!(got, want, "{}", t.path);
+        ran += 1;
+    }
+    assert_eq!(ran, 4, "four tables exported: {s}");
+}
