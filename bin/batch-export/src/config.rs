@@ -125,6 +125,13 @@ pub struct Args {
     #[arg(long, env = "BATCH_EXPORT_S3_KMS_KEY_ID")]
     pub s3_kms_key_id: Option<String>,
 
+    /// The writer's state database (read only): its committed cursor, read when the run starts,
+    /// is recorded in the output (`_batch_export/resume.json`) when the run ends with nothing
+    /// left behind, so a replacement machine knows where to restart the writer
+    /// (`batch-export resume-point`).
+    #[arg(long, env = "BATCH_EXPORT_WRITER_STATE")]
+    pub writer_state: Option<PathBuf>,
+
     /// Rebuild this state directory's memory (journal, exported keys) from the output's
     /// manifests and take the output's owner marker over: for a state directory that was lost,
     /// restored from a backup, or moved to a new machine (a run refuses such a state with exit 2
@@ -139,6 +146,10 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Prints the writer cursor the output is complete up to (a bare number on stdout, details
+    /// on stderr): start a replacement writer with `--cursor` at it, and the export with
+    /// `--adopt-output`. Uses --output and the S3 flags.
+    ResumePoint,
     /// Writes a synthetic cache of realistic post files (for benchmarks).
     GenCache {
         /// Number of post files to write.
@@ -275,6 +286,7 @@ pub struct Config {
     pub prune_min_age_secs: u64,
     pub dry_run: bool,
     pub adopt_output: bool,
+    pub writer_state: Option<PathBuf>,
     pub batch_files: usize,
     pub dedupe_retention_secs: i64,
     pub threads: usize,
@@ -397,6 +409,7 @@ impl Config {
             prune_min_age_secs: args.prune_min_age_secs,
             dry_run: args.dry_run,
             adopt_output: args.adopt_output,
+            writer_state: args.writer_state.clone(),
             batch_files: args.batch_files,
             dedupe_retention_secs: retention,
             threads: args.threads,

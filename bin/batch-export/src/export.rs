@@ -246,7 +246,36 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         progress_shown: std::sync::atomic::AtomicBool::new(!config.progress),
     };
     run.summary.batches_adopted = adopted as u64;
-    let result = run.go();
+    // Read before the walk: every file of events up to this cursor is in the cache now.
+    let writer_cursor = match (&config.writer_state, config.dry_run) {
+        (Some(path), false) => Some(manifest::read_writer_cursor(path)?),
+        _ => None,
+    };
+    let mut result = run.go();
+    if let (Ok(()), Some((cursor, upstream))) = (&result, writer_cursor) {
+        // Only a run that left nothing behind covers every event up to the cursor.
+        if !run.summary.needs_attention() {
+            let last_batch_id = match &run.state {
+                Some(s) => s.last_published()?.map(|b| b.id),
+                None => None,
+            };
+            let sink = run.sink.as_ref().expect("sink outside dry runs");
+            result = manifest::write_resume(
+                sink,
+                &manifest::Resume {
+                    writer_cursor: cursor,
+                    upstream,
+                    last_batch_id,
+                    at: crate::now_secs(),
+                },
+            );
+        } else {
+            tracing::warn!(
+                cursor,
+                "the resume point is not moved: this run left files behind (exit 3)"
+            );
+        }
+    }
     run.progress.finish_and_clear();
     run.summary.seconds = started.elapsed().as_secs_f64();
     match result {

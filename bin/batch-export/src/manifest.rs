@@ -14,6 +14,7 @@ use crate::state::{keys_digest, Adopted, Batch, FileKey, State};
 use crate::UsageError;
 
 pub const OWNER: &str = "owner.json";
+pub const RESUME: &str = "resume.json";
 pub const BATCHES: &str = "batches";
 pub const FORMAT: &str = "batch-export-manifest/1";
 
@@ -337,6 +338,57 @@ pub fn adopt(
         "adopted the output: the exported-key memory was rebuilt from its manifests"
     );
     Ok(batches.len())
+}
+
+/// Where a replacement writer may resume: every file of events up to `writer_cursor` was in
+/// the cache when a run started, and that run ended with all of them in the output.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Resume {
+    pub writer_cursor: i64,
+    /// The relay the cursor belongs to (the writer's stored upstream), if it recorded one.
+    pub upstream: Option<String>,
+    /// The newest batch when the run ended.
+    pub last_batch_id: Option<i64>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// The writer's committed cursor and upstream, read from its state database (read only).
+pub fn read_writer_cursor(path: &Path) -> Result<(i64, Option<String>)> {
+    use rusqlite::{OpenFlags, OptionalExtension};
+    let conn = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("opening the writer state {}", path.display()))?;
+    let get = |k: &str| -> Result<Option<String>> {
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+            .optional()
+            .with_context(|| format!("reading {k} from {}", path.display()))?)
+    };
+    let cursor = get("cursor")?
+        .with_context(|| format!("{} has no committed cursor yet", path.display()))?
+        .parse::<i64>()
+        .context("the writer's stored cursor is not a number")?;
+    Ok((cursor, get("upstream")?))
+}
+
+/// Records the resume point in the output (overwrites the previous one; it only moves forward,
+/// since a writer cursor only grows between overrides).
+pub fn write_resume(sink: &Sink, resume: &Resume) -> Result<()> {
+    sink.put_meta(
+        RESUME,
+        &serde_json::to_vec_pretty(resume).expect("the resume point serializes"),
+    )
+    .context("writing the resume point")
+}
+
+/// The output's resume point, if a run with `--writer-state` recorded one.
+pub fn read_resume(sink: &Sink) -> Result<Option<Resume>> {
+    match sink.get_meta(RESUME)? {
+        None => Ok(None),
+        Some(b) => Ok(Some(
+            serde_json::from_slice(&b).context("the resume point is not valid")?,
+        )),
+    }
 }
 
 #[cfg(test)]

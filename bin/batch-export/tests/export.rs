@@ -2964,3 +2964,61 @@ print(json.dumps({'cols': cols, 'rows': n}))
     }
     assert_eq!(ran, 4, "four tables exported: {s}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Machine loss: the output records where a replacement writer may resume.
+
+#[test]
+fn the_resume_point_moves_only_after_a_clean_run_and_survives_the_state() {
+    let env = Env::new();
+    let writer_state = env.dir.path().join("firehose-state.sqlite");
+    let set_cursor = |cursor: i64| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('upstream', 'bsky.network')\")\nc.commit()",
+                writer_state.to_str().unwrap(),
+                &cursor.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    let resume_point = || {
+        let out = run(
+            &[
+                "--output".to_owned(),
+                env.out.display().to_string(),
+                "resume-point".to_owned(),
+            ],
+            &[],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    };
+    let ws = ["--writer-state", writer_state.to_str().unwrap()];
+    assert_eq!(resume_point().0, Some(1), "no resume point yet");
+    set_cursor(1_000);
+    let mut posts = study_posts(&env, 0, 3);
+    env.export_ok(&ws);
+    assert_eq!(resume_point(), (Some(0), "1000".to_owned()));
+    // A run that leaves a file behind (exit 3) does not move it.
+    set_cursor(2_000);
+    env.write("somewhere/else/x.json", "{}");
+    posts.extend(study_posts(&env, 100, 2));
+    let out = env.export(&ws);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(resume_point(), (Some(0), "1000".to_owned()));
+    fs::remove_file(env.cache.join("somewhere/else/x.json")).unwrap();
+    env.export_ok(&ws);
+    assert_eq!(resume_point(), (Some(0), "2000".to_owned()));
+    // The machine is lost with its export state: the replacement adopts the output and the
+    // resume point is still read from the output.
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    posts.extend(study_posts(&env, 200, 2));
+    env.export_ok(&["--adopt-output"]);
+    assert_eq!(resume_point(), (Some(0), "2000".to_owned()));
+    assert_posts_once(&env, &posts);
+}
