@@ -359,10 +359,9 @@ pub fn read_writer_cursor(path: &Path) -> Result<(i64, Option<String>)> {
     let conn = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("opening the writer state {}", path.display()))?;
     let get = |k: &str| -> Result<Option<String>> {
-        Ok(conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
             .optional()
-            .with_context(|| format!("reading {k} from {}", path.display()))?)
+            .with_context(|| format!("reading {k} from {}", path.display()))
     };
     let cursor = get("cursor")?
         .with_context(|| format!("{} has no committed cursor yet", path.display()))?
