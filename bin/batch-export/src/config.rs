@@ -109,6 +109,36 @@ pub struct Args {
     #[arg(long, env = "BATCH_EXPORT_S3_PART_SIZE_MIB", default_value_t = 16)]
     pub s3_part_size_mib: u64,
 
+    /// S3: when the SDK adds CRC checksums to requests and checks them in answers:
+    /// `when-supported` (every upload, the SDK default) or `when-required` (only where the API
+    /// requires one), for S3-compatible stores that reject the checksum headers.
+    #[arg(long, env = "BATCH_EXPORT_S3_CHECKSUM", value_enum, default_value_t = S3Checksum::WhenSupported)]
+    pub s3_checksum: S3Checksum,
+
+    /// S3: server-side encryption of every object written (`aws:kms` with --s3-kms-key-id, or
+    /// `AES256`); default: the bucket's own default.
+    #[arg(long, env = "BATCH_EXPORT_S3_SSE", value_enum)]
+    pub s3_sse: Option<S3Sse>,
+
+    /// S3: the KMS key (id, ARN or alias) for `--s3-sse aws:kms` (default: the account's
+    /// `aws/s3` key).
+    #[arg(long, env = "BATCH_EXPORT_S3_KMS_KEY_ID")]
+    pub s3_kms_key_id: Option<String>,
+
+    /// The writer's state database (read only): its committed cursor, read when the run starts,
+    /// is recorded in the output (`_batch_export/resume.json`) when the run ends with nothing
+    /// left behind, so a replacement machine knows where to restart the writer
+    /// (`batch-export resume-point`).
+    #[arg(long, env = "BATCH_EXPORT_WRITER_STATE")]
+    pub writer_state: Option<PathBuf>,
+
+    /// Rebuild this state directory's memory (journal, exported keys) from the output's
+    /// manifests and take the output's owner marker over: for a state directory that was lost,
+    /// restored from a backup, or moved to a new machine (a run refuses such a state with exit 2
+    /// and says so).
+    #[arg(long, env = "BATCH_EXPORT_ADOPT_OUTPUT", conflicts_with = "dry_run")]
+    pub adopt_output: bool,
+
     /// Log filter (tracing `EnvFilter` syntax; `RUST_LOG` is used when this is unset).
     #[arg(long, env = "BATCH_EXPORT_LOG")]
     pub log: Option<String>,
@@ -116,6 +146,10 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Prints the writer cursor the output is complete up to (a bare number on stdout, details
+    /// on stderr): start a replacement writer with `--cursor` at it, and the export with
+    /// `--adopt-output`. Uses --output and the S3 flags.
+    ResumePoint,
     /// Writes a synthetic cache of realistic post files (for benchmarks).
     GenCache {
         /// Number of post files to write.
@@ -131,6 +165,20 @@ pub enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum S3Checksum {
+    WhenSupported,
+    WhenRequired,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum S3Sse {
+    #[value(name = "aws:kms")]
+    AwsKms,
+    #[value(name = "AES256")]
+    Aes256,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Compression {
     Snappy,
     Zstd,
@@ -138,25 +186,27 @@ pub enum Compression {
 }
 
 /// Test-only fault injection, compiled in only with the `fault-injection` feature (the tests
-/// enable it; release builds do not have it): `BATCH_EXPORT_FAULT=after-plan|after-write|
-/// after-publish|after-commit|after-take` (an environment variable only; not a flag and
-/// deliberately not in the user documentation). The process aborts (`std::process::abort()`: no
-/// destructors, no cleanup, like a kill) the first time it reaches that point, which is in the
-/// first batch, so the tests can put a crash in each window of the exactly-once protocol
-/// deterministically instead of by a lucky SIGKILL:
+/// enable it; release builds do not have it): `BATCH_EXPORT_FAULT=after-stage|after-commit|
+/// after-publish-one|after-publish|after-manifest|after-take` (an environment variable only; not
+/// a flag and deliberately not in the user documentation). The process aborts
+/// (`std::process::abort()`: no destructors, no cleanup, like a kill) the first time it reaches
+/// that point, which is in the first batch (or the first batch rolled forward), so the tests
+/// can put a crash in each window of the exactly-once protocol deterministically:
 ///
-/// * `after-plan`: the batch plan is committed (`writing`), nothing written yet;
-/// * `after-write`: the first table's Parquet temp file is written, not yet published;
-/// * `after-publish`: every table of the batch is published, the batch is not committed;
-/// * `after-commit`: the batch is committed, no cache file deleted yet;
+/// * `after-stage`: every table's Parquet file is staged and fsynced, the batch not committed;
+/// * `after-commit`: the batch is committed, nothing published;
+/// * `after-publish-one`: the first table is published, the others not;
+/// * `after-publish`: every table is published, the manifest not written;
+/// * `after-manifest`: the manifest is written, the batch not marked published;
 /// * `after-take`: the first exported cache file was taken (`.exported-<id>-<name>`), not
 ///   deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    AfterPlan,
-    AfterWrite,
-    AfterPublish,
+    AfterStage,
     AfterCommit,
+    AfterPublishOne,
+    AfterPublish,
+    AfterManifest,
     AfterTake,
 }
 
@@ -171,10 +221,11 @@ impl Fault {
         };
         Ok(Some(match v.as_str() {
             "" => return Ok(None),
-            "after-plan" => Fault::AfterPlan,
-            "after-write" => Fault::AfterWrite,
-            "after-publish" => Fault::AfterPublish,
+            "after-stage" => Fault::AfterStage,
             "after-commit" => Fault::AfterCommit,
+            "after-publish-one" => Fault::AfterPublishOne,
+            "after-publish" => Fault::AfterPublish,
+            "after-manifest" => Fault::AfterManifest,
             "after-take" => Fault::AfterTake,
             // A typo must not make a crash test silently test nothing.
             other => bail!("{}={other:?} is not a known fault point", Self::ENV),
@@ -215,6 +266,9 @@ pub struct S3Options {
     pub max_attempts: u32,
     pub multipart_threshold: u64,
     pub part_size: u64,
+    pub checksum: S3Checksum,
+    pub sse: Option<S3Sse>,
+    pub kms_key_id: Option<String>,
 }
 
 /// A validated run configuration.
@@ -231,6 +285,8 @@ pub struct Config {
     pub clear_cache: bool,
     pub prune_min_age_secs: u64,
     pub dry_run: bool,
+    pub adopt_output: bool,
+    pub writer_state: Option<PathBuf>,
     pub batch_files: usize,
     pub dedupe_retention_secs: i64,
     pub threads: usize,
@@ -317,6 +373,9 @@ impl Config {
         if args.s3_part_size_mib < 5 {
             bail!("--s3-part-size-mib must be at least 5 (S3's minimum part size)");
         }
+        if args.s3_kms_key_id.is_some() && args.s3_sse != Some(S3Sse::AwsKms) {
+            bail!("--s3-kms-key-id needs --s3-sse aws:kms");
+        }
         if args.s3_max_attempts == 0 {
             bail!("--s3-max-attempts must be at least 1");
         }
@@ -349,6 +408,8 @@ impl Config {
             clear_cache: args.clear_cache,
             prune_min_age_secs: args.prune_min_age_secs,
             dry_run: args.dry_run,
+            adopt_output: args.adopt_output,
+            writer_state: args.writer_state.clone(),
             batch_files: args.batch_files,
             dedupe_retention_secs: retention,
             threads: args.threads,
@@ -359,6 +420,9 @@ impl Config {
                 max_attempts: args.s3_max_attempts,
                 multipart_threshold,
                 part_size,
+                checksum: args.s3_checksum,
+                sse: args.s3_sse,
+                kms_key_id: args.s3_kms_key_id.clone(),
             },
             progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
             fault: Fault::from_env()?,

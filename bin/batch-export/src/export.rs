@@ -1,5 +1,7 @@
-//! One export run: lock, recover, then batch by batch: read a snapshot of complete cache files,
-//! publish one Parquet file per table, commit the journal, delete exactly the exported files.
+//! One export run: lock, check the state against the output, roll committed batches forward,
+//! then batch by batch: read a snapshot of complete cache files, stage one Parquet file per
+//! table, commit the journal (the commit point), publish, write the manifest, delete exactly
+//! the exported files. Nothing published is ever removed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, TryLockError};
@@ -11,10 +13,11 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use crate::config::{Config, Fault};
+use crate::manifest;
 use crate::parquet::{build_frame, write_parquet};
 use crate::scan::{self, FileId, FileRef, Read1, Walker};
 use crate::sink::Sink;
-use crate::state::{FileKey, PlannedOutput, State};
+use crate::state::{Batch, BatchOutput, FileKey, NewBatch, RunRows, State};
 use crate::summary::Summary;
 use crate::tables::{self, Cell, TableId};
 
@@ -53,7 +56,9 @@ struct Run<'a> {
     state: Option<State>,
     sink: Option<Sink>,
     summary: Summary,
-    seen_rows: HashSet<u128>,
+    /// Row de-duplication keys of this run (on disk).
+    seen_rows: RunRows,
+    /// Folders already warned about (bounded: one entry per unrecognised folder, logged once).
     unrecognised_dirs: HashSet<Arc<str>>,
     progress: indicatif::ProgressBar,
     /// Set once the progress bar is visible (or when it never should be).
@@ -99,6 +104,19 @@ fn take_lock(path: &std::path::Path, create: bool) -> Result<Lock> {
             Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
+}
+
+/// `6038` -> `6,038`: whole numbers for the progress line.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Files after which a run counts as large enough for a progress bar.
@@ -162,6 +180,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
     if let Some(state) = &state {
         check_output_binding(config, state)?;
     }
+    let mut state = state;
     let sink = if config.dry_run {
         None
     } else {
@@ -171,13 +190,49 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
             config.state_dir.join("staging"),
         )?)
     };
+    let mut adopted = 0;
+    if let (Some(state), Some(sink)) = (state.as_mut(), &sink) {
+        if let Some(legacy) = state.legacy_unfinished()?.first() {
+            return Err(anyhow::Error::new(crate::UsageError(format!(
+                "batch {legacy} in {} was left unfinished by an older batch-export, which \
+                 published before committing; this version never removes a published file. \
+                 Run the previous version once to roll it back, then this one",
+                config.state_dir.display()
+            ))));
+        }
+        if config.adopt_output {
+            adopted = manifest::adopt(sink, state, &config.state_dir, config.dedupe_retention_secs)
+                .context("--adopt-output: rebuilding the state from the output's manifests")?;
+        }
+        manifest::reconcile(sink, state, &config.state_dir).context(
+            "checking the state directory against the output; nothing was exported and the cache is untouched",
+        )?;
+    }
     // A spinner on stderr, drawn only when stdout is a terminal and the run turns out large.
     let progress =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
     progress.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} {elapsed} {pos} files read ({per_sec}) {msg}",
+            "{spinner} {elapsed} {pos} files read ({rate}){left}",
         )
+        .map(|s| {
+            s.with_key(
+                "rate",
+                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{} files/s", thousands(st.per_sec() as u64));
+                },
+            )
+            .with_key(
+                "left",
+                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    // Known once the walk is done (the length is set then).
+                    if let Some(len) = st.len() {
+                        let left = len.saturating_sub(st.pos());
+                        let _ = write!(w, ", {} left", thousands(left));
+                    }
+                },
+            )
+        })
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     let mut run = Run {
@@ -185,12 +240,42 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         state,
         sink,
         summary: Summary::new(config),
-        seen_rows: HashSet::new(),
+        seen_rows: RunRows::new()?,
         unrecognised_dirs: HashSet::new(),
         progress,
         progress_shown: std::sync::atomic::AtomicBool::new(!config.progress),
     };
-    let result = run.go();
+    run.summary.batches_adopted = adopted as u64;
+    // Read before the walk: every file of events up to this cursor is in the cache now.
+    let writer_cursor = match (&config.writer_state, config.dry_run) {
+        (Some(path), false) => Some(manifest::read_writer_cursor(path)?),
+        _ => None,
+    };
+    let mut result = run.go();
+    if let (Ok(()), Some((cursor, upstream))) = (&result, writer_cursor) {
+        // Only a run that left nothing behind covers every event up to the cursor.
+        if !run.summary.needs_attention() {
+            let last_batch_id = match &run.state {
+                Some(s) => s.last_published()?.map(|b| b.id),
+                None => None,
+            };
+            let sink = run.sink.as_ref().expect("sink outside dry runs");
+            result = manifest::write_resume(
+                sink,
+                &manifest::Resume {
+                    writer_cursor: cursor,
+                    upstream,
+                    last_batch_id,
+                    at: crate::now_secs(),
+                },
+            );
+        } else {
+            tracing::warn!(
+                cursor,
+                "the resume point is not moved: this run left files behind (exit 3)"
+            );
+        }
+    }
     run.progress.finish_and_clear();
     run.summary.seconds = started.elapsed().as_secs_f64();
     match result {
@@ -206,11 +291,10 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
 }
 
 /// A state directory describes one output: its exported-keys store says which cache files are
-/// already in *that* output, and its journal's unfinished batches can only be rolled back there.
-/// Used with another output it would delete cache files whose rows never reach the first one,
-/// skip files as "already exported" that the new one never got, and roll back through the wrong
-/// sink (leaving an orphan Parquet file that duplicates rows). So the first run records the
-/// output and every later run must name the same one.
+/// already in *that* output, and its journal's committed batches can only be published there.
+/// Used with another output it would delete cache files whose rows never reach the first one
+/// and skip files as "already exported" that the new one never got. So the first run records
+/// the output and every later run must name the same one.
 fn check_output_binding(config: &Config, state: &State) -> Result<()> {
     match state.bound_output()? {
         Some(bound) if bound != config.output_identity => {
@@ -230,76 +314,125 @@ fn check_output_binding(config: &Config, state: &State) -> Result<()> {
     }
 }
 
+/// One batch's files sorted by what happens to them.
+#[derive(Default)]
+struct Sorted {
+    rows: BTreeMap<TableId, Vec<Vec<Cell>>>,
+    /// Keys of the files this batch exports (duplicates within the run included).
+    keys: Vec<FileKey>,
+    /// Files to delete once the batch is published: exported now, or exported before.
+    to_delete: Vec<(String, FileId)>,
+}
+
 impl Run<'_> {
     fn go(&mut self) -> Result<()> {
-        self.recover()?;
+        self.roll_forward()?;
         if let Some(state) = &self.state {
             if !self.config.dry_run {
                 let n = state.prune(crate::now_secs(), self.config.dedupe_retention_secs)?;
                 if n > 0 {
-                    tracing::info!(keys = n, "forgot exported keys past the retention");
+                    tracing::info!(generations = n, "forgot exported keys past the retention");
                 }
             }
         }
         let mut walker = Walker::new(&self.config.cache_dir)?;
+        if self.config.clear_cache && !self.config.dry_run {
+            walker.prune_empty_dirs(self.config.prune_min_age_secs);
+        }
+        let mut listed = 0u64;
         loop {
             let files: Vec<FileRef> = walker.by_ref().take(self.config.batch_files).collect();
             self.summary.skipped = walker.skipped;
+            listed += files.len() as u64;
+            if files.len() < self.config.batch_files {
+                // The walk is done: the progress line can say how many files are left.
+                self.progress.set_length(listed);
+            }
             if files.is_empty() {
                 break;
             }
             self.batch(files)?;
+            self.summary.dirs_pruned += walker.prune_pending();
         }
-        if self.config.clear_cache && !self.config.dry_run {
-            self.summary.dirs_pruned = scan::prune_empty_dirs(
-                &self.config.cache_dir,
-                &mut walker.dirs,
-                self.config.prune_min_age_secs,
-            );
-        }
+        self.summary.dirs_pruned += walker.prune_pending();
         Ok(())
     }
 
-    /// Rolls back batches a killed run left before their commit point.
-    fn recover(&mut self) -> Result<()> {
-        let (Some(state), Some(sink)) = (&self.state, &self.sink) else {
+    /// Finishes what a killed or failed run committed: publishes its staged files, writes its
+    /// manifest, marks it published. Its cache files are then deleted by the walk (their keys
+    /// are known). Staged files of batches killed before their commit point were never visible
+    /// and are removed.
+    fn roll_forward(&mut self) -> Result<()> {
+        let Some(state) = &self.state else {
             return Ok(());
         };
-        for u in state.unfinished()? {
-            tracing::warn!(
-                batch = u.id,
-                outputs = u.outputs.len(),
-                "rolling back a batch a previous run did not finish"
-            );
-            for o in &u.outputs {
-                sink.remove(o)
-                    .with_context(|| format!("rolling back batch {}", u.id))?;
-            }
-            state.mark_rolled_back(u.id)?;
-            self.summary.batches_rolled_back += 1;
+        if self.sink.is_none() {
+            return Ok(());
         }
-        if let Sink::S3(_) = sink {
-            // Staging files of rolled-back batches (all are unreferenced now).
-            if let Ok(entries) = fs::read_dir(self.config.state_dir.join("staging")) {
-                for e in entries.flatten() {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
+        for b in state.unpublished()? {
+            tracing::warn!(
+                batch = b.id,
+                outputs = b.outputs.len(),
+                "publishing a batch a previous run committed but did not finish"
+            );
+            self.publish(&b, true)
+                .with_context(|| format!("rolling batch {} forward", b.id))?;
+            self.summary.batches_rolled_forward += 1;
+        }
+        let sink = self.sink.as_ref().expect("checked above");
+        let n = sink.clean_staging()?;
+        if n > 0 {
+            tracing::info!(
+                files = n,
+                "removed staged files of batches killed before their commit point"
+            );
         }
         Ok(())
     }
 
     fn batch(&mut self, files: Vec<FileRef>) -> Result<()> {
-        let root = &self.config.cache_dir;
         let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
+        let t_read = Instant::now();
+        let items = self.read_all(files, &export_ts);
+        let read_s = t_read.elapsed().as_secs_f64();
+        let sorted = self.sort(items)?;
+        if self.config.dry_run {
+            for (t, r) in &sorted.rows {
+                self.summary.table(tables::table(*t).path).rows += r.len() as u64;
+            }
+            return Ok(());
+        }
+        let t_write = Instant::now();
+        let outputs = self.stage(sorted.rows, &export_ts[..10])?;
+        let write_s = t_write.elapsed().as_secs_f64();
+        if !sorted.keys.is_empty() {
+            let batch = self.commit(&outputs, &sorted.keys)?;
+            Fault::hit(self.config.fault, Fault::AfterCommit);
+            self.publish(&batch, false)
+                .with_context(|| format!("batch {} is committed but not yet published; the cache is untouched and the next run publishes it", batch.id))?;
+            tracing::info!(
+                batch = batch.id,
+                files = batch.files,
+                rows = batch.rows,
+                read_s,
+                write_s,
+                "batch published"
+            );
+            self.summary.files_exported += sorted.keys.len() as u64;
+        }
+        self.delete(&sorted.to_delete);
+        Ok(())
+    }
+
+    /// Phase 1 (parallel): read, key, parse.
+    fn read_all(&self, files: Vec<FileRef>, export_ts: &str) -> Vec<(FileRef, Item)> {
+        let root = &self.config.cache_dir;
         let progress = &self.progress;
         let shown = &self.progress_shown;
-        // Phase 1 (parallel): read, key, parse.
-        let t_read = Instant::now();
-        let items: Vec<(FileRef, Item)> = files
+        files
             .into_par_iter()
             .map(|f| {
-                let item = read_one(root, &f, &export_ts);
+                let item = read_one(root, &f, export_ts);
                 progress.inc(1);
                 if progress.position() >= LARGE_RUN_FILES
                     && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -309,11 +442,12 @@ impl Run<'_> {
                 }
                 (f, item)
             })
-            .collect();
+            .collect()
+    }
 
-        let read_s = t_read.elapsed().as_secs_f64();
-        // Phase 2: which files were exported before (replays), duplicates, rows.
-        let t_lookup = Instant::now();
+    /// Phase 2: which files were exported before (replays), bad files, duplicate rows.
+    fn sort(&mut self, items: Vec<(FileRef, Item)>) -> Result<Sorted> {
+        let root = &self.config.cache_dir;
         let goods: Vec<FileKey> = items
             .iter()
             .filter_map(|(_, i)| match i {
@@ -326,16 +460,16 @@ impl Run<'_> {
             None => vec![false; goods.len()],
         };
         let mut exported = exported.into_iter();
-        let mut rows: BTreeMap<TableId, Vec<Vec<Cell>>> = BTreeMap::new();
-        let mut batch_keys: Vec<FileKey> = Vec::new();
-        let mut to_delete: Vec<(String, FileId)> = Vec::new();
-        let mut replays: Vec<(String, FileId)> = Vec::new();
+        let mut out = Sorted::default();
+        let mut fresh: Vec<tables::Parsed> = Vec::new();
         for (f, item) in items {
             match item {
                 Item::Gone => self.summary.files_gone += 1,
                 Item::Unrecognised => {
                     self.summary.files_unrecognised += 1;
-                    if self.unrecognised_dirs.insert(f.dir.clone()) {
+                    if self.unrecognised_dirs.len() < 10_000
+                        && self.unrecognised_dirs.insert(f.dir.clone())
+                    {
                         tracing::warn!(dir = %f.dir, "files in a folder that feeds no table are left in place");
                     }
                 }
@@ -358,102 +492,130 @@ impl Run<'_> {
                 }
                 Item::Good { id, key, parsed } => {
                     self.summary.files_read += 1;
+                    self.summary.unknown_keys += parsed.unknown_keys;
                     if exported.next().unwrap_or(false) {
                         self.summary.already_exported += 1;
-                        replays.push((f.disk_rel_path(), id));
+                        out.to_delete.push((f.disk_rel_path(), id));
                         continue;
                     }
-                    batch_keys.push(key);
-                    to_delete.push((f.disk_rel_path(), id));
-                    if !self.seen_rows.insert(parsed.dedupe) {
-                        self.summary.duplicates += 1;
-                        continue;
-                    }
-                    rows.entry(parsed.table).or_default().push(parsed.row);
+                    out.keys.push(key);
+                    out.to_delete.push((f.disk_rel_path(), id));
+                    fresh.push(parsed);
                 }
             }
         }
-        let row_count: usize = rows.values().map(Vec::len).sum();
-        if self.config.dry_run {
-            for (t, r) in &rows {
-                self.summary.table(tables::table(*t).path).rows += r.len() as u64;
+        let dedupe: Vec<u128> = fresh.iter().map(|p| p.dedupe).collect();
+        let first = self.seen_rows.first_in_run(&dedupe)?;
+        for (parsed, first) in fresh.into_iter().zip(first) {
+            if first {
+                out.rows.entry(parsed.table).or_default().push(parsed.row);
+            } else {
+                self.summary.duplicates += 1;
             }
-            return Ok(());
         }
+        Ok(out)
+    }
 
-        let lookup_s = t_lookup.elapsed().as_secs_f64();
-        // Phase 3: plan (journal), write and publish, commit.
-        let t_write = Instant::now();
-        let now = crate::now_secs();
-        let partition = &export_ts[..10];
-        let state = self.state.as_mut().expect("state outside dry runs");
+    /// Phase 3: each table's Parquet file, written and fsynced under a staged name that no
+    /// reader looks at. Nothing is visible yet.
+    fn stage(
+        &mut self,
+        rows: BTreeMap<TableId, Vec<Vec<Cell>>>,
+        partition: &str,
+    ) -> Result<Vec<BatchOutput>> {
         let sink = self.sink.as_ref().expect("sink outside dry runs");
-        if rows.is_empty() {
-            if !batch_keys.is_empty() {
-                state.commit_without_outputs(now, &batch_keys)?;
-            }
-        } else {
-            let mut planned: Vec<(String, PlannedOutput, usize)> = Vec::new();
-            for (t, r) in &rows {
-                let def = tables::table(*t);
-                planned.push((
-                    def.path.to_owned(),
-                    sink.plan(def.path, partition)?,
-                    r.len(),
-                ));
-            }
-            let batch_id = state.plan(now, &planned)?;
-            Fault::hit(self.config.fault, Fault::AfterPlan);
-            let published = publish_all(self.config, sink, &mut rows, &planned, &mut self.summary);
-            if let Err(e) = published {
-                // Best effort now; otherwise the next run rolls the batch back.
-                let undone = planned.iter().all(|(_, o, _)| sink.remove(o).is_ok());
-                if undone {
-                    state.mark_rolled_back(batch_id)?;
-                }
-                return Err(e.context(format!(
-                    "batch {batch_id} not exported; the cache is untouched"
-                )));
-            }
-            Fault::hit(self.config.fault, Fault::AfterPublish);
-            let write_s = t_write.elapsed().as_secs_f64();
-            let t_commit = Instant::now();
-            state.commit(batch_id, now, &batch_keys, row_count)?;
-            Fault::hit(self.config.fault, Fault::AfterCommit);
-            let commit_s = t_commit.elapsed().as_secs_f64();
-            tracing::info!(
-                batch = batch_id,
-                files = batch_keys.len(),
-                rows = row_count,
-                read_s,
-                lookup_s,
-                write_s,
-                commit_s,
-                "batch committed"
-            );
+        let mut outputs = Vec::new();
+        for (t, table_rows) in rows {
+            let def = tables::table(t);
+            let planned = sink.plan(def.path, partition)?;
+            let mut df = build_frame(def, &table_rows)?;
+            let n = table_rows.len() as u64;
+            drop(table_rows);
+            let bytes = write_parquet(&mut df, def, &planned.staged, self.config.compression)?;
+            outputs.push(BatchOutput {
+                table_path: def.path.to_owned(),
+                location: planned.location,
+                staged: planned.staged,
+                rows: n,
+                bytes,
+            });
         }
-        self.summary.files_exported += batch_keys.len() as u64;
+        if !outputs.is_empty() {
+            let dir = sink.staging_dir();
+            crate::sink::sync_dir(&dir).with_context(|| format!("fsync of {}", dir.display()))?;
+            Fault::hit(self.config.fault, Fault::AfterStage);
+        }
+        Ok(outputs)
+    }
 
-        // Phase 4: delete exactly the exported files (and replays of files exported before).
-        if self.config.clear_filepaths {
-            let t = Instant::now();
-            let deleted: usize = to_delete
-                .par_iter()
-                .chain(replays.par_iter())
-                .map(|(rel, id)| match scan::delete_if_same_with(root, rel, *id, || {
-                    Fault::hit(self.config.fault, Fault::AfterTake)
-                }) {
-                    Ok(d) => usize::from(d),
-                    Err(e) => {
-                        tracing::warn!(file = %rel, error = %e, "could not delete an exported file (the next run will)");
-                        0
-                    }
-                })
-                .sum();
-            self.summary.files_deleted += deleted as u64;
-            self.summary.delete_seconds += t.elapsed().as_secs_f64();
+    /// Phase 4, the commit point: the batch, its staged outputs and its files' keys, in one
+    /// transaction.
+    fn commit(&mut self, outputs: &[BatchOutput], keys: &[FileKey]) -> Result<Batch> {
+        let state = self.state.as_mut().expect("state outside dry runs");
+        state.commit(
+            &NewBatch {
+                now: crate::now_secs(),
+                outputs,
+                keys,
+                rows: outputs.iter().map(|o| o.rows).sum(),
+            },
+            self.config.dedupe_retention_secs,
+        )
+    }
+
+    /// Phase 5: publish every staged file (rename, or upload), then the manifest, then mark the
+    /// batch published. Idempotent, so a later run can roll a committed batch forward.
+    fn publish(&mut self, batch: &Batch, recovering: bool) -> Result<()> {
+        let state = self.state.as_ref().expect("state outside dry runs");
+        let sink = self.sink.as_ref().expect("sink outside dry runs");
+        for (i, o) in batch.outputs.iter().enumerate() {
+            sink.publish(&o.staged, &o.location, recovering)
+                .with_context(|| format!("publishing {}", o.table_path))?;
+            if i == 0 {
+                Fault::hit(self.config.fault, Fault::AfterPublishOne);
+            }
+            let s = self.summary.table(&o.table_path);
+            s.rows += o.rows;
+            s.parquet_files += 1;
+            s.bytes += o.bytes;
+            self.summary.parquet_files += 1;
+            self.summary.parquet_bytes += o.bytes;
+        }
+        Fault::hit(self.config.fault, Fault::AfterPublish);
+        let owner = state.ensure_owner_id()?;
+        let keys = state.batch_keys(batch.id)?;
+        manifest::write(sink, batch, &owner, &keys)?;
+        Fault::hit(self.config.fault, Fault::AfterManifest);
+        state.mark_published(batch.id)?;
+        for o in &batch.outputs {
+            sink.discard_staged(&o.staged)?;
         }
         Ok(())
+    }
+
+    /// Phase 6: delete exactly the exported files (and replays of files exported before).
+    fn delete(&mut self, files: &[(String, FileId)]) {
+        if !self.config.clear_filepaths || self.config.dry_run {
+            return;
+        }
+        let root = &self.config.cache_dir;
+        let t = Instant::now();
+        let fault = self.config.fault;
+        let (deleted, failed) = files
+            .par_iter()
+            .map(|(rel, id)| match scan::delete_if_same_with(root, rel, *id, || {
+                Fault::hit(fault, Fault::AfterTake)
+            }) {
+                Ok(d) => (usize::from(d), 0usize),
+                Err(e) => {
+                    tracing::error!(file = %rel, error = %e, "could not delete an exported file (it stays, is known as exported, and the next run tries again)");
+                    (0, 1)
+                }
+            })
+            .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        self.summary.files_deleted += deleted as u64;
+        self.summary.delete_failed += failed as u64;
+        self.summary.delete_seconds += t.elapsed().as_secs_f64();
     }
 }
 
@@ -484,37 +646,13 @@ fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
     }
 }
 
-fn publish_all(
-    config: &Config,
-    sink: &Sink,
-    rows: &mut BTreeMap<TableId, Vec<Vec<Cell>>>,
-    planned: &[(String, PlannedOutput, usize)],
-    summary: &mut Summary,
-) -> Result<()> {
-    for ((t, table_rows), (table_path, out, _)) in rows.iter_mut().zip(planned) {
-        let def = tables::table(*t);
-        let taken = std::mem::take(table_rows);
-        let mut df = build_frame(def, &taken)?;
-        drop(taken);
-        let bytes = write_parquet(&mut df, def, &out.temp, config.compression)?;
-        drop(df);
-        Fault::hit(config.fault, Fault::AfterWrite);
-        sink.publish(out)
-            .with_context(|| format!("publishing {table_path}"))?;
-        let s = summary.table(table_path);
-        s.rows += out_rows(planned, table_path);
-        s.parquet_files += 1;
-        s.bytes += bytes;
-        summary.parquet_files += 1;
-        summary.parquet_bytes += bytes;
-        tracing::debug!(table = %table_path, location = %out.location, bytes, "published");
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn progress_numbers_are_whole_with_separators() {
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(6038), "6,038");
+        assert_eq!(super::thousands(1_234_567), "1,234,567");
     }
-    Ok(())
-}
-
-fn out_rows(planned: &[(String, PlannedOutput, usize)], table_path: &str) -> u64 {
-    planned
-        .iter()
-        .find(|(p, _, _)| p == table_path)
-        .map_or(0, |(_, _, n)| *n as u64)
 }

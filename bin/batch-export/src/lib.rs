@@ -5,6 +5,7 @@
 pub mod config;
 pub mod export;
 pub mod gen;
+pub mod manifest;
 pub mod parquet;
 pub mod scan;
 pub mod sink;
@@ -24,7 +25,9 @@ pub mod exit {
     pub const ERROR: u8 = 1;
     /// Invalid command line or configuration (clap's own code).
     pub const USAGE: u8 = 2;
-    /// The run succeeded but quarantined corrupt cache files: look at `<cache>/.quarantine/`.
+    /// The run succeeded but a human should look: corrupt cache files quarantined (see
+    /// `<cache>/.quarantine/`), files in folders that feed no table, exported files that could
+    /// not be deleted, cache entries the walk cannot handle.
     pub const QUARANTINED: u8 = 3;
 }
 

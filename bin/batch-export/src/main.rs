@@ -31,6 +31,43 @@ fn print_summary(summary: &batch_export::Summary, json: bool) {
     }
 }
 
+/// `batch-export resume-point`: the bare cursor on stdout, the details on stderr; exit 1 when
+/// the output has none.
+fn resume_point(args: &Args) -> ExitCode {
+    let run = || -> anyhow::Result<Option<batch_export::manifest::Resume>> {
+        let config = Config::from_args(args)?;
+        let sink = batch_export::sink::Sink::new(
+            &config.output,
+            &config.s3,
+            config.state_dir.join("staging"),
+        )?;
+        batch_export::manifest::read_resume(&sink)
+    };
+    match run() {
+        Ok(Some(r)) => {
+            println!("{}", r.writer_cursor);
+            eprintln!(
+                "resume point: writer cursor {} (upstream {}), recorded at {} after batch {:?}: \
+                 start the replacement writer with --cursor {} and the export with --adopt-output",
+                r.writer_cursor,
+                r.upstream.as_deref().unwrap_or("not recorded"),
+                r.at,
+                r.last_batch_id,
+                r.writer_cursor
+            );
+            ExitCode::from(exit::OK)
+        }
+        Ok(None) => {
+            eprintln!("batch-export resume-point: the output has no resume point (no run with --writer-state has finished cleanly)");
+            ExitCode::from(exit::ERROR)
+        }
+        Err(e) => {
+            eprintln!("batch-export resume-point: error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log.as_deref());
@@ -51,6 +88,9 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::ERROR)
             }
         };
+    }
+    if let Some(Command::ResumePoint) = &args.command {
+        return resume_point(&args);
     }
     let config = match Config::from_args(&args) {
         Ok(c) => c,

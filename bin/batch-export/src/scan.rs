@@ -79,6 +79,10 @@ struct Frame {
     dir: Arc<str>,
     source: Option<Arc<Source>>,
     entries: ReadDir,
+    /// Files this folder handed out (a folder that handed out none may be empty).
+    files: u64,
+    /// The folder's mtime when the walk entered it (its age for `--clear-cache`).
+    modified: Option<std::time::SystemTime>,
 }
 
 /// What the walk could not handle: never silently skipped, each is logged and counted, and the
@@ -100,13 +104,19 @@ impl Skipped {
     }
 }
 
-/// Depth-first, streaming walk of the cache (no full listing is held in memory).
+/// Depth-first, streaming walk of the cache (no full listing is held in memory: the stack of
+/// open folders is as deep as the cache, and `--clear-cache` remembers only folders whose files
+/// are in the current batch).
 pub struct Walker {
     root: PathBuf,
     stack: Vec<Frame>,
-    /// Directories seen (cache-relative), for `--clear-cache`.
-    pub dirs: Vec<String>,
     pub skipped: Skipped,
+    /// `--clear-cache`: the minimum age of a folder to remove.
+    prune_min_age: Option<std::time::Duration>,
+    /// Folders the walk left that handed out files: removed, if empty, after the batch holding
+    /// those files deleted them ([`Walker::prune_pending`]).
+    pending: Vec<(String, Option<std::time::SystemTime>)>,
+    pruned: usize,
 }
 
 impl Walker {
@@ -118,10 +128,62 @@ impl Walker {
                 dir: Arc::from(""),
                 source: None,
                 entries,
+                files: 0,
+                modified: None,
             }],
-            dirs: Vec::new(),
             skipped: Skipped::default(),
+            prune_min_age: None,
+            pending: Vec::new(),
+            pruned: 0,
         })
+    }
+
+    /// `--clear-cache`: remove empty nested folders (never the skeleton) not modified for
+    /// `min_age_secs` as the walk leaves them.
+    pub fn prune_empty_dirs(&mut self, min_age_secs: u64) {
+        self.prune_min_age = Some(std::time::Duration::from_secs(min_age_secs));
+    }
+
+    /// Removes the folders the walk left since the last call, if they are empty now (call it
+    /// after the batch that held their files deleted them). Returns how many were removed,
+    /// including those removed as the walk left them.
+    pub fn prune_pending(&mut self) -> usize {
+        for (dir, modified) in std::mem::take(&mut self.pending) {
+            if self.old_enough(modified) && fs::remove_dir(self.root.join(&dir)).is_ok() {
+                self.pruned += 1;
+            }
+        }
+        std::mem::take(&mut self.pruned)
+    }
+
+    fn old_enough(&self, modified: Option<std::time::SystemTime>) -> bool {
+        let Some(min) = self.prune_min_age else {
+            return false;
+        };
+        modified
+            .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= min)
+    }
+
+    /// The walk is done with the folder on top of the stack.
+    fn leave(&mut self) {
+        let Some(frame) = self.stack.pop() else {
+            return;
+        };
+        if self.prune_min_age.is_none() || !is_prunable(&frame.dir) {
+            return;
+        }
+        if frame.files == 0 {
+            // Empty as listed (a file the writer renamed in since makes rmdir fail: nothing
+            // is lost).
+            if self.old_enough(frame.modified)
+                && fs::remove_dir(self.root.join(&*frame.dir)).is_ok()
+            {
+                self.pruned += 1;
+            }
+        } else {
+            self.pending.push((frame.dir.to_string(), frame.modified));
+        }
     }
 }
 
@@ -133,7 +195,7 @@ impl Iterator for Walker {
             let frame = self.stack.last_mut()?;
             let entry = match frame.entries.next() {
                 None => {
-                    self.stack.pop();
+                    self.leave();
                     continue;
                 }
                 Some(Err(e)) => {
@@ -160,6 +222,7 @@ impl Iterator for Walker {
             };
             if name.starts_with('.') {
                 if let Some(original) = original_of_taken(name).filter(|_| ty.is_file()) {
+                    frame.files += 1;
                     return Some(FileRef {
                         dir: frame.dir.clone(),
                         name: original.to_owned(),
@@ -175,14 +238,21 @@ impl Iterator for Walker {
                 } else {
                     Arc::from(format!("{}/{}", frame.dir, name))
                 };
-                match fs::read_dir(self.root.join(&*dir)) {
+                let path = self.root.join(&*dir);
+                match fs::read_dir(&path) {
                     Ok(entries) => {
                         let source = classify(&dir).map(Arc::new);
-                        self.dirs.push(dir.to_string());
+                        let modified = if self.prune_min_age.is_some() {
+                            fs::metadata(&path).and_then(|m| m.modified()).ok()
+                        } else {
+                            None
+                        };
                         self.stack.push(Frame {
                             dir,
                             source,
                             entries,
+                            files: 0,
+                            modified,
                         });
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -192,6 +262,7 @@ impl Iterator for Walker {
                     }
                 }
             } else if ty.is_file() {
+                frame.files += 1;
                 return Some(FileRef {
                     dir: frame.dir.clone(),
                     name: name.to_owned(),
@@ -413,37 +484,14 @@ pub fn quarantine(root: &Path, f: &FileRef, id: Option<FileId>, reason: &str) ->
     Ok(dest)
 }
 
-/// `--clear-cache`: removes empty folders among `dirs` (deepest first) that were not modified for
-/// `min_age_secs`, keeping every folder that feeds a table directly (the skeleton). `rmdir` only
-/// ever removes an empty folder, so no file can be lost.
-pub fn prune_empty_dirs(root: &Path, dirs: &mut [String], min_age_secs: u64) -> usize {
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
-    let now = std::time::SystemTime::now();
-    let mut removed = 0;
-    for d in dirs.iter() {
-        let nested = d.matches('/').count() >= 3 && !is_skeleton(d);
-        if !nested {
-            continue;
-        }
-        let path = root.join(d);
-        let old_enough = fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|m| now.duration_since(m).ok())
-            .is_some_and(|age| age.as_secs() >= min_age_secs);
-        if old_enough && fs::remove_dir(&path).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
-}
-
-/// Folders the writer's skeleton holds (never pruned).
-fn is_skeleton(dir: &str) -> bool {
-    matches!(
+/// Whether `--clear-cache` may remove the folder: a nested per-post / per-author folder, never
+/// one the writer's skeleton holds.
+fn is_prunable(dir: &str) -> bool {
+    let skeleton = matches!(
         dir,
         "study_user_activity/create/follow/follower" | "study_user_activity/create/follow/followee"
-    ) || dir.split('/').count() <= 3
+    ) || dir.split('/').count() <= 3;
+    !skeleton
 }
 
 #[cfg(test)]

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{Output, S3Options};
-use crate::state::PlannedOutput;
+use crate::config::{Output, S3Checksum, S3Options, S3Sse};
 
 pub enum Sink {
     Local { root: PathBuf },
@@ -25,15 +24,19 @@ pub struct S3Sink {
     staging: PathBuf,
 }
 
+/// The export's own folder in the output: `_`-prefixed, so DuckDB hive partitioning, Spark,
+/// pyarrow datasets and Athena skip it, and nothing in it ends in `.parquet`.
+pub const META_DIR: &str = "_batch_export";
+
 /// 32 lowercase hex characters, as pyarrow's `uuid4().hex` file names.
 pub fn random_hex() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// Name of the temp (local) or staging (S3) file of the Parquet file `name`: hidden, and not
-/// ending in `.parquet`.
-pub fn temp_name(name: &str) -> String {
-    format!(".tmp-{name}.partial")
+/// Name of the staged (or temp) file of the Parquet file `name`: never ending in `.parquet`, so
+/// no `**/*.parquet` glob can pick it up.
+pub fn staged_name(name: &str) -> String {
+    format!("{name}.staged")
 }
 
 /// fsyncs a directory so a rename or create in it is durable.
@@ -48,15 +51,21 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A final location and its staged file.
+pub struct Planned {
+    pub location: String,
+    pub staged: PathBuf,
+}
+
 impl Sink {
-    pub fn new(output: &Output, s3: &S3Options, staging: PathBuf) -> Result<Sink> {
+    pub fn new(output: &Output, s3: &S3Options, state_staging: PathBuf) -> Result<Sink> {
         match output {
             Output::Local(root) => Ok(Sink::Local { root: root.clone() }),
             Output::S3 { bucket, prefix } => Ok(Sink::S3(Box::new(S3Sink::new(
                 bucket.clone(),
                 prefix.clone(),
                 s3.clone(),
-                staging,
+                state_staging,
             )?))),
         }
     }
@@ -68,78 +77,226 @@ impl Sink {
         }
     }
 
-    /// Chooses the final and temporary locations of a new Parquet file of `table_path` in
-    /// `partition_date`, creating local directories as needed.
-    pub fn plan(&self, table_path: &str, partition_date: &str) -> Result<PlannedOutput> {
+    /// Where staged files wait for their batch's publication: on the output's file system for
+    /// a local output (so publishing is a rename), in the state directory for S3.
+    pub fn staging_dir(&self) -> PathBuf {
+        match self {
+            Sink::Local { root } => root.join(META_DIR).join("staging"),
+            Sink::S3(s) => s.staging.clone(),
+        }
+    }
+
+    /// Chooses the final location and the staged file of a new Parquet file of `table_path` in
+    /// `partition_date`.
+    pub fn plan(&self, table_path: &str, partition_date: &str) -> Result<Planned> {
         let rel = format!("{table_path}/active/partition_date={partition_date}");
         let name = format!("{}-0.parquet", random_hex());
+        let staging = self.staging_dir();
+        create_dir_all_durable(&staging)?;
+        let location = match self {
+            Sink::Local { root } => root.join(&rel).join(&name).to_string_lossy().into_owned(),
+            Sink::S3(s) => s.key(&format!("{rel}/{name}")),
+        };
+        Ok(Planned {
+            location,
+            staged: staging.join(staged_name(&name)),
+        })
+    }
+
+    /// The output-relative path of a final location (what manifests record).
+    pub fn relative(&self, location: &str) -> String {
         match self {
-            Sink::Local { root } => {
-                let dir = root.join(&rel);
-                create_dir_all_durable(&dir)?;
-                // The temp file sits in the live partition folder, so its name must not end in
-                // `.parquet`: readers glob `**/*.parquet` (DuckDB, Polars, Spark) and would pick
-                // up a half-written or never-committed file. Rollback removes the temp path the
-                // journal recorded, so temps of older runs (`.tmp-<name>`) are still found.
-                Ok(PlannedOutput {
-                    location: dir.join(&name).to_string_lossy().into_owned(),
-                    temp: dir.join(temp_name(&name)),
-                })
-            }
+            Sink::Local { root } => Path::new(location).strip_prefix(root).map_or_else(
+                |_| location.to_owned(),
+                |p| p.to_string_lossy().into_owned(),
+            ),
             Sink::S3(s) => {
-                fs::create_dir_all(&s.staging)
-                    .with_context(|| format!("creating {}", s.staging.display()))?;
-                let key = if s.prefix.is_empty() {
-                    format!("{rel}/{name}")
+                if s.prefix.is_empty() {
+                    location.to_owned()
                 } else {
-                    format!("{}/{rel}/{name}", s.prefix)
-                };
-                Ok(PlannedOutput {
-                    location: key,
-                    temp: s.staging.join(temp_name(&name)),
-                })
+                    location
+                        .strip_prefix(&format!("{}/", s.prefix))
+                        .unwrap_or(location)
+                        .to_owned()
+                }
             }
         }
     }
 
-    /// Makes a written, fsynced temp file visible at its final location. Returns when the file is
-    /// durable (local) or the upload is acknowledged (S3).
-    pub fn publish(&self, out: &PlannedOutput) -> Result<()> {
+    /// Makes a committed batch's staged file visible at its final location. Idempotent (a run
+    /// that rolls a batch forward calls it again): a file already published is left as it is.
+    /// Returns when the file is durable (local) or the upload is acknowledged (S3). Never
+    /// removes or overwrites a published file.
+    pub fn publish(&self, staged: &Path, location: &str, recovering: bool) -> Result<()> {
         match self {
             Sink::Local { .. } => {
-                let fin = Path::new(&out.location);
-                fs::rename(&out.temp, fin)
-                    .with_context(|| format!("renaming to {}", fin.display()))?;
-                sync_dir(fin.parent().expect("output has a parent"))
-                    .with_context(|| format!("fsync of the directory of {}", fin.display()))?;
-                Ok(())
-            }
-            Sink::S3(s) => {
-                s.upload(&out.temp, &out.location)?;
-                remove_if_exists(&out.temp)
-                    .with_context(|| format!("removing {}", out.temp.display()))?;
-                Ok(())
-            }
-        }
-    }
-
-    /// Rollback of an output of a batch killed before its commit point.
-    pub fn remove(&self, out: &PlannedOutput) -> Result<()> {
-        remove_if_exists(&out.temp).with_context(|| format!("removing {}", out.temp.display()))?;
-        match self {
-            Sink::Local { .. } => {
-                let fin = Path::new(&out.location);
-                remove_if_exists(fin).with_context(|| format!("removing {}", fin.display()))?;
-                if let Some(dir) = fin.parent() {
-                    if dir.exists() {
-                        sync_dir(dir)?;
+                let fin = Path::new(location);
+                let dir = fin.parent().expect("output has a parent");
+                if !staged.exists() {
+                    if fin.exists() {
+                        return Ok(());
                     }
+                    bail!(
+                        "the staged file {} of a committed batch is missing and {} was never published",
+                        staged.display(),
+                        fin.display()
+                    );
+                }
+                create_dir_all_durable(dir)?;
+                fs::rename(staged, fin)
+                    .with_context(|| format!("renaming to {}", fin.display()))?;
+                sync_dir(dir)
+                    .with_context(|| format!("fsync of the directory of {}", fin.display()))?;
+                if let Some(sdir) = staged.parent() {
+                    sync_dir(sdir).with_context(|| format!("fsync of {}", sdir.display()))?;
                 }
                 Ok(())
             }
-            Sink::S3(s) => s.delete(&out.location),
+            Sink::S3(s) => {
+                if recovering {
+                    // A killed run may have left an open multipart upload of this key, or have
+                    // finished the upload: never upload twice what is already there.
+                    s.abort_open_uploads(location);
+                    let len = fs::metadata(staged).ok().map(|m| m.len());
+                    match (s.head(location)?, len) {
+                        (Some(have), Some(want)) if have == want => return Ok(()),
+                        (Some(_), None) => return Ok(()),
+                        (None, None) => bail!(
+                            "the staged file {} of a committed batch is missing and s3://{}/{location} was never published",
+                            staged.display(),
+                            s.bucket
+                        ),
+                        _ => {}
+                    }
+                }
+                s.upload(staged, location)
+            }
         }
     }
+
+    /// Removes a staged file after its batch is marked published (S3; a local staged file was
+    /// renamed away).
+    pub fn discard_staged(&self, staged: &Path) -> Result<()> {
+        remove_if_exists(staged).with_context(|| format!("removing {}", staged.display()))
+    }
+
+    /// Removes every file left in the staging folder: called after every committed batch was
+    /// rolled forward, so what is left belongs to batches killed before their commit point, which
+    /// were never visible to anyone.
+    pub fn clean_staging(&self) -> Result<usize> {
+        let dir = self.staging_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                remove_if_exists(&e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Writes `bytes` to `<output>/_batch_export/<rel>` (a manifest or a keys object): durable
+    /// (local: temp file, fsync, rename, fsync the folder) or acknowledged (S3).
+    pub fn put_meta(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        match self {
+            Sink::Local { root } => {
+                let path = root.join(META_DIR).join(rel);
+                let dir = path.parent().expect("meta path has a parent");
+                create_dir_all_durable(dir)?;
+                let tmp = dir.join(format!(".tmp-{}", random_hex()));
+                write_synced(&tmp, bytes)?;
+                fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming to {}", path.display()))?;
+                sync_dir(dir).with_context(|| format!("fsync of {}", dir.display()))?;
+                Ok(())
+            }
+            Sink::S3(s) => s
+                .put_bytes(&s.key(&format!("{META_DIR}/{rel}")), bytes, false)
+                .map(|_| ()),
+        }
+    }
+
+    /// Creates `<output>/_batch_export/<rel>` only if nothing is there yet: `link(2)` of a
+    /// complete, fsynced temp file (fails like `O_EXCL` when the name exists, and the name never
+    /// shows a partial file), or a conditional PUT (`If-None-Match: *`). `false` when the name
+    /// was taken.
+    pub fn create_meta(&self, rel: &str, bytes: &[u8]) -> Result<bool> {
+        match self {
+            Sink::Local { root } => {
+                let path = root.join(META_DIR).join(rel);
+                let dir = path.parent().expect("meta path has a parent");
+                create_dir_all_durable(dir)?;
+                let tmp = dir.join(format!(".tmp-{}", random_hex()));
+                write_synced(&tmp, bytes)?;
+                let linked = fs::hard_link(&tmp, &path);
+                remove_if_exists(&tmp)?;
+                match linked {
+                    Ok(()) => {
+                        sync_dir(dir).with_context(|| format!("fsync of {}", dir.display()))?;
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+                }
+            }
+            Sink::S3(s) => s.put_bytes(&s.key(&format!("{META_DIR}/{rel}")), bytes, true),
+        }
+    }
+
+    /// Reads `<output>/_batch_export/<rel>`; `None` when it does not exist.
+    pub fn get_meta(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Sink::Local { root } => {
+                let path = root.join(META_DIR).join(rel);
+                match fs::read(&path) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+                }
+            }
+            Sink::S3(s) => s.get(&s.key(&format!("{META_DIR}/{rel}"))),
+        }
+    }
+
+    /// Names (not paths) in `<output>/_batch_export/<dir>/`, sorted, after `start_after` if
+    /// given (S3 lists in that order natively, so a run asks only for what is newer).
+    pub fn list_meta(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<String>> {
+        let mut names = match self {
+            Sink::Local { root } => {
+                let path = root.join(META_DIR).join(dir);
+                match fs::read_dir(&path) {
+                    Ok(entries) => entries
+                        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                        .filter(|n| !n.starts_with('.'))
+                        .collect(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => return Err(e).with_context(|| format!("listing {}", path.display())),
+                }
+            }
+            Sink::S3(s) => s.list(&s.key(&format!("{META_DIR}/{dir}/")), start_after)?,
+        };
+        names.sort();
+        if let Some(after) = start_after {
+            names.retain(|n| n.as_str() > after);
+        }
+        Ok(names)
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("fsync of {}", path.display()))?;
+    Ok(())
 }
 
 /// `create_dir_all`, then fsync the parent of every directory it created.
@@ -200,6 +357,12 @@ impl S3Sink {
                 b = b.endpoint_url(ep);
             }
             b = b.force_path_style(opts.path_style);
+            if opts.checksum == S3Checksum::WhenRequired {
+                use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+                b = b
+                    .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                    .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            }
             aws_sdk_s3::Client::from_conf(b.build())
         });
         Ok(S3Sink {
@@ -230,6 +393,8 @@ impl S3Sink {
                         .key(key)
                         .content_length(len as i64)
                         .body(body)
+                        .set_server_side_encryption(self.sse())
+                        .set_ssekms_key_id(self.opts.kms_key_id.clone())
                         .send()
                         .await
                         .map_err(sdk_err)?;
@@ -247,6 +412,8 @@ impl S3Sink {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_server_side_encryption(self.sse())
+            .set_ssekms_key_id(self.opts.kms_key_id.clone())
             .send()
             .await
             .map_err(sdk_err)?;
@@ -327,43 +494,159 @@ impl S3Sink {
         result
     }
 
-    fn delete(&self, key: &str) -> Result<()> {
-        self.rt
-            .block_on(async {
-                // A multipart upload a killed run left open would otherwise keep its parts.
-                if let Ok(list) = self
-                    .client
-                    .list_multipart_uploads()
-                    .bucket(&self.bucket)
-                    .prefix(key)
-                    .send()
-                    .await
-                {
-                    for u in list.uploads() {
-                        if u.key() == Some(key) {
-                            if let Some(id) = u.upload_id() {
-                                let _ = self
-                                    .client
-                                    .abort_multipart_upload()
-                                    .bucket(&self.bucket)
-                                    .key(key)
-                                    .upload_id(id)
-                                    .send()
-                                    .await;
-                            }
-                        }
+    fn sse(&self) -> Option<aws_sdk_s3::types::ServerSideEncryption> {
+        use aws_sdk_s3::types::ServerSideEncryption;
+        self.opts.sse.map(|s| match s {
+            S3Sse::AwsKms => ServerSideEncryption::AwsKms,
+            S3Sse::Aes256 => ServerSideEncryption::Aes256,
+        })
+    }
+
+    /// `prefix/rel` (or `rel` without a prefix).
+    fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_owned()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
+
+    /// Aborts open multipart uploads of `key` (a killed run's), best effort: they hold parts,
+    /// never a visible object.
+    fn abort_open_uploads(&self, key: &str) {
+        self.rt.block_on(async {
+            let Ok(list) = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(key)
+                .send()
+                .await
+            else {
+                return;
+            };
+            for u in list.uploads() {
+                if u.key() == Some(key) {
+                    if let Some(id) = u.upload_id() {
+                        let _ = self
+                            .client
+                            .abort_multipart_upload()
+                            .bucket(&self.bucket)
+                            .key(key)
+                            .upload_id(id)
+                            .send()
+                            .await;
                     }
                 }
-                self.client
-                    .delete_object()
+            }
+        })
+    }
+
+    /// The size of `key`, `None` when it does not exist.
+    fn head(&self, key: &str) -> Result<Option<u64>> {
+        self.rt
+            .block_on(async {
+                match self
+                    .client
+                    .head_object()
                     .bucket(&self.bucket)
                     .key(key)
                     .send()
                     .await
-                    .map_err(sdk_err)?;
-                Ok::<(), anyhow::Error>(())
+                {
+                    Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+                    Err(e) => Err(sdk_err(e)),
+                }
             })
-            .with_context(|| format!("deleting s3://{}/{key}", self.bucket))
+            .with_context(|| format!("HeadObject s3://{}/{key}", self.bucket))
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.rt
+            .block_on(async {
+                match self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(o) => {
+                        let body = o.body.collect().await.context("reading the object")?;
+                        Ok(Some(body.into_bytes().to_vec()))
+                    }
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+                    Err(e) => Err(sdk_err(e)),
+                }
+            })
+            .with_context(|| format!("GetObject s3://{}/{key}", self.bucket))
+    }
+
+    /// PutObject of a small object; `if_absent` makes it conditional (`If-None-Match: *`) and
+    /// returns `false` when the key exists (412).
+    fn put_bytes(&self, key: &str, bytes: &[u8], if_absent: bool) -> Result<bool> {
+        self.rt
+            .block_on(async {
+                let mut req = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_length(bytes.len() as i64)
+                    .body(aws_sdk_s3::primitives::ByteStream::from(bytes.to_vec()))
+                    .set_server_side_encryption(self.sse())
+                    .set_ssekms_key_id(self.opts.kms_key_id.clone());
+                if if_absent {
+                    req = req.if_none_match("*");
+                }
+                match req.send().await {
+                    Ok(_) => Ok(true),
+                    Err(e)
+                        if if_absent
+                            && e.raw_response().is_some_and(|r| r.status().as_u16() == 412) =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => Err(sdk_err(e)),
+                }
+            })
+            .with_context(|| format!("PutObject s3://{}/{key}", self.bucket))
+    }
+
+    /// Names under `dir` (a key prefix ending in `/`), after `start_after` (a name).
+    fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<String>> {
+        self.rt
+            .block_on(async {
+                let mut names = Vec::new();
+                let mut token: Option<String> = None;
+                loop {
+                    let mut req = self
+                        .client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(dir)
+                        .set_continuation_token(token.clone());
+                    if let Some(after) = start_after {
+                        req = req.start_after(format!("{dir}{after}"));
+                    }
+                    let page = req.send().await.map_err(sdk_err)?;
+                    for o in page.contents() {
+                        if let Some(name) = o.key().and_then(|k| k.strip_prefix(dir)) {
+                            if !name.contains('/') {
+                                names.push(name.to_owned());
+                            }
+                        }
+                    }
+                    match page.next_continuation_token() {
+                        Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                        _ => break,
+                    }
+                }
+                Ok::<_, anyhow::Error>(names)
+            })
+            .with_context(|| format!("ListObjectsV2 s3://{}/{dir}", self.bucket))
     }
 }
 
@@ -372,40 +655,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn temp_names_never_match_parquet_globs_and_old_temps_roll_back() {
+    fn staged_files_never_match_parquet_globs_and_publishing_is_idempotent() {
         let tmp = tempfile::tempdir().unwrap();
         let sink = Sink::Local {
             root: tmp.path().to_owned(),
         };
-        let out = sink
+        let p = sink
             .plan("study_user_activity/create/post", "2024-10-02")
             .unwrap();
-        let temp = out.temp.file_name().unwrap().to_str().unwrap().to_owned();
-        assert!(
-            temp.starts_with(".tmp-") && !temp.ends_with(".parquet"),
-            "{temp}"
-        );
-        assert!(out.location.ends_with("-0.parquet"));
-        assert_eq!(out.temp.parent(), Path::new(&out.location).parent());
-
-        // A journal written before this change recorded `.tmp-<name>`: rollback removes
-        // exactly what the journal recorded.
-        let name = Path::new(&out.location)
-            .file_name()
-            .unwrap()
-            .to_str()
+        let staged = p.staged.file_name().unwrap().to_str().unwrap().to_owned();
+        assert!(!staged.ends_with(".parquet"), "{staged}");
+        assert!(p.staged.starts_with(tmp.path().join(META_DIR)));
+        assert!(p.location.ends_with("-0.parquet"));
+        fs::write(&p.staged, b"parquet bytes").unwrap();
+        sink.publish(&p.staged, &p.location, false).unwrap();
+        assert_eq!(fs::read(&p.location).unwrap(), b"parquet bytes");
+        // Rolled forward again (a crash right after the rename): nothing changes.
+        sink.publish(&p.staged, &p.location, true).unwrap();
+        assert_eq!(fs::read(&p.location).unwrap(), b"parquet bytes");
+        // A committed batch whose staged file vanished is an error, never silence.
+        let lost = sink
+            .plan("study_user_activity/create/post", "2024-10-02")
             .unwrap();
-        let old = PlannedOutput {
-            location: out.location.clone(),
-            temp: out.temp.with_file_name(format!(".tmp-{name}")),
+        assert!(sink.publish(&lost.staged, &lost.location, true).is_err());
+    }
+
+    #[test]
+    fn meta_objects_are_created_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = Sink::Local {
+            root: tmp.path().to_owned(),
         };
-        fs::write(&old.temp, b"half written").unwrap();
-        fs::write(&old.location, b"published").unwrap();
-        sink.remove(&old).unwrap();
-        assert!(!old.temp.exists() && !Path::new(&old.location).exists());
-        // And the new temp name.
-        fs::write(&out.temp, b"half written").unwrap();
-        sink.remove(&out).unwrap();
-        assert!(!out.temp.exists());
+        assert!(sink.create_meta("owner.json", b"a").unwrap());
+        assert!(!sink.create_meta("owner.json", b"b").unwrap());
+        assert_eq!(sink.get_meta("owner.json").unwrap().unwrap(), b"a");
+        assert_eq!(sink.get_meta("none.json").unwrap(), None);
+        sink.put_meta("batches/000000000002.json", b"2").unwrap();
+        sink.put_meta("batches/000000000001.json", b"1").unwrap();
+        assert_eq!(
+            sink.list_meta("batches", None).unwrap(),
+            ["000000000001.json", "000000000002.json"]
+        );
+        assert_eq!(
+            sink.list_meta("batches", Some("000000000001.json"))
+                .unwrap(),
+            ["000000000002.json"]
+        );
     }
 }

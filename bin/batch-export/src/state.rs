@@ -1,48 +1,90 @@
 //! The export journal and the exported-keys store: one SQLite file (`<state-dir>/state.sqlite`,
 //! WAL, `synchronous=FULL`), so each commit point is one atomic, durable transaction.
 //!
-//! * `batch` / `batch_output`: before a batch publishes anything, its planned Parquet locations
-//!   are committed with state `writing`. A run that finds a `writing` batch was killed before its
-//!   commit point: it removes those outputs (rollback) and the cache files are exported again.
-//! * `exported`: the key of every exported cache file (hash of its cache-relative path and its
-//!   JSON without the `synctimestamp` value), inserted in the same transaction that flips the
-//!   batch to `committed`. A cache file whose key is here is already in Parquet: it is deleted,
-//!   never exported again. That covers both a run killed between its commit and its deletes and
-//!   the writer rewriting a file when it replays events after a crash. Keys are kept for the
-//!   configured retention (default 7 days, longer than a relay's 72 h replay window).
+//! * `batch` / `batch_output`: a batch is recorded once, at its commit point, with state
+//!   `committed`: its Parquet files are staged and fsynced (never where a reader looks), their
+//!   final locations are recorded, and its files' keys are stored. Only then is anything
+//!   published. A run that finds a `committed` batch rolls it *forward* (publishes the staged
+//!   files, writes the manifest) and marks it `published`; nothing published is ever removed.
+//! * `exported_g<start>`: the key of every exported cache file (hash of its cache-relative path
+//!   and its JSON without the volatile value), inserted in the commit transaction. A cache file
+//!   whose key is here is already in Parquet: it is deleted, never exported again. That covers a
+//!   run killed between its commit and its deletes and the writer rewriting a file when it
+//!   replays events after a crash. The keys live in generation tables, each covering one
+//!   retention period from its `start` (Unix seconds): a lookup asks the (at most two or three)
+//!   live generations, and forgetting old keys is a `DROP TABLE` of a generation whose
+//!   successor started more than a retention ago, not a scan of millions of rows.
+//! * [`RunRows`] (a private temporary SQLite database on disk, gone with the run): the row
+//!   de-duplication keys of the current run, so the in-run URI de-duplication does not hold
+//!   the run in memory.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use sha2::{Digest, Sha256};
 
 pub type FileKey = [u8; 16];
+
+/// The journal's schema version (`meta.schema_version`). 1: publish before commit (rolled back
+/// on a crash); 2: stage, commit, publish (rolled forward), key generations, manifests.
+const SCHEMA_VERSION: i64 = 2;
 
 pub struct State {
     conn: Connection,
 }
 
-/// A Parquet file a batch planned to publish.
-#[derive(Debug, Clone)]
-pub struct PlannedOutput {
+/// One Parquet file of a batch: its final location and where it is staged until published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutput {
+    pub table_path: String,
     /// Final location: a local path or an S3 key.
     pub location: String,
-    /// Temporary location (local temp path or local staging file for S3).
-    pub temp: PathBuf,
+    /// The staged file (local; beside the output for a local output, in the state directory
+    /// for S3), fsynced before the commit point.
+    pub staged: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
 }
 
-/// A batch found in state `writing` at start-up.
-#[derive(Debug)]
-pub struct Unfinished {
+/// A committed batch (published or not).
+#[derive(Debug, Clone)]
+pub struct Batch {
     pub id: i64,
-    pub outputs: Vec<PlannedOutput>,
+    pub committed_at: i64,
+    pub previous: Option<i64>,
+    pub files: u64,
+    pub rows: u64,
+    /// SHA-256 (hex) of the batch's sorted file keys: what its manifest records.
+    pub keys_digest: String,
+    pub outputs: Vec<BatchOutput>,
+}
+
+/// What a new batch commits.
+pub struct NewBatch<'a> {
+    pub now: i64,
+    pub outputs: &'a [BatchOutput],
+    pub keys: &'a [FileKey],
+    pub rows: u64,
+}
+
+/// A batch rebuilt from the output's manifests (`--adopt-output`).
+pub struct Adopted {
+    pub id: i64,
+    pub committed_at: i64,
+    pub previous: Option<i64>,
+    pub files: u64,
+    pub rows: u64,
+    pub keys_digest: String,
+    /// `None` for a batch older than the key retention (its keys are not needed any more).
+    pub keys: Option<Vec<FileKey>>,
 }
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS batch (
     id INTEGER PRIMARY KEY,
-    started_at INTEGER NOT NULL,
-    state TEXT NOT NULL,           -- writing | committed | rolled_back
+    started_at INTEGER NOT NULL,   -- the commit time (Unix seconds)
+    state TEXT NOT NULL,           -- committed | published (v1 also: writing | rolled_back)
     files INTEGER NOT NULL DEFAULT 0,
     rows INTEGER NOT NULL DEFAULT 0
 );
@@ -50,30 +92,57 @@ CREATE TABLE IF NOT EXISTS batch_output (
     batch_id INTEGER NOT NULL REFERENCES batch(id),
     table_path TEXT NOT NULL,
     location TEXT NOT NULL,
-    temp TEXT NOT NULL,
+    temp TEXT NOT NULL,            -- the staged file
     rows INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batch_output_batch ON batch_output(batch_id);
-CREATE TABLE IF NOT EXISTS exported (
-    key BLOB PRIMARY KEY,
-    batch_id INTEGER NOT NULL,
-    at INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 ";
 
+/// Columns added by schema version 2.
+const SCHEMA_V2: &str = "
+ALTER TABLE batch ADD COLUMN previous INTEGER;
+ALTER TABLE batch ADD COLUMN keys_digest TEXT;
+-- The sorted 16-byte keys of a committed batch until its manifest is written (then NULL).
+ALTER TABLE batch ADD COLUMN keys BLOB;
+ALTER TABLE batch_output ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+";
+
+/// SHA-256 (lowercase hex) of keys in sorted order, concatenated: the batch's key digest.
+pub fn keys_digest(sorted: &[u8]) -> String {
+    let d = Sha256::digest(sorted);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The keys sorted and concatenated (what the manifest's `.keys` object holds).
+pub fn sorted_key_bytes(keys: &[FileKey]) -> Vec<u8> {
+    let mut sorted: Vec<&FileKey> = keys.iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted.into_iter().flat_map(|k| k.iter().copied()).collect()
+}
+
+fn generation_table(start: i64) -> String {
+    format!("exported_g{start}")
+}
+
 impl State {
-    /// Opens (creating) the state database in `dir`.
+    /// Opens (creating or upgrading) the state database in `dir`.
     pub fn open(dir: &Path) -> Result<State> {
         let path = dir.join("state.sqlite");
         let conn =
             Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // The WAL file is truncated back to this size after a checkpoint: one large commit
+        // (50,000 keys is ~5 MB of pages) does not leave a WAL of that size behind for good.
+        conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.execute_batch(SCHEMA)
             .context("creating the state schema")?;
-        Ok(State { conn })
+        let state = State { conn };
+        state.upgrade()?;
+        Ok(state)
     }
 
     /// Opens an existing state database read-only (dry runs); `None` when there is none yet.
@@ -87,12 +156,81 @@ impl State {
         Ok(Some(State { conn }))
     }
 
-    /// The output this state directory is bound to (`None` before its first run).
-    pub fn bound_output(&self) -> Result<Option<String>> {
+    fn meta(&self, k: &str) -> Result<Option<String>> {
         Ok(self
             .conn
-            .query_row("SELECT v FROM meta WHERE k = 'output'", [], |r| r.get(0))
+            .query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0))
             .optional()?)
+    }
+
+    fn set_meta(&self, k: &str, v: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)", [k, v])?;
+        Ok(())
+    }
+
+    /// Version 1 published before its commit point; its `committed` batches are published, and
+    /// its one key table becomes the first generation.
+    fn upgrade(&self) -> Result<()> {
+        let version: i64 = self
+            .meta("schema_version")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        if version > SCHEMA_VERSION {
+            bail!(
+                "the state database was written by a newer batch-export (schema {version}); \
+                 use that version"
+            );
+        }
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let has_column: bool = self.conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('batch') WHERE name = 'keys_digest'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? > 0;
+        let tx = self.conn.unchecked_transaction()?;
+        if !has_column {
+            tx.execute_batch(SCHEMA_V2)?;
+        }
+        tx.execute(
+            "UPDATE batch SET state = 'published' WHERE state = 'committed'",
+            [],
+        )?;
+        let v1_keys: bool = tx.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exported'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? > 0;
+        if v1_keys {
+            let start: i64 = tx
+                .query_row("SELECT min(at) FROM exported", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })?
+                .unwrap_or_else(crate::now_secs);
+            tx.execute_batch(&format!(
+                "ALTER TABLE exported RENAME TO {}",
+                generation_table(start)
+            ))?;
+        }
+        // Batches up to here were published without a manifest (version 1): the check against
+        // the output's manifests starts after them.
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (k, v) SELECT 'manifests_from', coalesce(max(id), 0) + 1 FROM batch",
+            [],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES ('schema_version', ?1)",
+            [SCHEMA_VERSION.to_string()],
+        )?;
+        tx.commit().context("upgrading the state database")?;
+        Ok(())
+    }
+
+    /// The output this state directory is bound to (`None` before its first run).
+    pub fn bound_output(&self) -> Result<Option<String>> {
+        self.meta("output")
     }
 
     /// Binds this state directory to `identity` (first run only; see `export::run`).
@@ -103,144 +241,414 @@ impl State {
         Ok(())
     }
 
-    /// Batches killed before their commit point.
-    pub fn unfinished(&self) -> Result<Vec<Unfinished>> {
+    /// The first batch id that has a manifest (batches before it were published by version 1,
+    /// which wrote none).
+    pub fn manifests_from(&self) -> Result<i64> {
+        Ok(self
+            .meta("manifests_from")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1))
+    }
+
+    /// This state directory's exporter id (a random UUID made on first use): what the output's
+    /// owner marker names. `None` in a read-only state that never got one.
+    pub fn owner_id(&self) -> Result<Option<String>> {
+        self.meta("owner")
+    }
+
+    /// The exporter id, made on first use.
+    pub fn ensure_owner_id(&self) -> Result<String> {
+        if let Some(id) = self.owner_id()? {
+            return Ok(id);
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        self.set_meta("owner", &id)?;
+        Ok(id)
+    }
+
+    /// Batches a version-1 run left before its commit point (`writing`): that protocol may
+    /// already have published their files, and this one never removes a published file.
+    pub fn legacy_unfinished(&self) -> Result<Vec<i64>> {
         let mut stmt = self
             .conn
             .prepare("SELECT id FROM batch WHERE state = 'writing' ORDER BY id")?;
-        let ids: Vec<i64> = stmt
+        let ids = stmt
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let mut out = Vec::new();
-        let mut outs = self
+        Ok(ids)
+    }
+
+    fn batch_from_row(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<Batch> {
+        Ok(Batch {
+            id: r.get(0)?,
+            committed_at: r.get(1)?,
+            previous: r.get(2)?,
+            files: r.get::<_, i64>(3)? as u64,
+            rows: r.get::<_, i64>(4)? as u64,
+            keys_digest: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+            outputs: Vec::new(),
+        })
+    }
+
+    fn outputs_of(&self, id: i64) -> Result<Vec<BatchOutput>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT table_path, location, temp, rows, bytes FROM batch_output WHERE batch_id = ?1 ORDER BY rowid",
+        )?;
+        let outs = stmt
+            .query_map([id], |r| {
+                Ok(BatchOutput {
+                    table_path: r.get(0)?,
+                    location: r.get(1)?,
+                    staged: PathBuf::from(r.get::<_, String>(2)?),
+                    rows: r.get::<_, i64>(3)? as u64,
+                    bytes: r.get::<_, i64>(4)? as u64,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(outs)
+    }
+
+    const BATCH_COLUMNS: &'static str = "id, started_at, previous, files, rows, keys_digest";
+
+    /// The newest published batch.
+    pub fn last_published(&self) -> Result<Option<Batch>> {
+        let sql = format!(
+            "SELECT {} FROM batch WHERE state = 'published' ORDER BY id DESC LIMIT 1",
+            Self::BATCH_COLUMNS
+        );
+        Ok(self
             .conn
-            .prepare("SELECT location, temp FROM batch_output WHERE batch_id = ?1")?;
-        for id in ids {
-            let outputs = outs
-                .query_map([id], |r| {
-                    Ok(PlannedOutput {
-                        location: r.get(0)?,
-                        temp: PathBuf::from(r.get::<_, String>(1)?),
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            out.push(Unfinished { id, outputs });
+            .query_row(&sql, [], |r| self.batch_from_row(r))
+            .optional()?)
+    }
+
+    /// Batches past their commit point whose publication did not finish (oldest first).
+    pub fn unpublished(&self) -> Result<Vec<Batch>> {
+        let sql = format!(
+            "SELECT {} FROM batch WHERE state = 'committed' ORDER BY id",
+            Self::BATCH_COLUMNS
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut batches: Vec<Batch> = stmt
+            .query_map([], |r| self.batch_from_row(r))?
+            .collect::<rusqlite::Result<_>>()?;
+        for b in &mut batches {
+            b.outputs = self.outputs_of(b.id)?;
         }
-        Ok(out)
+        Ok(batches)
     }
 
-    pub fn mark_rolled_back(&self, id: i64) -> Result<()> {
-        self.conn
-            .execute("UPDATE batch SET state = 'rolled_back' WHERE id = ?1", [id])?;
-        Ok(())
+    /// The sorted keys of a committed batch whose manifest is not written yet.
+    pub fn batch_keys(&self, id: i64) -> Result<Vec<u8>> {
+        let keys: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT keys FROM batch WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .flatten();
+        keys.with_context(|| format!("batch {id} has no keys recorded (already published?)"))
     }
 
-    /// Commits the plan of a batch (state `writing`) before anything is published.
-    pub fn plan(&mut self, now: i64, outputs: &[(String, PlannedOutput, usize)]) -> Result<i64> {
+    /// The generation tables, oldest first (by their start).
+    fn generations(&self) -> Result<Vec<i64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'exported_g%'",
+        )?;
+        let mut starts: Vec<i64> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .filter_map(|n| n.ok()?.strip_prefix("exported_g")?.parse().ok())
+            .collect();
+        starts.sort_unstable();
+        Ok(starts)
+    }
+
+    /// The generation new keys go to: the newest, or a new one once the newest is a retention
+    /// old.
+    fn current_generation(&self, now: i64, retention_secs: i64) -> Result<i64> {
+        let gens = self.generations()?;
+        match gens.last() {
+            Some(&start) if now - start < retention_secs.max(1) => Ok(start),
+            _ => {
+                self.conn.execute_batch(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;",
+                    generation_table(now)
+                ))?;
+                Ok(now)
+            }
+        }
+    }
+
+    /// The commit point: the batch (state `committed`), its staged outputs and its files' keys,
+    /// in one transaction. Returns the batch id.
+    pub fn commit(&mut self, b: &NewBatch<'_>, retention_secs: i64) -> Result<Batch> {
+        let generation = self.current_generation(b.now, retention_secs)?;
+        let sorted = sorted_key_bytes(b.keys);
+        let digest = keys_digest(&sorted);
         let tx = self.conn.transaction()?;
+        let previous: Option<i64> = tx.query_row(
+            "SELECT max(id) FROM batch WHERE state IN ('committed', 'published')",
+            [],
+            |r| r.get(0),
+        )?;
         tx.execute(
-            "INSERT INTO batch (started_at, state) VALUES (?1, 'writing')",
-            [now],
+            "INSERT INTO batch (started_at, state, files, rows, previous, keys_digest, keys) VALUES (?1, 'committed', ?2, ?3, ?4, ?5, ?6)",
+            params![b.now, b.keys.len() as i64, b.rows as i64, previous, digest, sorted],
         )?;
         let id = tx.last_insert_rowid();
         {
             let mut stmt = tx.prepare(
-                "INSERT INTO batch_output (batch_id, table_path, location, temp, rows) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO batch_output (batch_id, table_path, location, temp, rows, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
-            for (table, o, rows) in outputs {
+            for o in b.outputs {
                 stmt.execute(params![
                     id,
-                    table,
+                    o.table_path,
                     o.location,
-                    o.temp.to_string_lossy(),
-                    *rows as i64
+                    o.staged.to_string_lossy(),
+                    o.rows as i64,
+                    o.bytes as i64
                 ])?;
             }
-        }
-        tx.commit().context("committing the batch plan")?;
-        Ok(id)
-    }
-
-    /// The commit point: the batch's outputs are published; its files' keys become exported.
-    pub fn commit(&mut self, batch_id: i64, now: i64, keys: &[FileKey], rows: usize) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut stmt = tx.prepare(
-                "INSERT OR REPLACE INTO exported (key, batch_id, at) VALUES (?1, ?2, ?3)",
-            )?;
-            let mut sorted: Vec<&FileKey> = keys.iter().collect();
-            sorted.sort_unstable();
-            for k in sorted {
-                stmt.execute(params![&k[..], batch_id, now])?;
+            let mut stmt = tx.prepare(&format!(
+                "INSERT OR REPLACE INTO {} (key, batch_id, at) VALUES (?1, ?2, ?3)",
+                generation_table(generation)
+            ))?;
+            for k in sorted.chunks_exact(16) {
+                stmt.execute(params![k, id, b.now])?;
             }
         }
-        tx.execute(
-            "UPDATE batch SET state = 'committed', files = ?2, rows = ?3 WHERE id = ?1",
-            params![batch_id, keys.len() as i64, rows as i64],
-        )?;
         tx.commit().context("committing the batch")?;
+        Ok(Batch {
+            id,
+            committed_at: b.now,
+            previous,
+            files: b.keys.len() as u64,
+            rows: b.rows,
+            keys_digest: digest,
+            outputs: b.outputs.to_vec(),
+        })
+    }
+
+    /// Every output of the batch is published and its manifest written.
+    pub fn mark_published(&self, id: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE batch SET state = 'published', keys = NULL WHERE id = ?1",
+            [id],
+        )?;
         Ok(())
     }
 
-    /// A batch with no output (only already-exported or duplicate files): commit keys directly.
-    pub fn commit_without_outputs(&mut self, now: i64, keys: &[FileKey]) -> Result<()> {
-        let id = self.plan(now, &[])?;
-        self.commit(id, now, keys, 0)
-    }
-
     /// Which of `keys` were exported before (same order as `keys`). Asked in sorted chunks of
-    /// `key IN (...)`, which keeps the B-tree walk local and the per-statement cost low.
+    /// `key IN (...)` per generation, which keeps the B-tree walk local and the per-statement
+    /// cost low.
     pub fn exported_mask(&self, keys: &[FileKey]) -> Result<Vec<bool>> {
         const CHUNK: usize = 500;
         let mut sorted: Vec<&FileKey> = keys.iter().collect();
         sorted.sort_unstable();
         let mut found: std::collections::HashSet<FileKey> = std::collections::HashSet::new();
-        for chunk in sorted.chunks(CHUNK) {
-            let sql = format!(
-                "SELECT key FROM exported WHERE key IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut stmt = self.conn.prepare_cached(&sql)?;
-            let params = rusqlite::params_from_iter(chunk.iter().map(|k| &k[..]));
-            let mut rows = stmt.query(params)?;
-            while let Some(row) = rows.next()? {
-                let key: Vec<u8> = row.get(0)?;
-                if let Ok(k) = FileKey::try_from(key.as_slice()) {
-                    found.insert(k);
+        for generation in self.generations()? {
+            let table = generation_table(generation);
+            for chunk in sorted.chunks(CHUNK) {
+                let sql = format!(
+                    "SELECT key FROM {table} WHERE key IN ({})",
+                    vec!["?"; chunk.len()].join(",")
+                );
+                let mut stmt = self.conn.prepare_cached(&sql)?;
+                let params = rusqlite::params_from_iter(chunk.iter().map(|k| &k[..]));
+                let mut rows = stmt.query(params)?;
+                while let Some(row) = rows.next()? {
+                    let key: Vec<u8> = row.get(0)?;
+                    if let Ok(k) = FileKey::try_from(key.as_slice()) {
+                        found.insert(k);
+                    }
                 }
             }
         }
         Ok(keys.iter().map(|k| found.contains(k)).collect())
     }
 
-    /// Forgets exported keys older than the retention (at most once an hour).
+    /// Forgets exported keys older than the retention: drops each generation whose successor
+    /// started more than `retention_secs` ago (every key in it is at least that old). Returns
+    /// the number of generations dropped.
     pub fn prune(&self, now: i64, retention_secs: i64) -> Result<usize> {
-        let last: Option<i64> = self
-            .conn
-            .query_row("SELECT v FROM meta WHERE k = 'last_prune'", [], |r| {
-                r.get::<_, String>(0)
-            })
-            .optional()?
-            .and_then(|v| v.parse().ok());
-        if matches!(last, Some(t) if now - t < 3600) {
-            return Ok(0);
+        let gens = self.generations()?;
+        let mut dropped = 0;
+        for pair in gens.windows(2) {
+            let (old, successor) = (pair[0], pair[1]);
+            if now - successor >= retention_secs {
+                self.conn
+                    .execute_batch(&format!("DROP TABLE {}", generation_table(old)))?;
+                dropped += 1;
+            }
         }
-        let cutoff = now - retention_secs;
-        let n = self
-            .conn
-            .execute("DELETE FROM exported WHERE at < ?1", [cutoff])?;
-        self.conn.execute(
-            "DELETE FROM batch_output WHERE batch_id IN (SELECT id FROM batch WHERE started_at < ?1 AND state != 'writing')",
-            [cutoff],
+        Ok(dropped)
+    }
+
+    /// Replaces the journal and the exported keys with what the output's manifests say
+    /// (`--adopt-output`), in one transaction. Batches the state had committed but not
+    /// published are forgotten: their cache files are still in the cache (nothing is deleted
+    /// before publication) and are exported again.
+    pub fn adopt(&mut self, batches: &[Adopted], retention_secs: i64) -> Result<()> {
+        let now = crate::now_secs();
+        let gens = self.generations()?;
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM batch_output", [])?;
+        tx.execute("DELETE FROM batch", [])?;
+        for g in gens {
+            tx.execute_batch(&format!("DROP TABLE {}", generation_table(g)))?;
+        }
+        let start = now - retention_secs;
+        let table = generation_table(start);
+        tx.execute_batch(&format!(
+            "CREATE TABLE {table} (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;"
+        ))?;
+        {
+            let mut ins = tx.prepare(
+                "INSERT INTO batch (id, started_at, state, files, rows, previous, keys_digest) VALUES (?1, ?2, 'published', ?3, ?4, ?5, ?6)",
+            )?;
+            let mut key = tx.prepare(&format!(
+                "INSERT OR REPLACE INTO {table} (key, batch_id, at) VALUES (?1, ?2, ?3)"
+            ))?;
+            for b in batches {
+                ins.execute(params![
+                    b.id,
+                    b.committed_at,
+                    b.files as i64,
+                    b.rows as i64,
+                    b.previous,
+                    b.keys_digest
+                ])?;
+                for k in b.keys.iter().flatten() {
+                    key.execute(params![&k[..], b.id, b.committed_at])?;
+                }
+            }
+        }
+        let first = batches.iter().map(|b| b.id).min().unwrap_or(1);
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES ('manifests_from', ?1)",
+            [first.to_string()],
         )?;
-        self.conn.execute(
-            "DELETE FROM batch WHERE started_at < ?1 AND state != 'writing'",
-            [cutoff],
-        )?;
-        self.conn.execute(
-            "INSERT OR REPLACE INTO meta (k, v) VALUES ('last_prune', ?1)",
-            [now.to_string()],
-        )?;
-        Ok(n)
+        tx.commit().context("adopting the output's manifests")?;
+        Ok(())
+    }
+}
+
+/// The row de-duplication keys of one run (rows are de-duplicated by URI within a run),
+/// on disk in a private temporary database that SQLite deletes when the run ends: memory stays
+/// bounded by SQLite's page cache however long the run is.
+pub struct RunRows {
+    conn: Connection,
+}
+
+impl RunRows {
+    pub fn new() -> Result<RunRows> {
+        // An empty file name is a private temporary database on disk.
+        let conn = Connection::open("").context("opening the run's de-duplication store")?;
+        // Private and thrown away with the run: no rollback journal, no fsync.
+        conn.pragma_update(None, "journal_mode", "OFF")?;
+        conn.pragma_update(None, "synchronous", "OFF")?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        // 16 MiB of page cache (~400,000 keys) before pages go to the temporary file: a fixed
+        // bound, whatever the run's length.
+        conn.pragma_update(None, "cache_size", -16384)?;
+        conn.execute_batch("CREATE TABLE run_rows (k BLOB PRIMARY KEY) WITHOUT ROWID;")?;
+        Ok(RunRows { conn })
+    }
+
+    /// Records row de-duplication keys; returns, per key, whether it is new in this run (a key
+    /// repeated within `keys` is new only the first time).
+    pub fn first_in_run(&self, keys: &[u128]) -> Result<Vec<bool>> {
+        // Inserted in key order (a stable sort keeps repeated keys in their order, so the first
+        // one is the new one): neighbouring inserts touch the same B-tree pages.
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by_key(|&i| keys[i]);
+        let tx = self.conn.unchecked_transaction()?;
+        let mut out = vec![false; keys.len()];
+        {
+            let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO run_rows (k) VALUES (?1)")?;
+            for i in order {
+                out[i] = stmt.execute([&keys[i].to_be_bytes()[..]])? == 1;
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> FileKey {
+        let mut k = [0u8; 16];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        k
+    }
+
+    #[test]
+    fn generations_rotate_and_old_keys_are_dropped_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = State::open(tmp.path()).unwrap();
+        let day = 86_400;
+        let commit = |s: &mut State, now: i64, keys: &[FileKey]| {
+            s.commit(
+                &NewBatch {
+                    now,
+                    outputs: &[],
+                    keys,
+                    rows: 0,
+                },
+                day,
+            )
+            .unwrap()
+        };
+        commit(&mut s, 1_000_000, &[key(1)]);
+        commit(&mut s, 1_000_000 + day / 2, &[key(2)]);
+        assert_eq!(s.generations().unwrap(), vec![1_000_000]);
+        commit(&mut s, 1_000_000 + day, &[key(3)]);
+        assert_eq!(s.generations().unwrap().len(), 2);
+        assert_eq!(
+            s.exported_mask(&[key(1), key(2), key(3), key(4)]).unwrap(),
+            [true, true, true, false]
+        );
+        // Key 2 is only half a retention old a day after the first generation began: kept.
+        assert_eq!(s.prune(1_000_000 + day + day / 2, day).unwrap(), 0);
+        assert!(s.exported_mask(&[key(2)]).unwrap()[0]);
+        // A retention after the second generation began, every key of the first is older.
+        assert_eq!(s.prune(1_000_000 + 2 * day, day).unwrap(), 1);
+        assert_eq!(
+            s.exported_mask(&[key(1), key(2), key(3)]).unwrap(),
+            [false, false, true]
+        );
+    }
+
+    #[test]
+    fn run_rows_are_new_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _ = tmp;
+        let s = RunRows::new().unwrap();
+        assert_eq!(s.first_in_run(&[1, 2, 1]).unwrap(), [true, true, false]);
+        assert_eq!(s.first_in_run(&[2, 3]).unwrap(), [false, true]);
+    }
+
+    #[test]
+    fn a_version_1_journal_is_upgraded() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(tmp.path().join("state.sqlite")).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch(
+                "CREATE TABLE exported (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO batch (id, started_at, state) VALUES (1, 100, 'committed');
+                 INSERT INTO exported VALUES (x'00000001000000000000000000000000', 1, 100);",
+            )
+            .unwrap();
+        }
+        let s = State::open(tmp.path()).unwrap();
+        assert_eq!(s.last_published().unwrap().unwrap().id, 1);
+        assert!(s.exported_mask(&[key(1)]).unwrap()[0]);
+        drop(s);
+        // Opening again changes nothing.
+        let s = State::open(tmp.path()).unwrap();
+        assert_eq!(s.generations().unwrap(), vec![100]);
     }
 }

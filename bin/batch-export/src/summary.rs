@@ -31,11 +31,17 @@ pub struct Summary {
     pub duplicates: u64,
     /// Corrupt or unreadable files moved to `<cache>/.quarantine/`.
     pub quarantined: u64,
-    /// Files in folders that feed no table (left in place).
+    /// Files in folders that feed no table (left in place; exit 3).
     pub files_unrecognised: u64,
+    /// Keys in cache files that their table does not know (the file is exported; the key is
+    /// not a column). A writer newer than this export, or a hand-edited file.
+    pub unknown_keys: u64,
     /// Files that disappeared between listing and reading.
     pub files_gone: u64,
     pub files_deleted: u64,
+    /// Exported files that could not be deleted (they stay; known as exported, the next run
+    /// deletes them; exit 3).
+    pub delete_failed: u64,
     pub parquet_files: u64,
     pub parquet_bytes: u64,
     /// Quarantines that failed (the file stays in place and is read again next run).
@@ -44,7 +50,10 @@ pub struct Summary {
     /// files, unreadable folders): left in place and counted.
     #[serde(flatten)]
     pub skipped: crate::scan::Skipped,
-    pub batches_rolled_back: u64,
+    /// Batches a killed or failed run had committed, published by this run.
+    pub batches_rolled_forward: u64,
+    /// Batches rebuilt from the output's manifests (`--adopt-output`).
+    pub batches_adopted: u64,
     pub dirs_pruned: usize,
     pub seconds: f64,
     /// Part of `seconds` spent deleting exported files.
@@ -71,9 +80,14 @@ impl Summary {
     }
 
     /// Whether a human should look (exit code 3): corrupt files quarantined, a quarantine that
-    /// failed, or cache entries the walk could not handle.
+    /// failed, files in folders that feed no table, exported files that could not be deleted,
+    /// or cache entries the walk could not handle.
     pub fn needs_attention(&self) -> bool {
-        self.quarantined > 0 || self.quarantine_failed > 0 || self.skipped.any()
+        self.quarantined > 0
+            || self.quarantine_failed > 0
+            || self.files_unrecognised > 0
+            || self.delete_failed > 0
+            || self.skipped.any()
     }
 
     pub fn total_rows(&self) -> u64 {
@@ -102,18 +116,20 @@ impl Summary {
         }
         let _ = writeln!(
             s,
-            "  files: {} read, {} exported, {} already exported, {} duplicates, {} quarantined, {} unrecognised, {} deleted",
+            "  files: {} read, {} exported, {} already exported, {} duplicates, {} quarantined, {} deleted; {} unknown keys",
             self.files_read,
             self.files_exported,
             self.already_exported,
             self.duplicates,
             self.quarantined,
-            self.files_unrecognised,
-            self.files_deleted
+            self.files_deleted,
+            self.unknown_keys
         );
         let _ = writeln!(
             s,
-            "  left in place (look at them): {} failed quarantines, {} non-UTF-8 names, {} symlinks or other non-regular files, {} unreadable folders or entries",
+            "  left in place (look at them): {} in folders that feed no table, {} exported but not deleted, {} failed quarantines, {} non-UTF-8 names, {} symlinks or other non-regular files, {} unreadable folders or entries",
+            self.files_unrecognised,
+            self.delete_failed,
             self.quarantine_failed,
             self.skipped.non_utf8_names,
             self.skipped.non_regular_files,
@@ -121,8 +137,12 @@ impl Summary {
         );
         let _ = writeln!(
             s,
-            "  parquet: {} files, {} bytes; {} batches rolled back; {} folders pruned",
-            self.parquet_files, self.parquet_bytes, self.batches_rolled_back, self.dirs_pruned
+            "  parquet: {} files, {} bytes; {} batches rolled forward; {} batches adopted; {} folders pruned",
+            self.parquet_files,
+            self.parquet_bytes,
+            self.batches_rolled_forward,
+            self.batches_adopted,
+            self.dirs_pruned
         );
         let _ = writeln!(
             s,

@@ -304,8 +304,13 @@ impl Source {
     }
 }
 
-/// Folders nested by the rkey of a study post (the nesting level is not part of the table).
+/// The record kinds a study user's own deletes are filed under (`delete/<kind>/`).
+const DELETE_KINDS: &[&str] = &["post", "like", "repost", "follow", "block", "profile"];
+
+/// Folders nested by the rkey of a post (the nesting level is not part of the table); `like` is
+/// nested by the liked post's rkey.
 const NESTED_BY_RKEY: &[&str] = &[
+    "like",
     "reply_to_user_post",
     "like_on_user_post",
     "repost_of_user_post",
@@ -341,16 +346,23 @@ pub fn classify(rel_dir: &str) -> Option<Source> {
         ["study_user_activity", "create", "block"] => Some(Source::Block),
         ["study_user_activity", "create", "profile"] => Some(Source::Profile),
         ["study_user_activity", "account"] => Some(Source::Account),
-        ["study_user_activity", "delete", rest @ ..] if !rest.is_empty() => {
-            let category = if NESTED_BY_RKEY.contains(&rest[0]) {
-                if rest.len() != 2 {
-                    return None;
-                }
-                rest[0].to_owned()
-            } else {
-                rest.join("/")
-            };
-            Some(Source::StudyDelete { category })
+        // A study user's own delete (`delete/<kind>/`), or the mirror of a routed create folder
+        // (`delete/<folder>/<rkey>/`, `delete/follow/followee/`): the category is the folder
+        // without its rkey nesting. Any other folder under `delete/` is unknown (exit 3).
+        ["study_user_activity", "delete", kind] if DELETE_KINDS.contains(kind) => {
+            Some(Source::StudyDelete {
+                category: (*kind).to_owned(),
+            })
+        }
+        ["study_user_activity", "delete", nested, _] if NESTED_BY_RKEY.contains(nested) => {
+            Some(Source::StudyDelete {
+                category: (*nested).to_owned(),
+            })
+        }
+        ["study_user_activity", "delete", "follow", side @ ("follower" | "followee")] => {
+            Some(Source::StudyDelete {
+                category: format!("follow/{side}"),
+            })
         }
         ["in_network_user_activity", "delete", "post", _] => Some(Source::InNetworkDelete),
         ["in_network_user_activity", "create", "post", _] => {
@@ -370,14 +382,18 @@ pub enum Cell {
 }
 
 impl Cell {
-    fn opt_str(s: Option<String>) -> Cell {
-        s.map_or(Cell::Null, |s| Cell::Str(s.into_boxed_str()))
-    }
     fn str(s: impl Into<Box<str>>) -> Cell {
         Cell::Str(s.into())
     }
-    fn opt_i64(v: Option<i64>) -> Cell {
-        v.map_or(Cell::Null, Cell::I64)
+
+    fn fits(&self, ty: ColType) -> bool {
+        matches!(
+            (self, ty),
+            (Cell::Null, _)
+                | (Cell::Str(_), ColType::Str)
+                | (Cell::I64(_), ColType::I64)
+                | (Cell::Bool(_), ColType::Bool)
+        )
     }
 }
 
@@ -388,6 +404,8 @@ pub struct Parsed {
     pub row: Vec<Cell>,
     /// Hash of the table and its natural key (URI; (follow, follower, relationship) for follows).
     pub dedupe: u128,
+    /// Keys of the file the table does not know (counted, not exported).
+    pub unknown_keys: u64,
 }
 
 fn dedupe_key(table: TableId, parts: &[&str]) -> u128 {
@@ -401,98 +419,239 @@ fn dedupe_key(table: TableId, parts: &[&str]) -> u128 {
     u128::from_le_bytes(d[..16].try_into().expect("16 bytes"))
 }
 
-#[derive(Deserialize)]
-#[serde(default)]
-#[derive(Default)]
-struct PostJson {
-    uri: Option<String>,
-    cid: Option<String>,
-    indexed_at: Option<String>,
-    author_did: Option<String>,
-    author_handle: Option<String>,
-    author_avatar: Option<String>,
-    author_display_name: Option<String>,
-    created_at: Option<String>,
-    text: Option<String>,
-    embed: Option<String>,
-    entities: Option<String>,
-    facets: Option<String>,
-    labels: Option<String>,
-    langs: Option<String>,
-    reply_parent: Option<String>,
-    reply_root: Option<String>,
-    tags: Option<String>,
-    url: Option<String>,
-    source: Option<String>,
-    like_count: Option<i64>,
-    reply_count: Option<i64>,
-    repost_count: Option<i64>,
+/// The JSON type a cache-file key must have. `Col` values may be `null`; `Any` is kept as JSON
+/// (nested records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Col(ColType),
+    Any,
 }
 
-#[derive(Deserialize)]
-struct StrongRefJson {
-    cid: String,
-    uri: String,
+use Slot::{Any, Col};
+
+/// The keys each kind of cache file must carry, every one of them (a missing key sends the
+/// file to quarantine; it never silently becomes `null`). Keys not listed are counted.
+pub const LIKE_KEYS: &[(&str, Slot)] = &[
+    ("uri", Col(Str)),
+    ("cid", Col(Str)),
+    ("author", Col(Str)),
+    ("record", Any),
+];
+pub const FOLLOW_KEYS: &[(&str, Slot)] = &[
+    ("uri", Col(Str)),
+    ("cid", Col(Str)),
+    ("record", Any),
+    ("author", Col(Str)),
+    ("follower_did", Col(Str)),
+    ("followee_did", Col(Str)),
+];
+pub const GENERIC_KEYS: &[(&str, Slot)] = &[
+    ("uri", Col(Str)),
+    ("cid", Col(Str)),
+    ("author", Col(Str)),
+    ("collection", Col(Str)),
+    ("record", Any),
+];
+pub const ACCOUNT_KEYS: &[(&str, Slot)] = &[
+    ("did", Col(Str)),
+    ("kind", Col(Str)),
+    ("seq", Col(I64)),
+    ("time", Col(Str)),
+    ("handle", Col(Str)),
+    ("active", Col(Bool)),
+    ("status", Col(Str)),
+];
+pub const DELETE_KEYS: &[(&str, Slot)] = &[
+    ("uri", Col(Str)),
+    ("author", Col(Str)),
+    ("collection", Col(Str)),
+    ("rkey", Col(Str)),
+    ("seq", Col(I64)),
+    ("rev", Col(Str)),
+    ("time", Col(Str)),
+];
+
+/// A post file's keys: the 23 post columns themselves.
+fn post_keys() -> &'static [(&'static str, Slot)] {
+    static KEYS: std::sync::OnceLock<Vec<(&'static str, Slot)>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| POST_COLUMNS.iter().map(|(n, t)| (*n, Col(*t))).collect())
 }
 
-#[derive(Deserialize)]
-struct LikeRecordObj {
-    #[serde(rename = "createdAt", alias = "created_at")]
-    created_at: String,
-    subject: StrongRefJson,
+/// A value read for one key.
+#[derive(Debug)]
+enum Value1 {
+    Cell(Cell),
+    Json(serde_json::Value),
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum LikeRecordJson {
-    Object(LikeRecordObj),
-    /// Era S: already the Python-JSON string.
-    String(String),
+/// One cache file's top-level object, read against its key list: every listed key's value,
+/// type-checked; unknown keys skipped and counted.
+struct Obj {
+    keys: &'static [(&'static str, Slot)],
+    values: Vec<Option<Value1>>,
+    unknown: u64,
 }
 
-#[derive(Deserialize)]
-struct LikeJson {
-    uri: String,
-    cid: Option<String>,
-    author: Option<String>,
-    record: LikeRecordJson,
+impl Obj {
+    fn parse(keys: &'static [(&'static str, Slot)], bytes: &[u8]) -> Result<Obj, String> {
+        use serde::de::DeserializeSeed;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let obj = ObjSeed(keys)
+            .deserialize(&mut de)
+            .map_err(|e| format!("invalid JSON: {e}"))?;
+        de.end().map_err(|e| format!("invalid JSON: {e}"))?;
+        let missing: Vec<&str> = keys
+            .iter()
+            .zip(&obj.values)
+            .filter(|(_, v)| v.is_none())
+            .map(|((k, _), _)| *k)
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("missing required key(s): {}", missing.join(", ")));
+        }
+        Ok(obj)
+    }
+
+    fn index(&self, key: &str) -> usize {
+        self.keys
+            .iter()
+            .position(|(k, _)| *k == key)
+            .unwrap_or_else(|| panic!("{key} is not in the key list"))
+    }
+
+    /// The cell of `key` (moved out).
+    fn cell(&mut self, key: &str) -> Cell {
+        let i = self.index(key);
+        self.cell_at(i)
+    }
+
+    /// The cell of the `i`th key (moved out).
+    fn cell_at(&mut self, i: usize) -> Cell {
+        match self.values[i].take() {
+            Some(Value1::Cell(c)) => c,
+            _ => Cell::Null,
+        }
+    }
+
+    /// The string of `key`, which must not be null.
+    fn required_str(&mut self, key: &str) -> Result<String, String> {
+        match self.cell(key) {
+            Cell::Str(s) => Ok(s.into_string()),
+            _ => Err(format!("{key} is null")),
+        }
+    }
+
+    fn peek_str(&self, key: &str) -> Option<&str> {
+        match &self.values[self.index(key)] {
+            Some(Value1::Cell(Cell::Str(s))) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn json(&mut self, key: &str) -> serde_json::Value {
+        let i = self.index(key);
+        match self.values[i].take() {
+            Some(Value1::Json(v)) => v,
+            _ => serde_json::Value::Null,
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct FollowJson {
-    uri: String,
-    follower_did: String,
-    followee_did: String,
+struct ObjSeed(&'static [(&'static str, Slot)]);
+
+/// A key, borrowed from the input when it has no escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
-#[derive(Deserialize)]
-struct GenericJson {
-    uri: String,
-    cid: Option<String>,
-    author: Option<String>,
-    record: serde_json::Value,
+struct SlotSeed(&'static str, Slot);
+
+impl<'de> serde::de::DeserializeSeed<'de> for SlotSeed {
+    type Value = Value1;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value1, D::Error> {
+        use serde::de::Error;
+        let (key, slot) = (self.0, self.1);
+        let wrong = |what: &str| D::Error::custom(format!("{key}: {what}"));
+        match slot {
+            Any => serde_json::Value::deserialize(d).map(Value1::Json),
+            Col(ColType::Str) => match Option::<String>::deserialize(d) {
+                Ok(v) => Ok(Value1::Cell(v.map_or(Cell::Null, Cell::str))),
+                Err(e) => Err(wrong(&format!("expected a string or null ({e})"))),
+            },
+            Col(ColType::I64) => match Option::<i64>::deserialize(d) {
+                Ok(v) => Ok(Value1::Cell(v.map_or(Cell::Null, Cell::I64))),
+                Err(e) => Err(wrong(&format!("expected an integer or null ({e})"))),
+            },
+            Col(ColType::Bool) => match Option::<bool>::deserialize(d) {
+                Ok(v) => Ok(Value1::Cell(v.map_or(Cell::Null, Cell::Bool))),
+                Err(e) => Err(wrong(&format!("expected true, false or null ({e})"))),
+            },
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct AccountJson {
-    did: String,
-    kind: String,
-    seq: i64,
-    time: Option<String>,
-    handle: Option<String>,
-    active: Option<bool>,
-    status: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct DeleteJson {
-    uri: String,
-    author: Option<String>,
-    collection: Option<String>,
-    rkey: Option<String>,
-    seq: Option<i64>,
-    rev: Option<String>,
-    time: Option<String>,
+impl<'de> serde::de::DeserializeSeed<'de> for ObjSeed {
+    type Value = Obj;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Obj, D::Error> {
+        struct V(&'static [(&'static str, Slot)]);
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Obj;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Obj, A::Error> {
+                use serde::de::Error;
+                let keys = self.0;
+                let mut obj = Obj {
+                    keys,
+                    values: keys.iter().map(|_| None).collect(),
+                    unknown: 0,
+                };
+                // The writer writes the keys in the declared order: try the next expected one
+                // first (one comparison per key), then look the key up.
+                let mut next = 0;
+                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                    let found = match keys.get(next) {
+                        Some((name, _)) if *name == k => Some(next),
+                        _ => keys.iter().position(|(name, _)| *name == k),
+                    };
+                    match found {
+                        Some(i) => {
+                            next = i + 1;
+                            if obj.values[i].is_some() {
+                                return Err(A::Error::custom(format!("duplicate key {k}")));
+                            }
+                            obj.values[i] =
+                                Some(map.next_value_seed(SlotSeed(keys[i].0, keys[i].1))?);
+                        }
+                        None => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            obj.unknown += 1;
+                        }
+                    }
+                }
+                Ok(obj)
+            }
+        }
+        d.deserialize_map(V(self.0))
+    }
 }
 
 fn record_str(record: &serde_json::Value, key: &str) -> Result<Cell, String> {
@@ -517,6 +676,56 @@ fn rev_from_name(file_name: &str) -> Option<&str> {
     Some(rev)
 }
 
+/// The Era S like `record` string (§2.1) from an Era H record object, or the string itself.
+fn like_record(record: serde_json::Value) -> Result<String, String> {
+    use serde_json::Value;
+    match record {
+        Value::String(s) => Ok(s),
+        Value::Object(o) => {
+            let created = o
+                .get("createdAt")
+                .or_else(|| o.get("created_at"))
+                .and_then(Value::as_str)
+                .ok_or("record.createdAt is missing or not a string")?;
+            let subject = o.get("subject").ok_or("record.subject is missing")?;
+            let cid = subject
+                .get("cid")
+                .and_then(Value::as_str)
+                .ok_or("record.subject.cid is missing or not a string")?;
+            let uri = subject
+                .get("uri")
+                .and_then(Value::as_str)
+                .ok_or("record.subject.uri is missing or not a string")?;
+            Ok(sync_core::transform::like_record_string_era_s(
+                created, cid, uri,
+            ))
+        }
+        other => Err(format!("record is neither an object nor a string: {other}")),
+    }
+}
+
+/// Builds a row of `table` column by column, by name: `cell(index, name)` gives each column's
+/// value, which must fit the declared type (`index` is the column's position, which for the
+/// post tables is also the position of its key in [`post_keys`]).
+fn row_by_name(
+    table: TableId,
+    mut cell: impl FnMut(usize, &str) -> Result<Cell, String>,
+) -> Result<Vec<Cell>, String> {
+    self::table(table)
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ty))| {
+            let c = cell(i, name)?;
+            if c.fits(*ty) {
+                Ok(c)
+            } else {
+                Err(format!("column {name}: {c:?} is not a {}", ty.name()))
+            }
+        })
+        .collect()
+}
+
 /// Parses one cache file of `source` into a row of its table. `export_ts` is the export clock
 /// (`%Y-%m-%d-%H:%M:%S`) that replaces `synctimestamp` / fills `insert_timestamp`.
 pub fn parse(
@@ -526,185 +735,152 @@ pub fn parse(
     export_ts: &str,
 ) -> Result<Parsed, String> {
     let table = source.table();
-    let err = |e: serde_json::Error| format!("invalid JSON for {:?}: {e}", table);
     let ts = || Cell::str(export_ts);
+    let unknown;
     let (row, dedupe) = match source {
         Source::Post(_) => {
-            let p: PostJson = serde_json::from_slice(bytes).map_err(err)?;
-            let uri = p.uri.ok_or("post without uri")?;
-            let dedupe = dedupe_key(table, &[&uri]);
-            let row = vec![
-                Cell::str(uri),
-                Cell::opt_str(p.cid),
-                Cell::opt_str(p.indexed_at),
-                Cell::opt_str(p.author_did),
-                Cell::opt_str(p.author_handle),
-                Cell::opt_str(p.author_avatar),
-                Cell::opt_str(p.author_display_name),
-                Cell::opt_str(p.created_at),
-                Cell::opt_str(p.text),
-                Cell::opt_str(p.embed),
-                Cell::opt_str(p.entities),
-                Cell::opt_str(p.facets),
-                Cell::opt_str(p.labels),
-                Cell::opt_str(p.langs),
-                Cell::opt_str(p.reply_parent),
-                Cell::opt_str(p.reply_root),
-                Cell::opt_str(p.tags),
-                ts(),
-                Cell::opt_str(p.url),
-                Cell::opt_str(p.source),
-                Cell::opt_i64(p.like_count),
-                Cell::opt_i64(p.reply_count),
-                Cell::opt_i64(p.repost_count),
-            ];
+            let mut o = Obj::parse(post_keys(), bytes)?;
+            unknown = o.unknown;
+            let uri = o.peek_str("uri").ok_or("uri is null")?;
+            let dedupe = dedupe_key(table, &[uri]);
+            // The post tables' columns are the post keys, in the same order (`post_keys`).
+            let row = row_by_name(table, |i, name| {
+                Ok(match name {
+                    "synctimestamp" => ts(),
+                    _ => o.cell_at(i),
+                })
+            })?;
             (row, dedupe)
         }
         Source::Like(_) => {
-            let l: LikeJson = serde_json::from_slice(bytes).map_err(err)?;
-            let record = match l.record {
-                LikeRecordJson::Object(r) => sync_core::transform::like_record_string_era_s(
-                    &r.created_at,
-                    &r.subject.cid,
-                    &r.subject.uri,
-                ),
-                LikeRecordJson::String(s) => s,
-            };
-            let dedupe = dedupe_key(table, &[&l.uri]);
-            let row = vec![
-                Cell::opt_str(l.author),
-                Cell::opt_str(l.cid),
-                Cell::str(record),
-                Cell::str(l.uri),
-                ts(),
-            ];
+            let mut o = Obj::parse(LIKE_KEYS, bytes)?;
+            unknown = o.unknown;
+            let uri = o.required_str("uri")?;
+            let record = like_record(o.json("record"))?;
+            let dedupe = dedupe_key(table, &[&uri]);
+            let mut uri = Some(uri);
+            let mut record = Some(record);
+            let row = row_by_name(table, |_, name| {
+                Ok(match name {
+                    "uri" => Cell::str(uri.take().unwrap_or_default()),
+                    "record" => Cell::str(record.take().unwrap_or_default()),
+                    "synctimestamp" => ts(),
+                    other => o.cell(other),
+                })
+            })?;
             (row, dedupe)
         }
         Source::Follow { relationship } => {
-            let f: FollowJson = serde_json::from_slice(bytes).map_err(err)?;
-            let _ = &f.uri;
-            let dedupe = dedupe_key(table, &[&f.followee_did, &f.follower_did, relationship]);
-            let row = vec![
-                Cell::Null,
-                Cell::Null,
-                Cell::str(f.followee_did),
-                Cell::Null,
-                Cell::Null,
-                Cell::str(f.follower_did),
-                ts(),
-                Cell::str(*relationship),
-            ];
+            let mut o = Obj::parse(FOLLOW_KEYS, bytes)?;
+            unknown = o.unknown;
+            o.required_str("uri")?;
+            let follower = o.required_str("follower_did")?;
+            let followee = o.required_str("followee_did")?;
+            let dedupe = dedupe_key(table, &[&followee, &follower, relationship]);
+            // §4.5: the followee is `follow_did`, the follower `follower_did`; handles and URLs
+            // were never known.
+            let row = row_by_name(table, |_, name| {
+                Ok(match name {
+                    "follow_did" => Cell::str(followee.as_str()),
+                    "follower_did" => Cell::str(follower.as_str()),
+                    "insert_timestamp" => ts(),
+                    "relationship_to_study_user" => Cell::str(*relationship),
+                    _ => Cell::Null,
+                })
+            })?;
             (row, dedupe)
         }
-        Source::Repost(_) => {
-            let g: GenericJson = serde_json::from_slice(bytes).map_err(err)?;
-            let dedupe = dedupe_key(table, &[&g.uri]);
-            let row = vec![
-                Cell::str(g.uri),
-                Cell::opt_str(g.cid),
-                Cell::opt_str(g.author),
-                subject_field(&g.record, "uri")?,
-                subject_field(&g.record, "cid")?,
-                record_str(&g.record, "createdAt")?,
-                Cell::str(sync_core::pyjson::to_py_json(&g.record)),
-                ts(),
-            ];
-            (row, dedupe)
-        }
-        Source::Block => {
-            let g: GenericJson = serde_json::from_slice(bytes).map_err(err)?;
-            let dedupe = dedupe_key(table, &[&g.uri]);
-            let row = vec![
-                Cell::str(g.uri),
-                Cell::opt_str(g.cid),
-                Cell::opt_str(g.author),
-                record_str(&g.record, "subject")?,
-                record_str(&g.record, "createdAt")?,
-                Cell::str(sync_core::pyjson::to_py_json(&g.record)),
-                ts(),
-            ];
-            (row, dedupe)
-        }
-        Source::Profile => {
-            let g: GenericJson = serde_json::from_slice(bytes).map_err(err)?;
+        Source::Repost(_) | Source::Block | Source::Profile => {
+            let mut o = Obj::parse(GENERIC_KEYS, bytes)?;
+            unknown = o.unknown;
+            let uri = o.required_str("uri")?;
+            let record = o.json("record");
             let rev = rev_from_name(file_name);
-            // Profiles are updated in place: every rev is its own row.
-            let dedupe = dedupe_key(table, &[&g.uri, rev.unwrap_or("")]);
-            let row = vec![
-                Cell::str(g.uri),
-                Cell::opt_str(g.cid),
-                Cell::opt_str(g.author),
-                rev.map_or(Cell::Null, Cell::str),
-                record_str(&g.record, "displayName")?,
-                record_str(&g.record, "description")?,
-                record_str(&g.record, "createdAt")?,
-                Cell::str(sync_core::pyjson::to_py_json(&g.record)),
-                ts(),
-            ];
+            let dedupe = match source {
+                // Profiles are updated in place: every rev is its own row.
+                Source::Profile => dedupe_key(table, &[&uri, rev.unwrap_or("")]),
+                _ => dedupe_key(table, &[&uri]),
+            };
+            let mut uri = Some(uri);
+            let row = row_by_name(table, |_, name| {
+                Ok(match name {
+                    "uri" => Cell::str(uri.take().unwrap_or_default()),
+                    "cid" | "author" => o.cell(name),
+                    "subject_uri" => subject_field(&record, "uri")?,
+                    "subject_cid" => subject_field(&record, "cid")?,
+                    "subject" => record_str(&record, "subject")?,
+                    "created_at" => record_str(&record, "createdAt")?,
+                    "display_name" => record_str(&record, "displayName")?,
+                    "description" => record_str(&record, "description")?,
+                    "rev" => rev.map_or(Cell::Null, Cell::str),
+                    "record" => Cell::str(sync_core::pyjson::to_py_json(&record)),
+                    "synctimestamp" => ts(),
+                    other => return Err(format!("no source for column {other}")),
+                })
+            })?;
             (row, dedupe)
         }
         Source::Account => {
-            let a: AccountJson = serde_json::from_slice(bytes).map_err(err)?;
+            let mut o = Obj::parse(ACCOUNT_KEYS, bytes)?;
+            unknown = o.unknown;
             // What the writer names the file by: the event, not its seq (a second delivery under
             // another seq is the same event).
-            let active = a.active.map(|b| b.to_string());
+            let did = o.peek_str("did").ok_or("did is null")?.to_owned();
+            let kind = o.peek_str("kind").ok_or("kind is null")?.to_owned();
+            let active = match &o.values[o.index("active")] {
+                Some(Value1::Cell(Cell::Bool(b))) => Some(b.to_string()),
+                _ => None,
+            };
             let dedupe = dedupe_key(
                 table,
                 &[
-                    &a.did,
-                    &a.kind,
-                    a.time.as_deref().unwrap_or("\0"),
-                    a.handle.as_deref().unwrap_or("\0"),
+                    &did,
+                    &kind,
+                    o.peek_str("time").unwrap_or("\0"),
+                    o.peek_str("handle").unwrap_or("\0"),
                     active.as_deref().unwrap_or("\0"),
-                    a.status.as_deref().unwrap_or("\0"),
+                    o.peek_str("status").unwrap_or("\0"),
                 ],
             );
-            let row = vec![
-                Cell::str(a.did),
-                Cell::str(a.kind),
-                Cell::I64(a.seq),
-                Cell::opt_str(a.time),
-                Cell::opt_str(a.handle),
-                a.active.map_or(Cell::Null, Cell::Bool),
-                Cell::opt_str(a.status),
-                ts(),
-            ];
+            if matches!(o.values[o.index("seq")], Some(Value1::Cell(Cell::Null))) {
+                return Err("seq is null".into());
+            }
+            let row = row_by_name(table, |_, name| {
+                Ok(match name {
+                    "synctimestamp" => ts(),
+                    other => o.cell(other),
+                })
+            })?;
             (row, dedupe)
         }
-        Source::StudyDelete { category } => {
-            let d: DeleteJson = serde_json::from_slice(bytes).map_err(err)?;
-            let dedupe = dedupe_key(table, &[&d.uri, category]);
-            let row = vec![
-                Cell::str(d.uri),
-                Cell::opt_str(d.author),
-                Cell::opt_str(d.collection),
-                Cell::opt_str(d.rkey),
-                Cell::opt_i64(d.seq),
-                Cell::opt_str(d.rev),
-                Cell::opt_str(d.time),
-                Cell::str(category.as_str()),
-                ts(),
-            ];
-            (row, dedupe)
-        }
-        Source::InNetworkDelete => {
-            let d: DeleteJson = serde_json::from_slice(bytes).map_err(err)?;
-            let dedupe = dedupe_key(table, &[&d.uri]);
-            let row = vec![
-                Cell::str(d.uri),
-                Cell::opt_str(d.author),
-                Cell::opt_str(d.collection),
-                Cell::opt_str(d.rkey),
-                Cell::opt_i64(d.seq),
-                Cell::opt_str(d.rev),
-                Cell::opt_str(d.time),
-                ts(),
-            ];
+        Source::StudyDelete { .. } | Source::InNetworkDelete => {
+            let mut o = Obj::parse(DELETE_KEYS, bytes)?;
+            unknown = o.unknown;
+            let uri = o.peek_str("uri").ok_or("uri is null")?.to_owned();
+            let category = match source {
+                Source::StudyDelete { category } => Some(category.as_str()),
+                _ => None,
+            };
+            let dedupe = match category {
+                Some(c) => dedupe_key(table, &[&uri, c]),
+                None => dedupe_key(table, &[&uri]),
+            };
+            let row = row_by_name(table, |_, name| {
+                Ok(match name {
+                    "category" => category.map_or(Cell::Null, Cell::str),
+                    "synctimestamp" => ts(),
+                    other => o.cell(other),
+                })
+            })?;
             (row, dedupe)
         }
     };
-    debug_assert_eq!(row.len(), self::table(table).columns.len());
-    Ok(Parsed { table, row, dedupe })
+    Ok(Parsed {
+        table,
+        row,
+        dedupe,
+        unknown_keys: unknown,
+    })
 }
 
 /// The README table of schemas, generated from [`TABLES`] (kept in sync by a test).
@@ -721,6 +897,59 @@ pub fn schema_markdown() -> String {
             .map(|(n, ty)| format!("{n}: {}", ty.name()))
             .collect();
         out.push_str(&format!("| `{}` | {} |\n", t.path, cols.join(", ")));
+    }
+    out
+}
+
+/// The per-table reader recipes of `docs/querying.md` (DuckDB local and S3, Polars, pyarrow,
+/// Athena/Glue DDL with partition projection), generated from [`TABLES`] so that the column
+/// lists cannot drift from the declared schemas (a test keeps the document in sync).
+pub fn querying_markdown() -> String {
+    let mut out = String::new();
+    for t in TABLES {
+        let name = t.path.replace('/', "_");
+        let athena_type = |ty: ColType| match ty {
+            ColType::Str => "string",
+            ColType::I64 => "bigint",
+            ColType::Bool => "boolean",
+        };
+        let cols: Vec<String> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| format!("  `{n}` {}", athena_type(*ty)))
+            .collect();
+        out.push_str(&format!(
+            "### `{path}`\n\n\
+             ```sql\n\
+             -- DuckDB, local output\n\
+             SELECT * FROM read_parquet('OUTPUT/{path}/active/*/*.parquet', hive_partitioning = true);\n\
+             -- DuckDB, S3 output (INSTALL httpfs; LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain);)\n\
+             SELECT * FROM read_parquet('s3://BUCKET/PREFIX/{path}/active/*/*.parquet', hive_partitioning = true);\n\
+             ```\n\n\
+             ```python\n\
+             import polars as pl, pyarrow.dataset as ds\n\
+             df = pl.scan_parquet(\"OUTPUT/{path}/active/**/*.parquet\", hive_partitioning=True).collect()\n\
+             table = ds.dataset(\"OUTPUT/{path}/active\", format=\"parquet\", partitioning=\"hive\").to_table()\n\
+             ```\n\n\
+             ```sql\n\
+             -- Athena / Glue\n\
+             CREATE EXTERNAL TABLE {name} (\n{cols}\n)\n\
+             PARTITIONED BY (`partition_date` string)\n\
+             STORED AS PARQUET\n\
+             LOCATION 's3://BUCKET/PREFIX/{path}/active/'\n\
+             TBLPROPERTIES (\n\
+             \x20 'projection.enabled' = 'true',\n\
+             \x20 'projection.partition_date.type' = 'date',\n\
+             \x20 'projection.partition_date.format' = 'yyyy-MM-dd',\n\
+             \x20 'projection.partition_date.range' = '2024-01-01,NOW',\n\
+             \x20 'projection.partition_date.interval' = '1',\n\
+             \x20 'projection.partition_date.interval.unit' = 'DAYS',\n\
+             \x20 'storage.location.template' = 's3://BUCKET/PREFIX/{path}/active/partition_date=${{partition_date}}/'\n\
+             );\n\
+             ```\n\n",
+            path = t.path,
+            cols = cols.join(",\n"),
+        ));
     }
     out
 }
@@ -753,7 +982,100 @@ mod tests {
             })
         );
         assert_eq!(classify("study_user_activity/delete"), None);
+        assert_eq!(classify("study_user_activity/delete/unknown_kind"), None);
+        assert_eq!(classify("study_user_activity/delete/post/x"), None);
         assert_eq!(classify("create/post"), None);
+    }
+
+    /// The folder -> table mapping ([`classify`]) against every folder the writer's routing
+    /// can produce (`sync_core::paths::Folder`, and the `delete/` mirror of each create folder
+    /// that a later delete is routed to). The `match`es have no wildcard: a new `Folder`
+    /// variant does not compile until it is mapped here.
+    #[test]
+    fn every_folder_the_writer_routes_to_feeds_its_table() {
+        use sync_core::ids::{Did, RecordKey};
+        use sync_core::paths::Folder;
+        use sync_core::records::RecordKind;
+        let did = Did::parse("did:plc:z72i7hdynmk6r22z27h6tvur").unwrap();
+        let mut folders = vec![
+            Folder::StudyPost,
+            Folder::InNetworkPost(did),
+            Folder::Follower,
+            Folder::Followee,
+            Folder::StudyRepost,
+            Folder::StudyBlock,
+            Folder::StudyProfile,
+            Folder::Account,
+        ];
+        // An ordinary rkey, one that starts with `.` (written `%2E...`) and a literal one.
+        for rkey in ["3l5jnpb6xyz2k", ".hidden", "self"] {
+            let r = RecordKey::parse(rkey).unwrap();
+            folders.extend([
+                Folder::ReplyToUserPost(r.clone()),
+                Folder::StudyLike(r.clone()),
+                Folder::LikeOnUserPost(r.clone()),
+                Folder::RepostOfUserPost(r.clone()),
+                Folder::QuoteOfUserPost(r),
+            ]);
+        }
+        for kind in [
+            RecordKind::Post,
+            RecordKind::Like,
+            RecordKind::Repost,
+            RecordKind::Follow,
+            RecordKind::Block,
+            RecordKind::Profile,
+        ] {
+            folders.push(Folder::StudyDelete(kind.name()));
+        }
+        for folder in &folders {
+            let expected = match folder {
+                Folder::StudyPost => TableId::StudyPost,
+                Folder::ReplyToUserPost(_) => TableId::ReplyToUserPost,
+                Folder::InNetworkPost(_) => TableId::InNetworkPost,
+                Folder::StudyLike(_) => TableId::StudyLike,
+                Folder::LikeOnUserPost(_) => TableId::LikeOnUserPost,
+                Folder::Follower | Folder::Followee => TableId::SocialNetwork,
+                Folder::StudyRepost => TableId::StudyRepost,
+                Folder::RepostOfUserPost(_) => TableId::RepostOfUserPost,
+                Folder::QuoteOfUserPost(_) => TableId::QuoteOfUserPost,
+                Folder::StudyBlock => TableId::StudyBlock,
+                Folder::StudyProfile => TableId::StudyProfile,
+                Folder::Account => TableId::StudyAccount,
+                Folder::StudyDelete(_) => TableId::StudyDelete,
+            };
+            let path = folder.path("x.json".into()).unwrap();
+            let got = classify(path.dir()).map(|s| s.table());
+            assert_eq!(got, Some(expected), "{}", path.dir());
+            // Where a delete of a record routed here goes (route.rs: `to_delete`).
+            let mirrored = match folder {
+                Folder::InNetworkPost(_) => Some(TableId::InNetworkDelete),
+                Folder::Account | Folder::StudyDelete(_) => None,
+                Folder::StudyPost
+                | Folder::ReplyToUserPost(_)
+                | Folder::StudyLike(_)
+                | Folder::LikeOnUserPost(_)
+                | Folder::Follower
+                | Folder::Followee
+                | Folder::StudyRepost
+                | Folder::RepostOfUserPost(_)
+                | Folder::QuoteOfUserPost(_)
+                | Folder::StudyBlock
+                | Folder::StudyProfile => Some(TableId::StudyDelete),
+            };
+            if let Some(t) = mirrored {
+                let del = path.to_delete();
+                let src = classify(del.dir());
+                assert_eq!(src.as_ref().map(Source::table), Some(t), "{}", del.dir());
+                if let Some(Source::StudyDelete { category }) = src {
+                    assert!(
+                        !category.contains('%') && !category.contains("3l5j") && category != "self",
+                        "the category of {} is a folder name, not an rkey: {category}",
+                        del.dir()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -777,5 +1099,100 @@ mod tests {
         assert!(parse(&src, "f.json", br#"{"uri": "at://x", "text": 5}"#, "t").is_err());
         assert!(parse(&src, "f.json", br#"{"cid": "x"}"#, "t").is_err());
         assert!(parse(&src, "f.json", b"{\"uri\": \"at", "t").is_err());
+    }
+
+    /// A complete post file (all 23 keys), with `edit` applied to its JSON object.
+    fn post(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> Vec<u8> {
+        let mut m = serde_json::Map::new();
+        for (name, ty) in POST_COLUMNS {
+            let v = match ty {
+                ColType::I64 => serde_json::Value::Null,
+                _ => serde_json::Value::String(format!("{name}-value")),
+            };
+            m.insert(name.to_string(), v);
+        }
+        m.insert("url".into(), "".into());
+        edit(&mut m);
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    #[test]
+    fn every_required_key_must_be_there_and_unknown_keys_are_counted() {
+        let src = Source::Post(TableId::StudyPost);
+        let ok = parse(&src, "f.json", &post(|_| {}), "T").unwrap();
+        assert_eq!(ok.unknown_keys, 0);
+        let cols = POST_COLUMNS;
+        let at = |name: &str| cols.iter().position(|(n, _)| *n == name).unwrap();
+        assert_eq!(ok.row[at("url")], Cell::str(""));
+        assert_eq!(ok.row[at("synctimestamp")], Cell::str("T"));
+        assert_eq!(ok.row[at("text")], Cell::str("text-value"));
+        // A missing `url` used to become null; it is a bad file now.
+        let err = parse(&src, "f.json", &post(|m| drop(m.remove("url"))), "T").unwrap_err();
+        assert!(err.contains("missing required key(s): url"), "{err}");
+        let err = parse(
+            &src,
+            "f.json",
+            &post(|m| {
+                m.remove("like_count");
+                m.remove("langs");
+            }),
+            "T",
+        )
+        .unwrap_err();
+        assert!(err.contains("langs, like_count"), "{err}");
+        let extra = parse(
+            &src,
+            "f.json",
+            &post(|m| {
+                m.insert("new_field".into(), serde_json::json!({"x": [1, 2]}));
+                m.insert("other".into(), 1.into());
+            }),
+            "T",
+        )
+        .unwrap();
+        assert_eq!(extra.unknown_keys, 2);
+        assert_eq!(extra.row, ok.row, "unknown keys change nothing else");
+        // Every other kind: one key removed is a bad file.
+        type Kind = (Source, &'static [(&'static str, Slot)], &'static str);
+        let kinds: &[Kind] = &[
+            (
+                Source::Like(TableId::StudyLike),
+                LIKE_KEYS,
+                r#"{"uri": "u", "cid": "c", "author": "a", "record": "r"}"#,
+            ),
+            (
+                Source::Follow {
+                    relationship: "follow",
+                },
+                FOLLOW_KEYS,
+                r#"{"uri": "u", "cid": "c", "record": {}, "author": "a", "follower_did": "a", "followee_did": "b"}"#,
+            ),
+            (
+                Source::Block,
+                GENERIC_KEYS,
+                r#"{"uri": "u", "cid": "c", "author": "a", "collection": "x", "record": {"subject": "s"}}"#,
+            ),
+            (
+                Source::Account,
+                ACCOUNT_KEYS,
+                r#"{"did": "d", "kind": "account", "seq": 1, "time": "t", "handle": null, "active": false, "status": "deleted"}"#,
+            ),
+            (
+                Source::InNetworkDelete,
+                DELETE_KEYS,
+                r#"{"uri": "u", "author": "a", "collection": "c", "rkey": "r", "seq": 1, "rev": "v", "time": "t"}"#,
+            ),
+        ];
+        for (src, keys, json) in kinds {
+            parse(src, "f.json", json.as_bytes(), "T").unwrap_or_else(|e| panic!("{src:?}: {e}"));
+            for (k, _) in *keys {
+                let mut v: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(json).unwrap();
+                v.remove(*k);
+                let err = parse(src, "f.json", &serde_json::to_vec(&v).unwrap(), "T")
+                    .expect_err(&format!("{src:?} without {k}"));
+                assert!(err.contains(k), "{err}");
+            }
+        }
     }
 }

@@ -1326,9 +1326,11 @@ fn clear_cache_prunes_only_empty_old_folders() {
             &format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
         ),
     );
-    // An unexported file in an unknown folder is never removed.
+    // An unexported file in an unknown folder is never removed (and needs a human: exit 3).
     env.write("somewhere/else/keep.json", "{}");
-    env.export_ok(&["--clear-cache", "--prune-min-age-secs", "0"]);
+    let out = env.export(&["--clear-cache", "--prune-min-age-secs", "0"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(summary(&out)["files_unrecognised"], 1);
     assert!(
         !env.cache.join(liked).exists(),
         "empty nested folder pruned"
@@ -1604,6 +1606,8 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let writer = Writer::start(env.cache.clone(), 100_000, Duration::from_micros(300));
     let mut killed = 0;
     let mut completed = 0;
+    // Every Parquet file any run published: none may ever disappear.
+    let mut ever_published = BTreeSet::new();
     // At least 25 runs, and as many more (up to 100) as it takes for 12 of them to be killed
     // mid-way: on a fast machine more runs finish before their kill time.
     for i in 0..100u64 {
@@ -1641,6 +1645,7 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
             }
         }
         let _ = child.wait();
+        ever_published.extend(published(&env.out).into_keys());
     }
     let written = writer.finish();
     let s = env.export_ok(&[]);
@@ -1650,6 +1655,16 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         "too few runs were killed mid-way ({killed}) for the test to mean anything"
     );
     assert!(written.values().map(BTreeSet::len).sum::<usize>() > 500);
+    let now = published(&env.out);
+    let withdrawn: Vec<_> = ever_published
+        .iter()
+        .filter(|p| !now.contains_key(*p))
+        .collect();
+    assert!(
+        withdrawn.is_empty(),
+        "published, then withdrawn: {withdrawn:?}"
+    );
+    assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
 }
 
@@ -1753,105 +1768,177 @@ fn output_files_ending(env: &Env, suffix: &str) -> Vec<String> {
     out
 }
 
-/// Batches in state `writing` in the journal.
-fn unfinished_batches(env: &Env) -> usize {
-    sqlite_query(
-        &env.cache.join(".export/state.sqlite"),
-        "SELECT count(*) FROM batch WHERE state = 'writing'",
-    )[0]
-    .parse()
-    .unwrap()
+/// Every published Parquet file of a local output (relative path -> bytes). Nothing under
+/// `_batch_export/` ends in `.parquet`.
+fn published(root: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().ends_with(".parquet") {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                assert!(
+                    !rel.starts_with("_batch_export"),
+                    "a *.parquet name in the export's own folder: {rel}"
+                );
+                out.insert(rel, fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Every file published before is still there, byte for byte (rows are never withdrawn).
+fn assert_nothing_withdrawn(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>) {
+    for (path, bytes) in before {
+        match after.get(path) {
+            None => panic!("{path} was published, then withdrawn"),
+            Some(b) => assert!(b == bytes, "{path} was published, then changed"),
+        }
+    }
+}
+
+/// The output's manifests (local): batch id -> (manifest JSON, its keys object's length).
+fn manifests(root: &std::path::Path) -> BTreeMap<i64, Value> {
+    let dir = root.join("_batch_export/batches");
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".json") {
+            let m: Value = serde_json::from_slice(&fs::read(e.path()).unwrap()).unwrap();
+            let keys = fs::read(dir.join(format!("{stem}.keys"))).unwrap();
+            assert_eq!(
+                keys.len() as u64,
+                16 * m["keys"]["count"].as_u64().unwrap(),
+                "{name}"
+            );
+            out.insert(stem.parse().unwrap(), m);
+        }
+    }
+    out
+}
+
+/// Every published Parquet file is named by exactly one manifest, and the manifests chain (each
+/// names the one before).
+fn assert_manifests_cover(root: &std::path::Path) {
+    let m = manifests(root);
+    let files = published(root);
+    let mut named = BTreeSet::new();
+    let mut previous: Option<i64> = None;
+    for (id, man) in &m {
+        assert_eq!(man["batch_id"], *id);
+        // (The first manifest may follow batches published without one, by version 1.)
+        if previous.is_some() {
+            assert_eq!(man["previous_batch_id"].as_i64(), previous, "chain at {id}");
+        }
+        previous = Some(*id);
+        for f in man["files"].as_array().unwrap() {
+            let path = f["path"].as_str().unwrap().to_owned();
+            assert!(
+                files.contains_key(&path),
+                "manifest {id} names {path}, not in the output"
+            );
+            assert!(named.insert(path.clone()), "{path} in two manifests");
+        }
+    }
+    let unnamed: Vec<_> = files.keys().filter(|p| !named.contains(*p)).collect();
+    assert!(
+        unnamed.is_empty(),
+        "published files no manifest names: {unnamed:?}"
+    );
 }
 
 const CRASH_FILES: usize = 30;
 const CRASH_BATCH: &[&str] = &["--batch-files", "10"];
 
-#[test]
-fn crash_after_plan_is_rolled_back() {
+/// A run aborted at `fault` in the first batch, then a normal run: nothing published is ever
+/// withdrawn, nothing is lost or doubled, every output file is in a manifest. Returns the
+/// recovery run's summary and what was published at the crash.
+fn crash_and_recover(fault: &str) -> (Value, BTreeMap<String, Vec<u8>>) {
     let env = Env::new();
     let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-plan", &[]);
-    assert_eq!(unfinished_batches(&env), 1);
-    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), fault, &[]);
+    let at_crash = published(&env.out);
     let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 1, "{s}");
-    assert_eq!(s["files_exported"], CRASH_FILES, "{s}");
-    assert_eq!(unfinished_batches(&env), 0);
-    assert_exactly_once(&env, &written);
-}
-
-#[test]
-fn crash_after_write_leaves_no_parquet_file_a_reader_could_glob() {
-    // A temp file in a live partition folder must not match `**/*.parquet`.
-    let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-write", &[]);
-    let partial = output_files_ending(&env, ".partial");
-    assert_eq!(partial.len(), 1, "the first table's temp file: {partial:?}");
+    let after = published(&env.out);
+    assert_nothing_withdrawn(&at_crash, &after);
     assert_eq!(
-        output_files_ending(&env, ".parquet"),
+        output_files_ending(&env, ".staged"),
         Vec::<String>::new(),
-        "no *.parquet file before anything is published"
+        "staged files are published or removed"
     );
-    let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 1, "{s}");
-    assert_eq!(output_files_ending(&env, ".partial"), Vec::<String>::new());
-    // Every *.parquet file is a committed output (the reader reads them all).
-    let parquet = output_files_ending(&env, ".parquet");
-    assert!(parquet
-        .iter()
-        .all(|p| p.ends_with("-0.parquet") && !p.rsplit('/').next().unwrap().starts_with('.')));
-    let committed = sqlite_query(
-        &env.cache.join(".export/state.sqlite"),
-        "SELECT o.location FROM batch_output o JOIN batch b ON b.id = o.batch_id WHERE b.state = 'committed'",
-    );
-    assert_eq!(
-        parquet.len(),
-        committed.len(),
-        "{parquet:?} vs {committed:?}"
-    );
+    assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
+    (s, at_crash)
 }
 
 #[test]
-fn crash_after_publish_is_rolled_back_without_an_orphan() {
+fn crash_after_stage_publishes_nothing_and_exports_again() {
     let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-publish", &[]);
-    let orphans = output_files_ending(&env, ".parquet");
-    // (The walk is depth-first, so the first batch may hold one table or two.)
-    assert!(
-        !orphans.is_empty(),
-        "the batch's tables are published, not committed: {orphans:?}"
-    );
+    fill_two_tables(&env, CRASH_FILES);
+    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-stage", &[]);
+    // Staged, fsynced, invisible: nothing a `**/*.parquet` glob or a hive reader can see.
+    assert!(!output_files_ending(&env, ".staged").is_empty());
+    assert!(published(&env.out).is_empty());
     assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
-    let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 1, "{s}");
-    for o in &orphans {
-        assert!(!env.out.join(o).exists(), "{o} rolled back");
-    }
-    assert_exactly_once(&env, &written);
+    drop(env);
+    let (s, at_crash) = crash_and_recover("after-stage");
+    assert!(at_crash.is_empty());
+    assert_eq!(s["batches_rolled_forward"], 0, "{s}");
+    assert_eq!(s["files_exported"], CRASH_FILES, "{s}");
 }
 
 #[test]
-fn crash_after_commit_deletes_without_exporting_again() {
-    let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-commit", &[]);
-    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted yet");
-    let s = env.export_ok(&[]);
-    assert_eq!(s["batches_rolled_back"], 0, "{s}");
+fn crash_after_commit_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-commit");
+    assert!(at_crash.is_empty(), "committed, not yet published");
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
     assert_eq!(s["already_exported"], 10, "the committed batch: {s}");
     assert_eq!(s["files_exported"], CRASH_FILES - 10, "{s}");
     assert_eq!(s["files_deleted"], CRASH_FILES, "{s}");
-    assert_exactly_once(&env, &written);
 }
 
 #[test]
-fn crash_after_take_is_finished_next_run() {
+fn crash_between_two_tables_of_a_batch_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-publish-one");
+    assert_eq!(
+        at_crash.len(),
+        1,
+        "one table published: {:?}",
+        at_crash.keys()
+    );
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
+    assert_eq!(s["already_exported"], 10, "{s}");
+}
+
+#[test]
+fn crash_after_publish_before_the_manifest_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-publish");
+    assert!(!at_crash.is_empty());
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
+    assert_eq!(s["already_exported"], 10, "{s}");
+}
+
+#[test]
+fn crash_after_the_manifest_is_rolled_forward() {
+    let (s, at_crash) = crash_and_recover("after-manifest");
+    assert!(!at_crash.is_empty());
+    assert_eq!(s["batches_rolled_forward"], 1, "{s}");
+    assert_eq!(s["already_exported"], 10, "{s}");
+}
+
+#[test]
+fn crash_between_publish_and_delete_is_finished_next_run() {
     let env = Env::new();
     let written = fill_two_tables(&env, CRASH_FILES);
     run_aborted_at(&env, &local_args(&env, CRASH_BATCH), "after-take", &[]);
+    let at_crash = published(&env.out);
     let files = env.cache_files();
     let taken: Vec<&String> = files
         .iter()
@@ -1861,14 +1948,17 @@ fn crash_after_take_is_finished_next_run() {
     assert!(!taken.is_empty(), "{files:?}");
     assert_eq!(files.len(), CRASH_FILES, "the taken file is still there");
     let s = env.export_ok(&[]);
+    assert_eq!(s["batches_rolled_forward"], 0, "{s}");
     assert_eq!(
         s["already_exported"], 10,
-        "the committed batch, taken file included: {s}"
+        "the published batch, taken file included: {s}"
     );
     assert_eq!(s["files_exported"], CRASH_FILES - 10, "{s}");
     for t in taken {
         assert!(!env.cache.join(t).exists(), "{t} finished");
     }
+    assert_nothing_withdrawn(&at_crash, &published(&env.out));
+    assert_manifests_cover(&env.out);
     assert_exactly_once(&env, &written);
 }
 
@@ -1936,12 +2026,12 @@ print('\n'.join(sorted(keys)))
 "#;
 
 /// Lists and downloads every object of `bucket`; returns the keys.
-fn download_bucket(server: &s3::S3Server, bucket: &str, dest: &std::path::Path) -> Vec<String> {
+fn download_bucket(endpoint: &str, bucket: &str, dest: &std::path::Path) -> Vec<String> {
     let out = std::process::Command::new("python3")
         .args([
             "-c",
             S3_READER,
-            &server.endpoint,
+            endpoint,
             bucket,
             &dest.display().to_string(),
         ])
@@ -1959,7 +2049,7 @@ fn download_bucket(server: &s3::S3Server, bucket: &str, dest: &std::path::Path) 
 }
 
 /// Key -> ETag of every object of `bucket`.
-fn object_etags(server: &s3::S3Server, bucket: &str) -> BTreeMap<String, String> {
+fn object_etags(endpoint: &str, bucket: &str) -> BTreeMap<String, String> {
     let script = r#"
 import json, sys, boto3
 s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',
@@ -1971,7 +2061,7 @@ for page in s3.get_paginator('list_objects_v2').paginate(Bucket=sys.argv[2]):
 print(json.dumps(out))
 "#;
     let out = std::process::Command::new("python3")
-        .args(["-c", script, &server.endpoint, bucket])
+        .args(["-c", script, endpoint, bucket])
         .output()
         .unwrap();
     assert!(
@@ -2089,7 +2179,7 @@ fn s3_upload_round_trip_and_multipart() {
     assert_eq!(parts.len(), 1, "one multipart upload: {stderr}");
     assert!(parts[0] >= 2, "sent in {} parts: {stderr}", parts[0]);
     // The store agrees: a multipart object's ETag ends in -<number of parts>.
-    let etags = object_etags(&server, "research");
+    let etags = object_etags(&server.endpoint, "research");
     let big: Vec<&String> = etags.values().filter(|e| e.contains('-')).collect();
     assert_eq!(big.len(), 1, "one multipart object: {etags:?}");
     assert!(
@@ -2102,12 +2192,18 @@ fn s3_upload_round_trip_and_multipart() {
     );
 
     let dest = env.dir.path().join("downloaded");
-    let keys = download_bucket(&server, "research", &dest);
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    let keys = download_bucket(&server.endpoint, "research", &dest);
+    let parquet: Vec<&String> = keys.iter().filter(|k| k.ends_with(".parquet")).collect();
+    assert_eq!(parquet.len(), 4, "{keys:?}");
     assert!(
-        keys.iter()
-            .all(|k| k.starts_with("bluesky/data/") && k.ends_with("-0.parquet")),
+        keys.iter().all(|k| k.starts_with("bluesky/data/")
+            && (k.ends_with("-0.parquet") || k.starts_with("bluesky/data/_batch_export/"))),
         "{keys:?}"
+    );
+    assert_manifests_cover(&dest.join("bluesky/data"));
+    assert!(
+        !server.requests().iter().any(|r| r.is_delete_object()),
+        "no DeleteObject"
     );
     let t = read_parquet_tree(&dest.join("bluesky/data"));
     assert_eq!(
@@ -2130,28 +2226,63 @@ fn s3_upload_round_trip_and_multipart() {
 }
 
 #[test]
-fn s3_crash_after_publish_is_rolled_back_without_an_orphan() {
+fn s3_every_crash_window_rolls_forward_and_never_sends_delete_object() {
     require_pyarrow();
     let server = s3::S3Server::start();
-    server.create_bucket("research");
-    let env = Env::new();
-    let written = fill_two_tables(&env, CRASH_FILES);
-    let args = s3_args(&env, &server.endpoint, "s3://research/x", CRASH_BATCH);
-    run_aborted_at(&env, &args, "after-publish", s3::CLIENT_ENV);
-    let orphans = download_bucket(&server, "research", &env.dir.path().join("orphans"));
-    assert!(!orphans.is_empty(), "uploaded, not committed");
-    assert_eq!(env.cache_files().len(), CRASH_FILES, "nothing deleted");
-
-    let out = run(&args, s3::CLIENT_ENV);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(summary(&out)["batches_rolled_back"], 1);
-    assert!(env.cache_files().is_empty());
-    let dest = env.dir.path().join("downloaded");
-    let keys = download_bucket(&server, "research", &dest);
-    for o in &orphans {
-        assert!(!keys.contains(o), "{o} rolled back");
+    for fault in [
+        "after-stage",
+        "after-commit",
+        "after-publish-one",
+        "after-publish",
+        "after-manifest",
+        "after-take",
+    ] {
+        let bucket = format!("crash-{fault}");
+        server.create_bucket(&bucket);
+        let env = Env::new();
+        let written = fill_two_tables(&env, CRASH_FILES);
+        let args = s3_args(
+            &env,
+            &server.endpoint,
+            &format!("s3://{bucket}/x"),
+            CRASH_BATCH,
+        );
+        run_aborted_at(&env, &args, fault, s3::CLIENT_ENV);
+        let at_crash = object_etags(&server.endpoint, &bucket);
+        if fault == "after-stage" || fault == "after-commit" {
+            assert!(
+                !at_crash.keys().any(|k| k.ends_with(".parquet")),
+                "{fault}: nothing published yet: {at_crash:?}"
+            );
+        }
+        let out = run(&args, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        let rolled = summary(&out)["batches_rolled_forward"].as_u64().unwrap();
+        let committed_at_crash = !matches!(fault, "after-stage" | "after-take");
+        assert_eq!(rolled, u64::from(committed_at_crash), "{fault}");
+        // Every object there at the crash is still there, unchanged (a roll-forward rewrites a
+        // manifest with the same bytes, and never re-uploads a finished Parquet file).
+        let after = object_etags(&server.endpoint, &bucket);
+        for (key, etag) in &at_crash {
+            assert_eq!(
+                after.get(key),
+                Some(etag),
+                "{fault}: {key} withdrawn or changed"
+            );
+        }
+        assert!(env.cache_files().is_empty(), "{fault}");
+        let dest = env.dir.path().join("downloaded");
+        download_bucket(&server.endpoint, &bucket, &dest);
+        assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
+        assert_manifests_cover(&dest.join("x"));
     }
-    assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
+    let requests = server.requests();
+    assert!(
+        requests.iter().filter(|r| r.method == "PUT").count() > 20,
+        "the server logged the uploads: {requests:?}"
+    );
+    let deletes: Vec<_> = requests.iter().filter(|r| r.is_delete_object()).collect();
+    assert!(deletes.is_empty(), "DeleteObject sent: {deletes:?}");
 }
 
 #[test]
@@ -2209,8 +2340,12 @@ fn s3_unreachable_or_failing_leaves_the_cache_untouched() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
-    let keys = download_bucket(&server, "research", &dest);
-    assert_eq!(keys.len(), 3, "{keys:?}");
+    let keys = download_bucket(&server.endpoint, "research", &dest);
+    assert_eq!(
+        keys.iter().filter(|k| k.ends_with(".parquet")).count(),
+        3,
+        "{keys:?}"
+    );
     let t = read_parquet_tree(&dest.join("x"));
     assert_eq!(rows(&t, "scraped_user_social_network").len(), 2);
     assert_eq!(rows(&t, "in_network_user_activity").len(), 1);
@@ -2264,11 +2399,14 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     assert_eq!(s["files_exported"], 12 - left as u64, "{s}");
     assert_eq!(s["files_deleted"], 12 - left as u64, "{s}");
     assert!(
-        s["error"].as_str().unwrap_or("").contains("not exported"),
+        s["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("committed but not yet published"),
         "{s}"
     );
-    // S3 is back (at the same endpoint): the next run rolls back the failed batch and exports
-    // the rest.
+    // S3 is back (at the same endpoint): the next run publishes the committed batch (roll
+    // forward) and exports the rest.
     proxy.heal();
     let out = run(
         &s3_args(&env, &endpoint, "s3://research/x", &[]),
@@ -2276,14 +2414,15 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(
-        summary(&out)["batches_rolled_back"],
+        summary(&out)["batches_rolled_forward"],
         1,
-        "the failed batch is rolled back"
+        "the failed batch is rolled forward"
     );
+    assert!(!server.requests().iter().any(|r| r.is_delete_object()));
     assert_eq!(summary(&out)["error"], Value::Null);
     assert!(env.cache_files().is_empty());
     let dest = env.dir.path().join("downloaded");
-    download_bucket(&server, "research", &dest);
+    download_bucket(&server.endpoint, "research", &dest);
     let t = read_parquet_tree(&dest.join("x"));
     let r = rows(&t, "in_network_user_activity");
     let got: Vec<String> = r
@@ -2293,4 +2432,593 @@ fn s3_failing_mid_run_then_next_run_completes_exactly_once() {
     let unique: BTreeSet<String> = got.iter().cloned().collect();
     assert_eq!(got.len(), unique.len(), "a row was exported twice");
     assert_eq!(unique, written);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The export's memory travels with the output: a state directory that is lost, restored from a
+// backup or foreign is refused (exit 2) and recovered with --adopt-output.
+
+/// Writes `n` study posts with rkeys numbered from `from`; returns (cache path, URI) of each.
+fn study_posts(env: &Env, from: usize, n: usize) -> Vec<(String, String)> {
+    (from..from + n)
+        .map(|i| {
+            let rkey = format!("3l6a{i:09}");
+            let rel = post_path("study_user_activity/create/post", S1, &rkey);
+            env.write(&rel, &study_post(S1, &rkey, &format!("post {i}")));
+            (rel, format!("at://{S1}/app.bsky.feed.post/{rkey}"))
+        })
+        .collect()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Every URI of `posts` is a row of the study post table exactly once, and nothing else is.
+fn assert_posts_once(env: &Env, posts: &[(String, String)]) {
+    let mut written: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    written.insert(
+        "study_user_activity/create/post",
+        posts.iter().map(|(_, u)| u.clone()).collect(),
+    );
+    assert_exactly_once(env, &written);
+    assert_manifests_cover(&env.out);
+}
+
+/// A refused run: exit 2, the message says `what` and names the way out, and nothing changed.
+fn assert_refused(env: &Env, args: &[&str], what: &str) {
+    let before_out = published(&env.out);
+    let before_cache = env.cache_files();
+    let out = env.export(args);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(what), "says {what:?}: {err}");
+    assert!(err.contains("--adopt-output"), "names the way out: {err}");
+    assert_eq!(published(&env.out), before_out, "nothing published");
+    assert_eq!(env.cache_files(), before_cache, "nothing deleted");
+}
+
+#[test]
+fn a_lost_state_directory_is_refused_then_adopted() {
+    let env = Env::new();
+    let mut posts = study_posts(&env, 0, 5);
+    let replayed = posts[2].clone();
+    let replay_json = fs::read_to_string(env.cache.join(&replayed.0)).unwrap();
+    env.export_ok(&["--batch-files", "2"]);
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    // Meanwhile: new files, and the writer replayed (rewrote) an exported one.
+    posts.extend(study_posts(&env, 100, 3));
+    env.write(
+        &replayed.0,
+        &replay_json.replace("2024-10-02-14:03:28", "2024-10-03-09:00:00"),
+    );
+    assert_refused(&env, &[], "behind the output");
+    let s = env.export_ok(&["--adopt-output"]);
+    assert_eq!(s["batches_adopted"], 3, "{s}");
+    assert_eq!(
+        s["already_exported"], 1,
+        "the replay is known from the manifests: {s}"
+    );
+    assert_eq!(s["files_exported"], 3, "{s}");
+    assert_posts_once(&env, &posts);
+    // Adopted for good: the next run needs no flag.
+    posts.extend(study_posts(&env, 200, 1));
+    env.export_ok(&[]);
+    assert_posts_once(&env, &posts);
+}
+
+#[test]
+fn a_restored_state_directory_is_refused_then_adopted() {
+    let env = Env::new();
+    let mut posts = study_posts(&env, 0, 3);
+    env.export_ok(&[]);
+    let backup = env.dir.path().join("state-backup");
+    copy_dir(&env.cache.join(".export"), &backup);
+    let later = study_posts(&env, 100, 3);
+    let replay_json = fs::read_to_string(env.cache.join(&later[0].0)).unwrap();
+    posts.extend(later.clone());
+    env.export_ok(&[]);
+    // The state directory is restored from the backup taken before the second batch.
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    fs::rename(&backup, env.cache.join(".export")).unwrap();
+    posts.extend(study_posts(&env, 200, 2));
+    env.write(&later[0].0, &replay_json);
+    assert_refused(&env, &[], "behind the output");
+    let s = env.export_ok(&["--adopt-output"]);
+    assert_eq!(s["batches_adopted"], 2, "{s}");
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_posts_once(&env, &posts);
+}
+
+#[test]
+fn an_output_behind_its_state_directory_is_refused() {
+    let env = Env::new();
+    study_posts(&env, 0, 3);
+    env.export_ok(&[]);
+    let old_copy = env.dir.path().join("out-copy");
+    copy_dir(&env.out, &old_copy);
+    study_posts(&env, 100, 3);
+    env.export_ok(&[]);
+    // The output is restored from the older copy: the second batch's rows are gone from it.
+    fs::remove_dir_all(&env.out).unwrap();
+    fs::rename(&old_copy, &env.out).unwrap();
+    study_posts(&env, 200, 1);
+    assert_refused(&env, &[], "ahead of the output");
+}
+
+#[test]
+fn a_second_exporter_on_one_output_is_refused() {
+    let env = Env::new();
+    study_posts(&env, 0, 2);
+    env.export_ok(&[]);
+    study_posts(&env, 100, 2);
+    let other = env.dir.path().join("other-state");
+    assert_refused(
+        &env,
+        &["--state-dir", other.to_str().unwrap()],
+        "another exporter",
+    );
+    let marker: Value =
+        serde_json::from_slice(&fs::read(env.out.join("_batch_export/owner.json")).unwrap())
+            .unwrap();
+    assert!(
+        marker["state_dir"].as_str().unwrap().ends_with(".export"),
+        "{marker}"
+    );
+}
+
+#[test]
+fn a_file_missing_a_required_key_is_quarantined_and_unknown_keys_are_counted() {
+    let env = Env::new();
+    // A post without `url` (it used to become a null `url`; the predecessor's is always "").
+    let full: Value = serde_json::from_str(&study_post(S1, "3l5jnpb6xyz2k", "no url")).unwrap();
+    let mut no_url = full.as_object().unwrap().clone();
+    no_url.remove("url");
+    let missing = post_path("study_user_activity/create/post", S1, "3l5jnpb6xyz2k");
+    env.write(&missing, &serde_json::to_string(&no_url).unwrap());
+    // A post with two keys this export does not know: exported, the keys counted.
+    let mut extra: Value = serde_json::from_str(&study_post(S1, "3l5jr4q7m2s2x", "extra")).unwrap();
+    extra["brand_new"] = json!({"x": 1});
+    extra["another"] = json!(null);
+    env.write(
+        &post_path("study_user_activity/create/post", S1, "3l5jr4q7m2s2x"),
+        &serde_json::to_string(&extra).unwrap(),
+    );
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let s = summary(&out);
+    assert_eq!(s["quarantined"], 1, "{s}");
+    assert_eq!(s["unknown_keys"], 2, "{s}");
+    assert_eq!(s["files_exported"], 1, "{s}");
+    assert!(env.cache.join(".quarantine").join(&missing).exists());
+    let log = fs::read_to_string(env.cache.join(".quarantine/reasons.log")).unwrap();
+    assert!(log.contains("missing required key(s): url"), "{log}");
+    let r = rows(&env.read(), "study_user_activity/create/post");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["url"], "", "{:?}", r[0]);
+}
+
+/// `chattr +i` (immutable: not even root can rename or unlink it) for the life of the guard.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Option<Immutable> {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Immutable(path))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn an_exported_file_that_cannot_be_deleted_needs_a_human() {
+    let env = Env::new();
+    let posts = study_posts(&env, 0, 3);
+    // The only way to make a delete fail for root: an immutable file (ext4/xfs/btrfs).
+    let Some(guard) = Immutable::set(env.cache.join(&posts[1].0)) else {
+        eprintln!("skipping: chattr +i is not supported here (file system or capability)");
+        return;
+    };
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let s = summary(&out);
+    assert_eq!(s["delete_failed"], 1, "{s}");
+    assert_eq!(s["files_deleted"], 2, "{s}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"delete_failed\":1"));
+    drop(guard);
+    // Known as exported: the next run deletes it without exporting it again.
+    let s = env.export_ok(&[]);
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_eq!(s["files_deleted"], 1, "{s}");
+    assert_posts_once(&env, &posts);
+}
+
+#[test]
+fn s3_checksum_and_encryption_options_reach_the_store() {
+    require_pyarrow();
+    let server = s3::S3Server::start();
+    server.create_bucket("opts");
+    let env = Env::new();
+    fill_examples(&env);
+    let out = run(
+        &s3_args(&env, &server.endpoint, "s3://opts/x", &[]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let parquet_puts = |from: usize| -> Vec<s3::Request> {
+        server.requests()[from..]
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.ends_with(".parquet"))
+            .cloned()
+            .collect()
+    };
+    let first = parquet_puts(0);
+    assert_eq!(first.len(), 3, "{first:?}");
+    // The SDK's default: a CRC checksum with every upload.
+    assert!(
+        first.iter().all(|r| r.headers.contains("checksum")),
+        "{first:?}"
+    );
+    let seen = server.requests().len();
+    env.write(
+        &post_path("study_user_activity/create/post", S2, "3l5jr4q7m2s2x"),
+        &study_post(S2, "3l5jr4q7m2s2x", "second"),
+    );
+    let out = run(
+        &s3_args(
+            &env,
+            &server.endpoint,
+            "s3://opts/x",
+            &[
+                "--s3-checksum",
+                "when-required",
+                "--s3-sse",
+                "aws:kms",
+                "--s3-kms-key-id",
+                "alias/research-export",
+            ],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let second = parquet_puts(seen);
+    assert_eq!(second.len(), 1, "{second:?}");
+    let h = &second[0].headers;
+    assert!(!h.contains("checksum"), "no checksum header: {h}");
+    assert!(h.contains("x-amz-server-side-encryption=aws:kms"), "{h}");
+    assert!(
+        h.contains("x-amz-server-side-encryption-aws-kms-key-id=alias/research-export"),
+        "{h}"
+    );
+    let dest = env.dir.path().join("downloaded");
+    download_bucket(&server.endpoint, "opts", &dest);
+    assert_eq!(
+        rows(
+            &read_parquet_tree(&dest.join("x")),
+            "study_user_activity/create/post"
+        )
+        .len(),
+        2
+    );
+    // A KMS key without aws:kms is a usage error.
+    let out = run(
+        &s3_args(
+            &env,
+            &server.endpoint,
+            "s3://opts/x",
+            &["--s3-kms-key-id", "k"],
+        ),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+#[test]
+fn s3s_fs_round_trip_and_crash_windows() {
+    // The same protocol against a second, independent S3 implementation: what moto tolerates
+    // is not what production code may rely on.
+    require_pyarrow();
+    let root = tempfile::tempdir().unwrap();
+    let server = s3::S3sFs::start(root.path());
+    for fault in [
+        None,
+        Some("after-commit"),
+        Some("after-publish-one"),
+        Some("after-manifest"),
+    ] {
+        let bucket = format!("s3s-{}", fault.unwrap_or("plain"));
+        server.create_bucket(&bucket);
+        let env = Env::new();
+        let written = fill_two_tables(&env, CRASH_FILES);
+        let args = s3_args(
+            &env,
+            &server.endpoint,
+            &format!("s3://{bucket}/x"),
+            CRASH_BATCH,
+        );
+        let mut at_crash = BTreeMap::new();
+        if let Some(fault) = fault {
+            run_aborted_at(&env, &args, fault, s3::CLIENT_ENV);
+            at_crash = object_etags(&server.endpoint, &bucket);
+        }
+        let out = run(&args, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault:?}: {}", describe(&out));
+        assert_eq!(
+            summary(&out)["batches_rolled_forward"],
+            u64::from(fault.is_some()),
+            "{fault:?}"
+        );
+        let after = object_etags(&server.endpoint, &bucket);
+        for (key, etag) in &at_crash {
+            assert_eq!(
+                after.get(key),
+                Some(etag),
+                "{fault:?}: {key} withdrawn or changed"
+            );
+        }
+        assert!(env.cache_files().is_empty(), "{fault:?}");
+        let dest = env.dir.path().join("downloaded");
+        download_bucket(&server.endpoint, &bucket, &dest);
+        assert_rows_exactly_once(&read_parquet_tree(&dest.join("x")), &written);
+        assert_manifests_cover(&dest.join("x"));
+        // A second exporter is refused here too (the owner marker is read back).
+        let other = env.dir.path().join("other-state");
+        let mut second = args.clone();
+        second.extend(["--state-dir".to_owned(), other.display().to_string()]);
+        let out = run(&second, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    }
+}
+
+#[test]
+fn a_journal_of_the_previous_protocol_is_upgraded_or_refused() {
+    // A version-1 journal (published before committing): its committed batches count as
+    // published, and a batch it left `writing` (possibly published) is refused, never deleted.
+    let env = Env::new();
+    let posts = study_posts(&env, 0, 2);
+    let state = env.cache.join(".export");
+    fs::create_dir_all(&state).unwrap();
+    let v1 = "CREATE TABLE batch (id INTEGER PRIMARY KEY, started_at INTEGER NOT NULL, state TEXT NOT NULL, files INTEGER NOT NULL DEFAULT 0, rows INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE batch_output (batch_id INTEGER NOT NULL, table_path TEXT NOT NULL, location TEXT NOT NULL, temp TEXT NOT NULL, rows INTEGER NOT NULL);
+        CREATE TABLE exported (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+        INSERT INTO batch VALUES (1, 100, 'committed', 1, 1);
+        INSERT INTO batch VALUES (2, 200, 'writing', 0, 0);";
+    let db = state.join("state.sqlite");
+    let exec = |sql: &str| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()",
+                db.to_str().unwrap(),
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    exec(v1);
+    let out = env.export(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("older batch-export"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(env.cache_files().len(), 2, "nothing deleted");
+    // What the older version's own run would do: roll its batch back.
+    exec("UPDATE batch SET state = 'rolled_back' WHERE id = 2");
+    env.export_ok(&[]);
+    assert_eq!(
+        sqlite_query(&db, "SELECT id, state FROM batch ORDER BY id"),
+        ["1|published", "2|rolled_back", "3|published"]
+    );
+    assert_posts_once(&env, &posts);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readers: docs/querying.md's recipes, generated from the declared schemas, run by DuckDB.
+
+const QUERYING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/querying.md");
+
+#[test]
+fn querying_doc_has_a_recipe_and_ddl_for_every_declared_table() {
+    let generated = batch_export::tables::querying_markdown();
+    if std::env::var_os("BATCH_EXPORT_BLESS_DOCS").is_some() {
+        let doc = fs::read_to_string(QUERYING).unwrap();
+        let start = doc.find("<!-- generated -->").unwrap() + "<!-- generated -->\n".len();
+        let end = doc.find("<!-- /generated -->").unwrap();
+        fs::write(
+            QUERYING,
+            format!("{}{generated}{}", &doc[..start], &doc[end..]),
+        )
+        .unwrap();
+    }
+    let doc = fs::read_to_string(QUERYING).unwrap();
+    assert!(
+        doc.contains(&generated),
+        "docs/querying.md is stale: run this test with BATCH_EXPORT_BLESS_DOCS=1"
+    );
+    // Every DDL column list is the table's declared schema, in order.
+    for t in batch_export::tables::TABLES {
+        let name = t.path.replace('/', "_");
+        let at = doc
+            .find(&format!("CREATE EXTERNAL TABLE {name} ("))
+            .unwrap_or_else(|| panic!("no DDL for {}", t.path));
+        let body = &doc[at..];
+        let body = &body[body.find('(').unwrap() + 1..body.find("\n)").unwrap()];
+        let cols: Vec<(String, String)> = body
+            .split(",\n")
+            .map(|c| {
+                let mut p = c.split_whitespace();
+                let n = p.next().unwrap().trim_matches('`').to_owned();
+                (n, p.next().unwrap().to_owned())
+            })
+            .collect();
+        let want: Vec<(String, String)> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| {
+                let athena = match ty.name() {
+                    "string" => "string",
+                    "int64" => "bigint",
+                    _ => "boolean",
+                };
+                (n.to_string(), athena.to_owned())
+            })
+            .collect();
+        assert_eq!(cols, want, "{}", t.path);
+    }
+}
+
+#[test]
+fn duckdb_recipes_read_every_exported_table_with_typed_columns() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "duckdb is not installed for python3 (pip install -r tests/requirements.txt)"
+    );
+    let env = Env::new();
+    fill_two_tables(&env, 20);
+    fill_examples(&env);
+    let s = env.export_ok(&[]);
+    let doc = fs::read_to_string(QUERYING).unwrap();
+    let mut ran = 0;
+    for t in batch_export::tables::TABLES {
+        let Some(rows) = s["tables"][t.path]["rows"].as_u64() else {
+            continue;
+        };
+        let recipe = doc
+            .lines()
+            .find(|l| {
+                l.starts_with("SELECT * FROM read_parquet('OUTPUT/")
+                    && l.contains(&format!("/{}/active/", t.path))
+            })
+            .unwrap_or_else(|| panic!("no DuckDB recipe for {}", t.path))
+            .replace("OUTPUT", &env.out.display().to_string());
+        let script = r#"
+import duckdb, json, sys
+sql = sys.argv[1].rstrip(';')
+con = duckdb.connect()
+cols = [(r[0], r[1]) for r in con.execute('DESCRIBE ' + sql).fetchall()]
+n = con.execute('SELECT count(*) FROM (' + sql + ')').fetchone()[0]
+print(json.dumps({'cols': cols, 'rows': n}))
+"#;
+        let out = std::process::Command::new("python3")
+            .args(["-c", script, &recipe])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{recipe}: {}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["rows"].as_u64(), Some(rows), "{recipe}");
+        let got: Vec<(String, String)> = v["cols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c[0].as_str().unwrap().to_owned(),
+                    c[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let mut want: Vec<(String, String)> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| {
+                let duck = match ty.name() {
+                    "string" => "VARCHAR",
+                    "int64" => "BIGINT",
+                    _ => "BOOLEAN",
+                };
+                (n.to_string(), duck.to_owned())
+            })
+            .collect();
+        // The hive partition column, typed as a date by DuckDB's partition type inference.
+        let part = got.last().cloned().unwrap();
+        assert_eq!(part.0, "partition_date", "{got:?}");
+        assert!(part.1 == "DATE" || part.1 == "VARCHAR", "{part:?}");
+        want.push(part);
+        assert_eq!(got, want, "{}", t.path);
+        ran += 1;
+    }
+    assert_eq!(ran, 4, "four tables exported: {s}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine loss: the output records where a replacement writer may resume.
+
+#[test]
+fn the_resume_point_moves_only_after_a_clean_run_and_survives_the_state() {
+    let env = Env::new();
+    let writer_state = env.dir.path().join("firehose-state.sqlite");
+    let set_cursor = |cursor: i64| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('upstream', 'bsky.network')\")\nc.commit()",
+                writer_state.to_str().unwrap(),
+                &cursor.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    let resume_point = || {
+        let out = run(
+            &[
+                "--output".to_owned(),
+                env.out.display().to_string(),
+                "resume-point".to_owned(),
+            ],
+            &[],
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    };
+    let ws = ["--writer-state", writer_state.to_str().unwrap()];
+    assert_eq!(resume_point().0, Some(1), "no resume point yet");
+    set_cursor(1_000);
+    let mut posts = study_posts(&env, 0, 3);
+    env.export_ok(&ws);
+    assert_eq!(resume_point(), (Some(0), "1000".to_owned()));
+    // A run that leaves a file behind (exit 3) does not move it.
+    set_cursor(2_000);
+    env.write("somewhere/else/x.json", "{}");
+    posts.extend(study_posts(&env, 100, 2));
+    let out = env.export(&ws);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(resume_point(), (Some(0), "1000".to_owned()));
+    fs::remove_file(env.cache.join("somewhere/else/x.json")).unwrap();
+    env.export_ok(&ws);
+    assert_eq!(resume_point(), (Some(0), "2000".to_owned()));
+    // The machine is lost with its export state: the replacement adopts the output and the
+    // resume point is still read from the output.
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    posts.extend(study_posts(&env, 200, 2));
+    env.export_ok(&["--adopt-output"]);
+    assert_eq!(resume_point(), (Some(0), "2000".to_owned()));
+    assert_posts_once(&env, &posts);
 }
