@@ -267,6 +267,11 @@ impl Metrics {
 
     /// The processor has nothing left to make durable (idle, or every handled frame needed none).
     pub fn settled(&self) {
+        // Inputs still queued behind this one (frames that arrived before it was handled) are
+        // not settled: marking them so would hide a processor that then gets stuck on them.
+        if self.channel_batches().unwrap_or(0) > 0 {
+            return;
+        }
         self.settled_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
@@ -277,7 +282,8 @@ impl Metrics {
         self.last_commit_time_us
             .store(unix_micros(), Ordering::Relaxed);
         self.pending_files.store(0, Ordering::Relaxed);
-        self.settled();
+        // A commit is progress, whatever is queued behind it.
+        self.settled_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     pub fn set_pending_files(&self, n: usize) {

@@ -456,7 +456,8 @@ fn commits_during_a_resync_are_not_lost() {
     });
     // `/health` shows the repair under way (still healthy: a repair is not a stall).
     let (code, body) = workspace_tests::s3::http(port, "GET", "/health").unwrap();
-    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let json = &body[body.find('{').expect("a JSON body")..=body.rfind('}').unwrap()];
+    let health: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(code, 200, "{health}");
     assert_eq!(health["resync_queue_depth"], 1, "{health}");
     assert_eq!(health["repairs_in_flight"], 1, "{health}");
