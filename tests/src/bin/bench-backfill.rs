@@ -11,8 +11,9 @@
 //! reaches REPOS and `firehose_resync_queue_depth` is 0. Runs, each with a fresh state:
 //! `--runs N` (default 2) with `--pds-concurrency 8 --pds-rate 1000` (the PDS is measured, not
 //! our limiter); one with the defaults `--pds-concurrency 4 --pds-rate 5` (`--no-limited-run`
-//! skips it); with `--did-docs-run` also one with the fast limits and the study users' DID
-//! documents given in a `--did-docs` file (no PLC lookups, which the writer rate-limits to 10/s).
+//! skips it); and one with the fast limits and the study users' DID documents given in a
+//! `--did-docs` file (no PLC lookups, which the writer rate-limits to 10/s; `--no-did-docs-run`
+//! skips it).
 //!
 //! Phase 2 (`--large N`, default 100,000; 0 skips it): one more account with N posts, and
 //! `--large-runs` (default 1) writer runs, fresh state, backfilling only that study user: time,
@@ -52,7 +53,7 @@ struct Options {
 fn usage() -> ! {
     eprintln!(
         "usage: bench-backfill WRITER_BINARY [REPOS] [RECORDS] [WORKDIR] [--runs N] \
-         [--no-limited-run] [--did-docs-run] [--large N] [--large-runs N]"
+         [--no-limited-run] [--no-did-docs-run] [--large N] [--large-runs N]"
     );
     std::process::exit(2)
 }
@@ -66,7 +67,7 @@ fn parse_options() -> Options {
         work: std::env::temp_dir().join("bench-backfill"),
         runs: 2,
         limited_run: true,
-        did_docs_run: false,
+        did_docs_run: true,
         large: 100_000,
         large_runs: 1,
     };
@@ -79,7 +80,7 @@ fn parse_options() -> Options {
         match arg.as_str() {
             "--runs" => opts.runs = number(args.next()),
             "--no-limited-run" => opts.limited_run = false,
-            "--did-docs-run" => opts.did_docs_run = true,
+            "--no-did-docs-run" => opts.did_docs_run = false,
             "--large" => opts.large = number(args.next()),
             "--large-runs" => opts.large_runs = number(args.next()),
             "-h" | "--help" => usage(),
@@ -435,6 +436,7 @@ impl Run {
             );
         };
         let peak = status_kb(pid, "VmHWM:");
+        let rss_end = status_kb(pid, "VmRSS:");
         let (user, system) = cpu_seconds(pid);
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -470,6 +472,9 @@ impl Run {
                 records += v["fields"]["records"].as_u64().unwrap_or(0);
             }
         }
+        // Phases from the log's timestamps, in seconds after its first line: the last repo
+        // fetched and verified, the last one applied.
+        let phases = log_phases(&log);
         rss.sort_unstable();
         let outcome = Outcome {
             name: self.name.clone(),
@@ -490,7 +495,19 @@ impl Run {
         println!(
             "    records read (log, {repaired_lines} repos): {records}; firehose_repair_records_total: {by_change:?}"
         );
-        println!("    identity lookups: {identity:?}");
+        println!(
+            "    identity lookups: {:?}",
+            identity.iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>()
+        );
+        println!(
+            "    from the writer's log (s after its first line): first queued {:.2}, first fetched \
+             and verified {:.2}, last fetched and verified {:.2}, last applied {:.2}; RSS at the end {} MB",
+            phases.first_queued,
+            phases.first_fetched,
+            phases.last_fetched,
+            phases.last_applied,
+            rss_end / 1024
+        );
         println!(
             "    writer exit after SIGTERM: {status:?}; WARN lines {warnings}; ERROR lines {}",
             errors.len()
@@ -500,6 +517,55 @@ impl Run {
         }
         outcome
     }
+}
+
+#[derive(Default)]
+struct Phases {
+    first_queued: f64,
+    first_fetched: f64,
+    last_fetched: f64,
+    last_applied: f64,
+}
+
+/// Seconds after the log's first line at which backfill steps were logged.
+fn log_phases(log: &str) -> Phases {
+    let mut start = None;
+    let mut phases = Phases::default();
+    let mut first_queued = None;
+    let mut first_fetched = None;
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(t) = v["timestamp"].as_str().and_then(seconds_of_day) else {
+            continue;
+        };
+        let t = t - *start.get_or_insert(t);
+        match v["fields"]["message"].as_str() {
+            Some("study user queued for backfill") => {
+                first_queued.get_or_insert(t);
+            }
+            Some("repo fetched and verified") => {
+                first_fetched.get_or_insert(t);
+                phases.last_fetched = t;
+            }
+            Some("repo repaired from its PDS") => phases.last_applied = t,
+            _ => {}
+        }
+    }
+    phases.first_queued = first_queued.unwrap_or(f64::NAN);
+    phases.first_fetched = first_fetched.unwrap_or(f64::NAN);
+    phases
+}
+
+/// `2026-12-02T06:47:58.189259Z` → seconds since that day's midnight (runs do not cross one).
+fn seconds_of_day(ts: &str) -> Option<f64> {
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 /// `firehose_..{label="value"} N` or `name N`: the value of the first matching sample.
@@ -542,7 +608,9 @@ fn http_text(addr: &str, path: &str) -> Option<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    // hyper answers an HTTP/1.0 request as HTTP/1.0, Node as HTTP/1.1.
+    let status = head.split_whitespace().nth(1)?;
+    (status == "200").then(|| body.to_owned())
 }
 
 /// `GET <pds>/xrpc/com.atproto.sync.getRepo?did=DID` over HTTP/1.0: (body bytes, content type).
@@ -567,8 +635,9 @@ fn get_repo(pds_url: &str, did: &str) -> (usize, String) {
         .position(|w| w == b"\r\n\r\n")
         .expect("HTTP header");
     let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
-    assert!(
-        head.starts_with("http/1.1 200") || head.starts_with("http/1.0 200"),
+    assert_eq!(
+        head.split_whitespace().nth(1),
+        Some("200"),
         "getRepo {did}: {head}"
     );
     assert!(
