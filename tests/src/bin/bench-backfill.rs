@@ -445,8 +445,12 @@ impl Run {
         let log = proc.log_text();
         drop(proc);
 
-        let repaired = metric(&metrics, "firehose_repairs_completed_total", Some("backfill"))
-            .unwrap_or(0.0) as u64;
+        let repaired = metric(
+            &metrics,
+            "firehose_repairs_completed_total",
+            Some("backfill"),
+        )
+        .unwrap_or(0.0) as u64;
         let failures = metric_sum(&metrics, "firehose_repair_failures_total") as u64;
         let by_change = labelled(&metrics, "firehose_repair_records_total");
         let identity = labelled(&metrics, "firehose_identity_lookups_total");
