@@ -179,19 +179,39 @@ fn phase_many(net: &mut Gapfree, opts: &Options, writer: &Path) {
     );
 
     // The PDS alone: every repo fetched once, one request at a time, by this process.
+    let driver = net.driver.proc.pid();
+    let node_before = cpu_total(driver);
     let t = Instant::now();
     let mut bytes = 0;
     for did in &dids {
         bytes += get_repo(&net.pds_url, did).0;
     }
     let secs = t.elapsed().as_secs_f64();
+    let node = cpu_total(driver) - node_before;
     println!(
         "  the PDS alone: getRepo of the {} repos one after the other (plain HTTP GET, body \
-         read and dropped): {secs:.2} s, {:.1} repos/s, {:.1} MB ({:.0} KB a repo)",
+         read and dropped): {secs:.2} s, {:.1} repos/s, {:.1} MB ({:.0} KB a repo); the PDS \
+         process's CPU meanwhile {node:.2} s ({:.0} % of wall)",
         dids.len(),
         dids.len() as f64 / secs,
         bytes as f64 / 1e6,
-        bytes as f64 / 1e3 / dids.len() as f64
+        bytes as f64 / 1e3 / dids.len() as f64,
+        100.0 * node / secs
+    );
+
+    // The same with 8 requests at once (as the writer's --pds-concurrency 8).
+    let driver = net.driver.proc.pid();
+    let node_before = cpu_total(driver);
+    let t = Instant::now();
+    let bytes = get_repos_parallel(&net.pds_url, &dids, 8);
+    let secs = t.elapsed().as_secs_f64();
+    let node = cpu_total(driver) - node_before;
+    println!(
+        "  the PDS alone, 8 requests at once: {secs:.2} s, {:.1} repos/s, {:.1} MB; the PDS \
+         process's CPU meanwhile {node:.2} s ({:.0} % of wall)",
+        dids.len() as f64 / secs,
+        bytes as f64 / 1e6,
+        100.0 * node / secs
     );
 
     let study = opts.work.join("study-many.txt");
@@ -246,13 +266,17 @@ fn phase_large(net: &mut Gapfree, opts: &Options, writer: &Path) {
         "  setup (not measured): {:.1} s",
         setup.elapsed().as_secs_f64()
     );
+    let driver = net.driver.proc.pid();
     for n in 1..=3 {
+        let node_before = cpu_total(driver);
         let t = Instant::now();
         let (bytes, content_type) = get_repo(&net.pds_url, &did);
+        let secs = t.elapsed().as_secs_f64();
         println!(
-            "  getRepo {did} (plain HTTP GET, try {n}): {bytes} bytes ({:.1} MB, {content_type}) in {:.2} s",
+            "  getRepo {did} (plain HTTP GET, try {n}): {bytes} bytes ({:.1} MB, {content_type}) \
+             in {secs:.2} s; the PDS process's CPU meanwhile {:.2} s",
             bytes as f64 / 1e6,
-            t.elapsed().as_secs_f64()
+            cpu_total(driver) - node_before
         );
     }
     let study = opts.work.join("study-large.txt");
@@ -296,6 +320,8 @@ struct Run {
     relay: String,
     plc: String,
     cursor: i64,
+    /// The driver's Node process: the PDS and the PLC.
+    driver: u32,
 }
 
 struct Outcome {
@@ -312,6 +338,8 @@ struct Outcome {
     system: f64,
     errors: usize,
     failures: u64,
+    /// CPU seconds of the PDS's Node process (PDS + PLC) during the run.
+    node: f64,
 }
 
 impl Outcome {
@@ -320,7 +348,8 @@ impl Outcome {
         format!(
             "{:<15} {:<22} load {:<15} {:>7.2} s  {:>6.1} repos/s  {:>8.0} records/s  \
              (first repo at {:.2} s; after it {:.1} repos/s)  CPU {:.2} s (user {:.2} + sys {:.2}) = {:.0} % of wall  \
-             peak RSS {} MB (median sampled {} MB)  ERROR lines {}  repair failures {}",
+             peak RSS {} MB (median sampled {} MB)  ERROR lines {}  repair failures {}  \
+             PDS process CPU {:.2} s = {:.0} % of wall",
             self.name,
             self.limits,
             self.load,
@@ -340,7 +369,9 @@ impl Outcome {
             self.peak_rss_kb / 1024,
             self.median_rss_kb / 1024,
             self.errors,
-            self.failures
+            self.failures,
+            self.node,
+            100.0 * self.node / self.secs
         )
     }
 }
@@ -358,6 +389,7 @@ impl Run {
             relay: net.ws.clone(),
             plc: net.plc_url.clone(),
             cursor: net.last_seq_now(),
+            driver: net.driver.proc.pid(),
         }
     }
 
@@ -403,6 +435,7 @@ impl Run {
         if let Some(docs) = did_docs {
             cmd.arg("--did-docs").arg(docs);
         }
+        let node_before = cpu_total(self.driver);
         let started = Instant::now();
         let mut proc = Proc::spawn("writer", &mut cmd, self.dir.join("writer.log"));
         let pid = proc.pid();
@@ -435,6 +468,7 @@ impl Run {
                 "timed out: {done} of {want} repos after {elapsed:.0} s, queue {depth}"
             );
         };
+        let node = cpu_total(self.driver) - node_before;
         let peak = status_kb(pid, "VmHWM:");
         let rss_end = status_kb(pid, "VmRSS:");
         let (user, system) = cpu_seconds(pid);
@@ -494,6 +528,7 @@ impl Run {
             system,
             errors: errors.len(),
             failures,
+            node,
         };
         println!("    done: {}", outcome.line());
         println!(
@@ -665,6 +700,23 @@ fn get_repo(pds_url: &str, did: &str) -> (usize, String) {
     (body, content_type)
 }
 
+/// [`get_repo`] of every DID, `parallel` requests at once: the bytes read.
+fn get_repos_parallel(pds_url: &str, dids: &[String], parallel: usize) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..parallel {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(did) = dids.get(i) else { break };
+                bytes.fetch_add(get_repo(pds_url, did).0, Ordering::Relaxed);
+            });
+        }
+    });
+    bytes.into_inner()
+}
+
 /// The DID documents of `dids` from the PLC, as the JSON object `--did-docs` reads.
 fn write_did_docs(plc_url: &str, dids: &[String], path: &Path) {
     let host = plc_url.trim_start_matches("http://").trim_end_matches('/');
@@ -701,6 +753,11 @@ fn cpu_seconds(pid: u32) -> (f64, f64) {
             / 100.0
     };
     (seconds(11), seconds(12))
+}
+
+fn cpu_total(pid: u32) -> f64 {
+    let (user, system) = cpu_seconds(pid);
+    user + system
 }
 
 fn load_average() -> String {
