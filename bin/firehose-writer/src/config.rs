@@ -127,6 +127,11 @@ pub struct Args {
     #[arg(long, env = "FIREHOSE_PDS_RATE", default_value_t = 5.0)]
     pub pds_rate: f64,
 
+    /// DID document lookups per second (PLC directory and did:web hosts together). Each new
+    /// DID a verification or repair needs costs one lookup; cached documents cost none.
+    #[arg(long, env = "FIREHOSE_PLC_RATE", default_value_t = 10.0)]
+    pub plc_rate: f64,
+
     /// Largest repo fetched for a backfill or resync, in bytes; a larger one fails (counted, not
     /// retried until the next start).
     #[arg(long, env = "FIREHOSE_MAX_REPO_BYTES", default_value_t = DEFAULT_MAX_REPO_BYTES)]
@@ -244,6 +249,7 @@ pub struct Config {
     pub backfill_since: Option<i64>,
     pub pds_concurrency: usize,
     pub pds_rate: f64,
+    pub plc_rate: f64,
     pub max_repo_bytes: u64,
 }
 
@@ -298,6 +304,9 @@ impl Config {
         if args.pds_concurrency == 0 {
             bail!("--pds-concurrency must be at least 1");
         }
+        if !(args.plc_rate.is_finite() && args.plc_rate > 0.0) {
+            bail!("--plc-rate must be a positive number of lookups per second");
+        }
         if !(args.pds_rate.is_finite() && args.pds_rate > 0.0) {
             bail!("--pds-rate must be a positive number of requests per second");
         }
@@ -333,6 +342,7 @@ impl Config {
             backfill_since,
             pds_concurrency: args.pds_concurrency,
             pds_rate: args.pds_rate,
+            plc_rate: args.plc_rate,
             max_repo_bytes: args.max_repo_bytes,
         })
     }

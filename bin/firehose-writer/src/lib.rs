@@ -374,6 +374,9 @@ fn repair_machinery(
         identity::IdentityConfig {
             plc_url: config.plc_url.clone(),
             allow_loopback: loopback,
+            lookups_per_second: config.plc_rate,
+            // Up to a second's worth at once.
+            lookup_burst: (config.plc_rate.ceil() as u32).max(1),
             ..Default::default()
         },
         docs,

@@ -72,6 +72,7 @@ mod support {
             backfill_since: None,
             pds_concurrency: 4,
             pds_rate: 5.0,
+            plc_rate: 10.0,
             max_repo_bytes: 1 << 30,
         }
     }
