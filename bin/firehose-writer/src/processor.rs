@@ -107,6 +107,8 @@ pub struct Processor {
     repairs: Repairs,
     /// Repos whose fetch request is out (at most [`MAX_IN_FLIGHT`]).
     in_flight: HashSet<Did>,
+    /// Repos whose chain broke again while their fetch was out.
+    refetch: HashSet<Did>,
 }
 
 /// Marks an error that must stop the writer instead of being retried.
@@ -175,6 +177,7 @@ impl Processor {
             verification: Verification::off(),
             repairs: Repairs::default(),
             in_flight: HashSet::new(),
+            refetch: HashSet::new(),
         }
     }
 
@@ -210,6 +213,10 @@ impl Processor {
         let Some(requests) = &self.repairs.requests else {
             return;
         };
+        // All slots taken: nothing to sort (an OutdatedCursor may queue every tracked repo).
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return;
+        }
         let now = crate::state::unix_now();
         let mut due: Vec<(Did, WorkKind, u32)> = self
             .state
@@ -326,8 +333,9 @@ impl Processor {
                 let repos =
                     self.retry_state("listing tracked repos", seq, |p| p.state.repos_to_resync())?;
                 for did in repos {
-                    self.queue_resync(&did, "outdated_cursor");
+                    self.enqueue_resync(&did, "outdated_cursor");
                 }
+                self.dispatch_repairs();
             }
             Event::Identity(identity) => {
                 if let Some(identities) = &self.verification.identities {
@@ -567,6 +575,9 @@ impl Processor {
         match check_sync(held.as_ref(), &signed) {
             ChainVerdict::Gap(g) => {
                 info!(seq, repo = %sync.did, rev = %sync.rev, "#sync announces a newer tree: queued for a resync");
+                // Later commits continue from the announced state.
+                self.state
+                    .record_chain(&sync.did, ChainState::after(&signed));
                 self.queue_resync(&sync.did, g.reason());
             }
             ChainVerdict::First => self.queue_resync(&sync.did, "sync_first_seen"),
@@ -580,11 +591,24 @@ impl Processor {
 
     /// Queues a resync of `did` (once; a queued backfill covers it) and asks for it.
     fn queue_resync(&mut self, did: &Did, reason: &'static str) {
-        if self.state.enqueue(did, WorkKind::Resync, reason) {
-            self.metrics.resync_queued(reason);
-            self.dirty = true;
+        if self.enqueue_resync(did, reason) {
             self.dispatch_repairs();
         }
+    }
+
+    /// [`Self::queue_resync`] without asking the fetcher yet. A repo whose fetch is already out
+    /// may have been fetched before what this reason reports: it is fetched once more after the
+    /// result is applied.
+    fn enqueue_resync(&mut self, did: &Did, reason: &'static str) -> bool {
+        if self.in_flight.contains(did) {
+            self.refetch.insert(did.clone());
+        }
+        let queued = self.state.enqueue(did, WorkKind::Resync, reason);
+        if queued {
+            self.metrics.resync_queued(reason);
+            self.dirty = true;
+        }
+        queued
     }
 
     /// Keeps the tracked repo's records as the stream changes them (what a resync diffs with).
@@ -638,7 +662,14 @@ impl Processor {
                 self.dirty = true;
                 Ok(())
             }
-            Ok(repo) => self.apply_repo(&did, item.kind, &repo),
+            Ok(repo) => {
+                self.apply_repo(&did, item.kind, &repo)?;
+                if self.refetch.remove(&did) {
+                    info!(repo = %did, "the repo's chain broke again while it was being fetched: fetching it once more");
+                    self.queue_resync(&did, "gap_during_fetch");
+                }
+                Ok(())
+            }
         }
     }
 
@@ -654,12 +685,28 @@ impl Processor {
             relevant_collection(study, in_network, c)
         });
         // Which missed records are also written as cache files (the rest only feed the indexes).
+        // While the processor catches up (its stream position more than the margin behind the
+        // clock, e.g. after an upgrade or an outage), the stream commits between that position
+        // and the fetched rev will be skipped as duplicates once the chain moves to the fetched
+        // rev: records created after the position (less a margin for clocks) are written now.
+        // Live, that window is the fetch's latency and the rule below applies as is.
+        let now_us = now_micros() as i64;
+        let stream_us = self.metrics.last_event_time_us.load(Ordering::Relaxed);
+        let stream_gate = (stream_us > 0 && now_us - stream_us > REPAIR_CLOCK_MARGIN_US)
+            .then(|| stream_us.saturating_sub(REPAIR_CLOCK_MARGIN_US));
+        let at_most = |since: i64| stream_gate.map_or(since, |gate| since.min(gate));
         let since: Option<i64> = match kind {
-            WorkKind::Backfill => self.repairs.backfill_since,
+            WorkKind::Backfill => self.repairs.backfill_since.map(at_most).or(stream_gate),
             WorkKind::Resync if self.state.is_backfilled(did) => Some(i64::MIN),
-            WorkKind::Resync => self
-                .retry_state("first seen", None, |p| p.state.first_seen(did))?
-                .map(|secs| secs.saturating_mul(1_000_000)),
+            WorkKind::Resync => {
+                // Since the writer first saw the repo (an hour before this repair when it has
+                // not recorded that yet).
+                let first = self
+                    .retry_state("first seen", None, |p| p.state.first_seen(did))?
+                    .map(|secs| secs.saturating_mul(1_000_000))
+                    .unwrap_or_else(|| now_us.saturating_sub(3_600_000_000));
+                Some(at_most(first))
+            }
         };
         let written = |record: &RepoRecord| -> bool {
             let Some(since) = since else { return false };
@@ -759,11 +806,10 @@ impl Processor {
                 .hold(did, &deleted.collection, &deleted.rkey, None, &rev);
         }
         self.state.purge_tombstones(did);
-        let current = self.retry_state("chain lookup", None, |p| p.state.chain(did))?;
-        if current.is_none_or(|c| c.rev < rev) {
-            self.state
-                .record_chain(did, ChainState::after(&repo.commit));
-        }
+        // The chain state and the duplicate bound stay where the stream left them: stream
+        // commits not handled yet (older than the fetched rev, or newer) are still handled, and
+        // rewrite the same file names. Moving the bound to the fetched rev would skip the ones
+        // in between, whose records a repair that only indexes (or a create gate) did not write.
         let label = kind.label();
         self.metrics.repair_completed(label);
         let (creates_label, deletes_label, index_label) = match kind {
@@ -896,6 +942,10 @@ pub fn relevant_collection(study: bool, in_network: bool, collection: &Nsid) -> 
     (study && RecordKind::of(collection).is_some())
         || (in_network && collection.as_str() == sync_core::records::POST)
 }
+
+/// How far before the stream position a repair still writes records as files: `createdAt` is
+/// the author's clock, event times the relay's.
+const REPAIR_CLOCK_MARGIN_US: i64 = 10 * 60 * 1_000_000;
 
 fn now_micros() -> u64 {
     SystemTime::now()

@@ -219,6 +219,13 @@ fn migrate(conn: &Connection, version: i64) -> Result<()> {
                 .with_context(|| format!("adding repo_revs.{column}"))?;
         }
     }
+    // Repos a version-1 writer tracked were first seen before the upgrade: a resync writes
+    // what it missed from now on (what came before was captured by that writer).
+    conn.execute(
+        "UPDATE repo_revs SET first_seen = ?1 WHERE first_seen IS NULL",
+        params![repair::unix_now()],
+    )
+    .context("dating the repos tracked before the upgrade")?;
     Ok(())
 }
 
@@ -695,7 +702,8 @@ impl StateStore {
             // commit clears it (the chain is then unknown until the next verified commit).
             let mut upsert_rev = tx.prepare_cached(
                 "INSERT INTO repo_revs (did, rev, data, first_seen) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, data = excluded.data",
+                 ON CONFLICT (did) DO UPDATE SET rev = excluded.rev, data = excluded.data,
+                 first_seen = COALESCE(repo_revs.first_seen, excluded.first_seen)",
             )?;
             let now = repair::unix_now();
             for (did, rev) in &self.pending.revs {
