@@ -466,6 +466,9 @@ fn commits_during_a_resync_are_not_lost() {
         .rt
         .block_on(e2e.proxy.wait_for_upstream_seq(during.commit.seq, WAIT)));
     xrpc.release();
+    // The repair is applied when its fetch returns, which may be after the stream (and the
+    // cursor) reached the last commit: wait for the repaired post before stopping.
+    e2e.wait_files(&mut writer, &[path::study_post(&s1, &missed.record.rkey)]);
 
     let files = e2e.finish(&mut writer, during.commit.seq);
     let expected =
