@@ -24,6 +24,7 @@ pub fn fixtures() -> Option<PathBuf> {
 }
 pub mod gap_proxy;
 pub mod pds;
+pub mod procstat;
 pub mod relay;
 pub mod s3;
 pub mod xrpc_proxy;

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use workspace_tests::pds::{self, Gapfree, Proc};
+use workspace_tests::procstat::{cpu_seconds, status_kb};
 
 /// How long one setup command (`accounts`, `bulk`) may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -727,32 +728,6 @@ fn write_did_docs(plc_url: &str, dids: &[String], path: &Path) {
         map.insert(did.clone(), doc);
     }
     std::fs::write(path, Value::Object(map).to_string()).expect("write the DID documents");
-}
-
-fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// (user, system) CPU seconds of `pid` (clock ticks of 1/100 s).
-fn cpu_seconds(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let seconds = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 100.0
-    };
-    (seconds(11), seconds(12))
 }
 
 fn cpu_total(pid: u32) -> f64 {

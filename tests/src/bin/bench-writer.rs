@@ -19,17 +19,8 @@ use std::time::{Duration, Instant};
 
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::synth;
+use workspace_tests::procstat::{cpu_seconds, status_kb as rss_kb};
 use workspace_tests::relay::TestRelay;
-
-fn rss_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn health_cursor(addr: &str) -> Option<i64> {
     use std::io::{Read, Write};
@@ -269,20 +260,4 @@ fn count_files(root: &std::path::Path) -> usize {
         }
     }
     n
-}
-
-/// (user, system) CPU seconds of `pid`.
-fn cpu_seconds(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // fields after the command name (which may contain spaces) start after the last ')'
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let seconds = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 100.0
-    };
-    (seconds(11), seconds(12))
 }
