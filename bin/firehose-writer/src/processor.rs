@@ -252,6 +252,9 @@ impl Processor {
         while let Some(input) = rx.blocking_recv() {
             match input {
                 Input::Frames(frames) => {
+                    // Frames being handled are not settled, whatever an idle tick handled just
+                    // before them recorded (the source stamps arrival before a batch is sent).
+                    self.metrics.frame_arrived();
                     for frame in &frames {
                         self.handle_frame(frame)?;
                     }
