@@ -136,6 +136,12 @@ pub struct Args {
     /// retried until the next start).
     #[arg(long, env = "FIREHOSE_MAX_REPO_BYTES", default_value_t = DEFAULT_MAX_REPO_BYTES)]
     pub max_repo_bytes: u64,
+
+    /// Longest a whole repo fetch (identity, download, verification) may take, in seconds; one
+    /// that takes longer fails (counted as `fetch_deadline`) and is retried with backoff, so a
+    /// server that trickles bytes cannot hold a fetch slot forever.
+    #[arg(long, env = "FIREHOSE_REPO_FETCH_TIMEOUT", default_value_t = 3600)]
+    pub repo_fetch_timeout: u64,
 }
 
 /// Default PLC directory.
@@ -251,6 +257,7 @@ pub struct Config {
     pub pds_rate: f64,
     pub plc_rate: f64,
     pub max_repo_bytes: u64,
+    pub repo_fetch_timeout: Duration,
 }
 
 /// `wss://host` -> `wss://host/xrpc/com.atproto.sync.subscribeRepos`.
@@ -314,6 +321,9 @@ impl Config {
         if !(plc_url.starts_with("https://") || plc_url.starts_with("http://")) {
             bail!("--plc-url {plc_url:?} must be an http(s) URL");
         }
+        if args.repo_fetch_timeout == 0 {
+            bail!("--repo-fetch-timeout must be at least 1 second");
+        }
         if let Some(c) = args.cursor {
             if c < 0 {
                 bail!("--cursor must not be negative");
@@ -344,6 +354,7 @@ impl Config {
             pds_rate: args.pds_rate,
             plc_rate: args.plc_rate,
             max_repo_bytes: args.max_repo_bytes,
+            repo_fetch_timeout: Duration::from_secs(args.repo_fetch_timeout),
         })
     }
 }

@@ -211,6 +211,30 @@ pub async fn run(
     let (verification, repairs) = repair_machinery(&config, &metrics, &tx)?;
     let durable_cursor = Arc::new(AtomicI64::new(-1));
     let stopping = Arc::new(AtomicBool::new(false));
+    // Commits are verified on a thread of their own ahead of the processor (see
+    // `verifier::VerifyStage`); without verification the processor reads the channel itself.
+    let stage = match &verification.identities {
+        Some(identities) if verification.mode != config::VerifyMode::Off => {
+            Some(verifier::VerifyStage {
+                mode: verification.mode,
+                identities: identities.clone(),
+                membership: state.shared_membership(),
+            })
+        }
+        _ => None,
+    };
+    let rx = match stage {
+        Some(stage) => {
+            // Small: the batches wait in front of the stage, where /health counts them.
+            let (stage_tx, processor_rx) = mpsc::channel(2);
+            std::thread::Builder::new()
+                .name("verify".into())
+                .spawn(move || stage.run(rx, stage_tx))
+                .context("starting the verification thread")?;
+            processor_rx
+        }
+        None => rx,
+    };
     let processor = processor::Processor::new(
         cache,
         state,
@@ -340,15 +364,15 @@ fn repair_machinery(
         backfill_since: config.backfill_since,
     };
     if offline {
-        let identities: Option<Box<dyn verifier::Identities>> = match (
+        let identities: Option<Arc<dyn verifier::Identities>> = match (
             &config.did_docs,
             config.verify,
         ) {
             (_, VerifyMode::Off) => None,
-            (Some(path), _) => Some(Box::new(verifier::StaticIdentities::load(path)?)),
+            (Some(path), _) => Some(Arc::new(verifier::StaticIdentities::load(path)?)),
             (None, _) => {
                 warn!("--verify without --did-docs while replaying offline: every commit that needs verification fails with no_did_document and is dropped");
-                Some(Box::new(verifier::StaticIdentities::default()))
+                Some(Arc::new(verifier::StaticIdentities::default()))
             }
         };
         return Ok((
@@ -421,14 +445,15 @@ fn repair_machinery(
         tx.clone(),
         resolver.clone(),
         pds,
+        config.repo_fetch_timeout,
     ));
-    let identities: Option<Box<dyn verifier::Identities>> = (config.verify != VerifyMode::Off)
+    let identities: Option<Arc<dyn verifier::Identities>> = (config.verify != VerifyMode::Off)
         .then(|| {
-            Box::new(repair::ResolverIdentities {
+            Arc::new(repair::ResolverIdentities {
                 resolver,
                 runtime: tokio::runtime::Handle::current(),
                 timeout: std::time::Duration::from_secs(30),
-            }) as Box<dyn verifier::Identities>
+            }) as Arc<dyn verifier::Identities>
         });
     Ok((
         Verification {

@@ -33,13 +33,15 @@ use crate::metrics::Metrics;
 use crate::repair::{repair_backoff, RepairRequest, RepairResult, MAX_IN_FLIGHT};
 use crate::state::{RevRecord, StateStore, WorkKind};
 use crate::tracked::DidSet;
-use crate::verifier::Identities;
+use crate::verifier::{Ahead, Identities};
 
 /// What the processor receives, in order.
 #[derive(Debug)]
 pub enum Input {
     /// Frames in arrival order.
     Frames(Vec<Bytes>),
+    /// Frames in arrival order, with what the verification stage checked ahead (by position).
+    Verified(Vec<Bytes>, Vec<Option<Ahead>>),
     /// Time to check whether a commit is due (sent by a ticker while frames are scarce).
     Tick,
     /// New tracked sets (SIGHUP): study users, in-network users.
@@ -56,7 +58,7 @@ pub enum Input {
 pub struct Verification {
     pub mode: VerifyMode,
     /// `None` only with `VerifyMode::Off`.
-    pub identities: Option<Box<dyn Identities>>,
+    pub identities: Option<Arc<dyn Identities>>,
 }
 
 impl Verification {
@@ -256,7 +258,14 @@ impl Processor {
                     // before them recorded (the source stamps arrival before a batch is sent).
                     self.metrics.frame_arrived();
                     for frame in &frames {
-                        self.handle_frame(frame)?;
+                        self.handle_frame(frame.len(), decode_frame(frame), None)?;
+                    }
+                }
+                Input::Verified(frames, mut ahead) => {
+                    self.metrics.frame_arrived();
+                    for (i, frame) in frames.iter().enumerate() {
+                        let checked = ahead.get_mut(i).and_then(Option::take);
+                        self.handle_frame(frame.len(), decode_frame(frame), checked)?;
                     }
                 }
                 Input::Tick => self.dispatch_repairs(),
@@ -309,14 +318,19 @@ impl Processor {
         &self.clock
     }
 
-    fn handle_frame(&mut self, bytes: &[u8]) -> Result<()> {
+    fn handle_frame(
+        &mut self,
+        len: usize,
+        event: Result<Event<'_>, sync_core::frame::FrameError>,
+        ahead: Option<Ahead>,
+    ) -> Result<()> {
         self.summary.frames += 1;
-        self.metrics.frame(bytes.len());
-        let event = match decode_frame(bytes) {
+        self.metrics.frame(len);
+        let event = match event {
             Ok(event) => event,
             Err(e) => {
                 self.metrics.dropped(e.reason());
-                warn!(error = %e, bytes = bytes.len(), "dropping undecodable frame");
+                warn!(error = %e, bytes = len, "dropping undecodable frame");
                 return Ok(());
             }
         };
@@ -385,7 +399,7 @@ impl Processor {
             Event::Commit(c) => {
                 let tracked = self.state.tracked(&c.repo);
                 if self.must_verify(tracked, !routing.files.is_empty()) {
-                    let verified = match self.verify_commit(c) {
+                    let verified = match self.verify_commit(c, ahead) {
                         Ok(v) => v,
                         Err(reason) => {
                             self.verify_failed(seq, &c.repo, c.rev.as_str(), reason, tracked);
@@ -515,7 +529,11 @@ impl Processor {
 
     /// Verifies a commit with its repo's key; a bad signature is tried once more with the
     /// document fetched again (the key may have rotated without an `#identity` we saw).
-    fn verify_commit(&self, c: &Commit<'_>) -> Result<VerifiedCommit, &'static str> {
+    fn verify_commit(
+        &self,
+        c: &Commit<'_>,
+        ahead: Option<Ahead>,
+    ) -> Result<VerifiedCommit, &'static str> {
         let identities = self
             .verification
             .identities
@@ -523,9 +541,14 @@ impl Processor {
             .ok_or("no_identity_source")?;
         let identity = identities.identity(&c.repo)?;
         let opts = VerifyOptions::at(now_micros());
-        match verify_commit(c, &identity.signing_key, &opts) {
+        let first = match ahead {
+            // Checked with the key the repo still has (no `#identity` changed it since).
+            Some(ahead) if ahead.identity.signing_key == identity.signing_key => ahead.result,
+            _ => verify_commit(c, &identity.signing_key, &opts).map_err(|e| e.reason()),
+        };
+        match first {
             Ok(v) => Ok(v),
-            Err(e) if e.reason() == "bad_signature" => {
+            Err("bad_signature") => {
                 let fresh = identities.refresh(&c.repo)?;
                 if fresh.signing_key == identity.signing_key {
                     return Err("bad_signature");
@@ -533,7 +556,7 @@ impl Processor {
                 info!(repo = %c.repo, "signing key changed since the cached document; verifying with the new one");
                 verify_commit(c, &fresh.signing_key, &opts).map_err(|e| e.reason())
             }
-            Err(e) => Err(e.reason()),
+            Err(reason) => Err(reason),
         }
     }
 

@@ -14,6 +14,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -23,7 +24,7 @@ use sync_core::route::{Applied, RoutingState, StateUpdate};
 use sync_core::verify::{rev_is_plausible, VerifyOptions};
 use tracing::warn;
 
-use crate::tracked::DidSet;
+use crate::tracked::{DidSet, SharedMembership};
 
 mod repair;
 pub use repair::{unix_now, WorkItem, WorkKind};
@@ -299,8 +300,10 @@ fn post_author(uri: &str) -> Option<&str> {
 
 pub struct StateStore {
     conn: Connection,
-    study_users: DidSet,
-    file_in_network: DidSet,
+    study_users: Arc<DidSet>,
+    file_in_network: Arc<DidSet>,
+    /// The same membership for the verification stage's thread.
+    shared: Arc<SharedMembership>,
     /// Subjects of study users' live follows, with how many study follows point at each.
     followed: HashMap<Did, u32>,
     /// Hashes of study-post URIs: a miss is certain, a hit is confirmed in the database.
@@ -327,6 +330,18 @@ pub struct StateStore {
     work: HashMap<Did, repair::WorkItem>,
     /// Study users already backfilled.
     backfilled: HashSet<Did>,
+    /// The last DID whose membership was looked up: handling one event asks about its repo
+    /// several times (dedupe, routing, verification, held records), and a lookup in a
+    /// million-DID set is a cache miss each time.
+    membership: std::cell::RefCell<Membership>,
+}
+
+/// A remembered membership answer; an empty `did` (no valid DID is empty) remembers nothing.
+#[derive(Default)]
+struct Membership {
+    did: String,
+    study: bool,
+    in_network: bool,
 }
 
 impl StateStore {
@@ -358,8 +373,13 @@ impl StateStore {
             })
             .optional()?;
         let cursor = read_cursor(&conn)?;
+        let (study_users, in_network) = (Arc::new(study_users), Arc::new(in_network));
         let mut store = StateStore {
             conn,
+            shared: Arc::new(SharedMembership::new(
+                study_users.clone(),
+                in_network.clone(),
+            )),
             study_users,
             file_in_network: in_network,
             followed: HashMap::new(),
@@ -373,6 +393,7 @@ impl StateStore {
             lookup_error: std::cell::RefCell::new(None),
             work: HashMap::new(),
             backfilled: HashSet::new(),
+            membership: Default::default(),
         };
         store.load()?;
         store.load_work()?;
@@ -397,8 +418,10 @@ impl StateStore {
         let mut stmt = self.conn.prepare("SELECT subject FROM study_follows")?;
         for subject in stmt.query_map([], |r| r.get::<_, String>(0))? {
             if let Ok(did) = Did::parse(&subject?) {
+                self.shared.followed(&did);
                 *self.followed.entry(did).or_default() += 1;
             }
+            self.forget_membership();
         }
         let mut stmt = self.conn.prepare("SELECT did, rev FROM repo_revs")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -479,12 +502,38 @@ impl StateStore {
 
     /// Replaces the file-loaded sets (SIGHUP); live follows are kept.
     pub fn replace_sets(&mut self, study_users: DidSet, in_network: DidSet) {
-        self.study_users = study_users;
-        self.file_in_network = in_network;
+        self.study_users = Arc::new(study_users);
+        self.file_in_network = Arc::new(in_network);
+        self.shared
+            .replace_sets(self.study_users.clone(), self.file_in_network.clone());
+        self.forget_membership();
+    }
+
+    /// Who is tracked, for another thread (the verification stage).
+    pub fn shared_membership(&self) -> Arc<SharedMembership> {
+        self.shared.clone()
     }
 
     pub fn tracked(&self, did: &Did) -> bool {
-        self.study_users.contains(did) || self.is_in_network(did)
+        let (study, in_network) = self.membership(did);
+        study || in_network
+    }
+
+    /// Whether `did` is a study user, and whether it is in-network (remembered for the last DID).
+    fn membership(&self, did: &Did) -> (bool, bool) {
+        let mut memo = self.membership.borrow_mut();
+        if memo.did != did.as_str() {
+            memo.study = self.study_users.contains(did);
+            memo.in_network = self.file_in_network.contains(did) || self.followed.contains_key(did);
+            memo.did.clear();
+            memo.did.push_str(did.as_str());
+        }
+        (memo.study, memo.in_network)
+    }
+
+    /// Must follow every change of the sets or of the followed accounts.
+    fn forget_membership(&self) {
+        self.membership.borrow_mut().did.clear();
     }
 
     /// Applies `--cursor N` / `FIREHOSE_CURSOR` unless this value was applied by an earlier
@@ -596,7 +645,12 @@ impl StateStore {
                     .follows
                     .insert(uri.as_str().to_owned(), (follower.clone(), subject.clone()));
                 if previous.is_none() && self.follow_subject_in_db(uri)?.is_none() {
-                    *self.followed.entry(subject.clone()).or_default() += 1;
+                    let count = self.followed.entry(subject.clone()).or_default();
+                    *count += 1;
+                    if *count == 1 {
+                        self.shared.followed(subject);
+                    }
+                    self.forget_membership();
                 }
             }
             StateUpdate::StudyUnfollow {
@@ -624,6 +678,8 @@ impl StateStore {
                     *count -= 1;
                     if *count == 0 {
                         self.followed.remove(&subject);
+                        self.shared.unfollowed(&subject);
+                        self.forget_membership();
                     }
                 }
                 self.pending.unfollows.push(uri.as_str().to_owned());
@@ -747,11 +803,11 @@ impl StateStore {
 
 impl RoutingState for StateStore {
     fn is_study_user(&self, did: &Did) -> bool {
-        self.study_users.contains(did)
+        self.membership(did).0
     }
 
     fn is_in_network(&self, did: &Did) -> bool {
-        self.file_in_network.contains(did) || self.followed.contains_key(did)
+        self.membership(did).1
     }
 
     fn study_post_author(&self, uri: &str) -> Option<Did> {

@@ -74,6 +74,7 @@ mod support {
             pds_rate: 5.0,
             plc_rate: 10.0,
             max_repo_bytes: 1 << 30,
+            repo_fetch_timeout: Duration::from_secs(3600),
         }
     }
 
