@@ -119,11 +119,27 @@ impl Matcher {
         self.automaton.is_none() && self.fallback.is_empty()
     }
 
-    /// True when `bytes` hold one of the patterns as a whole: not followed by a byte that would
-    /// make it a longer DID (`did:web:example.com` is not named by `did:web:example.com.evil`),
-    /// except a trailing `.`/`:` that ends a sentence.
+    /// True when text (a path, a JSON cache file) holds one of the patterns as a whole: not
+    /// followed by a byte that would make it a longer DID (`did:web:example.com` is not named by
+    /// `did:web:example.com.evil`), except a trailing `.`/`:` that ends a sentence.
     pub fn mentions(&self, bytes: &[u8]) -> bool {
+        self.find(bytes, true)
+    }
+
+    /// True when a DAG-CBOR record holds one of the patterns anywhere. No boundary check: the
+    /// byte after a string is the next item's header, which may be any byte (`i` opens a
+    /// 9-byte key), so a withdrawn `did:web:example.com` also drops a record naming
+    /// `did:web:example.com.evil` (erring on the side of the participant; a `did:plc` has a
+    /// fixed length and cannot be the prefix of another).
+    pub fn mentions_in_record(&self, bytes: &[u8]) -> bool {
+        self.find(bytes, false)
+    }
+
+    fn find(&self, bytes: &[u8], text: bool) -> bool {
         let whole = |end: usize| {
+            if !text {
+                return true;
+            }
             let next = bytes.get(end).copied();
             let after = bytes.get(end + 1).copied();
             match next {
@@ -213,7 +229,7 @@ impl Withdrawn {
                 }
                 // A block that cannot be read is left to routing, which drops the op itself.
                 let block = commit.record_block(op).ok()??;
-                self.matcher.mentions(block).then_some(i)
+                self.matcher.mentions_in_record(block).then_some(i)
             })
             .collect();
         if names_withdrawn.is_empty() {
@@ -366,6 +382,11 @@ mod tests {
         assert!(!m.mentions(b"did:web:example.com%3A8080"));
         assert!(!m.mentions(b"did:web:example.co"));
         assert!(!Matcher::new([]).mentions(b"did:web:example.com"));
+        // DAG-CBOR: the DID string is followed by the header of the next key (`i`: a text of 9
+        // bytes, `createdAt`), which a text boundary check would take for a longer DID.
+        let follow = b"\xa3e$typeuapp.bsky.graph.followgsubjectx did:plc:z72i7hdynmk6r22z27h6tvuricreatedAt";
+        assert!(!m.mentions(follow));
+        assert!(m.mentions_in_record(follow));
     }
 
     #[test]
