@@ -477,7 +477,9 @@ impl StateStore {
         let mut added = 0;
         for (uri, author) in posts {
             // A withdrawn participant's posts never enter the index again.
-            if self.is_withdrawn(&author) || uri.authority_did().is_some_and(|d| self.is_withdrawn(&d)) {
+            if self.is_withdrawn(&author)
+                || uri.authority_did().is_some_and(|d| self.is_withdrawn(&d))
+            {
                 continue;
             }
             if self.study_post_hashes.insert(key_hash(uri.as_str())) {

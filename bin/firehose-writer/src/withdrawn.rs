@@ -384,7 +384,8 @@ mod tests {
         assert!(!Matcher::new([]).mentions(b"did:web:example.com"));
         // DAG-CBOR: the DID string is followed by the header of the next key (`i`: a text of 9
         // bytes, `createdAt`), which a text boundary check would take for a longer DID.
-        let follow = b"\xa3e$typeuapp.bsky.graph.followgsubjectx did:plc:z72i7hdynmk6r22z27h6tvuricreatedAt";
+        let follow =
+            b"\xa3e$typeuapp.bsky.graph.followgsubjectx did:plc:z72i7hdynmk6r22z27h6tvuricreatedAt";
         assert!(!m.mentions(follow));
         assert!(m.mentions_in_record(follow));
     }
@@ -399,7 +400,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(&path).unwrap().len(), 1);
-        fs::write(&path, "did:plc:z72i7hdynmk6r22z27h6tvur\nalice.bsky.social\n").unwrap();
+        fs::write(
+            &path,
+            "did:plc:z72i7hdynmk6r22z27h6tvur\nalice.bsky.social\n",
+        )
+        .unwrap();
         let e = format!("{:#}", load(&path).unwrap_err());
         assert!(e.contains("w.txt:2"), "{e}");
     }

@@ -74,7 +74,8 @@ impl Processor {
             {
                 warn!(seq, repo = %account.did, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); their data is purged and stays withdrawn while the study-user file lists them");
                 let did = account.did.clone();
-                let new = self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;
+                let new =
+                    self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;
                 self.metrics
                     .withdrawn_dids
                     .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
@@ -143,9 +144,7 @@ impl Processor {
             remove_cache_files(&p.cache, &targets)
         })?;
         self.retry("withdrawal cache flush", seq, |p| {
-            p.cache
-                .sync_removals(&removal.dirs)
-                .map_err(cache_error)
+            p.cache.sync_removals(&removal.dirs).map_err(cache_error)
         })?;
         self.state.record_purge(&dids, removal.uris);
         self.dirty = true;

@@ -211,10 +211,7 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
             "DELETE FROM in_network_posts WHERE uri >= ?1 AND uri < ?2",
             &[&from, &to],
         )?;
-        run(
-            "DELETE FROM in_network_post_authors WHERE did = ?1",
-            &[&d],
-        )?;
+        run("DELETE FROM in_network_post_authors WHERE did = ?1", &[&d])?;
         // Their follows (the accounts only they followed leave the network: the in-network
         // set is recomputed after the commit) and the follows of them.
         run(
@@ -396,7 +393,11 @@ impl StateStore {
             }
         }
         if !in_study.is_empty() {
-            self.study_users = self.study_users.iter().filter(|d| !set.contains(d)).collect();
+            self.study_users = self
+                .study_users
+                .iter()
+                .filter(|d| !set.contains(d))
+                .collect();
         }
         if set.iter().any(|d| self.file_in_network.contains(d)) {
             self.file_in_network = self
@@ -540,7 +541,11 @@ impl StateStore {
             let checkpoint = self
                 .conn
                 .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
                 });
             match checkpoint {
                 Ok((0, _, _)) => self.withdrawn.checkpoint_owed = false,

@@ -75,7 +75,10 @@ impl Frames {
     fn post(&mut self, repo: &str, record: Value) -> (Vec<u8>, String) {
         let rkey = self.rkey();
         let uri = format!("at://{repo}/{POST}/{rkey}");
-        (self.commit(repo, &[OpSpec::create(POST, &rkey, record)]), uri)
+        (
+            self.commit(repo, &[OpSpec::create(POST, &rkey, record)]),
+            uri,
+        )
     }
 
     fn text_post(&mut self, repo: &str, text: &str) -> (Vec<u8>, String) {
@@ -132,7 +135,11 @@ impl Frames {
     fn account(&mut self, did: &str, active: bool, status: Option<&str>) -> Vec<u8> {
         self.seq += 1;
         // Each event at its own time: account files are named by the event.
-        let time = format!("2026-03-01T12:{:02}:{:02}.000Z", self.seq / 60, self.seq % 60);
+        let time = format!(
+            "2026-03-01T12:{:02}:{:02}.000Z",
+            self.seq / 60,
+            self.seq % 60
+        );
         synth::account_frame(self.seq, did, active, status, &time)
     }
 }
@@ -154,7 +161,11 @@ fn cache_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                let rel = path.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
                 out.insert(rel, std::fs::read(&path).unwrap());
             }
         }
@@ -255,11 +266,9 @@ async fn push_all(relay: &TestRelay, writer: &Running, frames: Vec<Vec<u8>>, las
 }
 
 fn withdrawn_rows(state: &Path) -> Vec<(String, String)> {
-    let conn = rusqlite::Connection::open_with_flags(
-        state,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let mut stmt = conn.prepare("SELECT hash, source FROM withdrawn").unwrap();
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -394,7 +403,9 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
         2,
         "only S1's and D's new posts are routed: {new:?}"
     );
-    assert!(new.iter().any(|p| p.ends_with(&format!("{}.json", rkey_of(&s1_post2)))));
+    assert!(new
+        .iter()
+        .any(|p| p.ends_with(&format!("{}.json", rkey_of(&s1_post2)))));
     assert!(new
         .iter()
         .any(|p| p.contains(D) && p.ends_with(&format!("{}.json", rkey_of(&d_post)))));
@@ -402,7 +413,11 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
     assert!(metrics.withdrawn_drops("op") >= 7);
     writer.stop().await.unwrap();
     assert_nowhere(&cfg, &needles);
-    assert_eq!(withdrawn_rows(&cfg.state).len(), 1, "one salted hash recorded");
+    assert_eq!(
+        withdrawn_rows(&cfg.state).len(),
+        1,
+        "one salted hash recorded"
+    );
     assert!(!withdrawn_rows(&cfg.state)[0].0.contains(W));
     let kept = cache_bytes(&cfg.cache_dir);
 
@@ -490,8 +505,15 @@ async fn an_account_deletion_is_a_withdrawal_only_when_asked() {
     };
     // Their post, the like of it, the account event.
     assert_eq!(theirs(&first), 3, "{:?}", first.keys());
-    assert!(first.keys().any(|p| p.contains("study_user_activity/account/")));
-    assert_eq!(theirs(&second), 5, "still a study user: {:?}", second.keys());
+    assert!(first
+        .keys()
+        .any(|p| p.contains("study_user_activity/account/")));
+    assert_eq!(
+        theirs(&second),
+        5,
+        "still a study user: {:?}",
+        second.keys()
+    );
     assert!(withdrawn_rows(&cfg.state).is_empty());
 }
 
@@ -577,8 +599,7 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
         .partition(|(path, bytes)| is_theirs(path, bytes, &s2, &rkeys));
     assert!(theirs.len() >= 7, "{:?}", theirs.keys());
     assert!(
-        others.keys().filter(|p| p.contains(&s1)).count() >= 1
-            && others.len() >= 3,
+        others.keys().filter(|p| p.contains(&s1)).count() >= 1 && others.len() >= 3,
         "{:?}",
         others.keys()
     );
@@ -610,9 +631,7 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
     let after = cache_bytes(&cache);
     let new: Vec<&String> = after.keys().filter(|p| !others.contains_key(*p)).collect();
     assert_eq!(new.len(), 2, "S1's post and A3's like of it only: {new:?}");
-    assert!(new
-        .iter()
-        .all(|p| p.contains(&s1_after.record.rkey)));
+    assert!(new.iter().all(|p| p.contains(&s1_after.record.rkey)));
     for (path, bytes) in &others {
         assert_eq!(after.get(path), Some(bytes), "{path} changed");
     }
