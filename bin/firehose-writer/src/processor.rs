@@ -347,7 +347,7 @@ impl Processor {
             return Ok(());
         };
         let routed_event = match &screen {
-            Screen::Ops { event, .. } => event,
+            Screen::Ops { event, .. } => &**event,
             _ => &event,
         };
         match &event {

@@ -243,7 +243,7 @@ impl Withdrawn {
             keep
         });
         Screen::Ops {
-            event: Event::Commit(screened),
+            event: Box::new(Event::Commit(screened)),
             dropped: names_withdrawn.len(),
         }
     }
@@ -257,7 +257,10 @@ pub enum Screen<'a> {
     /// An event of a withdrawn DID: route nothing of it.
     Drop,
     /// Route this copy, without the ops that name a withdrawn DID.
-    Ops { event: Event<'a>, dropped: usize },
+    Ops {
+        event: Box<Event<'a>>,
+        dropped: usize,
+    },
 }
 
 /// The cache folders (under `create/` and `delete/`) nested by the record key of the study post

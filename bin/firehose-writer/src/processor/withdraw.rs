@@ -105,7 +105,7 @@ impl Processor {
             }
             Screen::Ops { event, dropped } => {
                 self.metrics.withdrawn_dropped("op", dropped as u64);
-                Some(event)
+                Some(*event)
             }
         }
     }

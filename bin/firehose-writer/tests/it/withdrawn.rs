@@ -373,16 +373,17 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
     assert_nowhere(&cfg, &needles);
 
     // After it: nothing by or about them is routed; everyone else still is.
-    let mut after = Vec::new();
-    after.push(f.text_post(W, "still here").0);
-    after.push(f.reaction(W, LIKE, &s1_post).0);
-    after.push(f.reaction(X, LIKE, &w_post).0);
-    after.push(f.reply(X, &w_post).0);
-    after.push(f.reaction(S1, LIKE, &w_post).0);
-    after.push(f.quote(S2, &w_post).0);
-    after.push(f.follow(X, W));
-    after.push(f.follow(S1, W));
-    after.push(f.account(W, false, Some("deactivated")));
+    let mut after = vec![
+        f.text_post(W, "still here").0,
+        f.reaction(W, LIKE, &s1_post).0,
+        f.reaction(X, LIKE, &w_post).0,
+        f.reply(X, &w_post).0,
+        f.reaction(S1, LIKE, &w_post).0,
+        f.quote(S2, &w_post).0,
+        f.follow(X, W),
+        f.follow(S1, W),
+        f.account(W, false, Some("deactivated")),
+    ];
     let mention = json!({"$type": POST, "text": "hi @w", "createdAt": TIME,
         "facets": [{"index": {"byteStart": 3, "byteEnd": 5},
             "features": [{"$type": "app.bsky.richtext.facet#mention", "did": W}]}]});
@@ -426,10 +427,11 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
         cursor: None,
         ..cfg.clone()
     });
-    let mut again = Vec::new();
-    again.push(f.text_post(W, "after restart").0);
-    again.push(f.reaction(X, LIKE, &w_post).0);
-    again.push(f.reaction(S1, REPOST, &w_post).0);
+    let again = vec![
+        f.text_post(W, "after restart").0,
+        f.reaction(X, LIKE, &w_post).0,
+        f.reaction(S1, REPOST, &w_post).0,
+    ];
     let last = f.last();
     push_all(&relay, &writer, again, last).await;
     let metrics = writer.metrics();
