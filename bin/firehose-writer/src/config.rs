@@ -54,6 +54,17 @@ pub struct Args {
     #[arg(long, env = "FIREHOSE_STUDY_POSTS")]
     pub study_posts: Option<PathBuf>,
 
+    /// Participants who withdrew their consent: a text file of DIDs (one per line, `#`
+    /// comments), reloaded on SIGHUP. Nothing by or about them is routed again; their cache
+    /// files and index entries are removed (README, "Consent withdrawal").
+    #[arg(long, env = "FIREHOSE_WITHDRAWN", value_name = "FILE")]
+    pub withdrawn: Option<PathBuf>,
+
+    /// Treat an `#account` event with status `deleted` of a study user as a consent withdrawal
+    /// (kept in the state across restarts). Off by default: a deleted account can come back.
+    #[arg(long, env = "FIREHOSE_ACCOUNT_DELETED_IS_WITHDRAWAL")]
+    pub account_deleted_is_withdrawal: bool,
+
     /// Start after this seq instead of the stored cursor. Applied once: the value is recorded in
     /// the state, and a later start with the same value resumes from the stored cursor (so it
     /// may stay in an environment file). A value below the stored cursor forgets the per-repo
@@ -240,6 +251,10 @@ pub struct Config {
     pub study_users: PathBuf,
     pub in_network: Option<PathBuf>,
     pub study_posts: Option<PathBuf>,
+    /// `--withdrawn`.
+    pub withdrawn: Option<PathBuf>,
+    /// `--account-deleted-is-withdrawal`.
+    pub account_deleted_is_withdrawal: bool,
     pub cursor: Option<i64>,
     pub stall_timeout: Duration,
     pub on_future_cursor: FutureCursorPolicy,
@@ -339,6 +354,8 @@ impl Config {
                 .context("--study-users FILE (or FIREHOSE_STUDY_USERS) is required: the DIDs of the study participants")?,
             in_network: args.in_network.clone(),
             study_posts: args.study_posts.clone(),
+            withdrawn: args.withdrawn.clone(),
+            account_deleted_is_withdrawal: args.account_deleted_is_withdrawal,
             cursor: args.cursor,
             stall_timeout: Duration::from_secs(args.stall_timeout),
             on_future_cursor: args.on_future_cursor,

@@ -17,6 +17,7 @@ pub mod source;
 pub mod state;
 pub mod tracked;
 pub mod verifier;
+pub mod withdrawn;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -165,7 +166,11 @@ pub async fn run(
         in_network = in_network.len(),
         "tracked sets loaded"
     );
+    let withdrawn = withdrawn::load_configured(config.withdrawn.as_deref())
+        .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
     let mut state = state::StateStore::open_with_sets(&config.state, study, in_network)?;
+    // Before anything reads the sets (seeding, backfills): a withdrawn DID is never tracked.
+    let purge_at_start = state.set_withdrawn(withdrawn)?;
     seed_study_posts(&mut state, &config)?;
     let cache = CacheWriter::open(&config.cache_dir)
         .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
@@ -244,6 +249,10 @@ pub async fn run(
         durable_cursor.clone(),
         stopping.clone(),
     )
+    .with_withdrawals(processor::Withdrawals {
+        account_deleted: config.account_deleted_is_withdrawal,
+        at_start: purge_at_start,
+    })
     .with_repairs(verification, repairs);
     // The thread reports its end on a channel the source is raced against: a processor that
     // stops (a failed flush, a panic) ends the run at once, not at the next frame.
@@ -286,9 +295,17 @@ pub async fn run(
         tokio::spawn(async move {
             while reload_rx.recv().await.is_some() {
                 let cfg = config.clone();
-                match tokio::task::spawn_blocking(move || load_tracked(&cfg)).await {
-                    Ok(Ok((study, in_network))) => {
-                        if tx.send(Input::Reload(study, in_network)).await.is_err() {
+                // Both files or neither: a withdrawn list that does not parse keeps the old one,
+                // and the study users with it.
+                let load = move || -> Result<_> {
+                    let withdrawn = withdrawn::load_configured(cfg.withdrawn.as_deref())?;
+                    Ok((load_tracked(&cfg)?, withdrawn))
+                };
+                match tokio::task::spawn_blocking(load).await {
+                    Ok(Ok(((study, in_network), withdrawn))) => {
+                        if tx.send(Input::Withdrawn(withdrawn)).await.is_err()
+                            || tx.send(Input::Reload(study, in_network)).await.is_err()
+                        {
                             return;
                         }
                     }

@@ -46,6 +46,10 @@ pub const CURSOR: &str = "firehose_cursor";
 pub const LAG: &str = "firehose_lag_seconds";
 pub const CONNECTED: &str = "firehose_connected";
 pub const UNKNOWN_UNFOLLOWS: &str = "firehose_unknown_unfollows_total";
+pub const WITHDRAWN_DIDS: &str = "firehose_withdrawn_dids";
+pub const WITHDRAWN_FILES_REMOVED: &str = "firehose_withdrawn_files_removed_total";
+pub const WITHDRAWN_ROWS_PURGED: &str = "firehose_withdrawn_index_rows_purged_total";
+pub const WITHDRAWN_DROPS: &str = "firehose_withdrawn_drops_total";
 pub const VERIFIED_COMMITS: &str = "firehose_verified_commits_total";
 pub const VERIFY_FAILURES: &str = "firehose_verify_failures_total";
 pub const RESYNCS: &str = "firehose_resyncs_total";
@@ -126,6 +130,15 @@ pub struct Metrics {
     /// Study users' deletes of follows never seen (made before tracking began): the subject is
     /// unknown, so it stays in-network until the repo backfill resolves it.
     pub unknown_unfollows: AtomicU64,
+    /// Withdrawn DIDs in effect (the `--withdrawn` list and account deletions counted as
+    /// withdrawals).
+    pub withdrawn_dids: AtomicU64,
+    /// Cache files removed by withdrawal purges.
+    pub withdrawn_files_removed: AtomicU64,
+    /// State index rows removed by withdrawal purges.
+    pub withdrawn_rows_purged: AtomicU64,
+    /// Events (by a withdrawn DID) and ops (naming one) not routed, by `what`.
+    withdrawn_drops: Labelled,
     commit_duration: Histogram,
     /// Tracked-set reloads applied (SIGHUP).
     pub reloads: AtomicU64,
@@ -195,6 +208,10 @@ impl Default for Metrics {
             state_errors: AtomicU64::new(0),
             seq_resets: AtomicU64::new(0),
             unknown_unfollows: AtomicU64::new(0),
+            withdrawn_dids: AtomicU64::new(0),
+            withdrawn_files_removed: AtomicU64::new(0),
+            withdrawn_rows_purged: AtomicU64::new(0),
+            withdrawn_drops: Labelled::default(),
             commits: AtomicU64::new(0),
             // 1 ms .. 30 s: a barrier is a syncfs, renames and one SQLite commit; seconds mean a
             // struggling disk, and a retried failure can stretch one barrier much further.
@@ -317,6 +334,20 @@ impl Metrics {
     pub fn routed(&self, folder: &'static str) {
         self.routed.inc(folder, 1);
     }
+    /// Not routed because of a withdrawal: `event` (by a withdrawn DID) or `op` (naming one).
+    pub fn withdrawn_dropped(&self, what: &'static str, n: u64) {
+        self.withdrawn_drops.inc(what, n);
+    }
+
+    /// Events (`event`) or ops (`op`) not routed because of a withdrawal so far.
+    pub fn withdrawn_drops(&self, what: &str) -> u64 {
+        self.withdrawn_drops
+            .snapshot()
+            .get(what)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn dropped(&self, reason: &'static str) {
         self.drops.inc(reason, 1);
     }
@@ -626,6 +657,31 @@ impl Collector for ScrapeTime {
             UNKNOWN_UNFOLLOWS,
             "Study users' unfollows of follows never seen (subject unknown; kept in-network, recorded for backfill).",
             r(&m.unknown_unfollows),
+        )?;
+        gauge(
+            e,
+            WITHDRAWN_DIDS,
+            "Withdrawn DIDs in effect (--withdrawn list and account deletions counted as withdrawals).",
+            r(&m.withdrawn_dids),
+        )?;
+        counter(
+            e,
+            WITHDRAWN_FILES_REMOVED,
+            "Cache files removed by consent-withdrawal purges.",
+            r(&m.withdrawn_files_removed),
+        )?;
+        counter(
+            e,
+            WITHDRAWN_ROWS_PURGED,
+            "State index rows removed by consent-withdrawal purges.",
+            r(&m.withdrawn_rows_purged),
+        )?;
+        labelled(
+            e,
+            WITHDRAWN_DROPS,
+            "Not routed because of a consent withdrawal: events of a withdrawn DID (what=event), ops naming one (what=op).",
+            "what",
+            m.withdrawn_drops.snapshot(),
         )?;
         counter(
             e,

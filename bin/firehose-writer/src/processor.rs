@@ -34,6 +34,10 @@ use crate::repair::{repair_backoff, RepairRequest, RepairResult, MAX_IN_FLIGHT};
 use crate::state::{RevRecord, StateStore, WorkKind};
 use crate::tracked::DidSet;
 use crate::verifier::{Ahead, Identities};
+use crate::withdrawn::Screen;
+
+mod withdraw;
+pub use withdraw::Withdrawals;
 
 /// What the processor receives, in order.
 #[derive(Debug)]
@@ -46,6 +50,8 @@ pub enum Input {
     Tick,
     /// New tracked sets (SIGHUP): study users, in-network users.
     Reload(DidSet, DidSet),
+    /// A new `--withdrawn` list (SIGHUP), sent just before the `Reload` it was read with.
+    Withdrawn(std::collections::HashSet<Did>),
     /// The source switched to a live tail with lower seqs (FutureCursor with `--on-future-cursor=live`).
     ResetSeq,
     /// A repo fetched for a backfill or resync (or why it could not be).
@@ -111,6 +117,8 @@ pub struct Processor {
     in_flight: HashSet<Did>,
     /// Repos whose chain broke again while their fetch was out.
     refetch: HashSet<Did>,
+    /// Consent withdrawal (`processor/withdraw.rs`).
+    withdrawals: Withdrawals,
 }
 
 /// Marks an error that must stop the writer instead of being retried.
@@ -180,6 +188,7 @@ impl Processor {
             repairs: Repairs::default(),
             in_flight: HashSet::new(),
             refetch: HashSet::new(),
+            withdrawals: Withdrawals::default(),
         }
     }
 
@@ -251,6 +260,7 @@ impl Processor {
 
     /// Consumes inputs until `End` (or the channel closes), then commits.
     pub fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<ProcessorSummary> {
+        self.purge_at_start()?;
         while let Some(input) = rx.blocking_recv() {
             match input {
                 Input::Frames(frames) => {
@@ -269,6 +279,7 @@ impl Processor {
                     }
                 }
                 Input::Tick => self.dispatch_repairs(),
+                Input::Repaired(result) if self.withdrawn_repair(&result.did) => {}
                 Input::Repaired(result) => {
                     self.apply_repair(*result)?;
                     self.dispatch_repairs();
@@ -283,6 +294,7 @@ impl Processor {
                     self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                     self.queue_backfills();
                 }
+                Input::Withdrawn(dids) => self.reload_withdrawn(dids)?,
                 Input::ResetSeq => {
                     self.last_seq = None;
                     // The old stream's cursor means nothing to the new one.
@@ -343,6 +355,15 @@ impl Processor {
                 return Ok(());
             }
         }
+        // Nothing by or about a withdrawn participant is routed (checked like the tracked sets).
+        let Some(screen) = self.screen_withdrawn(seq, &event)? else {
+            self.advance(seq);
+            return Ok(());
+        };
+        let routed_event = match &screen {
+            Screen::Ops { event, .. } => &**event,
+            _ => &event,
+        };
         match &event {
             Event::Info(info) if info.name == "OutdatedCursor" => {
                 self.metrics.outdated_cursor.fetch_add(1, Ordering::Relaxed);
@@ -386,7 +407,7 @@ impl Processor {
         // A failed index lookup would silently drop a reaction: route again until the lookups
         // succeed (the cursor does not move meanwhile).
         let routing = self.retry_state("state lookup", seq, |p| {
-            let routing = route_event(&event, &p.state, &clock);
+            let routing = route_event(routed_event, &p.state, &clock);
             match p.state.take_lookup_error() {
                 Some(e) => Err(anyhow::anyhow!(e)),
                 None => Ok(routing),
@@ -781,7 +802,9 @@ impl Processor {
             let commits = resync::assemble(repo, did, ctx, changes)
                 .map_err(|e| anyhow::anyhow!("assembling repaired records of {did}: {e}"))?;
             for commit in commits {
-                let event = Event::Commit(commit);
+                let Some(event) = self.screen_repaired(Event::Commit(commit)) else {
+                    continue;
+                };
                 let routing = self.retry_state("state lookup", None, |p| {
                     let routing = route_event(&event, &p.state, &clock);
                     match p.state.take_lookup_error() {

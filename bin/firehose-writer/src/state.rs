@@ -27,7 +27,9 @@ use tracing::warn;
 use crate::tracked::{DidSet, SharedMembership};
 
 mod repair;
+mod withdrawn;
 pub use repair::{unix_now, WorkItem, WorkKind};
+pub use withdrawn::WithdrawalSource;
 
 /// `meta` key of the last cursor override: JSON `{cursor, previous, by, at}`.
 pub const META_CURSOR_OVERRIDE: &str = "cursor_override";
@@ -195,8 +197,9 @@ CREATE TABLE IF NOT EXISTS backfilled (did TEXT PRIMARY KEY, rev TEXT NOT NULL, 
 ";
 
 /// `PRAGMA user_version` of the schema above. A newer file was written by a newer writer whose
-/// data this one could misread or damage.
-const SCHEMA_VERSION: i64 = 2;
+/// data this one could misread or damage. Version 3 records consent withdrawals (`withdrawn`):
+/// a writer that does not know them must not open the file and route a withdrawn DID again.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a version-1 file to version 2: `repo_revs` gains the chain state's MST root (`data`)
 /// and when the repo was first seen. Runs before [`SCHEMA`], in the same start-up.
@@ -289,6 +292,8 @@ struct Pending {
     /// A `--cursor` override, made durable with the first commit (with the rev reset of a
     /// rewind), so a run that ends before committing anything leaves the state as it was.
     cursor_override: Option<CursorOverride>,
+    /// Consent-withdrawal purges (`state/withdrawn.rs`), written last.
+    withdrawn: withdrawn::PendingWithdrawn,
 }
 
 /// The author of `uri` if it is a post URI (`at://<did>/app.bsky.feed.post/<rkey>`).
@@ -330,6 +335,8 @@ pub struct StateStore {
     work: HashMap<Did, repair::WorkItem>,
     /// Study users already backfilled.
     backfilled: HashSet<Did>,
+    /// Withdrawn DIDs (consent withdrawal): never routed, never repaired.
+    withdrawn: withdrawn::WithdrawnState,
     /// The last DID whose membership was looked up: handling one event asks about its repo
     /// several times (dedupe, routing, verification, held records), and a lookup in a
     /// million-DID set is a cache miss each time.
@@ -358,12 +365,19 @@ impl StateStore {
         let conn = Connection::open(path)
             .with_context(|| format!("opening state database {}", path.display()))?;
         let version = check_schema(&conn, path)?;
+        let new_file = !conn
+            .prepare("SELECT 1 FROM sqlite_master")?
+            .exists([])
+            .with_context(|| format!("reading {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         migrate(&conn, version)?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating schema in {}", path.display()))?;
+        conn.execute_batch(withdrawn::SCHEMA)
+            .with_context(|| format!("creating schema in {}", path.display()))?;
+        withdrawn::on_open(&conn, new_file)?;
         if version < SCHEMA_VERSION {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -394,6 +408,7 @@ impl StateStore {
             work: HashMap::new(),
             backfilled: HashSet::new(),
             membership: Default::default(),
+            withdrawn: Default::default(),
         };
         store.load()?;
         store.load_work()?;
@@ -484,6 +499,12 @@ impl StateStore {
     ) -> Result<usize> {
         let mut added = 0;
         for (uri, author) in posts {
+            // A withdrawn participant's posts never enter the index again.
+            if self.is_withdrawn(&author)
+                || uri.authority_did().is_some_and(|d| self.is_withdrawn(&d))
+            {
+                continue;
+            }
             if self.study_post_hashes.insert(key_hash(uri.as_str())) {
                 added += 1;
             }
@@ -504,8 +525,17 @@ impl StateStore {
     pub fn replace_sets(&mut self, study_users: DidSet, in_network: DidSet) {
         self.study_users = Arc::new(study_users);
         self.file_in_network = Arc::new(in_network);
+        self.apply_withdrawn_sets();
+        self.sync_membership();
+    }
+
+    /// Brings the verification stage's view and the remembered answer up to date with the
+    /// sets and the followed accounts (after a reload or a withdrawal changed them).
+    pub(crate) fn sync_membership(&mut self) {
         self.shared
             .replace_sets(self.study_users.clone(), self.file_in_network.clone());
+        self.shared
+            .replace_followed(self.followed.keys().cloned().collect());
         self.forget_membership();
     }
 
@@ -703,6 +733,7 @@ impl StateStore {
     /// Writes every queued update and the cursor in one transaction.
     pub fn commit(&mut self, cursor: Option<i64>) -> Result<()> {
         let cursor = cursor.or(self.pending.cursor_override.map(|o| o.cursor));
+        let purged_rows;
         let tx = self
             .conn
             .transaction()
@@ -767,6 +798,7 @@ impl StateStore {
                 upsert_rev.execute(params![did.as_str(), rev.as_str(), data, now])?;
             }
             repair::write_pending(&self.pending, &tx)?;
+            purged_rows = withdrawn::write_pending(&self.pending.withdrawn, &tx)?;
             if let Some(cursor) = cursor {
                 write_cursor(&tx, cursor)?;
                 if let Some(upstream) = &self.upstream {
@@ -780,11 +812,13 @@ impl StateStore {
         crate::fault::hit(crate::fault::Point::BeforeStateCommit);
         tx.commit().context("committing state")?;
         crate::fault::hit(crate::fault::Point::AfterStateCommit);
+        let purged = std::mem::take(&mut self.pending.withdrawn);
         self.pending = Pending::default();
         self.work.retain(|_, item| !item.done);
         if cursor.is_some() {
             self.cursor = cursor;
         }
+        self.after_commit(&purged, purged_rows);
         Ok(())
     }
 

@@ -635,6 +635,11 @@ impl SharedMembership {
             .insert(did.clone());
     }
 
+    /// Every account study users follow, replacing what was held.
+    pub fn replace_followed(&self, followed: HashSet<Did>) {
+        *self.followed.write().unwrap_or_else(|p| p.into_inner()) = followed;
+    }
+
     /// No study user follows `did` any more.
     pub fn unfollowed(&self, did: &Did) {
         self.followed

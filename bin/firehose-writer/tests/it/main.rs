@@ -13,6 +13,7 @@ mod pds;
 mod process;
 mod source;
 mod state;
+mod withdrawn;
 mod writer;
 
 /// Helpers shared by the test modules.
@@ -59,6 +60,8 @@ mod support {
             study_users: "/nonexistent".into(),
             in_network: None,
             study_posts: None,
+            withdrawn: None,
+            account_deleted_is_withdrawal: false,
             cursor: None,
             stall_timeout: Duration::from_secs(60),
             on_future_cursor: FutureCursorPolicy::Exit,

@@ -600,7 +600,7 @@ pub(crate) fn start_writer(cfg: Config) -> Running {
 }
 
 /// As [`start_writer`]; a send on `reload` acts as SIGHUP.
-fn start_writer_with_reload(
+pub(crate) fn start_writer_with_reload(
     cfg: Config,
     reload: Option<tokio::sync::mpsc::Receiver<()>>,
 ) -> Running {
