@@ -107,6 +107,13 @@ pub struct VerifyStage {
     pub mode: VerifyMode,
     pub identities: Arc<dyn Identities>,
     pub membership: Arc<SharedMembership>,
+    /// Threads a batch's commits are split between (the cores of the machine, at most 8).
+    pub threads: usize,
+}
+
+/// One verifying thread per core, at most 8.
+pub fn verify_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 impl VerifyStage {
@@ -133,10 +140,10 @@ impl VerifyStage {
         }
     }
 
-    /// What could be checked ahead in `frames`, by position.
+    /// What could be checked ahead in `frames`, by position. The batch's commits are split
+    /// between `threads` threads (scoped to the batch: nothing spins or waits between batches).
     pub fn check(&self, frames: &[Bytes]) -> Vec<Option<Ahead>> {
-        let opts = VerifyOptions::at(now_micros());
-        frames
+        let mut jobs: Vec<Option<(Event<'_>, Arc<AtprotoIdentity>)>> = frames
             .iter()
             .map(|frame| {
                 let Ok(Event::Commit(c)) = decode_frame(frame) else {
@@ -146,11 +153,64 @@ impl VerifyStage {
                     return None;
                 }
                 let identity = self.identities.peek(&c.repo)?;
-                let result =
-                    verify_commit(&c, &identity.signing_key, &opts).map_err(|e| e.reason());
-                Some(Ahead { identity, result })
+                Some((Event::Commit(c), identity))
             })
-            .collect()
+            .collect();
+        let mut ahead: Vec<Option<Ahead>> = Vec::new();
+        ahead.resize_with(frames.len(), || None);
+        let count = jobs.iter().filter(|j| j.is_some()).count();
+        let threads = self.threads.clamp(1, count.max(1));
+        let opts = VerifyOptions::at(now_micros());
+        let verify = |jobs: &mut [Option<(Event<'_>, Arc<AtprotoIdentity>)>],
+                      out: &mut [Option<Ahead>]| {
+            for (job, slot) in jobs.iter_mut().zip(out) {
+                if let Some((Event::Commit(c), identity)) = job.take() {
+                    let result =
+                        verify_commit(&c, &identity.signing_key, &opts).map_err(|e| e.reason());
+                    *slot = Some(Ahead { identity, result });
+                }
+            }
+        };
+        if threads < 2 {
+            verify(&mut jobs, &mut ahead);
+            return ahead;
+        }
+        // Equal shares of the commits to verify, not of the frames.
+        let per_thread = count.div_ceil(threads);
+        let mut bounds = vec![0];
+        let mut seen = 0;
+        for (i, job) in jobs.iter().enumerate() {
+            if job.is_some() {
+                seen += 1;
+                if seen % per_thread == 0 && bounds.len() < threads {
+                    bounds.push(i + 1);
+                }
+            }
+        }
+        bounds.push(jobs.len());
+        std::thread::scope(|scope| {
+            let mut jobs_rest: &mut [_] = &mut jobs;
+            let mut out_rest: &mut [_] = &mut ahead;
+            let mut parts = Vec::new();
+            for window in bounds.windows(2) {
+                let len = window[1] - window[0];
+                let (jobs_part, jobs_tail) = std::mem::take(&mut jobs_rest).split_at_mut(len);
+                let (out_part, out_tail) = std::mem::take(&mut out_rest).split_at_mut(len);
+                jobs_rest = jobs_tail;
+                out_rest = out_tail;
+                parts.push((jobs_part, out_part));
+            }
+            let mut parts = parts.into_iter();
+            let mine = parts.next();
+            for (jobs_part, out_part) in parts {
+                let verify = &verify;
+                scope.spawn(move || verify(jobs_part, out_part));
+            }
+            if let Some((jobs_part, out_part)) = mine {
+                verify(jobs_part, out_part);
+            }
+        });
+        ahead
     }
 }
 

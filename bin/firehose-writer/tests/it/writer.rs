@@ -1750,6 +1750,7 @@ fn commits_verified_ahead_of_the_processor_still_honour_a_key_rotation_in_the_sa
         mode: VerifyMode::Routed,
         identities: identities.clone(),
         membership: state.shared_membership(),
+        threads: 2,
     };
     let processor = Processor::new(
         CacheWriter::open(&cache_dir).unwrap(),
