@@ -419,11 +419,22 @@ fn rewrite_one(
     staging: &Path,
     purge_id: &str,
 ) -> Result<(u64, Option<Rewritten>)> {
-    let bytes = sink.read_location(&sink.location_of(rel))?;
-    let read = bytes.len() as u64;
-    let df = ParquetReader::new(Cursor::new(bytes))
-        .finish()
-        .with_context(|| format!("reading {rel}"))?;
+    let location = sink.location_of(rel);
+    let (read, df) = match sink {
+        // A local file is read through its descriptor (Polars maps it): a copy in memory would
+        // be a second copy of the page cache.
+        Sink::Local { .. } => {
+            let file = fs::File::open(&location).with_context(|| format!("opening {location}"))?;
+            let read = file.metadata()?.len();
+            (read, ParquetReader::new(file).finish())
+        }
+        Sink::S3(_) => {
+            let bytes = sink.read_location(&location)?;
+            let read = bytes.len() as u64;
+            (read, ParquetReader::new(Cursor::new(bytes)).finish())
+        }
+    };
+    let df = df.with_context(|| format!("reading {rel}"))?;
     let hit = theirs(&df, &config.withdrawn)?;
     let removed = hit.iter().filter(|h| **h).count() as u64;
     if removed == 0 {
