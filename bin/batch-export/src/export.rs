@@ -1,7 +1,7 @@
 //! One export run: lock, check the state against the output, roll committed batches forward,
 //! then batch by batch: read a snapshot of complete cache files, stage one Parquet file per
 //! table, commit the journal (the commit point), publish, write the manifest, delete exactly
-//! the exported files. Nothing published is ever removed.
+//! the exported files. Nothing published is ever removed (only `purge.rs` replaces files).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, TryLockError};
