@@ -33,7 +33,6 @@ use anyhow::{bail, Context, Result};
 use polars::prelude::{
     BooleanChunked, DataFrame, DataType, NewChunkedArray, ParquetReader, SerReader,
 };
-use rayon::prelude::*;
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -687,11 +686,11 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
     let work = |(batch_id, table, rel): &(i64, String, String)| {
         rewrite_one(config, sink, *batch_id, table, rel, &staging, &id)
     };
-    // Local files are read in parallel; an S3 sink drives one runtime from one thread.
-    let results: Vec<Result<(u64, Option<Rewritten>)>> = match sink {
-        Sink::Local { .. } => files.par_iter().map(work).collect(),
-        Sink::S3(_) => files.iter().map(work).collect(),
-    };
+    // One file at a time: Polars decodes each file on its own thread pool already, and a rayon
+    // loop around it kept many decoded files alive at once (a worker waiting for Polars' pool
+    // steals the next file meanwhile): 886 MB peak at 1M rows against 70 MB one by one, for
+    // 1.7 s instead of 1.2 s (BENCHMARKS.md).
+    let results: Vec<Result<(u64, Option<Rewritten>)>> = files.iter().map(work).collect();
     let mut rewritten = Vec::new();
     for r in results {
         let (read, rw) = r?;
