@@ -139,6 +139,12 @@ pub struct Args {
     #[arg(long, env = "BATCH_EXPORT_ADOPT_OUTPUT", conflicts_with = "dry_run")]
     pub adopt_output: bool,
 
+    /// Withdrawn participants: DIDs one per line (`#` comments). The export refuses every cache
+    /// file by or about them (counted, removed from the cache, never exported or quarantined);
+    /// `purge` removes their rows from the output and their files from the cache.
+    #[arg(long, env = "BATCH_EXPORT_WITHDRAWN")]
+    pub withdrawn: Option<PathBuf>,
+
     /// Log filter (tracing `EnvFilter` syntax; `RUST_LOG` is used when this is unset).
     #[arg(long, env = "BATCH_EXPORT_LOG")]
     pub log: Option<String>,
@@ -150,6 +156,25 @@ pub enum Command {
     /// on stderr): start a replacement writer with `--cursor` at it, and the export with
     /// `--adopt-output`. Uses --output and the S3 flags.
     ResumePoint,
+    /// Applies the --withdrawn list to the output and the cache, exactly once: rewrites every
+    /// Parquet file holding their rows without them, removes their cache files, writes a ledger
+    /// (`<output>/_batch_export/purges/<id>.json`). Uses the flags of an export run.
+    Purge,
+    /// Writes a synthetic exported dataset (Parquet files, journal, manifests) of post rows
+    /// straight to --output, for the consent-purge benchmark; prints the participant's DID.
+    GenOutput {
+        /// Rows in total.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// Rows per batch (one Parquet file per table per batch).
+        #[arg(long, default_value_t = 50_000)]
+        batch_rows: usize,
+        /// Batches holding rows by or about the participant.
+        #[arg(long, default_value_t = 2)]
+        participant_batches: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Writes a synthetic cache of realistic post files (for benchmarks).
     GenCache {
         /// Number of post files to write.
@@ -200,6 +225,16 @@ pub enum Compression {
 /// * `after-manifest`: the manifest is written, the batch not marked published;
 /// * `after-take`: the first exported cache file was taken (`.exported-<id>-<name>`), not
 ///   deleted.
+///
+/// The purge (`purge-*`, see `purge.rs`):
+///
+/// * `purge-after-stage`: their cache files are removed and every rewritten Parquet file is
+///   staged, the purge not committed;
+/// * `purge-after-commit`: the purge is committed, no file replaced;
+/// * `purge-after-replace-one`: the first file is replaced, the others not;
+/// * `purge-after-replace`: every file is replaced, the manifests not updated;
+/// * `purge-after-manifests`: the manifests are updated, the ledger not written;
+/// * `purge-after-ledger`: the ledger is written, the purge not marked done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     AfterStage,
@@ -208,6 +243,12 @@ pub enum Fault {
     AfterPublish,
     AfterManifest,
     AfterTake,
+    PurgeAfterStage,
+    PurgeAfterCommit,
+    PurgeAfterReplaceOne,
+    PurgeAfterReplace,
+    PurgeAfterManifests,
+    PurgeAfterLedger,
 }
 
 impl Fault {
@@ -227,6 +268,12 @@ impl Fault {
             "after-publish" => Fault::AfterPublish,
             "after-manifest" => Fault::AfterManifest,
             "after-take" => Fault::AfterTake,
+            "purge-after-stage" => Fault::PurgeAfterStage,
+            "purge-after-commit" => Fault::PurgeAfterCommit,
+            "purge-after-replace-one" => Fault::PurgeAfterReplaceOne,
+            "purge-after-replace" => Fault::PurgeAfterReplace,
+            "purge-after-manifests" => Fault::PurgeAfterManifests,
+            "purge-after-ledger" => Fault::PurgeAfterLedger,
             // A typo must not make a crash test silently test nothing.
             other => bail!("{}={other:?} is not a known fault point", Self::ENV),
         }))
@@ -295,6 +342,8 @@ pub struct Config {
     pub progress: bool,
     /// Test-only (see [`Fault`]).
     pub fault: Option<Fault>,
+    /// `--withdrawn` (empty without it).
+    pub withdrawn: crate::withdrawn::Withdrawn,
 }
 
 /// Parses `s3://bucket/prefix` (prefix may be empty; no trailing `/`).
@@ -426,6 +475,10 @@ impl Config {
             },
             progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
             fault: Fault::from_env()?,
+            withdrawn: match &args.withdrawn {
+                Some(path) => crate::withdrawn::Withdrawn::load(path)?,
+                None => crate::withdrawn::Withdrawn::default(),
+            },
         })
     }
 }

@@ -1,7 +1,7 @@
 //! One export run: lock, check the state against the output, roll committed batches forward,
 //! then batch by batch: read a snapshot of complete cache files, stage one Parquet file per
 //! table, commit the journal (the commit point), publish, write the manifest, delete exactly
-//! the exported files. Nothing published is ever removed.
+//! the exported files. Nothing published is ever removed (only `purge.rs` replaces files).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, TryLockError};
@@ -39,6 +39,10 @@ pub enum RunOutcome {
 
 enum Item {
     Gone,
+    /// By or about a withdrawn participant (`--withdrawn`): never exported, removed.
+    Withdrawn {
+        id: FileId,
+    },
     Unrecognised,
     Bad {
         id: Option<FileId>,
@@ -68,7 +72,7 @@ struct Run<'a> {
 /// The cache's lock file (a dot-name: the writer and the walk ignore it).
 pub const CACHE_LOCK: &str = ".export.lock";
 
-enum Lock {
+pub(crate) enum Lock {
     Held(File),
     /// Another run holds it.
     Busy,
@@ -78,7 +82,7 @@ enum Lock {
 
 /// `flock`-style non-blocking lock of `path`, created if `create` (the lock is released when the
 /// process ends, however it ends).
-fn take_lock(path: &std::path::Path, create: bool) -> Result<Lock> {
+pub(crate) fn take_lock(path: &std::path::Path, create: bool) -> Result<Lock> {
     let opened = File::options()
         .read(true)
         .write(create)
@@ -207,6 +211,9 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         manifest::reconcile(sink, state, &config.state_dir).context(
             "checking the state directory against the output; nothing was exported and the cache is untouched",
         )?;
+        // Consent purges first: a committed one is finished before anything is exported, and a
+        // --withdrawn list that lacks a DID purged before is refused.
+        crate::purge::before_export(config, state, sink)?;
     }
     // A spinner on stderr, drawn only when stdout is a terminal and the run turns out large.
     let progress =
@@ -295,7 +302,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
 /// Used with another output it would delete cache files whose rows never reach the first one
 /// and skip files as "already exported" that the new one never got. So the first run records
 /// the output and every later run must name the same one.
-fn check_output_binding(config: &Config, state: &State) -> Result<()> {
+pub(crate) fn check_output_binding(config: &Config, state: &State) -> Result<()> {
     match state.bound_output()? {
         Some(bound) if bound != config.output_identity => {
             Err(anyhow::Error::new(crate::UsageError(format!(
@@ -322,6 +329,8 @@ struct Sorted {
     keys: Vec<FileKey>,
     /// Files to delete once the batch is published: exported now, or exported before.
     to_delete: Vec<(String, FileId)>,
+    /// Files of withdrawn participants: removed whatever `--clear-filepaths` says.
+    withdrawn: Vec<(String, FileId)>,
 }
 
 impl Run<'_> {
@@ -357,7 +366,34 @@ impl Run<'_> {
         self.summary.dirs_pruned += walker.prune_pending();
         Ok(())
     }
+}
 
+/// Publishes the batches a killed or failed run committed, and nothing else (the consent
+/// purge needs every batch's files in a manifest before it reads the output). Returns the state,
+/// the sink and the number of batches rolled forward.
+pub(crate) fn roll_forward_batches(
+    config: &Config,
+    state: State,
+    sink: Sink,
+) -> Result<(State, Sink, u64)> {
+    let mut run = Run {
+        config,
+        state: Some(state),
+        sink: Some(sink),
+        summary: Summary::new(config),
+        seen_rows: RunRows::new()?,
+        unrecognised_dirs: HashSet::new(),
+        progress: indicatif::ProgressBar::hidden(),
+        progress_shown: std::sync::atomic::AtomicBool::new(true),
+    };
+    let result = run.roll_forward();
+    let n = run.summary.batches_rolled_forward;
+    let state = run.state.take().expect("given");
+    let sink = run.sink.take().expect("given");
+    result.map(|()| (state, sink, n))
+}
+
+impl Run<'_> {
     /// Finishes what a killed or failed run committed: publishes its staged files, writes its
     /// manifest, marks it published. Its cache files are then deleted by the walk (their keys
     /// are known). Staged files of batches killed before their commit point were never visible
@@ -421,6 +457,9 @@ impl Run<'_> {
             self.summary.files_exported += sorted.keys.len() as u64;
         }
         self.delete(&sorted.to_delete);
+        if !self.config.dry_run {
+            crate::purge::remove_cache_files(&self.config.cache_dir, &sorted.withdrawn);
+        }
         Ok(())
     }
 
@@ -432,7 +471,7 @@ impl Run<'_> {
         files
             .into_par_iter()
             .map(|f| {
-                let item = read_one(root, &f, export_ts);
+                let item = read_one(root, &f, export_ts, &self.config.withdrawn);
                 progress.inc(1);
                 if progress.position() >= LARGE_RUN_FILES
                     && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -465,6 +504,11 @@ impl Run<'_> {
         for (f, item) in items {
             match item {
                 Item::Gone => self.summary.files_gone += 1,
+                Item::Withdrawn { id } => {
+                    // Counted and logged without its name: the name holds their DID.
+                    self.summary.withdrawn_files += 1;
+                    out.withdrawn.push((f.disk_rel_path(), id));
+                }
                 Item::Unrecognised => {
                     self.summary.files_unrecognised += 1;
                     if self.unrecognised_dirs.len() < 10_000
@@ -619,13 +663,21 @@ impl Run<'_> {
     }
 }
 
-fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
+fn read_one(
+    root: &std::path::Path,
+    f: &FileRef,
+    export_ts: &str,
+    withdrawn: &crate::withdrawn::Withdrawn,
+) -> Item {
     let Some(source) = &f.source else {
         return Item::Unrecognised;
     };
     if !f.name.ends_with(".json") {
         return match scan::read_file(root, f, None) {
             Read1::Gone => Item::Gone,
+            Read1::Ok { id, bytes, .. } if withdrawn.covers_file(&f.rel_path(), &bytes) => {
+                Item::Withdrawn { id }
+            }
             Read1::Ok { id, .. } => Item::Bad {
                 id: Some(id),
                 reason: "not a .json file".into(),
@@ -636,6 +688,11 @@ fn read_one(root: &std::path::Path, f: &FileRef, export_ts: &str) -> Item {
     match scan::read_file(root, f, source.volatile_key()) {
         Read1::Gone => Item::Gone,
         Read1::Unreadable(reason) => Item::Bad { id: None, reason },
+        // Before parsing: a withdrawn participant's file is neither exported nor quarantined
+        // (a quarantine would keep it), whatever its content.
+        Read1::Ok { id, bytes, .. } if withdrawn.covers_file(&f.rel_path(), &bytes) => {
+            Item::Withdrawn { id }
+        }
         Read1::Ok { id, key, bytes } => match tables::parse(source, &f.name, &bytes, export_ts) {
             Ok(parsed) => Item::Good { id, key, parsed },
             Err(reason) => Item::Bad {

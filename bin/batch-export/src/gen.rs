@@ -200,3 +200,114 @@ pub fn generate(cache: &Path, posts: usize, in_network_share: f64, seed: u64) ->
     })?;
     Ok(posts)
 }
+
+/// `gen-output`: a synthetic **exported** dataset of `rows` post rows (study users' and
+/// in-network posts, as [`generate`] makes them) written straight through the export's commit
+/// protocol (staged Parquet, journal commit, publish, manifest), `batch_rows` rows per batch,
+/// without a cache: the consent-purge benchmark needs millions of exported rows, which exporting
+/// a cache of millions of files would take hours to make on a small machine. One study user (the
+/// participant, printed) posts, and is replied to and quoted, only in `participant_batches`
+/// batches spread over the run; everyone else everywhere. Returns the participant's DID and the
+/// rows written.
+pub fn generate_output(
+    config: &crate::Config,
+    rows: usize,
+    batch_rows: usize,
+    participant_batches: usize,
+    seed: u64,
+) -> Result<(String, usize)> {
+    use crate::tables::{self, Source, TableId};
+    let mut rng = Rng::new(seed);
+    let study: Vec<String> = (0..500).map(|_| did(&mut rng)).collect();
+    let in_network: Vec<String> = (0..(rows / 20).max(1)).map(|_| did(&mut rng)).collect();
+    let participant = study[0].clone();
+    let others = &study[1..];
+    fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating {}", config.state_dir.display()))?;
+    let mut state = crate::state::State::open(&config.state_dir)?;
+    crate::export::check_output_binding(config, &state)?;
+    let sink =
+        crate::sink::Sink::new(&config.output, &config.s3, config.state_dir.join("staging"))?;
+    crate::manifest::reconcile(&sink, &state, &config.state_dir)?;
+    let owner = state.ensure_owner_id()?;
+    let batches = rows.div_ceil(batch_rows.max(1));
+    let theirs: Vec<usize> = (0..participant_batches.min(batches))
+        .map(|i| {
+            (i * batches) / participant_batches.max(1) + batches / (2 * participant_batches.max(1))
+        })
+        .collect();
+    let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
+    let mut written = 0;
+    for b in 0..batches {
+        let n = batch_rows.min(rows - written);
+        let with_them = theirs.contains(&b);
+        let parsed: Vec<tables::Parsed> = (0..n)
+            .into_par_iter()
+            .map(|i| -> Result<tables::Parsed> {
+                let i = written + i;
+                let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+                let rkey = tid(&mut rng);
+                let targets: &[String] = if with_them { &study } else { others };
+                let (author, table) = if rng.below(1000) < 800 {
+                    (
+                        &in_network[rng.below(in_network.len() as u64) as usize],
+                        TableId::InNetworkPost,
+                    )
+                } else {
+                    (
+                        &targets[rng.below(targets.len() as u64) as usize],
+                        TableId::StudyPost,
+                    )
+                };
+                let json = post_json(&mut rng, author, &rkey, targets)?;
+                let name = format!("author_did={author}_post_uri_suffix={rkey}.json");
+                tables::parse(&Source::Post(table), &name, json.as_bytes(), &export_ts)
+                    .map_err(|e| anyhow::anyhow!("parsing a generated post: {e}"))
+            })
+            .collect::<Result<_>>()?;
+        let mut by_table: std::collections::BTreeMap<TableId, Vec<Vec<tables::Cell>>> =
+            Default::default();
+        let mut keys = Vec::with_capacity(n);
+        for p in parsed {
+            keys.push(p.dedupe.to_le_bytes());
+            by_table.entry(p.table).or_default().push(p.row);
+        }
+        let mut outputs = Vec::new();
+        for (t, table_rows) in by_table {
+            let def = tables::table(t);
+            let planned = sink.plan(def.path, &export_ts[..10])?;
+            let mut df = crate::parquet::build_frame(def, &table_rows)?;
+            let bytes =
+                crate::parquet::write_parquet(&mut df, def, &planned.staged, config.compression)?;
+            outputs.push(crate::state::BatchOutput {
+                table_path: def.path.to_owned(),
+                location: planned.location,
+                staged: planned.staged,
+                rows: table_rows.len() as u64,
+                bytes,
+            });
+        }
+        let batch = state.commit(
+            &crate::state::NewBatch {
+                now: crate::now_secs(),
+                outputs: &outputs,
+                keys: &keys,
+                rows: n as u64,
+            },
+            config.dedupe_retention_secs,
+        )?;
+        for o in &batch.outputs {
+            sink.publish(&o.staged, &o.location, false)?;
+        }
+        crate::manifest::write(&sink, &batch, &owner, &state.batch_keys(batch.id)?)?;
+        state.mark_published(batch.id)?;
+        written += n;
+        tracing::info!(
+            batch = batch.id,
+            rows = written,
+            participant = with_them,
+            "generated"
+        );
+    }
+    Ok((participant, written))
+}

@@ -7,11 +7,13 @@ pub mod export;
 pub mod gen;
 pub mod manifest;
 pub mod parquet;
+pub mod purge;
 pub mod scan;
 pub mod sink;
 pub mod state;
 pub mod summary;
 pub mod tables;
+pub mod withdrawn;
 
 pub use config::{Args, Command, Config};
 pub use export::{run, RunOutcome};

@@ -68,6 +68,51 @@ fn resume_point(args: &Args) -> ExitCode {
     }
 }
 
+/// `batch-export purge`: the summary on stdout (text or `--json`); exit 0 done (or another run
+/// holds the lock), 1 failed (the next run finishes a committed purge), 2 usage.
+fn purge(args: &Args) -> ExitCode {
+    let config = match Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("batch-export purge: invalid configuration: {e:#}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let print = |s: &batch_export::purge::PurgeSummary| {
+        if args.json {
+            println!("{}", serde_json::to_string(s).expect("summary serializes"));
+        } else {
+            print!("{}", s.to_text());
+        }
+    };
+    match batch_export::purge::run(&config) {
+        Ok(batch_export::purge::PurgeOutcome::Busy { lock }) => {
+            eprintln!(
+                "batch-export purge: another run holds {}; nothing done (exit 0): run it again",
+                lock.display()
+            );
+            ExitCode::from(exit::OK)
+        }
+        Ok(batch_export::purge::PurgeOutcome::Done(s)) => {
+            print(&s);
+            ExitCode::from(exit::OK)
+        }
+        Ok(batch_export::purge::PurgeOutcome::Failed { summary, error }) => {
+            print(&summary);
+            eprintln!("batch-export purge: error: {error:#}");
+            ExitCode::from(exit::ERROR)
+        }
+        Err(e) if e.chain().any(|c| c.is::<batch_export::UsageError>()) => {
+            eprintln!("batch-export purge: invalid configuration: {e:#}");
+            ExitCode::from(exit::USAGE)
+        }
+        Err(e) => {
+            eprintln!("batch-export purge: error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log.as_deref());
@@ -91,6 +136,38 @@ fn main() -> ExitCode {
     }
     if let Some(Command::ResumePoint) = &args.command {
         return resume_point(&args);
+    }
+    if let Some(Command::GenOutput {
+        rows,
+        batch_rows,
+        participant_batches,
+        seed,
+    }) = &args.command
+    {
+        let run = || -> anyhow::Result<(String, usize)> {
+            let config = Config::from_args(&args)?;
+            batch_export::gen::generate_output(
+                &config,
+                *rows,
+                *batch_rows,
+                *participant_batches,
+                *seed,
+            )
+        };
+        return match run() {
+            Ok((did, n)) => {
+                println!("{did}");
+                eprintln!("wrote {n} exported rows; the participant's DID is on stdout");
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("batch-export gen-output: error: {e:#}");
+                ExitCode::from(exit::ERROR)
+            }
+        };
+    }
+    if let Some(Command::Purge) = &args.command {
+        return purge(&args);
     }
     let config = match Config::from_args(&args) {
         Ok(c) => c,

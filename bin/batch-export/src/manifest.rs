@@ -67,6 +67,10 @@ pub struct Manifest {
     pub rows: u64,
     pub files: Vec<ManifestFile>,
     pub keys: ManifestKeys,
+    /// Consent purges (`purges/<id>.json`) that rewrote files of this batch: their `rows` and
+    /// `bytes` above, and the batch's `rows`, are after the purge. The keys are unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purges: Vec<String>,
 }
 
 /// The owner marker: which exporter (state directory) writes this output.
@@ -103,6 +107,7 @@ impl Manifest {
                 count: batch.files,
                 sha256: batch.keys_digest.clone(),
             },
+            purges: Vec::new(),
         }
     }
 }
@@ -118,7 +123,7 @@ pub fn write(sink: &Sink, batch: &Batch, owner: &str, sorted_keys: &[u8]) -> Res
         .with_context(|| format!("writing the manifest of batch {}", batch.id))
 }
 
-fn read_manifest(sink: &Sink, id: i64) -> Result<Option<Manifest>> {
+pub(crate) fn read_manifest(sink: &Sink, id: i64) -> Result<Option<Manifest>> {
     let Some(bytes) = sink.get_meta(&format!("{BATCHES}/{}", manifest_name(id)))? else {
         return Ok(None);
     };
@@ -128,7 +133,7 @@ fn read_manifest(sink: &Sink, id: i64) -> Result<Option<Manifest>> {
 }
 
 /// Manifest ids in the output after `after` (all of them for `None`), ascending.
-fn manifest_ids(sink: &Sink, after: Option<i64>) -> Result<Vec<i64>> {
+pub(crate) fn manifest_ids(sink: &Sink, after: Option<i64>) -> Result<Vec<i64>> {
     let start = after.map(manifest_name);
     Ok(sink
         .list_meta(BATCHES, start.as_deref())?

@@ -486,7 +486,7 @@ pub fn quarantine(root: &Path, f: &FileRef, id: Option<FileId>, reason: &str) ->
 
 /// Whether `--clear-cache` may remove the folder: a nested per-post / per-author folder, never
 /// one the writer's skeleton holds.
-fn is_prunable(dir: &str) -> bool {
+pub(crate) fn is_prunable(dir: &str) -> bool {
     let skeleton = matches!(
         dir,
         "study_user_activity/create/follow/follower" | "study_user_activity/create/follow/followee"

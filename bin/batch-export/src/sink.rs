@@ -174,6 +174,80 @@ impl Sink {
         }
     }
 
+    /// The final location (local path or S3 key) of an output-relative path (what manifests
+    /// record): the inverse of [`Sink::relative`].
+    pub fn location_of(&self, rel: &str) -> String {
+        match self {
+            Sink::Local { root } => root.join(rel).to_string_lossy().into_owned(),
+            Sink::S3(s) => s.key(rel),
+        }
+    }
+
+    /// The bytes of a published file (local read, or `GetObject`).
+    pub fn read_location(&self, location: &str) -> Result<Vec<u8>> {
+        match self {
+            Sink::Local { .. } => fs::read(location).with_context(|| format!("reading {location}")),
+            Sink::S3(s) => s
+                .get(location)?
+                .with_context(|| format!("s3://{}/{location} does not exist", s.bucket)),
+        }
+    }
+
+    /// The consent purge's one exception to "never overwrite": replaces a published file with
+    /// its purged version. Locally a rename of the staged file (on the output's file system)
+    /// over the old name, then both folders are fsynced: readers see the old or the new file,
+    /// never a mix. On S3 a `PutObject` of the same key (atomic per object; no `DeleteObject`).
+    /// Idempotent: a local staged file already renamed means done; on S3 the staged file is
+    /// kept until the purge is finished, so a replay uploads it again.
+    pub fn replace(&self, staged: &Path, location: &str) -> Result<()> {
+        match self {
+            Sink::Local { .. } => {
+                let fin = Path::new(location);
+                if !staged.exists() {
+                    if fin.exists() {
+                        return Ok(());
+                    }
+                    bail!(
+                        "the purged file {} is missing and {} does not exist",
+                        staged.display(),
+                        fin.display()
+                    );
+                }
+                fs::rename(staged, fin)
+                    .with_context(|| format!("renaming over {}", fin.display()))?;
+                let dir = fin.parent().expect("output has a parent");
+                sync_dir(dir).with_context(|| format!("fsync of {}", dir.display()))?;
+                if let Some(sdir) = staged.parent() {
+                    sync_dir(sdir).with_context(|| format!("fsync of {}", sdir.display()))?;
+                }
+                Ok(())
+            }
+            Sink::S3(s) => {
+                if !staged.exists() {
+                    bail!(
+                        "the purged file {} of a committed purge is missing; s3://{}/{location} \
+                         cannot be replaced",
+                        staged.display(),
+                        s.bucket
+                    );
+                }
+                s.upload(staged, location)
+            }
+        }
+    }
+
+    /// Where purged files wait for their purge's commit: on the output's file system for a
+    /// local output (replacing is a rename), in the state directory for S3.
+    pub fn purge_staging_dir(&self) -> PathBuf {
+        match self {
+            Sink::Local { root } => root.join(META_DIR).join("purge-staging"),
+            Sink::S3(s) => s
+                .staging
+                .parent()
+                .map_or_else(|| s.staging.clone(), |p| p.join("purge-staging")),
+        }
+    }
+
     /// Removes a staged file after its batch is marked published (S3; a local staged file was
     /// renamed away).
     pub fn discard_staged(&self, staged: &Path) -> Result<()> {
@@ -300,7 +374,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// `create_dir_all`, then fsync the parent of every directory it created.
-fn create_dir_all_durable(dir: &Path) -> Result<()> {
+pub(crate) fn create_dir_all_durable(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }

@@ -138,6 +138,9 @@ impl State {
         // (50,000 keys is ~5 MB of pages) does not leave a WAL of that size behind for good.
         conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // Erasure is physical (consent purges, `purge.rs`): freed pages and cells are
+        // overwritten with zeros, so nothing deleted stays readable in the file.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.execute_batch(SCHEMA)
             .context("creating the state schema")?;
         let state = State { conn };
@@ -156,14 +159,24 @@ impl State {
         Ok(Some(State { conn }))
     }
 
-    fn meta(&self, k: &str) -> Result<Option<String>> {
+    /// The connection, for the purge journal (`purge.rs`), which keeps its own tables here so
+    /// that a purge and an export batch share one durable commit mechanism.
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub(crate) fn meta(&self, k: &str) -> Result<Option<String>> {
         Ok(self
             .conn
             .query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0))
             .optional()?)
     }
 
-    fn set_meta(&self, k: &str, v: &str) -> Result<()> {
+    pub(crate) fn set_meta(&self, k: &str, v: &str) -> Result<()> {
         self.conn
             .execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)", [k, v])?;
         Ok(())

@@ -27,6 +27,9 @@ pub struct Summary {
     pub files_exported: u64,
     /// Files already exported earlier (a writer replay, or a run killed before its deletes).
     pub already_exported: u64,
+    /// Files by or about a withdrawn participant (`--withdrawn`): not exported, removed from
+    /// the cache (not quarantined).
+    pub withdrawn_files: u64,
     /// Files whose row duplicated one already in this run (same URI / follow relationship).
     pub duplicates: u64,
     /// Corrupt or unreadable files moved to `<cache>/.quarantine/`.
@@ -125,6 +128,13 @@ impl Summary {
             self.files_deleted,
             self.unknown_keys
         );
+        if self.withdrawn_files > 0 {
+            let _ = writeln!(
+                s,
+                "  withdrawn participants: {} cache files refused and removed (not exported)",
+                self.withdrawn_files
+            );
+        }
         let _ = writeln!(
             s,
             "  left in place (look at them): {} in folders that feed no table, {} exported but not deleted, {} failed quarantines, {} non-UTF-8 names, {} symlinks or other non-regular files, {} unreadable folders or entries",

@@ -3022,3 +3022,754 @@ fn the_resume_point_moves_only_after_a_clean_run_and_survives_the_state() {
     assert_eq!(resume_point(), (Some(0), "2000".to_owned()));
     assert_posts_once(&env, &posts);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Consent withdrawal (issue 11): `--withdrawn` and `batch-export purge`.
+
+/// The withdrawn participant (S1) and the one who stays (S2).
+const GONE: &str = S1;
+const STAYS: &str = S2;
+const GONE_POST: &str = "3l5jnpb6xyz2k";
+const STAYS_POST: &str = "3l5jmmmmmmm2m";
+
+/// Record URIs of the withdrawn participant the dataset holds.
+fn gone_uris() -> Vec<String> {
+    vec![
+        format!("at://{GONE}/app.bsky.feed.post/{GONE_POST}"),
+        format!("at://{GONE}/app.bsky.feed.like/3l5jgonelike2"),
+        format!("at://{GONE}/app.bsky.graph.follow/3l5jgonefol2a"),
+        format!("at://{GONE}/app.bsky.actor.profile/self"),
+    ]
+}
+
+/// Cache files of two study users and the accounts around them: GONE's own records of every
+/// kind, and others' records about GONE (a like, a reply whose root is GONE's post, a reply
+/// whose parent is GONE's post, a repost, a quote with a mention, a follow of GONE), next to the
+/// same kinds for STAYS and rows that concern nobody. `tag` makes record keys unique per call.
+fn consent_dataset(env: &Env, tag: u32) {
+    let k = |base: &str| format!("{}{tag}", &base[..base.len() - 1]);
+    let gone_post_uri = format!("at://{GONE}/app.bsky.feed.post/{GONE_POST}");
+    let stays_post_uri = format!("at://{STAYS}/app.bsky.feed.post/{STAYS_POST}");
+    let cid = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm";
+    if tag == 0 {
+        env.write(
+            &post_path("study_user_activity/create/post", GONE, GONE_POST),
+            &study_post(GONE, GONE_POST, "mine, withdrawn later"),
+        );
+        env.write(
+            &post_path("study_user_activity/create/post", STAYS, STAYS_POST),
+            &study_post(STAYS, STAYS_POST, "mine, staying"),
+        );
+        // GONE's own like, follow, profile, account event and delete.
+        env.write(
+            &format!("study_user_activity/create/like/3l5jqyv2s4k2c/author_did={GONE}_like_uri_suffix=3l5jgonelike2.json"),
+            &like_json(GONE, "3l5jgonelike2", &format!("at://{A1}/app.bsky.feed.post/3l5jqyv2s4k2c")),
+        );
+        env.write(
+            &follow_path("follower", GONE, A1),
+            &follow_json(GONE, A1, "3l5jgonefol2a"),
+        );
+        env.write(
+            &format!("study_user_activity/create/profile/author_did={GONE}_profile_uri_suffix=self_rev=3l5k3dddddd2d.json"),
+            &transform::generic_record_cache_json(
+                &format!("at://{GONE}/app.bsky.actor.profile/self"),
+                cid,
+                GONE,
+                "app.bsky.actor.profile",
+                &json!({"$type": "app.bsky.actor.profile", "displayName": "Gone"}),
+            ),
+        );
+        let t = "2024-10-02T15:00:00.000Z";
+        env.write(
+            &account_path(GONE, "account", t, None, Some(false), Some("deactivated")),
+            &account_json(GONE, 10, t, "deactivated"),
+        );
+        env.write(
+            &account_path(STAYS, "account", t, None, Some(false), Some("deactivated")),
+            &account_json(STAYS, 11, t, "deactivated"),
+        );
+        env.write(
+            &format!("study_user_activity/delete/post/author_did={GONE}_post_uri_suffix=3l5jolddddd2d.json"),
+            &delete_json(&format!("at://{GONE}/app.bsky.feed.post/3l5jolddddd2d"), GONE, "app.bsky.feed.post", "3l5jolddddd2d", 100),
+        );
+        env.write(
+            &format!("study_user_activity/delete/post/author_did={STAYS}_post_uri_suffix=3l5jolddddd2e.json"),
+            &delete_json(&format!("at://{STAYS}/app.bsky.feed.post/3l5jolddddd2e"), STAYS, "app.bsky.feed.post", "3l5jolddddd2e", 101),
+        );
+        // Follows: someone follows GONE; STAYS follows someone.
+        env.write(
+            &follow_path("followee", A2, GONE),
+            &follow_json(A2, GONE, "3l5ja2folgon2"),
+        );
+        env.write(
+            &follow_path("follower", STAYS, A1),
+            &follow_json(STAYS, A1, "3l5jstayfol2a"),
+        );
+    }
+    for (study, post_rkey, post_uri) in [
+        (GONE, GONE_POST, &gone_post_uri),
+        (STAYS, STAYS_POST, &stays_post_uri),
+    ] {
+        // A like of the study post.
+        let like = k("3l5jlikeaaaa2");
+        env.write(
+            &format!("study_user_activity/create/like_on_user_post/{post_rkey}/author_did={A1}_like_uri_suffix={like}.json"),
+            &like_json(A1, &like, post_uri),
+        );
+        // A reply whose root is the study post, and one whose parent is (root elsewhere).
+        let reply = k("3l5jreplyaaa2");
+        env.write(
+            &post_path(&format!("study_user_activity/create/reply_to_user_post/{post_rkey}"), A2, &reply),
+            &post_json(
+                &format!("at://{A2}/app.bsky.feed.post/{reply}"),
+                cid,
+                A2,
+                json!({"$type": "app.bsky.feed.post", "text": "a reply", "createdAt": "2024-10-02T14:05:10.001Z",
+                       "reply": {"root": {"uri": post_uri, "cid": cid}, "parent": {"uri": post_uri, "cid": cid}}}),
+                CLOCK,
+            ),
+        );
+        let reply2 = k("3l5jreplybbb2");
+        env.write(
+            &post_path(&format!("study_user_activity/create/reply_to_user_post/{post_rkey}"), A3, &reply2),
+            &post_json(
+                &format!("at://{A3}/app.bsky.feed.post/{reply2}"),
+                cid,
+                A3,
+                json!({"$type": "app.bsky.feed.post", "text": "a reply deeper down", "createdAt": "2024-10-02T14:06:10.001Z",
+                       "reply": {"root": {"uri": format!("at://{A1}/app.bsky.feed.post/3l5jqyv2s4k2c"), "cid": cid},
+                                 "parent": {"uri": post_uri, "cid": cid}}}),
+                CLOCK,
+            ),
+        );
+        // A repost and a quote (with a mention) of the study post.
+        let repost = k("3l5jrepost0a2");
+        env.write(
+            &format!("study_user_activity/create/repost_of_user_post/{post_rkey}/author_did={A2}_repost_uri_suffix={repost}.json"),
+            &transform::generic_record_cache_json(
+                &format!("at://{A2}/app.bsky.feed.repost/{repost}"),
+                cid,
+                A2,
+                "app.bsky.feed.repost",
+                &json!({"$type": "app.bsky.feed.repost", "createdAt": "2024-10-02T14:30:00.000Z",
+                        "subject": {"uri": post_uri, "cid": cid}}),
+            ),
+        );
+        let quote = k("3l5jquote0aa2");
+        env.write(
+            &post_path(&format!("study_user_activity/create/quote_of_user_post/{post_rkey}"), A3, &quote),
+            &post_json(
+                &format!("at://{A3}/app.bsky.feed.post/{quote}"),
+                cid,
+                A3,
+                json!({"$type": "app.bsky.feed.post", "text": "look at this, @someone", "createdAt": "2024-10-02T14:07:45.250Z",
+                       "facets": [{"index": {"byteStart": 13, "byteEnd": 21}, "features": [{"$type": "app.bsky.richtext.facet#mention", "did": study}]}],
+                       "embed": {"$type": "app.bsky.embed.record", "record": {"uri": post_uri, "cid": cid}}}),
+                CLOCK,
+            ),
+        );
+    }
+    // Posts that concern nobody.
+    for i in 0..3u32 {
+        let rkey = format!("3l5jinnet{i}{tag:03}");
+        env.write(
+            &post_path(&format!("in_network_user_activity/create/post/{A1}"), A1, &rkey),
+            &post_json(
+                &format!("at://{A1}/app.bsky.feed.post/{rkey}"),
+                cid,
+                A1,
+                json!({"$type": "app.bsky.feed.post", "text": format!("nobody's business {i}"), "createdAt": "2024-10-02T13:00:00.000Z"}),
+                CLOCK,
+            ),
+        );
+    }
+}
+
+/// Per table (path up to `/active/`): rows, a checksum of all rows, and rows / checksum of the
+/// rows that mention none of `needles` in any string column, counted by DuckDB over every
+/// Parquet file of the output (`hits`: rows where some VARCHAR column contains a needle).
+const DUCKDB_AUDIT: &str = r#"
+import duckdb, hashlib, json, os, re, sys
+root, needles = sys.argv[1], json.loads(sys.argv[2])
+files = {}
+for dirpath, dirnames, filenames in os.walk(root):
+    for name in filenames:
+        if name.endswith('.parquet'):
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            m = re.fullmatch(r'(.+)/active/partition_date=[0-9-]+/[0-9a-f]{32}-0\.parquet', rel)
+            if not m:
+                raise SystemExit('unexpected Parquet path: ' + rel)
+            files.setdefault(m.group(1), []).append(os.path.join(dirpath, name))
+con = duckdb.connect()
+out = {}
+for table, paths in sorted(files.items()):
+    src = "read_parquet(" + repr(sorted(paths)) + ")"
+    cols = con.execute('DESCRIBE SELECT * FROM ' + src).fetchall()
+    strings = [c[0] for c in cols if c[1] == 'VARCHAR']
+    hit_sql = ' OR '.join('contains(coalesce("%s", \'\'), ?)' % c for c in strings for _ in needles) or 'false'
+    params = [n for _ in strings for n in needles]
+    hits = con.execute('SELECT count(*) FROM ' + src + ' WHERE ' + hit_sql, params).fetchone()[0]
+    rows = con.execute('SELECT * FROM ' + src).fetchall()
+    def h(rs):
+        return hashlib.sha256('\n'.join(sorted(json.dumps(list(r), default=str) for r in rs)).encode()).hexdigest()
+    clean = [r for r in rows if not any(isinstance(v, str) and any(n in v for n in needles) for v in r)]
+    out[table] = {'rows': len(rows), 'hits': hits, 'checksum': h(rows),
+                  'clean_rows': len(clean), 'clean_checksum': h(clean)}
+print(json.dumps(out))
+"#;
+
+fn duckdb_audit(root: &std::path::Path, needles: &[String]) -> BTreeMap<String, Value> {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            DUCKDB_AUDIT,
+            &root.display().to_string(),
+            &serde_json::to_string(needles).unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "duckdb audit (pip install -r tests/requirements.txt): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<BTreeMap<String, Value>>(&out.stdout).unwrap()
+}
+
+fn gone_needles() -> Vec<String> {
+    let mut n = vec![GONE.to_owned()];
+    n.extend(gone_uris());
+    n
+}
+
+/// Every table that had rows of GONE: the issue's minimum list, each in at least one table.
+const TABLES_WITH_GONE: &[&str] = &[
+    "study_user_activity/create/post",
+    "study_user_activity/create/like",
+    "study_user_activity/create/like_on_user_post",
+    "study_user_activity/create/reply_to_user_post",
+    "study_user_activity/create/repost_of_user_post",
+    "study_user_activity/create/quote_of_user_post",
+    "study_user_activity/create/profile",
+    "study_user_activity/account",
+    "study_user_activity/delete",
+    "scraped_user_social_network",
+];
+
+/// Files and folders under `root` (hidden ones included) whose name or bytes contain a needle.
+fn byte_search(root: &std::path::Path, needles: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if needles.iter().any(|n| name.contains(n.as_str())) {
+                found.push(format!("name: {}", p.display()));
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = fs::read(&p) {
+                for n in needles {
+                    if memchr_find(&bytes, n.as_bytes()) {
+                        found.push(format!("bytes of {}: {n}", p.display()));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn withdrawn_file(env: &Env) -> String {
+    let p = env.dir.path().join("withdrawn.txt");
+    fs::write(&p, format!("# withdrew 2024-10-03\n{GONE}\n")).unwrap();
+    p.display().to_string()
+}
+
+/// The two-export state every purge test starts from: a first export of both users' data (with
+/// a corrupt file of GONE, quarantined), a second export of STAYS-only data (its Parquet files
+/// hold no row of GONE), and a file of GONE still in the cache.
+fn exported_consent_dataset(env: &Env, extra: &[&str]) {
+    consent_dataset(env, 0);
+    env.write(
+        &post_path("study_user_activity/create/post", GONE, "3l5jbroken2a"),
+        "{not json",
+    );
+    let out = run(&local_or(env, extra), &[]);
+    assert_eq!(out.status.code(), Some(3), "quarantine: {}", describe(&out));
+    for i in 0..3u32 {
+        let rkey = format!("3l5jsecond{i}2");
+        env.write(
+            &post_path("study_user_activity/create/post", STAYS, &rkey),
+            &study_post(STAYS, &rkey, "second export"),
+        );
+    }
+    let out = run(&local_or(env, extra), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // Not exported yet when the participant withdraws.
+    env.write(
+        &post_path("study_user_activity/create/post", GONE, "3l5jlatepost2"),
+        &study_post(GONE, "3l5jlatepost2", "late"),
+    );
+}
+
+/// Local args, or `extra` as given when it starts with `--output` (the S3 tests).
+fn local_or(env: &Env, extra: &[&str]) -> Vec<String> {
+    if extra.first() == Some(&"--output") {
+        let mut v: Vec<String> = vec![
+            "--cache-dir".into(),
+            env.cache.display().to_string(),
+            "--json".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    } else {
+        local_args(env, extra)
+    }
+}
+
+/// Asserts that what the purge promised holds in `out_root` (a local output or a downloaded
+/// bucket) against the audit taken before the purge.
+fn assert_purged(out_root: &std::path::Path, before: &BTreeMap<String, Value>, what: &str) {
+    let after = duckdb_audit(out_root, &gone_needles());
+    for (table, b) in before {
+        let a = &after[table];
+        assert_eq!(a["hits"], 0, "{what}: {table} still mentions GONE: {a}");
+        assert_eq!(
+            a["rows"], b["clean_rows"],
+            "{what}: {table} row count: {a} vs {b}"
+        );
+        assert_eq!(
+            a["checksum"], b["clean_checksum"],
+            "{what}: {table}: the other rows changed"
+        );
+    }
+    assert_eq!(after.len(), before.len(), "{what}: tables");
+    let found = byte_search(out_root, &gone_needles());
+    assert!(found.is_empty(), "{what}: {found:?}");
+    // The manifests agree with the files: rows and bytes as rewritten, every file named once.
+    assert_manifests_cover(out_root);
+    let files = published(out_root);
+    let tables = read_parquet_tree(out_root);
+    let rows_of: BTreeMap<String, u64> = tables
+        .values()
+        .flatten()
+        .map(|f| (f.path.clone(), f.rows.len() as u64))
+        .collect();
+    let purges: Vec<_> = fs::read_dir(out_root.join("_batch_export/purges"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(purges.len(), 1, "{what}: exactly one ledger: {purges:?}");
+    let ledger: Value = serde_json::from_slice(&fs::read(&purges[0]).unwrap()).unwrap();
+    let purge_id = ledger["purge_id"].as_str().unwrap();
+    for (_, m) in manifests(out_root) {
+        let mut total = 0;
+        for f in m["files"].as_array().unwrap() {
+            let path = f["path"].as_str().unwrap();
+            assert_eq!(
+                f["rows"].as_u64(),
+                rows_of.get(path).copied(),
+                "{what}: {path}"
+            );
+            assert_eq!(
+                f["bytes"].as_u64(),
+                Some(files[path].len() as u64),
+                "{what}: {path}"
+            );
+            total += f["rows"].as_u64().unwrap();
+        }
+        assert_eq!(m["rows"].as_u64(), Some(total), "{what}");
+        let rewritten_here = ledger["files_rewritten"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| {
+                m["files"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|g| g["path"] == f["path"])
+            });
+        let names_purge = m["purges"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == purge_id));
+        assert_eq!(
+            rewritten_here, names_purge,
+            "{what}: manifest {}",
+            m["batch_id"]
+        );
+    }
+    // The ledger: hashes only, rows removed per table as the audit counted them.
+    let hashes = ledger["did_hashes"].as_array().unwrap();
+    assert_eq!(hashes.len(), 1);
+    assert_eq!(hashes[0].as_str().unwrap().len(), 64);
+    for (table, b) in before {
+        let removed = b["rows"].as_u64().unwrap() - b["clean_rows"].as_u64().unwrap();
+        assert_eq!(
+            ledger["rows_removed"][table].as_u64().unwrap_or(0),
+            removed,
+            "{what}: ledger rows removed from {table}"
+        );
+    }
+}
+
+/// The local end-to-end purge: DuckDB over every string column of every table, byte search of
+/// the output, the cache (with the export's state and quarantine) and nothing else changed.
+#[test]
+fn purge_removes_a_withdrawn_participant_everywhere_and_nothing_else() {
+    let env = Env::new();
+    exported_consent_dataset(&env, &[]);
+    let before = duckdb_audit(&env.out, &gone_needles());
+    for t in TABLES_WITH_GONE {
+        let b = &before[*t];
+        assert!(
+            b["hits"].as_u64().unwrap() > 0 && b["clean_rows"] != b["rows"],
+            "the dataset has rows of GONE in {t}: {b}"
+        );
+    }
+    assert!(before
+        .values()
+        .any(|b| b["clean_rows"].as_u64().unwrap() > 0));
+    // The quarantine holds GONE's corrupt file, and the cache one unexported file of theirs.
+    assert!(!byte_search(&env.cache.join(".quarantine"), &gone_needles()).is_empty());
+    let files_before = published(&env.out);
+    let stays_cache_file = post_path("study_user_activity/create/post", STAYS, "3l5jstaycache");
+    env.write(
+        &stays_cache_file,
+        &study_post(STAYS, "3l5jstaycache", "not exported yet"),
+    );
+
+    let withdrawn = withdrawn_file(&env);
+    let mut args = local_args(&env, &["--withdrawn", &withdrawn]);
+    args.push("purge".into());
+    let out = run(&args, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let s = summary(&out);
+    assert!(s["purge_id"].is_string(), "{s}");
+    assert_eq!(s["cache_files_removed"], 1, "{s}");
+    assert_eq!(s["quarantine_files_removed"], 1, "{s}");
+    assert_eq!(s["dids_new"], 1, "{s}");
+    assert_purged(&env.out, &before, "local purge");
+
+    // Only files that held their rows were rewritten; the rest are byte for byte the same.
+    let files_after = published(&env.out);
+    assert_eq!(
+        files_before.keys().collect::<Vec<_>>(),
+        files_after.keys().collect::<Vec<_>>()
+    );
+    let untouched = files_before
+        .iter()
+        .filter(|(path, bytes)| files_after[*path] == **bytes)
+        .count();
+    assert_eq!(
+        s["files_rewritten"].as_u64().unwrap() as usize + untouched,
+        files_before.len(),
+        "{s}"
+    );
+    assert!(
+        untouched >= 2,
+        "the second export's files are untouched: {s}"
+    );
+    let rewritten: BTreeSet<String> = serde_json::from_slice::<Value>(
+        &fs::read(env.out.join(format!(
+            "_batch_export/purges/{}.json",
+            s["purge_id"].as_str().unwrap()
+        )))
+        .unwrap(),
+    )
+    .unwrap()["files_rewritten"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_owned())
+        .collect();
+    for (path, bytes) in &files_before {
+        assert_eq!(
+            files_after[path] != *bytes,
+            rewritten.contains(path),
+            "{path}: rewritten exactly when the ledger says so"
+        );
+    }
+
+    // The cache (the export's state directory and the quarantine included) no longer holds
+    // GONE's DID or record URIs, in names or bytes; STAYS's unexported file is still there.
+    let found = byte_search(&env.cache, &gone_needles());
+    assert!(found.is_empty(), "{found:?}");
+    assert!(env.exists(&stays_cache_file));
+    let reasons = fs::read_to_string(env.cache.join(".quarantine/reasons.log")).unwrap_or_default();
+    assert!(!reasons.contains(GONE), "{reasons}");
+    // The state database erases physically.
+    let db = env.cache.join(".export/state.sqlite");
+    assert_eq!(sqlite_query(&db, "PRAGMA secure_delete"), ["1"]);
+
+    // The start-up check against the output still passes, and a second purge is a no-op.
+    let s2 = env.export_ok(&["--withdrawn", &withdrawn]);
+    assert_eq!(s2["files_exported"], 1, "STAYS's file: {s2}");
+    let out = run(&args, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let again = summary(&out);
+    assert!(
+        again["purge_id"].is_null(),
+        "nothing left to purge: {again}"
+    );
+    assert_eq!(again["files_rewritten"], 0, "{again}");
+}
+
+/// A cache file by or about a withdrawn participant that appears later (a writer that had not
+/// reloaded yet) exports nothing, is counted and removed (never quarantined); an export without
+/// the list after a purge is refused.
+#[test]
+fn later_files_of_a_withdrawn_participant_are_refused_counted_and_removed() {
+    let env = Env::new();
+    consent_dataset(&env, 0);
+    let withdrawn = withdrawn_file(&env);
+    // A corrupt file of theirs is removed too, not quarantined (that would keep it).
+    env.write(
+        &post_path("study_user_activity/create/post", GONE, "3l5jbroken2a"),
+        "{not json",
+    );
+    let s = env.export_ok(&["--withdrawn", &withdrawn]);
+    // GONE's own 7 files, 5 about GONE's post, the corrupt one.
+    assert_eq!(s["withdrawn_files"], 13, "{s}");
+    assert_eq!(s["files_exported"], 12, "{s}");
+    assert_eq!(s["quarantined"], 0, "{s}");
+    let out = env.out.clone();
+    let audit = duckdb_audit(&out, &gone_needles());
+    for (t, a) in &audit {
+        assert_eq!(a["hits"], 0, "{t}: {a}");
+    }
+    assert!(audit["study_user_activity/create/post"]["rows"].as_u64() == Some(1));
+    assert!(byte_search(&env.cache, &gone_needles()).is_empty());
+    // Purge (records the DID), then a replay of their events.
+    let mut args = local_args(&env, &["--withdrawn", &withdrawn]);
+    args.push("purge".into());
+    let o = run(&args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    consent_dataset(&env, 1);
+    let s = env.export_ok(&["--withdrawn", &withdrawn]);
+    assert_eq!(
+        s["withdrawn_files"], 5,
+        "the like, replies, repost, quote of GONE's post: {s}"
+    );
+    assert_eq!(
+        s["files_exported"].as_u64().unwrap(),
+        5 + 3,
+        "STAYS's + nobody's: {s}"
+    );
+    assert!(duckdb_audit(&env.out, &gone_needles())
+        .values()
+        .all(|a| a["hits"] == 0));
+    assert!(byte_search(&env.cache, &gone_needles()).is_empty());
+    // Without the list, the export refuses to run (their data would come back).
+    consent_dataset(&env, 2);
+    let o = env.export(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--withdrawn"),
+        "{}",
+        describe(&o)
+    );
+    // A list with an invalid line is a usage error naming the line.
+    let bad = env.dir.path().join("bad.txt");
+    fs::write(&bad, format!("{GONE}\nnot a did\n")).unwrap();
+    let o = env.export(&["--withdrawn", &bad.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("line 2"),
+        "{}",
+        describe(&o)
+    );
+}
+
+const PURGE_FAULTS: &[&str] = &[
+    "purge-after-stage",
+    "purge-after-commit",
+    "purge-after-replace-one",
+    "purge-after-replace",
+    "purge-after-manifests",
+    "purge-after-ledger",
+];
+
+/// A purge killed at each step is finished by the next run: a `purge` before the commit point,
+/// and after it alternately an export and a purge. Every Parquet file is whole at the crash
+/// (the old or the new version), and afterwards nothing of GONE remains, nothing else changed,
+/// one ledger.
+#[test]
+fn a_purge_killed_at_each_step_is_finished_by_the_next_run() {
+    for (i, fault) in PURGE_FAULTS.iter().enumerate() {
+        let env = Env::new();
+        exported_consent_dataset(&env, &[]);
+        let before = duckdb_audit(&env.out, &gone_needles());
+        let withdrawn = withdrawn_file(&env);
+        let mut purge = local_args(&env, &["--withdrawn", &withdrawn]);
+        purge.push("purge".into());
+        run_aborted_at(&env, &purge, fault, &[]);
+        // Readable, old or new, at the crash.
+        let at_crash = duckdb_audit(&env.out, &gone_needles());
+        assert_eq!(at_crash.len(), before.len(), "{fault}");
+        let next = if *fault == "purge-after-stage" || i % 2 == 0 {
+            purge.clone()
+        } else {
+            local_args(&env, &["--withdrawn", &withdrawn])
+        };
+        let out = run(&next, &[]);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        assert_purged(&env.out, &before, fault);
+        assert!(
+            byte_search(&env.cache, &gone_needles()).is_empty(),
+            "{fault}"
+        );
+        // And the run after that changes nothing.
+        let files = published(&env.out);
+        let out = run(&purge, &[]);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        assert_eq!(published(&env.out), files, "{fault}");
+    }
+}
+
+/// The same on the test S3 server (moto): the purge replaces objects with a PUT of the same key
+/// and never sends DeleteObject; objects without their rows keep their ETag.
+#[test]
+fn s3_purge_is_finished_after_a_crash_at_each_step_and_never_deletes() {
+    require_pyarrow();
+    let server = s3::S3Server::start();
+    for fault in std::iter::once("none").chain(PURGE_FAULTS.iter().copied()) {
+        let bucket = format!("purge-{fault}");
+        server.create_bucket(&bucket);
+        let env = Env::new();
+        let output = format!("s3://{bucket}/x");
+        let flags = [
+            "--output",
+            output.as_str(),
+            "--s3-endpoint",
+            server.endpoint.as_str(),
+        ];
+        let export = |extra: &[&str]| {
+            let mut v: Vec<&str> = flags.to_vec();
+            v.extend_from_slice(extra);
+            local_or(&env, &v)
+        };
+        // Export both users' data, then STAYS-only data.
+        consent_dataset(&env, 0);
+        let out = run(&export(&[]), s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        for i in 0..3u32 {
+            let rkey = format!("3l5jsecond{i}2");
+            env.write(
+                &post_path("study_user_activity/create/post", STAYS, &rkey),
+                &study_post(STAYS, &rkey, "second export"),
+            );
+        }
+        let out = run(&export(&[]), s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        let dest = env.dir.path().join("before");
+        download_bucket(&server.endpoint, &bucket, &dest);
+        let before = duckdb_audit(&dest.join("x"), &gone_needles());
+        let etags = object_etags(&server.endpoint, &bucket);
+        let withdrawn = withdrawn_file(&env);
+        let purge = export(&["--withdrawn", &withdrawn, "purge"]);
+        if fault != "none" {
+            let mut vars = s3::CLIENT_ENV.to_vec();
+            vars.push(("BATCH_EXPORT_FAULT", fault));
+            let o = command(&purge, &vars)
+                .current_dir(env.dir.path())
+                .output()
+                .unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(o.status.signal(), Some(6), "{fault}: {}", describe(&o));
+        }
+        let next = if fault == "purge-after-stage" || fault.ends_with("one") || fault == "none" {
+            purge.clone()
+        } else {
+            export(&["--withdrawn", &withdrawn])
+        };
+        let out = run(&next, s3::CLIENT_ENV);
+        assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));
+        let dest = env.dir.path().join("after");
+        download_bucket(&server.endpoint, &bucket, &dest);
+        assert_purged(&dest.join("x"), &before, fault);
+        assert!(
+            byte_search(&env.cache, &gone_needles()).is_empty(),
+            "{fault}"
+        );
+        // Parquet objects without their rows were not rewritten.
+        let ledger: Value = {
+            let dir = dest.join("x/_batch_export/purges");
+            let p = fs::read_dir(&dir).unwrap().flatten().next().unwrap().path();
+            serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+        };
+        let rewritten: BTreeSet<String> = ledger["files_rewritten"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| format!("x/{}", f["path"].as_str().unwrap()))
+            .collect();
+        let after = object_etags(&server.endpoint, &bucket);
+        let mut untouched = 0;
+        for (key, etag) in etags.iter().filter(|(k, _)| k.ends_with(".parquet")) {
+            assert_eq!(
+                after[key] != *etag,
+                rewritten.contains(key),
+                "{fault}: {key} changed exactly when rewritten"
+            );
+            untouched += usize::from(after[key] == *etag);
+        }
+        assert!(untouched >= 1, "{fault}");
+    }
+    let deletes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_delete_object())
+        .collect();
+    assert!(deletes.is_empty(), "DeleteObject sent: {deletes:?}");
+}
+
+/// The purge against the second S3 implementation (s3s-fs), with a crash after its commit.
+#[test]
+fn s3s_fs_purge_round_trip() {
+    require_pyarrow();
+    let root = tempfile::tempdir().unwrap();
+    let server = s3::S3sFs::start(root.path());
+    server.create_bucket("purge");
+    let env = Env::new();
+    let flags = [
+        "--output",
+        "s3://purge/x",
+        "--s3-endpoint",
+        server.endpoint.as_str(),
+    ];
+    let with = |extra: &[&str]| {
+        let mut v: Vec<&str> = flags.to_vec();
+        v.extend_from_slice(extra);
+        local_or(&env, &v)
+    };
+    consent_dataset(&env, 0);
+    let out = run(&with(&[]), s3::CLIENT_ENV);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let dest = env.dir.path().join("before");
+    download_bucket(&server.endpoint, "purge", &dest);
+    let before = duckdb_audit(&dest.join("x"), &gone_needles());
+    let withdrawn = withdrawn_file(&env);
+    let purge = with(&["--withdrawn", &withdrawn, "purge"]);
+    let mut vars = s3::CLIENT_ENV.to_vec();
+    vars.push(("BATCH_EXPORT_FAULT", "purge-after-replace-one"));
+    let o = command(&purge, &vars)
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(6), "{}", describe(&o));
+    let out = run(&purge, s3::CLIENT_ENV);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let dest = env.dir.path().join("after");
+    download_bucket(&server.endpoint, "purge", &dest);
+    assert_purged(&dest.join("x"), &before, "s3s-fs");
+}

@@ -16,6 +16,13 @@ pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_batch-export");
 
+/// The binary the tests run: `BATCH_EXPORT_TEST_BIN` when set, else the one cargo built. (With a
+/// target directory shared by several worktrees, `target/debug/batch-export` is whichever
+/// worktree built last; the hashed copy under `deps/` is this worktree's.)
+pub fn bin() -> std::ffi::OsString {
+    std::env::var_os("BATCH_EXPORT_TEST_BIN").unwrap_or_else(|| BIN.into())
+}
+
 /// Fails (never skips) when pyarrow is missing.
 pub fn require_pyarrow() {
     static ONCE: Once = Once::new();
@@ -148,7 +155,7 @@ pub fn run(args: &[String], env: &[(&str, &str)]) -> Output {
 }
 
 pub fn command(args: &[String], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     c.args(args).stdin(Stdio::null());
     for (k, _) in std::env::vars() {
         if k.starts_with("BATCH_EXPORT_") || k.starts_with("AWS_") {
