@@ -605,6 +605,17 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
         "{:?}",
         others.keys()
     );
+    // The study's export so far: a copy of the cache exported to Parquet by batch-export
+    // (the copy keeps this test's cache comparisons independent of the export's deletes).
+    let export = Export::new(work);
+    copy_tree(&cache, &export.cache);
+    export.run(&[]);
+    let rows_before = export.rows();
+    assert!(rows_before.total > 0, "nothing exported");
+    assert!(
+        !export.string_hits(&[s2.as_str()]).is_empty(),
+        "the export holds S2's rows before the withdrawal"
+    );
 
     // S2 withdraws.
     std::fs::write(&withdrawn, format!("{s2}\n")).unwrap();
@@ -646,5 +657,180 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
     };
     assert_nowhere(&cfg, &needles);
     assert!(!p1.is_empty());
+
+    // The export side: `batch-export purge` with the same list removes their rows from every
+    // table and their files from its cache; nothing in the output, its cache or its state names
+    // them any more, and the rows of others are all still there.
+    export.run(&["--withdrawn", withdrawn.to_str().unwrap(), "purge"]);
+    let hits = export.string_hits(&needles);
+    assert!(hits.is_empty(), "still in the output: {hits:?}");
+    let rows_after = export.rows();
+    assert!(rows_after.total < rows_before.total);
+    assert!(
+        rows_after.total > 0,
+        "the other participant's rows are gone too"
+    );
+    for dir in [&export.cache, &export.state, &export.output] {
+        for (path, bytes) in cache_bytes(dir) {
+            if path.ends_with(".parquet") {
+                continue; // compressed: searched through DuckDB above
+            }
+            for n in &needles {
+                assert!(
+                    !path.contains(n) && !contains(&bytes, n),
+                    "{}/{path} still names {n}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    // A later export of their files (a writer that had not reloaded yet) exports nothing of them.
+    let replayed: Vec<&String> = theirs.keys().take(3).collect();
+    for path in &replayed {
+        let target = export.cache.join(path);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, &theirs[*path]).unwrap();
+    }
+    export.run(&["--withdrawn", withdrawn.to_str().unwrap()]);
+    let hits = export.string_hits(&needles);
+    assert!(hits.is_empty(), "exported after the purge: {hits:?}");
+    assert_eq!(export.rows().total, rows_after.total);
+    for path in replayed {
+        assert!(
+            !export.cache.join(path).exists(),
+            "{path} left in the cache"
+        );
+    }
     net.stop();
+}
+
+/// A batch-export run over a cache of its own, for the end-to-end withdrawal check.
+struct Export {
+    cache: PathBuf,
+    output: PathBuf,
+    state: PathBuf,
+}
+
+/// Rows per exported table (from DuckDB) and in all.
+#[derive(Debug)]
+struct Rows {
+    total: u64,
+}
+
+/// The batch-export binary beside this test binary (a workspace test run builds it), or
+/// `BATCH_EXPORT_TEST_BIN` (as batch-export's own tests take it).
+fn batch_export_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BATCH_EXPORT_TEST_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("batch-export");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+impl Export {
+    fn new(work: &Path) -> Export {
+        Export {
+            cache: work.join("export-cache"),
+            output: work.join("export-output"),
+            state: work.join("export-state"),
+        }
+    }
+
+    /// Runs batch-export with this cache, output and state (`extra` before or after: flags and
+    /// an optional subcommand); it must succeed.
+    fn run(&self, extra: &[&str]) {
+        let out = std::process::Command::new(batch_export_bin())
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .arg("--output")
+            .arg(&self.output)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--no-progress")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "batch-export {extra:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// DuckDB over every Parquet file of the output: (file, column, needle) for each string
+    /// column holding a needle.
+    fn string_hits(&self, needles: &[&str]) -> Vec<String> {
+        let out = duckdb(
+            r#"
+import duckdb, glob, json, sys
+root, needles = sys.argv[1], json.loads(sys.argv[2])
+con = duckdb.connect()
+hits = []
+for f in sorted(glob.glob(root + "/**/*.parquet", recursive=True)):
+    for name, typ, *_ in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [f]).fetchall():
+        if "VARCHAR" not in typ:
+            continue
+        for n in needles:
+            q = f'SELECT count(*) FROM read_parquet(?) WHERE "{name}" LIKE ?'
+            if con.execute(q, [f, "%" + n + "%"]).fetchone()[0]:
+                hits.append(f"{f} {name} {n}")
+print(json.dumps(hits))
+"#,
+            &[
+                self.output.to_str().unwrap(),
+                &serde_json::to_string(needles).unwrap(),
+            ],
+        );
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn rows(&self) -> Rows {
+        let out = duckdb(
+            r#"
+import duckdb, glob, sys
+files = sorted(glob.glob(sys.argv[1] + "/**/*.parquet", recursive=True))
+con = duckdb.connect()
+print(sum(con.execute("SELECT count(*) FROM read_parquet(?)", [f]).fetchone()[0] for f in files))
+"#,
+            &[self.output.to_str().unwrap()],
+        );
+        Rows {
+            total: out.trim().parse().unwrap(),
+        }
+    }
+}
+
+fn duckdb(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python3 (duckdb from tests/requirements.txt): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Copies every file of `from` (dot-folders left out: the writer's own temp names) into `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    for (path, bytes) in cache_bytes(from) {
+        if path.split('/').any(|part| part.starts_with('.')) {
+            continue;
+        }
+        let target = to.join(&path);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, bytes).unwrap();
+    }
 }
