@@ -148,7 +148,11 @@ pub fn run(args: &[String], env: &[(&str, &str)]) -> Output {
 }
 
 pub fn command(args: &[String], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
+    // `BATCH_EXPORT_TEST_BIN` runs another build of the binary: cargo puts every worktree's
+    // `batch-export` at the same path of a shared target directory, where another checkout's
+    // build can replace it while these tests run.
+    let bin = std::env::var_os("BATCH_EXPORT_TEST_BIN").unwrap_or_else(|| BIN.into());
+    let mut c = Command::new(bin);
     c.args(args).stdin(Stdio::null());
     for (k, _) in std::env::vars() {
         if k.starts_with("BATCH_EXPORT_") || k.starts_with("AWS_") {
