@@ -3092,19 +3092,19 @@ fn fill_from_capture(env: &Env) -> usize {
     n
 }
 
+/// A table's schema and its rows.
+type TableRows = (Vec<(String, String)>, Vec<BTreeMap<String, Value>>);
+
 /// The columns set to the export clock.
 const CLOCK_COLUMNS: &[&str] = &["synctimestamp", "insert_timestamp"];
 
 /// Each table's rows in batch order (the manifests' order), with the export clock checked to be
 /// one export clock per file and then blanked (the two runs export in different seconds).
-fn rows_in_batch_order(
-    env: &Env,
-) -> BTreeMap<String, (Vec<(String, String)>, Vec<BTreeMap<String, Value>>)> {
+fn rows_in_batch_order(env: &Env) -> BTreeMap<String, TableRows> {
     let t = env.read();
     let by_path: BTreeMap<String, &PqFile> =
         t.values().flatten().map(|f| (f.path.clone(), f)).collect();
-    let mut out: BTreeMap<String, (Vec<(String, String)>, Vec<BTreeMap<String, Value>>)> =
-        BTreeMap::new();
+    let mut out: BTreeMap<String, TableRows> = BTreeMap::new();
     for m in manifests(&env.out).values() {
         for f in m["files"].as_array().unwrap() {
             let file = by_path[f["path"].as_str().unwrap()];
