@@ -21,7 +21,7 @@
 //! switch: the tests compare the two paths' Parquet byte for byte, the benchmark times them).
 
 use std::io::Cursor;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use polars::prelude::{
@@ -183,11 +183,6 @@ fn dtype(ty: ColType) -> DataType {
     }
 }
 
-/// The NDJSON buffer, kept from table to table and batch to batch (tables are staged one at a
-/// time): a fresh allocation of a batch's size for every table cost ~10,000 page faults each
-/// (measured: 40 % more minor faults than the per-file reader, most of the added system time).
-static NDJSON: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
 /// The NDJSON of `rows` read by Polars with the declared schema; `synctimestamp` and the like
 /// `record` added, columns in the declared order.
 fn polars_frame(def: &TableDef, rows: &[Row], export_ts: &str) -> Result<DataFrame> {
@@ -205,14 +200,9 @@ fn polars_frame(def: &TableDef, rows: &[Row], export_ts: &str) -> Result<DataFra
             records.push(record);
         }
     }
-    let total: usize = lines.iter().map(|l| l.len()).sum();
-    let mut buffer = NDJSON.lock().unwrap_or_else(|e| e.into_inner());
-    if buffer.len() < total {
-        buffer.resize(total, 0);
-    }
-    let ndjson = &mut buffer[..total];
+    let mut ndjson = vec![0u8; lines.iter().map(|l| l.len()).sum()];
     let mut slices: Vec<&mut [u8]> = Vec::with_capacity(n);
-    let mut rest = &mut *ndjson;
+    let mut rest = ndjson.as_mut_slice();
     for l in &lines {
         let (head, tail) = rest.split_at_mut(l.len());
         slices.push(head);
@@ -229,7 +219,7 @@ fn polars_frame(def: &TableDef, rows: &[Row], export_ts: &str) -> Result<DataFra
         .filter(|(name, _)| !derived(def, name))
         .map(|&(name, ty)| (PlSmallStr::from_static(name), dtype(ty)))
         .collect();
-    let df = JsonReader::new(Cursor::new(&*ndjson))
+    let df = JsonReader::new(Cursor::new(ndjson))
         .with_json_format(JsonFormat::JsonLines)
         .with_schema(Arc::new(schema))
         .finish()
