@@ -183,12 +183,14 @@ fn dtype(ty: ColType) -> DataType {
     }
 }
 
+/// Lines per read of Polars' JSON reader (a few MB of NDJSON).
+const CHUNK_ROWS: usize = 4096;
+
 /// The NDJSON of `rows` read by Polars with the declared schema; `synctimestamp` and the like
 /// `record` added, columns in the declared order.
 fn polars_frame(def: &TableDef, rows: &[Row], export_ts: &str) -> Result<DataFrame> {
     let n = rows.len();
     let t = std::time::Instant::now();
-    // The batch's lines joined into one buffer, copied in parallel into disjoint slices.
     let mut lines: Vec<&[u8]> = Vec::with_capacity(n);
     let mut records: Vec<&str> = Vec::new();
     for r in rows {
@@ -200,36 +202,48 @@ fn polars_frame(def: &TableDef, rows: &[Row], export_ts: &str) -> Result<DataFra
             records.push(record);
         }
     }
-    let mut ndjson = vec![0u8; lines.iter().map(|l| l.len()).sum()];
-    let mut slices: Vec<&mut [u8]> = Vec::with_capacity(n);
-    let mut rest = ndjson.as_mut_slice();
-    for l in &lines {
-        let (head, tail) = rest.split_at_mut(l.len());
-        slices.push(head);
-        rest = tail;
+    let schema: Arc<Schema> = Arc::new(
+        def.columns
+            .iter()
+            .filter(|(name, _)| !derived(def, name))
+            .map(|&(name, ty)| (PlSmallStr::from_static(name), dtype(ty)))
+            .collect(),
+    );
+    // Read in slices of CHUNK_ROWS lines, on the worker threads: many small tasks keep both
+    // cores busy when one of them is taken by another process (one reader over the whole
+    // batch splits it once per core and waits for the slower half), and no buffer of the
+    // batch's size is allocated. The slices are stacked in order.
+    let parts = lines
+        .par_chunks(CHUNK_ROWS)
+        .map(|chunk| {
+            let mut ndjson = Vec::with_capacity(chunk.iter().map(|l| l.len()).sum());
+            for l in chunk {
+                ndjson.extend_from_slice(l);
+            }
+            let part = JsonReader::new(Cursor::new(ndjson))
+                .with_json_format(JsonFormat::JsonLines)
+                .with_schema(schema.clone())
+                .finish()
+                .context("Polars' JSON reader")?;
+            ensure!(
+                part.height() == chunk.len(),
+                "Polars' JSON reader returned {} rows for {} files",
+                part.height(),
+                chunk.len()
+            );
+            Ok(part)
+        })
+        .collect::<Result<Vec<DataFrame>>>()?;
+    let mut parts = parts.into_iter();
+    let mut df = parts.next().context("no rows")?;
+    for part in parts {
+        df.vstack_mut_owned(part).context("stacking the slices")?;
     }
-    slices
-        .into_par_iter()
-        .zip(lines.par_iter())
-        .for_each(|(dst, src)| dst.copy_from_slice(src));
-    let joined_s = t.elapsed().as_secs_f64();
-    let schema: Schema = def
-        .columns
-        .iter()
-        .filter(|(name, _)| !derived(def, name))
-        .map(|&(name, ty)| (PlSmallStr::from_static(name), dtype(ty)))
-        .collect();
-    let df = JsonReader::new(Cursor::new(ndjson))
-        .with_json_format(JsonFormat::JsonLines)
-        .with_schema(Arc::new(schema))
-        .finish()
-        .context("Polars' JSON reader")?;
     ensure!(
         df.height() == n,
         "Polars' JSON reader returned {} rows for {n} files",
         df.height()
     );
-    let read_s = t.elapsed().as_secs_f64() - joined_s;
     let columns = def
         .columns
         .iter()
@@ -266,9 +280,7 @@ fn polars_frame(def: &TableDef, rows: &[Row], export_ts: &str) -> Result<DataFra
     tracing::debug!(
         table = def.path,
         rows = n,
-        joined_s,
-        read_s,
-        total_s = t.elapsed().as_secs_f64(),
+        seconds = t.elapsed().as_secs_f64(),
         "Polars' JSON reader"
     );
     Ok(df)
@@ -470,11 +482,14 @@ mod tests {
         }
         // A column null in every row stays typed (never a null-typed column).
         assert_same(TableId::StudyPost, &edge_posts()[..1]);
-        // More rows than one thread's chunk: Polars splits the buffer and joins the parts.
-        let many: Vec<String> = (0..3000).map(|i| posts[i % posts.len()].clone()).collect();
+        // Several slices of CHUNK_ROWS, each split by Polars across its threads, stacked.
+        let many: Vec<String> = (0..10_000)
+            .map(|i| posts[i % posts.len()].clone())
+            .collect();
         let (polars, _, a, b) = both(TableId::InNetworkPost, &many);
-        assert_eq!(polars.height(), 3000);
-        assert!(a == b, "the Parquet files of 3,000 rows differ");
+        assert_eq!(polars.height(), 10_000);
+        assert!(polars.first_col_n_chunks() > 1);
+        assert!(a == b, "the Parquet files of 10,000 rows differ");
     }
 
     /// What Polars' reader would do to a bad file (null for a missing key, text for a number)
