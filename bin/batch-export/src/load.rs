@@ -17,8 +17,13 @@
 //! accounts, deletes) keep the per-file reader: their columns are derived from nested records,
 //! folder names and file names.
 //!
-//! `BATCH_EXPORT_JSON_READER=serde` selects the per-file reader for every table (a diagnostic
-//! switch: the tests compare the two paths' Parquet byte for byte, the benchmark times them).
+//! Which tables Polars loads by default is measured, not assumed (BENCHMARKS.md, issue 10.3):
+//! the post tables, where it costs less CPU and no more time than the per-file reader. For the
+//! likes (three plain columns; the `record` column needs serde anyway) the same-run medians were
+//! 2-7 % slower with 20 % more memory, so by default the per-file reader keeps them.
+//! `BATCH_EXPORT_JSON_READER` overrides it: `polars` (Polars for the post tables and the likes),
+//! `serde` (the per-file reader everywhere); the tests compare the paths' Parquet, the benchmark
+//! times them.
 
 use std::io::Cursor;
 use std::sync::{Arc, OnceLock};
@@ -37,11 +42,16 @@ use crate::tables::{self, Cell, ColType, Source, TableDef, TableId};
 /// Which reader builds the rows of the tables Polars can load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JsonReaderChoice {
+    /// The measured-faster reader per table: Polars for the post tables, the per-file reader
+    /// for the likes (the default).
+    Auto,
+    /// Polars for the post tables and the likes.
     Polars,
+    /// The per-file reader for every table.
     Serde,
 }
 
-/// The environment variable that selects the reader (`polars`, the default, or `serde`).
+/// The environment variable that selects the reader (`auto`, the default, `polars` or `serde`).
 pub const READER_ENV: &str = "BATCH_EXPORT_JSON_READER";
 
 /// The reader of this process (read once).
@@ -49,8 +59,18 @@ pub fn reader() -> JsonReaderChoice {
     static CHOICE: OnceLock<JsonReaderChoice> = OnceLock::new();
     *CHOICE.get_or_init(|| match std::env::var(READER_ENV).as_deref() {
         Ok("serde") => JsonReaderChoice::Serde,
-        _ => JsonReaderChoice::Polars,
+        Ok("polars") => JsonReaderChoice::Polars,
+        _ => JsonReaderChoice::Auto,
     })
+}
+
+/// Whether Polars' JSON reader builds the rows of `source`'s files.
+fn by_polars(source: &Source) -> bool {
+    match reader() {
+        JsonReaderChoice::Serde => false,
+        JsonReaderChoice::Polars => tables::json_readable(source),
+        JsonReaderChoice::Auto => matches!(source, Source::Post(_)),
+    }
 }
 
 /// One file's row, before the batch's DataFrame is built.
@@ -101,7 +121,7 @@ pub fn parse(
     bytes: Vec<u8>,
     export_ts: &str,
 ) -> Result<Parsed, String> {
-    if reader() == JsonReaderChoice::Polars && tables::json_readable(source) {
+    if by_polars(source) {
         if let Ok(c) = tables::check(source, &bytes) {
             return Ok(Parsed {
                 table: c.table,

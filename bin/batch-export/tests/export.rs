@@ -3225,7 +3225,7 @@ fn polars_json_reader_exports_what_the_per_file_reader_exports() {
     };
     for batch in [None, Some("7")] {
         let mut results = Vec::new();
-        for reader in ["serde", "polars"] {
+        for reader in ["serde", "polars", "auto"] {
             let e = copy();
             let mut args = vec![
                 "--cache-dir".to_owned(),
@@ -3252,11 +3252,19 @@ fn polars_json_reader_exports_what_the_per_file_reader_exports() {
                 describe(&out)
             );
             // Which reader built the post and like frames (the follows: always the per-file one).
-            let by_polars = log.matches("loaded by Polars' JSON reader").count();
-            if reader == "polars" {
-                assert!(by_polars >= 6, "{log}");
-            } else {
-                assert_eq!(by_polars, 0, "{log}");
+            let by_polars: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("loaded by Polars' JSON reader"))
+                .collect();
+            let likes_by_polars = by_polars
+                .iter()
+                .filter(|l| l.contains("study_user_activity/create/like"))
+                .count();
+            match reader {
+                "polars" => assert!(by_polars.len() >= 6 && likes_by_polars >= 2, "{log}"),
+                // The default: the post tables by Polars, the likes by the per-file reader.
+                "auto" => assert!(by_polars.len() >= 4 && likes_by_polars == 0, "{log}"),
+                _ => assert!(by_polars.is_empty(), "{log}"),
             }
             let mut s = summary(&out);
             for k in ["seconds", "delete_seconds", "output"] {
@@ -3273,8 +3281,10 @@ fn polars_json_reader_exports_what_the_per_file_reader_exports() {
                     .collect();
             results.push((s, reasons, rows_in_batch_order(&e), e));
         }
-        let (serde, polars) = (&results[0], &results[1]);
-        assert_eq!(serde.0, polars.0, "summaries, batch {batch:?}");
+        let serde = &results[0];
+        for polars in &results[1..] {
+            compare_exports(serde, polars, batch);
+        }
         assert_eq!(serde.0["quarantined"], 4, "{}", serde.0);
         assert_eq!(serde.0["unknown_keys"], 1, "{}", serde.0);
         assert_eq!(serde.0["duplicates"], 1, "{}", serde.0);
@@ -3284,23 +3294,30 @@ fn polars_json_reader_exports_what_the_per_file_reader_exports() {
             "{}",
             serde.0
         );
-        assert_eq!(serde.1, polars.1, "quarantine reasons");
-        assert_eq!(
-            list_files(&serde.3.cache.join(".quarantine")),
-            list_files(&polars.3.cache.join(".quarantine"))
-        );
-        assert_eq!(
-            serde.2.keys().collect::<Vec<_>>(),
-            polars.2.keys().collect::<Vec<_>>()
-        );
-        for (table, (schema, rows)) in &serde.2 {
-            let (p_schema, p_rows) = &polars.2[table];
-            assert_eq!(schema, p_schema, "{table}");
-            assert_eq!(rows.len(), p_rows.len(), "{table}");
-            for (i, (a, b)) in rows.iter().zip(p_rows).enumerate() {
-                assert_eq!(a, b, "{table} row {i}, batch {batch:?}");
-            }
-        }
         assert!(serde.2.len() >= 7, "{:?}", serde.2.keys());
+    }
+}
+
+/// One export's summary, quarantine reasons, rows per table and its environment.
+type Export = (Value, BTreeSet<String>, BTreeMap<String, TableRows>, Env);
+
+fn compare_exports(serde: &Export, polars: &Export, batch: Option<&str>) {
+    assert_eq!(serde.0, polars.0, "summaries, batch {batch:?}");
+    assert_eq!(serde.1, polars.1, "quarantine reasons");
+    assert_eq!(
+        list_files(&serde.3.cache.join(".quarantine")),
+        list_files(&polars.3.cache.join(".quarantine"))
+    );
+    assert_eq!(
+        serde.2.keys().collect::<Vec<_>>(),
+        polars.2.keys().collect::<Vec<_>>()
+    );
+    for (table, (schema, rows)) in &serde.2 {
+        let (p_schema, p_rows) = &polars.2[table];
+        assert_eq!(schema, p_schema, "{table}");
+        assert_eq!(rows.len(), p_rows.len(), "{table}");
+        for (i, (a, b)) in rows.iter().zip(p_rows).enumerate() {
+            assert_eq!(a, b, "{table} row {i}, batch {batch:?}");
+        }
     }
 }
