@@ -1,8 +1,8 @@
 //! Polars loads the DataFrames of the post-shaped tables (`post`, `reply_to_user_post`,
-//! `quote_of_user_post`, `in_network_user_activity`) and the likes (`like`,
-//! `like_on_user_post`): the bytes the walk already read (it keeps each file's identity for the
-//! delete) are joined into one NDJSON buffer per table and batch and read by Polars' JSON reader
-//! with the explicit schema of `tables.rs`, never inferred.
+//! `quote_of_user_post`, `in_network_user_activity`) and, with `BATCH_EXPORT_JSON_READER=polars`,
+//! the likes (`like`, `like_on_user_post`): the bytes the walk already read (it keeps each file's identity for the
+//! delete) are made NDJSON lines and read per table and batch by Polars' JSON reader (in slices
+//! of [`CHUNK_ROWS`] lines) with the explicit schema of `tables.rs`, never inferred.
 //!
 //! Polars' reader is lenient where the export must not be: a missing key becomes null, a number
 //! in a string column becomes text, unknown keys are skipped. So every file is first checked as

@@ -932,8 +932,8 @@ pub struct Checked {
     pub record: Option<String>,
 }
 
-/// The files whose rows Polars' JSON reader builds (`load.rs`): the post-shaped tables and the
-/// likes. Every other kind keeps the per-file reader ([`parse`]).
+/// The files whose rows Polars' JSON reader can build (`load.rs`): the post-shaped tables and
+/// the likes. Every other kind keeps the per-file reader ([`parse`]).
 pub fn json_readable(source: &Source) -> bool {
     matches!(source, Source::Post(_) | Source::Like(_))
 }
