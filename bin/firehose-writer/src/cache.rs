@@ -499,6 +499,46 @@ impl CacheWriter {
         }
     }
 
+    /// Makes file removals in `dirs` durable (a consent-withdrawal purge, `withdrawn.rs`), by
+    /// the same rules as the barrier's renames: one `syncfs` of the root's file system, and an
+    /// `fsync` of each folder `syncfs` does not cover (per-file mode, another file system). A
+    /// failure is a flush failure: the writer stops and the restart redoes the purge.
+    pub fn sync_removals<'d>(
+        &mut self,
+        dirs: impl IntoIterator<Item = &'d PathBuf>,
+    ) -> Result<(), CacheError> {
+        let mut synced_root = false;
+        for dir in dirs {
+            let outside = match self.outside_root_fs(dir) {
+                Ok(outside) => outside,
+                // Pruned by the export since: nothing of ours is left in it.
+                Err(CacheError::Io { ref source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            if !outside {
+                if !synced_root {
+                    self.syncfs()?;
+                    synced_root = true;
+                }
+                continue;
+            }
+            let handle = match File::open(dir) {
+                Ok(handle) => handle,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(CacheError::io("open directory", dir, e)),
+            };
+            handle
+                .sync_all()
+                .map_err(|e| CacheError::io("fsync directory", dir, e))?;
+            self.stats.dir_fsyncs += 1;
+        }
+        Ok(())
+    }
+
     /// `syncfs(2)` on the root's file system, through the descriptor held since `open`.
     fn syncfs(&mut self) -> Result<(), CacheError> {
         #[cfg(feature = "fault-injection")]

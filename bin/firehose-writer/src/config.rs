@@ -54,6 +54,17 @@ pub struct Args {
     #[arg(long, env = "FIREHOSE_STUDY_POSTS")]
     pub study_posts: Option<PathBuf>,
 
+    /// Participants who withdrew their consent: a text file of DIDs (one per line, `#`
+    /// comments), reloaded on SIGHUP. Nothing by or about them is routed again; their cache
+    /// files and index entries are removed (README, "Consent withdrawal").
+    #[arg(long, env = "FIREHOSE_WITHDRAWN", value_name = "FILE")]
+    pub withdrawn: Option<PathBuf>,
+
+    /// Treat an `#account` event with status `deleted` of a study user as a consent withdrawal
+    /// (kept in the state across restarts). Off by default: a deleted account can come back.
+    #[arg(long, env = "FIREHOSE_ACCOUNT_DELETED_IS_WITHDRAWAL")]
+    pub account_deleted_is_withdrawal: bool,
+
     /// Start after this seq instead of the stored cursor. Applied once: the value is recorded in
     /// the state, and a later start with the same value resumes from the stored cursor (so it
     /// may stay in an environment file). A value below the stored cursor forgets the per-repo
@@ -136,6 +147,12 @@ pub struct Args {
     /// retried until the next start).
     #[arg(long, env = "FIREHOSE_MAX_REPO_BYTES", default_value_t = DEFAULT_MAX_REPO_BYTES)]
     pub max_repo_bytes: u64,
+
+    /// Longest a whole repo fetch (identity, download, verification) may take, in seconds; one
+    /// that takes longer fails (counted as `fetch_deadline`) and is retried with backoff, so a
+    /// server that trickles bytes cannot hold a fetch slot forever.
+    #[arg(long, env = "FIREHOSE_REPO_FETCH_TIMEOUT", default_value_t = 3600)]
+    pub repo_fetch_timeout: u64,
 }
 
 /// Default PLC directory.
@@ -234,6 +251,10 @@ pub struct Config {
     pub study_users: PathBuf,
     pub in_network: Option<PathBuf>,
     pub study_posts: Option<PathBuf>,
+    /// `--withdrawn`.
+    pub withdrawn: Option<PathBuf>,
+    /// `--account-deleted-is-withdrawal`.
+    pub account_deleted_is_withdrawal: bool,
     pub cursor: Option<i64>,
     pub stall_timeout: Duration,
     pub on_future_cursor: FutureCursorPolicy,
@@ -251,6 +272,7 @@ pub struct Config {
     pub pds_rate: f64,
     pub plc_rate: f64,
     pub max_repo_bytes: u64,
+    pub repo_fetch_timeout: Duration,
 }
 
 /// `wss://host` -> `wss://host/xrpc/com.atproto.sync.subscribeRepos`.
@@ -314,6 +336,9 @@ impl Config {
         if !(plc_url.starts_with("https://") || plc_url.starts_with("http://")) {
             bail!("--plc-url {plc_url:?} must be an http(s) URL");
         }
+        if args.repo_fetch_timeout == 0 {
+            bail!("--repo-fetch-timeout must be at least 1 second");
+        }
         if let Some(c) = args.cursor {
             if c < 0 {
                 bail!("--cursor must not be negative");
@@ -329,6 +354,8 @@ impl Config {
                 .context("--study-users FILE (or FIREHOSE_STUDY_USERS) is required: the DIDs of the study participants")?,
             in_network: args.in_network.clone(),
             study_posts: args.study_posts.clone(),
+            withdrawn: args.withdrawn.clone(),
+            account_deleted_is_withdrawal: args.account_deleted_is_withdrawal,
             cursor: args.cursor,
             stall_timeout: Duration::from_secs(args.stall_timeout),
             on_future_cursor: args.on_future_cursor,
@@ -344,6 +371,7 @@ impl Config {
             pds_rate: args.pds_rate,
             plc_rate: args.plc_rate,
             max_repo_bytes: args.max_repo_bytes,
+            repo_fetch_timeout: Duration::from_secs(args.repo_fetch_timeout),
         })
     }
 }

@@ -394,18 +394,31 @@ impl IdentityResolver {
     /// The identity if it is at hand without I/O: from `--did-docs`, or fresh in memory.
     pub fn cached(&self, did: &Did) -> Option<Arc<AtprotoIdentity>> {
         let inner = &*self.inner;
+        let (identity, from_docs) = self.held(did)?;
+        bump(if from_docs {
+            &inner.stats.hits_did_docs
+        } else {
+            &inner.stats.hits_memory
+        });
+        Some(identity)
+    }
+
+    /// [`Self::cached`] without counting a hit: a look ahead that the processor's own lookup
+    /// (counted) follows.
+    pub fn peek(&self, did: &Did) -> Option<Arc<AtprotoIdentity>> {
+        self.held(did).map(|(identity, _)| identity)
+    }
+
+    /// A usable held identity, and whether it came from `--did-docs`.
+    fn held(&self, did: &Did) -> Option<(Arc<AtprotoIdentity>, bool)> {
+        let inner = &*self.inner;
         if let Some(found) = inner.did_docs.get(did) {
-            bump(&inner.stats.hits_did_docs);
-            return found.as_ref().ok().cloned();
+            return found.as_ref().ok().map(|id| (id.clone(), true));
         }
         let memory = lock(&inner.memory);
         let entry = memory.get(did)?;
         let (identity, fetched) = entry.identity.as_ref()?;
-        if !entry.invalidated && self.fresh(*fetched) {
-            bump(&inner.stats.hits_memory);
-            return Some(identity.clone());
-        }
-        None
+        (!entry.invalidated && self.fresh(*fetched)).then(|| (identity.clone(), false))
     }
 
     /// Marks `did`'s held document as out of date without any I/O (e.g. on an `#identity`

@@ -17,6 +17,7 @@ pub mod source;
 pub mod state;
 pub mod tracked;
 pub mod verifier;
+pub mod withdrawn;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -165,7 +166,11 @@ pub async fn run(
         in_network = in_network.len(),
         "tracked sets loaded"
     );
+    let withdrawn = withdrawn::load_configured(config.withdrawn.as_deref())
+        .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
     let mut state = state::StateStore::open_with_sets(&config.state, study, in_network)?;
+    // Before anything reads the sets (seeding, backfills): a withdrawn DID is never tracked.
+    let purge_at_start = state.set_withdrawn(withdrawn)?;
     seed_study_posts(&mut state, &config)?;
     let cache = CacheWriter::open(&config.cache_dir)
         .with_context(|| format!("opening cache root {}", config.cache_dir.display()))?;
@@ -211,6 +216,31 @@ pub async fn run(
     let (verification, repairs) = repair_machinery(&config, &metrics, &tx)?;
     let durable_cursor = Arc::new(AtomicI64::new(-1));
     let stopping = Arc::new(AtomicBool::new(false));
+    // Commits are verified on a thread of their own ahead of the processor (see
+    // `verifier::VerifyStage`); without verification the processor reads the channel itself.
+    let stage = match &verification.identities {
+        Some(identities) if verification.mode != config::VerifyMode::Off => {
+            Some(verifier::VerifyStage {
+                mode: verification.mode,
+                identities: identities.clone(),
+                membership: state.shared_membership(),
+                threads: verifier::verify_threads(),
+            })
+        }
+        _ => None,
+    };
+    let rx = match stage {
+        Some(stage) => {
+            // Small: the batches wait in front of the stage, where /health counts them.
+            let (stage_tx, processor_rx) = mpsc::channel(2);
+            std::thread::Builder::new()
+                .name("verify".into())
+                .spawn(move || stage.run(rx, stage_tx))
+                .context("starting the verification thread")?;
+            processor_rx
+        }
+        None => rx,
+    };
     let processor = processor::Processor::new(
         cache,
         state,
@@ -220,6 +250,10 @@ pub async fn run(
         durable_cursor.clone(),
         stopping.clone(),
     )
+    .with_withdrawals(processor::Withdrawals {
+        account_deleted: config.account_deleted_is_withdrawal,
+        at_start: purge_at_start,
+    })
     .with_repairs(verification, repairs);
     // The thread reports its end on a channel the source is raced against: a processor that
     // stops (a failed flush, a panic) ends the run at once, not at the next frame.
@@ -262,9 +296,17 @@ pub async fn run(
         tokio::spawn(async move {
             while reload_rx.recv().await.is_some() {
                 let cfg = config.clone();
-                match tokio::task::spawn_blocking(move || load_tracked(&cfg)).await {
-                    Ok(Ok((study, in_network))) => {
-                        if tx.send(Input::Reload(study, in_network)).await.is_err() {
+                // Both files or neither: a withdrawn list that does not parse keeps the old one,
+                // and the study users with it.
+                let load = move || -> Result<_> {
+                    let withdrawn = withdrawn::load_configured(cfg.withdrawn.as_deref())?;
+                    Ok((load_tracked(&cfg)?, withdrawn))
+                };
+                match tokio::task::spawn_blocking(load).await {
+                    Ok(Ok(((study, in_network), withdrawn))) => {
+                        if tx.send(Input::Withdrawn(withdrawn)).await.is_err()
+                            || tx.send(Input::Reload(study, in_network)).await.is_err()
+                        {
                             return;
                         }
                     }
@@ -340,15 +382,15 @@ fn repair_machinery(
         backfill_since: config.backfill_since,
     };
     if offline {
-        let identities: Option<Box<dyn verifier::Identities>> = match (
+        let identities: Option<Arc<dyn verifier::Identities>> = match (
             &config.did_docs,
             config.verify,
         ) {
             (_, VerifyMode::Off) => None,
-            (Some(path), _) => Some(Box::new(verifier::StaticIdentities::load(path)?)),
+            (Some(path), _) => Some(Arc::new(verifier::StaticIdentities::load(path)?)),
             (None, _) => {
                 warn!("--verify without --did-docs while replaying offline: every commit that needs verification fails with no_did_document and is dropped");
-                Some(Box::new(verifier::StaticIdentities::default()))
+                Some(Arc::new(verifier::StaticIdentities::default()))
             }
         };
         return Ok((
@@ -421,14 +463,15 @@ fn repair_machinery(
         tx.clone(),
         resolver.clone(),
         pds,
+        config.repo_fetch_timeout,
     ));
-    let identities: Option<Box<dyn verifier::Identities>> = (config.verify != VerifyMode::Off)
+    let identities: Option<Arc<dyn verifier::Identities>> = (config.verify != VerifyMode::Off)
         .then(|| {
-            Box::new(repair::ResolverIdentities {
+            Arc::new(repair::ResolverIdentities {
                 resolver,
                 runtime: tokio::runtime::Handle::current(),
                 timeout: std::time::Duration::from_secs(30),
-            }) as Box<dyn verifier::Identities>
+            }) as Arc<dyn verifier::Identities>
         });
     Ok((
         Verification {

@@ -46,6 +46,10 @@ pub const CURSOR: &str = "firehose_cursor";
 pub const LAG: &str = "firehose_lag_seconds";
 pub const CONNECTED: &str = "firehose_connected";
 pub const UNKNOWN_UNFOLLOWS: &str = "firehose_unknown_unfollows_total";
+pub const WITHDRAWN_DIDS: &str = "firehose_withdrawn_dids";
+pub const WITHDRAWN_FILES_REMOVED: &str = "firehose_withdrawn_files_removed_total";
+pub const WITHDRAWN_ROWS_PURGED: &str = "firehose_withdrawn_index_rows_purged_total";
+pub const WITHDRAWN_DROPS: &str = "firehose_withdrawn_drops_total";
 pub const VERIFIED_COMMITS: &str = "firehose_verified_commits_total";
 pub const VERIFY_FAILURES: &str = "firehose_verify_failures_total";
 pub const RESYNCS: &str = "firehose_resyncs_total";
@@ -126,6 +130,15 @@ pub struct Metrics {
     /// Study users' deletes of follows never seen (made before tracking began): the subject is
     /// unknown, so it stays in-network until the repo backfill resolves it.
     pub unknown_unfollows: AtomicU64,
+    /// Withdrawn DIDs in effect (the `--withdrawn` list and account deletions counted as
+    /// withdrawals).
+    pub withdrawn_dids: AtomicU64,
+    /// Cache files removed by withdrawal purges.
+    pub withdrawn_files_removed: AtomicU64,
+    /// State index rows removed by withdrawal purges.
+    pub withdrawn_rows_purged: AtomicU64,
+    /// Events (by a withdrawn DID) and ops (naming one) not routed, by `what`.
+    withdrawn_drops: Labelled,
     commit_duration: Histogram,
     /// Tracked-set reloads applied (SIGHUP).
     pub reloads: AtomicU64,
@@ -144,9 +157,10 @@ pub struct Metrics {
     connected: AtomicBool,
     /// Health clocks: milliseconds since `started` plus one, so that 0 can mean "never".
     started: Instant,
-    frame_arrived_ms: AtomicU64,
-    /// Last time the processor had nothing left to make durable (a commit, or idle).
-    settled_ms: AtomicU64,
+    /// When the oldest frame not yet committed (or found to need no commit) arrived; 0 when
+    /// everything handled is settled. A sentinel rather than two timestamps compared, so that
+    /// an arrival and a settle in the same millisecond cannot hide a stuck processor.
+    unsettled_since_ms: AtomicU64,
     /// When the relay connection was lost (or the writer started); 0 while connected.
     disconnected_since_ms: AtomicU64,
     commit_interval_ms: AtomicU64,
@@ -194,6 +208,10 @@ impl Default for Metrics {
             state_errors: AtomicU64::new(0),
             seq_resets: AtomicU64::new(0),
             unknown_unfollows: AtomicU64::new(0),
+            withdrawn_dids: AtomicU64::new(0),
+            withdrawn_files_removed: AtomicU64::new(0),
+            withdrawn_rows_purged: AtomicU64::new(0),
+            withdrawn_drops: Labelled::default(),
             commits: AtomicU64::new(0),
             // 1 ms .. 30 s: a barrier is a syncfs, renames and one SQLite commit; seconds mean a
             // struggling disk, and a retried failure can stretch one barrier much further.
@@ -209,8 +227,7 @@ impl Default for Metrics {
             channel: OnceLock::new(),
             connected: AtomicBool::new(false),
             started: Instant::now(),
-            frame_arrived_ms: AtomicU64::new(0),
-            settled_ms: AtomicU64::new(1),
+            unsettled_since_ms: AtomicU64::new(0),
             disconnected_since_ms: AtomicU64::new(1),
             commit_interval_ms: AtomicU64::new(500),
             stall_timeout_ms: AtomicU64::new(0),
@@ -261,8 +278,13 @@ impl Metrics {
 
     /// A frame arrived from upstream: from now on, no commit for a while means no progress.
     pub fn frame_arrived(&self) {
-        self.frame_arrived_ms
-            .store(self.now_ms(), Ordering::Relaxed);
+        // The oldest unsettled arrival counts: a later one must not restart the clock.
+        let _ = self.unsettled_since_ms.compare_exchange(
+            0,
+            self.now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     /// The processor has nothing left to make durable (idle, or every handled frame needed none).
@@ -272,7 +294,7 @@ impl Metrics {
         if self.channel_batches().unwrap_or(0) > 0 {
             return;
         }
-        self.settled_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.unsettled_since_ms.store(0, Ordering::Relaxed);
     }
 
     /// A durability barrier completed after `took`.
@@ -282,8 +304,14 @@ impl Metrics {
         self.last_commit_time_us
             .store(unix_micros(), Ordering::Relaxed);
         self.pending_files.store(0, Ordering::Relaxed);
-        // A commit is progress, whatever is queued behind it.
-        self.settled_ms.store(self.now_ms(), Ordering::Relaxed);
+        // A commit is progress: what is queued behind it starts a fresh wait, and nothing
+        // queued means everything handled is settled.
+        let queued = if self.channel_batches().unwrap_or(0) > 0 {
+            self.now_ms()
+        } else {
+            0
+        };
+        self.unsettled_since_ms.store(queued, Ordering::Relaxed);
     }
 
     pub fn set_pending_files(&self, n: usize) {
@@ -306,6 +334,20 @@ impl Metrics {
     pub fn routed(&self, folder: &'static str) {
         self.routed.inc(folder, 1);
     }
+    /// Not routed because of a withdrawal: `event` (by a withdrawn DID) or `op` (naming one).
+    pub fn withdrawn_dropped(&self, what: &'static str, n: u64) {
+        self.withdrawn_drops.inc(what, n);
+    }
+
+    /// Events (`event`) or ops (`op`) not routed because of a withdrawal so far.
+    pub fn withdrawn_drops(&self, what: &str) -> u64 {
+        self.withdrawn_drops
+            .snapshot()
+            .get(what)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn dropped(&self, reason: &'static str) {
         self.drops.inc(reason, 1);
     }
@@ -407,9 +449,9 @@ impl Metrics {
             .commit_interval_ms
             .load(Ordering::Relaxed)
             .saturating_mul(NO_COMMIT_INTERVALS.into());
-        let settled = self.settled_ms.load(Ordering::Relaxed);
-        let waiting = now.saturating_sub(settled);
-        if self.frame_arrived_ms.load(Ordering::Relaxed) > settled && waiting > limit {
+        let since = self.unsettled_since_ms.load(Ordering::Relaxed);
+        let waiting = now.saturating_sub(since);
+        if since > 0 && waiting > limit {
             reasons.push(format!(
                 "no_commit: frames arrive but nothing was committed for {:.1} s (limit {:.1} s, {NO_COMMIT_INTERVALS} commit intervals)",
                 secs(waiting),
@@ -615,6 +657,31 @@ impl Collector for ScrapeTime {
             UNKNOWN_UNFOLLOWS,
             "Study users' unfollows of follows never seen (subject unknown; kept in-network, recorded for backfill).",
             r(&m.unknown_unfollows),
+        )?;
+        gauge(
+            e,
+            WITHDRAWN_DIDS,
+            "Withdrawn DIDs in effect (--withdrawn list and account deletions counted as withdrawals).",
+            r(&m.withdrawn_dids),
+        )?;
+        counter(
+            e,
+            WITHDRAWN_FILES_REMOVED,
+            "Cache files removed by consent-withdrawal purges.",
+            r(&m.withdrawn_files_removed),
+        )?;
+        counter(
+            e,
+            WITHDRAWN_ROWS_PURGED,
+            "State index rows removed by consent-withdrawal purges.",
+            r(&m.withdrawn_rows_purged),
+        )?;
+        labelled(
+            e,
+            WITHDRAWN_DROPS,
+            "Not routed because of a consent withdrawal: events of a withdrawn DID (what=event), ops naming one (what=op).",
+            "what",
+            m.withdrawn_drops.snapshot(),
         )?;
         counter(
             e,
@@ -865,6 +932,31 @@ fn boot_time() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_handled_in_the_millisecond_of_a_settle_still_count_as_waiting() {
+        let metrics = Metrics::new();
+        metrics.configure_health(Duration::from_millis(1), None);
+        // Arrival, an idle settle and the batch's own stamp, all within one millisecond as a
+        // fast machine does them: the batch that then gets stuck must still be reported.
+        metrics.frame_arrived();
+        metrics.settled();
+        metrics.frame_arrived();
+        std::thread::sleep(Duration::from_millis(30));
+        let reasons = metrics.unhealthy_reasons();
+        assert!(
+            reasons.iter().any(|r| r.starts_with("no_commit:")),
+            "{reasons:?}"
+        );
+        // Settled again: healthy, however long ago the frames arrived.
+        metrics.settled();
+        assert!(metrics.unhealthy_reasons().is_empty());
+        // A commit with nothing queued behind it settles too.
+        metrics.frame_arrived();
+        metrics.committed(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(metrics.unhealthy_reasons().is_empty());
+    }
 
     #[test]
     fn proc_stat_fields_follow_the_last_parenthesis() {

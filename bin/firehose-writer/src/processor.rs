@@ -33,17 +33,25 @@ use crate::metrics::Metrics;
 use crate::repair::{repair_backoff, RepairRequest, RepairResult, MAX_IN_FLIGHT};
 use crate::state::{RevRecord, StateStore, WorkKind};
 use crate::tracked::DidSet;
-use crate::verifier::Identities;
+use crate::verifier::{Ahead, Identities};
+use crate::withdrawn::Screen;
+
+mod withdraw;
+pub use withdraw::Withdrawals;
 
 /// What the processor receives, in order.
 #[derive(Debug)]
 pub enum Input {
     /// Frames in arrival order.
     Frames(Vec<Bytes>),
+    /// Frames in arrival order, with what the verification stage checked ahead (by position).
+    Verified(Vec<Bytes>, Vec<Option<Ahead>>),
     /// Time to check whether a commit is due (sent by a ticker while frames are scarce).
     Tick,
     /// New tracked sets (SIGHUP): study users, in-network users.
     Reload(DidSet, DidSet),
+    /// A new `--withdrawn` list (SIGHUP), sent just before the `Reload` it was read with.
+    Withdrawn(std::collections::HashSet<Did>),
     /// The source switched to a live tail with lower seqs (FutureCursor with `--on-future-cursor=live`).
     ResetSeq,
     /// A repo fetched for a backfill or resync (or why it could not be).
@@ -56,7 +64,7 @@ pub enum Input {
 pub struct Verification {
     pub mode: VerifyMode,
     /// `None` only with `VerifyMode::Off`.
-    pub identities: Option<Box<dyn Identities>>,
+    pub identities: Option<Arc<dyn Identities>>,
 }
 
 impl Verification {
@@ -109,6 +117,8 @@ pub struct Processor {
     in_flight: HashSet<Did>,
     /// Repos whose chain broke again while their fetch was out.
     refetch: HashSet<Did>,
+    /// Consent withdrawal (`processor/withdraw.rs`).
+    withdrawals: Withdrawals,
 }
 
 /// Marks an error that must stop the writer instead of being retried.
@@ -178,6 +188,7 @@ impl Processor {
             repairs: Repairs::default(),
             in_flight: HashSet::new(),
             refetch: HashSet::new(),
+            withdrawals: Withdrawals::default(),
         }
     }
 
@@ -249,6 +260,7 @@ impl Processor {
 
     /// Consumes inputs until `End` (or the channel closes), then commits.
     pub fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<ProcessorSummary> {
+        self.purge_at_start()?;
         while let Some(input) = rx.blocking_recv() {
             match input {
                 Input::Frames(frames) => {
@@ -256,10 +268,18 @@ impl Processor {
                     // before them recorded (the source stamps arrival before a batch is sent).
                     self.metrics.frame_arrived();
                     for frame in &frames {
-                        self.handle_frame(frame)?;
+                        self.handle_frame(frame.len(), decode_frame(frame), None)?;
+                    }
+                }
+                Input::Verified(frames, mut ahead) => {
+                    self.metrics.frame_arrived();
+                    for (i, frame) in frames.iter().enumerate() {
+                        let checked = ahead.get_mut(i).and_then(Option::take);
+                        self.handle_frame(frame.len(), decode_frame(frame), checked)?;
                     }
                 }
                 Input::Tick => self.dispatch_repairs(),
+                Input::Repaired(result) if self.withdrawn_repair(&result.did) => {}
                 Input::Repaired(result) => {
                     self.apply_repair(*result)?;
                     self.dispatch_repairs();
@@ -274,6 +294,7 @@ impl Processor {
                     self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                     self.queue_backfills();
                 }
+                Input::Withdrawn(dids) => self.reload_withdrawn(dids)?,
                 Input::ResetSeq => {
                     self.last_seq = None;
                     // The old stream's cursor means nothing to the new one.
@@ -309,14 +330,19 @@ impl Processor {
         &self.clock
     }
 
-    fn handle_frame(&mut self, bytes: &[u8]) -> Result<()> {
+    fn handle_frame(
+        &mut self,
+        len: usize,
+        event: Result<Event<'_>, sync_core::frame::FrameError>,
+        ahead: Option<Ahead>,
+    ) -> Result<()> {
         self.summary.frames += 1;
-        self.metrics.frame(bytes.len());
-        let event = match decode_frame(bytes) {
+        self.metrics.frame(len);
+        let event = match event {
             Ok(event) => event,
             Err(e) => {
                 self.metrics.dropped(e.reason());
-                warn!(error = %e, bytes = bytes.len(), "dropping undecodable frame");
+                warn!(error = %e, bytes = len, "dropping undecodable frame");
                 return Ok(());
             }
         };
@@ -329,6 +355,15 @@ impl Processor {
                 return Ok(());
             }
         }
+        // Nothing by or about a withdrawn participant is routed (checked like the tracked sets).
+        let Some(screen) = self.screen_withdrawn(seq, &event)? else {
+            self.advance(seq);
+            return Ok(());
+        };
+        let routed_event = match &screen {
+            Screen::Ops { event, .. } => &**event,
+            _ => &event,
+        };
         match &event {
             Event::Info(info) if info.name == "OutdatedCursor" => {
                 self.metrics.outdated_cursor.fetch_add(1, Ordering::Relaxed);
@@ -372,7 +407,7 @@ impl Processor {
         // A failed index lookup would silently drop a reaction: route again until the lookups
         // succeed (the cursor does not move meanwhile).
         let routing = self.retry_state("state lookup", seq, |p| {
-            let routing = route_event(&event, &p.state, &clock);
+            let routing = route_event(routed_event, &p.state, &clock);
             match p.state.take_lookup_error() {
                 Some(e) => Err(anyhow::anyhow!(e)),
                 None => Ok(routing),
@@ -385,7 +420,7 @@ impl Processor {
             Event::Commit(c) => {
                 let tracked = self.state.tracked(&c.repo);
                 if self.must_verify(tracked, !routing.files.is_empty()) {
-                    let verified = match self.verify_commit(c) {
+                    let verified = match self.verify_commit(c, ahead) {
                         Ok(v) => v,
                         Err(reason) => {
                             self.verify_failed(seq, &c.repo, c.rev.as_str(), reason, tracked);
@@ -515,7 +550,11 @@ impl Processor {
 
     /// Verifies a commit with its repo's key; a bad signature is tried once more with the
     /// document fetched again (the key may have rotated without an `#identity` we saw).
-    fn verify_commit(&self, c: &Commit<'_>) -> Result<VerifiedCommit, &'static str> {
+    fn verify_commit(
+        &self,
+        c: &Commit<'_>,
+        ahead: Option<Ahead>,
+    ) -> Result<VerifiedCommit, &'static str> {
         let identities = self
             .verification
             .identities
@@ -523,9 +562,14 @@ impl Processor {
             .ok_or("no_identity_source")?;
         let identity = identities.identity(&c.repo)?;
         let opts = VerifyOptions::at(now_micros());
-        match verify_commit(c, &identity.signing_key, &opts) {
+        let first = match ahead {
+            // Checked with the key the repo still has (no `#identity` changed it since).
+            Some(ahead) if ahead.identity.signing_key == identity.signing_key => ahead.result,
+            _ => verify_commit(c, &identity.signing_key, &opts).map_err(|e| e.reason()),
+        };
+        match first {
             Ok(v) => Ok(v),
-            Err(e) if e.reason() == "bad_signature" => {
+            Err("bad_signature") => {
                 let fresh = identities.refresh(&c.repo)?;
                 if fresh.signing_key == identity.signing_key {
                     return Err("bad_signature");
@@ -533,7 +577,7 @@ impl Processor {
                 info!(repo = %c.repo, "signing key changed since the cached document; verifying with the new one");
                 verify_commit(c, &fresh.signing_key, &opts).map_err(|e| e.reason())
             }
-            Err(e) => Err(e.reason()),
+            Err(reason) => Err(reason),
         }
     }
 
@@ -758,7 +802,9 @@ impl Processor {
             let commits = resync::assemble(repo, did, ctx, changes)
                 .map_err(|e| anyhow::anyhow!("assembling repaired records of {did}: {e}"))?;
             for commit in commits {
-                let event = Event::Commit(commit);
+                let Some(event) = self.screen_repaired(Event::Commit(commit)) else {
+                    continue;
+                };
                 let routing = self.retry_state("state lookup", None, |p| {
                     let routing = route_event(&event, &p.state, &clock);
                     match p.state.take_lookup_error() {

@@ -109,17 +109,45 @@ pub async fn fetch(
 }
 
 /// The fetcher task: one fetch per request, concurrently (the processor bounds how many are
-/// out; the PDS client bounds each host), each answer sent back to the processor.
+/// out; the PDS client bounds each host), each answer sent back to the processor. Every
+/// request gets an answer: a fetch that outlives `deadline` or panics is a failure (retried
+/// with backoff), never a repo left "in flight" for the rest of the run.
 pub async fn run_fetcher(
     mut requests: tokio::sync::mpsc::UnboundedReceiver<RepairRequest>,
     processor: tokio::sync::mpsc::Sender<crate::processor::Input>,
     resolver: crate::identity::IdentityResolver,
     pds: crate::pds::PdsClient,
+    deadline: Duration,
 ) {
     while let Some(request) = requests.recv().await {
         let (resolver, pds, processor) = (resolver.clone(), pds.clone(), processor.clone());
         tokio::spawn(async move {
-            let outcome = fetch(&resolver, &pds, &request.did).await;
+            let did = request.did.clone();
+            let mut work = tokio::spawn(async move { fetch(&resolver, &pds, &did).await });
+            let failure = |reason, message| RepairFailure {
+                reason,
+                message,
+                permanent: false,
+                retry_after: None,
+            };
+            let outcome = match tokio::time::timeout(deadline, &mut work).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(e)) => Err(failure(
+                    "fetch_failed",
+                    format!("the fetch of {} stopped: {e}", request.did),
+                )),
+                Err(_) => {
+                    work.abort();
+                    Err(failure(
+                        "fetch_deadline",
+                        format!(
+                            "the fetch of {} took longer than {} s (--repo-fetch-timeout)",
+                            request.did,
+                            deadline.as_secs()
+                        ),
+                    ))
+                }
+            };
             let result = RepairResult {
                 did: request.did,
                 outcome,
@@ -175,6 +203,10 @@ impl crate::verifier::Identities for ResolverIdentities {
         }
         let (resolver, did) = (self.resolver.clone(), did.clone());
         self.wait(async move { resolver.resolve(&did).await })
+    }
+
+    fn peek(&self, did: &Did) -> Option<std::sync::Arc<sync_core::did_doc::AtprotoIdentity>> {
+        self.resolver.peek(did)
     }
 
     fn refresh(

@@ -14,6 +14,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -23,10 +24,12 @@ use sync_core::route::{Applied, RoutingState, StateUpdate};
 use sync_core::verify::{rev_is_plausible, VerifyOptions};
 use tracing::warn;
 
-use crate::tracked::DidSet;
+use crate::tracked::{DidSet, SharedMembership};
 
 mod repair;
+mod withdrawn;
 pub use repair::{unix_now, WorkItem, WorkKind};
+pub use withdrawn::WithdrawalSource;
 
 /// `meta` key of the last cursor override: JSON `{cursor, previous, by, at}`.
 pub const META_CURSOR_OVERRIDE: &str = "cursor_override";
@@ -194,8 +197,9 @@ CREATE TABLE IF NOT EXISTS backfilled (did TEXT PRIMARY KEY, rev TEXT NOT NULL, 
 ";
 
 /// `PRAGMA user_version` of the schema above. A newer file was written by a newer writer whose
-/// data this one could misread or damage.
-const SCHEMA_VERSION: i64 = 2;
+/// data this one could misread or damage. Version 3 records consent withdrawals (`withdrawn`):
+/// a writer that does not know them must not open the file and route a withdrawn DID again.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a version-1 file to version 2: `repo_revs` gains the chain state's MST root (`data`)
 /// and when the repo was first seen. Runs before [`SCHEMA`], in the same start-up.
@@ -288,6 +292,8 @@ struct Pending {
     /// A `--cursor` override, made durable with the first commit (with the rev reset of a
     /// rewind), so a run that ends before committing anything leaves the state as it was.
     cursor_override: Option<CursorOverride>,
+    /// Consent-withdrawal purges (`state/withdrawn.rs`), written last.
+    withdrawn: withdrawn::PendingWithdrawn,
 }
 
 /// The author of `uri` if it is a post URI (`at://<did>/app.bsky.feed.post/<rkey>`).
@@ -299,8 +305,10 @@ fn post_author(uri: &str) -> Option<&str> {
 
 pub struct StateStore {
     conn: Connection,
-    study_users: DidSet,
-    file_in_network: DidSet,
+    study_users: Arc<DidSet>,
+    file_in_network: Arc<DidSet>,
+    /// The same membership for the verification stage's thread.
+    shared: Arc<SharedMembership>,
     /// Subjects of study users' live follows, with how many study follows point at each.
     followed: HashMap<Did, u32>,
     /// Hashes of study-post URIs: a miss is certain, a hit is confirmed in the database.
@@ -327,6 +335,20 @@ pub struct StateStore {
     work: HashMap<Did, repair::WorkItem>,
     /// Study users already backfilled.
     backfilled: HashSet<Did>,
+    /// Withdrawn DIDs (consent withdrawal): never routed, never repaired.
+    withdrawn: withdrawn::WithdrawnState,
+    /// The last DID whose membership was looked up: handling one event asks about its repo
+    /// several times (dedupe, routing, verification, held records), and a lookup in a
+    /// million-DID set is a cache miss each time.
+    membership: std::cell::RefCell<Membership>,
+}
+
+/// A remembered membership answer; an empty `did` (no valid DID is empty) remembers nothing.
+#[derive(Default)]
+struct Membership {
+    did: String,
+    study: bool,
+    in_network: bool,
 }
 
 impl StateStore {
@@ -343,12 +365,19 @@ impl StateStore {
         let conn = Connection::open(path)
             .with_context(|| format!("opening state database {}", path.display()))?;
         let version = check_schema(&conn, path)?;
+        let new_file = !conn
+            .prepare("SELECT 1 FROM sqlite_master")?
+            .exists([])
+            .with_context(|| format!("reading {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         migrate(&conn, version)?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("creating schema in {}", path.display()))?;
+        conn.execute_batch(withdrawn::SCHEMA)
+            .with_context(|| format!("creating schema in {}", path.display()))?;
+        withdrawn::on_open(&conn, new_file)?;
         if version < SCHEMA_VERSION {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -358,8 +387,13 @@ impl StateStore {
             })
             .optional()?;
         let cursor = read_cursor(&conn)?;
+        let (study_users, in_network) = (Arc::new(study_users), Arc::new(in_network));
         let mut store = StateStore {
             conn,
+            shared: Arc::new(SharedMembership::new(
+                study_users.clone(),
+                in_network.clone(),
+            )),
             study_users,
             file_in_network: in_network,
             followed: HashMap::new(),
@@ -373,6 +407,8 @@ impl StateStore {
             lookup_error: std::cell::RefCell::new(None),
             work: HashMap::new(),
             backfilled: HashSet::new(),
+            membership: Default::default(),
+            withdrawn: Default::default(),
         };
         store.load()?;
         store.load_work()?;
@@ -397,8 +433,10 @@ impl StateStore {
         let mut stmt = self.conn.prepare("SELECT subject FROM study_follows")?;
         for subject in stmt.query_map([], |r| r.get::<_, String>(0))? {
             if let Ok(did) = Did::parse(&subject?) {
+                self.shared.followed(&did);
                 *self.followed.entry(did).or_default() += 1;
             }
+            self.forget_membership();
         }
         let mut stmt = self.conn.prepare("SELECT did, rev FROM repo_revs")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -461,6 +499,12 @@ impl StateStore {
     ) -> Result<usize> {
         let mut added = 0;
         for (uri, author) in posts {
+            // A withdrawn participant's posts never enter the index again.
+            if self.is_withdrawn(&author)
+                || uri.authority_did().is_some_and(|d| self.is_withdrawn(&d))
+            {
+                continue;
+            }
             if self.study_post_hashes.insert(key_hash(uri.as_str())) {
                 added += 1;
             }
@@ -479,12 +523,47 @@ impl StateStore {
 
     /// Replaces the file-loaded sets (SIGHUP); live follows are kept.
     pub fn replace_sets(&mut self, study_users: DidSet, in_network: DidSet) {
-        self.study_users = study_users;
-        self.file_in_network = in_network;
+        self.study_users = Arc::new(study_users);
+        self.file_in_network = Arc::new(in_network);
+        self.apply_withdrawn_sets();
+        self.sync_membership();
+    }
+
+    /// Brings the verification stage's view and the remembered answer up to date with the
+    /// sets and the followed accounts (after a reload or a withdrawal changed them).
+    pub(crate) fn sync_membership(&mut self) {
+        self.shared
+            .replace_sets(self.study_users.clone(), self.file_in_network.clone());
+        self.shared
+            .replace_followed(self.followed.keys().cloned().collect());
+        self.forget_membership();
+    }
+
+    /// Who is tracked, for another thread (the verification stage).
+    pub fn shared_membership(&self) -> Arc<SharedMembership> {
+        self.shared.clone()
     }
 
     pub fn tracked(&self, did: &Did) -> bool {
-        self.study_users.contains(did) || self.is_in_network(did)
+        let (study, in_network) = self.membership(did);
+        study || in_network
+    }
+
+    /// Whether `did` is a study user, and whether it is in-network (remembered for the last DID).
+    fn membership(&self, did: &Did) -> (bool, bool) {
+        let mut memo = self.membership.borrow_mut();
+        if memo.did != did.as_str() {
+            memo.study = self.study_users.contains(did);
+            memo.in_network = self.file_in_network.contains(did) || self.followed.contains_key(did);
+            memo.did.clear();
+            memo.did.push_str(did.as_str());
+        }
+        (memo.study, memo.in_network)
+    }
+
+    /// Must follow every change of the sets or of the followed accounts.
+    fn forget_membership(&self) {
+        self.membership.borrow_mut().did.clear();
     }
 
     /// Applies `--cursor N` / `FIREHOSE_CURSOR` unless this value was applied by an earlier
@@ -596,7 +675,12 @@ impl StateStore {
                     .follows
                     .insert(uri.as_str().to_owned(), (follower.clone(), subject.clone()));
                 if previous.is_none() && self.follow_subject_in_db(uri)?.is_none() {
-                    *self.followed.entry(subject.clone()).or_default() += 1;
+                    let count = self.followed.entry(subject.clone()).or_default();
+                    *count += 1;
+                    if *count == 1 {
+                        self.shared.followed(subject);
+                    }
+                    self.forget_membership();
                 }
             }
             StateUpdate::StudyUnfollow {
@@ -624,6 +708,8 @@ impl StateStore {
                     *count -= 1;
                     if *count == 0 {
                         self.followed.remove(&subject);
+                        self.shared.unfollowed(&subject);
+                        self.forget_membership();
                     }
                 }
                 self.pending.unfollows.push(uri.as_str().to_owned());
@@ -647,6 +733,7 @@ impl StateStore {
     /// Writes every queued update and the cursor in one transaction.
     pub fn commit(&mut self, cursor: Option<i64>) -> Result<()> {
         let cursor = cursor.or(self.pending.cursor_override.map(|o| o.cursor));
+        let purged_rows;
         let tx = self
             .conn
             .transaction()
@@ -711,6 +798,7 @@ impl StateStore {
                 upsert_rev.execute(params![did.as_str(), rev.as_str(), data, now])?;
             }
             repair::write_pending(&self.pending, &tx)?;
+            purged_rows = withdrawn::write_pending(&self.pending.withdrawn, &tx)?;
             if let Some(cursor) = cursor {
                 write_cursor(&tx, cursor)?;
                 if let Some(upstream) = &self.upstream {
@@ -724,11 +812,13 @@ impl StateStore {
         crate::fault::hit(crate::fault::Point::BeforeStateCommit);
         tx.commit().context("committing state")?;
         crate::fault::hit(crate::fault::Point::AfterStateCommit);
+        let purged = std::mem::take(&mut self.pending.withdrawn);
         self.pending = Pending::default();
         self.work.retain(|_, item| !item.done);
         if cursor.is_some() {
             self.cursor = cursor;
         }
+        self.after_commit(&purged, purged_rows);
         Ok(())
     }
 
@@ -747,11 +837,11 @@ impl StateStore {
 
 impl RoutingState for StateStore {
     fn is_study_user(&self, did: &Did) -> bool {
-        self.study_users.contains(did)
+        self.membership(did).0
     }
 
     fn is_in_network(&self, did: &Did) -> bool {
-        self.file_in_network.contains(did) || self.followed.contains_key(did)
+        self.membership(did).1
     }
 
     fn study_post_author(&self, uri: &str) -> Option<Did> {

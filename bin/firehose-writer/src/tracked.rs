@@ -589,3 +589,62 @@ mod tests {
         assert!(err.contains("no `bluesky_user_did` column"), "{err}");
     }
 }
+
+/// Who is tracked (study users and in-network accounts), readable from another thread: the
+/// verification stage ahead of the processor asks it which commits the processor will verify.
+/// The processor's state store keeps it current (sets replaced on SIGHUP, accounts followed
+/// and unfollowed by study users). An answer a moment out of date only moves work: a commit
+/// not checked ahead is checked by the processor, one checked needlessly is ignored.
+#[derive(Debug, Default)]
+pub struct SharedMembership {
+    sets: std::sync::RwLock<(std::sync::Arc<DidSet>, std::sync::Arc<DidSet>)>,
+    followed: std::sync::RwLock<HashSet<Did>>,
+}
+
+impl SharedMembership {
+    pub fn new(study: std::sync::Arc<DidSet>, in_network: std::sync::Arc<DidSet>) -> Self {
+        SharedMembership {
+            sets: std::sync::RwLock::new((study, in_network)),
+            followed: Default::default(),
+        }
+    }
+
+    /// Whether `did` is a study user or in-network.
+    pub fn tracked(&self, did: &Did) -> bool {
+        // A poisoned lock still holds valid sets (they are replaced whole).
+        let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
+        if sets.0.contains(did) || sets.1.contains(did) {
+            return true;
+        }
+        drop(sets);
+        self.followed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(did)
+    }
+
+    pub fn replace_sets(&self, study: std::sync::Arc<DidSet>, in_network: std::sync::Arc<DidSet>) {
+        *self.sets.write().unwrap_or_else(|p| p.into_inner()) = (study, in_network);
+    }
+
+    /// A study user now follows `did` (it was followed by none).
+    pub fn followed(&self, did: &Did) {
+        self.followed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(did.clone());
+    }
+
+    /// Every account study users follow, replacing what was held.
+    pub fn replace_followed(&self, followed: HashSet<Did>) {
+        *self.followed.write().unwrap_or_else(|p| p.into_inner()) = followed;
+    }
+
+    /// No study user follows `did` any more.
+    pub fn unfollowed(&self, did: &Did) {
+        self.followed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(did);
+    }
+}

@@ -11,6 +11,7 @@
 //! writes the repos' DID documents to `WORKDIR/did_docs.json`, so a verifying writer verifies the
 //! whole stream; `BENCH_WRITER_ARGS` adds writer flags (whitespace-separated; `{did_docs}` is
 //! replaced by that file's path), e.g. `--verify routed --did-docs {did_docs} --backfill off`.
+//! `BENCH_STREAM_CACHE=DIR` keeps the generated stream in DIR and reuses it on the next run.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -82,22 +83,60 @@ async fn main() {
 
     let t = Instant::now();
     let signed = std::env::var("BENCH_SIGNED").as_deref() == Ok("1");
-    let mut looped = synth::LoopedCapture::new(&raw, 1);
-    if signed {
-        looped = looped.signed();
-    }
-    let frames: Vec<Vec<u8>> = looped.by_ref().take(total).collect();
     let did_docs = work.join("did_docs.json");
-    if signed {
-        // The PDS endpoint is never reached: the benchmark runs without backfill.
-        let docs = looped.did_documents("https://pds.invalid");
-        std::fs::write(&did_docs, docs.to_string()).unwrap();
-        eprintln!(
-            "signed stream: {} DID documents in {}",
-            docs.as_object().map_or(0, |m| m.len()),
-            did_docs.display()
+    // Signing a million commits takes minutes: `BENCH_STREAM_CACHE=DIR` keeps the generated
+    // stream (and its DID documents) there for the next run. Only the generation is skipped:
+    // the stream is the same bytes either way.
+    let stream_cache = std::env::var_os("BENCH_STREAM_CACHE").map(|dir| {
+        let name = format!(
+            "stream-{total}-{}",
+            if signed { "signed" } else { "unsigned" }
         );
-    }
+        (
+            PathBuf::from(&dir).join(format!("{name}.bin")),
+            PathBuf::from(&dir).join(format!("{name}.did_docs.json")),
+        )
+    });
+    let cached = stream_cache
+        .as_ref()
+        .and_then(|(frames, _)| std::fs::read(frames).ok());
+    let frames: Vec<Vec<u8>> = match (&cached, &stream_cache) {
+        (Some(bytes), Some((_, docs))) => {
+            if signed {
+                std::fs::copy(docs, &did_docs).expect("cached DID documents");
+            }
+            eprintln!(
+                "stream read from {}",
+                stream_cache.as_ref().unwrap().0.display()
+            );
+            capture_frames(bytes).map(|f| f.unwrap().to_vec()).collect()
+        }
+        _ => {
+            let mut looped = synth::LoopedCapture::new(&raw, 1);
+            if signed {
+                looped = looped.signed();
+            }
+            let frames: Vec<Vec<u8>> = looped.by_ref().take(total).collect();
+            if signed {
+                // The PDS endpoint is never reached: the benchmark runs without backfill.
+                let docs = looped.did_documents("https://pds.invalid");
+                std::fs::write(&did_docs, docs.to_string()).unwrap();
+                eprintln!(
+                    "signed stream: {} DID documents in {}",
+                    docs.as_object().map_or(0, |m| m.len()),
+                    did_docs.display()
+                );
+            }
+            if let Some((frames_path, docs)) = &stream_cache {
+                std::fs::create_dir_all(frames_path.parent().unwrap()).unwrap();
+                std::fs::write(frames_path, synth::capture(&frames)).unwrap();
+                if signed {
+                    std::fs::copy(&did_docs, docs).unwrap();
+                }
+            }
+            frames
+        }
+    };
     let extra: Vec<String> = std::env::var("BENCH_WRITER_ARGS")
         .unwrap_or_default()
         .split_whitespace()

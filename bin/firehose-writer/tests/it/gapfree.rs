@@ -739,3 +739,46 @@ fn a_pds_answering_429_is_waited_for_not_hammered() {
     }
     e2e.net.stop();
 }
+
+/// A PDS that never finishes a `getRepo` (held open by the XRPC proxy) cannot hold a fetch
+/// slot forever: after `--repo-fetch-timeout` the fetch fails (`fetch_deadline`), the slot is
+/// free again and the repo stays queued for a retry.
+#[test]
+fn a_fetch_that_outlives_its_deadline_fails_and_frees_its_slot() {
+    let Some(e2e) = E2e::start() else { return };
+    let s1 = e2e.did("S1");
+    let xrpc = e2e.rt.block_on(XrpcProxy::start(&e2e.net.pds_url)).unwrap();
+    let docs = e2e.did_docs(&xrpc.url());
+    xrpc.hold(GET_REPO, Some(&s1));
+    let port = workspace_tests::s3::free_port();
+    let mut writer = e2e.writer(
+        "writer",
+        port,
+        &[
+            "--did-docs",
+            docs.to_str().unwrap(),
+            "--repo-fetch-timeout",
+            "2",
+        ],
+    );
+    e2e.wait_running(&mut writer, "S1's getRepo held", || xrpc.holding() >= 1);
+    e2e.wait_running(&mut writer, "a fetch_deadline failure", || {
+        metric(port, &["firehose_repair_failures_total", "fetch_deadline"]).unwrap_or(0.0) >= 1.0
+    });
+    // S2's backfill went through; S1's slot is free and S1 is still queued (backoff).
+    e2e.wait_running(&mut writer, "no repair in flight", || {
+        let Ok((_, body)) = workspace_tests::s3::http(port, "GET", "/health") else {
+            return false;
+        };
+        let Some(start) = body.find('{') else {
+            return false;
+        };
+        let health: serde_json::Value =
+            serde_json::from_str(&body[start..=body.rfind('}').unwrap()]).unwrap();
+        health["repairs_in_flight"] == 0 && health["resync_queue_depth"] == 1
+    });
+    xrpc.release();
+    let status = sigterm(&mut writer);
+    assert!(status.success(), "{status:?}");
+    e2e.net.stop();
+}

@@ -13,6 +13,7 @@ mod pds;
 mod process;
 mod source;
 mod state;
+mod withdrawn;
 mod writer;
 
 /// Helpers shared by the test modules.
@@ -59,6 +60,8 @@ mod support {
             study_users: "/nonexistent".into(),
             in_network: None,
             study_posts: None,
+            withdrawn: None,
+            account_deleted_is_withdrawal: false,
             cursor: None,
             stall_timeout: Duration::from_secs(60),
             on_future_cursor: FutureCursorPolicy::Exit,
@@ -74,6 +77,7 @@ mod support {
             pds_rate: 5.0,
             plc_rate: 10.0,
             max_repo_bytes: 1 << 30,
+            repo_fetch_timeout: Duration::from_secs(3600),
         }
     }
 

@@ -600,7 +600,7 @@ pub(crate) fn start_writer(cfg: Config) -> Running {
 }
 
 /// As [`start_writer`]; a send on `reload` acts as SIGHUP.
-fn start_writer_with_reload(
+pub(crate) fn start_writer_with_reload(
     cfg: Config,
     reload: Option<tokio::sync::mpsc::Receiver<()>>,
 ) -> Running {
@@ -1637,4 +1637,158 @@ async fn a_blocked_disk_slows_reading_instead_of_buffering_the_stream() {
         last < total * 2 / 3,
         "{last} of {total} frames were taken off the socket while nothing could be written"
     );
+}
+
+/// Keys by DID that change when the processor reports an `#identity`, and count the lookups
+/// made ahead of the processor.
+struct RotatingIdentities {
+    before: Arc<sync_core::did_doc::AtprotoIdentity>,
+    after: Arc<sync_core::did_doc::AtprotoIdentity>,
+    rotated: std::sync::atomic::AtomicBool,
+    peeks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RotatingIdentities {
+    fn current(&self) -> Arc<sync_core::did_doc::AtprotoIdentity> {
+        if self.rotated.load(Ordering::Relaxed) {
+            self.after.clone()
+        } else {
+            self.before.clone()
+        }
+    }
+}
+
+impl firehose_writer::verifier::Identities for RotatingIdentities {
+    fn identity(
+        &self,
+        _did: &sync_core::ids::Did,
+    ) -> Result<Arc<sync_core::did_doc::AtprotoIdentity>, &'static str> {
+        Ok(self.current())
+    }
+    fn peek(&self, _did: &sync_core::ids::Did) -> Option<Arc<sync_core::did_doc::AtprotoIdentity>> {
+        self.peeks.fetch_add(1, Ordering::Relaxed);
+        Some(self.current())
+    }
+    fn refresh(
+        &self,
+        _did: &sync_core::ids::Did,
+    ) -> Result<Arc<sync_core::did_doc::AtprotoIdentity>, &'static str> {
+        Ok(self.current())
+    }
+    fn changed(&self, _did: &sync_core::ids::Did) {
+        self.rotated.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn commits_verified_ahead_of_the_processor_still_honour_a_key_rotation_in_the_same_batch() {
+    use firehose_writer::cache::CacheWriter;
+    use firehose_writer::config::VerifyMode;
+    use firehose_writer::processor::{Input, Processor, Repairs, Verification};
+    use firehose_writer::verifier::VerifyStage;
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize};
+    use sync_core::did_doc::AtprotoIdentity;
+    use tokio_tungstenite::tungstenite::Bytes;
+
+    const DID: &str = "did:plc:rotatingkeyaaaaaaaaaaaa";
+    const POST: &str = "app.bsky.feed.post";
+    let mut repo = synth::SynthRepo::new(DID, [7; 32]);
+    let new_key = synth::SynthRepo::new(DID, [9; 32]).public_key();
+    let identity = |key| {
+        Arc::new(AtprotoIdentity {
+            did: repo.did(),
+            signing_key: key,
+            pds_endpoint: None,
+            handle: None,
+        })
+    };
+    let peeks = Arc::new(AtomicUsize::new(0));
+    let identities = RotatingIdentities {
+        before: identity(repo.public_key()),
+        after: identity(new_key),
+        rotated: AtomicBool::new(false),
+        peeks: peeks.clone(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let post = |text: &str| serde_json::json!({"$type": POST, "text": text, "createdAt": "2026-12-02T10:00:00.000Z"});
+    let time = "2026-12-02T10:00:00.000Z";
+    // One batch: a commit signed with the old key, the key rotation, then a commit still
+    // signed with the old key (a forgery once the key has changed).
+    let before = repo.commit(
+        1,
+        now,
+        time,
+        &[synth::OpSpec::create(POST, "3lbefore2222a", post("before"))],
+    );
+    let rotation = synth::identity_frame(2, DID, None, time);
+    let stale = repo.commit(
+        3,
+        now + 1_000,
+        time,
+        &[synth::OpSpec::create(POST, "3lstale22222a", post("stale"))],
+    );
+    let frames: Vec<Bytes> = [before, rotation, stale]
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cache_dir = tmp.path().join("cache");
+    let state_path = tmp.path().join("state.sqlite");
+    let state = firehose_writer::state::StateStore::open(
+        &state_path,
+        did_set(&[DID.to_owned()]),
+        HashSet::new(),
+    )
+    .unwrap();
+    let metrics = Metrics::new();
+    let identities: Arc<dyn firehose_writer::verifier::Identities> = Arc::new(identities);
+    let stage = VerifyStage {
+        mode: VerifyMode::Routed,
+        identities: identities.clone(),
+        membership: state.shared_membership(),
+        threads: 2,
+    };
+    let processor = Processor::new(
+        CacheWriter::open(&cache_dir).unwrap(),
+        state,
+        metrics.clone(),
+        Some(0),
+        Duration::from_millis(10),
+        Arc::new(AtomicI64::new(-1)),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .with_repairs(
+        Verification {
+            mode: VerifyMode::Routed,
+            identities: Some(identities),
+        },
+        Repairs::default(),
+    );
+    // The stage checks the whole batch before the processor sees any of it.
+    let (tx, stage_rx) = tokio::sync::mpsc::channel(4);
+    let (stage_tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.try_send(Input::Frames(frames)).unwrap();
+    tx.try_send(Input::End).unwrap();
+    drop(tx);
+    stage.run(stage_rx, stage_tx);
+    processor.run(rx).unwrap();
+
+    // Both commits were checked ahead (with the old key, all there was then)...
+    assert_eq!(peeks.load(Ordering::Relaxed), 2);
+    // ...but only the one made before the rotation is captured.
+    let files = cache_tree(&cache_dir);
+    assert!(
+        files.keys().any(|p| p.contains("3lbefore2222a")),
+        "{files:?}"
+    );
+    assert!(
+        !files.keys().any(|p| p.contains("3lstale22222a")),
+        "{files:?}"
+    );
+    assert_eq!(metrics.verify_failures().get("bad_signature"), Some(&1));
+    assert_eq!(metrics.verified_commits.load(Ordering::Relaxed), 1);
 }

@@ -1,0 +1,173 @@
+//! The processor's part of consent withdrawal (`crate::withdrawn`): the screen before routing,
+//! account deletions that count as withdrawals, and the purge, in an order that survives a
+//! crash at any point:
+//!
+//! 1. the state stops routing the DID (in memory, at once);
+//! 2. a barrier and commit: everything handled before is durable, so the walk sees every file
+//!    of theirs and the purge transaction comes after every row of theirs;
+//! 3. their cache files are removed and the removals made durable (`syncfs`);
+//! 4. their index rows are deleted and the purge recorded (salted hash) in one transaction with
+//!    the cursor; the WAL is then truncated.
+//!
+//! A crash before 4 leaves the purge unrecorded: the next start (which loads the withdrawn list
+//! before handling any frame) does it again, and every step is idempotent.
+
+use std::sync::atomic::Ordering;
+
+use anyhow::Result;
+use sync_core::frame::Event;
+use sync_core::ids::Did;
+use sync_core::route::RoutingState;
+use tracing::{info, warn};
+
+use super::{cache_error, Processor};
+use crate::withdrawn::{remove_cache_files, Screen};
+
+/// Withdrawal settings of a processor.
+#[derive(Debug, Default)]
+pub struct Withdrawals {
+    /// `--account-deleted-is-withdrawal`.
+    pub account_deleted: bool,
+    /// Withdrawn DIDs found at start whose purge was never applied.
+    pub at_start: Vec<Did>,
+}
+
+impl Processor {
+    /// Sets what to purge at start and whether an account deletion is a withdrawal.
+    pub fn with_withdrawals(mut self, withdrawals: Withdrawals) -> Self {
+        self.withdrawals = withdrawals;
+        self.metrics
+            .withdrawn_dids
+            .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
+        self
+    }
+
+    /// The purges owed at start, before the first frame.
+    pub(super) fn purge_at_start(&mut self) -> Result<()> {
+        let dids = std::mem::take(&mut self.withdrawals.at_start);
+        self.purge_withdrawn(dids)
+    }
+
+    /// A new `--withdrawn` list (SIGHUP): applied before the tracked sets that come with it.
+    pub(super) fn reload_withdrawn(&mut self, dids: std::collections::HashSet<Did>) -> Result<()> {
+        let new = self.retry_state("withdrawn list", None, |p| {
+            p.state.set_withdrawn(dids.clone())
+        })?;
+        self.dirty = true;
+        self.metrics
+            .withdrawn_dids
+            .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
+        self.purge_withdrawn(new)
+    }
+
+    /// What routing may see of `event` (`None`: nothing, the event is dropped). A study user's
+    /// account deletion is first turned into a withdrawal when that is configured.
+    pub(super) fn screen_withdrawn<'a>(
+        &mut self,
+        seq: Option<i64>,
+        event: &Event<'a>,
+    ) -> Result<Option<Screen<'a>>> {
+        if let Event::Account(account) = event {
+            if self.withdrawals.account_deleted
+                && account.status.as_deref() == Some("deleted")
+                && self.state.is_study_user(&account.did)
+            {
+                warn!(seq, repo = %account.did, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); their data is purged and stays withdrawn while the study-user file lists them");
+                let did = account.did.clone();
+                let new =
+                    self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;
+                self.metrics
+                    .withdrawn_dids
+                    .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
+                self.purge_withdrawn(new)?;
+            }
+        }
+        let screen = self.state.withdrawn().screen(event);
+        match &screen {
+            Screen::Keep => return Ok(Some(Screen::Keep)),
+            Screen::Drop => self.metrics.withdrawn_dropped("event", 1),
+            Screen::Ops { dropped, .. } => self.metrics.withdrawn_dropped("op", *dropped as u64),
+        }
+        Ok(match screen {
+            Screen::Drop => None,
+            other => Some(other),
+        })
+    }
+
+    /// A repaired record routed like a stream event goes through the same screen (`None`:
+    /// route nothing of it).
+    pub(super) fn screen_repaired<'a>(&self, event: Event<'a>) -> Option<Event<'a>> {
+        match self.state.withdrawn().screen(&event) {
+            Screen::Keep => Some(event),
+            Screen::Drop => {
+                self.metrics.withdrawn_dropped("event", 1);
+                None
+            }
+            Screen::Ops { event, dropped } => {
+                self.metrics.withdrawn_dropped("op", dropped as u64);
+                Some(*event)
+            }
+        }
+    }
+
+    /// A fetch that was under way when its repo was withdrawn came back: nothing of it is
+    /// applied (its queue entry is gone), and the document its lookup may have cached goes.
+    pub(super) fn withdrawn_repair(&mut self, did: &Did) -> bool {
+        if !self.state.is_withdrawn(did) {
+            return false;
+        }
+        self.in_flight.remove(did);
+        self.refetch.remove(did);
+        self.metrics
+            .repairs_in_flight
+            .store(self.in_flight.len() as u64, Ordering::Relaxed);
+        self.state.forget_identity(did);
+        self.dirty = true;
+        true
+    }
+
+    /// Purges `dids` (module documentation for the order).
+    fn purge_withdrawn(&mut self, dids: Vec<Did>) -> Result<()> {
+        if dids.is_empty() {
+            return Ok(());
+        }
+        let seq = self.last_seq;
+        for did in &dids {
+            self.in_flight.remove(did);
+            self.refetch.remove(did);
+        }
+        self.commit()?;
+        let targets = self.retry_state("withdrawn index lookup", seq, |p| {
+            p.state.cache_targets(&dids)
+        })?;
+        let removal = self.retry("withdrawal cache purge", seq, |p| {
+            remove_cache_files(&p.cache, &targets)
+        })?;
+        self.retry("withdrawal cache flush", seq, |p| {
+            p.cache.sync_removals(&removal.dirs).map_err(cache_error)
+        })?;
+        self.state.record_purge(&dids, removal.uris);
+        self.dirty = true;
+        self.commit()?;
+        let rows = self.state.purged_rows();
+        self.metrics
+            .withdrawn_files_removed
+            .fetch_add(removal.removed, Ordering::Relaxed);
+        self.metrics
+            .withdrawn_rows_purged
+            .fetch_add(rows, Ordering::Relaxed);
+        self.metrics
+            .withdrawn_dids
+            .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
+        self.dispatch_repairs();
+        // The DIDs are in the log already (the operator's list); the summary names none.
+        info!(
+            participants = dids.len(),
+            files_removed = removal.removed,
+            index_rows = rows,
+            cursor = ?self.state.cursor(),
+            "consent withdrawal applied: cache files removed, index rows purged with the cursor"
+        );
+        Ok(())
+    }
+}

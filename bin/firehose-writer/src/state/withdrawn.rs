@@ -1,0 +1,599 @@
+//! The state side of consent withdrawal: which DIDs are withdrawn (the `--withdrawn` file, and
+//! study users whose account deletion counted as a withdrawal), the tracked sets without them,
+//! and the purge of every index row for them, written in the commit transaction with the cursor.
+//!
+//! The state never holds a withdrawn DID: an applied purge is recorded in `withdrawn` as a
+//! salted hash (the salt is random per state file, in `meta`), so a restart knows it is done and
+//! does not walk the cache again. A withdrawal by account deletion (`--account-deleted-is-
+//! withdrawal`) is only that hash too: at every (re)load each study user's hash is looked up, so
+//! it stays withdrawn while the study-user file lists it; a file withdrawal whose DID leaves the
+//! file is forgotten (a later one purges again).
+//!
+//! Erasure is physical: the connection runs with `secure_delete` (freed bytes are zeroed), a
+//! state file that existed before that was on is vacuumed once at its first purge, and after
+//! each purge the WAL is checkpointed and truncated, so no older copy of their pages survives
+//! in `-wal`.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use sync_core::ids::{AtUri, Did, RecordKey};
+use sync_core::paths::{rkey_component, Folder};
+use tracing::{info, warn};
+
+use super::StateStore;
+use crate::withdrawn::{salted_hash, CacheTargets, Matcher, Withdrawn};
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS withdrawn (hash TEXT PRIMARY KEY, source TEXT NOT NULL, applied_at INTEGER NOT NULL) WITHOUT ROWID;
+";
+
+/// `meta` key of the salt withdrawal hashes are made with (hex).
+const META_SALT: &str = "withdrawn_salt";
+/// `meta` key present once every delete in the file has zeroed its bytes: set when the file is
+/// created by a writer with `secure_delete`, or after the VACUUM of the first purge.
+const META_SECURE_DELETE: &str = "secure_delete_since";
+
+/// Why a DID is withdrawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WithdrawalSource {
+    /// Listed in `--withdrawn`.
+    File,
+    /// A study user's `#account` event said `deleted` (`--account-deleted-is-withdrawal`).
+    AccountDeleted,
+}
+
+impl WithdrawalSource {
+    fn label(self) -> &'static str {
+        match self {
+            WithdrawalSource::File => "file",
+            WithdrawalSource::AccountDeleted => "account_deleted",
+        }
+    }
+
+    fn parse(s: &str) -> WithdrawalSource {
+        match s {
+            "account_deleted" => WithdrawalSource::AccountDeleted,
+            _ => WithdrawalSource::File,
+        }
+    }
+}
+
+/// Withdrawal state held in memory.
+#[derive(Default)]
+pub(super) struct WithdrawnState {
+    loaded: bool,
+    salt: Vec<u8>,
+    /// Every DID withdrawn now (file and account deletions): routing never sees them.
+    set: Withdrawn,
+    file: HashSet<Did>,
+    /// Study users withdrawn by an account deletion (this run, or found by hash at a load).
+    account_deleted: HashSet<Did>,
+    /// Recorded withdrawals (purge applied): salted hash -> source.
+    applied: HashMap<String, WithdrawalSource>,
+    /// DIDs both listed as study users and withdrawn that were logged already.
+    logged: HashSet<Did>,
+    /// Index rows removed by the last purge commit (the processor reports them).
+    pub(super) purged_rows: u64,
+    /// A checkpoint after a purge could not truncate the WAL yet (a reader held it): retried
+    /// after every commit until it does.
+    checkpoint_owed: bool,
+    /// Likewise for the one-time VACUUM of a file older than `secure_delete`.
+    vacuum_owed: bool,
+}
+
+/// Withdrawal changes waiting for the next commit.
+#[derive(Default)]
+pub(super) struct PendingWithdrawn {
+    purges: Vec<(Did, String, WithdrawalSource)>,
+    /// `uri`s of removed cache files (reactions to them, follows of them): their index rows go.
+    uris: HashSet<String>,
+    /// Hashes of file withdrawals no longer listed.
+    revoked: Vec<String>,
+    /// DIDs whose document a fetch that was under way may have cached after their purge.
+    identities: Vec<Did>,
+}
+
+impl PendingWithdrawn {
+    pub(super) fn purges(&self) -> bool {
+        !self.purges.is_empty()
+    }
+}
+
+/// Called when the state file is opened: deletes zero their bytes from now on; a new file never
+/// held unzeroed deleted bytes.
+pub(super) fn on_open(conn: &Connection, new_file: bool) -> Result<()> {
+    conn.pragma_update(None, "secure_delete", "ON")
+        .context("turning on secure_delete")?;
+    if new_file {
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            params![META_SECURE_DELETE],
+        )?;
+    }
+    Ok(())
+}
+
+fn random_salt() -> Result<Vec<u8>> {
+    let mut salt = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut salt))
+        .context("reading a random salt from /dev/urandom")?;
+    Ok(salt)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// `[at://<did>/, at://<did>0)`: every URI in `did`'s repo, as a range (no LIKE: a did:web may
+/// hold `%` or `_`).
+fn repo_range(did: &Did) -> (String, String) {
+    (format!("at://{did}/"), format!("at://{did}0"))
+}
+
+/// The four reaction folders nested by the record key of one of their posts.
+fn reaction_dirs(rkey: RecordKey) -> [String; 4] {
+    [
+        Folder::ReplyToUserPost(rkey.clone()).dir(),
+        Folder::LikeOnUserPost(rkey.clone()).dir(),
+        Folder::RepostOfUserPost(rkey.clone()).dir(),
+        Folder::QuoteOfUserPost(rkey).dir(),
+    ]
+}
+
+fn post_rkey(uri: &str) -> Option<RecordKey> {
+    let uri = AtUri::parse(uri).ok()?;
+    (uri.collection() == Some(sync_core::records::POST))
+        .then(|| RecordKey::parse(uri.rkey()?).ok())
+        .flatten()
+}
+
+/// Writes the pending withdrawal changes inside the commit's transaction, after every other
+/// pending change (so rows of theirs queued in this same commit go too). Returns the number of
+/// index rows removed.
+pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) -> Result<u64> {
+    let identity_cache: bool = tx
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'identity_cache'")?
+        .exists([])?;
+    let mut rows = 0u64;
+    let mut run = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<()> {
+        rows += tx
+            .prepare_cached(sql)?
+            .execute(p)
+            .with_context(|| format!("purging a withdrawn DID: {sql}"))? as u64;
+        Ok(())
+    };
+    for did in &pending.identities {
+        if identity_cache {
+            run(
+                "DELETE FROM identity_cache WHERE did = ?1",
+                &[&did.as_str()],
+            )?;
+        }
+    }
+    for (did, hash, source) in &pending.purges {
+        let d = did.as_str();
+        let (from, to) = repo_range(did);
+        // Reactions to their posts are routed by the post's record key (the folder).
+        let posts: Vec<String> = tx
+            .prepare_cached(
+                "SELECT uri FROM study_posts WHERE author = ?1 OR (uri >= ?2 AND uri < ?3)",
+            )?
+            .query_map(params![d, from, to], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for rkey in posts.iter().filter_map(|u| post_rkey(u)) {
+            for dir in reaction_dirs(rkey) {
+                run("DELETE FROM routed WHERE folder = ?1", &[&dir])?;
+            }
+        }
+        run(
+            "DELETE FROM study_posts WHERE author = ?1 OR (uri >= ?2 AND uri < ?3)",
+            &[&d, &from, &to],
+        )?;
+        run(
+            "DELETE FROM routed WHERE uri >= ?1 AND uri < ?2",
+            &[&from, &to],
+        )?;
+        run(
+            "DELETE FROM in_network_posts WHERE uri >= ?1 AND uri < ?2",
+            &[&from, &to],
+        )?;
+        run("DELETE FROM in_network_post_authors WHERE did = ?1", &[&d])?;
+        // Their follows (the accounts only they followed leave the network: the in-network
+        // set is recomputed after the commit) and the follows of them.
+        run(
+            "DELETE FROM study_follows WHERE follower = ?1 OR subject = ?1",
+            &[&d],
+        )?;
+        run(
+            "DELETE FROM unknown_unfollows WHERE follower = ?1 OR (uri >= ?2 AND uri < ?3)",
+            &[&d, &from, &to],
+        )?;
+        for table in ["repo_revs", "repo_records", "repo_work", "backfilled"] {
+            run(&format!("DELETE FROM {table} WHERE did = ?1"), &[&d])?;
+        }
+        if identity_cache {
+            run("DELETE FROM identity_cache WHERE did = ?1", &[&d])?;
+        }
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO withdrawn (hash, source, applied_at) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![hash, source.label(), super::repair::unix_now()])?;
+    }
+    if !pending.purges.is_empty() {
+        // Records of others about them (a follow of them routed to `followee`, a reaction
+        // whose file named them): their own index rows would only route deletes about them.
+        for uri in &pending.uris {
+            run("DELETE FROM routed WHERE uri = ?1", &[uri])?;
+            run("DELETE FROM in_network_posts WHERE uri = ?1", &[uri])?;
+        }
+    }
+    for hash in &pending.revoked {
+        tx.prepare_cached("DELETE FROM withdrawn WHERE hash = ?1 AND source = 'file'")?
+            .execute(params![hash])?;
+    }
+    Ok(rows)
+}
+
+impl StateStore {
+    fn load_withdrawn(&mut self) -> Result<()> {
+        if self.withdrawn.loaded {
+            return Ok(());
+        }
+        let stored: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                params![META_SALT],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let salt = match stored.as_deref().and_then(unhex) {
+            Some(salt) if !salt.is_empty() => salt,
+            _ => {
+                let salt = random_salt()?;
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                    params![META_SALT, hex(&salt)],
+                )?;
+                salt
+            }
+        };
+        let applied: HashMap<String, WithdrawalSource> = self
+            .conn
+            .prepare("SELECT hash, source FROM withdrawn")?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .map(|row| row.map(|(h, s)| (h, WithdrawalSource::parse(&s))))
+            .collect::<Result<_, _>>()?;
+        self.withdrawn.salt = salt;
+        self.withdrawn.applied = applied;
+        self.withdrawn.loaded = true;
+        Ok(())
+    }
+
+    fn withdrawal_hash(&self, did: &Did) -> String {
+        salted_hash(&self.withdrawn.salt, did)
+    }
+
+    /// Sets the `--withdrawn` list (start, SIGHUP). Routing stops seeing those DIDs at once;
+    /// returns the ones whose purge was never applied (the processor purges them). A file
+    /// withdrawal no longer listed is forgotten with the next commit.
+    pub fn set_withdrawn(&mut self, file: HashSet<Did>) -> Result<Vec<Did>> {
+        self.load_withdrawn()?;
+        let listed: HashSet<String> = file.iter().map(|d| self.withdrawal_hash(d)).collect();
+        let revoked: Vec<String> = self
+            .withdrawn
+            .applied
+            .iter()
+            .filter(|(h, s)| **s == WithdrawalSource::File && !listed.contains(*h))
+            .map(|(h, _)| h.clone())
+            .collect();
+        if !revoked.is_empty() {
+            warn!(
+                count = revoked.len(),
+                "withdrawals recorded earlier are no longer in the withdrawn file: those DIDs are routed again if tracked (a later listing purges them again)"
+            );
+        }
+        for hash in revoked {
+            self.withdrawn.applied.remove(&hash);
+            self.pending.withdrawn.revoked.push(hash);
+        }
+        self.withdrawn.file = file;
+        self.apply_withdrawn_sets();
+        Ok(self.withdrawals_to_purge())
+    }
+
+    /// A study user's account was deleted and that counts as a withdrawal: withdrawn at once;
+    /// returns it when its purge is still to be applied.
+    pub fn withdraw_account(&mut self, did: &Did) -> Result<Vec<Did>> {
+        self.load_withdrawn()?;
+        self.withdrawn.account_deleted.insert(did.clone());
+        self.apply_withdrawn_sets();
+        Ok(self
+            .withdrawals_to_purge()
+            .into_iter()
+            .filter(|d| d == did)
+            .collect())
+    }
+
+    /// Withdrawn DIDs whose purge is not recorded (nor pending).
+    fn withdrawals_to_purge(&self) -> Vec<Did> {
+        self.withdrawn
+            .set
+            .iter()
+            .filter(|d| {
+                let hash = self.withdrawal_hash(d);
+                !self.withdrawn.applied.contains_key(&hash)
+                    && !self
+                        .pending
+                        .withdrawn
+                        .purges
+                        .iter()
+                        .any(|(_, h, _)| *h == hash)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Recomputes the withdrawn set and takes it out of everything routing and repairs read:
+    /// the tracked sets, the followed accounts, the repair queue.
+    pub(super) fn apply_withdrawn_sets(&mut self) {
+        if !self.withdrawn.loaded {
+            return;
+        }
+        // Account deletions recorded earlier: found again by hash among the study users.
+        let by_account: HashSet<&String> = self
+            .withdrawn
+            .applied
+            .iter()
+            .filter(|(_, s)| **s == WithdrawalSource::AccountDeleted)
+            .map(|(h, _)| h)
+            .collect();
+        if !by_account.is_empty() {
+            let found: Vec<Did> = self
+                .study_users
+                .iter()
+                .filter(|d| by_account.contains(&self.withdrawal_hash(d)))
+                .collect();
+            self.withdrawn.account_deleted.extend(found);
+        }
+        let all: HashSet<Did> = self
+            .withdrawn
+            .file
+            .iter()
+            .chain(&self.withdrawn.account_deleted)
+            .cloned()
+            .collect();
+        self.withdrawn.set = Withdrawn::new(all);
+        let set = &self.withdrawn.set;
+        if set.is_empty() {
+            return;
+        }
+        let in_study: Vec<Did> = set
+            .iter()
+            .filter(|d| self.study_users.contains(d))
+            .cloned()
+            .collect();
+        for did in &in_study {
+            if self.withdrawn.logged.insert(did.clone()) {
+                info!(repo = %did, "a study user is withdrawn: treated as withdrawn, never routed");
+            }
+        }
+        if !in_study.is_empty() {
+            self.study_users = std::sync::Arc::new(
+                self.study_users
+                    .iter()
+                    .filter(|d| !set.contains(d))
+                    .collect(),
+            );
+        }
+        if set.iter().any(|d| self.file_in_network.contains(d)) {
+            self.file_in_network = std::sync::Arc::new(
+                self.file_in_network
+                    .iter()
+                    .filter(|d| !set.contains(d))
+                    .collect(),
+            );
+        }
+        self.followed.retain(|d, _| !set.contains(d));
+        let queued: Vec<Did> = self
+            .work
+            .keys()
+            .filter(|d| set.contains(d))
+            .cloned()
+            .collect();
+        for did in queued {
+            // Never backfilled nor resynced again; the rows go with the purge (or now, for a
+            // withdrawal applied earlier whose DID a resync queued meanwhile).
+            self.work.remove(&did);
+            self.pending
+                .work
+                .insert(did.clone(), super::repair::WorkChange::Remove);
+        }
+        self.backfilled.retain(|d| !set.contains(d));
+        self.sync_membership();
+    }
+
+    pub fn is_withdrawn(&self, did: &Did) -> bool {
+        self.withdrawn.set.contains(did)
+    }
+
+    /// The withdrawn DIDs in effect (what the processor screens events with).
+    pub fn withdrawn(&self) -> &Withdrawn {
+        &self.withdrawn.set
+    }
+
+    /// What identifies the cache files of `dids` (and of every other withdrawn DID, in case an
+    /// older writer wrote some): their DIDs, the URIs of their study posts that do not name the
+    /// DID, and the folder names of those posts' record keys.
+    pub fn cache_targets(&self, dids: &[Did]) -> Result<CacheTargets> {
+        let mut uris: Vec<String> = Vec::new();
+        for did in dids {
+            let (from, to) = repo_range(did);
+            let rows: Vec<String> = self
+                .conn
+                .prepare_cached(
+                    "SELECT uri FROM study_posts WHERE author = ?1 OR (uri >= ?2 AND uri < ?3)",
+                )?
+                .query_map(params![did.as_str(), from, to], |r| r.get(0))?
+                .collect::<Result<_, _>>()
+                .context("reading a withdrawn participant's study posts")?;
+            uris.extend(rows);
+            uris.extend(
+                self.pending
+                    .study_posts
+                    .iter()
+                    .filter(|(_, author)| *author == did)
+                    .map(|(u, _)| u.clone()),
+            );
+        }
+        let post_rkey_folders = uris
+            .iter()
+            .filter_map(|u| post_rkey(u))
+            .map(|rkey| rkey_component(&rkey).into_owned())
+            .collect();
+        let handle_uris: Vec<&String> = uris
+            .iter()
+            .filter(|u| !dids.iter().any(|d| u.contains(d.as_str())))
+            .collect();
+        let matcher = Matcher::new(
+            self.withdrawn
+                .set
+                .iter()
+                .map(Did::as_str)
+                .chain(dids.iter().map(Did::as_str))
+                .chain(handle_uris.iter().map(|u| u.as_str())),
+        );
+        Ok(CacheTargets {
+            matcher,
+            post_rkey_folders,
+        })
+    }
+
+    /// Queues the purge of every index row of `dids` for the next commit (call it once their
+    /// cache files are durably gone). `uris`: of the removed files, whose rows go too.
+    pub fn record_purge(&mut self, dids: &[Did], uris: HashSet<String>) {
+        for did in dids {
+            let hash = self.withdrawal_hash(did);
+            let source = if self.withdrawn.file.contains(did) {
+                WithdrawalSource::File
+            } else {
+                WithdrawalSource::AccountDeleted
+            };
+            self.pending
+                .withdrawn
+                .purges
+                .push((did.clone(), hash, source));
+        }
+        self.pending.withdrawn.uris.extend(uris);
+    }
+
+    /// A fetch of a withdrawn DID that was under way when it was withdrawn came back: its
+    /// identity lookup may have cached their document since the purge.
+    pub fn forget_identity(&mut self, did: &Did) {
+        self.pending.withdrawn.identities.push(did.clone());
+    }
+
+    /// Index rows removed by the last commit's purges.
+    pub fn purged_rows(&self) -> u64 {
+        self.withdrawn.purged_rows
+    }
+
+    /// After a commit that purged: recorded in memory, the in-network set recomputed from the
+    /// remaining follows, and no copy of the old pages left (VACUUM once for a file older than
+    /// `secure_delete`, then a WAL checkpoint that truncates it). The transaction is committed
+    /// already, so what fails here is logged and tried again after the next commit.
+    pub(super) fn after_commit(&mut self, purged: &PendingWithdrawn, rows: u64) {
+        if purged.purges() {
+            self.withdrawn.purged_rows = rows;
+            for (_, hash, source) in &purged.purges {
+                self.withdrawn.applied.insert(hash.clone(), *source);
+            }
+            match self.followed_from_db() {
+                Ok(followed) => {
+                    self.followed = followed;
+                    self.sync_membership();
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "recomputing the in-network set after a withdrawal purge failed: accounts only the withdrawn participant followed stay in-network until the next start")
+                }
+            }
+            self.apply_withdrawn_sets();
+            self.withdrawn.vacuum_owed = true;
+            self.withdrawn.checkpoint_owed = true;
+        }
+        if self.withdrawn.vacuum_owed {
+            match self.vacuum_if_old() {
+                Ok(()) => self.withdrawn.vacuum_owed = false,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "VACUUM after a withdrawal purge failed: retried after the next commit")
+                }
+            }
+        }
+        if self.withdrawn.checkpoint_owed {
+            let checkpoint = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                });
+            match checkpoint {
+                Ok((0, _, _)) => self.withdrawn.checkpoint_owed = false,
+                Ok((_, log, done)) => {
+                    warn!(log, done, "the WAL could not be truncated after a withdrawal purge (a reader holds it): retried after the next commit")
+                }
+                Err(e) => {
+                    warn!(error = %e, "the WAL checkpoint after a withdrawal purge failed: retried after the next commit")
+                }
+            }
+        }
+    }
+
+    fn followed_from_db(&self) -> Result<HashMap<Did, u32>> {
+        let mut followed: HashMap<Did, u32> = HashMap::new();
+        let mut stmt = self.conn.prepare("SELECT subject FROM study_follows")?;
+        for subject in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            if let Ok(did) = Did::parse(&subject?) {
+                *followed.entry(did).or_default() += 1;
+            }
+        }
+        Ok(followed)
+    }
+
+    /// A file that existed before `secure_delete` was on may hold deleted bytes of theirs in
+    /// free space: rewritten once.
+    fn vacuum_if_old(&mut self) -> Result<()> {
+        let zeroed: bool = self
+            .conn
+            .prepare("SELECT 1 FROM meta WHERE key = ?1")?
+            .exists(params![META_SECURE_DELETE])?;
+        if zeroed {
+            return Ok(());
+        }
+        info!("first withdrawal purge on a state file older than secure_delete: VACUUM (once) so no deleted bytes survive");
+        self.conn
+            .execute_batch("VACUUM")
+            .context("vacuuming the state after a withdrawal purge")?;
+        self.conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            params![META_SECURE_DELETE],
+        )?;
+        Ok(())
+    }
+}
