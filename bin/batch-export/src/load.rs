@@ -18,7 +18,7 @@
 //! folder names and file names.
 //!
 //! Which tables Polars loads by default is measured, not assumed (BENCHMARKS.md, issue 10.3):
-//! the post tables, where it costs less CPU and no more time than the per-file reader. For the
+//! the post tables, where it costs 5 % less CPU and the same wall time within noise. For the
 //! likes (three plain columns; the `record` column needs serde anyway) the same-run medians were
 //! 2-7 % slower with 20 % more memory, so by default the per-file reader keeps them.
 //! `BATCH_EXPORT_JSON_READER` overrides it: `polars` (Polars for the post tables and the likes),
