@@ -13,13 +13,14 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
 use crate::config::{Config, Fault};
+use crate::load;
 use crate::manifest;
-use crate::parquet::{build_frame, write_parquet};
+use crate::parquet::write_parquet;
 use crate::scan::{self, FileId, FileRef, Read1, Walker};
 use crate::sink::Sink;
 use crate::state::{Batch, BatchOutput, FileKey, NewBatch, RunRows, State};
 use crate::summary::Summary;
-use crate::tables::{self, Cell, TableId};
+use crate::tables::{self, TableId};
 
 /// How a run ended (errors are `Err`).
 #[derive(Debug)]
@@ -51,7 +52,7 @@ enum Item {
     Good {
         id: FileId,
         key: FileKey,
-        parsed: tables::Parsed,
+        parsed: load::Parsed,
     },
 }
 
@@ -324,7 +325,7 @@ pub(crate) fn check_output_binding(config: &Config, state: &State) -> Result<()>
 /// One batch's files sorted by what happens to them.
 #[derive(Default)]
 struct Sorted {
-    rows: BTreeMap<TableId, Vec<Vec<Cell>>>,
+    rows: BTreeMap<TableId, Vec<load::Row>>,
     /// Keys of the files this batch exports (duplicates within the run included).
     keys: Vec<FileKey>,
     /// Files to delete once the batch is published: exported now, or exported before.
@@ -439,7 +440,7 @@ impl Run<'_> {
             return Ok(());
         }
         let t_write = Instant::now();
-        let outputs = self.stage(sorted.rows, &export_ts[..10])?;
+        let outputs = self.stage(sorted.rows, &export_ts)?;
         let write_s = t_write.elapsed().as_secs_f64();
         if !sorted.keys.is_empty() {
             let batch = self.commit(&outputs, &sorted.keys)?;
@@ -500,7 +501,7 @@ impl Run<'_> {
         };
         let mut exported = exported.into_iter();
         let mut out = Sorted::default();
-        let mut fresh: Vec<tables::Parsed> = Vec::new();
+        let mut fresh: Vec<load::Parsed> = Vec::new();
         for (f, item) in items {
             match item {
                 Item::Gone => self.summary.files_gone += 1,
@@ -564,17 +565,17 @@ impl Run<'_> {
     /// reader looks at. Nothing is visible yet.
     fn stage(
         &mut self,
-        rows: BTreeMap<TableId, Vec<Vec<Cell>>>,
-        partition: &str,
+        rows: BTreeMap<TableId, Vec<load::Row>>,
+        export_ts: &str,
     ) -> Result<Vec<BatchOutput>> {
         let sink = self.sink.as_ref().expect("sink outside dry runs");
+        let partition = &export_ts[..10];
         let mut outputs = Vec::new();
         for (t, table_rows) in rows {
             let def = tables::table(t);
             let planned = sink.plan(def.path, partition)?;
-            let mut df = build_frame(def, &table_rows)?;
             let n = table_rows.len() as u64;
-            drop(table_rows);
+            let mut df = load::frame(def, table_rows, export_ts)?;
             let bytes = write_parquet(&mut df, def, &planned.staged, self.config.compression)?;
             outputs.push(BatchOutput {
                 table_path: def.path.to_owned(),
@@ -693,7 +694,7 @@ fn read_one(
         Read1::Ok { id, bytes, .. } if withdrawn.covers_file(&f.rel_path(), &bytes) => {
             Item::Withdrawn { id }
         }
-        Read1::Ok { id, key, bytes } => match tables::parse(source, &f.name, &bytes, export_ts) {
+        Read1::Ok { id, key, bytes } => match load::parse(source, &f.name, bytes, export_ts) {
             Ok(parsed) => Item::Good { id, key, parsed },
             Err(reason) => Item::Bad {
                 id: Some(id),

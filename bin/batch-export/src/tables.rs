@@ -482,6 +482,8 @@ fn post_keys() -> &'static [(&'static str, Slot)] {
 enum Value1 {
     Cell(Cell),
     Json(serde_json::Value),
+    /// Type-checked and dropped (`check`: the column is read again by Polars).
+    Checked,
 }
 
 /// One cache file's top-level object, read against its key list: every listed key's value,
@@ -494,9 +496,19 @@ struct Obj {
 
 impl Obj {
     fn parse(keys: &'static [(&'static str, Slot)], bytes: &[u8]) -> Result<Obj, String> {
+        Obj::parse_keeping(keys, None, bytes)
+    }
+
+    /// [`Obj::parse`], keeping only the values of `keep` (all with `None`): the others are
+    /// type-checked exactly as strictly, without being copied.
+    fn parse_keeping(
+        keys: &'static [(&'static str, Slot)],
+        keep: Option<&[&str]>,
+        bytes: &[u8],
+    ) -> Result<Obj, String> {
         use serde::de::DeserializeSeed;
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let obj = ObjSeed(keys)
+        let obj = ObjSeed(keys, keep)
             .deserialize(&mut de)
             .map_err(|e| format!("invalid JSON: {e}"))?;
         de.end().map_err(|e| format!("invalid JSON: {e}"))?;
@@ -557,7 +569,7 @@ impl Obj {
     }
 }
 
-struct ObjSeed(&'static [(&'static str, Slot)]);
+struct ObjSeed<'k>(&'static [(&'static str, Slot)], Option<&'k [&'k str]>);
 
 /// A key, borrowed from the input when it has no escapes.
 struct Key<'de>(std::borrow::Cow<'de, str>);
@@ -581,15 +593,40 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-struct SlotSeed(&'static str, Slot);
+/// The value of `key`, of the JSON type `slot`; kept unless `keep` is false (then a string is
+/// type-checked without being copied).
+struct SlotSeed(&'static str, Slot, bool);
+
+/// A string (or `null`) that is only type-checked: what `Option<String>` accepts, without the copy.
+struct CheckedStr;
+
+impl<'de> Deserialize<'de> for CheckedStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CheckedStr;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, _: &str) -> Result<CheckedStr, E> {
+                Ok(CheckedStr)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
 
 impl<'de> serde::de::DeserializeSeed<'de> for SlotSeed {
     type Value = Value1;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value1, D::Error> {
         use serde::de::Error;
-        let (key, slot) = (self.0, self.1);
+        let (key, slot, keep) = (self.0, self.1, self.2);
         let wrong = |what: &str| D::Error::custom(format!("{key}: {what}"));
         match slot {
+            Col(ColType::Str) if !keep => match Option::<CheckedStr>::deserialize(d) {
+                Ok(_) => Ok(Value1::Checked),
+                Err(e) => Err(wrong(&format!("expected a string or null ({e})"))),
+            },
             Any => serde_json::Value::deserialize(d).map(Value1::Json),
             Col(ColType::Str) => match Option::<String>::deserialize(d) {
                 Ok(v) => Ok(Value1::Cell(v.map_or(Cell::Null, Cell::str))),
@@ -607,11 +644,11 @@ impl<'de> serde::de::DeserializeSeed<'de> for SlotSeed {
     }
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for ObjSeed {
+impl<'de> serde::de::DeserializeSeed<'de> for ObjSeed<'_> {
     type Value = Obj;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Obj, D::Error> {
-        struct V(&'static [(&'static str, Slot)]);
-        impl<'de> serde::de::Visitor<'de> for V {
+        struct V<'k>(&'static [(&'static str, Slot)], Option<&'k [&'k str]>);
+        impl<'de> serde::de::Visitor<'de> for V<'_> {
             type Value = Obj;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
@@ -638,8 +675,9 @@ impl<'de> serde::de::DeserializeSeed<'de> for ObjSeed {
                             if obj.values[i].is_some() {
                                 return Err(A::Error::custom(format!("duplicate key {k}")));
                             }
+                            let keep = self.1.is_none_or(|keep| keep.contains(&keys[i].0));
                             obj.values[i] =
-                                Some(map.next_value_seed(SlotSeed(keys[i].0, keys[i].1))?);
+                                Some(map.next_value_seed(SlotSeed(keys[i].0, keys[i].1, keep))?);
                         }
                         None => {
                             map.next_value::<serde::de::IgnoredAny>()?;
@@ -650,7 +688,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for ObjSeed {
                 Ok(obj)
             }
         }
-        d.deserialize_map(V(self.0))
+        d.deserialize_map(V(self.0, self.1))
     }
 }
 
@@ -881,6 +919,71 @@ pub fn parse(
         dedupe,
         unknown_keys: unknown,
     })
+}
+
+/// What [`check`] learnt of a cache file whose columns Polars' JSON reader reads (`load.rs`).
+#[derive(Debug)]
+pub struct Checked {
+    pub table: TableId,
+    pub dedupe: u128,
+    pub unknown_keys: u64,
+    /// The like `record` column (the predecessor's Python-style JSON string), which Polars
+    /// cannot derive from the file; `None` for posts.
+    pub record: Option<String>,
+}
+
+/// The files whose rows Polars' JSON reader can build (`load.rs`): the post-shaped tables and
+/// the likes. Every other kind keeps the per-file reader ([`parse`]).
+pub fn json_readable(source: &Source) -> bool {
+    matches!(source, Source::Post(_) | Source::Like(_))
+}
+
+/// The per-file reader's [`Source`] of a table Polars' JSON reader loads (the fallback).
+pub fn json_source(table: TableId) -> Option<Source> {
+    match table {
+        TableId::StudyPost
+        | TableId::ReplyToUserPost
+        | TableId::QuoteOfUserPost
+        | TableId::InNetworkPost => Some(Source::Post(table)),
+        TableId::StudyLike | TableId::LikeOnUserPost => Some(Source::Like(table)),
+        _ => None,
+    }
+}
+
+/// Checks a post or like file exactly as [`parse`] reads it (valid JSON object, every required
+/// key present once with its JSON type, `uri` not null, a like's `record` convertible; unknown
+/// keys counted) without building its row: Polars' JSON reader builds the rows from the same
+/// bytes, and that reader fills a missing key with null, turns a number in a string column into
+/// text and skips unknown keys, so nothing reaches it that `parse` would not accept. Anything
+/// `check` refuses, `parse` decides (it gives the reason the quarantine logs).
+pub fn check(source: &Source, bytes: &[u8]) -> Result<Checked, String> {
+    let table = source.table();
+    match source {
+        Source::Post(_) => {
+            let o = Obj::parse_keeping(post_keys(), Some(&["uri"]), bytes)?;
+            let uri = o.peek_str("uri").ok_or("uri is null")?;
+            Ok(Checked {
+                table,
+                dedupe: dedupe_key(table, &[uri]),
+                unknown_keys: o.unknown,
+                record: None,
+            })
+        }
+        Source::Like(_) => {
+            let mut o = Obj::parse_keeping(LIKE_KEYS, Some(&["uri", "record"]), bytes)?;
+            let uri = o.required_str("uri")?;
+            let record = like_record(o.json("record"))?;
+            Ok(Checked {
+                table,
+                dedupe: dedupe_key(table, &[&uri]),
+                unknown_keys: o.unknown,
+                record: Some(record),
+            })
+        }
+        _ => Err(format!(
+            "{source:?} files are not read by Polars' JSON reader"
+        )),
+    }
 }
 
 /// The README table of schemas, generated from [`TABLES`] (kept in sync by a test).

@@ -3773,3 +3773,302 @@ fn s3s_fs_purge_round_trip() {
     download_bucket(&server.endpoint, "purge", &dest);
     assert_purged(&dest.join("x"), &before, "s3s-fs");
 }
+
+/// The shared real fixtures (`$SYNC_FIXTURES`, default `../shared/fixtures` beside the repo).
+fn fixtures_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("SYNC_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures").into());
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("SYNC_SKIP_FIXTURE_TESTS").is_some(),
+        "fixtures not found at {}: set SYNC_FIXTURES",
+        dir.display()
+    );
+    None
+}
+
+/// The captured firehose's posts and likes (`relay-capture`), made into cache files with the
+/// writer's transform and spread over the four post tables and the two like tables. Returns the
+/// number of files written.
+fn fill_from_capture(env: &Env) -> usize {
+    let Some(dir) = fixtures_dir() else {
+        return 0;
+    };
+    let text = fs::read_to_string(dir.join("relay-capture/expected_jetstream_v1.jsonl")).unwrap();
+    let mut n = 0;
+    for line in text.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        let c = &e["commit"];
+        if e["kind"] != "commit" || c["operation"] != "create" {
+            continue;
+        }
+        let did = e["did"].as_str().unwrap();
+        let collection = c["collection"].as_str().unwrap();
+        let rkey = c["rkey"].as_str().unwrap();
+        let uri = format!("at://{did}/{collection}/{rkey}");
+        let cid = c["cid"].as_str().unwrap();
+        let (path, json) = match collection {
+            "app.bsky.feed.post" => {
+                let folder = match n % 4 {
+                    0 => "study_user_activity/create/post".to_owned(),
+                    1 => "study_user_activity/create/reply_to_user_post/3l5jnpb6xyz2k".to_owned(),
+                    2 => "study_user_activity/create/quote_of_user_post/3l5jnpb6xyz2k".to_owned(),
+                    _ => format!("in_network_user_activity/create/post/{did}"),
+                };
+                (
+                    post_path(&folder, did, rkey),
+                    post_json(&uri, cid, did, c["record"].clone(), CLOCK),
+                )
+            }
+            "app.bsky.feed.like" => {
+                let folder = if n % 2 == 0 {
+                    "like"
+                } else {
+                    "like_on_user_post"
+                };
+                (
+                    format!("study_user_activity/create/{folder}/3l5jnpb6xyz2k/author_did={did}_like_uri_suffix={rkey}.json"),
+                    transform::like_cache_json(&uri, cid, did, &c["record"]).unwrap(),
+                )
+            }
+            _ => continue,
+        };
+        env.write(&path, &json);
+        n += 1;
+    }
+    assert!(n > 100, "{n} posts and likes in the capture");
+    n
+}
+
+/// A table's schema and its rows.
+type TableRows = (Vec<(String, String)>, Vec<BTreeMap<String, Value>>);
+
+/// The columns set to the export clock.
+const CLOCK_COLUMNS: &[&str] = &["synctimestamp", "insert_timestamp"];
+
+/// Each table's rows in batch order (the manifests' order), with the export clock checked to be
+/// one export clock per file and then blanked (the two runs export in different seconds).
+fn rows_in_batch_order(env: &Env) -> BTreeMap<String, TableRows> {
+    let t = env.read();
+    let by_path: BTreeMap<String, &PqFile> =
+        t.values().flatten().map(|f| (f.path.clone(), f)).collect();
+    let mut out: BTreeMap<String, TableRows> = BTreeMap::new();
+    for m in manifests(&env.out).values() {
+        for f in m["files"].as_array().unwrap() {
+            let file = by_path[f["path"].as_str().unwrap()];
+            let entry = out
+                .entry(f["table"].as_str().unwrap().to_owned())
+                .or_insert_with(|| (file.schema.clone(), Vec::new()));
+            assert_eq!(entry.0, file.schema);
+            let clocks: BTreeSet<String> = file
+                .rows
+                .iter()
+                .flat_map(|r| CLOCK_COLUMNS.iter().filter_map(|c| r.get(*c)))
+                .map(|v| {
+                    assert!(is_export_ts(v), "{v}");
+                    v.as_str().unwrap().to_owned()
+                })
+                .collect();
+            assert!(clocks.len() <= 1, "{clocks:?}");
+            entry.1.extend(file.rows.iter().cloned().map(|mut r| {
+                for c in CLOCK_COLUMNS {
+                    if r.contains_key(*c) {
+                        r.insert(c.to_string(), Value::Null);
+                    }
+                }
+                r
+            }));
+        }
+    }
+    out
+}
+
+/// Issue 10.3: Polars' JSON reader loads the post tables and the likes. Against the per-file
+/// reader (`BATCH_EXPORT_JSON_READER=serde`), on the same cache (real captured posts and likes,
+/// the spec's worked examples, edge cases and bad files): the same summary, the same
+/// quarantined files and reasons, the same Parquet (schema, rows, order), in one batch and in
+/// many. (The byte-for-byte comparison of the Parquet of one batch is `load.rs`'s unit test.)
+#[test]
+fn polars_json_reader_exports_what_the_per_file_reader_exports() {
+    let env = Env::new();
+    let captured = fill_from_capture(&env);
+    let post = "study_user_activity/create/post";
+    env.write(&post_path(post, A1, "3l5jqyv2s4k2c"), &example1());
+    env.write(
+        &post_path(
+            "study_user_activity/create/reply_to_user_post/3l5jnpb6xyz2k",
+            A2,
+            "3l5jr4q7m2s2x",
+        ),
+        &example2(),
+    );
+    env.write(
+        &post_path(
+            "study_user_activity/create/quote_of_user_post/3l5jnpb6xyz2k",
+            A3,
+            "3l5jsz2v4fc2d",
+        ),
+        &example3(),
+    );
+    // The same post under a second name in one table: one row (de-duplicated by URI).
+    env.write(&post_path(post, A1, "3l5jqyv2s4k2c-copy"), &example1());
+    // Pretty-printed, with unknown keys, with counts: exported (the unknown keys counted).
+    let mut extra: Value = serde_json::from_str(&study_post(
+        S1,
+        "3l5jr4q7m2s2x",
+        "caf\u{e9} \u{1F600}\nline",
+    ))
+    .unwrap();
+    extra["brand_new"] = json!({"x": [1, 2]});
+    extra["like_count"] = json!(12);
+    env.write(
+        &post_path(post, S1, "3l5jr4q7m2s2x"),
+        &serde_json::to_string_pretty(&extra).unwrap(),
+    );
+    // Bad files Polars' reader alone would turn into rows (a null, a number as text):
+    // quarantined by both paths with the same reasons.
+    let mut no_url: Value =
+        serde_json::from_str(&study_post(S1, "3l5jnpb6xyz2a", "no url")).unwrap();
+    no_url.as_object_mut().unwrap().remove("url");
+    env.write(&post_path(post, S1, "3l5jnpb6xyz2a"), &no_url.to_string());
+    let mut number_text: Value =
+        serde_json::from_str(&study_post(S1, "3l5jnpb6xyz2b", "")).unwrap();
+    number_text["text"] = json!(5);
+    env.write(
+        &post_path(post, S1, "3l5jnpb6xyz2b"),
+        &number_text.to_string(),
+    );
+    env.write(
+        &post_path(post, S1, "3l5jnpb6xyz2c"),
+        "{\"uri\": \"at://trunc",
+    );
+    let like_dir = "study_user_activity/create/like/3l5jnpb6xyz2k";
+    env.write(
+        &format!("{like_dir}/author_did={S2}_like_uri_suffix=3l5jv9zzzzz2c.json"),
+        &like_json(
+            S2,
+            "3l5jv9zzzzz2c",
+            &format!("at://{S1}/app.bsky.feed.post/3l5jnpb6xyz2k"),
+        ),
+    );
+    env.write(
+        &format!("{like_dir}/author_did={S2}_like_uri_suffix=3l5jv9zzzzz2d.json"),
+        r#"{"uri": "at://did:plc:a/app.bsky.feed.like/3l5jv9zzzzz2d", "cid": "c", "author": "did:plc:a", "record": "{\"created_at\": \"2024\"}"}"#,
+    );
+    env.write(
+        &format!("{like_dir}/author_did={S2}_like_uri_suffix=3l5jv9zzzzz2e.json"),
+        r#"{"uri": "at://did:plc:a/app.bsky.feed.like/3l5jv9zzzzz2e", "cid": "c", "record": "{}"}"#,
+    );
+    // A table the per-file reader keeps, in the same batches.
+    env.write(
+        &follow_path("follower", S1, A1),
+        &follow_json(S1, A1, "3l5jx7ytlrs2w"),
+    );
+
+    let copy = || {
+        let e = Env::new();
+        fs::remove_dir(&e.cache).unwrap();
+        copy_dir(&env.cache, &e.cache);
+        e
+    };
+    for batch in [None, Some("7")] {
+        let mut results = Vec::new();
+        for reader in ["serde", "polars", "auto"] {
+            let e = copy();
+            let mut args = vec![
+                "--cache-dir".to_owned(),
+                e.cache.display().to_string(),
+                "--output".to_owned(),
+                e.out.display().to_string(),
+                "--json".to_owned(),
+            ];
+            if let Some(b) = batch {
+                args.extend(["--batch-files".to_owned(), b.to_owned()]);
+            }
+            let out = run(
+                &args,
+                &[
+                    ("BATCH_EXPORT_JSON_READER", reader),
+                    ("BATCH_EXPORT_LOG", "warn,batch_export::load=debug"),
+                ],
+            );
+            assert_eq!(out.status.code(), Some(3), "{reader}: {}", describe(&out));
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !log.contains("reading its files one by one"),
+                "{reader}: Polars' reader failed on a batch: {}",
+                describe(&out)
+            );
+            // Which reader built the post and like frames (the follows: always the per-file one).
+            let by_polars: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("loaded by Polars' JSON reader"))
+                .collect();
+            let likes_by_polars = by_polars
+                .iter()
+                .filter(|l| l.contains("study_user_activity/create/like"))
+                .count();
+            match reader {
+                "polars" => assert!(by_polars.len() >= 6 && likes_by_polars >= 2, "{log}"),
+                // The default: the post tables by Polars, the likes by the per-file reader.
+                "auto" => assert!(by_polars.len() >= 4 && likes_by_polars == 0, "{log}"),
+                _ => assert!(by_polars.is_empty(), "{log}"),
+            }
+            let mut s = summary(&out);
+            for k in ["seconds", "delete_seconds", "output"] {
+                s.as_object_mut().unwrap().remove(k);
+            }
+            for t in s["tables"].as_object_mut().unwrap().values_mut() {
+                t.as_object_mut().unwrap().remove("bytes");
+            }
+            let reasons: BTreeSet<String> =
+                fs::read_to_string(e.cache.join(".quarantine/reasons.log"))
+                    .unwrap()
+                    .lines()
+                    .map(|l| l.split_once('\t').map_or(l, |(_, rest)| rest).to_owned())
+                    .collect();
+            results.push((s, reasons, rows_in_batch_order(&e), e));
+        }
+        let serde = &results[0];
+        for polars in &results[1..] {
+            compare_exports(serde, polars, batch);
+        }
+        assert_eq!(serde.0["quarantined"], 4, "{}", serde.0);
+        assert_eq!(serde.0["unknown_keys"], 1, "{}", serde.0);
+        assert_eq!(serde.0["duplicates"], 1, "{}", serde.0);
+        assert_eq!(
+            serde.0["files_exported"].as_u64().unwrap() as usize,
+            captured + 8,
+            "{}",
+            serde.0
+        );
+        assert!(serde.2.len() >= 7, "{:?}", serde.2.keys());
+    }
+}
+
+/// One export's summary, quarantine reasons, rows per table and its environment.
+type Export = (Value, BTreeSet<String>, BTreeMap<String, TableRows>, Env);
+
+fn compare_exports(serde: &Export, polars: &Export, batch: Option<&str>) {
+    assert_eq!(serde.0, polars.0, "summaries, batch {batch:?}");
+    assert_eq!(serde.1, polars.1, "quarantine reasons");
+    assert_eq!(
+        list_files(&serde.3.cache.join(".quarantine")),
+        list_files(&polars.3.cache.join(".quarantine"))
+    );
+    assert_eq!(
+        serde.2.keys().collect::<Vec<_>>(),
+        polars.2.keys().collect::<Vec<_>>()
+    );
+    for (table, (schema, rows)) in &serde.2 {
+        let (p_schema, p_rows) = &polars.2[table];
+        assert_eq!(schema, p_schema, "{table}");
+        assert_eq!(rows.len(), p_rows.len(), "{table}");
+        for (i, (a, b)) in rows.iter().zip(p_rows).enumerate() {
+            assert_eq!(a, b, "{table} row {i}, batch {batch:?}");
+        }
+    }
+}
