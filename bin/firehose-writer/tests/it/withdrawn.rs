@@ -612,6 +612,11 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
     export.run(&[]);
     let rows_before = export.rows();
     assert!(rows_before.total > 0, "nothing exported");
+    // What the rule does not cover, per table: counted and checksummed before the withdrawal.
+    let their_uris = [p2.clone(), net.record("s2_post").uri.clone()];
+    let needles_before = [s2.as_str(), their_uris[0].as_str(), their_uris[1].as_str()];
+    let kept_before = export.rows_without(&needles_before);
+    assert!(!kept_before.is_empty());
     assert!(
         !export.string_hits(&[s2.as_str()]).is_empty(),
         "the export holds S2's rows before the withdrawal"
@@ -670,6 +675,8 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
         rows_after.total > 0,
         "the other participant's rows are gone too"
     );
+    // Every row the rule does not cover is still there, unchanged (count and checksum per table).
+    assert_eq!(export.rows_without(&needles_before), kept_before);
     for dir in [&export.cache, &export.state, &export.output] {
         for (path, bytes) in cache_bytes(dir) {
             if path.ends_with(".parquet") {
@@ -783,6 +790,32 @@ for f in sorted(glob.glob(root + "/**/*.parquet", recursive=True)):
             if con.execute(q, [f, "%" + n + "%"]).fetchone()[0]:
                 hits.append(f"{f} {name} {n}")
 print(json.dumps(hits))
+"#,
+            &[
+                self.output.to_str().unwrap(),
+                &serde_json::to_string(needles).unwrap(),
+            ],
+        );
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Per table (the output's top folder): how many rows name none of `needles` in any string
+    /// column, and a checksum of those rows (order-independent).
+    fn rows_without(&self, needles: &[&str]) -> BTreeMap<String, (u64, String)> {
+        let out = duckdb(
+            r#"
+import duckdb, glob, hashlib, json, os, sys
+root, needles = sys.argv[1], json.loads(sys.argv[2])
+con = duckdb.connect()
+tables = {}
+for f in sorted(glob.glob(root + "/**/*.parquet", recursive=True)):
+    table = os.path.relpath(f, root).split(os.sep)[0]
+    for row in con.execute("SELECT * FROM read_parquet(?)", [f]).fetchall():
+        if any(isinstance(v, str) and any(n in v for n in needles) for v in row):
+            continue
+        tables.setdefault(table, []).append(repr(row))
+out = {t: [len(r), hashlib.sha256("\n".join(sorted(r)).encode()).hexdigest()] for t, r in tables.items()}
+print(json.dumps(out))
 "#,
             &[
                 self.output.to_str().unwrap(),
