@@ -293,6 +293,12 @@ fn load_parquet(path: &Path, table: Table, dids: &mut DidSetBuilder) -> Result<(
 }
 
 fn load_text(path: &Path, dids: &mut DidSetBuilder) -> Result<()> {
+    each_did_line(path, |did| dids.insert(did))
+}
+
+/// Calls `each` with every DID of a text file (one per line, `#` comments, blank lines
+/// ignored); any other line is an error naming the file and line.
+pub fn each_did_line(path: &Path, mut each: impl FnMut(Did)) -> Result<()> {
     use std::io::BufRead;
     // Streamed line by line: a million-DID file never sits in memory next to the set.
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
@@ -305,7 +311,7 @@ fn load_text(path: &Path, dids: &mut DidSetBuilder) -> Result<()> {
         }
         let did = Did::parse(line)
             .with_context(|| format!("{}:{}: not a DID: {line:?}", path.display(), number + 1))?;
-        dids.insert(did);
+        each(did);
     }
     Ok(())
 }

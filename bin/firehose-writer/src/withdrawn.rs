@@ -33,17 +33,10 @@ use crate::cache::CacheWriter;
 /// Reads a withdrawn-DID file: one DID per line, `#` starts a comment, blank lines ignored.
 /// Any other line is an error naming the file and line (the caller keeps the old list).
 pub fn load(path: &Path) -> Result<HashSet<Did>> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut dids = HashSet::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
-            continue;
-        }
-        let did = Did::parse(line)
-            .with_context(|| format!("{}:{}: not a DID: {line:?}", path.display(), number + 1))?;
+    crate::tracked::each_did_line(path, |did| {
         dids.insert(did);
-    }
+    })?;
     Ok(dids)
 }
 

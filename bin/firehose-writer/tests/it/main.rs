@@ -24,6 +24,14 @@ mod support {
     /// Every file under `root` (relative path -> contents). Temp files are included on purpose:
     /// a test that expects none sees them.
     pub fn cache_files(root: &Path) -> BTreeMap<String, String> {
+        cache_file_bytes(root)
+            .into_iter()
+            .map(|(path, bytes)| (path, String::from_utf8(bytes).unwrap()))
+            .collect()
+    }
+
+    /// [`cache_files`] as bytes (dot-folders included).
+    pub fn cache_file_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
         let mut out = BTreeMap::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
@@ -40,7 +48,7 @@ mod support {
                         .unwrap()
                         .to_string_lossy()
                         .to_string();
-                    out.insert(rel, std::fs::read_to_string(&path).unwrap());
+                    out.insert(rel, std::fs::read(&path).unwrap());
                 }
             }
         }

@@ -150,27 +150,7 @@ fn rkey_of(uri: &str) -> &str {
 
 /// Every cache file, as bytes (dot-folders included: nothing of theirs may hide there).
 fn cache_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_string_lossy()
-                    .to_string();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    out
+    crate::support::cache_file_bytes(root)
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
