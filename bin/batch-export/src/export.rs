@@ -206,6 +206,8 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
             ))));
         }
         if config.adopt_output {
+            // Checked first: a refused adoption leaves the state as it was.
+            crate::purge::adopt_purges(config, state, sink)?;
             adopted = manifest::adopt(sink, state, &config.state_dir, config.dedupe_retention_secs)
                 .context("--adopt-output: rebuilding the state from the output's manifests")?;
         }

@@ -199,6 +199,58 @@ fn salt(state: &State) -> Result<String> {
     Ok(s)
 }
 
+/// `--adopt-output`, before the manifests are adopted: the adopted state has a new salt and no memory of earlier purges, so
+/// the guard that refuses an export without a purged DID would be gone. An output with purge
+/// ledgers is therefore adopted only with a `--withdrawn` list at least as long as each ledger's
+/// (the hashes cannot be checked without the lost salt), and that list becomes the new state's
+/// purged set: later runs must give it again. Returns the ledgers found.
+pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> Result<u64> {
+    ensure_schema(state)?;
+    let mut ledgers = 0u64;
+    let mut most = 0usize;
+    for name in sink.list_meta(PURGES, None)? {
+        let Some(id) = name.strip_suffix(".json") else {
+            continue;
+        };
+        let bytes = sink
+            .get_meta(&name_in(PURGES, &name))?
+            .with_context(|| format!("the purge ledger {id} disappeared while adopting"))?;
+        let ledger: Ledger = serde_json::from_slice(&bytes)
+            .with_context(|| format!("the purge ledger {id} is not valid"))?;
+        ledgers += 1;
+        most = most.max(ledger.did_hashes.len());
+    }
+    if ledgers == 0 {
+        return Ok(0);
+    }
+    let given = config.withdrawn.len();
+    if given < most {
+        return Err(anyhow::Error::new(crate::UsageError(format!(
+            "this output had participants purged ({ledgers} purge ledger(s) in              _batch_export/{PURGES}/, the largest for {most} DID(s)); adopting it with a              withdrawn list of {given} DID(s) would let a later export bring their data back.              Give --withdrawn (BATCH_EXPORT_WITHDRAWN) the study's whole withdrawn list"
+        ))));
+    }
+    let salt = salt(state)?;
+    let tx = state.conn().unchecked_transaction()?;
+    for hash in config.withdrawn.salted_hashes(&salt) {
+        tx.execute(
+            "INSERT OR IGNORE INTO purged_did (hash, purge_id) VALUES (?1, 'adopted')",
+            [hash],
+        )?;
+    }
+    tx.commit()
+        .context("recording the adopted withdrawn list")?;
+    tracing::info!(
+        ledgers,
+        dids = given,
+        "adopted an output with consent purges: the withdrawn list given is now required on every run"
+    );
+    Ok(ledgers)
+}
+
+fn name_in(dir: &str, name: &str) -> String {
+    format!("{dir}/{name}")
+}
+
 /// At the start of an export run (after the check against the output): refuses a `--withdrawn`
 /// list that lacks a DID an earlier purge applied (its data would be exported again), warns
 /// about a purge killed before its commit point, and finishes committed purges.

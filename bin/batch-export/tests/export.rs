@@ -3589,6 +3589,69 @@ fn later_files_of_a_withdrawn_participant_are_refused_counted_and_removed() {
     );
 }
 
+/// A lost state directory forgets which DIDs were purged (and the salt of their hashes): the
+/// output's purge ledgers make `--adopt-output` insist on the withdrawn list, which the adopted
+/// state then requires on every run, as the lost one did.
+#[test]
+fn adopting_an_output_with_purges_requires_the_withdrawn_list_and_keeps_requiring_it() {
+    let env = Env::new();
+    exported_consent_dataset(&env, &[]);
+    let withdrawn = withdrawn_file(&env);
+    let mut args = local_args(&env, &["--withdrawn", &withdrawn]);
+    args.push("purge".into());
+    let o = run(&args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    let before = parquet_bytes(&env.out);
+
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    consent_dataset(&env, 1);
+    let o = env.export(&["--adopt-output"]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("purge ledger") && stderr.contains("--withdrawn"),
+        "{stderr}"
+    );
+    assert_eq!(
+        parquet_bytes(&env.out),
+        before,
+        "a refused adoption changes nothing"
+    );
+
+    let s = env.export_ok(&["--adopt-output", "--withdrawn", &withdrawn]);
+    assert_eq!(s["withdrawn_files"], 5, "their reactions replayed: {s}");
+    assert!(duckdb_audit(&env.out, &gone_needles())
+        .values()
+        .all(|a| a["hits"] == 0));
+    // The adopted state keeps the guard: a run without the list is refused.
+    consent_dataset(&env, 2);
+    let o = env.export(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not in --withdrawn"),
+        "{}",
+        describe(&o)
+    );
+}
+
+/// Every Parquet file of the output (relative path -> bytes).
+fn parquet_bytes(root: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
 const PURGE_FAULTS: &[&str] = &[
     "purge-after-stage",
     "purge-after-commit",

@@ -15,6 +15,15 @@
 //!   is not committed;
 //! * `after-state-commit`: the transaction is committed.
 //!
+//! And in a consent-withdrawal purge (`src/processor/withdraw.rs`), in its order:
+//!
+//! * `withdraw-before-removal`: everything handled before is committed, no file of theirs
+//!   removed;
+//! * `withdraw-removal`: one more file of theirs removed (`@N`: the N-th), not flushed;
+//! * `withdraw-before-record`: every file removed and the removals flushed, the purge (index
+//!   rows, the salted hash) not committed;
+//! * `withdraw-after-record`: the purge transaction is committed, the WAL not yet truncated.
+//!
 //! `FIREHOSE_WRITER_FAKE_KERNEL=<release>` makes the writer see that kernel release instead of
 //! `uname -r` (tests of the start-up kernel check).
 //!
@@ -29,6 +38,10 @@ pub enum Point {
     AfterSecondSyncfs,
     BeforeStateCommit,
     AfterStateCommit,
+    WithdrawBeforeRemoval,
+    WithdrawRemoval,
+    WithdrawBeforeRecord,
+    WithdrawAfterRecord,
 }
 
 /// Aborts the process when the configured fault is this point's N-th hit.
@@ -77,17 +90,21 @@ mod imp {
     pub const ENV: &str = "FIREHOSE_WRITER_FAULT";
     pub const FAKE_KERNEL_ENV: &str = "FIREHOSE_WRITER_FAKE_KERNEL";
 
-    const POINTS: [(&str, Point); 6] = [
+    const POINTS: [(&str, Point); 10] = [
         ("after-temp-write", Point::AfterTempWrite),
         ("after-first-syncfs", Point::AfterFirstSyncfs),
         ("mid-rename", Point::MidRename),
         ("after-second-syncfs", Point::AfterSecondSyncfs),
         ("before-state-commit", Point::BeforeStateCommit),
         ("after-state-commit", Point::AfterStateCommit),
+        ("withdraw-before-removal", Point::WithdrawBeforeRemoval),
+        ("withdraw-removal", Point::WithdrawRemoval),
+        ("withdraw-before-record", Point::WithdrawBeforeRecord),
+        ("withdraw-after-record", Point::WithdrawAfterRecord),
     ];
 
     static CONFIG: OnceLock<Result<Option<(Point, u32)>, String>> = OnceLock::new();
-    static HITS: [AtomicU32; 6] = [const { AtomicU32::new(0) }; 6];
+    static HITS: [AtomicU32; POINTS.len()] = [const { AtomicU32::new(0) }; POINTS.len()];
 
     fn parse(value: &str) -> Result<Option<(Point, u32)>> {
         if value.is_empty() {

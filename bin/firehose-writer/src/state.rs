@@ -813,6 +813,9 @@ impl StateStore {
         tx.commit().context("committing state")?;
         crate::fault::hit(crate::fault::Point::AfterStateCommit);
         let purged = std::mem::take(&mut self.pending.withdrawn);
+        if purged.purges() {
+            crate::fault::hit(crate::fault::Point::WithdrawAfterRecord);
+        }
         self.pending = Pending::default();
         self.work.retain(|_, item| !item.done);
         if cursor.is_some() {

@@ -348,6 +348,7 @@ pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result
             }
             out.removed += 1;
             out.dirs.insert(dir.clone());
+            crate::fault::hit(crate::fault::Point::WithdrawRemoval);
             match serde_json::from_slice::<serde_json::Value>(&contents) {
                 Ok(json) => {
                     if let Some(uri) = json.get("uri").and_then(|u| u.as_str()) {

@@ -137,6 +137,7 @@ impl Processor {
             self.refetch.remove(did);
         }
         self.commit()?;
+        crate::fault::hit(crate::fault::Point::WithdrawBeforeRemoval);
         let targets = self.retry_state("withdrawn index lookup", seq, |p| {
             p.state.cache_targets(&dids)
         })?;
@@ -146,6 +147,7 @@ impl Processor {
         self.retry("withdrawal cache flush", seq, |p| {
             p.cache.sync_removals(&removal.dirs).map_err(cache_error)
         })?;
+        crate::fault::hit(crate::fault::Point::WithdrawBeforeRecord);
         self.state.record_purge(&dids, removal.uris);
         self.dirty = true;
         self.commit()?;

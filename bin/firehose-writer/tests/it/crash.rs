@@ -403,3 +403,232 @@ fn this_kernel_passes_the_check() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("fsynced one by one"), "{stderr}");
 }
+
+// ---- a crash at each step of a consent-withdrawal purge ----------------------------------------
+
+/// The whole capture replayed (cache and state), the study user to withdraw (the one named by
+/// the most files), and the cache after one uninterrupted purge of them.
+struct Withdrawal {
+    full: tempfile::TempDir,
+    did: String,
+    /// Files of theirs in the full cache, by the README rule applied here independently.
+    theirs: usize,
+    purged: BTreeMap<String, Value>,
+}
+
+impl Withdrawal {
+    fn list(&self) -> PathBuf {
+        self.full.path().join("withdrawn.txt")
+    }
+
+    /// A copy of the full replay's cache and state in `to`.
+    fn copy_into(&self, to: &Path) {
+        for (rel, bytes) in crate::support::cache_file_bytes(&self.full.path().join("cache")) {
+            let target = to.join("cache").join(&rel);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::write(target, bytes).unwrap();
+        }
+        for (path, bytes) in sqlite_files(&self.full.path().join("state.sqlite")) {
+            std::fs::write(to.join(path.file_name().unwrap()), bytes).unwrap();
+        }
+    }
+
+    /// How many files of theirs `cache` still holds.
+    fn theirs_in(&self, cache: &Path) -> usize {
+        theirs(cache, &self.did).len()
+    }
+}
+
+use crate::withdrawn::{contains, is_theirs, sqlite_files, withdrawn_rows};
+
+/// The files of `did` under `cache`: path or contents name them, or they lie in the reaction
+/// folder of one of their posts.
+fn theirs(cache: &Path, did: &str) -> Vec<String> {
+    let files = crate::support::cache_file_bytes(cache);
+    let post_prefix = format!("at://{did}/app.bsky.feed.post/");
+    let rkeys: Vec<String> = files
+        .values()
+        .filter_map(|bytes| serde_json::from_slice::<Value>(bytes).ok())
+        .filter_map(|json| {
+            let uri = json.get("uri")?.as_str()?;
+            uri.strip_prefix(&post_prefix).map(str::to_owned)
+        })
+        .collect();
+    let rkeys: Vec<&str> = rkeys.iter().map(String::as_str).collect();
+    files
+        .iter()
+        .filter(|(path, bytes)| is_theirs(path, bytes, did, &rkeys))
+        .map(|(path, _)| path.clone())
+        .collect()
+}
+
+fn withdrawal() -> Option<&'static Withdrawal> {
+    static W: OnceLock<Option<Withdrawal>> = OnceLock::new();
+    W.get_or_init(|| {
+        let d = data()?;
+        let full = tempfile::tempdir().unwrap();
+        assert_success(&run(d, full.path(), &d.all(), &[], &[]), "full replay");
+        let cache = full.path().join("cache");
+        let files = crate::support::cache_file_bytes(&cache);
+        let study = std::fs::read_to_string(d.study()).unwrap();
+        let did = study
+            .lines()
+            .max_by_key(|did| {
+                files
+                    .iter()
+                    .filter(|(p, b)| p.contains(did) || contains(b, did))
+                    .count()
+            })
+            .unwrap()
+            .to_owned();
+        let their_files = theirs(&cache, &did);
+        assert!(
+            their_files.len() >= 4,
+            "{did} has files to remove: {their_files:?}"
+        );
+        std::fs::write(
+            full.path().join("withdrawn.txt"),
+            format!("# withdrew\n{did}\n"),
+        )
+        .unwrap();
+
+        // One uninterrupted purge: the full cache without exactly their files.
+        let tmp = tempfile::tempdir().unwrap();
+        let w = Withdrawal {
+            theirs: their_files.len(),
+            purged: BTreeMap::new(),
+            did,
+            full,
+        };
+        w.copy_into(tmp.path());
+        let out = run(
+            d,
+            tmp.path(),
+            &d.all(),
+            &[],
+            &["--withdrawn", w.list().to_str().unwrap()],
+        );
+        assert_success(&out, "uninterrupted purge");
+        let purged = cache_tree(&tmp.path().join("cache"));
+        let mut expected = cache_tree(&cache);
+        for rel in &their_files {
+            expected.remove(rel);
+        }
+        assert_eq!(
+            purged, expected,
+            "the purge removes their files and only theirs"
+        );
+        Some(Withdrawal { purged, ..w })
+    })
+    .as_ref()
+}
+
+/// What a withdrawal purge that crashed at `point` left.
+#[derive(Debug)]
+struct AtPurgeCrash {
+    /// Their files still in the cache.
+    theirs_left: usize,
+    /// Purges recorded in the state (salted hashes).
+    recorded: usize,
+}
+
+/// A purge of the withdrawal's DID that aborts at `point`, then a clean rerun, which must end
+/// exactly as the uninterrupted purge did, with the DID nowhere in the cache or the state.
+fn purge_crash_at(point: &str) -> Option<AtPurgeCrash> {
+    let d = data()?;
+    let w = withdrawal()?;
+    let tmp = tempfile::tempdir().unwrap();
+    w.copy_into(tmp.path());
+    let state = tmp.path().join("state.sqlite");
+    let cache = tmp.path().join("cache");
+    let list = w.list();
+    let flags = ["--withdrawn", list.to_str().unwrap()];
+
+    let out = run(
+        d,
+        tmp.path(),
+        &d.all(),
+        &[("FIREHOSE_WRITER_FAULT", point)],
+        &flags,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "the purge aborts at {point}: {:?}\n{stderr}",
+        out.status
+    );
+    let at_crash = AtPurgeCrash {
+        theirs_left: w.theirs_in(&cache),
+        recorded: withdrawn_rows(&state).len(),
+    };
+    let mut others = cache_tree(&cache);
+    others.retain(|rel, _| !is_temp(rel));
+    for (rel, json) in &w.purged {
+        assert_eq!(
+            others.get(rel),
+            Some(json),
+            "{rel}: nobody else's file is touched"
+        );
+    }
+
+    let out = run(d, tmp.path(), &d.all(), &[], &flags);
+    assert_success(&out, "rerun after the crash");
+    assert_eq!(stored_cursor(&state), Some(d.last_seq));
+    assert_eq!(
+        cache_tree(&cache),
+        w.purged,
+        "after a crash at {point} the rerun ends as the uninterrupted purge"
+    );
+    assert_eq!(
+        withdrawn_rows(&state).len(),
+        1,
+        "the purge is recorded once"
+    );
+    for (path, bytes) in sqlite_files(&state) {
+        assert!(
+            !contains(&bytes, &w.did),
+            "{} still holds the withdrawn DID",
+            path.display()
+        );
+    }
+    Some(at_crash)
+}
+
+#[test]
+fn a_withdrawal_purge_killed_before_removing_files_is_finished_by_the_next_start() {
+    let Some(c) = purge_crash_at("withdraw-before-removal") else {
+        return;
+    };
+    let w = withdrawal().unwrap();
+    assert_eq!(c.theirs_left, w.theirs, "nothing removed yet: {c:?}");
+    assert_eq!(c.recorded, 0, "{c:?}");
+}
+
+#[test]
+fn a_withdrawal_purge_killed_between_two_removals_is_finished_by_the_next_start() {
+    let Some(c) = purge_crash_at("withdraw-removal@2") else {
+        return;
+    };
+    let w = withdrawal().unwrap();
+    assert_eq!(c.theirs_left, w.theirs - 2, "two files removed: {c:?}");
+    assert_eq!(c.recorded, 0, "{c:?}");
+}
+
+#[test]
+fn a_withdrawal_purge_killed_before_its_index_purge_commits_is_finished_by_the_next_start() {
+    let Some(c) = purge_crash_at("withdraw-before-record") else {
+        return;
+    };
+    assert_eq!(c.theirs_left, 0, "every file removed: {c:?}");
+    assert_eq!(c.recorded, 0, "the index purge is not committed: {c:?}");
+}
+
+#[test]
+fn a_withdrawal_purge_killed_before_the_wal_is_truncated_leaves_nothing_of_theirs() {
+    let Some(c) = purge_crash_at("withdraw-after-record") else {
+        return;
+    };
+    assert_eq!(c.theirs_left, 0, "{c:?}");
+    assert_eq!(c.recorded, 1, "the purge is committed: {c:?}");
+}

@@ -7,6 +7,7 @@ mod cache;
 mod cli;
 mod crash;
 mod gapfree;
+mod machine_loss;
 mod metrics;
 mod net;
 mod pds;

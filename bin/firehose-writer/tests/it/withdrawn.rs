@@ -153,7 +153,7 @@ fn cache_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
     crate::support::cache_file_bytes(root)
 }
 
-fn contains(haystack: &[u8], needle: &str) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
         .any(|w| w == needle.as_bytes())
@@ -161,7 +161,7 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 
 /// The README rule, applied independently: a file is theirs when its path or contents name the
 /// DID, or it lies in the reaction folder (`create/` or `delete/`) of one of their posts.
-fn is_theirs(path: &str, contents: &[u8], did: &str, post_rkeys: &[&str]) -> bool {
+pub(crate) fn is_theirs(path: &str, contents: &[u8], did: &str, post_rkeys: &[&str]) -> bool {
     if path.contains(did) || contains(contents, did) {
         return true;
     }
@@ -179,7 +179,7 @@ fn is_theirs(path: &str, contents: &[u8], did: &str, post_rkeys: &[&str]) -> boo
 }
 
 /// The state database and its `-wal` / `-shm` companions, as they are on disk now.
-fn sqlite_files(state: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(crate) fn sqlite_files(state: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     ["", "-wal", "-shm"]
         .iter()
         .filter_map(|suffix| {
@@ -245,7 +245,7 @@ async fn push_all(relay: &TestRelay, writer: &Running, frames: Vec<Vec<u8>>, las
     );
 }
 
-fn withdrawn_rows(state: &Path) -> Vec<(String, String)> {
+pub(crate) fn withdrawn_rows(state: &Path) -> Vec<(String, String)> {
     let conn =
         rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
@@ -706,7 +706,7 @@ struct Rows {
 
 /// The batch-export binary beside this test binary (a workspace test run builds it), or
 /// `BATCH_EXPORT_TEST_BIN` (as batch-export's own tests take it).
-fn batch_export_bin() -> PathBuf {
+pub(crate) fn batch_export_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("BATCH_EXPORT_TEST_BIN") {
         return bin.into();
     }
@@ -821,7 +821,7 @@ print(sum(con.execute("SELECT count(*) FROM read_parquet(?)", [f]).fetchone()[0]
     }
 }
 
-fn duckdb(script: &str, args: &[&str]) -> String {
+pub(crate) fn duckdb(script: &str, args: &[&str]) -> String {
     let out = std::process::Command::new("python3")
         .arg("-c")
         .arg(script)

@@ -16,7 +16,12 @@ fn cache_tree(root: &Path) -> BTreeMap<String, String> {
     crate::support::cache_files(root)
 }
 
-fn config(dir: &Path, source: Source, study: &[String], in_network: &[String]) -> Config {
+pub(crate) fn config(
+    dir: &Path,
+    source: Source,
+    study: &[String],
+    in_network: &[String],
+) -> Config {
     std::fs::write(dir.join("study.txt"), study.join("\n")).unwrap();
     std::fs::write(dir.join("network.txt"), in_network.join("\n")).unwrap();
     Config {
@@ -532,14 +537,14 @@ use workspace_tests::relay::{Fault, RelayConfig, TestRelay};
 
 /// A long stream of unique events: the relay capture looped `loops` times (seq, repo and rev
 /// rewritten), with the study/in-network split applied to every loop's accounts.
-struct Looped {
-    frames: Vec<Vec<u8>>,
-    study: Vec<String>,
-    in_network: Vec<String>,
-    last_seq: i64,
+pub(crate) struct Looped {
+    pub(crate) frames: Vec<Vec<u8>>,
+    pub(crate) study: Vec<String>,
+    pub(crate) in_network: Vec<String>,
+    pub(crate) last_seq: i64,
 }
 
-fn looped(loops: u32) -> Option<Looped> {
+pub(crate) fn looped(loops: u32) -> Option<Looped> {
     let capture = relay_capture()?;
     let data = std::fs::read(&capture.path).unwrap();
     let raw: Vec<&[u8]> = capture_frames(&data).map(|f| f.unwrap()).collect();
