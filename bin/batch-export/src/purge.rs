@@ -19,9 +19,10 @@
 //! 5. the manifests naming rewritten files get their new `rows` / `bytes` and the purge id;
 //! 6. the ledger `<output>/_batch_export/purges/<id>.json` is written; the purge is marked done.
 //!
-//! A run killed before 3 changed nothing in the output (the next `purge` does it all again); a
-//! run killed after 3 is finished by the next run, `purge` or export (steps 4-6 are idempotent
-//! and need no DID). A reader sees each file either whole before or whole after.
+//! The DIDs' salted hashes are recorded when the purge starts (`pending:<id>`), so a run killed
+//! before 3 changed nothing in the output but its DIDs are guarded already: the next run, `purge`
+//! or export, must be given them and does the whole purge again. A run killed after 3 is finished
+//! by the next run, `purge` or export (steps 4-6 are idempotent and need no DID). A reader sees each file either whole before or whole after.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -43,6 +44,22 @@ use crate::scan::{self, Read1, Walker};
 use crate::sink::{self, Sink};
 use crate::state::State;
 use crate::withdrawn::Withdrawn;
+
+/// `purge_file.batch_id` of a rewritten Parquet file that no manifest names.
+const NO_MANIFEST: i64 = 0;
+
+/// The table of an output-relative Parquet path (`<table>/active/partition_date=<d>/<name>`), if
+/// this version knows it.
+fn table_of(rel: &str) -> Option<&'static str> {
+    let (table, rest) = rel.split_once("/active/partition_date=")?;
+    if rest.split('/').count() != 2 {
+        return None;
+    }
+    crate::tables::TABLES
+        .iter()
+        .find(|t| t.path == table)
+        .map(|t| t.path)
+}
 
 /// The ledger folder under `<output>/_batch_export/`.
 pub const PURGES: &str = "purges";
@@ -276,13 +293,24 @@ pub(crate) fn before_export(config: &Config, state: &mut State, sink: &Sink) -> 
             ))));
         }
     }
+    roll_forward(config, state, sink)?;
     if state.meta("purge_pending")?.is_some() {
+        // Its DIDs' hashes were recorded when it started, so the check above made sure this
+        // run's list holds them: the purge is done again, whole, before anything is exported.
         tracing::warn!(
-            "a purge was killed before its commit point: nothing in the output changed; run \
-             `batch-export purge` again (this export refuses the withdrawn DIDs it is given)"
+            "a purge was killed before its commit point (nothing in the output had changed): \
+             this run does it again before exporting"
+        );
+        let mut summary = PurgeSummary::default();
+        go(config, state, sink, &mut summary).context("finishing a purge a killed run began")?;
+        tracing::info!(
+            purge = summary.purge_id.as_deref().unwrap_or("-"),
+            files_rewritten = summary.files_rewritten,
+            rows_removed = summary.rows_removed.values().sum::<u64>(),
+            cache_files_removed = summary.cache_files_removed,
+            "purge finished by the export run"
         );
     }
-    roll_forward(config, state, sink)?;
     Ok(())
 }
 
@@ -386,6 +414,9 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<()
     for f in &files {
         by_batch.entry(f.batch_id).or_default().push(f);
     }
+    // Files no manifest names (`NO_MANIFEST`: published by a version before manifests, or
+    // put in the output by another tool) have no manifest to update.
+    by_batch.remove(&NO_MANIFEST);
     for (batch_id, fs_) in by_batch {
         let mut m = manifest::read_manifest(sink, batch_id)?
             .with_context(|| format!("the manifest of batch {batch_id} is missing"))?;
@@ -710,7 +741,7 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
         let known: Option<String> = state
             .conn()
             .query_row(
-                "SELECT purge_id FROM purged_did WHERE hash = ?1",
+                "SELECT purge_id FROM purged_did WHERE hash = ?1 AND purge_id NOT LIKE 'pending:%'",
                 [h],
                 |r| r.get(0),
             )
@@ -721,6 +752,19 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
     let id = format!("{:010}-{}", crate::now_secs(), &sink::random_hex()[..8]);
     // Until the commit point: a marker (no DID) so that an export run can say a purge is owed.
     state.set_meta("purge_pending", &id)?;
+    // The DIDs are guarded from now on (not only from the commit point): an export run after a
+    // crash before it must be given them too, and then finishes this purge (`before_export`).
+    {
+        let tx = state.conn_mut().transaction()?;
+        {
+            let mut stmt =
+                tx.prepare("INSERT OR IGNORE INTO purged_did (hash, purge_id) VALUES (?1, ?2)")?;
+            for h in &hashes {
+                stmt.execute(params![h, format!("pending:{id}")])?;
+            }
+        }
+        tx.commit().context("recording the purge's DIDs")?;
+    }
     // 1. The cache.
     summary.cache_files_removed = purge_cache(config)?;
     summary.quarantine_files_removed = purge_quarantine(config)?;
@@ -735,6 +779,25 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
             files.push((batch_id, f.table, f.path));
         }
     }
+    // Parquet files in the output that no manifest names are theirs to purge too: batches
+    // published before manifests existed (a state upgraded from version 1) and files of the
+    // predecessor or of another tool in the same table folders.
+    let named: BTreeSet<&str> = files.iter().map(|(_, _, rel)| rel.as_str()).collect();
+    let mut unnamed = Vec::new();
+    for rel in sink.list_parquet()? {
+        if named.contains(rel.as_str()) {
+            continue;
+        }
+        let Some(table) = table_of(&rel) else {
+            bail!(
+                "{rel} is a Parquet file in no manifest and in no table folder this version \
+                 knows: its rows cannot be checked for the withdrawn participants, so nothing \
+                 was purged. Move it out of the output (or purge it by hand) and run again"
+            );
+        };
+        unnamed.push((NO_MANIFEST, table.to_owned(), rel));
+    }
+    files.extend(unnamed);
     let work = |(batch_id, table, rel): &(i64, String, String)| {
         rewrite_one(config, sink, *batch_id, table, rel, &staging, &id)
     };
@@ -802,8 +865,12 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
                     r.file.bytes_after as i64
                 ])?;
             }
-            let mut stmt =
-                tx.prepare("INSERT OR IGNORE INTO purged_did (hash, purge_id) VALUES (?1, ?2)")?;
+            // A DID an earlier purge applied keeps that purge's id.
+            let mut stmt = tx.prepare(
+                "INSERT INTO purged_did (hash, purge_id) VALUES (?1, ?2)
+                 ON CONFLICT (hash) DO UPDATE SET purge_id = excluded.purge_id
+                 WHERE purged_did.purge_id LIKE 'pending:%'",
+            )?;
             for h in &hashes {
                 stmt.execute(params![h, id])?;
             }

@@ -338,6 +338,53 @@ impl Sink {
         }
     }
 
+    /// Output-relative paths of every `*.parquet` file of the output outside
+    /// `_batch_export/` (published files; staged ones never end in `.parquet`), sorted.
+    pub fn list_parquet(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        match self {
+            Sink::Local { root } => {
+                let mut stack = vec![root.clone()];
+                while let Some(dir) = stack.pop() {
+                    let entries = match fs::read_dir(&dir) {
+                        Ok(entries) => entries,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("listing {}", dir.display()))
+                        }
+                    };
+                    for entry in entries {
+                        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+                        let path = entry.path();
+                        let rel = path
+                            .strip_prefix(root)
+                            .expect("under the root")
+                            .to_string_lossy()
+                            .into_owned();
+                        if entry.file_type()?.is_dir() {
+                            if rel != META_DIR {
+                                stack.push(path);
+                            }
+                        } else if rel.ends_with(".parquet") {
+                            out.push(rel);
+                        }
+                    }
+                }
+            }
+            Sink::S3(s) => {
+                let prefix = s.key("");
+                for key in s.list_all(&prefix)? {
+                    let rel = key.strip_prefix(&prefix).unwrap_or(&key);
+                    if rel.ends_with(".parquet") && !rel.starts_with(&format!("{META_DIR}/")) {
+                        out.push(rel.to_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Names (not paths) in `<output>/_batch_export/<dir>/`, sorted, after `start_after` if
     /// given (S3 lists in that order natively, so a run asks only for what is newer).
     pub fn list_meta(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<String>> {
@@ -690,6 +737,37 @@ impl S3Sink {
     }
 
     /// Names under `dir` (a key prefix ending in `/`), after `start_after` (a name).
+    /// Every key under `prefix` (all levels).
+    fn list_all(&self, prefix: &str) -> Result<Vec<String>> {
+        self.rt
+            .block_on(async {
+                let mut keys = Vec::new();
+                let mut token: Option<String> = None;
+                loop {
+                    let page = self
+                        .client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(prefix)
+                        .set_continuation_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(sdk_err)?;
+                    keys.extend(
+                        page.contents()
+                            .iter()
+                            .filter_map(|o| o.key().map(str::to_owned)),
+                    );
+                    match page.next_continuation_token() {
+                        Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                        _ => break,
+                    }
+                }
+                Ok::<_, anyhow::Error>(keys)
+            })
+            .with_context(|| format!("ListObjectsV2 s3://{}/{prefix}", self.bucket))
+    }
+
     fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<String>> {
         self.rt
             .block_on(async {

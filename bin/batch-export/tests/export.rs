@@ -3601,7 +3601,7 @@ fn adopting_an_output_with_purges_requires_the_withdrawn_list_and_keeps_requirin
     args.push("purge".into());
     let o = run(&args, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    let before = parquet_bytes(&env.out);
+    let before = published(&env.out);
 
     fs::remove_dir_all(env.cache.join(".export")).unwrap();
     consent_dataset(&env, 1);
@@ -3613,7 +3613,7 @@ fn adopting_an_output_with_purges_requires_the_withdrawn_list_and_keeps_requirin
         "{stderr}"
     );
     assert_eq!(
-        parquet_bytes(&env.out),
+        published(&env.out),
         before,
         "a refused adoption changes nothing"
     );
@@ -3634,22 +3634,59 @@ fn adopting_an_output_with_purges_requires_the_withdrawn_list_and_keeps_requirin
     );
 }
 
-/// Every Parquet file of the output (relative path -> bytes).
-fn parquet_bytes(root: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                let rel = p.strip_prefix(root).unwrap().display().to_string();
-                out.insert(rel, fs::read(&p).unwrap());
-            }
-        }
+/// Parquet files no manifest names (published before manifests existed, after a state upgrade
+/// from version 1, or the predecessor's files in the same folders) are purged too; a Parquet
+/// file in a folder of no known table stops the purge before anything changes.
+#[test]
+fn purge_rewrites_parquet_files_no_manifest_names_and_refuses_unknown_ones() {
+    let env = Env::new();
+    exported_consent_dataset(&env, &[]);
+    let legacy_dir = "active/partition_date=2024-01-01";
+    let mut legacy = Vec::new();
+    for (i, (rel, bytes)) in published(&env.out).into_iter().enumerate() {
+        let table = rel.split("/active/").next().unwrap().to_owned();
+        let copy = format!("{table}/{legacy_dir}/{i:032x}-0.parquet");
+        fs::create_dir_all(env.out.join(&copy).parent().unwrap()).unwrap();
+        fs::write(env.out.join(&copy), bytes).unwrap();
+        legacy.push(copy);
     }
-    out
+    let unknown = env
+        .out
+        .join(format!("other_tool/{legacy_dir}/{:032x}-0.parquet", 7));
+    fs::create_dir_all(unknown.parent().unwrap()).unwrap();
+    fs::copy(env.out.join(&legacy[0]), &unknown).unwrap();
+    let withdrawn = withdrawn_file(&env);
+    let mut purge = local_args(&env, &["--withdrawn", &withdrawn]);
+    purge.push("purge".into());
+
+    let files = published(&env.out);
+    let o = run(&purge, &[]);
+    assert_ne!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no table folder this version knows"),
+        "{}",
+        describe(&o)
+    );
+    assert_eq!(published(&env.out), files, "nothing purged");
+
+    fs::remove_dir_all(env.out.join("other_tool")).unwrap();
+    let before = duckdb_audit(&env.out, &gone_needles());
+    let o = run(&purge, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    let after = duckdb_audit(&env.out, &gone_needles());
+    for (table, a) in &after {
+        let b = &before[table];
+        assert_eq!(a["hits"], 0, "{table}: {a}");
+        assert_eq!(a["clean_rows"], b["clean_rows"], "{table}");
+        assert_eq!(a["clean_checksum"], b["clean_checksum"], "{table}");
+    }
+    let now = published(&env.out);
+    let rewritten_legacy = legacy.iter().filter(|l| now[*l] != files[*l]).count();
+    assert!(
+        rewritten_legacy >= 5,
+        "the copies holding GONE's rows were rewritten: {rewritten_legacy} of {}",
+        legacy.len()
+    );
 }
 
 const PURGE_FAULTS: &[&str] = &[
@@ -3661,8 +3698,9 @@ const PURGE_FAULTS: &[&str] = &[
     "purge-after-ledger",
 ];
 
-/// A purge killed at each step is finished by the next run: a `purge` before the commit point,
-/// and after it alternately an export and a purge. Every Parquet file is whole at the crash
+/// A purge killed at each step is finished by the next run, a `purge` or an export (before the
+/// commit point an export, which must be given the list; after it alternately an export and a
+/// purge). Every Parquet file is whole at the crash
 /// (the old or the new version), and afterwards nothing of GONE remains, nothing else changed,
 /// one ledger.
 #[test]
@@ -3678,10 +3716,22 @@ fn a_purge_killed_at_each_step_is_finished_by_the_next_run() {
         // Readable, old or new, at the crash.
         let at_crash = duckdb_audit(&env.out, &gone_needles());
         assert_eq!(at_crash.len(), before.len(), "{fault}");
-        let next = if *fault == "purge-after-stage" || i % 2 == 0 {
-            purge.clone()
-        } else {
+        if *fault == "purge-after-stage" {
+            // Before the commit point: their DIDs are guarded already, so an export without
+            // the list is refused (it would export their replayed files)...
+            let o = env.export(&[]);
+            assert_eq!(o.status.code(), Some(2), "{fault}: {}", describe(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("not in --withdrawn"),
+                "{}",
+                describe(&o)
+            );
+        }
+        // ... and an export with it finishes the purge as well as a purge run does.
+        let next = if *fault == "purge-after-stage" || i % 2 == 1 {
             local_args(&env, &["--withdrawn", &withdrawn])
+        } else {
+            purge.clone()
         };
         let out = run(&next, &[]);
         assert_eq!(out.status.code(), Some(0), "{fault}: {}", describe(&out));

@@ -935,6 +935,10 @@ fn open_cache(path: &Path) -> Result<Connection, rusqlite::Error> {
     // Already set by the state store; repeated here so a resolver opened first (tests) still
     // lets readers and the writer work side by side. The setting is persistent and idempotent.
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // `secure_delete` is per connection: this one replaces and forgets cached documents (which
+    // name their DID) too, so its freed cells are zeroed like the state store's (consent
+    // withdrawal erases physically, `state/withdrawn.rs`).
+    conn.pragma_update(None, "secure_delete", "ON")?;
     conn.execute_batch(CREATE_TABLE)?;
     Ok(conn)
 }

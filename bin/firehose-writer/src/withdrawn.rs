@@ -356,7 +356,7 @@ pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result
                     }
                 }
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "removed a withdrawn participant's cache file that is not JSON")
+                    warn!(error = %e, "removed a withdrawn participant's cache file that is not JSON (its name is not logged: it names them)")
                 }
             }
         }

@@ -72,7 +72,7 @@ impl Processor {
                 && account.status.as_deref() == Some("deleted")
                 && self.state.is_study_user(&account.did)
             {
-                warn!(seq, repo = %account.did, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); their data is purged and stays withdrawn while the study-user file lists them");
+                warn!(seq, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); their data is purged and stays withdrawn while the study-user file lists them");
                 let did = account.did.clone();
                 let new =
                     self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;

@@ -103,7 +103,11 @@ impl PendingWithdrawn {
 }
 
 /// Called when the state file is opened: deletes zero their bytes from now on; a new file never
-/// held unzeroed deleted bytes.
+/// held unzeroed deleted bytes. What a purge owes after its commit (the one-time VACUUM of a file
+/// older than `secure_delete`, the WAL truncation) is only remembered in memory, so a writer
+/// killed between the purge's commit and those steps does them here, before anything else runs:
+/// the VACUUM when a purge is recorded and the file was never zeroed, the truncation always
+/// (the WAL of a killed writer may still hold pages from before the purge).
 pub(super) fn on_open(conn: &Connection, new_file: bool) -> Result<()> {
     conn.pragma_update(None, "secure_delete", "ON")
         .context("turning on secure_delete")?;
@@ -112,6 +116,29 @@ pub(super) fn on_open(conn: &Connection, new_file: bool) -> Result<()> {
             "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
             params![META_SECURE_DELETE],
         )?;
+        return Ok(());
+    }
+    let zeroed = conn
+        .prepare("SELECT 1 FROM meta WHERE key = ?1")?
+        .exists(params![META_SECURE_DELETE])?;
+    let purged = conn.prepare("SELECT 1 FROM withdrawn")?.exists([])?;
+    if purged && !zeroed {
+        info!("a withdrawal purge was recorded in a state file older than secure_delete: VACUUM (once) so no deleted bytes survive");
+        conn.execute_batch("VACUUM")
+            .context("vacuuming the state after a withdrawal purge")?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            params![META_SECURE_DELETE],
+        )?;
+    }
+    if purged {
+        let (busy, log, done): (i64, i64, i64) =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        if busy != 0 {
+            warn!(log, done, "the WAL could not be truncated at start (another process holds the state open): retried after the next purge");
+        }
     }
     Ok(())
 }
@@ -387,10 +414,16 @@ impl StateStore {
             .filter(|d| self.study_users.contains(d))
             .cloned()
             .collect();
-        for did in &in_study {
-            if self.withdrawn.logged.insert(did.clone()) {
-                info!(repo = %did, "a study user is withdrawn: treated as withdrawn, never routed");
-            }
+        let newly = in_study
+            .iter()
+            .filter(|did| self.withdrawn.logged.insert((*did).clone()))
+            .count();
+        if newly > 0 {
+            // Counted, not named: the log outlives the purge.
+            info!(
+                study_users = newly,
+                "study users listed as withdrawn are treated as withdrawn, never routed"
+            );
         }
         if !in_study.is_empty() {
             self.study_users = std::sync::Arc::new(

@@ -535,6 +535,11 @@ struct AtPurgeCrash {
 /// A purge of the withdrawal's DID that aborts at `point`, then a clean rerun, which must end
 /// exactly as the uninterrupted purge did, with the DID nowhere in the cache or the state.
 fn purge_crash_at(point: &str) -> Option<AtPurgeCrash> {
+    purge_crash_then(point, |_| {})
+}
+
+/// [`purge_crash_at`], with `after_crash` given the state file between the crash and the rerun.
+fn purge_crash_then(point: &str, after_crash: impl FnOnce(&Path)) -> Option<AtPurgeCrash> {
     let d = data()?;
     let w = withdrawal()?;
     let tmp = tempfile::tempdir().unwrap();
@@ -571,6 +576,7 @@ fn purge_crash_at(point: &str) -> Option<AtPurgeCrash> {
             "{rel}: nobody else's file is touched"
         );
     }
+    after_crash(&state);
 
     let out = run(d, tmp.path(), &d.all(), &[], &flags);
     assert_success(&out, "rerun after the crash");
@@ -626,7 +632,31 @@ fn a_withdrawal_purge_killed_before_its_index_purge_commits_is_finished_by_the_n
 
 #[test]
 fn a_withdrawal_purge_killed_before_the_wal_is_truncated_leaves_nothing_of_theirs() {
-    let Some(c) = purge_crash_at("withdraw-after-record") else {
+    // The killed writer had not checkpointed the purge: the database file still holds the pages
+    // from before it. A writer that starts on the state must erase them before it runs, not only
+    // when it closes cleanly: the state is searched while a store is open on it.
+    let Some(c) = purge_crash_then("withdraw-after-record", |state| {
+        let w = withdrawal().unwrap();
+        // The purge's pages are in the WAL; the database file still has the old ones.
+        let before = sqlite_files(state)
+            .into_iter()
+            .any(|(_, bytes)| contains(&bytes, &w.did));
+        assert!(
+            before,
+            "the crash left pages of theirs behind (else this tests nothing)"
+        );
+        let store =
+            firehose_writer::state::StateStore::open(state, Default::default(), Default::default())
+                .unwrap();
+        for (path, bytes) in sqlite_files(state) {
+            assert!(
+                !contains(&bytes, &w.did),
+                "{} holds the withdrawn DID while a writer runs on it",
+                path.display()
+            );
+        }
+        drop(store);
+    }) else {
         return;
     };
     assert_eq!(c.theirs_left, 0, "{c:?}");
