@@ -579,15 +579,38 @@ pub(crate) fn remove_cache_files(root: &Path, files: &[(String, scan::FileId)]) 
 fn purge_cache(config: &Config) -> Result<u64> {
     let root = &config.cache_dir;
     let mut theirs = Vec::new();
-    for f in Walker::new(root)? {
-        if let Read1::Ok { id, bytes, .. } = scan::read_file(root, &f, None) {
-            let disk = f.disk_rel_path();
-            if config.withdrawn.covers_file(&f.rel_path(), &bytes)
-                || config.withdrawn.mentions(disk.as_bytes())
-            {
-                theirs.push((disk, id));
+    let mut unreadable = 0u64;
+    let mut walker = Walker::new(root)?;
+    for f in walker.by_ref() {
+        match scan::read_file(root, &f, None) {
+            Read1::Ok { id, bytes, .. } => {
+                let disk = f.disk_rel_path();
+                if config.withdrawn.covers_file(&f.rel_path(), &bytes)
+                    || config.withdrawn.mentions(disk.as_bytes())
+                {
+                    theirs.push((disk, id));
+                }
             }
+            Read1::Gone => {}
+            // Its name may still be theirs: a file the purge cannot read is a file it cannot
+            // vouch for.
+            Read1::Unreadable(_) => unreadable += 1,
         }
+    }
+    // Entries the walk had to skip (a folder it cannot list, a name that is not UTF-8, a
+    // symlink) may hold their data: the purge stops rather than report a cache it did not see.
+    let skipped = walker.skipped;
+    if skipped.any() || unreadable > 0 {
+        bail!(
+            "the cache walk could not read everything ({unreadable} unreadable files, {} \
+             folders or entries it could not list, {} names that are not UTF-8, {} symlinks or \
+             other non-regular files): the purge cannot vouch for what it did not read, so \
+             nothing was purged. Fix the permissions or remove those entries (the export's log \
+             names them) and run again",
+            skipped.unreadable,
+            skipped.non_utf8_names,
+            skipped.non_regular_files
+        );
     }
     let removed = remove_cache_files(root, &theirs);
     if removed < theirs.len() as u64 {
@@ -595,6 +618,18 @@ fn purge_cache(config: &Config) -> Result<u64> {
             "{} of their cache files could not be removed (see the log); nothing was purged from the output",
             theirs.len() as u64 - removed
         );
+    }
+    // The removals are made durable before the commit point: after a power loss their files
+    // must not come back (the export would refuse them, but the cache would hold them again).
+    let dirs: BTreeSet<&str> = theirs
+        .iter()
+        .map(|(rel, _)| rel.rsplit_once('/').map_or("", |(dir, _)| dir))
+        .collect();
+    for dir in dirs {
+        let path = root.join(dir);
+        if path.is_dir() {
+            sink::sync_dir(&path).with_context(|| format!("fsync of {}", path.display()))?;
+        }
     }
     for did in config.withdrawn.dids() {
         for side in ["create", "delete"] {

@@ -3689,6 +3689,38 @@ fn purge_rewrites_parquet_files_no_manifest_names_and_refuses_unknown_ones() {
     );
 }
 
+/// A cache entry the purge cannot read (here a symlink, which is never followed) could hold
+/// their data: the purge stops before anything changes, and goes through once it is gone.
+#[test]
+fn purge_stops_on_a_cache_entry_it_cannot_read() {
+    let env = Env::new();
+    exported_consent_dataset(&env, &[]);
+    let link = env
+        .cache
+        .join("study_user_activity/create/post/elsewhere.json");
+    std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+    let withdrawn = withdrawn_file(&env);
+    let mut purge = local_args(&env, &["--withdrawn", &withdrawn]);
+    purge.push("purge".into());
+    let files = published(&env.out);
+    let o = run(&purge, &[]);
+    assert_ne!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot vouch for what it did not read"),
+        "{}",
+        describe(&o)
+    );
+    assert_eq!(published(&env.out), files, "nothing purged");
+    assert!(
+        !byte_search(&env.cache, &gone_needles()).is_empty(),
+        "their late file is still in the cache"
+    );
+    fs::remove_file(&link).unwrap();
+    let o = run(&purge, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(byte_search(&env.cache, &gone_needles()).is_empty());
+}
+
 const PURGE_FAULTS: &[&str] = &[
     "purge-after-stage",
     "purge-after-commit",

@@ -221,10 +221,20 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
             )?
             .query_map(params![d, from, to], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        for rkey in posts.iter().filter_map(|u| post_rkey(u)) {
-            for dir in reaction_dirs(rkey) {
-                run("DELETE FROM routed WHERE folder = ?1", &[&dir])?;
-            }
+        // One pass over `routed` (keyed by uri first: a lookup by folder is a scan), not one
+        // per folder: a participant with thousands of posts must not hold the stream for
+        // thousands of scans.
+        let dirs: Vec<String> = posts
+            .iter()
+            .filter_map(|u| post_rkey(u))
+            .flat_map(reaction_dirs)
+            .collect();
+        if !dirs.is_empty() {
+            let dirs = serde_json::to_string(&dirs).expect("strings serialize");
+            run(
+                "DELETE FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
+                &[&dirs],
+            )?;
         }
         run(
             "DELETE FROM study_posts WHERE author = ?1 OR (uri >= ?2 AND uri < ?3)",

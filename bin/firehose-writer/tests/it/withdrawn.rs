@@ -36,6 +36,8 @@ const POST: &str = "app.bsky.feed.post";
 const LIKE: &str = "app.bsky.feed.like";
 const FOLLOW: &str = "app.bsky.graph.follow";
 const REPOST: &str = "app.bsky.feed.repost";
+const BLOCK: &str = "app.bsky.graph.block";
+const PROFILE: &str = "app.bsky.actor.profile";
 
 /// Frames with increasing seqs and revs (a rev per commit, from the clock: never ahead of it).
 struct Frames {
@@ -289,6 +291,17 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
     before.push(f.text_post(C, "c, in-network through W only").0);
     before.push(f.account(W, true, None));
     before.push(f.delete(&x_like_of_w));
+    // Their repost, quote, block, profile and a delete of their own.
+    before.push(f.reaction(W, REPOST, &s1_post).0);
+    before.push(f.quote(W, &s1_post).0);
+    let rkey = f.rkey();
+    let block = json!({"$type": BLOCK, "createdAt": TIME, "subject": X});
+    before.push(f.commit(W, &[OpSpec::create(BLOCK, &rkey, block)]));
+    let profile = json!({"$type": PROFILE, "displayName": "W"});
+    before.push(f.commit(W, &[OpSpec::create(PROFILE, "self", profile)]));
+    let (frame, w_gone) = f.text_post(W, "soon deleted");
+    before.push(frame);
+    before.push(f.delete(&w_gone));
     // Not theirs.
     before.push(f.text_post(S2, "s2").0);
     before.push(f.reaction(X, LIKE, &s1_post).0);
@@ -316,6 +329,10 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
         "follow/follower/",
         "follow/followee/",
         "account/",
+        "create/repost/",
+        "create/block/",
+        "create/profile/",
+        "delete/post/",
     ] {
         assert!(
             theirs.keys().any(|p| p.contains(folder)),
