@@ -64,8 +64,8 @@ pub struct Args {
     pub no_progress: bool,
 
     /// Cache files per batch: each batch is one Parquet file per table and one journal commit
-    /// (bounds memory).
-    #[arg(long, env = "BATCH_EXPORT_BATCH_FILES", default_value_t = 50_000)]
+    /// (bounds memory: peak RSS ~175 MB at 25,000, ~290 MB at 50,000; BENCHMARKS.md).
+    #[arg(long, env = "BATCH_EXPORT_BATCH_FILES", default_value_t = 25_000)]
     pub batch_files: usize,
 
     /// How long the keys of exported files are remembered, so that a file the writer rewrites
