@@ -11,24 +11,17 @@ use std::time::Duration;
 use firehose_writer::config::Source;
 use workspace_tests::relay::TestRelay;
 
-use crate::withdrawn::{batch_export_bin, duckdb};
+use crate::withdrawn::{batch_export, batch_export_bin, duckdb};
 use crate::writer::{config, looped, start_writer, Looped};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Runs batch-export; it must succeed. Returns its summary.
 fn export(cache: &Path, output: &Path, state: &Path, extra: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(batch_export_bin())
-        .arg("--cache-dir")
-        .arg(cache)
-        .arg("--output")
-        .arg(output)
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--no-progress", "--json"])
-        .args(extra)
-        .output()
-        .unwrap();
+    let args: Vec<&str> = std::iter::once("--json")
+        .chain(extra.iter().copied())
+        .collect();
+    let out = batch_export(cache, output, state, &args);
     assert!(
         out.status.success(),
         "batch-export {extra:?}: {}\n{}",
@@ -179,16 +172,7 @@ async fn a_replacement_machine_resumes_at_the_outputs_resume_point_and_the_datas
     relay.shutdown().await;
     let new_state = new.path().join("export-state");
     // A fresh state directory on an output with batches is refused until it adopts the output.
-    let refused = std::process::Command::new(batch_export_bin())
-        .arg("--cache-dir")
-        .arg(new.path().join("cache"))
-        .arg("--output")
-        .arg(&output)
-        .arg("--state-dir")
-        .arg(&new_state)
-        .arg("--no-progress")
-        .output()
-        .unwrap();
+    let refused = batch_export(&new.path().join("cache"), &output, &new_state, &[]);
     assert_eq!(
         refused.status.code(),
         Some(2),

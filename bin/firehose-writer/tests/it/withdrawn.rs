@@ -738,6 +738,27 @@ pub(crate) fn batch_export_bin() -> PathBuf {
     bin
 }
 
+/// Runs batch-export on `cache`, `output` and `state` without a progress line (`extra`: flags
+/// and an optional subcommand).
+pub(crate) fn batch_export(
+    cache: &Path,
+    output: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(batch_export_bin())
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--output")
+        .arg(output)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--no-progress")
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 impl Export {
     fn new(work: &Path) -> Export {
         Export {
@@ -750,17 +771,7 @@ impl Export {
     /// Runs batch-export with this cache, output and state (`extra` before or after: flags and
     /// an optional subcommand); it must succeed.
     fn run(&self, extra: &[&str]) {
-        let out = std::process::Command::new(batch_export_bin())
-            .arg("--cache-dir")
-            .arg(&self.cache)
-            .arg("--output")
-            .arg(&self.output)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--no-progress")
-            .args(extra)
-            .output()
-            .unwrap();
+        let out = batch_export(&self.cache, &self.output, &self.state, extra);
         assert!(
             out.status.success(),
             "batch-export {extra:?}: {}\n{}",
