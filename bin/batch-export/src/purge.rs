@@ -22,7 +22,8 @@
 //! The DIDs' salted hashes are recorded when the purge starts (`pending:<id>`), so a run killed
 //! before 3 changed nothing in the output but its DIDs are guarded already: the next run, `purge`
 //! or export, must be given them and does the whole purge again. A run killed after 3 is finished
-//! by the next run, `purge` or export (steps 4-6 are idempotent and need no DID). A reader sees each file either whole before or whole after.
+//! by the next run, `purge` or export (steps 4-6 are idempotent and need no DID). A reader sees
+//! each file either whole before or whole after.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -216,12 +217,12 @@ fn salt(state: &State) -> Result<String> {
     Ok(s)
 }
 
-/// `--adopt-output`, before the manifests are adopted: the adopted state has a new salt and no memory of earlier purges, so
-/// the guard that refuses an export without a purged DID would be gone. An output with purge
-/// ledgers is therefore adopted only with a `--withdrawn` list at least as long as each ledger's
-/// (the hashes cannot be checked without the lost salt), and that list becomes the new state's
-/// purged set: later runs must give it again. Returns the ledgers found.
-pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> Result<u64> {
+/// `--adopt-output`, before the manifests are adopted: the adopted state has a new salt and no
+/// memory of earlier purges, so the guard that refuses an export without a purged DID would be
+/// gone. An output with purge ledgers is therefore adopted only with a `--withdrawn` list at
+/// least as long as each ledger's (the hashes cannot be checked without the lost salt), and that
+/// list becomes the new state's purged set: later runs must give it again.
+pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> Result<()> {
     ensure_schema(state)?;
     let mut ledgers = 0u64;
     let mut most = 0usize;
@@ -230,7 +231,7 @@ pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> R
             continue;
         };
         let bytes = sink
-            .get_meta(&name_in(PURGES, &name))?
+            .get_meta(&format!("{PURGES}/{name}"))?
             .with_context(|| format!("the purge ledger {id} disappeared while adopting"))?;
         let ledger: Ledger = serde_json::from_slice(&bytes)
             .with_context(|| format!("the purge ledger {id} is not valid"))?;
@@ -238,12 +239,15 @@ pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> R
         most = most.max(ledger.did_hashes.len());
     }
     if ledgers == 0 {
-        return Ok(0);
+        return Ok(());
     }
     let given = config.withdrawn.len();
     if given < most {
         return Err(anyhow::Error::new(crate::UsageError(format!(
-            "this output had participants purged ({ledgers} purge ledger(s) in              _batch_export/{PURGES}/, the largest for {most} DID(s)); adopting it with a              withdrawn list of {given} DID(s) would let a later export bring their data back.              Give --withdrawn (BATCH_EXPORT_WITHDRAWN) the study's whole withdrawn list"
+            "this output had participants purged ({ledgers} purge ledger(s) in \
+             _batch_export/{PURGES}/, the largest for {most} DID(s)); adopting it with a \
+             withdrawn list of {given} DID(s) would let a later export bring their data back. \
+             Give --withdrawn (BATCH_EXPORT_WITHDRAWN) the study's whole withdrawn list"
         ))));
     }
     let salt = salt(state)?;
@@ -261,16 +265,12 @@ pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> R
         dids = given,
         "adopted an output with consent purges: the withdrawn list given is now required on every run"
     );
-    Ok(ledgers)
-}
-
-fn name_in(dir: &str, name: &str) -> String {
-    format!("{dir}/{name}")
+    Ok(())
 }
 
 /// At the start of an export run (after the check against the output): refuses a `--withdrawn`
-/// list that lacks a DID an earlier purge applied (its data would be exported again), warns
-/// about a purge killed before its commit point, and finishes committed purges.
+/// list that lacks a DID an earlier purge applied or began (its data would be exported again),
+/// finishes committed purges, and redoes a purge killed before its commit point.
 pub(crate) fn before_export(config: &Config, state: &mut State, sink: &Sink) -> Result<()> {
     ensure_schema(state)?;
     let purged: i64 = state

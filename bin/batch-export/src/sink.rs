@@ -373,7 +373,7 @@ impl Sink {
             }
             Sink::S3(s) => {
                 let prefix = s.key("");
-                for key in s.list_all(&prefix)? {
+                for key in s.list_keys(&prefix, None)? {
                     let rel = key.strip_prefix(&prefix).unwrap_or(&key);
                     if rel.ends_with(".parquet") && !rel.starts_with(&format!("{META_DIR}/")) {
                         out.push(rel.to_owned());
@@ -736,9 +736,8 @@ impl S3Sink {
             .with_context(|| format!("PutObject s3://{}/{key}", self.bucket))
     }
 
-    /// Names under `dir` (a key prefix ending in `/`), after `start_after` (a name).
-    /// Every key under `prefix` (all levels).
-    fn list_all(&self, prefix: &str) -> Result<Vec<String>> {
+    /// Every key under `prefix` (all levels), after the key `start_after` if given.
+    fn list_keys(&self, prefix: &str, start_after: Option<String>) -> Result<Vec<String>> {
         self.rt
             .block_on(async {
                 let mut keys = Vec::new();
@@ -749,6 +748,7 @@ impl S3Sink {
                         .list_objects_v2()
                         .bucket(&self.bucket)
                         .prefix(prefix)
+                        .set_start_after(start_after.clone())
                         .set_continuation_token(token.clone())
                         .send()
                         .await
@@ -768,37 +768,15 @@ impl S3Sink {
             .with_context(|| format!("ListObjectsV2 s3://{}/{prefix}", self.bucket))
     }
 
+    /// Names under `dir` (a key prefix ending in `/`), after `start_after` (a name).
     fn list(&self, dir: &str, start_after: Option<&str>) -> Result<Vec<String>> {
-        self.rt
-            .block_on(async {
-                let mut names = Vec::new();
-                let mut token: Option<String> = None;
-                loop {
-                    let mut req = self
-                        .client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(dir)
-                        .set_continuation_token(token.clone());
-                    if let Some(after) = start_after {
-                        req = req.start_after(format!("{dir}{after}"));
-                    }
-                    let page = req.send().await.map_err(sdk_err)?;
-                    for o in page.contents() {
-                        if let Some(name) = o.key().and_then(|k| k.strip_prefix(dir)) {
-                            if !name.contains('/') {
-                                names.push(name.to_owned());
-                            }
-                        }
-                    }
-                    match page.next_continuation_token() {
-                        Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                        _ => break,
-                    }
-                }
-                Ok::<_, anyhow::Error>(names)
-            })
-            .with_context(|| format!("ListObjectsV2 s3://{}/{dir}", self.bucket))
+        let keys = self.list_keys(dir, start_after.map(|after| format!("{dir}{after}")))?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(dir))
+            .filter(|name| !name.contains('/'))
+            .map(str::to_owned)
+            .collect())
     }
 }
 

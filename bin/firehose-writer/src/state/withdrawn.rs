@@ -118,20 +118,9 @@ pub(super) fn on_open(conn: &Connection, new_file: bool) -> Result<()> {
         )?;
         return Ok(());
     }
-    let zeroed = conn
-        .prepare("SELECT 1 FROM meta WHERE key = ?1")?
-        .exists(params![META_SECURE_DELETE])?;
     let purged = conn.prepare("SELECT 1 FROM withdrawn")?.exists([])?;
-    if purged && !zeroed {
-        info!("a withdrawal purge was recorded in a state file older than secure_delete: VACUUM (once) so no deleted bytes survive");
-        conn.execute_batch("VACUUM")
-            .context("vacuuming the state after a withdrawal purge")?;
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-            params![META_SECURE_DELETE],
-        )?;
-    }
     if purged {
+        vacuum_if_old(conn)?;
         let (busy, log, done): (i64, i64, i64) =
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -140,6 +129,26 @@ pub(super) fn on_open(conn: &Connection, new_file: bool) -> Result<()> {
             warn!(log, done, "the WAL could not be truncated at start (another process holds the state open): retried after the next purge");
         }
     }
+    Ok(())
+}
+
+/// A file that existed before `secure_delete` was on may hold deleted bytes of theirs in free
+/// space: rewritten once, after its first purge (or at the start after a purge whose VACUUM a
+/// crash prevented).
+fn vacuum_if_old(conn: &Connection) -> Result<()> {
+    let zeroed: bool = conn
+        .prepare("SELECT 1 FROM meta WHERE key = ?1")?
+        .exists(params![META_SECURE_DELETE])?;
+    if zeroed {
+        return Ok(());
+    }
+    info!("a withdrawal purge on a state file older than secure_delete: VACUUM (once) so no deleted bytes survive");
+    conn.execute_batch("VACUUM")
+        .context("vacuuming the state after a withdrawal purge")?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+        params![META_SECURE_DELETE],
+    )?;
     Ok(())
 }
 
@@ -579,7 +588,7 @@ impl StateStore {
             self.withdrawn.checkpoint_owed = true;
         }
         if self.withdrawn.vacuum_owed {
-            match self.vacuum_if_old() {
+            match vacuum_if_old(&self.conn) {
                 Ok(()) => self.withdrawn.vacuum_owed = false,
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "VACUUM after a withdrawal purge failed: retried after the next commit")
@@ -617,26 +626,5 @@ impl StateStore {
             }
         }
         Ok(followed)
-    }
-
-    /// A file that existed before `secure_delete` was on may hold deleted bytes of theirs in
-    /// free space: rewritten once.
-    fn vacuum_if_old(&mut self) -> Result<()> {
-        let zeroed: bool = self
-            .conn
-            .prepare("SELECT 1 FROM meta WHERE key = ?1")?
-            .exists(params![META_SECURE_DELETE])?;
-        if zeroed {
-            return Ok(());
-        }
-        info!("first withdrawal purge on a state file older than secure_delete: VACUUM (once) so no deleted bytes survive");
-        self.conn
-            .execute_batch("VACUUM")
-            .context("vacuuming the state after a withdrawal purge")?;
-        self.conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-            params![META_SECURE_DELETE],
-        )?;
-        Ok(())
     }
 }
