@@ -351,22 +351,27 @@ impl Run<'_> {
         if self.config.clear_cache && !self.config.dry_run {
             walker.prune_empty_dirs(self.config.prune_min_age_secs);
         }
+        let mut walk = walker.ahead(self.config.batch_files)?;
         let mut listed = 0u64;
         loop {
-            let files: Vec<FileRef> = walker.by_ref().take(self.config.batch_files).collect();
-            self.summary.skipped = walker.skipped;
-            listed += files.len() as u64;
-            if files.len() < self.config.batch_files {
+            let t_walk = Instant::now();
+            let Some(chunk) = walk.next_chunk() else {
+                break;
+            };
+            let walk_s = t_walk.elapsed().as_secs_f64();
+            self.summary.skipped = chunk.skipped;
+            self.summary.dirs_pruned += chunk.pruned;
+            listed += chunk.files.len() as u64;
+            if chunk.done {
                 // The walk is done: the progress line can say how many files are left.
                 self.progress.set_length(listed);
             }
-            if files.is_empty() {
-                break;
+            if !chunk.files.is_empty() {
+                self.batch(chunk.files, walk_s)?;
             }
-            self.batch(files)?;
-            self.summary.dirs_pruned += walker.prune_pending();
+            // After the batch that deleted their files.
+            self.summary.dirs_pruned += walk.prune(chunk.left);
         }
-        self.summary.dirs_pruned += walker.prune_pending();
         Ok(())
     }
 }
@@ -429,12 +434,16 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn batch(&mut self, files: Vec<FileRef>) -> Result<()> {
+    /// One batch of the protocol; `walk_s` is how long the walk took to list its files (logged
+    /// with the other phases' times).
+    fn batch(&mut self, files: Vec<FileRef>, walk_s: f64) -> Result<()> {
         let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
         let t_read = Instant::now();
         let items = self.read_all(files, &export_ts);
         let read_s = t_read.elapsed().as_secs_f64();
+        let t_sort = Instant::now();
         let sorted = self.sort(items)?;
+        let sort_s = t_sort.elapsed().as_secs_f64();
         if self.config.dry_run {
             for (t, r) in &sorted.rows {
                 self.summary.table(tables::table(*t).path).rows += r.len() as u64;
@@ -445,16 +454,23 @@ impl Run<'_> {
         let outputs = self.stage(sorted.rows, &export_ts)?;
         let write_s = t_write.elapsed().as_secs_f64();
         if !sorted.keys.is_empty() {
+            let t_commit = Instant::now();
             let batch = self.commit(&outputs, &sorted.keys)?;
+            let commit_s = t_commit.elapsed().as_secs_f64();
             Fault::hit(self.config.fault, Fault::AfterCommit);
+            let t_publish = Instant::now();
             self.publish(&batch, false)
                 .with_context(|| format!("batch {} is committed but not yet published; the cache is untouched and the next run publishes it", batch.id))?;
             tracing::info!(
                 batch = batch.id,
                 files = batch.files,
                 rows = batch.rows,
+                walk_s,
                 read_s,
+                sort_s,
                 write_s,
+                commit_s,
+                publish_s = t_publish.elapsed().as_secs_f64(),
                 "batch published"
             );
             self.summary.files_exported += sorted.keys.len() as u64;
@@ -462,6 +478,13 @@ impl Run<'_> {
         self.delete(&sorted.to_delete);
         if !self.config.dry_run {
             crate::purge::remove_cache_files(&self.config.cache_dir, &sorted.withdrawn);
+            let state = self.state.as_mut().expect("state outside dry runs");
+            let merges = state
+                .merge_key_runs()
+                .context("merging the exported-key runs (the batch is published)")?;
+            if merges > 0 {
+                tracing::debug!(merges, "merged exported-key runs");
+            }
         }
         // The batch's rows, bytes and DataFrames are gone by now (moved into `stage`).
         release_freed_memory();

@@ -301,6 +301,7 @@ pub fn generate_output(
         }
         crate::manifest::write(&sink, &batch, &owner, &state.batch_keys(batch.id)?)?;
         state.mark_published(batch.id)?;
+        state.merge_key_runs()?;
         written += n;
         tracing::info!(
             batch = batch.id,

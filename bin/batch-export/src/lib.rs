@@ -5,6 +5,7 @@
 pub mod config;
 pub mod export;
 pub mod gen;
+pub mod keys;
 pub mod load;
 pub mod manifest;
 pub mod parquet;

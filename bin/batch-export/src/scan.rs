@@ -108,13 +108,12 @@ impl Skipped {
 /// open folders is as deep as the cache, and `--clear-cache` remembers only folders whose files
 /// are in the current batch).
 pub struct Walker {
-    root: PathBuf,
     stack: Vec<Frame>,
     pub skipped: Skipped,
-    /// `--clear-cache`: the minimum age of a folder to remove.
-    prune_min_age: Option<std::time::Duration>,
+    /// The cache root and `--clear-cache`'s minimum folder age.
+    pruner: Pruner,
     /// Folders the walk left that handed out files: removed, if empty, after the batch holding
-    /// those files deleted them ([`Walker::prune_pending`]).
+    /// those files deleted them ([`Chunk::left`]).
     pending: Vec<(String, Option<std::time::SystemTime>)>,
     pruned: usize,
 }
@@ -123,7 +122,6 @@ impl Walker {
     pub fn new(root: &Path) -> Result<Walker> {
         let entries = fs::read_dir(root).with_context(|| format!("reading {}", root.display()))?;
         Ok(Walker {
-            root: root.to_owned(),
             stack: vec![Frame {
                 dir: Arc::from(""),
                 source: None,
@@ -132,7 +130,10 @@ impl Walker {
                 modified: None,
             }],
             skipped: Skipped::default(),
-            prune_min_age: None,
+            pruner: Pruner {
+                root: root.to_owned(),
+                min_age: None,
+            },
             pending: Vec::new(),
             pruned: 0,
         })
@@ -141,28 +142,48 @@ impl Walker {
     /// `--clear-cache`: remove empty nested folders (never the skeleton) not modified for
     /// `min_age_secs` as the walk leaves them.
     pub fn prune_empty_dirs(&mut self, min_age_secs: u64) {
-        self.prune_min_age = Some(std::time::Duration::from_secs(min_age_secs));
+        self.pruner.min_age = Some(std::time::Duration::from_secs(min_age_secs));
     }
 
-    /// Removes the folders the walk left since the last call, if they are empty now (call it
-    /// after the batch that held their files deleted them). Returns how many were removed,
-    /// including those removed as the walk left them.
-    pub fn prune_pending(&mut self) -> usize {
-        for (dir, modified) in std::mem::take(&mut self.pending) {
-            if self.old_enough(modified) && fs::remove_dir(self.root.join(&dir)).is_ok() {
-                self.pruned += 1;
-            }
-        }
-        std::mem::take(&mut self.pruned)
-    }
-
-    fn old_enough(&self, modified: Option<std::time::SystemTime>) -> bool {
-        let Some(min) = self.prune_min_age else {
-            return false;
+    /// Walks on a thread of its own, `batch_files` files ahead of the batch being exported: the
+    /// listing (a third of the serial time per batch at a million files, BENCHMARKS.md) overlaps
+    /// the batch's parsing, staging and commit instead of adding to them. At most two chunks of
+    /// names are held (the one being exported and the next).
+    pub fn ahead(self, batch_files: usize) -> Result<WalkAhead> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pruner = self.pruner.clone();
+        let thread = {
+            let stop = stop.clone();
+            let mut walker = self;
+            std::thread::Builder::new()
+                .name("cache-walk".into())
+                .spawn(move || loop {
+                    let files: Vec<FileRef> = walker
+                        .by_ref()
+                        .take_while(|_| !stop.load(std::sync::atomic::Ordering::Relaxed))
+                        .take(batch_files)
+                        .collect();
+                    let done = files.len() < batch_files;
+                    let chunk = Chunk {
+                        files,
+                        left: std::mem::take(&mut walker.pending),
+                        pruned: std::mem::take(&mut walker.pruned),
+                        skipped: walker.skipped,
+                        done,
+                    };
+                    if tx.send(chunk).is_err() || done {
+                        break;
+                    }
+                })
+                .context("starting the cache walk")?
         };
-        modified
-            .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
-            .is_some_and(|age| age >= min)
+        Ok(WalkAhead {
+            chunks: Some(rx),
+            stop,
+            thread: Some(thread),
+            pruner,
+        })
     }
 
     /// The walk is done with the folder on top of the stack.
@@ -170,19 +191,96 @@ impl Walker {
         let Some(frame) = self.stack.pop() else {
             return;
         };
-        if self.prune_min_age.is_none() || !is_prunable(&frame.dir) {
+        if self.pruner.min_age.is_none() || !is_prunable(&frame.dir) {
             return;
         }
         if frame.files == 0 {
             // Empty as listed (a file the writer renamed in since makes rmdir fail: nothing
             // is lost).
-            if self.old_enough(frame.modified)
-                && fs::remove_dir(self.root.join(&*frame.dir)).is_ok()
-            {
-                self.pruned += 1;
-            }
+            self.pruned += self.pruner.prune([(frame.dir.to_string(), frame.modified)]);
         } else {
             self.pending.push((frame.dir.to_string(), frame.modified));
+        }
+    }
+}
+
+/// Removes empty folders old enough for `--clear-cache`.
+#[derive(Clone)]
+pub struct Pruner {
+    root: PathBuf,
+    /// `None`: `--clear-cache` is off, nothing is removed.
+    min_age: Option<std::time::Duration>,
+}
+
+impl Pruner {
+    /// Removes each folder (cache-relative) that is empty and old enough; returns how many were.
+    pub fn prune(
+        &self,
+        dirs: impl IntoIterator<Item = (String, Option<std::time::SystemTime>)>,
+    ) -> usize {
+        dirs.into_iter()
+            .filter(|(dir, modified)| {
+                self.old_enough(*modified) && fs::remove_dir(self.root.join(dir)).is_ok()
+            })
+            .count()
+    }
+
+    fn old_enough(&self, modified: Option<std::time::SystemTime>) -> bool {
+        let Some(min) = self.min_age else {
+            return false;
+        };
+        modified
+            .and_then(|m| std::time::SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= min)
+    }
+}
+
+/// One batch's files, listed ahead by [`Walker::ahead`].
+pub struct Chunk {
+    pub files: Vec<FileRef>,
+    /// Folders the walk left while listing these files (their files are in this chunk or an
+    /// earlier one): prune them with [`WalkAhead::prune`] once this chunk's batch deleted its
+    /// files.
+    pub left: Vec<(String, Option<std::time::SystemTime>)>,
+    /// Empty folders removed as the walk left them.
+    pub pruned: usize,
+    /// What the walk could not handle so far (running totals).
+    pub skipped: Skipped,
+    /// The walk is over: this is the last chunk.
+    pub done: bool,
+}
+
+/// The walk running ahead on its own thread; stopped and joined when dropped.
+pub struct WalkAhead {
+    chunks: Option<std::sync::mpsc::Receiver<Chunk>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pruner: Pruner,
+}
+
+impl WalkAhead {
+    /// The next chunk; `None` once the last one was taken.
+    pub fn next_chunk(&mut self) -> Option<Chunk> {
+        let chunk = self.chunks.as_ref()?.recv().ok();
+        if chunk.as_ref().is_none_or(|c| c.done) {
+            self.chunks = None;
+        }
+        chunk
+    }
+
+    /// Removes the folders a chunk left, if they are empty (and old enough) now.
+    pub fn prune(&self, left: Vec<(String, Option<std::time::SystemTime>)>) -> usize {
+        self.pruner.prune(left)
+    }
+}
+
+impl Drop for WalkAhead {
+    fn drop(&mut self) {
+        // A run that stops early (an error) must not leave the walk removing folders behind it.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.chunks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -238,11 +336,11 @@ impl Iterator for Walker {
                 } else {
                     Arc::from(format!("{}/{}", frame.dir, name))
                 };
-                let path = self.root.join(&*dir);
+                let path = self.pruner.root.join(&*dir);
                 match fs::read_dir(&path) {
                     Ok(entries) => {
                         let source = classify(&dir).map(Arc::new);
-                        let modified = if self.prune_min_age.is_some() {
+                        let modified = if self.pruner.min_age.is_some() {
                             fs::metadata(&path).and_then(|m| m.modified()).ok()
                         } else {
                             None

@@ -27,8 +27,10 @@ use sha2::{Digest, Sha256};
 pub type FileKey = [u8; 16];
 
 /// The journal's schema version (`meta.schema_version`). 1: publish before commit (rolled back
-/// on a crash); 2: stage, commit, publish (rolled forward), key generations, manifests.
-const SCHEMA_VERSION: i64 = 2;
+/// on a crash); 2: stage, commit, publish (rolled forward), key generations, manifests; 3:
+/// exported keys in merged runs (`keys.rs`), which a version-2 binary would not read, so it
+/// must refuse this state rather than export its files again.
+const SCHEMA_VERSION: i64 = 3;
 
 pub struct State {
     conn: Connection,
@@ -122,10 +124,6 @@ pub fn sorted_key_bytes(keys: &[FileKey]) -> Vec<u8> {
     sorted.into_iter().flat_map(|k| k.iter().copied()).collect()
 }
 
-fn generation_table(start: i64) -> String {
-    format!("exported_g{start}")
-}
-
 impl State {
     /// Opens (creating or upgrading) the state database in `dir`.
     pub fn open(dir: &Path) -> Result<State> {
@@ -142,6 +140,7 @@ impl State {
         // overwritten with zeros, so nothing deleted stays readable in the file.
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.execute_batch(SCHEMA)
+            .and_then(|()| conn.execute_batch(crate::keys::SCHEMA))
             .context("creating the state schema")?;
         let state = State { conn };
         state.upgrade()?;
@@ -183,7 +182,7 @@ impl State {
     }
 
     /// Version 1 published before its commit point; its `committed` batches are published, and
-    /// its one key table becomes the first generation.
+    /// its one key table becomes the first generation. Version 2's key tables stay as they are.
     fn upgrade(&self) -> Result<()> {
         let version: i64 = self
             .meta("schema_version")?
@@ -198,41 +197,44 @@ impl State {
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        let has_column: bool = self.conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('batch') WHERE name = 'keys_digest'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? > 0;
         let tx = self.conn.unchecked_transaction()?;
-        if !has_column {
-            tx.execute_batch(SCHEMA_V2)?;
+        if version < 2 {
+            let has_column: bool = self.conn.query_row(
+                "SELECT count(*) FROM pragma_table_info('batch') WHERE name = 'keys_digest'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? > 0;
+            if !has_column {
+                tx.execute_batch(SCHEMA_V2)?;
+            }
+            tx.execute(
+                "UPDATE batch SET state = 'published' WHERE state = 'committed'",
+                [],
+            )?;
+            let v1_keys: bool = tx.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exported'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )? > 0;
+            if v1_keys {
+                let start: i64 = tx
+                    .query_row("SELECT min(at) FROM exported", [], |r| {
+                        r.get::<_, Option<i64>>(0)
+                    })?
+                    .unwrap_or_else(crate::now_secs);
+                tx.execute_batch(&format!(
+                    "ALTER TABLE exported RENAME TO {}",
+                    crate::keys::legacy_table(start)
+                ))?;
+            }
+            // Batches up to here were published without a manifest (version 1): the check against
+            // the output's manifests starts after them.
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (k, v) SELECT 'manifests_from', coalesce(max(id), 0) + 1 FROM batch",
+                [],
+            )?;
         }
-        tx.execute(
-            "UPDATE batch SET state = 'published' WHERE state = 'committed'",
-            [],
-        )?;
-        let v1_keys: bool = tx.query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exported'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? > 0;
-        if v1_keys {
-            let start: i64 = tx
-                .query_row("SELECT min(at) FROM exported", [], |r| {
-                    r.get::<_, Option<i64>>(0)
-                })?
-                .unwrap_or_else(crate::now_secs);
-            tx.execute_batch(&format!(
-                "ALTER TABLE exported RENAME TO {}",
-                generation_table(start)
-            ))?;
-        }
-        // Batches up to here were published without a manifest (version 1): the check against
-        // the output's manifests starts after them.
-        tx.execute(
-            "INSERT OR REPLACE INTO meta (k, v) SELECT 'manifests_from', coalesce(max(id), 0) + 1 FROM batch",
-            [],
-        )?;
+        // 2 -> 3: nothing to move; the version-2 key tables are read as they are (`keys.rs`).
         tx.execute(
             "INSERT OR REPLACE INTO meta (k, v) VALUES ('schema_version', ?1)",
             [SCHEMA_VERSION.to_string()],
@@ -361,39 +363,10 @@ impl State {
         keys.with_context(|| format!("batch {id} has no keys recorded (already published?)"))
     }
 
-    /// The generation tables, oldest first (by their start).
-    fn generations(&self) -> Result<Vec<i64>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'exported_g%'",
-        )?;
-        let mut starts: Vec<i64> = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .filter_map(|n| n.ok()?.strip_prefix("exported_g")?.parse().ok())
-            .collect();
-        starts.sort_unstable();
-        Ok(starts)
-    }
-
-    /// The generation new keys go to: the newest, or a new one once the newest is a retention
-    /// old.
-    fn current_generation(&self, now: i64, retention_secs: i64) -> Result<i64> {
-        let gens = self.generations()?;
-        match gens.last() {
-            Some(&start) if now - start < retention_secs.max(1) => Ok(start),
-            _ => {
-                self.conn.execute_batch(&format!(
-                    "CREATE TABLE IF NOT EXISTS {} (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;",
-                    generation_table(now)
-                ))?;
-                Ok(now)
-            }
-        }
-    }
-
     /// The commit point: the batch (state `committed`), its staged outputs and its files' keys,
     /// in one transaction. Returns the batch id.
     pub fn commit(&mut self, b: &NewBatch<'_>, retention_secs: i64) -> Result<Batch> {
-        let generation = self.current_generation(b.now, retention_secs)?;
+        let generation = crate::keys::current_generation(&self.conn, b.now, retention_secs)?;
         let sorted = sorted_key_bytes(b.keys);
         let digest = keys_digest(&sorted);
         let tx = self.conn.transaction()?;
@@ -421,14 +394,8 @@ impl State {
                     o.bytes as i64
                 ])?;
             }
-            let mut stmt = tx.prepare(&format!(
-                "INSERT OR REPLACE INTO {} (key, batch_id, at) VALUES (?1, ?2, ?3)",
-                generation_table(generation)
-            ))?;
-            for k in sorted.chunks_exact(16) {
-                stmt.execute(params![k, id, b.now])?;
-            }
         }
+        crate::keys::add_batch(&tx, generation, &sorted)?;
         tx.commit().context("committing the batch")?;
         Ok(Batch {
             id,
@@ -450,50 +417,26 @@ impl State {
         Ok(())
     }
 
-    /// Which of `keys` were exported before (same order as `keys`). Asked in sorted chunks of
-    /// `key IN (...)` per generation, which keeps the B-tree walk local and the per-statement
-    /// cost low.
+    /// Which of `keys` were exported before (same order as `keys`).
     pub fn exported_mask(&self, keys: &[FileKey]) -> Result<Vec<bool>> {
-        const CHUNK: usize = 500;
-        let mut sorted: Vec<&FileKey> = keys.iter().collect();
-        sorted.sort_unstable();
-        let mut found: std::collections::HashSet<FileKey> = std::collections::HashSet::new();
-        for generation in self.generations()? {
-            let table = generation_table(generation);
-            for chunk in sorted.chunks(CHUNK) {
-                let sql = format!(
-                    "SELECT key FROM {table} WHERE key IN ({})",
-                    vec!["?"; chunk.len()].join(",")
-                );
-                let mut stmt = self.conn.prepare_cached(&sql)?;
-                let params = rusqlite::params_from_iter(chunk.iter().map(|k| &k[..]));
-                let mut rows = stmt.query(params)?;
-                while let Some(row) = rows.next()? {
-                    let key: Vec<u8> = row.get(0)?;
-                    if let Ok(k) = FileKey::try_from(key.as_slice()) {
-                        found.insert(k);
-                    }
-                }
-            }
-        }
-        Ok(keys.iter().map(|k| found.contains(k)).collect())
+        crate::keys::contains_mask(&self.conn, keys)
     }
 
-    /// Forgets exported keys older than the retention: drops each generation whose successor
-    /// started more than `retention_secs` ago (every key in it is at least that old). Returns
+    /// Merges the exported-key runs that are due (`keys.rs`): after a batch, outside its commit
+    /// point. Returns the number of merges.
+    pub fn merge_key_runs(&mut self) -> Result<usize> {
+        // A merged run holds every key of its inputs, so their freed pages reveal nothing that
+        // stays hidden: no need to zero them (secure_delete is there for the consent purges).
+        self.conn.pragma_update(None, "secure_delete", "OFF")?;
+        let merged = crate::keys::compact(&self.conn);
+        self.conn.pragma_update(None, "secure_delete", "ON")?;
+        merged
+    }
+
+    /// Forgets exported keys older than the retention (whole generations, `keys.rs`). Returns
     /// the number of generations dropped.
     pub fn prune(&self, now: i64, retention_secs: i64) -> Result<usize> {
-        let gens = self.generations()?;
-        let mut dropped = 0;
-        for pair in gens.windows(2) {
-            let (old, successor) = (pair[0], pair[1]);
-            if now - successor >= retention_secs {
-                self.conn
-                    .execute_batch(&format!("DROP TABLE {}", generation_table(old)))?;
-                dropped += 1;
-            }
-        }
-        Ok(dropped)
+        crate::keys::prune(&self.conn, now, retention_secs)
     }
 
     /// Replaces the journal and the exported keys with what the output's manifests say
@@ -501,26 +444,13 @@ impl State {
     /// published are forgotten: their cache files are still in the cache (nothing is deleted
     /// before publication) and are exported again.
     pub fn adopt(&mut self, batches: &[Adopted], retention_secs: i64) -> Result<()> {
-        let now = crate::now_secs();
-        let gens = self.generations()?;
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM batch_output", [])?;
         tx.execute("DELETE FROM batch", [])?;
-        for g in gens {
-            tx.execute_batch(&format!("DROP TABLE {}", generation_table(g)))?;
-        }
-        let start = now - retention_secs;
-        let table = generation_table(start);
-        tx.execute_batch(&format!(
-            "CREATE TABLE {table} (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;"
-        ))?;
         {
             let mut ins = tx.prepare(
                 "INSERT INTO batch (id, started_at, state, files, rows, previous, keys_digest) VALUES (?1, ?2, 'published', ?3, ?4, ?5, ?6)",
             )?;
-            let mut key = tx.prepare(&format!(
-                "INSERT OR REPLACE INTO {table} (key, batch_id, at) VALUES (?1, ?2, ?3)"
-            ))?;
             for b in batches {
                 ins.execute(params![
                     b.id,
@@ -530,11 +460,15 @@ impl State {
                     b.previous,
                     b.keys_digest
                 ])?;
-                for k in b.keys.iter().flatten() {
-                    key.execute(params![&k[..], b.id, b.committed_at])?;
-                }
             }
         }
+        // One generation that began a retention ago: the next batch starts a new one, and these
+        // keys are forgotten a retention after that, like keys exported just now.
+        let keys = batches
+            .iter()
+            .flat_map(|b| b.keys.iter().flatten().copied())
+            .collect();
+        crate::keys::replace_all(&tx, crate::now_secs() - retention_secs, keys)?;
         let first = batches.iter().map(|b| b.id).min().unwrap_or(1);
         tx.execute(
             "INSERT OR REPLACE INTO meta (k, v) VALUES ('manifests_from', ?1)",
@@ -546,8 +480,10 @@ impl State {
 }
 
 /// The row de-duplication keys of one run (rows are de-duplicated by URI within a run),
-/// on disk in a private temporary database that SQLite deletes when the run ends: memory stays
-/// bounded by SQLite's page cache however long the run is.
+/// on disk in a private temporary database that SQLite deletes when the run ends, stored like
+/// the exported keys (sorted runs with Bloom filters, `keys.rs`): inserting a batch's keys writes
+/// a new run instead of touching pages all over one B-tree, which outgrew its cache at a few
+/// million rows (BENCHMARKS.md). Memory: SQLite's page cache and one batch's filters.
 pub struct RunRows {
     conn: Connection,
 }
@@ -560,29 +496,33 @@ impl RunRows {
         conn.pragma_update(None, "journal_mode", "OFF")?;
         conn.pragma_update(None, "synchronous", "OFF")?;
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-        // 16 MiB of page cache (~400,000 keys) before pages go to the temporary file: a fixed
-        // bound, whatever the run's length.
+        // 16 MiB of page cache before pages go to the temporary file: a fixed bound, whatever
+        // the run's length.
         conn.pragma_update(None, "cache_size", -16384)?;
-        conn.execute_batch("CREATE TABLE run_rows (k BLOB PRIMARY KEY) WITHOUT ROWID;")?;
+        conn.execute_batch(crate::keys::SCHEMA)?;
         Ok(RunRows { conn })
     }
 
     /// Records row de-duplication keys; returns, per key, whether it is new in this run (a key
     /// repeated within `keys` is new only the first time).
     pub fn first_in_run(&self, keys: &[u128]) -> Result<Vec<bool>> {
-        // Inserted in key order (a stable sort keeps repeated keys in their order, so the first
-        // one is the new one): neighbouring inserts touch the same B-tree pages.
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_by_key(|&i| keys[i]);
-        let tx = self.conn.unchecked_transaction()?;
+        let keys: Vec<FileKey> = keys.iter().map(|k| k.to_be_bytes()).collect();
+        let seen = crate::keys::contains_mask(&self.conn, &keys)?;
+        let mut in_batch = std::collections::HashSet::with_capacity(keys.len());
         let mut out = vec![false; keys.len()];
-        {
-            let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO run_rows (k) VALUES (?1)")?;
-            for i in order {
-                out[i] = stmt.execute([&keys[i].to_be_bytes()[..]])? == 1;
+        let mut new = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if !seen[i] && in_batch.insert(*k) {
+                out[i] = true;
+                new.push(*k);
             }
         }
+        new.sort_unstable();
+        let sorted: Vec<u8> = new.iter().flatten().copied().collect();
+        let tx = self.conn.unchecked_transaction()?;
+        crate::keys::add_batch(&tx, 0, &sorted)?;
         tx.commit()?;
+        crate::keys::compact(&self.conn)?;
         Ok(out)
     }
 }
@@ -616,9 +556,9 @@ mod tests {
         };
         commit(&mut s, 1_000_000, &[key(1)]);
         commit(&mut s, 1_000_000 + day / 2, &[key(2)]);
-        assert_eq!(s.generations().unwrap(), vec![1_000_000]);
+        assert_eq!(crate::keys::generations(&s.conn).unwrap(), vec![1_000_000]);
         commit(&mut s, 1_000_000 + day, &[key(3)]);
-        assert_eq!(s.generations().unwrap().len(), 2);
+        assert_eq!(crate::keys::generations(&s.conn).unwrap().len(), 2);
         assert_eq!(
             s.exported_mask(&[key(1), key(2), key(3), key(4)]).unwrap(),
             [true, true, true, false]
@@ -641,6 +581,75 @@ mod tests {
         let s = RunRows::new().unwrap();
         assert_eq!(s.first_in_run(&[1, 2, 1]).unwrap(), [true, true, false]);
         assert_eq!(s.first_in_run(&[2, 3]).unwrap(), [false, true]);
+        // Across merges of its runs (four runs of a level merge into one).
+        for b in 0..10u128 {
+            let batch: Vec<u128> = (b * 100..(b + 1) * 100).map(|k| k * 7_919).collect();
+            assert!(s.first_in_run(&batch).unwrap().iter().all(|new| *new));
+        }
+        let again: Vec<u128> = (0..1_000u128).map(|k| k * 7_919).chain([1, 3, 5]).collect();
+        let mask = s.first_in_run(&again).unwrap();
+        assert!(mask[..1_003 - 1].iter().all(|new| !*new), "seen before");
+        assert!(mask[1_002], "5 is new");
+    }
+
+    #[test]
+    fn a_version_2_journal_keeps_its_committed_batches_and_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(tmp.path().join("state.sqlite")).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch(SCHEMA_V2).unwrap();
+            c.execute_batch(
+                "CREATE TABLE exported_g100 (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO batch (id, started_at, state, keys) VALUES (1, 100, 'published', NULL);
+                 INSERT INTO batch (id, started_at, state, keys) VALUES (2, 100, 'committed', x'00000002000000000000000000000000');
+                 INSERT INTO exported_g100 VALUES (x'00000001000000000000000000000000', 1, 100);
+                 INSERT INTO exported_g100 VALUES (x'00000002000000000000000000000000', 2, 100);
+                 INSERT INTO meta VALUES ('schema_version', '2'), ('manifests_from', '1');",
+            )
+            .unwrap();
+        }
+        let mut s = State::open(tmp.path()).unwrap();
+        // Version 2 committed before publishing: its committed batch is rolled forward, not
+        // taken as published (that was version 1's meaning).
+        assert_eq!(
+            s.unpublished()
+                .unwrap()
+                .iter()
+                .map(|b| b.id)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(s.manifests_from().unwrap(), 1);
+        assert_eq!(s.meta("schema_version").unwrap().as_deref(), Some("3"));
+        // Its keys are still known, and new ones go to runs beside them.
+        s.commit(
+            &NewBatch {
+                now: 150,
+                outputs: &[],
+                keys: &[key(3)],
+                rows: 0,
+            },
+            86_400,
+        )
+        .unwrap();
+        assert_eq!(
+            s.exported_mask(&[key(1), key(2), key(3), key(4)]).unwrap(),
+            [true, true, true, false]
+        );
+    }
+
+    #[test]
+    fn a_newer_journal_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(State::open(tmp.path()).unwrap());
+        {
+            let c = Connection::open(tmp.path().join("state.sqlite")).unwrap();
+            c.execute("UPDATE meta SET v = '4' WHERE k = 'schema_version'", [])
+                .unwrap();
+        }
+        let err = State::open(tmp.path()).err().expect("refused");
+        assert!(format!("{err:#}").contains("newer batch-export"), "{err:#}");
     }
 
     #[test]
@@ -662,6 +671,6 @@ mod tests {
         drop(s);
         // Opening again changes nothing.
         let s = State::open(tmp.path()).unwrap();
-        assert_eq!(s.generations().unwrap(), vec![100]);
+        assert_eq!(crate::keys::generations(&s.conn).unwrap(), vec![100]);
     }
 }
