@@ -67,7 +67,9 @@ struct Run<'a> {
     unrecognised_dirs: HashSet<Arc<str>>,
     progress: indicatif::ProgressBar,
     /// Set once the progress bar is visible (or when it never should be).
-    progress_shown: std::sync::atomic::AtomicBool,
+    progress_shown: Arc<std::sync::atomic::AtomicBool>,
+    /// Files the walk handed out so far.
+    listed: u64,
 }
 
 /// The cache's lock file (a dot-name: the writer and the walk ignore it).
@@ -253,7 +255,8 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         seen_rows: RunRows::new()?,
         unrecognised_dirs: HashSet::new(),
         progress,
-        progress_shown: std::sync::atomic::AtomicBool::new(!config.progress),
+        progress_shown: Arc::new(std::sync::atomic::AtomicBool::new(!config.progress)),
+        listed: 0,
     };
     run.summary.batches_adopted = adopted as u64;
     // Read before the walk: every file of events up to this cursor is in the cache now.
@@ -352,28 +355,89 @@ impl Run<'_> {
             walker.prune_empty_dirs(self.config.prune_min_age_secs);
         }
         let mut walk = walker.ahead(self.config.batch_files)?;
-        let mut listed = 0u64;
-        loop {
-            let t_walk = Instant::now();
-            let Some(chunk) = walk.next_chunk() else {
-                break;
-            };
-            let walk_s = t_walk.elapsed().as_secs_f64();
-            self.summary.skipped = chunk.skipped;
-            self.summary.dirs_pruned += chunk.pruned;
-            listed += chunk.files.len() as u64;
-            if chunk.done {
-                // The walk is done: the progress line can say how many files are left.
-                self.progress.set_length(listed);
+        // Batch N + 1's files are read (in parallel) while batch N is sorted, staged, committed,
+        // published and deleted: at most two batches are held, one being read and one being
+        // exported. Reading never changes anything, and the files of two batches are disjoint.
+        std::thread::scope(|scope| -> Result<()> {
+            let mut reading = self.start_reading(scope, &mut walk)?;
+            while let Some(read) = reading.take() {
+                let (items, read_s) = read
+                    .thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                reading = self.start_reading(scope, &mut walk)?;
+                let times = Times {
+                    walk_s: read.walk_s,
+                    read_s,
+                };
+                if !items.is_empty() {
+                    self.batch(items, &read.export_ts, times)?;
+                }
+                // After the batch that deleted their files.
+                self.summary.dirs_pruned += walk.prune(read.left);
             }
-            if !chunk.files.is_empty() {
-                self.batch(chunk.files, walk_s)?;
-            }
-            // After the batch that deleted their files.
-            self.summary.dirs_pruned += walk.prune(chunk.left);
-        }
-        Ok(())
+            Ok(())
+        })
     }
+
+    /// Takes the walk's next chunk and starts reading its files on a thread of its own; `None`
+    /// once the walk is over.
+    fn start_reading<'scope>(
+        &mut self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        walk: &mut scan::WalkAhead,
+    ) -> Result<Option<Reading<'scope>>>
+    where
+        Self: 'scope,
+    {
+        let t_walk = Instant::now();
+        let Some(chunk) = walk.next_chunk() else {
+            return Ok(None);
+        };
+        let walk_s = t_walk.elapsed().as_secs_f64();
+        self.summary.skipped = chunk.skipped;
+        self.summary.dirs_pruned += chunk.pruned;
+        self.listed += chunk.files.len() as u64;
+        if chunk.done {
+            // The walk is done: the progress line can say how many files are left.
+            self.progress.set_length(self.listed);
+        }
+        let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
+        let config = self.config;
+        let progress = self.progress.clone();
+        let shown = self.progress_shown.clone();
+        let files = chunk.files;
+        let ts = export_ts.clone();
+        let thread = std::thread::Builder::new()
+            .name("batch-read".into())
+            .spawn_scoped(scope, move || {
+                let t_read = Instant::now();
+                let items = read_all(config, &progress, &shown, files, &ts);
+                (items, t_read.elapsed().as_secs_f64())
+            })
+            .context("starting a batch's reader")?;
+        Ok(Some(Reading {
+            thread,
+            export_ts,
+            walk_s,
+            left: chunk.left,
+        }))
+    }
+}
+
+/// A batch's files being read while the previous batch is exported.
+struct Reading<'scope> {
+    thread: std::thread::ScopedJoinHandle<'scope, (Vec<(FileRef, Item)>, f64)>,
+    export_ts: String,
+    walk_s: f64,
+    /// Folders the walk left while listing this batch (pruned after its deletes).
+    left: Vec<(String, Option<std::time::SystemTime>)>,
+}
+
+/// How long a batch waited for the walk, and took to read (logged with the other phases).
+struct Times {
+    walk_s: f64,
+    read_s: f64,
 }
 
 /// Publishes the batches a killed or failed run committed, and nothing else (the consent
@@ -392,7 +456,8 @@ pub(crate) fn roll_forward_batches(
         seen_rows: RunRows::new()?,
         unrecognised_dirs: HashSet::new(),
         progress: indicatif::ProgressBar::hidden(),
-        progress_shown: std::sync::atomic::AtomicBool::new(true),
+        progress_shown: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        listed: 0,
     };
     let result = run.roll_forward();
     let n = run.summary.batches_rolled_forward;
@@ -434,13 +499,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// One batch of the protocol; `walk_s` is how long the walk took to list its files (logged
-    /// with the other phases' times).
-    fn batch(&mut self, files: Vec<FileRef>, walk_s: f64) -> Result<()> {
-        let export_ts = sync_core::transform::sync_timestamp(crate::now_secs());
-        let t_read = Instant::now();
-        let items = self.read_all(files, &export_ts);
-        let read_s = t_read.elapsed().as_secs_f64();
+    /// One batch of the protocol, from its files as read.
+    fn batch(&mut self, items: Vec<(FileRef, Item)>, export_ts: &str, times: Times) -> Result<()> {
+        let Times { walk_s, read_s } = times;
         let t_sort = Instant::now();
         let sorted = self.sort(items)?;
         let sort_s = t_sort.elapsed().as_secs_f64();
@@ -451,7 +512,7 @@ impl Run<'_> {
             return Ok(());
         }
         let t_write = Instant::now();
-        let outputs = self.stage(sorted.rows, &export_ts)?;
+        let outputs = self.stage(sorted.rows, export_ts)?;
         let write_s = t_write.elapsed().as_secs_f64();
         if !sorted.keys.is_empty() {
             let t_commit = Instant::now();
@@ -489,27 +550,6 @@ impl Run<'_> {
         // The batch's rows, bytes and DataFrames are gone by now (moved into `stage`).
         release_freed_memory();
         Ok(())
-    }
-
-    /// Phase 1 (parallel): read, key, parse.
-    fn read_all(&self, files: Vec<FileRef>, export_ts: &str) -> Vec<(FileRef, Item)> {
-        let root = &self.config.cache_dir;
-        let progress = &self.progress;
-        let shown = &self.progress_shown;
-        files
-            .into_par_iter()
-            .map(|f| {
-                let item = read_one(root, &f, export_ts, &self.config.withdrawn);
-                progress.inc(1);
-                if progress.position() >= LARGE_RUN_FILES
-                    && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
-                {
-                    progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-                }
-                (f, item)
-            })
-            .collect()
     }
 
     /// Phase 2: which files were exported before (replays), bad files, duplicate rows.
@@ -701,6 +741,31 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Phase 1 (parallel): read, key, parse.
+fn read_all(
+    config: &Config,
+    progress: &indicatif::ProgressBar,
+    shown: &std::sync::atomic::AtomicBool,
+    files: Vec<FileRef>,
+    export_ts: &str,
+) -> Vec<(FileRef, Item)> {
+    let root = &config.cache_dir;
+    files
+        .into_par_iter()
+        .map(|f| {
+            let item = read_one(root, &f, export_ts, &config.withdrawn);
+            progress.inc(1);
+            if progress.position() >= LARGE_RUN_FILES
+                && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                progress.enable_steady_tick(std::time::Duration::from_millis(200));
+            }
+            (f, item)
+        })
+        .collect()
 }
 
 fn read_one(

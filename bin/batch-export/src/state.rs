@@ -575,6 +575,59 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_writes_about_its_batch_however_many_keys_are_stored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = State::open(tmp.path()).unwrap();
+        let hashed =
+            |i: u64| -> FileKey { Sha256::digest(i.to_le_bytes())[..16].try_into().unwrap() };
+        let commit = |s: &mut State, batch: u64| {
+            let keys: Vec<FileKey> = (batch * 2_000..(batch + 1) * 2_000).map(hashed).collect();
+            s.commit(
+                &NewBatch {
+                    now: 1_000,
+                    outputs: &[],
+                    keys: &keys,
+                    rows: 0,
+                },
+                86_400,
+            )
+            .unwrap();
+            s.merge_key_runs().unwrap();
+        };
+        for batch in 0..100 {
+            commit(&mut s, batch);
+        }
+        // The WAL frames (pages) the next commit writes, with 200,000 keys stored.
+        s.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let keys: Vec<FileKey> = (200_000..202_000).map(hashed).collect();
+        s.commit(
+            &NewBatch {
+                now: 1_000,
+                outputs: &[],
+                keys: &keys,
+                rows: 0,
+            },
+            86_400,
+        )
+        .unwrap();
+        let frames: i64 = s
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+            .unwrap();
+        // 2,000 keys are 32 KB, twice (the batch row keeps them for its manifest): ~20 pages
+        // and a few of the journal's. One B-tree of all keys would take the batch's random keys
+        // into most of its ~2,000 leaf pages.
+        assert!(frames < 100, "the commit wrote {frames} pages");
+        assert!(
+            s.exported_mask(&[hashed(7), hashed(201_999), hashed(300_000)])
+                .unwrap()
+                == [true, true, false]
+        );
+    }
+
+    #[test]
     fn run_rows_are_new_once() {
         let tmp = tempfile::tempdir().unwrap();
         let _ = tmp;
