@@ -70,6 +70,10 @@ struct Run<'a> {
     progress_shown: Arc<std::sync::atomic::AtomicBool>,
     /// Files the walk handed out so far.
     listed: u64,
+    /// Names the run's deletes give the files they take (its walk skips them).
+    takes: scan::TakeToken,
+    /// Set when the run fails: the batch being read ahead stops reading.
+    cancel_read: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The cache's lock file (a dot-name: the writer and the walk ignore it).
@@ -257,6 +261,8 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         progress,
         progress_shown: Arc::new(std::sync::atomic::AtomicBool::new(!config.progress)),
         listed: 0,
+        takes: scan::TakeToken::new(),
+        cancel_read: Arc::default(),
     };
     run.summary.batches_adopted = adopted as u64;
     // Read before the walk: every file of events up to this cursor is in the cache now.
@@ -354,29 +360,48 @@ impl Run<'_> {
         if self.config.clear_cache && !self.config.dry_run {
             walker.prune_empty_dirs(self.config.prune_min_age_secs);
         }
+        walker.skip_takes_of(&self.takes);
         let mut walk = walker.ahead(self.config.batch_files)?;
         // Batch N + 1's files are read (in parallel) while batch N is sorted, staged, committed,
         // published and deleted: at most two batches are held, one being read and one being
-        // exported. Reading never changes anything, and the files of two batches are disjoint.
+        // exported (and the walk lists the names of batch N + 2). Reading never changes
+        // anything, and the files of two batches are disjoint.
         std::thread::scope(|scope| -> Result<()> {
             let mut reading = self.start_reading(scope, &mut walk)?;
-            while let Some(read) = reading.take() {
+            let result = loop {
+                let Some(read) = reading.take() else {
+                    break Ok(());
+                };
                 let (items, read_s) = read
                     .thread
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                reading = self.start_reading(scope, &mut walk)?;
+                reading = match self.start_reading(scope, &mut walk) {
+                    Ok(next) => next,
+                    Err(e) => break Err(e),
+                };
                 let times = Times {
                     walk_s: read.walk_s,
                     read_s,
                 };
                 if !items.is_empty() {
-                    self.batch(items, &read.export_ts, times)?;
+                    if let Err(e) = self.batch(items, &read.export_ts, times) {
+                        break Err(e);
+                    }
                 }
                 // After the batch that deleted their files.
                 self.summary.dirs_pruned += walk.prune(read.left);
+            };
+            if result.is_err() {
+                // The error is what the run reports: the read ahead stops, and whatever became
+                // of it (a panic included) must not replace the error.
+                self.cancel_read
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(read) = reading.take() {
+                    let _ = read.thread.join();
+                }
             }
-            Ok(())
+            result
         })
     }
 
@@ -391,7 +416,7 @@ impl Run<'_> {
         Self: 'scope,
     {
         let t_walk = Instant::now();
-        let Some(chunk) = walk.next_chunk() else {
+        let Some(chunk) = walk.next_chunk()? else {
             return Ok(None);
         };
         let walk_s = t_walk.elapsed().as_secs_f64();
@@ -406,13 +431,14 @@ impl Run<'_> {
         let config = self.config;
         let progress = self.progress.clone();
         let shown = self.progress_shown.clone();
+        let cancel = self.cancel_read.clone();
         let files = chunk.files;
         let ts = export_ts.clone();
         let thread = std::thread::Builder::new()
             .name("batch-read".into())
             .spawn_scoped(scope, move || {
                 let t_read = Instant::now();
-                let items = read_all(config, &progress, &shown, files, &ts);
+                let items = read_all(config, &progress, &shown, &cancel, files, &ts);
                 (items, t_read.elapsed().as_secs_f64())
             })
             .context("starting a batch's reader")?;
@@ -458,6 +484,8 @@ pub(crate) fn roll_forward_batches(
         progress: indicatif::ProgressBar::hidden(),
         progress_shown: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         listed: 0,
+        takes: scan::TakeToken::new(),
+        cancel_read: Arc::default(),
     };
     let result = run.roll_forward();
     let n = run.summary.batches_rolled_forward;
@@ -540,11 +568,19 @@ impl Run<'_> {
         if !self.config.dry_run {
             crate::purge::remove_cache_files(&self.config.cache_dir, &sorted.withdrawn);
             let state = self.state.as_mut().expect("state outside dry runs");
-            let merges = state
+            let t_merge = Instant::now();
+            let merged = state
                 .merge_key_runs()
                 .context("merging the exported-key runs (the batch is published)")?;
-            if merges > 0 {
-                tracing::debug!(merges, "merged exported-key runs");
+            if merged.merges > 0 {
+                // Every FANOUT^k batches a merge rewrites FANOUT^k batches' keys (and its WAL
+                // grows by as much): logged so a slow batch can be told apart from a slow disk.
+                tracing::info!(
+                    merges = merged.merges,
+                    keys = merged.keys,
+                    merge_s = t_merge.elapsed().as_secs_f64(),
+                    "merged exported-key runs"
+                );
             }
         }
         // The batch's rows, bytes and DataFrames are gone by now (moved into `stage`).
@@ -713,9 +749,10 @@ impl Run<'_> {
         let root = &self.config.cache_dir;
         let t = Instant::now();
         let fault = self.config.fault;
+        let takes = &self.takes;
         let (deleted, failed) = files
             .par_iter()
-            .map(|(rel, id)| match scan::delete_if_same_with(root, rel, *id, || {
+            .map(|(rel, id)| match scan::delete_if_same_with(root, rel, *id, takes, || {
                 Fault::hit(fault, Fault::AfterTake)
             }) {
                 Ok(d) => (usize::from(d), 0usize),
@@ -748,12 +785,14 @@ fn read_all(
     config: &Config,
     progress: &indicatif::ProgressBar,
     shown: &std::sync::atomic::AtomicBool,
+    cancel: &std::sync::atomic::AtomicBool,
     files: Vec<FileRef>,
     export_ts: &str,
 ) -> Vec<(FileRef, Item)> {
     let root = &config.cache_dir;
     files
         .into_par_iter()
+        .filter(|_| !cancel.load(std::sync::atomic::Ordering::Relaxed))
         .map(|f| {
             let item = read_one(root, &f, export_ts, &config.withdrawn);
             progress.inc(1);

@@ -169,6 +169,14 @@ fn runs(conn: &Connection) -> Result<Vec<(i64, i64)>> {
     Ok(runs)
 }
 
+fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )? > 0)
+}
+
 /// Starts of the key tables an older version wrote (one per generation).
 fn legacy_generations(conn: &Connection) -> Result<Vec<i64>> {
     let mut stmt = conn.prepare_cached(
@@ -210,7 +218,12 @@ pub fn contains_mask(conn: &Connection, keys: &[FileKey]) -> Result<Vec<bool>> {
         .into_iter()
         .map(|g| (legacy_table(g), None))
         .collect();
-    {
+    // A dry run opens an older state read-only, without upgrading it: version 1 kept every key
+    // in `exported`, version 2 had no `key_run`.
+    if table_exists(conn, "exported")? {
+        tables.push(("exported".to_owned(), None));
+    }
+    if table_exists(conn, "key_run")? {
         let mut stmt = conn.prepare_cached("SELECT id, bloom FROM key_run ORDER BY id DESC")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -254,11 +267,19 @@ fn probe(
     Ok(())
 }
 
+/// What [`compact`] did: merges made and keys written by them (a merge rewrites every key of
+/// its inputs, so a top-level merge writes most of the store once; logged for that reason).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    pub merges: usize,
+    pub keys: u64,
+}
+
 /// Merges, while any generation has [`FANOUT`] runs of one level, the oldest of them into one
 /// run of the next level, one transaction per merge (a crash leaves either the runs or their
-/// merge). Returns the number of merges.
-pub fn compact(conn: &Connection) -> Result<usize> {
-    let mut merges = 0;
+/// merge).
+pub fn compact(conn: &Connection) -> Result<Merged> {
+    let mut merged = Merged::default();
     loop {
         let group: Option<(i64, i64)> = conn
             .query_row(
@@ -269,16 +290,18 @@ pub fn compact(conn: &Connection) -> Result<usize> {
             )
             .optional()?;
         let Some((generation, level)) = group else {
-            return Ok(merges);
+            return Ok(merged);
         };
-        merge(conn, generation, level).with_context(|| {
+        let keys = merge(conn, generation, level).with_context(|| {
             format!("merging exported-key runs of level {level} (generation {generation})")
         })?;
-        merges += 1;
+        merged.merges += 1;
+        merged.keys += keys;
     }
 }
 
-fn merge(conn: &Connection, generation: i64, level: i64) -> Result<()> {
+/// One merge; returns the number of keys in the merged run.
+fn merge(conn: &Connection, generation: i64, level: i64) -> Result<u64> {
     {
         let tx = conn.unchecked_transaction()?;
         let inputs: Vec<i64> = {
@@ -337,8 +360,8 @@ fn merge(conn: &Connection, generation: i64, level: i64) -> Result<()> {
             tx.execute("DELETE FROM key_run WHERE id = ?1", [i])?;
         }
         tx.commit()?;
+        Ok(n as u64)
     }
-    Ok(())
 }
 
 /// Forgets keys older than the retention: drops each generation whose successor started more
@@ -458,7 +481,7 @@ mod tests {
         }
         add(&mut conn, 1_000_000 + day, 30..40);
         // Four runs, but of two generations: nothing to merge.
-        assert_eq!(compact(&conn).unwrap(), 0);
+        assert_eq!(compact(&conn).unwrap().merges, 0);
         assert_eq!(run_count(&conn), 4);
         assert_eq!(
             current_generation(&conn, 1_000_000 + day + 10, day).unwrap(),
@@ -509,15 +532,23 @@ mod tests {
         let tx = conn.transaction().unwrap();
         replace_all(&tx, 50, (100..110).rev().map(key).collect()).unwrap();
         tx.commit().unwrap();
-        for b in 0..3 {
+        assert_eq!(run_count(&conn), 1, "the old runs are gone");
+        // Eight new runs of the adopted run's generation: two merges of four, none with the
+        // adopted run (which would rewrite every adopted key at the next merge).
+        for b in 0..8 {
             add(&mut conn, 50, 200 + b..201 + b);
         }
-        assert_eq!(
-            compact(&conn).unwrap(),
-            0,
-            "three new runs and the adopted one"
-        );
-        let mask = contains_mask(&conn, &[key(5), key(100), key(109), key(201)]).unwrap();
-        assert_eq!(mask, [false, true, true, true]);
+        let merged = compact(&conn).unwrap();
+        assert_eq!(merged, Merged { merges: 2, keys: 8 });
+        let levels: Vec<i64> = conn
+            .prepare("SELECT level FROM key_run ORDER BY level")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(levels, [1, 1, ADOPTED_LEVEL]);
+        let mask = contains_mask(&conn, &[key(5), key(100), key(109), key(201), key(207)]).unwrap();
+        assert_eq!(mask, [false, true, true, true, true]);
     }
 }

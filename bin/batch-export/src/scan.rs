@@ -24,6 +24,32 @@ use crate::tables::{classify, Source};
 /// had already written a newer file at the original name) is exported or deleted next run.
 pub const TAKEN_PREFIX: &str = ".exported-";
 
+/// The first 16 hex digits of the taken names one run creates (the other 16 are random): the
+/// run's walk, which lists folders while that run's deletes take files in them, skips its own
+/// takes instead of reading them back as files (a take it left behind is read by the next run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakeToken(String);
+
+impl TakeToken {
+    pub fn new() -> TakeToken {
+        let mut hex = uuid::Uuid::new_v4().simple().to_string();
+        hex.truncate(16);
+        TakeToken(hex)
+    }
+
+    fn took(&self, taken_name: &str) -> bool {
+        taken_name
+            .strip_prefix(TAKEN_PREFIX)
+            .is_some_and(|id| id.starts_with(&self.0))
+    }
+}
+
+impl Default for TakeToken {
+    fn default() -> Self {
+        TakeToken::new()
+    }
+}
+
 /// The original name of a taken file, or `None` if `name` is not one.
 pub fn original_of_taken(name: &str) -> Option<&str> {
     let (id, original) = name.strip_prefix(TAKEN_PREFIX)?.split_once('-')?;
@@ -79,7 +105,8 @@ struct Frame {
     dir: Arc<str>,
     source: Option<Arc<Source>>,
     entries: ReadDir,
-    /// Files this folder handed out (a folder that handed out none may be empty).
+    /// Files this folder and the folders in it handed out (a folder whose tree handed out none
+    /// may be empty now; one that did is pruned only after the batch that deletes them).
     files: u64,
     /// The folder's mtime when the walk entered it (its age for `--clear-cache`).
     modified: Option<std::time::SystemTime>,
@@ -116,6 +143,8 @@ pub struct Walker {
     /// those files deleted them ([`Chunk::left`]).
     pending: Vec<(String, Option<std::time::SystemTime>)>,
     pruned: usize,
+    /// Takes of the run this walk belongs to: skipped (see [`TakeToken`]).
+    own_takes: Option<TakeToken>,
 }
 
 impl Walker {
@@ -136,7 +165,13 @@ impl Walker {
             },
             pending: Vec::new(),
             pruned: 0,
+            own_takes: None,
         })
+    }
+
+    /// Skips the files the run's own deletes take out of the way while the walk lists.
+    pub fn skip_takes_of(&mut self, token: &TakeToken) {
+        self.own_takes = Some(token.clone());
     }
 
     /// `--clear-cache`: remove empty nested folders (never the skeleton) not modified for
@@ -147,10 +182,11 @@ impl Walker {
 
     /// Walks on a thread of its own, `batch_files` files ahead of the batch being exported: the
     /// listing (a third of the serial time per batch at a million files, BENCHMARKS.md) overlaps
-    /// the batch's parsing, staging and commit instead of adding to them. At most two chunks of
-    /// names are held (the one being exported and the next).
+    /// the batch's parsing, staging and commit instead of adding to them. The walk lists one
+    /// chunk of names and waits until it is taken (a rendezvous channel), so besides the
+    /// batches being read and exported at most one chunk of names is held.
     pub fn ahead(self, batch_files: usize) -> Result<WalkAhead> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel(0);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pruner = self.pruner.clone();
         let thread = {
@@ -194,11 +230,16 @@ impl Walker {
         if self.pruner.min_age.is_none() || !is_prunable(&frame.dir) {
             return;
         }
+        if let Some(parent) = self.stack.last_mut() {
+            parent.files += frame.files;
+        }
         if frame.files == 0 {
             // Empty as listed (a file the writer renamed in since makes rmdir fail: nothing
             // is lost).
             self.pruned += self.pruner.prune([(frame.dir.to_string(), frame.modified)]);
         } else {
+            // In leave order, children before their parents: pruned in that order after the
+            // batch, a parent emptied by its children's removal goes too.
             self.pending.push((frame.dir.to_string(), frame.modified));
         }
     }
@@ -259,13 +300,34 @@ pub struct WalkAhead {
 }
 
 impl WalkAhead {
-    /// The next chunk; `None` once the last one was taken.
-    pub fn next_chunk(&mut self) -> Option<Chunk> {
-        let chunk = self.chunks.as_ref()?.recv().ok();
-        if chunk.as_ref().is_none_or(|c| c.done) {
-            self.chunks = None;
+    /// The next chunk; `None` once the last one was taken. An error if the walk's thread died
+    /// (a bug): a walk cut short must not pass for a finished one.
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk>> {
+        let Some(chunks) = self.chunks.as_ref() else {
+            return Ok(None);
+        };
+        match chunks.recv() {
+            Ok(chunk) => {
+                if chunk.done {
+                    self.chunks = None;
+                }
+                Ok(Some(chunk))
+            }
+            Err(_) => {
+                self.chunks = None;
+                let why = match self.thread.take().map(|t| t.join()) {
+                    Some(Err(panic)) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into()),
+                    _ => "no reason given".into(),
+                };
+                anyhow::bail!(
+                    "the cache walk stopped before its end ({why}); nothing after it was exported"
+                )
+            }
         }
-        chunk
     }
 
     /// Removes the folders a chunk left, if they are empty (and old enough) now.
@@ -319,7 +381,8 @@ impl Iterator for Walker {
                 }
             };
             if name.starts_with('.') {
-                if let Some(original) = original_of_taken(name).filter(|_| ty.is_file()) {
+                let own = self.own_takes.as_ref().is_some_and(|t| t.took(name));
+                if let Some(original) = original_of_taken(name).filter(|_| ty.is_file() && !own) {
                     frame.files += 1;
                     return Some(FileRef {
                         dir: frame.dir.clone(),
@@ -479,15 +542,16 @@ pub fn file_key(rel_path: &str, bytes: &[u8], volatile: Option<&str>) -> FileKey
 /// that was read it goes back (unless the writer has already put an even newer one there, in
 /// which case it stays under its taken name and the next run exports it).
 pub fn delete_if_same(root: &Path, rel: &str, id: FileId) -> io::Result<bool> {
-    delete_if_same_with(root, rel, id, || {})
+    delete_if_same_with(root, rel, id, &TakeToken::new(), || {})
 }
 
-/// [`delete_if_same`] with a hook run right after the file was taken (tests and the test-only
-/// fault hook put a crash or a writer's rename there).
+/// [`delete_if_same`] with the run's [`TakeToken`] and a hook run right after the file was
+/// taken (tests and the test-only fault hook put a crash or a writer's rename there).
 pub fn delete_if_same_with(
     root: &Path,
     rel: &str,
     id: FileId,
+    token: &TakeToken,
     after_take: impl FnOnce(),
 ) -> io::Result<bool> {
     let path = root.join(rel);
@@ -496,10 +560,9 @@ pub fn delete_if_same_with(
         // Only this export ever writes a taken name.
         return unlink_if_same(&path, id);
     }
-    let taken = path.with_file_name(format!(
-        "{TAKEN_PREFIX}{}-{name}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let mut random = uuid::Uuid::new_v4().simple().to_string();
+    random.truncate(16);
+    let taken = path.with_file_name(format!("{TAKEN_PREFIX}{}{random}-{name}", token.0));
     match fs::rename(&path, &taken) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -638,6 +701,84 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_holding_only_emptied_folders_is_pruned_after_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = "a/b/c/d/e";
+        fs::create_dir_all(tmp.path().join(deep)).unwrap();
+        fs::create_dir_all(tmp.path().join("a/b/c/empty/inner")).unwrap();
+        fs::write(tmp.path().join(deep).join("f.json"), "{}").unwrap();
+        let mut walker = Walker::new(tmp.path()).unwrap();
+        walker.prune_empty_dirs(0);
+        let mut walk = walker.ahead(10).unwrap();
+        let chunk = walk.next_chunk().unwrap().expect("one chunk");
+        assert!(chunk.done);
+        assert_eq!(chunk.files.len(), 1);
+        assert_eq!(
+            chunk.pruned, 2,
+            "the empty folders went as the walk left them"
+        );
+        // The batch deletes the file, then the folders it left go, innermost first: `d` held
+        // no file itself, but it is empty once `e` is gone.
+        fs::remove_file(tmp.path().join(deep).join("f.json")).unwrap();
+        assert_eq!(walk.prune(chunk.left), 2);
+        assert!(!tmp.path().join("a/b/c/d").exists());
+        assert!(tmp.path().join("a/b/c").exists(), "the skeleton stays");
+    }
+
+    #[test]
+    fn the_walk_skips_the_files_its_own_run_takes() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join(FOLLOW)).unwrap();
+        let ours = TakeToken::new();
+        let dir = tmp.path().join(FOLLOW);
+        fs::write(
+            dir.join(format!("{TAKEN_PREFIX}{}0123456789abcdef-{NAME}", ours.0)),
+            "ours",
+        )
+        .unwrap();
+        let other = format!("{TAKEN_PREFIX}{}-x.json", "f".repeat(32));
+        fs::write(dir.join(&other), "an earlier run's").unwrap();
+        let mut walker = Walker::new(tmp.path()).unwrap();
+        walker.skip_takes_of(&ours);
+        let names: Vec<Option<String>> = walker.map(|f| f.taken).collect();
+        assert_eq!(names, [Some(other)]);
+        // Its takes carry its token.
+        let id = replace(tmp.path(), "x");
+        let mut seen = None;
+        delete_if_same_with(tmp.path(), &rel(), id, &ours, || {
+            seen = fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.unwrap().file_name().into_string().ok())
+                .find(|n| n.ends_with(NAME) && n != NAME && !n.contains("0123456789abcdef"));
+        })
+        .unwrap();
+        let seen = seen.expect("a take");
+        assert!(ours.took(&seen), "{seen}");
+        assert_eq!(original_of_taken(&seen), Some(NAME));
+    }
+
+    #[test]
+    fn a_walk_that_dies_is_an_error_not_an_end() {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(0);
+        let thread = std::thread::spawn(move || {
+            let _tx = tx;
+            panic!("listing exploded");
+        });
+        let mut walk = WalkAhead {
+            chunks: Some(rx),
+            stop: Arc::default(),
+            thread: Some(thread),
+            pruner: Pruner {
+                root: PathBuf::from("/nonexistent"),
+                min_age: None,
+            },
+        };
+        let err = walk.next_chunk().err().expect("an error");
+        assert!(format!("{err:#}").contains("listing exploded"), "{err:#}");
+        assert!(walk.next_chunk().unwrap().is_none());
+    }
+
+    #[test]
     fn deletes_the_file_that_was_read() {
         let (tmp, id) = cache_with("first");
         assert!(delete_if_same(tmp.path(), &rel(), id).unwrap());
@@ -660,7 +801,7 @@ mod tests {
         // The window "check, then unlink" lost: the writer renames a re-follow in between.
         let (tmp, id) = cache_with("first");
         let root = tmp.path().to_owned();
-        let deleted = delete_if_same_with(tmp.path(), &rel(), id, || {
+        let deleted = delete_if_same_with(tmp.path(), &rel(), id, &TakeToken::new(), || {
             replace(&root, "second");
         })
         .unwrap();
@@ -676,7 +817,7 @@ mod tests {
         let (tmp, id) = cache_with("first");
         replace(tmp.path(), "second");
         let root = tmp.path().to_owned();
-        let deleted = delete_if_same_with(tmp.path(), &rel(), id, || {
+        let deleted = delete_if_same_with(tmp.path(), &rel(), id, &TakeToken::new(), || {
             replace(&root, "third");
         })
         .unwrap();

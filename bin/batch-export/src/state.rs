@@ -6,14 +6,13 @@
 //!   final locations are recorded, and its files' keys are stored. Only then is anything
 //!   published. A run that finds a `committed` batch rolls it *forward* (publishes the staged
 //!   files, writes the manifest) and marks it `published`; nothing published is ever removed.
-//! * `exported_g<start>`: the key of every exported cache file (hash of its cache-relative path
-//!   and its JSON without the volatile value), inserted in the commit transaction. A cache file
-//!   whose key is here is already in Parquet: it is deleted, never exported again. That covers a
-//!   run killed between its commit and its deletes and the writer rewriting a file when it
-//!   replays events after a crash. The keys live in generation tables, each covering one
-//!   retention period from its `start` (Unix seconds): a lookup asks the (at most two or three)
-//!   live generations, and forgetting old keys is a `DROP TABLE` of a generation whose
-//!   successor started more than a retention ago, not a scan of millions of rows.
+//! * exported keys (`keys.rs`): the key of every exported cache file (hash of its
+//!   cache-relative path and its JSON without the volatile value), written in the commit
+//!   transaction as one sorted run per batch with a Bloom filter; runs are merged four into one
+//!   after the batch and dropped a whole retention generation at a time. A cache file whose key
+//!   is here is already in Parquet: it is deleted, never exported again. That covers a run
+//!   killed between its commit and its deletes and the writer rewriting a file when it replays
+//!   events after a crash.
 //! * [`RunRows`] (a private temporary SQLite database on disk, gone with the run): the row
 //!   de-duplication keys of the current run, so the in-run URI de-duplication does not hold
 //!   the run in memory.
@@ -34,6 +33,10 @@ const SCHEMA_VERSION: i64 = 3;
 
 pub struct State {
     conn: Connection,
+}
+
+fn newer_schema(version: i64) -> String {
+    format!("the state database was written by a newer batch-export (schema {version}); use that version")
 }
 
 /// One Parquet file of a batch: its final location and where it is staged until published.
@@ -155,7 +158,29 @@ impl State {
         }
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Some(State { conn }))
+        let state = State { conn };
+        // Not upgraded (read-only): an older schema is read as it is (`keys::contains_mask`
+        // knows its key tables); a newer one may keep keys where this version does not look.
+        let version = state.schema_version()?;
+        if version > SCHEMA_VERSION {
+            bail!(newer_schema(version));
+        }
+        Ok(Some(state))
+    }
+
+    fn schema_version(&self) -> Result<i64> {
+        let has_meta: bool = self.conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? > 0;
+        if !has_meta {
+            return Ok(1);
+        }
+        Ok(self
+            .meta("schema_version")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1))
     }
 
     /// The connection, for the purge journal (`purge.rs`), which keeps its own tables here so
@@ -184,15 +209,9 @@ impl State {
     /// Version 1 published before its commit point; its `committed` batches are published, and
     /// its one key table becomes the first generation. Version 2's key tables stay as they are.
     fn upgrade(&self) -> Result<()> {
-        let version: i64 = self
-            .meta("schema_version")?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+        let version = self.schema_version()?;
         if version > SCHEMA_VERSION {
-            bail!(
-                "the state database was written by a newer batch-export (schema {version}); \
-                 use that version"
-            );
+            bail!(newer_schema(version));
         }
         if version == SCHEMA_VERSION {
             return Ok(());
@@ -423,8 +442,8 @@ impl State {
     }
 
     /// Merges the exported-key runs that are due (`keys.rs`): after a batch, outside its commit
-    /// point. Returns the number of merges.
-    pub fn merge_key_runs(&mut self) -> Result<usize> {
+    /// point.
+    pub fn merge_key_runs(&mut self) -> Result<crate::keys::Merged> {
         // A merged run holds every key of its inputs, so their freed pages reveal nothing that
         // stays hidden: no need to zero them (secure_delete is there for the consent purges).
         self.conn.pragma_update(None, "secure_delete", "OFF")?;
@@ -645,23 +664,56 @@ mod tests {
         assert!(mask[1_002], "5 is new");
     }
 
+    /// A state as version 2 left it: one published batch, one committed, two keys.
+    fn version_2_state(dir: &Path) {
+        let c = Connection::open(dir.join("state.sqlite")).unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        c.execute_batch(SCHEMA_V2).unwrap();
+        c.execute_batch(
+            "CREATE TABLE exported_g100 (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO batch (id, started_at, state, keys) VALUES (1, 100, 'published', NULL);
+             INSERT INTO batch (id, started_at, state, keys) VALUES (2, 100, 'committed', x'00000002000000000000000000000000');
+             INSERT INTO exported_g100 VALUES (x'00000001000000000000000000000000', 1, 100);
+             INSERT INTO exported_g100 VALUES (x'00000002000000000000000000000000', 2, 100);
+             INSERT INTO meta VALUES ('schema_version', '2'), ('manifests_from', '1');",
+        )
+        .unwrap();
+    }
+
+    /// A state as version 1 left it: one batch, its key in the single `exported` table.
+    fn version_1_state(dir: &Path) {
+        let c = Connection::open(dir.join("state.sqlite")).unwrap();
+        c.execute_batch(SCHEMA).unwrap();
+        c.execute_batch(
+            "CREATE TABLE exported (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO batch (id, started_at, state) VALUES (1, 100, 'committed');
+             INSERT INTO exported VALUES (x'00000001000000000000000000000000', 1, 100);",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_dry_run_reads_older_states_without_upgrading_them() {
+        for (version, make, known) in [
+            (2, version_2_state as fn(&Path), vec![true, true, false]),
+            (1, version_1_state, vec![true, false, false]),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            make(tmp.path());
+            let s = State::open_read_only(tmp.path()).unwrap().expect("a state");
+            assert_eq!(
+                s.exported_mask(&[key(1), key(2), key(4)]).unwrap(),
+                known,
+                "version {version}"
+            );
+            assert_eq!(s.schema_version().unwrap(), version, "left as it was");
+        }
+    }
+
     #[test]
     fn a_version_2_journal_keeps_its_committed_batches_and_keys() {
         let tmp = tempfile::tempdir().unwrap();
-        {
-            let c = Connection::open(tmp.path().join("state.sqlite")).unwrap();
-            c.execute_batch(SCHEMA).unwrap();
-            c.execute_batch(SCHEMA_V2).unwrap();
-            c.execute_batch(
-                "CREATE TABLE exported_g100 (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
-                 INSERT INTO batch (id, started_at, state, keys) VALUES (1, 100, 'published', NULL);
-                 INSERT INTO batch (id, started_at, state, keys) VALUES (2, 100, 'committed', x'00000002000000000000000000000000');
-                 INSERT INTO exported_g100 VALUES (x'00000001000000000000000000000000', 1, 100);
-                 INSERT INTO exported_g100 VALUES (x'00000002000000000000000000000000', 2, 100);
-                 INSERT INTO meta VALUES ('schema_version', '2'), ('manifests_from', '1');",
-            )
-            .unwrap();
-        }
+        version_2_state(tmp.path());
         let mut s = State::open(tmp.path()).unwrap();
         // Version 2 committed before publishing: its committed batch is rolled forward, not
         // taken as published (that was version 1's meaning).
@@ -703,21 +755,15 @@ mod tests {
         }
         let err = State::open(tmp.path()).err().expect("refused");
         assert!(format!("{err:#}").contains("newer batch-export"), "{err:#}");
+        // Also by a dry run, which would not see keys a newer version keeps elsewhere.
+        let err = State::open_read_only(tmp.path()).err().expect("refused");
+        assert!(format!("{err:#}").contains("newer batch-export"), "{err:#}");
     }
 
     #[test]
     fn a_version_1_journal_is_upgraded() {
         let tmp = tempfile::tempdir().unwrap();
-        {
-            let c = Connection::open(tmp.path().join("state.sqlite")).unwrap();
-            c.execute_batch(SCHEMA).unwrap();
-            c.execute_batch(
-                "CREATE TABLE exported (key BLOB PRIMARY KEY, batch_id INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
-                 INSERT INTO batch (id, started_at, state) VALUES (1, 100, 'committed');
-                 INSERT INTO exported VALUES (x'00000001000000000000000000000000', 1, 100);",
-            )
-            .unwrap();
-        }
+        version_1_state(tmp.path());
         let s = State::open(tmp.path()).unwrap();
         assert_eq!(s.last_published().unwrap().unwrap().id, 1);
         assert!(s.exported_mask(&[key(1)]).unwrap()[0]);
