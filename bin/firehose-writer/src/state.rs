@@ -1,6 +1,7 @@
 //! The state store: one SQLite file (WAL) holding the cursor, per-repo revs, the study-post index,
-//! the follow index, the routed-record index (reactions, and in-network posts in their own table)
-//! and the unfollows of follows it never saw, plus the in-memory views routing reads.
+//! the follow index, the routed-record index (reactions, and in-network posts in their own table;
+//! the study user each follow routed to `followee` follows, for a withdrawal purge) and the
+//! unfollows of follows it never saw, plus the in-memory views routing reads.
 //!
 //! Updates are applied in memory at once (routing of the next event must see them) and queued;
 //! [`StateStore::commit`] writes them together with the cursor in one transaction, which the
@@ -185,6 +186,8 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS study_posts (uri TEXT PRIMARY KEY, author TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS routed (uri TEXT NOT NULL, folder TEXT NOT NULL, PRIMARY KEY (uri, folder));
+CREATE TABLE IF NOT EXISTS followee_subjects (uri TEXT NOT NULL, subject TEXT NOT NULL, PRIMARY KEY (uri, subject)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS followee_subjects_subject ON followee_subjects (subject);
 CREATE TABLE IF NOT EXISTS study_follows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, subject TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS study_follows_subject ON study_follows (subject);
 CREATE TABLE IF NOT EXISTS repo_revs (did TEXT PRIMARY KEY, rev TEXT NOT NULL, data TEXT, first_seen INTEGER);
@@ -199,7 +202,9 @@ CREATE TABLE IF NOT EXISTS backfilled (did TEXT PRIMARY KEY, rev TEXT NOT NULL, 
 /// `PRAGMA user_version` of the schema above. A newer file was written by a newer writer whose
 /// data this one could misread or damage. Version 3 records consent withdrawals (`withdrawn`):
 /// a writer that does not know them must not open the file and route a withdrawn DID again.
-const SCHEMA_VERSION: i64 = 3;
+/// Version 4 records the subject of each follow routed to `followee` (`followee_subjects`): a
+/// writer that does not would add `followee` rows a withdrawal purge cannot find.
+const SCHEMA_VERSION: i64 = 4;
 
 /// Brings a version-1 file to version 2: `repo_revs` gains the chain state's MST root (`data`)
 /// and when the repo was first seen. Runs before [`SCHEMA`], in the same start-up.
@@ -274,6 +279,8 @@ fn key_hash(s: &str) -> u64 {
 struct Pending {
     study_posts: HashMap<String, Did>,
     routed: Vec<(String, Folder)>,
+    /// (follow uri, study user it follows) of follows routed to `followee`.
+    followee_subjects: Vec<(String, Did)>,
     follows: HashMap<String, (Did, Did)>,
     unfollows: Vec<String>,
     /// (follow uri, follower, seq, time) of unfollows whose follow was never seen.
@@ -665,6 +672,11 @@ impl StateStore {
                     .routed
                     .push((uri.as_str().to_owned(), folder.clone()));
             }
+            StateUpdate::FollowOfStudyUser { uri, subject } => {
+                self.pending
+                    .followee_subjects
+                    .push((uri.as_str().to_owned(), subject.clone()));
+            }
             StateUpdate::StudyFollow {
                 uri,
                 follower,
@@ -718,6 +730,32 @@ impl StateStore {
         Ok(Applied::Done)
     }
 
+    /// The study users the follow `uri` (routed to `followee`) follows: pending and committed.
+    #[cfg(test)]
+    fn followee_subjects(&self, uri: &str) -> Vec<Did> {
+        let mut subjects: Vec<Did> = self
+            .pending
+            .followee_subjects
+            .iter()
+            .filter(|(u, _)| u == uri)
+            .map(|(_, d)| d.clone())
+            .collect();
+        let stored: Vec<String> = self
+            .conn
+            .prepare("SELECT subject FROM followee_subjects WHERE uri = ?1")
+            .unwrap()
+            .query_map(params![uri], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for did in stored.iter().filter_map(|s| Did::parse(s).ok()) {
+            if !subjects.contains(&did) {
+                subjects.push(did);
+            }
+        }
+        subjects
+    }
+
     fn follow_subject_in_db(&self, uri: &AtUri) -> Result<Option<Did>> {
         if self.pending.unfollows.iter().any(|u| u == uri.as_str()) {
             return Ok(None);
@@ -763,6 +801,12 @@ impl StateStore {
                         insert_routed.execute(params![uri, folder.dir()])?;
                     }
                 }
+            }
+            let mut insert_subject = tx.prepare_cached(
+                "INSERT OR IGNORE INTO followee_subjects (uri, subject) VALUES (?1, ?2)",
+            )?;
+            for (uri, subject) in &self.pending.followee_subjects {
+                insert_subject.execute(params![uri, subject.as_str()])?;
             }
             let mut insert_unknown = tx.prepare_cached(
                 "INSERT OR REPLACE INTO unknown_unfollows (uri, follower, seq, time) VALUES (?1, ?2, ?3, ?4)",
@@ -921,6 +965,17 @@ mod tests {
 
     fn did(s: &str) -> Did {
         Did::parse(s).unwrap()
+    }
+
+    /// The state database and its `-wal` / `-shm` companions, as they are on disk now.
+    fn sqlite_bytes(path: &Path) -> Vec<(String, Vec<u8>)> {
+        ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let file = format!("{}{suffix}", path.display());
+                std::fs::read(&file).ok().map(|bytes| (file, bytes))
+            })
+            .collect()
     }
 
     #[test]
@@ -1308,7 +1363,91 @@ mod tests {
                     "in-network disagrees on {d}"
                 );
             }
+            for update in &db_routing.updates {
+                if let StateUpdate::FollowOfStudyUser { uri, .. } = update {
+                    let mut mem = memory.followee_subjects(uri.as_str()).to_vec();
+                    let mut db = store.followee_subjects(uri.as_str());
+                    mem.sort();
+                    db.sort();
+                    assert_eq!(mem, db, "followee subjects disagree on {uri}");
+                }
+            }
             paths(&db_routing)
+        }
+
+        /// A follow of a study user is routed to `followee` under the follower's URI; once its
+        /// file is exported (gone from the cache), only the recorded subject ties the routed
+        /// entry to them. A withdrawal purge drops it all the same, so the follower's unfollow
+        /// is not routed about them, and the state file holds neither them nor the follow.
+        #[test]
+        fn a_purge_drops_follows_of_the_withdrawn_user_whose_files_are_gone() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.sqlite");
+            // S2 withdraws; S1 stays.
+            let study: HashSet<Did> = [did(S1), did(S2)].into();
+            let mut memory = MemoryState::default();
+            memory.study_users = study.clone();
+            let mut store = StateStore::open(&path, study, HashSet::new()).unwrap();
+            let uri = |repo: &str, rkey: &str| format!("at://{repo}/{FOLLOW}/{rkey}");
+            let (a1_s2, s1_s2, s2_s1, a2_s1) = (
+                uri(A1, "3l5kf1aaaaa2a"),
+                uri(S1, "3l5kf2aaaaa2a"),
+                uri(S2, "3l5kf3aaaaa2a"),
+                uri(A2, "3l5kf4aaaaa2a"),
+            );
+            let frames = [
+                commit(1, A1, &[follow("3l5kf1aaaaa2a", S2)]),
+                commit(2, S1, &[follow("3l5kf2aaaaa2a", S2)]),
+                commit(3, S2, &[follow("3l5kf3aaaaa2a", S1)]),
+                commit(4, A2, &[follow("3l5kf4aaaaa2a", S1)]),
+            ];
+            for frame in &frames {
+                let files = step(frame, &mut memory, &mut store);
+                assert!(
+                    files.iter().any(|f| f.contains("/follow/followee/")),
+                    "{files:?}"
+                );
+            }
+            store.commit(Some(4)).unwrap();
+            assert_eq!(store.followee_subjects(&a1_s2), [did(S2)]);
+            assert_eq!(store.followee_subjects(&s2_s1), [did(S1)]);
+            assert_eq!(memory.followee_subjects(&a1_s2), [did(S2)]);
+
+            // Withdrawn after the files were exported: the purge finds no file of theirs.
+            assert_eq!(store.set_withdrawn([did(S2)].into()).unwrap(), [did(S2)]);
+            store.record_purge(&[did(S2)], HashSet::new());
+            store.commit(Some(5)).unwrap();
+            assert!(store.purged_rows() > 0);
+            for gone in [&a1_s2, &s1_s2, &s2_s1] {
+                assert!(store.routed_folders(gone).is_empty(), "{gone} still routed");
+                assert!(store.followee_subjects(gone).is_empty(), "{gone}");
+            }
+            assert_eq!(store.routed_folders(&a2_s1), [Folder::Followee]);
+            assert_eq!(store.followee_subjects(&a2_s1), [did(S1)]);
+
+            // A1's unfollow of S2 is routed nowhere; A2's of S1 still mirrors its create.
+            let route = |store: &StateStore, frame: &[u8]| -> Vec<String> {
+                let event = decode_frame(frame).unwrap();
+                let routing = route_event(&event, store, "2024-10-02-14:05:11");
+                assert_eq!(store.take_lookup_error(), None);
+                routing.files.iter().map(|f| f.path.to_string()).collect()
+            };
+            let files = route(&store, &commit(6, A1, &[unfollow("3l5kf1aaaaa2a")]));
+            assert!(files.is_empty(), "{files:?}");
+            let files = route(&store, &commit(7, A2, &[unfollow("3l5kf4aaaaa2a")]));
+            assert_eq!(
+                files,
+                [format!("study_user_activity/delete/follow/followee/author_did={A2}_follow_uri_suffix=3l5kf4aaaaa2a.json")]
+            );
+            drop(store);
+            for (file, bytes) in crate::state::tests::sqlite_bytes(&path) {
+                for needle in [S2, a1_s2.as_str(), s1_s2.as_str(), s2_s1.as_str()] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                        "{file} still holds {needle}"
+                    );
+                }
+            }
         }
 
         #[test]

@@ -35,6 +35,10 @@ pub enum StateUpdate {
     StudyPost { uri: AtUri, author: Did },
     /// `uri` was routed to a reaction folder: its delete goes to the matching delete folder.
     Routed { uri: AtUri, folder: Folder },
+    /// The follow `uri` of the study user `subject` (routed to `followee`, with its
+    /// [`StateUpdate::Routed`]): the routed entry's URI names only the follower, so the state
+    /// keeps whom it is about, for a consent withdrawal of `subject` to drop both entries.
+    FollowOfStudyUser { uri: AtUri, subject: Did },
     /// A study user followed `subject`: it joins the in-network set.
     StudyFollow {
         uri: AtUri,
@@ -461,9 +465,11 @@ impl<'a> OpCtx<'_, 'a> {
         }
         if subject_is_study {
             out.updates.push(StateUpdate::Routed {
-                uri,
+                uri: uri.clone(),
                 folder: Folder::Followee,
             });
+            out.updates
+                .push(StateUpdate::FollowOfStudyUser { uri, subject });
             push_file(out, self.index, &Folder::Followee, file, &contents);
         }
         Ok(())
@@ -604,6 +610,9 @@ pub struct MemoryState {
     pub in_network: HashSet<Did>,
     pub study_posts: HashMap<String, Did>,
     pub routed: HashMap<String, Vec<Folder>>,
+    /// follow uri -> the study users it follows ([`StateUpdate::FollowOfStudyUser`]; one URI
+    /// names one subject unless its record was deleted and created again with another).
+    followee_subjects: HashMap<String, Vec<Did>>,
     /// follow uri -> (study user, subject): the study users' follows seen in the stream.
     study_follows: HashMap<String, (Did, Did)>,
     /// How many of `study_follows` point at each subject.
@@ -623,6 +632,15 @@ impl MemoryState {
                 let folders = self.routed.entry(uri.as_str().to_owned()).or_default();
                 if !folders.contains(folder) {
                     folders.push(folder.clone());
+                }
+            }
+            StateUpdate::FollowOfStudyUser { uri, subject } => {
+                let subjects = self
+                    .followee_subjects
+                    .entry(uri.as_str().to_owned())
+                    .or_default();
+                if !subjects.contains(subject) {
+                    subjects.push(subject.clone());
                 }
             }
             StateUpdate::StudyFollow {
@@ -658,6 +676,14 @@ impl MemoryState {
                 self.followed.remove(subject);
             }
         }
+    }
+
+    /// The study users the follow `uri` (routed to `followee`) was recorded as following.
+    pub fn followee_subjects(&self, uri: &str) -> &[Did] {
+        self.followee_subjects
+            .get(uri)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// The subject of the study follow `uri`, if it was seen and not deleted.

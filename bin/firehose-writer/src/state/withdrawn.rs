@@ -1,6 +1,8 @@
 //! The state side of consent withdrawal: which DIDs are withdrawn (the `--withdrawn` file, and
 //! study users whose account deletion counted as a withdrawal), the tracked sets without them,
 //! and the purge of every index row for them, written in the commit transaction with the cursor.
+//! Rows about them that do not name them (a follow of them routed to `followee` is keyed by the
+//! follower's URI) are found through what the state recorded with them (`followee_subjects`).
 //!
 //! The state never holds a withdrawn DID: an applied purge is recorded in `withdrawn` as a
 //! salted hash (the salt is random per state file, in `meta`), so a restart knows it is done and
@@ -253,6 +255,21 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
             "DELETE FROM routed WHERE uri >= ?1 AND uri < ?2",
             &[&from, &to],
         )?;
+        // Follows of them routed to `followee`: the routed entry's URI names only the follower;
+        // the subject row names them, whether or not the follow's cache file is still there
+        // (rows written before subjects were recorded have none: they go only with their file,
+        // below; a URI whose record was deleted and created again following someone else loses
+        // its entry too, erring on their side). Then the subject rows of follows of them and of
+        // their own follows.
+        run(
+            "DELETE FROM routed WHERE folder = ?1 AND uri IN \
+             (SELECT uri FROM followee_subjects WHERE subject = ?2)",
+            &[&Folder::Followee.dir(), &d],
+        )?;
+        run(
+            "DELETE FROM followee_subjects WHERE subject = ?1 OR (uri >= ?2 AND uri < ?3)",
+            &[&d, &from, &to],
+        )?;
         run(
             "DELETE FROM in_network_posts WHERE uri >= ?1 AND uri < ?2",
             &[&from, &to],
@@ -284,6 +301,7 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
         // whose file named them): their own index rows would only route deletes about them.
         for uri in &pending.uris {
             run("DELETE FROM routed WHERE uri = ?1", &[uri])?;
+            run("DELETE FROM followee_subjects WHERE uri = ?1", &[uri])?;
             run("DELETE FROM in_network_posts WHERE uri = ?1", &[uri])?;
         }
     }

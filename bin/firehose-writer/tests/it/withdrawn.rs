@@ -119,9 +119,18 @@ impl Frames {
     }
 
     fn follow(&mut self, repo: &str, subject: &str) -> Vec<u8> {
+        self.follow_uri(repo, subject).0
+    }
+
+    /// A follow and its URI.
+    fn follow_uri(&mut self, repo: &str, subject: &str) -> (Vec<u8>, String) {
         let rkey = self.rkey();
         let record = json!({"$type": FOLLOW, "createdAt": TIME, "subject": subject});
-        self.commit(repo, &[OpSpec::create(FOLLOW, &rkey, record)])
+        let uri = format!("at://{repo}/{FOLLOW}/{rkey}");
+        (
+            self.commit(repo, &[OpSpec::create(FOLLOW, &rkey, record)]),
+            uri,
+        )
     }
 
     fn delete(&mut self, uri: &str) -> Vec<u8> {
@@ -438,6 +447,78 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
     writer.stop().await.unwrap();
     assert_eq!(cache_bytes(&cfg.cache_dir), kept);
     assert_nowhere(&cfg, &needles);
+}
+
+/// A follow of W by someone else is routed to `followee` and indexed under the follower's URI,
+/// which does not name W. Once the export has taken its file (gone from the cache), the purge
+/// still finds the index entry (the state recorded whom the follow is about): the follower's
+/// later unfollow is not routed, and the state holds neither W nor the follow's URI. A follow of
+/// a remaining study user by the same account is routed and unrouted as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_of_them_whose_file_was_exported_is_purged_and_its_unfollow_not_routed() {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &relay, &[S1, W]);
+    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
+    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    let mut f = Frames::new(1);
+    let (frame, w_post) = f.text_post(W, "mine");
+    let mut frames = vec![frame];
+    let (frame, x_follows_w) = f.follow_uri(X, W);
+    frames.push(frame);
+    let (frame, x_follows_s1) = f.follow_uri(X, S1);
+    frames.push(frame);
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+
+    // The export takes the follow's file (and deletes it from the cache).
+    let followee = cfg
+        .cache_dir
+        .join("study_user_activity/create/follow/followee");
+    let exported = followee.join(format!("follower_did={X}_followee_did={W}.json"));
+    assert!(
+        exported.is_file(),
+        "{:?}",
+        cache_bytes(&cfg.cache_dir).keys()
+    );
+    std::fs::remove_file(&exported).unwrap();
+    assert!(followee
+        .join(format!("follower_did={X}_followee_did={S1}.json"))
+        .is_file());
+
+    // W withdraws.
+    std::fs::write(tmp.path().join("withdrawn.txt"), format!("{W}\n")).unwrap();
+    reload.send(()).await.unwrap();
+    let metrics = writer.metrics();
+    wait_for("the withdrawal purge", || {
+        metrics.withdrawn_rows_purged.load(Ordering::Relaxed) > 0
+    })
+    .await;
+
+    // X unfollows both.
+    let frames = vec![f.delete(&x_follows_w), f.delete(&x_follows_s1)];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    writer.stop().await.unwrap();
+    let deletes = "study_user_activity/delete/follow/followee";
+    let delete_of = |uri: &str| {
+        format!(
+            "{deletes}/author_did={X}_follow_uri_suffix={}.json",
+            rkey_of(uri)
+        )
+    };
+    let cache = cache_bytes(&cfg.cache_dir);
+    assert!(
+        !cache.contains_key(&delete_of(&x_follows_w)),
+        "the unfollow of W was routed: {:?}",
+        cache.keys()
+    );
+    assert!(
+        cache.contains_key(&delete_of(&x_follows_s1)),
+        "the unfollow of S1 is routed: {:?}",
+        cache.keys()
+    );
+    assert_nowhere(&cfg, &[W, w_post.as_str(), x_follows_w.as_str()]);
 }
 
 /// Runs W's post, a like of it and an account deletion of W through a writer with the flag as

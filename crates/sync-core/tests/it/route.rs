@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 use sync_core::frame::decode_frame;
-use sync_core::ids::Did;
-use sync_core::route::{route_event, Applied, MemoryState, RoutingState};
+use sync_core::ids::{AtUri, Did};
+use sync_core::paths::Folder;
+use sync_core::route::{route_event, Applied, MemoryState, RoutingState, StateUpdate};
 use sync_core::synth::{self, OpSpec};
 
 const S1: &str = "did:plc:z72i7hdynmk6r22z27h6tvur";
@@ -281,6 +282,45 @@ fn ex11_study_user_follows_study_user_gets_both_files() {
     );
     let contents: Vec<&String> = files.values().collect();
     assert_eq!(contents[0], contents[1], "same name, same content");
+}
+
+/// A follow routed to `followee` is indexed under the follower's URI; the study user it follows
+/// is recorded with it (a withdrawal of theirs must find the entry once the file is exported).
+#[test]
+fn a_follow_of_a_study_user_records_whom_it_follows() {
+    let mut state = cast();
+    let uri = format!("at://{A1}/{FOLLOW}/3l5jw7c2bde2t");
+    let frame = commit(1, A1, &[create(FOLLOW, "3l5jw7c2bde2t", follow(S2))]);
+    let event = decode_frame(&frame).unwrap();
+    let routing = route_event(&event, &state, CLOCK);
+    let subjects: Vec<&StateUpdate> = routing
+        .updates
+        .iter()
+        .filter(|u| matches!(u, StateUpdate::FollowOfStudyUser { .. }))
+        .collect();
+    assert_eq!(
+        subjects,
+        [&StateUpdate::FollowOfStudyUser {
+            uri: AtUri::parse(&uri).unwrap(),
+            subject: Did::parse(S2).unwrap(),
+        }]
+    );
+    for update in &routing.updates {
+        state.apply(update);
+    }
+    assert_eq!(state.followee_subjects(&uri), [Did::parse(S2).unwrap()]);
+    assert_eq!(state.routed_folders(&uri), [Folder::Followee]);
+    // A follow that is not of a study user records nothing.
+    let other = format!("at://{A1}/{FOLLOW}/3l5jw7c2bde2v");
+    run(
+        &[commit(
+            2,
+            A1,
+            &[create(FOLLOW, "3l5jw7c2bde2v", follow(A2))],
+        )],
+        &mut state,
+    );
+    assert!(state.followee_subjects(&other).is_empty());
 }
 
 #[test]
