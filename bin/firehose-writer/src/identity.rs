@@ -44,6 +44,15 @@
 //!   (`invalid_did`); other methods are `unsupported_method`. did:web uses `https://`, except
 //!   for a loopback host (`localhost`, 127.0.0.0/8), which uses plain `http://` and is refused
 //!   unless [`IdentityConfig::allow_loopback`] (tests, the local end-to-end setup).
+//! - A circuit breaker per host (the PLC, each did:web host): after
+//!   [`IdentityConfig::breaker_failures`] outage failures in a row (no answer, a 5xx or a 429),
+//!   lookups of that host fail at once with [`IdentityError::CircuitOpen`] (a held expired
+//!   document is still served) for [`IdentityConfig::breaker_cooldown`], doubling per
+//!   re-opening up to `backoff_max`; then one request probes the host, and a success closes the
+//!   breaker. During a PLC outage the processor therefore stops waiting up to its identity
+//!   timeout for every new DID (each such commit is dropped as `identity_circuit_open` and its
+//!   tracked repo queued for a resync, as any identity failure) instead of stalling the stream.
+//!   A lookup refused by the breaker puts no DID into backoff: it was decided without asking.
 //! - Memory holds at most [`IdentityConfig::max_memory_entries`] DIDs; past that, expired ones
 //!   and then arbitrary ones are dropped (SQLite keeps them, so a dropped DID costs one read).
 //! - Concurrent lookups of one DID share one request.
@@ -96,6 +105,11 @@ pub struct IdentityConfig {
     /// DIDs held in memory (a few hundred bytes each). Past it, expired entries and then
     /// arbitrary ones are dropped; SQLite still has them.
     pub max_memory_entries: usize,
+    /// Outage failures in a row (no answer, 5xx, 429) that open a host's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an opened breaker refuses lookups before one probe (doubles per re-opening, up
+    /// to `backoff_max`).
+    pub breaker_cooldown: Duration,
     /// Whether a did:web may name this machine (`localhost`, 127.0.0.0/8, `::1`). Off in
     /// production: a stranger's DID must not make the writer call its own services. Tests and
     /// the local end-to-end setup turn it on (e.g. when `--plc-url` is itself on loopback).
@@ -115,6 +129,8 @@ impl Default for IdentityConfig {
             request_timeout: Duration::from_secs(15),
             max_document_bytes: 256 * 1024,
             max_memory_entries: 250_000,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
             allow_loopback: false,
         }
     }
@@ -144,6 +160,14 @@ pub enum IdentityError {
         retry_in: Duration,
         last: Box<IdentityError>,
     },
+    #[error(
+        "{host} failed {failures} lookups in a row: not asked for {retry_in:?} (circuit breaker)"
+    )]
+    CircuitOpen {
+        host: String,
+        failures: u32,
+        retry_in: Duration,
+    },
 }
 
 impl IdentityError {
@@ -161,6 +185,7 @@ impl IdentityError {
             IdentityError::Url(UrlError::Loopback(_)) => "loopback_refused",
             IdentityError::Url(_) => "insecure_url",
             IdentityError::Backoff { .. } => "backoff",
+            IdentityError::CircuitOpen { .. } => "circuit_open",
         }
     }
 
@@ -177,8 +202,20 @@ impl IdentityError {
     fn is_outage(&self) -> bool {
         matches!(
             self,
-            IdentityError::Network(_) | IdentityError::HttpStatus(_)
+            IdentityError::Network(_)
+                | IdentityError::HttpStatus(_)
+                | IdentityError::CircuitOpen { .. }
         )
+    }
+
+    /// Whether the host itself failed (what the circuit breaker counts): no answer, a server
+    /// error or a rate limit. A 4xx about the DID says the host works.
+    fn host_failed(&self) -> bool {
+        match self {
+            IdentityError::Network(_) => true,
+            IdentityError::HttpStatus(status) => *status >= 500 || *status == 429,
+            _ => false,
+        }
     }
 }
 
@@ -221,6 +258,10 @@ pub struct IdentityStats {
     pub errors_loopback_refused: AtomicU64,
     /// Lookups answered with [`IdentityError::Backoff`] (no request).
     pub errors_backoff: AtomicU64,
+    /// Lookups refused by an open circuit breaker (no request).
+    pub errors_circuit_open: AtomicU64,
+    /// Times a host's breaker opened.
+    pub breaker_opened: AtomicU64,
     /// SQLite reads or writes that failed (the lookup went on without the durable cache).
     pub sqlite_errors: AtomicU64,
 }
@@ -239,12 +280,13 @@ impl IdentityStats {
             IdentityError::Url(UrlError::Loopback(_)) => &self.errors_loopback_refused,
             IdentityError::Url(_) => &self.errors_insecure_url,
             IdentityError::Backoff { .. } => &self.errors_backoff,
+            IdentityError::CircuitOpen { .. } => &self.errors_circuit_open,
         };
         bump(counter);
     }
 
     /// Errors by reason label, for a `reason`-labelled counter.
-    pub fn errors_by_reason(&self) -> [(&'static str, u64); 9] {
+    pub fn errors_by_reason(&self) -> [(&'static str, u64); 10] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("not_found", get(&self.errors_not_found)),
@@ -256,6 +298,7 @@ impl IdentityStats {
             ("insecure_url", get(&self.errors_insecure_url)),
             ("loopback_refused", get(&self.errors_loopback_refused)),
             ("backoff", get(&self.errors_backoff)),
+            ("circuit_open", get(&self.errors_circuit_open)),
         ]
     }
 }
@@ -307,7 +350,21 @@ struct Inner {
     limiter: RateLimiter,
     /// One lock per DID being fetched, so concurrent lookups share a request.
     inflight: Mutex<HashMap<Did, Arc<tokio::sync::Mutex<()>>>>,
+    /// Circuit breakers by host (entries only for hosts that failed).
+    breakers: Mutex<HashMap<String, Breaker>>,
     stats: IdentityStats,
+}
+
+/// One host's circuit breaker (see the module documentation).
+#[derive(Debug, Default)]
+struct Breaker {
+    /// Outage failures in a row.
+    failures: u32,
+    /// Times it opened since the host last answered.
+    openings: u32,
+    /// Refusing lookups until then; a lookup after it is the probe (and re-arms it, so only one
+    /// request probes per cooldown).
+    open_until: Option<Instant>,
 }
 
 /// See the module documentation.
@@ -382,6 +439,7 @@ impl IdentityResolver {
                 memory: Mutex::new(HashMap::new()),
                 db,
                 inflight: Mutex::new(HashMap::new()),
+                breakers: Mutex::new(HashMap::new()),
                 stats: IdentityStats::default(),
             }),
         })
@@ -685,6 +743,15 @@ impl IdentityResolver {
                     // Decided without a request: nothing to back off from.
                     return Err(error);
                 }
+                if matches!(error, IdentityError::CircuitOpen { .. }) {
+                    // Not asked either, but the host is down: a held document still serves.
+                    let memory = lock(&inner.memory);
+                    if let Some((identity, _)) = memory.get(did).and_then(|e| e.identity.as_ref()) {
+                        bump(&inner.stats.stale_served);
+                        return Ok(identity.clone());
+                    }
+                    return Err(error);
+                }
                 if !error.is_outage() {
                     // The document is gone or unusable: a held one (memory or SQLite) must not
                     // answer for the DID any more.
@@ -796,9 +863,92 @@ impl IdentityResolver {
     async fn fetch(&self, did: &Did) -> Result<(AtprotoIdentity, String), IdentityError> {
         let inner = &*self.inner;
         let url = self.document_url(did)?;
+        let host = url.host_str().unwrap_or("").to_owned();
+        self.breaker_admits(&host)?;
         inner.limiter.acquire().await;
         bump(&inner.stats.fetches);
-        let host = url.host_str().unwrap_or("").to_owned();
+        let result = self.request(did, url, &host).await;
+        self.breaker_record(&host, result.as_ref().err());
+        result
+    }
+
+    /// Whether `host`'s breaker lets a request through now (closed, or this is the probe).
+    fn breaker_admits(&self, host: &str) -> Result<(), IdentityError> {
+        let inner = &*self.inner;
+        let mut breakers = lock(&inner.breakers);
+        let Some(breaker) = breakers.get_mut(host) else {
+            return Ok(());
+        };
+        let Some(until) = breaker.open_until else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if now < until {
+            return Err(IdentityError::CircuitOpen {
+                host: host.to_owned(),
+                failures: breaker.failures,
+                retry_in: until - now,
+            });
+        }
+        // The probe: the others wait another cooldown while it runs.
+        breaker.open_until = Some(now + self.breaker_cooldown(breaker.openings));
+        Ok(())
+    }
+
+    fn breaker_cooldown(&self, openings: u32) -> Duration {
+        let config = &self.inner.config;
+        backoff_delay(config.breaker_cooldown, config.backoff_max, openings.max(1))
+    }
+
+    /// Counts a request's outcome against `host`'s breaker, opening or closing it.
+    fn breaker_record(&self, host: &str, error: Option<&IdentityError>) {
+        let inner = &*self.inner;
+        let mut breakers = lock(&inner.breakers);
+        match error {
+            Some(e) if e.host_failed() => {
+                let breaker = breakers.entry(host.to_owned()).or_default();
+                breaker.failures += 1;
+                if breaker.failures >= inner.config.breaker_failures.max(1) {
+                    breaker.openings += 1;
+                    let cooldown = self.breaker_cooldown(breaker.openings);
+                    breaker.open_until = Some(Instant::now() + cooldown);
+                    bump(&inner.stats.breaker_opened);
+                    warn!(
+                        host,
+                        failures = breaker.failures,
+                        retry_in_secs = cooldown.as_secs(),
+                        "identity lookups of this host fail in a row: not asking it for a while (circuit breaker)"
+                    );
+                }
+            }
+            // The host answered (a document, a 404, a bad document): it works.
+            _ => {
+                if breakers
+                    .remove(host)
+                    .is_some_and(|b| b.open_until.is_some())
+                {
+                    tracing::info!(host, "identity lookups of this host work again");
+                }
+            }
+        }
+    }
+
+    /// Hosts whose breaker is open now.
+    pub fn hosts_refused(&self) -> usize {
+        let now = Instant::now();
+        lock(&self.inner.breakers)
+            .values()
+            .filter(|b| b.open_until.is_some_and(|u| now < u))
+            .count()
+    }
+
+    async fn request(
+        &self,
+        did: &Did,
+        url: Url,
+        host: &str,
+    ) -> Result<(AtprotoIdentity, String), IdentityError> {
+        let inner = &*self.inner;
         debug!(did = did.as_str(), host, "fetching DID document");
         let network = |e: reqwest::Error| IdentityError::Network(error_chain(&e));
         let mut response = inner

@@ -437,6 +437,7 @@ fn repair_machinery(
                 ("miss", get(&s.misses)),
                 ("fetch", get(&s.fetches)),
                 ("stale_served", get(&s.stale_served)),
+                ("breaker_opened", get(&s.breaker_opened)),
             ];
             out.extend(
                 s.errors_by_reason()
@@ -494,6 +495,7 @@ fn repair_error_label(reason: &'static str) -> &'static str {
         "insecure_url" => "error_insecure_url",
         "loopback_refused" => "error_loopback_refused",
         "backoff" => "error_backoff",
+        "circuit_open" => "error_circuit_open",
         _ => "error_other",
     }
 }

@@ -53,6 +53,7 @@ pub fn identity_reason(e: &crate::identity::IdentityError) -> &'static str {
         "unsupported_method" => "identity_unsupported_method",
         "invalid_did" => "identity_invalid_did",
         "loopback_refused" => "identity_loopback_refused",
+        "circuit_open" => "identity_circuit_open",
         "insecure_url" => "identity_insecure_url",
         _ => "identity_unavailable",
     }

@@ -403,6 +403,105 @@ async fn memory_ttl_expiry_refetches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_directory_opens_the_circuit_breaker_and_a_probe_closes_it() {
+    let plc = TestServer::start().await;
+    let did = |tag: &str| Did::parse(&plc_did(tag)).unwrap();
+    for tag in ["downa", "downb", "downc", "downd", "late"] {
+        plc.route(&format!("/{}", did(tag)), vec![Reply::status(503)]);
+    }
+    let resolver = IdentityResolver::new(
+        client(),
+        IdentityConfig {
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_millis(400),
+            ..config(&plc.url())
+        },
+        HashMap::new(),
+        None,
+    )
+    .unwrap();
+    // Answers about a DID (404) say the directory works: they never open it.
+    for tag in ["gonea", "goneb", "gonec", "goned"] {
+        assert_eq!(
+            resolver.resolve(&did(tag)).await.unwrap_err(),
+            IdentityError::NotFound
+        );
+    }
+    assert_eq!(resolver.hosts_refused(), 0);
+    // Three server errors in a row open it: the next lookup of another DID fails at once.
+    for tag in ["downa", "downb", "downc"] {
+        assert_eq!(
+            resolver.resolve(&did(tag)).await.unwrap_err(),
+            IdentityError::HttpStatus(503)
+        );
+    }
+    assert_eq!(plc.requests(), 7);
+    let refused = resolver.resolve(&did("late")).await.unwrap_err();
+    assert_eq!(refused.reason(), "circuit_open", "{refused}");
+    assert_eq!(plc.requests(), 7, "not asked");
+    assert_eq!(resolver.hosts_refused(), 1);
+    let stats = resolver.stats();
+    assert_eq!(stats.breaker_opened.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.errors_circuit_open.load(Ordering::Relaxed), 1);
+    // The refused DID was not put into backoff: once the directory works again, it resolves.
+    let (repo, _) = synth_repo(&plc_did("late"), 9, 1);
+    plc.route(
+        &format!("/{}", did("late")),
+        vec![Reply::json(&repo.did_document("https://pds.example.com"))],
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let identity = resolver.resolve(&did("late")).await.unwrap();
+    assert_eq!(identity.signing_key, repo.public_key());
+    assert_eq!(plc.requests(), 8, "one probe");
+    assert_eq!(resolver.hosts_refused(), 0, "closed by the answer");
+    // Closed means counting from zero again: one more failure is just that failure.
+    assert_eq!(
+        resolver.resolve(&did("downd")).await.unwrap_err(),
+        IdentityError::HttpStatus(503)
+    );
+    assert_eq!(plc.requests(), 9);
+    assert_eq!(resolver.hosts_refused(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_opens_the_breaker_again_for_longer() {
+    let plc = TestServer::start().await;
+    let did = |tag: &str| Did::parse(&plc_did(tag)).unwrap();
+    for tag in ["downa", "downb", "probe", "after"] {
+        plc.route(&format!("/{}", did(tag)), vec![Reply::status(502)]);
+    }
+    let resolver = IdentityResolver::new(
+        client(),
+        IdentityConfig {
+            breaker_failures: 2,
+            breaker_cooldown: Duration::from_millis(500),
+            ..config(&plc.url())
+        },
+        HashMap::new(),
+        None,
+    )
+    .unwrap();
+    for tag in ["downa", "downb"] {
+        resolver.resolve(&did(tag)).await.unwrap_err();
+    }
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    // The probe fails: open again, now for twice the cooldown.
+    assert_eq!(
+        resolver.resolve(&did("probe")).await.unwrap_err(),
+        IdentityError::HttpStatus(502)
+    );
+    assert_eq!(plc.requests(), 3);
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(
+        resolver.resolve(&did("after")).await.unwrap_err().reason(),
+        "circuit_open",
+        "the second cooldown is twice the first"
+    );
+    assert_eq!(plc.requests(), 3);
+    assert_eq!(resolver.stats().breaker_opened.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn did_web_resolves_from_well_known() {
     let web = TestServer::start().await;
     let did_str = format!("did:web:localhost%3A{}", web.port);
