@@ -238,6 +238,59 @@ fn migrate(conn: &Connection, version: i64) -> Result<()> {
     Ok(())
 }
 
+/// A version-1 state kept no records per repo (`repo_records`), so a resync could not tell
+/// which records routed by that writer were deleted while the stream missed them. Its indexes
+/// name most of them: the study users' posts and follows and the in-network accounts' posts.
+/// They are held with [`sync_core::resync::CID_NOT_RECORDED`] and no rev: a resync keeps them
+/// if the repo still has them and writes their delete if not. Likes, reposts, blocks and
+/// profiles of study users were not indexed by version 1 and stay unknown (their deletes are
+/// still routed from the stream).
+fn seed_repo_records(conn: &Connection) -> Result<usize> {
+    let tx = conn.unchecked_transaction()?;
+    let mut uris: Vec<String> = Vec::new();
+    for sql in [
+        "SELECT uri FROM study_posts",
+        "SELECT uri FROM in_network_posts",
+        "SELECT uri FROM study_follows",
+    ] {
+        let mut stmt = tx.prepare(sql)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        for uri in rows {
+            uris.push(uri?);
+        }
+    }
+    let mut seeded = 0;
+    {
+        let mut insert = tx.prepare(
+            "INSERT OR IGNORE INTO repo_records (did, collection, rkey, cid, rev) VALUES (?1, ?2, ?3, ?4, NULL)",
+        )?;
+        for uri in &uris {
+            let Ok(uri) = AtUri::parse(uri) else {
+                continue;
+            };
+            let (Some(did), Some(collection), Some(rkey)) =
+                (uri.authority_did(), uri.collection(), uri.rkey())
+            else {
+                continue;
+            };
+            seeded += insert.execute(params![
+                did.as_str(),
+                collection,
+                rkey,
+                sync_core::resync::CID_NOT_RECORDED
+            ])?;
+        }
+    }
+    tx.commit()?;
+    if seeded > 0 {
+        tracing::info!(
+            records = seeded,
+            "state upgrade: records routed by the previous writer are held per repo, so a resync can find their deletes"
+        );
+    }
+    Ok(seeded)
+}
+
 /// Reads the schema version: a file that is not a readable SQLite database, or one from a newer
 /// writer, needs a human (exit 3), not a restart loop.
 fn check_schema(conn: &Connection, path: &Path) -> Result<i64> {
@@ -385,6 +438,10 @@ impl StateStore {
         conn.execute_batch(withdrawn::SCHEMA)
             .with_context(|| format!("creating schema in {}", path.display()))?;
         withdrawn::on_open(&conn, new_file)?;
+        if version < 2 && !new_file {
+            seed_repo_records(&conn)
+                .with_context(|| format!("upgrading {}: records held per repo", path.display()))?;
+        }
         if version < SCHEMA_VERSION {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -1149,6 +1206,86 @@ mod tests {
             .query_row("SELECT count(*) FROM repo_revs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(left, 0, "deleted from the database too");
+    }
+
+    #[test]
+    fn a_version_1_state_holds_the_records_its_indexes_name_so_a_resync_finds_their_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let s1 = did("did:plc:z72i7hdynmk6r22z27h6tvur");
+        let a1 = did("did:plc:ewvi7nxzyoun6zhxrhs64oiz");
+        {
+            // What a version-1 writer left: its indexes, no records per repo.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 CREATE TABLE repo_revs (did TEXT PRIMARY KEY, rev TEXT NOT NULL);
+                 CREATE TABLE study_posts (uri TEXT PRIMARY KEY, author TEXT NOT NULL);
+                 CREATE TABLE study_follows (uri TEXT PRIMARY KEY, follower TEXT NOT NULL, subject TEXT NOT NULL);
+                 CREATE TABLE in_network_posts (uri TEXT PRIMARY KEY) WITHOUT ROWID;
+                 INSERT INTO study_posts VALUES ('at://{s1}/app.bsky.feed.post/3l5jnpb6xyz2k', '{s1}');
+                 INSERT INTO study_follows VALUES ('at://{s1}/app.bsky.graph.follow/3l5jv2xq4tk2p', '{s1}', '{a1}');
+                 INSERT INTO in_network_posts VALUES ('at://{a1}/app.bsky.feed.post/3l5jzzzzzzz2a');
+                 INSERT INTO in_network_posts VALUES ('not a uri');
+                 PRAGMA user_version = 1;"
+            ))
+            .unwrap();
+        }
+        let store = StateStore::open(&path, [s1.clone()].into(), [a1.clone()].into()).unwrap();
+        let held = |d: &Did| {
+            let mut h: Vec<(String, String, Option<String>, Option<Tid>)> = store
+                .held_records(d)
+                .unwrap()
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.collection.as_str().to_owned(),
+                        r.rkey.as_str().to_owned(),
+                        r.cid,
+                        r.rev,
+                    )
+                })
+                .collect();
+            h.sort();
+            h
+        };
+        let unknown = Some(sync_core::resync::CID_NOT_RECORDED.to_owned());
+        assert_eq!(
+            held(&s1),
+            [
+                (
+                    "app.bsky.feed.post".into(),
+                    "3l5jnpb6xyz2k".into(),
+                    unknown.clone(),
+                    None
+                ),
+                (
+                    "app.bsky.graph.follow".into(),
+                    "3l5jv2xq4tk2p".into(),
+                    unknown.clone(),
+                    None
+                ),
+            ]
+        );
+        assert_eq!(
+            held(&a1),
+            [(
+                "app.bsky.feed.post".into(),
+                "3l5jzzzzzzz2a".into(),
+                unknown,
+                None
+            )]
+        );
+        drop(store);
+        // Once only: a version-2 file is not seeded again (a record deleted since stays gone).
+        let store = StateStore::open(&path, [s1.clone()].into(), [a1.clone()].into()).unwrap();
+        store
+            .conn
+            .execute("DELETE FROM repo_records WHERE did = ?1", [a1.as_str()])
+            .unwrap();
+        drop(store);
+        let store = StateStore::open(&path, [s1.clone()].into(), [a1.clone()].into()).unwrap();
+        assert!(store.held_records(&a1).unwrap().is_empty());
     }
 
     #[test]

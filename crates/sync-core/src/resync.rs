@@ -20,13 +20,20 @@ use crate::time::rfc3339_to_unix_micros;
 pub struct HeldRecord {
     pub collection: Nsid,
     pub rkey: RecordKey,
-    /// The record's CID as text (as stored); `None` for a delete seen in the stream.
+    /// The record's CID as text (as stored); `None` for a delete seen in the stream;
+    /// [`CID_NOT_RECORDED`] for a record an older state indexed without its CID.
     pub cid: Option<String>,
     /// The rev of the commit the consumer learnt it from (`None`: unknown, e.g. a state from
     /// before revs were kept): compared with the fetched repo's rev, so stream commits handled
     /// while the fetch was under way are neither undone nor repeated.
     pub rev: Option<Tid>,
 }
+
+/// The CID of a held record whose CID was never recorded (a state from before records were
+/// held per repo, seeded from its indexes): the repo holding the record at all counts as
+/// unchanged (its CID cannot be compared, and an update would write it again), and the repo
+/// lacking it is a missed delete like any other.
+pub const CID_NOT_RECORDED: &str = "not-recorded";
 
 impl HeldRecord {
     /// Learnt from a commit newer than the fetched repo's `rev`.
@@ -68,6 +75,7 @@ pub fn diff<'r>(
         match held.remove(&(record.collection.clone(), record.rkey.clone())) {
             Some(h) if h.newer_than(rev) => out.unchanged += 1,
             Some(h) => match &h.cid {
+                Some(cid) if cid == CID_NOT_RECORDED => out.unchanged += 1,
                 Some(cid) if *cid == record.cid.to_string() => out.unchanged += 1,
                 Some(_) => out.updates.push(record),
                 // A delete seen at or before `rev`, yet the repo at `rev` holds the record: it
@@ -255,6 +263,27 @@ mod tests {
         assert!(d.updates.is_empty());
         assert!(d.deletes.is_empty(), "{:?}", d.deletes);
         assert_eq!(d.unchanged, 1);
+    }
+
+    #[test]
+    fn a_record_held_without_its_cid_is_kept_or_deleted_never_updated() {
+        let still_there = rec("app.bsky.feed.post", "3kaaaaaaaaaa2", 1);
+        let gone = rec("app.bsky.feed.post", "3kaaaaaaaaab2", 2);
+        let seeded = |r: &RepoRecord| HeldRecord {
+            cid: Some(CID_NOT_RECORDED.to_owned()),
+            rev: None,
+            ..held(r)
+        };
+        let repo = [still_there.clone()];
+        let d = diff(
+            &repo,
+            &Tid::parse(FETCHED).unwrap(),
+            vec![seeded(&still_there), seeded(&gone)],
+            |_| true,
+        );
+        assert!(d.creates.is_empty() && d.updates.is_empty(), "{d:?}");
+        assert_eq!(d.unchanged, 1);
+        assert_eq!(d.deletes, vec![seeded(&gone)]);
     }
 
     #[test]
