@@ -221,9 +221,9 @@ impl Processor {
         self.metrics
             .resync_queue_depth
             .store(self.state.work_depth() as u64, Ordering::Relaxed);
-        let Some(requests) = &self.repairs.requests else {
+        if self.repairs.requests.is_none() {
             return;
-        };
+        }
         // All slots taken: nothing to sort (an OutdatedCursor may queue every tracked repo).
         if self.in_flight.len() >= MAX_IN_FLIGHT {
             return;
@@ -241,6 +241,14 @@ impl Processor {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
                 break;
             }
+            if !self.tracks(&did) {
+                // Untracked since it was queued (a reload, an unfollow): not fetched.
+                self.drop_untracked(&did);
+                continue;
+            }
+            let Some(requests) = &self.repairs.requests else {
+                return;
+            };
             if requests
                 .send(RepairRequest {
                     did: did.clone(),
@@ -256,6 +264,23 @@ impl Processor {
         self.metrics
             .repairs_in_flight
             .store(self.in_flight.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the writer still tracks `did` (a study user or an in-network account): only
+    /// then is its repo worth fetching and its repair worth applying.
+    fn tracks(&self, did: &Did) -> bool {
+        self.state.is_study_user(did) || self.state.is_in_network(did)
+    }
+
+    /// Drops the queue entry of a repo no longer tracked (a reload removed it; an unfollow took
+    /// it out of the network): found when it is due ([`Self::dispatch_repairs`]) or when its
+    /// fetch comes back ([`Self::apply_repair`]).
+    fn drop_untracked(&mut self, did: &Did) {
+        self.state.drop_work(did);
+        self.refetch.remove(did);
+        self.metrics.repair_failed("untracked");
+        self.dirty = true;
+        info!(repo = %did, "repair dropped: the repo is no longer tracked");
     }
 
     /// Consumes inputs until `End` (or the channel closes), then commits.
@@ -670,7 +695,13 @@ impl Processor {
                 continue;
             }
             let cid = match op.action {
-                Action::Create | Action::Update => op.cid.map(|c| c.to_string()),
+                // Held only if it could be routed: a record whose block is missing, does not
+                // match its CID or has no CID was dropped, and held as if routed a resync would
+                // find it "unchanged" and never write it (held as a delete, it would hide it).
+                Action::Create | Action::Update => match (op.cid, c.record_block(op)) {
+                    (Some(cid), Ok(Some(_))) => Some(cid.to_string()),
+                    _ => continue,
+                },
                 Action::Delete => None,
             };
             self.state
@@ -688,6 +719,12 @@ impl Processor {
         let Some(item) = self.state.work_item(&did).cloned() else {
             return Ok(());
         };
+        if !self.tracks(&did) {
+            // Untracked while it was fetched: its records would be routed as a stranger's, its
+            // held records diffed for nothing.
+            self.drop_untracked(&did);
+            return Ok(());
+        }
         match outcome {
             Err(failure) => {
                 self.metrics.repair_failed(failure.reason);

@@ -143,6 +143,19 @@ pub fn car_with_roots(roots: &[Cid], blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
 
 /// A `#commit` frame. The commit block is a stand-in (signatures are not checked by routing).
 pub fn commit_frame(seq: i64, repo: &str, rev: &str, time: &str, ops: &[OpSpec]) -> Vec<u8> {
+    commit_frame_lacking(seq, repo, rev, time, ops, &[])
+}
+
+/// [`commit_frame`] whose CAR lacks the record blocks of the ops with these rkeys (their ops
+/// still name the CIDs): a commit a relay or PDS sent incomplete.
+pub fn commit_frame_lacking(
+    seq: i64,
+    repo: &str,
+    rev: &str,
+    time: &str,
+    ops: &[OpSpec],
+    missing_rkeys: &[&str],
+) -> Vec<u8> {
     let commit_block = encode(&ipld(&json!({"did": repo, "rev": rev, "version": 3})));
     let commit_cid = cbor::cid_for_dag_cbor(&commit_block);
     let mut blocks = vec![(commit_cid, commit_block)];
@@ -160,7 +173,9 @@ pub fn commit_frame(seq: i64, repo: &str, rev: &str, time: &str, ops: &[OpSpec])
                 let block = encode(&ipld(record));
                 let cid = cbor::cid_for_dag_cbor(&block);
                 m.insert("cid".to_owned(), Ipld::Link(cid));
-                blocks.push((cid, block));
+                if !missing_rkeys.contains(&rkey) {
+                    blocks.push((cid, block));
+                }
             }
             None => {
                 m.insert("cid".to_owned(), Ipld::Null);

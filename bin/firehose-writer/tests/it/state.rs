@@ -352,3 +352,43 @@ fn set_cursor_rewinds_once_warns_when_skipping_forward_and_waits_for_the_writer(
     assert_eq!(stored_cursor(&state), Some(10));
     rt.block_on(relay.shutdown());
 }
+
+/// A record whose block the commit lacks cannot be routed: it must not be held either (held as
+/// if routed, a later resync would find it "unchanged" in the repo and never write it).
+#[test]
+fn a_record_whose_block_is_missing_is_not_held_as_routed() {
+    let dir = tempfile::tempdir().unwrap();
+    let time = "2026-07-04T14:00:00.000Z";
+    let record =
+        |rkey: &str| json!({"$type": POST, "text": format!("post {rkey}"), "createdAt": time});
+    let frame = synth::commit_frame_lacking(
+        1,
+        STUDY,
+        R1,
+        time,
+        &[
+            OpSpec::create(POST, "3l5kwhole0002", record("3l5kwhole0002")),
+            OpSpec::create(POST, "3l5kpart00002", record("3l5kpart00002")),
+        ],
+        &["3l5kpart00002"],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let relay = rt.block_on(TestRelay::start(vec![frame])).unwrap();
+    let mut writer = start(dir.path(), &relay, Some("0"));
+    writer.wait_cursor(1);
+    writer.stop();
+    rt.block_on(relay.shutdown());
+    assert!(post_file(dir.path(), "3l5kwhole0002").exists());
+    assert!(!post_file(dir.path(), "3l5kpart00002").exists());
+    let c = rusqlite::Connection::open(dir.path().join("state.sqlite")).unwrap();
+    let held: Vec<(String, Option<String>)> = c
+        .prepare("SELECT rkey, cid FROM repo_records WHERE did = ?1 ORDER BY rkey")
+        .unwrap()
+        .query_map([STUDY], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let rkeys: Vec<&str> = held.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(rkeys, ["3l5kwhole0002"], "{held:?}");
+    assert!(held[0].1.is_some(), "held with its CID");
+}
