@@ -268,6 +268,25 @@ const commands = {
     })
     return { record: rec, commit }
   },
+  // block WHO NAME TARGET (an account label or a DID)
+  async block([w, name, target]) {
+    const [rec, commit] = await create(newName(name), who(w), 'app.bsky.graph.block', {
+      subject: targetDid(target),
+    })
+    return { record: rec, commit }
+  },
+  // handle WHO NEW_HANDLE: the account changes its handle (com.atproto.identity.updateHandle):
+  // a PLC operation and an #identity event, whose seq, time and handle are answered.
+  async handle([w, handle]) {
+    const a = who(w)
+    if (!/^[a-z0-9-]{1,40}\.test$/.test(handle ?? '')) throw new Error('usage: handle WHO NAME.test')
+    const before = await settle()
+    await a.agent.com.atproto.identity.updateHandle({ handle })
+    await settle()
+    const e = seqEvents.find((x) => x.type === 'identity' && x.did === a.did && x.seq > before)
+    if (!e) throw new Error(`no #identity event of ${a.did} after seq ${before}`)
+    return { did: a.did, identity: { seq: e.seq, time: e.time, handle: e.evt.handle ?? null } }
+  },
   // delete WHO RECORD
   async delete([w, name]) {
     const a = who(w)

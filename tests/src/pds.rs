@@ -479,6 +479,19 @@ impl Gapfree {
         self.written(&format!("follow {who} {name} {target}"))
     }
 
+    /// `block WHO NAME TARGET` (an account label or a DID).
+    pub fn block(&mut self, who: &str, name: &str, target: &str) -> Written {
+        self.written(&format!("block {who} {name} {target}"))
+    }
+
+    /// `handle WHO NEW_HANDLE` (`<name>.test`): an #identity event; returns its seq.
+    pub fn handle(&mut self, who: &str, handle: &str) -> i64 {
+        let answer = self.command(&format!("handle {who} {handle}"));
+        answer["identity"]["seq"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("answer to handle: {answer}"))
+    }
+
     /// `delete WHO RECORD`; RECORD must be a record the driver created (a name): the answer
     /// for an `at://` URI of another record has no rev/seq to parse (use [`Self::command`]).
     pub fn delete(&mut self, who: &str, record: &str) -> Written {

@@ -203,8 +203,10 @@ CREATE TABLE IF NOT EXISTS backfilled (did TEXT PRIMARY KEY, rev TEXT NOT NULL, 
 /// data this one could misread or damage. Version 3 records consent withdrawals (`withdrawn`):
 /// a writer that does not know them must not open the file and route a withdrawn DID again.
 /// Version 4 records the subject of each follow routed to `followee` (`followee_subjects`): a
-/// writer that does not would add `followee` rows a withdrawal purge cannot find.
-const SCHEMA_VERSION: i64 = 4;
+/// writer that does not would add `followee` rows a withdrawal purge cannot find. Version 5
+/// records the purged records about withdrawn participants (`withdrawn_records`, salted
+/// hashes): a writer that does not would route their deletes again.
+const SCHEMA_VERSION: i64 = 5;
 
 /// Brings a version-1 file to version 2: `repo_revs` gains the chain state's MST root (`data`)
 /// and when the repo was first seen. Runs before [`SCHEMA`], in the same start-up.
@@ -829,6 +831,7 @@ impl StateStore {
     pub fn commit(&mut self, cursor: Option<i64>) -> Result<()> {
         let cursor = cursor.or(self.pending.cursor_override.map(|o| o.cursor));
         let purged_rows;
+        let purged_records;
         let tx = self
             .conn
             .transaction()
@@ -899,7 +902,8 @@ impl StateStore {
                 upsert_rev.execute(params![did.as_str(), rev.as_str(), data, now])?;
             }
             repair::write_pending(&self.pending, &tx)?;
-            purged_rows = withdrawn::write_pending(&self.pending.withdrawn, &tx)?;
+            (purged_rows, purged_records) =
+                withdrawn::write_pending(&self.withdrawn, &self.pending.withdrawn, &tx)?;
             if let Some(cursor) = cursor {
                 write_cursor(&tx, cursor)?;
                 if let Some(upstream) = &self.upstream {
@@ -922,7 +926,7 @@ impl StateStore {
         if cursor.is_some() {
             self.cursor = cursor;
         }
-        self.after_commit(&purged, purged_rows);
+        self.after_commit(&purged, purged_rows, purged_records);
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
 use anyhow::{Context, Result};
@@ -57,6 +58,34 @@ pub fn salted_hash(salt: &[u8], did: &Did) -> String {
     h.update(salt);
     h.update(did.as_str().as_bytes());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A record about a withdrawn participant that the purge took out of the index (a follow of
+/// them, a reaction to their post), as the first 16 bytes of SHA-256 of the state's salt and the
+/// record's URI: its delete, which names only its author, is not routed either.
+pub type RecordHash = [u8; 16];
+
+pub fn record_hash(salt: &[u8], uri: &str) -> RecordHash {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(uri.as_bytes());
+    let digest = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}
+
+/// The purged records' hashes, with the salt they were made with.
+#[derive(Clone, Debug, Default)]
+pub struct PurgedRecords {
+    pub salt: Vec<u8>,
+    pub hashes: HashSet<RecordHash>,
+}
+
+impl PurgedRecords {
+    fn holds(&self, uri: &str) -> bool {
+        !self.hashes.is_empty() && self.hashes.contains(&record_hash(&self.salt, uri))
+    }
 }
 
 /// Bytes that may continue a DID (`did:method:id` allows `[A-Za-z0-9._:%-]`).
@@ -160,12 +189,23 @@ impl Matcher {
 pub struct Withdrawn {
     dids: HashSet<Did>,
     matcher: Matcher,
+    records: Arc<PurgedRecords>,
 }
 
 impl Withdrawn {
     pub fn new(dids: HashSet<Did>) -> Withdrawn {
         let matcher = Matcher::new(dids.iter().map(Did::as_str));
-        Withdrawn { dids, matcher }
+        Withdrawn {
+            dids,
+            matcher,
+            records: Arc::default(),
+        }
+    }
+
+    /// The records about them that were purged (whose deletes are screened too).
+    pub fn with_records(mut self, records: Arc<PurgedRecords>) -> Withdrawn {
+        self.records = records;
+        self
     }
 
     pub fn contains(&self, did: &Did) -> bool {
@@ -189,11 +229,13 @@ impl Withdrawn {
     }
 
     /// What routing may see of `event`: nothing of a withdrawn DID's events; of anyone else's
-    /// commit, the ops whose record does not name a withdrawn DID. Verification still sees the
-    /// whole commit (the ops are checked against the signed tree), so the screened commit is a
-    /// copy used for routing only.
+    /// commit, the ops whose record does not name a withdrawn DID, and no delete of a record
+    /// about them that a purge took out of the index (a study user's unfollow of them names
+    /// only the study user, yet says whom they followed to anyone holding the purged record).
+    /// Verification still sees the whole commit (the ops are checked against the signed tree),
+    /// so the screened commit is a copy used for routing only.
     pub fn screen<'a>(&self, event: &Event<'a>) -> Screen<'a> {
-        if self.dids.is_empty() {
+        if self.dids.is_empty() && self.records.hashes.is_empty() {
             return Screen::Keep;
         }
         let subject = match event {
@@ -215,9 +257,14 @@ impl Withdrawn {
             .enumerate()
             .filter_map(|(i, op)| {
                 let op = op.as_ref().ok()?;
-                // Only routed kinds can produce a file; deletes carry no record.
+                // Only routed kinds can produce a file.
                 RecordKind::of(&op.collection)?;
                 if op.action == Action::Delete {
+                    // A delete carries no record: only its URI can be about them.
+                    let uri = format!("at://{}/{}/{}", commit.repo, op.collection, op.rkey);
+                    return self.records.holds(&uri).then_some(i);
+                }
+                if self.dids.is_empty() {
                     return None;
                 }
                 // A block that cannot be read is left to routing, which drops the op itself.

@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -26,10 +27,13 @@ use sync_core::paths::{rkey_component, Folder};
 use tracing::{info, warn};
 
 use super::StateStore;
-use crate::withdrawn::{salted_hash, CacheTargets, Matcher, Withdrawn};
+use crate::withdrawn::{
+    record_hash, salted_hash, CacheTargets, Matcher, PurgedRecords, RecordHash, Withdrawn,
+};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS withdrawn (hash TEXT PRIMARY KEY, source TEXT NOT NULL, applied_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS withdrawn_records (hash BLOB PRIMARY KEY) WITHOUT ROWID;
 ";
 
 /// `meta` key of the salt withdrawal hashes are made with (hex).
@@ -70,6 +74,9 @@ pub(super) struct WithdrawnState {
     salt: Vec<u8>,
     /// Every DID withdrawn now (file and account deletions): routing never sees them.
     set: Withdrawn,
+    /// Records about withdrawn participants that purges took out of the index
+    /// (`withdrawn_records`): their deletes are not routed.
+    records: Arc<PurgedRecords>,
     file: HashSet<Did>,
     /// Study users withdrawn by an account deletion (this run, or found by hash at a load).
     account_deleted: HashSet<Did>,
@@ -201,8 +208,15 @@ fn post_rkey(uri: &str) -> Option<RecordKey> {
 
 /// Writes the pending withdrawal changes inside the commit's transaction, after every other
 /// pending change (so rows of theirs queued in this same commit go too). Returns the number of
-/// index rows removed.
-pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) -> Result<u64> {
+/// index rows removed and the hashes of the records about them it took out of the index.
+pub(super) fn write_pending(
+    state: &WithdrawnState,
+    pending: &PendingWithdrawn,
+    tx: &Transaction<'_>,
+) -> Result<(u64, Vec<RecordHash>)> {
+    // Records of others about them (follows of them, reactions to their posts) leave the
+    // index here; their deletes must not be routed later (a delete names only its author).
+    let mut about_them: HashSet<String> = HashSet::new();
     let identity_cache: bool = tx
         .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'identity_cache'")?
         .exists([])?;
@@ -242,6 +256,13 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
             .collect();
         if !dirs.is_empty() {
             let dirs = serde_json::to_string(&dirs).expect("strings serialize");
+            let reactions: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT uri FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
+                )?
+                .query_map(params![dirs], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            about_them.extend(reactions);
             run(
                 "DELETE FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
                 &[&dirs],
@@ -261,6 +282,16 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
         // below; a URI whose record was deleted and created again following someone else loses
         // its entry too, erring on their side). Then the subject rows of follows of them and of
         // their own follows.
+        for sql in [
+            "SELECT uri FROM followee_subjects WHERE subject = ?1",
+            "SELECT uri FROM study_follows WHERE subject = ?1",
+        ] {
+            let follows: Vec<String> = tx
+                .prepare_cached(sql)?
+                .query_map(params![d], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            about_them.extend(follows);
+        }
         run(
             "DELETE FROM routed WHERE folder = ?1 AND uri IN \
              (SELECT uri FROM followee_subjects WHERE subject = ?2)",
@@ -304,12 +335,30 @@ pub(super) fn write_pending(pending: &PendingWithdrawn, tx: &Transaction<'_>) ->
             run("DELETE FROM followee_subjects WHERE uri = ?1", &[uri])?;
             run("DELETE FROM in_network_posts WHERE uri = ?1", &[uri])?;
         }
+        about_them.extend(pending.uris.iter().cloned());
     }
     for hash in &pending.revoked {
         tx.prepare_cached("DELETE FROM withdrawn WHERE hash = ?1 AND source = 'file'")?
             .execute(params![hash])?;
     }
-    Ok(rows)
+    // Their own records need no entry: every event of theirs is screened by its repo.
+    let theirs: Vec<(String, String)> = pending
+        .purges
+        .iter()
+        .map(|(d, _, _)| repo_range(d))
+        .collect();
+    let mut hashes = Vec::new();
+    let mut insert =
+        tx.prepare_cached("INSERT OR IGNORE INTO withdrawn_records (hash) VALUES (?1)")?;
+    for uri in &about_them {
+        if theirs.iter().any(|(from, to)| uri >= from && uri < to) {
+            continue;
+        }
+        let hash = record_hash(&state.salt, uri);
+        insert.execute(params![&hash[..]])?;
+        hashes.push(hash);
+    }
+    Ok((rows, hashes))
 }
 
 impl StateStore {
@@ -342,6 +391,16 @@ impl StateStore {
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
             .map(|row| row.map(|(h, s)| (h, WithdrawalSource::parse(&s))))
             .collect::<Result<_, _>>()?;
+        let hashes: HashSet<RecordHash> = self
+            .conn
+            .prepare("SELECT hash FROM withdrawn_records")?
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+            .filter_map(|h| h.ok().and_then(|h| RecordHash::try_from(h.as_slice()).ok()))
+            .collect();
+        self.withdrawn.records = Arc::new(PurgedRecords {
+            salt: salt.clone(),
+            hashes,
+        });
         self.withdrawn.salt = salt;
         self.withdrawn.applied = applied;
         self.withdrawn.loaded = true;
@@ -441,7 +500,7 @@ impl StateStore {
             .chain(&self.withdrawn.account_deleted)
             .cloned()
             .collect();
-        self.withdrawn.set = Withdrawn::new(all);
+        self.withdrawn.set = Withdrawn::new(all).with_records(self.withdrawn.records.clone());
         let set = &self.withdrawn.set;
         if set.is_empty() {
             return;
@@ -535,9 +594,49 @@ impl StateStore {
             .filter_map(|u| post_rkey(u))
             .map(|rkey| rkey_component(&rkey).into_owned())
             .collect();
+        // Records of others about them whose delete files name only their author (a study
+        // user's unfollow of them or delete of a like of their post, written before the
+        // withdrawal): found by the record's URI in the file.
+        let mut about: Vec<String> = Vec::new();
+        for did in dids {
+            for sql in [
+                "SELECT uri FROM followee_subjects WHERE subject = ?1",
+                "SELECT uri FROM study_follows WHERE subject = ?1",
+            ] {
+                let rows: Vec<String> = self
+                    .conn
+                    .prepare_cached(sql)?
+                    .query_map(params![did.as_str()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()
+                    .context("reading the follows of a withdrawn participant")?;
+                about.extend(rows);
+            }
+        }
+        let dirs: Vec<String> = uris
+            .iter()
+            .filter_map(|u| post_rkey(u))
+            .flat_map(reaction_dirs)
+            .collect();
+        if !dirs.is_empty() {
+            let dirs = serde_json::to_string(&dirs).expect("strings serialize");
+            let rows: Vec<String> = self
+                .conn
+                .prepare_cached(
+                    "SELECT uri FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
+                )?
+                .query_map(params![dirs], |r| r.get(0))?
+                .collect::<Result<_, _>>()
+                .context("reading the reactions to a withdrawn participant's posts")?;
+            // Only likes and reposts: no other record's content names them (a reply or a
+            // quote may be named by a quote of it, a study user's own post that stays).
+            about.extend(rows.into_iter().filter(|u| {
+                u.contains("/app.bsky.feed.like/") || u.contains("/app.bsky.feed.repost/")
+            }));
+        }
         let handle_uris: Vec<&String> = uris
             .iter()
             .filter(|u| !dids.iter().any(|d| u.contains(d.as_str())))
+            .chain(&about)
             .collect();
         let matcher = Matcher::new(
             self.withdrawn
@@ -586,7 +685,19 @@ impl StateStore {
     /// remaining follows, and no copy of the old pages left (VACUUM once for a file older than
     /// `secure_delete`, then a WAL checkpoint that truncates it). The transaction is committed
     /// already, so what fails here is logged and tried again after the next commit.
-    pub(super) fn after_commit(&mut self, purged: &PendingWithdrawn, rows: u64) {
+    pub(super) fn after_commit(
+        &mut self,
+        purged: &PendingWithdrawn,
+        rows: u64,
+        records: Vec<RecordHash>,
+    ) {
+        if !records.is_empty() {
+            let mut all = (*self.withdrawn.records).clone();
+            all.hashes.extend(records);
+            self.withdrawn.records = Arc::new(all);
+            let set = std::mem::take(&mut self.withdrawn.set);
+            self.withdrawn.set = set.with_records(self.withdrawn.records.clone());
+        }
         if purged.purges() {
             self.withdrawn.purged_rows = rows;
             for (_, hash, source) in &purged.purges {

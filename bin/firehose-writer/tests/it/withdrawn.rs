@@ -521,6 +521,88 @@ async fn a_follow_of_them_whose_file_was_exported_is_purged_and_its_unfollow_not
     assert_nowhere(&cfg, &[W, w_post.as_str(), x_follows_w.as_str()]);
 }
 
+/// A study user's own records about W (a follow of W, a like of W's post) are purged with W;
+/// their later deletes name only the study user, yet would tell anyone holding the purged
+/// records whom they were about: they are not routed either (the state keeps salted hashes of
+/// the purged records' URIs, never the URIs). The study user's other deletes are routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_users_deletes_of_records_about_them_are_not_routed_after_the_purge() {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &relay, &[S1, W]);
+    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
+    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    let mut f = Frames::new(1);
+    let (frame, w_post) = f.text_post(W, "mine");
+    let mut frames = vec![frame];
+    let (frame, s1_follows_w) = f.follow_uri(S1, W);
+    frames.push(frame);
+    let (frame, s1_likes_w) = f.reaction(S1, LIKE, &w_post);
+    frames.push(frame);
+    let (frame, s1_post) = f.text_post(S1, "own");
+    frames.push(frame);
+    // An earlier follow of W that S1 deleted before the withdrawal: its delete file names only
+    // S1 and the follow's URI.
+    let (frame, s1_followed_w) = f.follow_uri(S1, W);
+    frames.push(frame);
+    frames.push(f.delete(&s1_followed_w));
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    let early_delete = format!(
+        "study_user_activity/delete/follow/author_did={S1}_follow_uri_suffix={}.json",
+        rkey_of(&s1_followed_w)
+    );
+    assert!(
+        cache_bytes(&cfg.cache_dir).contains_key(&early_delete),
+        "{:?}",
+        cache_bytes(&cfg.cache_dir).keys()
+    );
+
+    std::fs::write(tmp.path().join("withdrawn.txt"), format!("{W}\n")).unwrap();
+    reload.send(()).await.unwrap();
+    let metrics = writer.metrics();
+    wait_for("the withdrawal purge", || {
+        metrics.withdrawn_rows_purged.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    let kept = cache_bytes(&cfg.cache_dir);
+    assert!(
+        !kept.contains_key(&early_delete),
+        "the earlier unfollow of W stays: {:?}",
+        kept.keys()
+    );
+
+    let frames = vec![
+        f.delete(&s1_follows_w),
+        f.delete(&s1_likes_w),
+        f.delete(&s1_post),
+    ];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    writer.stop().await.unwrap();
+    let cache = cache_bytes(&cfg.cache_dir);
+    let new: Vec<&String> = cache.keys().filter(|p| !kept.contains_key(*p)).collect();
+    assert_eq!(
+        new,
+        [&format!(
+            "study_user_activity/delete/post/author_did={S1}_post_uri_suffix={}.json",
+            rkey_of(&s1_post)
+        )],
+        "only the delete of S1's own post"
+    );
+    assert_eq!(metrics.withdrawn_drops("op"), 2);
+    assert_nowhere(
+        &cfg,
+        &[
+            W,
+            w_post.as_str(),
+            s1_follows_w.as_str(),
+            s1_likes_w.as_str(),
+            s1_followed_w.as_str(),
+        ],
+    );
+}
+
 /// Runs W's post, a like of it and an account deletion of W through a writer with the flag as
 /// given; then restarts it and sends another post of W. Returns the cache after each phase.
 async fn account_deletion(
@@ -666,18 +748,53 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
     net.like("S1", "s1_likes_s2", "s2_live");
     net.like("A1", "a1_likes_s2_old", "s2_post");
     net.follow("A1", "a1_follows_s2", "S2");
+    // S2 blocks someone, changes handle (#identity) and, followed by S1, posts in S1's network
+    // (a study post and an in-network post at once).
+    net.block("S2", "s2_blocks_a3", "A3");
+    let s2_handle = "s2-renamed-user.test";
+    net.handle("S2", s2_handle);
+    net.follow("S1", "s1_follows_s2_before", "S2");
+    let p2_in_network = net
+        .post("S2", "s2_in_network", "S2 post in S1's network")
+        .record
+        .uri;
     let p1 = net.post("S1", "s1_live", "S1 live post").record.uri;
     net.like("S2", "s2_likes_s1", "s1_live");
     net.like("A1", "a1_likes_s1", "s1_live");
     let last = net.reply("A2", "a2_replies_s1", "s1_live", "reply to S1");
     wait_cursor(&mut writer, &state, last.commit.seq, wait);
     let before = cache_bytes(&cache);
-    let s2_posts = [p2.as_str(), net.record("s2_post").uri.as_str()].map(str::to_owned);
+    let s2_posts = [
+        p2.as_str(),
+        net.record("s2_post").uri.as_str(),
+        p2_in_network.as_str(),
+    ]
+    .map(str::to_owned);
     let rkeys: Vec<&str> = s2_posts.iter().map(|u| rkey_of(u)).collect();
     let (theirs, others): (BTreeMap<_, _>, BTreeMap<_, _>) = before
         .into_iter()
         .partition(|(path, bytes)| is_theirs(path, bytes, &s2, &rkeys));
     assert!(theirs.len() >= 7, "{:?}", theirs.keys());
+    for (kind, part) in [
+        (
+            "their block",
+            "study_user_activity/create/block/".to_owned(),
+        ),
+        (
+            "their #identity event",
+            "study_user_activity/account/".to_owned(),
+        ),
+        (
+            "their in-network post",
+            format!("in_network_user_activity/create/post/{s2}/"),
+        ),
+    ] {
+        assert!(
+            theirs.keys().any(|p| p.contains(&part)),
+            "{kind} is not in the cache: {:?}",
+            theirs.keys()
+        );
+    }
     assert!(
         others.keys().filter(|p| p.contains(&s1)).count() >= 1 && others.len() >= 3,
         "{:?}",
@@ -726,12 +843,19 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
     assert!(status.success(), "writer exit status {status}");
     let after = cache_bytes(&cache);
     let new: Vec<&String> = after.keys().filter(|p| !others.contains_key(*p)).collect();
-    assert_eq!(new.len(), 2, "S1's post and A3's like of it only: {new:?}");
+    assert_eq!(
+        new.len(),
+        2,
+        "S1's post and A3's like of it only: {:#?}",
+        new.iter()
+            .map(|p| (p, String::from_utf8_lossy(&after[*p])))
+            .collect::<Vec<_>>()
+    );
     assert!(new.iter().all(|p| p.contains(&s1_after.record.rkey)));
     for (path, bytes) in &others {
         assert_eq!(after.get(path), Some(bytes), "{path} changed");
     }
-    let mut needles: Vec<&str> = vec![s2.as_str()];
+    let mut needles: Vec<&str> = vec![s2.as_str(), s2_handle];
     needles.extend(s2_posts.iter().map(String::as_str));
     let cfg = Config {
         cache_dir: cache.clone(),
