@@ -2960,9 +2960,88 @@ print(json.dumps({'cols': cols, 'rows': n}))
         assert!(part.1 == "DATE" || part.1 == "VARCHAR", "{part:?}");
         want.push(part);
         assert_eq!(got, want, "{}", t.path);
+        check_python_recipes(&doc, t, &env.out, rows);
         ran += 1;
     }
     assert_eq!(ran, 4, "four tables exported: {s}");
+}
+
+/// Runs a table's Polars and pyarrow recipes from docs/querying.md (local output) and checks
+/// their row counts and column types against the declared schema.
+fn check_python_recipes(
+    doc: &str,
+    t: &batch_export::tables::TableDef,
+    out: &std::path::Path,
+    rows: u64,
+) {
+    let line = |start: &str| {
+        doc.lines()
+            .find(|l| l.starts_with(start) && l.contains(&format!("/{}/active", t.path)))
+            .unwrap_or_else(|| panic!("no `{start}` recipe for {}", t.path))
+            .replace("OUTPUT", &out.display().to_string())
+    };
+    let polars = line("df = pl.scan_parquet(\"OUTPUT/");
+    let pyarrow = line("table = ds.dataset(\"OUTPUT/");
+    let script = format!(
+        r#"
+import json, polars as pl, pyarrow.dataset as ds
+{polars}
+{pyarrow}
+print(json.dumps({{
+    'polars': [[n, str(t)] for n, t in df.schema.items()], 'polars_rows': df.height,
+    'pyarrow': [[f.name, str(f.type)] for f in table.schema], 'pyarrow_rows': table.num_rows,
+}}))
+"#
+    );
+    let ran = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}: {} (pip install -r tests/requirements.txt)",
+        t.path,
+        describe(&ran)
+    );
+    let v: Value = serde_json::from_slice(&ran.stdout).unwrap();
+    assert_eq!(v["polars_rows"].as_u64(), Some(rows), "{}: Polars", t.path);
+    assert_eq!(
+        v["pyarrow_rows"].as_u64(),
+        Some(rows),
+        "{}: pyarrow",
+        t.path
+    );
+    for (reader, types) in [
+        ("polars", ["String", "Int64", "Boolean"]),
+        ("pyarrow", ["string", "int64", "bool"]),
+    ] {
+        let got: Vec<(String, String)> = v[reader]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c[0].as_str().unwrap().to_owned(),
+                    c[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let (part, declared) = got.split_last().expect("columns");
+        assert_eq!(part.0, "partition_date", "{reader}: {got:?}");
+        let want: Vec<(String, String)> = t
+            .columns
+            .iter()
+            .map(|(n, ty)| {
+                let i = match ty.name() {
+                    "string" => 0,
+                    "int64" => 1,
+                    _ => 2,
+                };
+                (n.to_string(), types[i].to_owned())
+            })
+            .collect();
+        assert_eq!(declared, want.as_slice(), "{}: {reader}", t.path);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
