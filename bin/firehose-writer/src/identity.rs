@@ -45,7 +45,7 @@
 //!   for a loopback host (`localhost`, 127.0.0.0/8), which uses plain `http://` and is refused
 //!   unless [`IdentityConfig::allow_loopback`] (tests, the local end-to-end setup).
 //! - A circuit breaker per host (the PLC, each did:web host): after
-//!   [`IdentityConfig::breaker_failures`] outage failures in a row (no answer, a 5xx or a 429),
+//!   [`IdentityConfig::breaker_failures`] outage failures in a row (no answer or a 5xx),
 //!   lookups of that host fail at once with [`IdentityError::CircuitOpen`] (a held expired
 //!   document is still served) for [`IdentityConfig::breaker_cooldown`], doubling per
 //!   re-opening up to `backoff_max`; then one request probes the host, and a success closes the
@@ -105,7 +105,7 @@ pub struct IdentityConfig {
     /// DIDs held in memory (a few hundred bytes each). Past it, expired entries and then
     /// arbitrary ones are dropped; SQLite still has them.
     pub max_memory_entries: usize,
-    /// Outage failures in a row (no answer, 5xx, 429) that open a host's circuit breaker.
+    /// Outage failures in a row (no answer, 5xx) that open a host's circuit breaker.
     pub breaker_failures: u32,
     /// How long an opened breaker refuses lookups before one probe (doubles per re-opening, up
     /// to `backoff_max`).
@@ -208,12 +208,14 @@ impl IdentityError {
         )
     }
 
-    /// Whether the host itself failed (what the circuit breaker counts): no answer, a server
-    /// error or a rate limit. A 4xx about the DID says the host works.
+    /// Whether the host itself failed (what the circuit breaker counts): no answer or a server
+    /// error. A 4xx about the DID says the host works.
     fn host_failed(&self) -> bool {
         match self {
             IdentityError::Network(_) => true,
-            IdentityError::HttpStatus(status) => *status >= 500 || *status == 429,
+            // A 429 is the host pacing us (the lookup rate limit and each DID's backoff
+            // answer it), not an outage.
+            IdentityError::HttpStatus(status) => *status >= 500,
             _ => false,
         }
     }
@@ -365,7 +367,19 @@ struct Breaker {
     /// Refusing lookups until then; a lookup after it is the probe (and re-arms it, so only one
     /// request probes per cooldown).
     open_until: Option<Instant>,
+    /// Bumped at every opening: outcomes of requests admitted before it are not counted.
+    generation: u64,
 }
+
+/// How a request got past its host's breaker.
+#[derive(Debug, Clone, Copy)]
+enum Admitted {
+    Closed { generation: u64 },
+    Probe { generation: u64 },
+}
+
+/// Hosts with a breaker held (past it, only open ones are kept).
+const MAX_BREAKERS: usize = 10_000;
 
 /// See the module documentation.
 #[derive(Clone)]
@@ -554,10 +568,30 @@ impl IdentityResolver {
                     }
                 }
             }
-            entry.last_refresh = Some(now);
+            // A refresh its host's open breaker refuses asks nothing: it must not spend the
+            // DID's allowance (a key rotation announced meanwhile is fetched once it closes).
+            if !self.breaker_refuses(did) {
+                entry.last_refresh = Some(now);
+            }
         }
         bump(&inner.stats.misses);
         self.fetch_and_store(did).await
+    }
+
+    /// Whether `did`'s document host has an open breaker now.
+    fn breaker_refuses(&self, did: &Did) -> bool {
+        let Some(host) = self
+            .document_url(did)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+        else {
+            return false;
+        };
+        let now = Instant::now();
+        lock(&self.inner.breakers)
+            .get(&host)
+            .and_then(|b| b.open_until)
+            .is_some_and(|u| now < u)
     }
 
     /// The DID's memory entry, created if absent; makes room first when memory is full.
@@ -864,23 +898,26 @@ impl IdentityResolver {
         let inner = &*self.inner;
         let url = self.document_url(did)?;
         let host = url.host_str().unwrap_or("").to_owned();
-        self.breaker_admits(&host)?;
+        let admitted = self.breaker_admits(&host)?;
         inner.limiter.acquire().await;
         bump(&inner.stats.fetches);
         let result = self.request(did, url, &host).await;
-        self.breaker_record(&host, result.as_ref().err());
+        self.breaker_record(&host, admitted, result.as_ref().err());
         result
     }
 
-    /// Whether `host`'s breaker lets a request through now (closed, or this is the probe).
-    fn breaker_admits(&self, host: &str) -> Result<(), IdentityError> {
+    /// Whether `host`'s breaker lets a request through now (closed, or this is the probe), and
+    /// as what: its outcome is counted only for the state it was admitted in.
+    fn breaker_admits(&self, host: &str) -> Result<Admitted, IdentityError> {
         let inner = &*self.inner;
         let mut breakers = lock(&inner.breakers);
         let Some(breaker) = breakers.get_mut(host) else {
-            return Ok(());
+            return Ok(Admitted::Closed { generation: 0 });
         };
         let Some(until) = breaker.open_until else {
-            return Ok(());
+            return Ok(Admitted::Closed {
+                generation: breaker.generation,
+            });
         };
         let now = Instant::now();
         if now < until {
@@ -892,7 +929,9 @@ impl IdentityResolver {
         }
         // The probe: the others wait another cooldown while it runs.
         breaker.open_until = Some(now + self.breaker_cooldown(breaker.openings));
-        Ok(())
+        Ok(Admitted::Probe {
+            generation: breaker.generation,
+        })
     }
 
     fn breaker_cooldown(&self, openings: u32) -> Duration {
@@ -900,16 +939,35 @@ impl IdentityResolver {
         backoff_delay(config.breaker_cooldown, config.backoff_max, openings.max(1))
     }
 
-    /// Counts a request's outcome against `host`'s breaker, opening or closing it.
-    fn breaker_record(&self, host: &str, error: Option<&IdentityError>) {
+    /// Counts a request's outcome against `host`'s breaker, opening or closing it. A failure
+    /// counts only in the state the request was admitted in: requests let through before the
+    /// breaker opened (up to 16 repair fetches and the processor's lookups run at once) that
+    /// fail after it opened are the same outage, not a failed probe, and must not re-open it
+    /// for ever longer; only the probe's failure does.
+    fn breaker_record(&self, host: &str, admitted: Admitted, error: Option<&IdentityError>) {
         let inner = &*self.inner;
         let mut breakers = lock(&inner.breakers);
         match error {
             Some(e) if e.host_failed() => {
+                if breakers.len() >= MAX_BREAKERS && !breakers.contains_key(host) {
+                    // did:web hosts are chosen by whoever creates a DID: keep the open ones.
+                    let now = Instant::now();
+                    breakers.retain(|_, b| b.open_until.is_some_and(|u| u > now));
+                }
                 let breaker = breakers.entry(host.to_owned()).or_default();
-                breaker.failures += 1;
-                if breaker.failures >= inner.config.breaker_failures.max(1) {
+                let reopen = match admitted {
+                    Admitted::Probe { generation } => generation == breaker.generation,
+                    Admitted::Closed { generation } => {
+                        if generation != breaker.generation || breaker.open_until.is_some() {
+                            return;
+                        }
+                        breaker.failures += 1;
+                        breaker.failures >= inner.config.breaker_failures.max(1)
+                    }
+                };
+                if reopen {
                     breaker.openings += 1;
+                    breaker.generation += 1;
                     let cooldown = self.breaker_cooldown(breaker.openings);
                     breaker.open_until = Some(Instant::now() + cooldown);
                     bump(&inner.stats.breaker_opened);

@@ -463,6 +463,78 @@ async fn a_failing_directory_opens_the_circuit_breaker_and_a_probe_closes_it() {
     assert_eq!(resolver.hosts_refused(), 0);
 }
 
+/// Lookups let through before the breaker opened that fail after it (repair fetches and the
+/// processor run many at once) are the same outage: it opens once, for the first cooldown, not
+/// once per late failure for ever longer. A 429 is the host pacing us, not an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failures_open_the_breaker_once_and_rate_limits_do_not_open_it() {
+    let plc = TestServer::start().await;
+    let did = |tag: &str| Did::parse(&plc_did(tag)).unwrap();
+    let tags = ["conca", "concb", "concc", "concd", "conce", "concf"];
+    for tag in tags {
+        plc.route(
+            &format!("/{}", did(tag)),
+            vec![Reply::status(503).delayed(Duration::from_millis(300))],
+        );
+    }
+    let config = IdentityConfig {
+        breaker_failures: 3,
+        breaker_cooldown: Duration::from_millis(500),
+        ..config(&plc.url())
+    };
+    let resolver = IdentityResolver::new(client(), config.clone(), HashMap::new(), None).unwrap();
+    let lookups: Vec<_> = tags
+        .iter()
+        .map(|tag| {
+            let (resolver, did) = (resolver.clone(), did(tag));
+            tokio::spawn(async move { resolver.resolve(&did).await })
+        })
+        .collect();
+    for lookup in lookups {
+        assert_eq!(
+            lookup.await.unwrap().unwrap_err(),
+            IdentityError::HttpStatus(503)
+        );
+    }
+    assert_eq!(
+        plc.requests(),
+        6,
+        "all six were let through before it opened"
+    );
+    assert_eq!(resolver.stats().breaker_opened.load(Ordering::Relaxed), 1);
+    // Open for the first cooldown only: a probe goes through after it.
+    let (repo, _) = synth_repo(&plc_did("probe"), 7, 1);
+    plc.route(
+        &format!("/{}", did("probe")),
+        vec![Reply::json(&repo.did_document("https://pds.example.com"))],
+    );
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    resolver.resolve(&did("probe")).await.unwrap();
+    assert_eq!(resolver.hosts_refused(), 0);
+
+    // Rate-limited answers, however many, leave it closed.
+    let paced = TestServer::start().await;
+    let resolver = IdentityResolver::new(
+        client(),
+        IdentityConfig {
+            plc_url: paced.url(),
+            ..config
+        },
+        HashMap::new(),
+        None,
+    )
+    .unwrap();
+    for tag in ["pacea", "paceb", "pacec", "paced"] {
+        paced.route(&format!("/{}", did(tag)), vec![Reply::status(429)]);
+        assert_eq!(
+            resolver.resolve(&did(tag)).await.unwrap_err(),
+            IdentityError::HttpStatus(429)
+        );
+    }
+    assert_eq!(resolver.hosts_refused(), 0);
+    assert_eq!(resolver.stats().breaker_opened.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_probe_opens_the_breaker_again_for_longer() {
     let plc = TestServer::start().await;
