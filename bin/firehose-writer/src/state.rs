@@ -241,53 +241,27 @@ fn migrate(conn: &Connection, version: i64) -> Result<()> {
 }
 
 /// A version-1 state kept no records per repo (`repo_records`), so a resync could not tell
-/// which records routed by that writer were deleted while the stream missed them. Its indexes
-/// name most of them: the study users' posts and follows and the in-network accounts' posts.
-/// They are held with [`sync_core::resync::CID_NOT_RECORDED`] and no rev: a resync keeps them
-/// if the repo still has them and writes their delete if not. Likes, reposts, blocks and
-/// profiles of study users were not indexed by version 1 and stay unknown (their deletes are
-/// still routed from the stream).
+/// which records routed by that writer were deleted while the stream missed them. Of its
+/// indexes only the study users' follows are exact (an unfollow deletes its row); its post
+/// indexes keep deleted posts, so seeding them would make the first backfill write a second
+/// delete of every post deleted while version 1 ran. The follows are held with
+/// [`sync_core::resync::CID_NOT_RECORDED`] and no rev: a resync keeps one if the repo still has
+/// it and writes its delete if not. One `INSERT ... SELECT` (nothing held in memory).
 fn seed_repo_records(conn: &Connection) -> Result<usize> {
-    let tx = conn.unchecked_transaction()?;
-    let mut uris: Vec<String> = Vec::new();
-    for sql in [
-        "SELECT uri FROM study_posts",
-        "SELECT uri FROM in_network_posts",
-        "SELECT uri FROM study_follows",
-    ] {
-        let mut stmt = tx.prepare(sql)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        for uri in rows {
-            uris.push(uri?);
-        }
-    }
-    let mut seeded = 0;
-    {
-        let mut insert = tx.prepare(
-            "INSERT OR IGNORE INTO repo_records (did, collection, rkey, cid, rev) VALUES (?1, ?2, ?3, ?4, NULL)",
-        )?;
-        for uri in &uris {
-            let Ok(uri) = AtUri::parse(uri) else {
-                continue;
-            };
-            let (Some(did), Some(collection), Some(rkey)) =
-                (uri.authority_did(), uri.collection(), uri.rkey())
-            else {
-                continue;
-            };
-            seeded += insert.execute(params![
-                did.as_str(),
-                collection,
-                rkey,
-                sync_core::resync::CID_NOT_RECORDED
-            ])?;
-        }
-    }
-    tx.commit()?;
+    let seeded = conn.execute(
+        "INSERT OR IGNORE INTO repo_records (did, collection, rkey, cid, rev)
+         SELECT follower, 'app.bsky.graph.follow',
+                substr(uri, length('at://' || follower || '/app.bsky.graph.follow/') + 1), ?1, NULL
+         FROM study_follows
+         WHERE substr(uri, 1, length('at://' || follower || '/app.bsky.graph.follow/'))
+               = 'at://' || follower || '/app.bsky.graph.follow/'
+           AND length(uri) > length('at://' || follower || '/app.bsky.graph.follow/')",
+        params![sync_core::resync::CID_NOT_RECORDED],
+    )?;
     if seeded > 0 {
         tracing::info!(
             records = seeded,
-            "state upgrade: records routed by the previous writer are held per repo, so a resync can find their deletes"
+            "state upgrade: the study users' follows routed by the previous writer are held per repo, so a resync can find their deletes"
         );
     }
     Ok(seeded)
@@ -1213,13 +1187,14 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_state_holds_the_records_its_indexes_name_so_a_resync_finds_their_deletes() {
+    fn a_version_1_state_holds_its_study_users_follows_so_a_resync_finds_their_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.sqlite");
         let s1 = did("did:plc:z72i7hdynmk6r22z27h6tvur");
         let a1 = did("did:plc:ewvi7nxzyoun6zhxrhs64oiz");
         {
-            // What a version-1 writer left: its indexes, no records per repo.
+            // What a version-1 writer left: its indexes, no records per repo. Its post indexes
+            // keep deleted posts, so only the follows (whose rows unfollows delete) are held.
             let c = Connection::open(&path).unwrap();
             c.execute_batch(&format!(
                 "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -1229,8 +1204,8 @@ mod tests {
                  CREATE TABLE in_network_posts (uri TEXT PRIMARY KEY) WITHOUT ROWID;
                  INSERT INTO study_posts VALUES ('at://{s1}/app.bsky.feed.post/3l5jnpb6xyz2k', '{s1}');
                  INSERT INTO study_follows VALUES ('at://{s1}/app.bsky.graph.follow/3l5jv2xq4tk2p', '{s1}', '{a1}');
+                 INSERT INTO study_follows VALUES ('at://{a1}/app.bsky.graph.follow/3l5jv2xq4tk2q', '{s1}', '{a1}');
                  INSERT INTO in_network_posts VALUES ('at://{a1}/app.bsky.feed.post/3l5jzzzzzzz2a');
-                 INSERT INTO in_network_posts VALUES ('not a uri');
                  PRAGMA user_version = 1;"
             ))
             .unwrap();
@@ -1256,40 +1231,25 @@ mod tests {
         let unknown = Some(sync_core::resync::CID_NOT_RECORDED.to_owned());
         assert_eq!(
             held(&s1),
-            [
-                (
-                    "app.bsky.feed.post".into(),
-                    "3l5jnpb6xyz2k".into(),
-                    unknown.clone(),
-                    None
-                ),
-                (
-                    "app.bsky.graph.follow".into(),
-                    "3l5jv2xq4tk2p".into(),
-                    unknown.clone(),
-                    None
-                ),
-            ]
-        );
-        assert_eq!(
-            held(&a1),
             [(
-                "app.bsky.feed.post".into(),
-                "3l5jzzzzzzz2a".into(),
+                "app.bsky.graph.follow".into(),
+                "3l5jv2xq4tk2p".into(),
                 unknown,
                 None
-            )]
+            )],
+            "the follow, not the post; a row whose URI is not the follower's is skipped"
         );
+        assert!(held(&a1).is_empty(), "in-network posts are not seeded");
         drop(store);
         // Once only: a version-2 file is not seeded again (a record deleted since stays gone).
         let store = StateStore::open(&path, [s1.clone()].into(), [a1.clone()].into()).unwrap();
         store
             .conn
-            .execute("DELETE FROM repo_records WHERE did = ?1", [a1.as_str()])
+            .execute("DELETE FROM repo_records WHERE did = ?1", [s1.as_str()])
             .unwrap();
         drop(store);
         let store = StateStore::open(&path, [s1.clone()].into(), [a1.clone()].into()).unwrap();
-        assert!(store.held_records(&a1).unwrap().is_empty());
+        assert!(store.held_records(&s1).unwrap().is_empty());
     }
 
     #[test]
