@@ -372,10 +372,21 @@ impl Run<'_> {
                 let Some(read) = reading.take() else {
                     break Ok(());
                 };
-                let (items, read_s) = read
-                    .thread
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                let (items, read_s) = match read.thread.join() {
+                    Ok(read) => read,
+                    // A bug, reported as the run's error (exit 1 with its summary), like a
+                    // walk thread that dies: the batch was never staged, nothing is lost.
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into());
+                        break Err(anyhow::anyhow!(
+                            "reading a batch's files failed ({why}); nothing of that batch was exported"
+                        ));
+                    }
+                };
                 reading = match self.start_reading(scope, &mut walk) {
                     Ok(next) => next,
                     Err(e) => break Err(e),

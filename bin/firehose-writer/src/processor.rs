@@ -242,8 +242,7 @@ impl Processor {
                 break;
             }
             if !self.tracks(&did) {
-                // Untracked since it was queued (a reload, an unfollow): not fetched.
-                self.drop_untracked(&did);
+                // Untracked since it was queued (a reload, an unfollow): parked, not fetched.
                 continue;
             }
             let Some(requests) = &self.repairs.requests else {
@@ -270,17 +269,6 @@ impl Processor {
     /// then is its repo worth fetching and its repair worth applying.
     fn tracks(&self, did: &Did) -> bool {
         self.state.is_study_user(did) || self.state.is_in_network(did)
-    }
-
-    /// Drops the queue entry of a repo no longer tracked (a reload removed it; an unfollow took
-    /// it out of the network): found when it is due ([`Self::dispatch_repairs`]) or when its
-    /// fetch comes back ([`Self::apply_repair`]).
-    fn drop_untracked(&mut self, did: &Did) {
-        self.state.drop_work(did);
-        self.refetch.remove(did);
-        self.metrics.repair_failed("untracked");
-        self.dirty = true;
-        info!(repo = %did, "repair dropped: the repo is no longer tracked");
     }
 
     /// Consumes inputs until `End` (or the channel closes), then commits.
@@ -483,6 +471,19 @@ impl Processor {
         for dropped in &routing.dropped {
             self.metrics.dropped(dropped.reason);
             debug!(seq, reason = dropped.reason, detail = %dropped.detail, "dropped op");
+        }
+        if let Event::Commit(c) = &event {
+            // A record the commit should have carried and did not (verification, when on,
+            // already refused such a commit and queued the resync): a tracked repo's copy has it.
+            let incomplete = routing.dropped.iter().any(|d| {
+                matches!(
+                    d.reason,
+                    "missing_block" | "missing_cid" | "bad_cid" | "cid_mismatch"
+                )
+            });
+            if incomplete && self.state.tracked(&c.repo) {
+                self.queue_resync(&c.repo, "missing_record");
+            }
         }
         for file in &routing.files {
             self.write_with_retry(seq, file)?;
@@ -720,9 +721,13 @@ impl Processor {
             return Ok(());
         };
         if !self.tracks(&did) {
-            // Untracked while it was fetched: its records would be routed as a stranger's, its
-            // held records diffed for nothing.
-            self.drop_untracked(&did);
+            // Untracked while it was fetched (a reload, an unfollow): its records would be
+            // routed as a stranger's. The entry stays queued, parked: tracked again (a re-follow,
+            // the study-user file restored), the repo is fetched then, so the gap that queued it
+            // is still repaired (its chain state stayed where the gap left it).
+            self.refetch.remove(&did);
+            self.metrics.repair_failed("untracked");
+            info!(repo = %did, "repair parked: the repo is no longer tracked; it is repaired if it is tracked again");
             return Ok(());
         }
         match outcome {

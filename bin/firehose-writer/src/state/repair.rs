@@ -372,16 +372,6 @@ impl StateStore {
         }
     }
 
-    /// `did`'s queue entry is dropped unapplied (the repo is no longer tracked): it leaves the
-    /// queue with the next commit, and nothing is recorded as backfilled (if the repo is
-    /// tracked again, it is queued again).
-    pub fn drop_work(&mut self, did: &Did) {
-        if let Some(item) = self.work.get_mut(did) {
-            item.done = true;
-        }
-        self.pending.work.insert(did.clone(), WorkChange::Remove);
-    }
-
     /// `did`'s repair failed: retried at `retry_at` (Unix seconds), or never again in this run
     /// (`None`).
     pub fn work_failed(&mut self, did: &Did, error: String, retry_at: Option<i64>) {

@@ -783,11 +783,12 @@ fn a_fetch_that_outlives_its_deadline_fails_and_frees_its_slot() {
     e2e.net.stop();
 }
 
-/// A repo that stops being tracked while it is queued or being fetched is not repaired: S1 is
-/// taken out of the study users (SIGHUP) while its backfill's `getRepo` is held; when the fetch
-/// comes back it is dropped (`untracked`), nothing of it is applied, and the queue is empty.
+/// A repo that stops being tracked while it is queued or being fetched is not repaired while
+/// untracked: S1 is taken out of the study users (SIGHUP) while its backfill's `getRepo` is
+/// held; when the fetch comes back nothing of it is applied (`untracked`) and the entry stays
+/// queued, parked. Back in the study-user file (SIGHUP), S1 is fetched and backfilled then.
 #[test]
-fn a_repair_of_a_repo_no_longer_tracked_is_dropped() {
+fn a_repair_of_a_repo_no_longer_tracked_is_parked_until_it_is_tracked_again() {
     let Some(e2e) = E2e::start() else { return };
     let (s1, s2) = (e2e.did("S1"), e2e.did("S2"));
     let xrpc = e2e.rt.block_on(XrpcProxy::start(&e2e.net.pds_url)).unwrap();
@@ -799,34 +800,42 @@ fn a_repair_of_a_repo_no_longer_tracked_is_dropped() {
     e2e.wait_running(&mut writer, "S2's backfill applied", || {
         metric(port, &["firehose_repairs_completed_total", "backfill"]).unwrap_or(0.0) >= 1.0
     });
-    std::fs::write(e2e.work.join("study.txt"), format!("{s2}\n")).unwrap();
-    // SAFETY: signalling the child we started.
-    unsafe {
-        libc::kill(writer.pid() as i32, libc::SIGHUP);
-    }
-    e2e.wait_running(&mut writer, "the reload", || {
-        metric(port, &["firehose_tracked_set_reloads_total"]).unwrap_or(0.0) >= 1.0
-    });
+    let reload = |study: &str, reloads: f64, writer: &mut Proc| {
+        std::fs::write(e2e.work.join("study.txt"), study).unwrap();
+        // SAFETY: signalling the child we started.
+        unsafe {
+            libc::kill(writer.pid() as i32, libc::SIGHUP);
+        }
+        e2e.wait_running(writer, "the reload", || {
+            metric(port, &["firehose_tracked_set_reloads_total"]).unwrap_or(0.0) >= reloads
+        });
+    };
+    reload(&format!("{s2}\n"), 1.0, &mut writer);
     xrpc.release();
-    e2e.wait_running(&mut writer, "S1's repair dropped", || {
+    e2e.wait_running(&mut writer, "S1's repair parked", || {
         metric(port, &["firehose_repair_failures_total", "untracked"]).unwrap_or(0.0) >= 1.0
     });
-    e2e.wait_running(&mut writer, "an empty queue", || {
-        let Ok((_, body)) = workspace_tests::s3::http(port, "GET", "/health") else {
-            return false;
-        };
-        let Some(start) = body.find('{') else {
-            return false;
-        };
-        let health: serde_json::Value =
-            serde_json::from_str(&body[start..=body.rfind('}').unwrap()]).unwrap();
-        health["repairs_in_flight"] == 0 && health["resync_queue_depth"] == 0
+    let health = || {
+        let (_, body) = workspace_tests::s3::http(port, "GET", "/health").ok()?;
+        let start = body.find('{')?;
+        serde_json::from_str::<serde_json::Value>(&body[start..=body.rfind('}')?]).ok()
+    };
+    e2e.wait_running(&mut writer, "nothing in flight, S1 still queued", || {
+        health().is_some_and(|h| h["repairs_in_flight"] == 0 && h["resync_queue_depth"] == 1)
     });
     assert_eq!(
         metric(port, &["firehose_repairs_completed_total", "backfill"]),
         Some(1.0),
         "S2's backfill only"
     );
+    // Tracked again: the parked entry is fetched and applied.
+    reload(&format!("{s1}\n{s2}\n"), 2.0, &mut writer);
+    e2e.wait_running(&mut writer, "S1's backfill applied", || {
+        metric(port, &["firehose_repairs_completed_total", "backfill"]).unwrap_or(0.0) >= 2.0
+    });
+    e2e.wait_running(&mut writer, "an empty queue", || {
+        health().is_some_and(|h| h["repairs_in_flight"] == 0 && h["resync_queue_depth"] == 0)
+    });
     let status = sigterm(&mut writer);
     assert!(status.success(), "{status:?}");
     e2e.net.stop();

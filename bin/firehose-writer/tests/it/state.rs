@@ -391,4 +391,13 @@ fn a_record_whose_block_is_missing_is_not_held_as_routed() {
     let rkeys: Vec<&str> = held.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(rkeys, ["3l5kwhole0002"], "{held:?}");
     assert!(held[0].1.is_some(), "held with its CID");
+    // And the repo is queued for a resync, which has the record.
+    let queued: Vec<(String, String)> = c
+        .prepare("SELECT did, reason FROM repo_work")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(queued, [(STUDY.to_owned(), "missing_record".to_owned())]);
 }
