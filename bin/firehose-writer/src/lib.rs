@@ -427,6 +427,10 @@ fn repair_machinery(
     .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
     {
         let resolver = resolver.clone();
+        metrics.watch_identity_hosts_refused(move || resolver.hosts_refused() as u64);
+    }
+    {
+        let resolver = resolver.clone();
         metrics.watch_identity_lookups(move || {
             let s = resolver.stats();
             let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);

@@ -59,6 +59,7 @@ pub const REPAIRS_COMPLETED: &str = "firehose_repairs_completed_total";
 pub const REPAIR_FAILURES: &str = "firehose_repair_failures_total";
 pub const REPAIR_RECORDS: &str = "firehose_repair_records_total";
 pub const IDENTITY_LOOKUPS: &str = "firehose_identity_lookups_total";
+pub const IDENTITY_HOSTS_REFUSED: &str = "firehose_identity_hosts_refused";
 pub const LAST_COMMIT: &str = "firehose_last_commit_timestamp_seconds";
 pub const LAST_EVENT: &str = "firehose_last_event_timestamp_seconds";
 pub const PENDING_FILES: &str = "firehose_pending_files";
@@ -89,6 +90,7 @@ impl Labelled {
 
 /// Reads labelled counts kept elsewhere (the identity resolver's), at scrape time.
 type LookupCounts = Box<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+type Reading = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// Counters, gauges and health inputs shared by the source, the processor and the HTTP endpoint.
 pub struct Metrics {
@@ -113,6 +115,8 @@ pub struct Metrics {
     repair_records: Labelled,
     /// Identity lookups by result (from the resolver's own counters, read at scrape time).
     identity_lookups: OnceLock<LookupCounts>,
+    /// Identity hosts whose circuit breaker is open now (read at scrape time).
+    identity_hosts_refused: OnceLock<Reading>,
     pub duplicates: AtomicU64,
     /// Commits whose rev is more than 5 minutes ahead of the clock: routed, never a dedupe bound.
     pub future_revs: AtomicU64,
@@ -198,6 +202,7 @@ impl Default for Metrics {
             repair_failures: Labelled::default(),
             repair_records: Labelled::default(),
             identity_lookups: OnceLock::new(),
+            identity_hosts_refused: OnceLock::new(),
             duplicates: AtomicU64::new(0),
             future_revs: AtomicU64::new(0),
             skipped_seq: AtomicU64::new(0),
@@ -390,6 +395,12 @@ impl Metrics {
     ) {
         let _ = self.identity_lookups.set(Box::new(read));
     }
+    pub fn watch_identity_hosts_refused(&self, read: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.identity_hosts_refused.set(Box::new(read));
+    }
+    fn identity_hosts_refused(&self) -> Option<u64> {
+        self.identity_hosts_refused.get().map(|read| read())
+    }
     fn identity_lookups(&self) -> BTreeMap<&'static str, u64> {
         self.identity_lookups
             .get()
@@ -488,6 +499,7 @@ impl Metrics {
                 "last_error": self.last_error(),
                 "resync_queue_depth": self.resync_queue_depth.load(Ordering::Relaxed),
                 "repairs_in_flight": self.repairs_in_flight.load(Ordering::Relaxed),
+                "identity_hosts_refused": self.identity_hosts_refused(),
             }),
         }
     }
@@ -743,6 +755,14 @@ impl Collector for ScrapeTime {
             "result",
             m.identity_lookups(),
         )?;
+        if let Some(refused) = m.identity_hosts_refused() {
+            gauge(
+                e,
+                IDENTITY_HOSTS_REFUSED,
+                "Identity hosts (the PLC, did:web hosts) whose circuit breaker is open: lookups of them fail at once.",
+                refused,
+            )?;
+        }
         counter(
             e,
             STATE_ERRORS,
@@ -956,6 +976,29 @@ mod tests {
         metrics.committed(Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(30));
         assert!(metrics.unhealthy_reasons().is_empty());
+    }
+
+    #[test]
+    fn open_identity_breakers_are_a_gauge_and_a_health_field_only_once_watched() {
+        let metrics = Arc::new(Metrics::new());
+        assert!(!render(&metrics).contains(IDENTITY_HOSTS_REFUSED));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&metrics.health_json()).unwrap()
+                ["identity_hosts_refused"],
+            serde_json::Value::Null
+        );
+        metrics.watch_identity_hosts_refused(|| 2);
+        let text = render(&metrics);
+        assert!(
+            text.lines()
+                .any(|l| l == format!("{IDENTITY_HOSTS_REFUSED} 2")),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&metrics.health_json()).unwrap()
+                ["identity_hosts_refused"],
+            2
+        );
     }
 
     #[test]
