@@ -948,11 +948,18 @@ impl IdentityResolver {
         let inner = &*self.inner;
         let mut breakers = lock(&inner.breakers);
         match error {
+            // Neither a failure nor an answer: a 429 (the host pacing us; the rate limit and
+            // the DID's backoff deal with it) leaves the breaker as it is.
+            Some(IdentityError::HttpStatus(429)) => {}
             Some(e) if e.host_failed() => {
                 if breakers.len() >= MAX_BREAKERS && !breakers.contains_key(host) {
-                    // did:web hosts are chosen by whoever creates a DID: keep the open ones.
+                    // did:web hosts are chosen by whoever creates a DID: the closed ones go
+                    // first; if they are all open, a new failing host is not tracked.
                     let now = Instant::now();
                     breakers.retain(|_, b| b.open_until.is_some_and(|u| u > now));
+                    if breakers.len() >= MAX_BREAKERS {
+                        return;
+                    }
                 }
                 let breaker = breakers.entry(host.to_owned()).or_default();
                 let reopen = match admitted {

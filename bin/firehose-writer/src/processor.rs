@@ -243,8 +243,10 @@ impl Processor {
             }
             if !self.tracks(&did) {
                 // Untracked since it was queued (a reload, an unfollow): parked, not fetched.
+                self.state.park_work(&did, true);
                 continue;
             }
+            self.state.park_work(&did, false);
             let Some(requests) = &self.repairs.requests else {
                 return;
             };
@@ -474,14 +476,26 @@ impl Processor {
         }
         if let Event::Commit(c) = &event {
             // A record the commit should have carried and did not (verification, when on,
-            // already refused such a commit and queued the resync): a tracked repo's copy has it.
-            let incomplete = routing.dropped.iter().any(|d| {
-                matches!(
-                    d.reason,
-                    "missing_block" | "missing_cid" | "bad_cid" | "cid_mismatch"
-                )
-            });
-            if incomplete && self.state.tracked(&c.repo) {
+            // already refused such a commit and queued the resync): the repo's copy has it, if
+            // the resync compares that collection for this repo. Not for a bad CID (the author's
+            // record, which a resync would not verify either), and never re-enabling an entry
+            // that failed for good (a repo over --max-repo-bytes).
+            let (study, in_network) = (
+                self.state.is_study_user(&c.repo),
+                self.state.is_in_network(&c.repo),
+            );
+            let missed = (study || in_network)
+                && routing.dropped.iter().any(|d| {
+                    matches!(d.reason, "missing_block" | "missing_cid" | "cid_mismatch")
+                        && d.op_index
+                            .and_then(|i| c.ops.get(i))
+                            .and_then(|op| op.as_ref().ok())
+                            .is_some_and(|op| {
+                                relevant_collection(study, in_network, &op.collection)
+                            })
+                });
+            let failed_for_good = self.state.work_item(&c.repo).is_some_and(|w| w.failed);
+            if missed && !failed_for_good {
                 self.queue_resync(&c.repo, "missing_record");
             }
         }
@@ -726,6 +740,7 @@ impl Processor {
             // the study-user file restored), the repo is fetched then, so the gap that queued it
             // is still repaired (its chain state stayed where the gap left it).
             self.refetch.remove(&did);
+            self.state.park_work(&did, true);
             self.metrics.repair_failed("untracked");
             info!(repo = %did, "repair parked: the repo is no longer tracked; it is repaired if it is tracked again");
             return Ok(());

@@ -234,7 +234,11 @@ impl Withdrawn {
     /// only the study user, yet says whom they followed to anyone holding the purged record).
     /// Verification still sees the whole commit (the ops are checked against the signed tree),
     /// so the screened commit is a copy used for routing only.
-    pub fn screen<'a>(&self, event: &Event<'a>) -> Screen<'a> {
+    ///
+    /// `study_author`: whether the event's repo is a study user. Only a study user's deletes
+    /// are routed without an index entry (into their own `delete/` folders), so only theirs are
+    /// checked against the purged records (a hash per delete op).
+    pub fn screen<'a>(&self, event: &Event<'a>, study_author: bool) -> Screen<'a> {
         if self.dids.is_empty() && self.records.hashes.is_empty() {
             return Screen::Keep;
         }
@@ -260,6 +264,9 @@ impl Withdrawn {
                 // Only routed kinds can produce a file.
                 RecordKind::of(&op.collection)?;
                 if op.action == Action::Delete {
+                    if !study_author || self.records.hashes.is_empty() {
+                        return None;
+                    }
                     // A delete carries no record: only its URI can be about them.
                     let uri = format!("at://{}/{}/{}", commit.repo, op.collection, op.rkey);
                     return self.records.holds(&uri).then_some(i);
@@ -275,6 +282,18 @@ impl Withdrawn {
         if names_withdrawn.is_empty() {
             return Screen::Keep;
         }
+        // A study user's own record about them, screened now: its later delete (routed into the
+        // study user's own folder without an index entry) must be screened too.
+        let about = if study_author {
+            names_withdrawn
+                .iter()
+                .filter_map(|i| commit.ops.get(*i)?.as_ref().ok())
+                .filter(|op| op.action != Action::Delete)
+                .map(|op| format!("at://{}/{}/{}", commit.repo, op.collection, op.rkey))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut screened = commit.clone();
         let mut index = 0;
         screened.ops.retain(|_| {
@@ -285,6 +304,7 @@ impl Withdrawn {
         Screen::Ops {
             event: Box::new(Event::Commit(screened)),
             dropped: names_withdrawn.len(),
+            about,
         }
     }
 }
@@ -300,6 +320,8 @@ pub enum Screen<'a> {
     Ops {
         event: Box<Event<'a>>,
         dropped: usize,
+        /// URIs of a study user's own dropped records (whose deletes are screened from now on).
+        about: Vec<String>,
     },
 }
 

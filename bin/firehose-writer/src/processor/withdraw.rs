@@ -82,11 +82,18 @@ impl Processor {
                 self.purge_withdrawn(new)?;
             }
         }
-        let screen = self.state.withdrawn().screen(event);
+        let study_author = event_repo(event).is_some_and(|d| self.state.is_study_user(d));
+        let screen = self.state.withdrawn().screen(event, study_author);
         match &screen {
             Screen::Keep => return Ok(Some(Screen::Keep)),
             Screen::Drop => self.metrics.withdrawn_dropped("event", 1),
-            Screen::Ops { dropped, .. } => self.metrics.withdrawn_dropped("op", *dropped as u64),
+            Screen::Ops { dropped, about, .. } => {
+                self.metrics.withdrawn_dropped("op", *dropped as u64);
+                if !about.is_empty() {
+                    self.state.remember_records_about_withdrawn(about);
+                    self.dirty = true;
+                }
+            }
         }
         Ok(match screen {
             Screen::Drop => None,
@@ -97,13 +104,14 @@ impl Processor {
     /// A repaired record routed like a stream event goes through the same screen (`None`:
     /// route nothing of it).
     pub(super) fn screen_repaired<'a>(&self, event: Event<'a>) -> Option<Event<'a>> {
-        match self.state.withdrawn().screen(&event) {
+        let study_author = event_repo(&event).is_some_and(|d| self.state.is_study_user(d));
+        match self.state.withdrawn().screen(&event, study_author) {
             Screen::Keep => Some(event),
             Screen::Drop => {
                 self.metrics.withdrawn_dropped("event", 1);
                 None
             }
-            Screen::Ops { event, dropped } => {
+            Screen::Ops { event, dropped, .. } => {
                 self.metrics.withdrawn_dropped("op", dropped as u64);
                 Some(*event)
             }
@@ -171,5 +179,13 @@ impl Processor {
             "consent withdrawal applied: cache files removed, index rows purged with the cursor"
         );
         Ok(())
+    }
+}
+
+/// The repo a commit is of (the only events with deletes).
+fn event_repo<'e>(event: &'e Event<'_>) -> Option<&'e Did> {
+    match event {
+        Event::Commit(c) => Some(&c.repo),
+        _ => None,
     }
 }

@@ -65,6 +65,9 @@ pub struct WorkItem {
     pub last_error: Option<String>,
     /// Finished; dropped from the queue at the next commit.
     pub(super) done: bool,
+    /// The repo is not tracked now: kept (fetched if it is tracked again), not counted in the
+    /// queue depth. In memory only: a start finds out again when the entry comes due.
+    pub parked: bool,
 }
 
 /// A held-record change waiting for the next commit.
@@ -126,6 +129,7 @@ impl StateStore {
                     failed: false,
                     last_error,
                     done: false,
+                    parked: false,
                 },
             );
         }
@@ -321,7 +325,16 @@ impl StateStore {
 
     /// Queued repos still to be done (failed ones excluded): `/health`'s queue depth.
     pub fn work_depth(&self) -> usize {
-        self.work_items().filter(|(_, w)| !w.failed).count()
+        self.work_items()
+            .filter(|(_, w)| !w.failed && !w.parked)
+            .count()
+    }
+
+    /// Parks (`true`) or unparks `did`'s entry (see [`WorkItem::parked`]).
+    pub fn park_work(&mut self, did: &Did, parked: bool) {
+        if let Some(item) = self.work.get_mut(did) {
+            item.parked = parked;
+        }
     }
 
     fn put_work(&mut self, did: &Did, item: WorkItem) {
@@ -354,6 +367,7 @@ impl StateStore {
                 failed: false,
                 last_error: None,
                 done: false,
+                parked: false,
             },
         );
         true

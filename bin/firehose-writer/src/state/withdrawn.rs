@@ -103,6 +103,9 @@ pub(super) struct PendingWithdrawn {
     revoked: Vec<String>,
     /// DIDs whose document a fetch that was under way may have cached after their purge.
     identities: Vec<Did>,
+    /// URIs of study users' records about them screened since the purge (their deletes are
+    /// screened once these are committed as hashes).
+    records_about: Vec<String>,
 }
 
 impl PendingWithdrawn {
@@ -341,6 +344,7 @@ pub(super) fn write_pending(
         tx.prepare_cached("DELETE FROM withdrawn WHERE hash = ?1 AND source = 'file'")?
             .execute(params![hash])?;
     }
+    about_them.extend(pending.records_about.iter().cloned());
     // Their own records need no entry: every event of theirs is screened by its repo.
     let theirs: Vec<(String, String)> = pending
         .purges
@@ -352,6 +356,11 @@ pub(super) fn write_pending(
         tx.prepare_cached("INSERT OR IGNORE INTO withdrawn_records (hash) VALUES (?1)")?;
     for uri in &about_them {
         if theirs.iter().any(|(from, to)| uri >= from && uri < to) {
+            continue;
+        }
+        // A profile is updated in place under one URI for ever: a hash would drop every
+        // later delete of a study user's profile that once named them.
+        if uri.contains("/app.bsky.actor.profile/") {
             continue;
         }
         let hash = record_hash(&state.salt, uri);
@@ -556,6 +565,15 @@ impl StateStore {
         self.sync_membership();
     }
 
+    /// A study user's records the screen dropped because they name a withdrawn participant:
+    /// their deletes are screened too, once committed (salted hashes, `withdrawn_records`).
+    pub fn remember_records_about_withdrawn(&mut self, uris: &[String]) {
+        self.pending
+            .withdrawn
+            .records_about
+            .extend(uris.iter().cloned());
+    }
+
     pub fn is_withdrawn(&self, did: &Did) -> bool {
         self.withdrawn.set.contains(did)
     }
@@ -599,18 +617,14 @@ impl StateStore {
         // withdrawal): found by the record's URI in the file.
         let mut about: Vec<String> = Vec::new();
         for did in dids {
-            for sql in [
-                "SELECT uri FROM followee_subjects WHERE subject = ?1",
-                "SELECT uri FROM study_follows WHERE subject = ?1",
-            ] {
-                let rows: Vec<String> = self
-                    .conn
-                    .prepare_cached(sql)?
-                    .query_map(params![did.as_str()], |r| r.get(0))?
-                    .collect::<Result<_, _>>()
-                    .context("reading the follows of a withdrawn participant")?;
-                about.extend(rows);
-            }
+            // (`study_follows` would not help: an unfollow deletes its row.)
+            let rows: Vec<String> = self
+                .conn
+                .prepare_cached("SELECT uri FROM followee_subjects WHERE subject = ?1")?
+                .query_map(params![did.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()
+                .context("reading the follows of a withdrawn participant")?;
+            about.extend(rows);
         }
         let dirs: Vec<String> = uris
             .iter()

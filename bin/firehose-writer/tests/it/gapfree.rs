@@ -820,9 +820,28 @@ fn a_repair_of_a_repo_no_longer_tracked_is_parked_until_it_is_tracked_again() {
         let start = body.find('{')?;
         serde_json::from_str::<serde_json::Value>(&body[start..=body.rfind('}')?]).ok()
     };
-    e2e.wait_running(&mut writer, "nothing in flight, S1 still queued", || {
-        health().is_some_and(|h| h["repairs_in_flight"] == 0 && h["resync_queue_depth"] == 1)
+    // Parked: not counted in the queue depth, but still queued in the state.
+    e2e.wait_running(&mut writer, "nothing in flight, nothing counted", || {
+        health().is_some_and(|h| h["repairs_in_flight"] == 0 && h["resync_queue_depth"] == 0)
     });
+    let queued = |did: &str| -> bool {
+        let c = rusqlite::Connection::open_with_flags(
+            e2e.state(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        c.query_row(
+            "SELECT count(*) FROM repo_work WHERE did = ?1",
+            [did],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            > 0
+    };
+    // (A dropped entry would leave the state with the next commit, within half a second.)
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(writer.alive());
+    assert!(queued(&s1), "S1's entry left the state");
     assert_eq!(
         metric(port, &["firehose_repairs_completed_total", "backfill"]),
         Some(1.0),

@@ -533,6 +533,21 @@ async fn concurrent_failures_open_the_breaker_once_and_rate_limits_do_not_open_i
     }
     assert_eq!(resolver.hosts_refused(), 0);
     assert_eq!(resolver.stats().breaker_opened.load(Ordering::Relaxed), 0);
+    // Nor do they reset the count of real failures between them: 503, 429, 503, 429, 503 opens.
+    for (tag, status) in [
+        ("mixa", 503),
+        ("mixb", 429),
+        ("mixc", 503),
+        ("mixd", 429),
+        ("mixe", 503),
+    ] {
+        paced.route(&format!("/{}", did(tag)), vec![Reply::status(status)]);
+        assert_eq!(
+            resolver.resolve(&did(tag)).await.unwrap_err(),
+            IdentityError::HttpStatus(status)
+        );
+    }
+    assert_eq!(resolver.hosts_refused(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -572,10 +572,15 @@ async fn a_study_users_deletes_of_records_about_them_are_not_routed_after_the_pu
         kept.keys()
     );
 
+    // A follow of W made after the withdrawal is screened; its unfollow must be too.
+    let (frame, s1_follows_w_after) = f.follow_uri(S1, W);
+    let last = f.last();
+    push_all(&relay, &writer, vec![frame], last).await;
     let frames = vec![
         f.delete(&s1_follows_w),
         f.delete(&s1_likes_w),
         f.delete(&s1_post),
+        f.delete(&s1_follows_w_after),
     ];
     let last = f.last();
     push_all(&relay, &writer, frames, last).await;
@@ -590,7 +595,8 @@ async fn a_study_users_deletes_of_records_about_them_are_not_routed_after_the_pu
         )],
         "only the delete of S1's own post"
     );
-    assert_eq!(metrics.withdrawn_drops("op"), 2);
+    // The two deletes, the follow made after the withdrawal and its delete.
+    assert_eq!(metrics.withdrawn_drops("op"), 4);
     assert_nowhere(
         &cfg,
         &[
@@ -599,6 +605,7 @@ async fn a_study_users_deletes_of_records_about_them_are_not_routed_after_the_pu
             s1_follows_w.as_str(),
             s1_likes_w.as_str(),
             s1_followed_w.as_str(),
+            s1_follows_w_after.as_str(),
         ],
     );
 }
