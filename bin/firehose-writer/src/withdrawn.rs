@@ -341,6 +341,10 @@ pub struct CacheTargets {
     /// Folder names (`paths::rkey_component`) of the record keys of their study posts: a file in
     /// `<reaction folder>/<rkey>/` reacts to one of them.
     pub post_rkey_folders: HashSet<String>,
+    /// URIs of records of others about them (follows of them, likes and reposts of their
+    /// posts): a delete file whose `uri` is one of these is theirs (it names only its author).
+    /// Looked up in a set, not added to the matcher: a popular participant has many.
+    pub record_uris: HashSet<String>,
 }
 
 /// What [`remove_cache_files`] did.
@@ -404,9 +408,18 @@ pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
             };
+            let deletes_a_record_about_them = || {
+                !targets.record_uris.is_empty()
+                    && rel.to_str().is_some_and(|r| r.contains("delete"))
+                    && serde_json::from_slice::<serde_json::Value>(&contents)
+                        .ok()
+                        .and_then(|json| json.get("uri")?.as_str().map(str::to_owned))
+                        .is_some_and(|uri| targets.record_uris.contains(&uri))
+            };
             let theirs = targets.matcher.mentions(rel.as_os_str().as_encoded_bytes())
                 || in_reaction_folder()
-                || targets.matcher.mentions(&contents);
+                || targets.matcher.mentions(&contents)
+                || deletes_a_record_about_them();
             if !theirs {
                 continue;
             }

@@ -650,7 +650,6 @@ impl StateStore {
         let handle_uris: Vec<&String> = uris
             .iter()
             .filter(|u| !dids.iter().any(|d| u.contains(d.as_str())))
-            .chain(&about)
             .collect();
         let matcher = Matcher::new(
             self.withdrawn
@@ -663,6 +662,7 @@ impl StateStore {
         Ok(CacheTargets {
             matcher,
             post_rkey_folders,
+            record_uris: about.into_iter().collect(),
         })
     }
 
