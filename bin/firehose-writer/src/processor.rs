@@ -115,6 +115,11 @@ pub struct Processor {
     repairs: Repairs,
     /// Repos whose fetch request is out (at most [`MAX_IN_FLIGHT`]).
     in_flight: HashSet<Did>,
+    /// When [`Self::dispatch_repairs`] last went through the queue (at most every
+    /// [`REPAIR_SCAN_EVERY`]: after an OutdatedCursor the queue holds every tracked repo).
+    last_repair_scan: Option<Instant>,
+    /// When parked entries were last checked for repos tracked again.
+    last_unpark_scan: Option<Instant>,
     /// Repos whose chain broke again while their fetch was out.
     refetch: HashSet<Did>,
     /// Consent withdrawal (`processor/withdraw.rs`).
@@ -189,6 +194,8 @@ impl Processor {
             in_flight: HashSet::new(),
             refetch: HashSet::new(),
             withdrawals: Withdrawals::default(),
+            last_repair_scan: None,
+            last_unpark_scan: None,
         }
     }
 
@@ -216,8 +223,33 @@ impl Processor {
         self.dispatch_repairs();
     }
 
-    /// Sends due queue entries to the fetcher, up to [`MAX_IN_FLIGHT`] at a time.
+    /// Sends due queue entries to the fetcher, up to [`MAX_IN_FLIGHT`] at a time. Goes through
+    /// the queue at most every [`REPAIR_SCAN_EVERY`] (the ticks, every commit interval, make
+    /// sure nothing waits longer): it is called for every repair result and queued resync, and
+    /// the queue may hold every tracked repo.
     fn dispatch_repairs(&mut self) {
+        if self
+            .last_repair_scan
+            .is_some_and(|t| t.elapsed() < REPAIR_SCAN_EVERY)
+        {
+            return;
+        }
+        self.last_repair_scan = Some(Instant::now());
+        if self
+            .last_unpark_scan
+            .is_none_or(|t| t.elapsed() >= UNPARK_SCAN_EVERY)
+        {
+            self.last_unpark_scan = Some(Instant::now());
+            let tracked_again: Vec<Did> = self
+                .state
+                .work_items()
+                .filter(|(did, w)| w.parked && self.tracks(did))
+                .map(|(did, _)| did.clone())
+                .collect();
+            for did in tracked_again {
+                self.state.park_work(&did, false);
+            }
+        }
         self.metrics
             .resync_queue_depth
             .store(self.state.work_depth() as u64, Ordering::Relaxed);
@@ -232,10 +264,18 @@ impl Processor {
         let mut due: Vec<(Did, WorkKind, u32)> = self
             .state
             .work_items()
-            .filter(|(did, w)| !w.failed && w.not_before <= now && !self.in_flight.contains(*did))
+            .filter(|(did, w)| {
+                !w.failed && !w.parked && w.not_before <= now && !self.in_flight.contains(*did)
+            })
             .map(|(did, w)| (did.clone(), w.kind, w.attempts))
             .collect();
-        // Fewest attempts first, so one repo that keeps failing does not hold up the rest.
+        // Fewest attempts first, so one repo that keeps failing does not hold up the rest; only
+        // the few that can go out now are put in order (the rest may be a million entries).
+        let take = (MAX_IN_FLIGHT - self.in_flight.len()) * 4;
+        if due.len() > take {
+            due.select_nth_unstable_by_key(take, |(_, _, attempts)| *attempts);
+            due.truncate(take);
+        }
         due.sort_by_key(|(_, _, attempts)| *attempts);
         for (did, kind, _) in due {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
@@ -306,6 +346,9 @@ impl Processor {
                         "tracked sets reloaded"
                     );
                     self.state.replace_sets(study, in_network);
+                    // Parked repairs of repos the new sets track again go out now.
+                    self.last_unpark_scan = None;
+                    self.last_repair_scan = None;
                     self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                     self.queue_backfills();
                 }
@@ -1048,6 +1091,12 @@ pub fn relevant_collection(study: bool, in_network: bool, collection: &Nsid) -> 
     (study && RecordKind::of(collection).is_some())
         || (in_network && collection.as_str() == sync_core::records::POST)
 }
+
+/// Least time between two passes of [`Processor::dispatch_repairs`] over the queue.
+const REPAIR_SCAN_EVERY: Duration = Duration::from_millis(250);
+
+/// How often parked queue entries are checked for repos tracked again.
+const UNPARK_SCAN_EVERY: Duration = Duration::from_secs(10);
 
 /// How far before the stream position a repair still writes records as files: `createdAt` is
 /// the author's clock, event times the relay's.
