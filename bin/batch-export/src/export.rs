@@ -377,13 +377,9 @@ impl Run<'_> {
                     // A bug, reported as the run's error (exit 1 with its summary), like a
                     // walk thread that dies: the batch was never staged, nothing is lost.
                     Err(panic) => {
-                        let why = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic".into());
                         break Err(anyhow::anyhow!(
-                            "reading a batch's files failed ({why}); nothing of that batch was exported"
+                            "reading a batch's files failed ({}); nothing of that batch was exported",
+                            crate::panic_message(&*panic)
                         ));
                     }
                 };

@@ -169,7 +169,8 @@ fn runs(conn: &Connection) -> Result<Vec<(i64, i64)>> {
     Ok(runs)
 }
 
-fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
+/// Whether the database has a table of this name.
+pub(crate) fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
     Ok(conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
         [name],
@@ -416,6 +417,16 @@ mod tests {
         tx.commit().unwrap();
     }
 
+    /// The level of every run, lowest first.
+    fn levels(conn: &Connection) -> Vec<i64> {
+        conn.prepare("SELECT level FROM key_run ORDER BY level")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
     fn run_count(conn: &Connection) -> i64 {
         conn.query_row("SELECT count(*) FROM key_run", [], |r| r.get(0))
             .unwrap()
@@ -449,14 +460,7 @@ mod tests {
             compact(&conn).unwrap();
         }
         // 21 batches in base 4 is 111: one run each of levels 2, 1 and 0.
-        let levels: Vec<i64> = conn
-            .prepare("SELECT level FROM key_run ORDER BY level")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(levels, [0, 1, 2]);
+        assert_eq!(levels(&conn), [0, 1, 2]);
         let tables: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name LIKE 'exported_r%'",
@@ -540,14 +544,7 @@ mod tests {
         }
         let merged = compact(&conn).unwrap();
         assert_eq!(merged, Merged { merges: 2, keys: 8 });
-        let levels: Vec<i64> = conn
-            .prepare("SELECT level FROM key_run ORDER BY level")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(levels, [1, 1, ADOPTED_LEVEL]);
+        assert_eq!(levels(&conn), [1, 1, ADOPTED_LEVEL]);
         let mask = contains_mask(&conn, &[key(5), key(100), key(109), key(201), key(207)]).unwrap();
         assert_eq!(mask, [false, true, true, true, true]);
     }

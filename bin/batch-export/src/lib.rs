@@ -49,6 +49,15 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// Seconds since the Unix epoch.
+/// What a thread that panicked said (the payload of `panic!`), for the run's error.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -316,11 +316,7 @@ impl WalkAhead {
             Err(_) => {
                 self.chunks = None;
                 let why = match self.thread.take().map(|t| t.join()) {
-                    Some(Err(panic)) => panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into()),
+                    Some(Err(panic)) => crate::panic_message(&*panic),
                     _ => "no reason given".into(),
                 };
                 anyhow::bail!(

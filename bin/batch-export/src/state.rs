@@ -169,12 +169,7 @@ impl State {
     }
 
     fn schema_version(&self) -> Result<i64> {
-        let has_meta: bool = self.conn.query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? > 0;
-        if !has_meta {
+        if !crate::keys::table_exists(&self.conn, "meta")? {
             return Ok(1);
         }
         Ok(self
@@ -230,12 +225,7 @@ impl State {
                 "UPDATE batch SET state = 'published' WHERE state = 'committed'",
                 [],
             )?;
-            let v1_keys: bool = tx.query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exported'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )? > 0;
-            if v1_keys {
+            if crate::keys::table_exists(&tx, "exported")? {
                 let start: i64 = tx
                     .query_row("SELECT min(at) FROM exported", [], |r| {
                         r.get::<_, Option<i64>>(0)

@@ -2872,19 +2872,12 @@ fn querying_doc_has_a_recipe_and_ddl_for_every_declared_table() {
                 (n, p.next().unwrap().to_owned())
             })
             .collect();
-        let want: Vec<(String, String)> = t
-            .columns
-            .iter()
-            .map(|(n, ty)| {
-                let athena = match ty.name() {
-                    "string" => "string",
-                    "int64" => "bigint",
-                    _ => "boolean",
-                };
-                (n.to_string(), athena.to_owned())
-            })
-            .collect();
-        assert_eq!(cols, want, "{}", t.path);
+        assert_eq!(
+            cols,
+            declared_as(t, ["string", "bigint", "boolean"]),
+            "{}",
+            t.path
+        );
     }
 }
 
@@ -2931,29 +2924,8 @@ print(json.dumps({'cols': cols, 'rows': n}))
         assert!(out.status.success(), "{recipe}: {}", describe(&out));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["rows"].as_u64(), Some(rows), "{recipe}");
-        let got: Vec<(String, String)> = v["cols"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                (
-                    c[0].as_str().unwrap().to_owned(),
-                    c[1].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
-        let mut want: Vec<(String, String)> = t
-            .columns
-            .iter()
-            .map(|(n, ty)| {
-                let duck = match ty.name() {
-                    "string" => "VARCHAR",
-                    "int64" => "BIGINT",
-                    _ => "BOOLEAN",
-                };
-                (n.to_string(), duck.to_owned())
-            })
-            .collect();
+        let got = name_type_pairs(&v["cols"]);
+        let mut want = declared_as(t, ["VARCHAR", "BIGINT", "BOOLEAN"]);
         // The hive partition column, typed as a date by DuckDB's partition type inference.
         let part = got.last().cloned().unwrap();
         assert_eq!(part.0, "partition_date", "{got:?}");
@@ -3015,33 +2987,46 @@ print(json.dumps({{
         ("polars", ["String", "Int64", "Boolean"]),
         ("pyarrow", ["string", "int64", "bool"]),
     ] {
-        let got: Vec<(String, String)> = v[reader]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                (
-                    c[0].as_str().unwrap().to_owned(),
-                    c[1].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
+        let got = name_type_pairs(&v[reader]);
         let (part, declared) = got.split_last().expect("columns");
         assert_eq!(part.0, "partition_date", "{reader}: {got:?}");
-        let want: Vec<(String, String)> = t
-            .columns
-            .iter()
-            .map(|(n, ty)| {
-                let i = match ty.name() {
-                    "string" => 0,
-                    "int64" => 1,
-                    _ => 2,
-                };
-                (n.to_string(), types[i].to_owned())
-            })
-            .collect();
-        assert_eq!(declared, want.as_slice(), "{}: {reader}", t.path);
+        assert_eq!(
+            declared,
+            declared_as(t, types).as_slice(),
+            "{}: {reader}",
+            t.path
+        );
     }
+}
+
+/// The table's declared columns with each type named as a reader names it: `names` for
+/// string, int64 and boolean columns.
+fn declared_as(t: &batch_export::tables::TableDef, names: [&str; 3]) -> Vec<(String, String)> {
+    t.columns
+        .iter()
+        .map(|(n, ty)| {
+            let i = match ty.name() {
+                "string" => 0,
+                "int64" => 1,
+                _ => 2,
+            };
+            (n.to_string(), names[i].to_owned())
+        })
+        .collect()
+}
+
+/// `[[name, type], ...]` as a reader script printed it.
+fn name_type_pairs(v: &Value) -> Vec<(String, String)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c[0].as_str().unwrap().to_owned(),
+                c[1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

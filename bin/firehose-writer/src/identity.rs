@@ -371,6 +371,13 @@ struct Breaker {
     generation: u64,
 }
 
+impl Breaker {
+    /// Open and inside its cooldown at `now`: lookups of the host are refused.
+    fn refuses_at(&self, now: Instant) -> bool {
+        self.open_until.is_some_and(|u| now < u)
+    }
+}
+
 /// How a request got past its host's breaker.
 #[derive(Debug, Clone, Copy)]
 enum Admitted {
@@ -590,8 +597,7 @@ impl IdentityResolver {
         let now = Instant::now();
         lock(&self.inner.breakers)
             .get(&host)
-            .and_then(|b| b.open_until)
-            .is_some_and(|u| now < u)
+            .is_some_and(|b| b.refuses_at(now))
     }
 
     /// The DID's memory entry, created if absent; makes room first when memory is full.
@@ -777,15 +783,6 @@ impl IdentityResolver {
                     // Decided without a request: nothing to back off from.
                     return Err(error);
                 }
-                if matches!(error, IdentityError::CircuitOpen { .. }) {
-                    // Not asked either, but the host is down: a held document still serves.
-                    let memory = lock(&inner.memory);
-                    if let Some((identity, _)) = memory.get(did).and_then(|e| e.identity.as_ref()) {
-                        bump(&inner.stats.stale_served);
-                        return Ok(identity.clone());
-                    }
-                    return Err(error);
-                }
                 if !error.is_outage() {
                     // The document is gone or unusable: a held one (memory or SQLite) must not
                     // answer for the DID any more.
@@ -796,25 +793,29 @@ impl IdentityResolver {
                 if !error.is_outage() {
                     entry.identity = None;
                 }
-                let attempts = entry.failure.as_ref().map_or(0, |f| f.attempts) + 1;
-                let delay = backoff_delay(
-                    inner.config.backoff_initial,
-                    inner.config.backoff_max,
-                    attempts,
-                );
-                warn!(
-                    did = did.as_str(),
-                    reason = error.reason(),
-                    error = %error,
-                    attempts,
-                    retry_in_secs = delay.as_secs(),
-                    "DID document unavailable"
-                );
-                entry.failure = Some(Failure {
-                    error: error.clone(),
-                    attempts,
-                    until: Instant::now() + delay,
-                });
+                // Refused by the host's open breaker: the DID was not asked about, so it gets no
+                // backoff of its own (a held document still serves, below, as in any outage).
+                if !matches!(error, IdentityError::CircuitOpen { .. }) {
+                    let attempts = entry.failure.as_ref().map_or(0, |f| f.attempts) + 1;
+                    let delay = backoff_delay(
+                        inner.config.backoff_initial,
+                        inner.config.backoff_max,
+                        attempts,
+                    );
+                    warn!(
+                        did = did.as_str(),
+                        reason = error.reason(),
+                        error = %error,
+                        attempts,
+                        retry_in_secs = delay.as_secs(),
+                        "DID document unavailable"
+                    );
+                    entry.failure = Some(Failure {
+                        error: error.clone(),
+                        attempts,
+                        until: Instant::now() + delay,
+                    });
+                }
                 if let (Some((identity, _)), true) = (&entry.identity, error.is_outage()) {
                     bump(&inner.stats.stale_served);
                     return Ok(identity.clone());
@@ -956,7 +957,7 @@ impl IdentityResolver {
                     // did:web hosts are chosen by whoever creates a DID: the closed ones go
                     // first; if they are all open, a new failing host is not tracked.
                     let now = Instant::now();
-                    breakers.retain(|_, b| b.open_until.is_some_and(|u| u > now));
+                    breakers.retain(|_, b| b.refuses_at(now));
                     if breakers.len() >= MAX_BREAKERS {
                         return;
                     }
@@ -1003,7 +1004,7 @@ impl IdentityResolver {
         let now = Instant::now();
         lock(&self.inner.breakers)
             .values()
-            .filter(|b| b.open_until.is_some_and(|u| now < u))
+            .filter(|b| b.refuses_at(now))
             .count()
     }
 

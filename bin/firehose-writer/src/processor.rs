@@ -243,7 +243,7 @@ impl Processor {
             let tracked_again: Vec<Did> = self
                 .state
                 .work_items()
-                .filter(|(did, w)| w.parked && self.tracks(did))
+                .filter(|(did, w)| w.parked && self.state.tracked(did))
                 .map(|(did, _)| did.clone())
                 .collect();
             for did in tracked_again {
@@ -281,7 +281,7 @@ impl Processor {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
                 break;
             }
-            if !self.tracks(&did) {
+            if !self.state.tracked(&did) {
                 // Untracked since it was queued (a reload, an unfollow): parked, not fetched.
                 self.state.park_work(&did, true);
                 continue;
@@ -305,12 +305,6 @@ impl Processor {
         self.metrics
             .repairs_in_flight
             .store(self.in_flight.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Whether the writer still tracks `did` (a study user or an in-network account): only
-    /// then is its repo worth fetching and its repair worth applying.
-    fn tracks(&self, did: &Did) -> bool {
-        self.state.is_study_user(did) || self.state.is_in_network(did)
     }
 
     /// Consumes inputs until `End` (or the channel closes), then commits.
@@ -517,7 +511,7 @@ impl Processor {
             self.metrics.dropped(dropped.reason);
             debug!(seq, reason = dropped.reason, detail = %dropped.detail, "dropped op");
         }
-        if let Event::Commit(c) = &event {
+        if let (Event::Commit(c), false) = (&event, routing.dropped.is_empty()) {
             // A record the commit should have carried and did not (verification, when on,
             // already refused such a commit and queued the resync): the repo's copy has it, if
             // the resync compares that collection for this repo. Not for a bad CID (the author's
@@ -777,7 +771,7 @@ impl Processor {
         let Some(item) = self.state.work_item(&did).cloned() else {
             return Ok(());
         };
-        if !self.tracks(&did) {
+        if !self.state.tracked(&did) {
             // Untracked while it was fetched (a reload, an unfollow): its records would be
             // routed as a stranger's. The entry stays queued, parked: tracked again (a re-follow,
             // the study-user file restored), the repo is fetched then, so the gap that queued it

@@ -224,6 +224,11 @@ impl Withdrawn {
         self.dids.iter()
     }
 
+    /// Whether [`Self::screen`] can drop anything (no withdrawal ever applied: it keeps all).
+    pub fn screens_anything(&self) -> bool {
+        !self.dids.is_empty() || !self.records.hashes.is_empty()
+    }
+
     pub fn matcher(&self) -> &Matcher {
         &self.matcher
     }
@@ -239,7 +244,7 @@ impl Withdrawn {
     /// are routed without an index entry (into their own `delete/` folders), so only theirs are
     /// checked against the purged records (a hash per delete op).
     pub fn screen<'a>(&self, event: &Event<'a>, study_author: bool) -> Screen<'a> {
-        if self.dids.is_empty() && self.records.hashes.is_empty() {
+        if !self.screens_anything() {
             return Screen::Keep;
         }
         let subject = match event {

@@ -82,6 +82,9 @@ impl Processor {
                 self.purge_withdrawn(new)?;
             }
         }
+        if !self.state.withdrawn().screens_anything() {
+            return Ok(Some(Screen::Keep));
+        }
         let study_author = event_repo(event).is_some_and(|d| self.state.is_study_user(d));
         let screen = self.state.withdrawn().screen(event, study_author);
         match &screen {

@@ -202,6 +202,27 @@ fn reaction_dirs(rkey: RecordKey) -> [String; 4] {
     ]
 }
 
+/// The reaction folders of these posts as a JSON array (for `json_each`); `None` if there are
+/// none. One pass over `routed` (keyed by uri first: a lookup by folder is a scan), not one per
+/// folder: a participant with thousands of posts must not hold the stream for thousands of
+/// scans.
+fn reaction_dirs_json(posts: &[String]) -> Option<String> {
+    let dirs: Vec<String> = posts
+        .iter()
+        .filter_map(|u| post_rkey(u))
+        .flat_map(reaction_dirs)
+        .collect();
+    (!dirs.is_empty()).then(|| serde_json::to_string(&dirs).expect("strings serialize"))
+}
+
+/// The URIs routed into the folders of `dirs_json` ([`reaction_dirs_json`]).
+fn routed_in(conn: &Connection, dirs_json: &str) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare_cached("SELECT uri FROM routed WHERE folder IN (SELECT value FROM json_each(?1))")?
+        .query_map(params![dirs_json], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
 fn post_rkey(uri: &str) -> Option<RecordKey> {
     let uri = AtUri::parse(uri).ok()?;
     (uri.collection() == Some(sync_core::records::POST))
@@ -249,23 +270,9 @@ pub(super) fn write_pending(
             )?
             .query_map(params![d, from, to], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        // One pass over `routed` (keyed by uri first: a lookup by folder is a scan), not one
-        // per folder: a participant with thousands of posts must not hold the stream for
-        // thousands of scans.
-        let dirs: Vec<String> = posts
-            .iter()
-            .filter_map(|u| post_rkey(u))
-            .flat_map(reaction_dirs)
-            .collect();
-        if !dirs.is_empty() {
-            let dirs = serde_json::to_string(&dirs).expect("strings serialize");
-            let reactions: Vec<String> = tx
-                .prepare_cached(
-                    "SELECT uri FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
-                )?
-                .query_map(params![dirs], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            about_them.extend(reactions);
+        // Reactions to their posts, by folder (one pass: `reaction_dirs_json`).
+        if let Some(dirs) = reaction_dirs_json(&posts) {
+            about_them.extend(routed_in(tx, &dirs)?);
             run(
                 "DELETE FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
                 &[&dirs],
@@ -626,20 +633,8 @@ impl StateStore {
                 .context("reading the follows of a withdrawn participant")?;
             about.extend(rows);
         }
-        let dirs: Vec<String> = uris
-            .iter()
-            .filter_map(|u| post_rkey(u))
-            .flat_map(reaction_dirs)
-            .collect();
-        if !dirs.is_empty() {
-            let dirs = serde_json::to_string(&dirs).expect("strings serialize");
-            let rows: Vec<String> = self
-                .conn
-                .prepare_cached(
-                    "SELECT uri FROM routed WHERE folder IN (SELECT value FROM json_each(?1))",
-                )?
-                .query_map(params![dirs], |r| r.get(0))?
-                .collect::<Result<_, _>>()
+        if let Some(dirs) = reaction_dirs_json(&uris) {
+            let rows = routed_in(&self.conn, &dirs)
                 .context("reading the reactions to a withdrawn participant's posts")?;
             // Only likes and reposts: no other record's content names them (a reply or a
             // quote may be named by a quote of it, a study user's own post that stays).

@@ -249,6 +249,16 @@ fn config(plc: &str) -> IdentityConfig {
     }
 }
 
+/// A resolver whose circuit breaker opens after `failures` and cools down for `cooldown_ms`.
+fn breaker_resolver(plc_url: &str, failures: u32, cooldown_ms: u64) -> IdentityResolver {
+    let config = IdentityConfig {
+        breaker_failures: failures,
+        breaker_cooldown: Duration::from_millis(cooldown_ms),
+        ..config(plc_url)
+    };
+    IdentityResolver::new(client(), config, HashMap::new(), None).unwrap()
+}
+
 fn resolver(plc: &TestServer, state: Option<&std::path::Path>) -> IdentityResolver {
     IdentityResolver::new(client(), config(&plc.url()), HashMap::new(), state).unwrap()
 }
@@ -409,17 +419,7 @@ async fn a_failing_directory_opens_the_circuit_breaker_and_a_probe_closes_it() {
     for tag in ["downa", "downb", "downc", "downd", "late"] {
         plc.route(&format!("/{}", did(tag)), vec![Reply::status(503)]);
     }
-    let resolver = IdentityResolver::new(
-        client(),
-        IdentityConfig {
-            breaker_failures: 3,
-            breaker_cooldown: Duration::from_millis(400),
-            ..config(&plc.url())
-        },
-        HashMap::new(),
-        None,
-    )
-    .unwrap();
+    let resolver = breaker_resolver(&plc.url(), 3, 400);
     // Answers about a DID (404) say the directory works: they never open it.
     for tag in ["gonea", "goneb", "gonec", "goned"] {
         assert_eq!(
@@ -477,12 +477,7 @@ async fn concurrent_failures_open_the_breaker_once_and_rate_limits_do_not_open_i
             vec![Reply::status(503).delayed(Duration::from_millis(300))],
         );
     }
-    let config = IdentityConfig {
-        breaker_failures: 3,
-        breaker_cooldown: Duration::from_millis(500),
-        ..config(&plc.url())
-    };
-    let resolver = IdentityResolver::new(client(), config.clone(), HashMap::new(), None).unwrap();
+    let resolver = breaker_resolver(&plc.url(), 3, 500);
     let lookups: Vec<_> = tags
         .iter()
         .map(|tag| {
@@ -514,16 +509,7 @@ async fn concurrent_failures_open_the_breaker_once_and_rate_limits_do_not_open_i
 
     // Rate-limited answers, however many, leave it closed.
     let paced = TestServer::start().await;
-    let resolver = IdentityResolver::new(
-        client(),
-        IdentityConfig {
-            plc_url: paced.url(),
-            ..config
-        },
-        HashMap::new(),
-        None,
-    )
-    .unwrap();
+    let resolver = breaker_resolver(&paced.url(), 3, 500);
     for tag in ["pacea", "paceb", "pacec", "paced"] {
         paced.route(&format!("/{}", did(tag)), vec![Reply::status(429)]);
         assert_eq!(
@@ -557,17 +543,7 @@ async fn a_failed_probe_opens_the_breaker_again_for_longer() {
     for tag in ["downa", "downb", "probe", "after"] {
         plc.route(&format!("/{}", did(tag)), vec![Reply::status(502)]);
     }
-    let resolver = IdentityResolver::new(
-        client(),
-        IdentityConfig {
-            breaker_failures: 2,
-            breaker_cooldown: Duration::from_millis(500),
-            ..config(&plc.url())
-        },
-        HashMap::new(),
-        None,
-    )
-    .unwrap();
+    let resolver = breaker_resolver(&plc.url(), 2, 500);
     for tag in ["downa", "downb"] {
         resolver.resolve(&did(tag)).await.unwrap_err();
     }

@@ -238,6 +238,41 @@ fn config(dir: &Path, relay: &TestRelay, study: &[&str]) -> Config {
     }
 }
 
+/// A writer with `study` as its study users and a reload channel (a send acts as SIGHUP).
+async fn reloadable(
+    study: &[&str],
+) -> (
+    TestRelay,
+    tempfile::TempDir,
+    Config,
+    tokio::sync::mpsc::Sender<()>,
+    Running,
+) {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &relay, study);
+    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
+    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    (relay, tmp, cfg, reload, writer)
+}
+
+/// Writes `list` as the withdrawn file in `dir`, reloads, and waits for the purge.
+async fn withdraw_by_sighup(
+    dir: &Path,
+    list: &str,
+    reload: &tokio::sync::mpsc::Sender<()>,
+    writer: &Running,
+) -> std::sync::Arc<firehose_writer::metrics::Metrics> {
+    std::fs::write(dir.join("withdrawn.txt"), list).unwrap();
+    reload.send(()).await.unwrap();
+    let metrics = writer.metrics();
+    wait_for("the withdrawal purge", || {
+        metrics.withdrawn_rows_purged.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    metrics
+}
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !done() {
@@ -271,11 +306,7 @@ pub(crate) fn withdrawn_rows(state: &Path) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_comes_back() {
-    let relay = TestRelay::start(Vec::new()).await.unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), &relay, &[S1, S2, W]);
-    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
-    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    let (relay, tmp, cfg, reload, writer) = reloadable(&[S1, S2, W]).await;
     let mut f = Frames::new(1);
 
     // Before the withdrawal: their data and everyone's reactions to it, next to data that is
@@ -354,16 +385,12 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
     assert!(others.keys().any(|p| p.starts_with(&c_folder)));
 
     // The withdrawal (an unrelated study user's data is untouched).
-    std::fs::write(
-        tmp.path().join("withdrawn.txt"),
-        format!("# consent withdrawn 2026-03-01\n{W}\n"),
+    let metrics = withdraw_by_sighup(
+        tmp.path(),
+        &format!("# consent withdrawn 2026-03-01\n{W}\n"),
+        &reload,
+        &writer,
     )
-    .unwrap();
-    reload.send(()).await.unwrap();
-    let metrics = writer.metrics();
-    wait_for("the withdrawal purge", || {
-        metrics.withdrawn_rows_purged.load(Ordering::Relaxed) > 0
-    })
     .await;
     assert_eq!(metrics.withdrawn_dids.load(Ordering::Relaxed), 1);
     assert_eq!(
@@ -456,11 +483,7 @@ async fn a_sighup_withdrawal_removes_their_files_and_rows_and_nothing_of_theirs_
 /// a remaining study user by the same account is routed and unrouted as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_of_them_whose_file_was_exported_is_purged_and_its_unfollow_not_routed() {
-    let relay = TestRelay::start(Vec::new()).await.unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), &relay, &[S1, W]);
-    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
-    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    let (relay, tmp, cfg, reload, writer) = reloadable(&[S1, W]).await;
     let mut f = Frames::new(1);
     let (frame, w_post) = f.text_post(W, "mine");
     let mut frames = vec![frame];
@@ -487,13 +510,7 @@ async fn a_follow_of_them_whose_file_was_exported_is_purged_and_its_unfollow_not
         .is_file());
 
     // W withdraws.
-    std::fs::write(tmp.path().join("withdrawn.txt"), format!("{W}\n")).unwrap();
-    reload.send(()).await.unwrap();
-    let metrics = writer.metrics();
-    wait_for("the withdrawal purge", || {
-        metrics.withdrawn_rows_purged.load(Ordering::Relaxed) > 0
-    })
-    .await;
+    withdraw_by_sighup(tmp.path(), &format!("{W}\n"), &reload, &writer).await;
 
     // X unfollows both.
     let frames = vec![f.delete(&x_follows_w), f.delete(&x_follows_s1)];
@@ -527,11 +544,7 @@ async fn a_follow_of_them_whose_file_was_exported_is_purged_and_its_unfollow_not
 /// the purged records' URIs, never the URIs). The study user's other deletes are routed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_study_users_deletes_of_records_about_them_are_not_routed_after_the_purge() {
-    let relay = TestRelay::start(Vec::new()).await.unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), &relay, &[S1, W]);
-    let (reload, reload_rx) = tokio::sync::mpsc::channel(4);
-    let writer = start_writer_with_reload(cfg.clone(), Some(reload_rx));
+    let (relay, tmp, cfg, reload, writer) = reloadable(&[S1, W]).await;
     let mut f = Frames::new(1);
     let (frame, w_post) = f.text_post(W, "mine");
     let mut frames = vec![frame];
@@ -558,13 +571,7 @@ async fn a_study_users_deletes_of_records_about_them_are_not_routed_after_the_pu
         cache_bytes(&cfg.cache_dir).keys()
     );
 
-    std::fs::write(tmp.path().join("withdrawn.txt"), format!("{W}\n")).unwrap();
-    reload.send(()).await.unwrap();
-    let metrics = writer.metrics();
-    wait_for("the withdrawal purge", || {
-        metrics.withdrawn_rows_purged.load(Ordering::Relaxed) > 0
-    })
-    .await;
+    let metrics = withdraw_by_sighup(tmp.path(), &format!("{W}\n"), &reload, &writer).await;
     let kept = cache_bytes(&cfg.cache_dir);
     assert!(
         !kept.contains_key(&early_delete),
