@@ -1004,7 +1004,7 @@ pub fn schema_markdown() -> String {
     out
 }
 
-/// The per-table reader recipes of `docs/querying.md` (DuckDB local and S3, Polars, pyarrow,
+/// The per-table reader recipes of `docs/querying.md` (DuckDB, Polars and pyarrow, local and S3;
 /// Athena/Glue DDL with partition projection), generated from [`TABLES`] so that the column
 /// lists cannot drift from the declared schemas (a test keeps the document in sync).
 pub fn querying_markdown() -> String {
@@ -1026,13 +1026,16 @@ pub fn querying_markdown() -> String {
              ```sql\n\
              -- DuckDB, local output\n\
              SELECT * FROM read_parquet('OUTPUT/{path}/active/*/*.parquet', hive_partitioning = true);\n\
-             -- DuckDB, S3 output (INSTALL httpfs; LOAD httpfs; CREATE SECRET (TYPE s3, PROVIDER credential_chain);)\n\
+             -- DuckDB, S3 output (httpfs loaded, an S3 secret created: \"S3 set-up\" above)\n\
              SELECT * FROM read_parquet('s3://BUCKET/PREFIX/{path}/active/*/*.parquet', hive_partitioning = true);\n\
              ```\n\n\
              ```python\n\
              import polars as pl, pyarrow.dataset as ds\n\
              df = pl.scan_parquet(\"OUTPUT/{path}/active/**/*.parquet\", hive_partitioning=True).collect()\n\
              table = ds.dataset(\"OUTPUT/{path}/active\", format=\"parquet\", partitioning=\"hive\").to_table()\n\
+             # S3 output (S3_OPTIONS and S3_FS: \"S3 set-up\" above)\n\
+             df = pl.scan_parquet(\"s3://BUCKET/PREFIX/{path}/active/**/*.parquet\", hive_partitioning=True, storage_options=S3_OPTIONS).collect()\n\
+             table = ds.dataset(\"BUCKET/PREFIX/{path}/active\", filesystem=S3_FS, format=\"parquet\", partitioning=\"hive\").to_table()\n\
              ```\n\n\
              ```sql\n\
              -- Athena / Glue\n\

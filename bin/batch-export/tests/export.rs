@@ -2883,120 +2883,174 @@ fn querying_doc_has_a_recipe_and_ddl_for_every_declared_table() {
 
 #[test]
 fn duckdb_recipes_read_every_exported_table_with_typed_columns() {
-    let check = std::process::Command::new("python3")
-        .args(["-c", "import duckdb"])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "duckdb is not installed for python3 (pip install -r tests/requirements.txt)"
-    );
+    require_recipe_readers();
     let env = Env::new();
     fill_two_tables(&env, 20);
     fill_examples(&env);
     let s = env.export_ok(&[]);
+    let out = env.out.display().to_string();
+    check_recipes(&s, &RecipeTarget::Local(&out));
+}
+
+#[test]
+fn s3_recipes_read_every_exported_table_with_typed_columns() {
+    require_recipe_readers();
+    let server = s3::S3Server::start();
+    server.create_bucket("research");
+    let env = Env::new();
+    fill_two_tables(&env, 20);
+    fill_examples(&env);
+    let out = run(
+        &s3_args(&env, &server.endpoint, "s3://research/bluesky/data", &[]),
+        s3::CLIENT_ENV,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    check_recipes(
+        &summary(&out),
+        &RecipeTarget::S3 {
+            endpoint: &server.endpoint,
+            bucket_prefix: "research/bluesky/data",
+        },
+    );
+}
+
+fn require_recipe_readers() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import duckdb, polars, pyarrow"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "duckdb, polars or pyarrow is not installed for python3 (pip install -r tests/requirements.txt)"
+    );
+}
+
+/// Where the recipes of docs/querying.md are pointed: `OUTPUT`, or `BUCKET/PREFIX` on a local
+/// S3 server (the set-up the document gives for an S3-compatible store, plain HTTP).
+enum RecipeTarget<'a> {
+    Local(&'a str),
+    S3 {
+        endpoint: &'a str,
+        bucket_prefix: &'a str,
+    },
+}
+
+/// DuckDB with `httpfs` loaded from the PyPI package `duckdb-extension-httpfs` (the offline
+/// set-up of docs/querying.md) and a secret for the local server; `S3_OPTIONS` and `S3_FS` for
+/// the Polars and pyarrow recipes.
+const S3_RECIPE_SETUP: &str = r#"
+import os, duckdb, pyarrow.fs, duckdb_extension_httpfs
+ENDPOINT = os.environ['RECIPE_S3_ENDPOINT']
+HOST = ENDPOINT.split('://', 1)[1]
+ext = os.path.join(os.path.dirname(duckdb_extension_httpfs.__file__), 'extensions',
+                   'v' + duckdb.__version__, 'httpfs.duckdb_extension')
+con.execute("SET autoinstall_known_extensions = false")
+con.execute(f"LOAD '{ext}'")
+con.execute(f"""CREATE SECRET (TYPE s3, KEY_ID 'testing', SECRET 'testing', REGION 'us-east-1',
+                ENDPOINT '{HOST}', URL_STYLE 'path', USE_SSL false)""")
+S3_OPTIONS = {"aws_endpoint_url": ENDPOINT, "aws_allow_http": "true", "aws_access_key_id": "testing",
+              "aws_secret_access_key": "testing", "aws_region": "us-east-1"}
+S3_FS = pyarrow.fs.S3FileSystem(endpoint_override=ENDPOINT, access_key="testing",
+                                secret_key="testing", region="us-east-1")
+"#;
+
+/// Runs the DuckDB, Polars and pyarrow recipes of docs/querying.md for every table the export
+/// summary `s` reports rows for, against `target`, and checks each reader's row count and
+/// column types against the declared schema.
+fn check_recipes(s: &Value, target: &RecipeTarget<'_>) {
     let doc = fs::read_to_string(QUERYING).unwrap();
+    let (prefix, setup, endpoint) = match target {
+        RecipeTarget::Local(out) => (("OUTPUT", *out, "OUTPUT/"), "", ""),
+        RecipeTarget::S3 {
+            endpoint,
+            bucket_prefix,
+        } => (
+            ("BUCKET/PREFIX", *bucket_prefix, "s3://BUCKET/PREFIX/"),
+            S3_RECIPE_SETUP,
+            *endpoint,
+        ),
+    };
+    let (placeholder, value, duckdb_start) = prefix;
     let mut ran = 0;
     for t in batch_export::tables::TABLES {
         let Some(rows) = s["tables"][t.path]["rows"].as_u64() else {
             continue;
         };
-        let recipe = doc
-            .lines()
-            .find(|l| {
-                l.starts_with("SELECT * FROM read_parquet('OUTPUT/")
-                    && l.contains(&format!("/{}/active/", t.path))
-            })
-            .unwrap_or_else(|| panic!("no DuckDB recipe for {}", t.path))
-            .replace("OUTPUT", &env.out.display().to_string());
-        let script = r#"
-import duckdb, json, sys
-sql = sys.argv[1].rstrip(';')
+        let line = |start: &str| {
+            doc.lines()
+                .find(|l| l.starts_with(start) && l.contains(&format!("/{}/active", t.path)))
+                .unwrap_or_else(|| panic!("no `{start}` recipe for {}", t.path))
+                .replace(placeholder, value)
+        };
+        let duckdb = line(&format!("SELECT * FROM read_parquet('{duckdb_start}"));
+        let polars_start = match target {
+            RecipeTarget::Local(_) => "df = pl.scan_parquet(\"OUTPUT/",
+            RecipeTarget::S3 { .. } => "df = pl.scan_parquet(\"s3://BUCKET/PREFIX/",
+        };
+        let pyarrow_start = match target {
+            RecipeTarget::Local(_) => "table = ds.dataset(\"OUTPUT/",
+            RecipeTarget::S3 { .. } => "table = ds.dataset(\"BUCKET/PREFIX/",
+        };
+        let polars = line(polars_start);
+        let pyarrow = line(pyarrow_start);
+        let script = format!(
+            r#"
+import json, sys, duckdb, polars as pl, pyarrow.dataset as ds
 con = duckdb.connect()
+{setup}
+sql = sys.argv[1].rstrip(';')
 cols = [(r[0], r[1]) for r in con.execute('DESCRIBE ' + sql).fetchall()]
 n = con.execute('SELECT count(*) FROM (' + sql + ')').fetchone()[0]
-print(json.dumps({'cols': cols, 'rows': n}))
-"#;
-        let out = std::process::Command::new("python3")
-            .args(["-c", script, &recipe])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{recipe}: {}", describe(&out));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["rows"].as_u64(), Some(rows), "{recipe}");
-        let got = name_type_pairs(&v["cols"]);
-        let mut want = declared_as(t, ["VARCHAR", "BIGINT", "BOOLEAN"]);
-        // The hive partition column, typed as a date by DuckDB's partition type inference.
-        let part = got.last().cloned().unwrap();
-        assert_eq!(part.0, "partition_date", "{got:?}");
-        assert!(part.1 == "DATE" || part.1 == "VARCHAR", "{part:?}");
-        want.push(part);
-        assert_eq!(got, want, "{}", t.path);
-        check_python_recipes(&doc, t, &env.out, rows);
-        ran += 1;
-    }
-    assert_eq!(ran, 4, "four tables exported: {s}");
-}
-
-/// Runs a table's Polars and pyarrow recipes from docs/querying.md (local output) and checks
-/// their row counts and column types against the declared schema.
-fn check_python_recipes(
-    doc: &str,
-    t: &batch_export::tables::TableDef,
-    out: &std::path::Path,
-    rows: u64,
-) {
-    let line = |start: &str| {
-        doc.lines()
-            .find(|l| l.starts_with(start) && l.contains(&format!("/{}/active", t.path)))
-            .unwrap_or_else(|| panic!("no `{start}` recipe for {}", t.path))
-            .replace("OUTPUT", &out.display().to_string())
-    };
-    let polars = line("df = pl.scan_parquet(\"OUTPUT/");
-    let pyarrow = line("table = ds.dataset(\"OUTPUT/");
-    let script = format!(
-        r#"
-import json, polars as pl, pyarrow.dataset as ds
 {polars}
 {pyarrow}
 print(json.dumps({{
+    'duckdb': cols, 'duckdb_rows': n,
     'polars': [[n, str(t)] for n, t in df.schema.items()], 'polars_rows': df.height,
     'pyarrow': [[f.name, str(f.type)] for f in table.schema], 'pyarrow_rows': table.num_rows,
 }}))
 "#
-    );
-    let ran = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        ran.status.success(),
-        "{}: {} (pip install -r tests/requirements.txt)",
-        t.path,
-        describe(&ran)
-    );
-    let v: Value = serde_json::from_slice(&ran.stdout).unwrap();
-    assert_eq!(v["polars_rows"].as_u64(), Some(rows), "{}: Polars", t.path);
-    assert_eq!(
-        v["pyarrow_rows"].as_u64(),
-        Some(rows),
-        "{}: pyarrow",
-        t.path
-    );
-    for (reader, types) in [
-        ("polars", ["String", "Int64", "Boolean"]),
-        ("pyarrow", ["string", "int64", "bool"]),
-    ] {
-        let got = name_type_pairs(&v[reader]);
-        let (part, declared) = got.split_last().expect("columns");
-        assert_eq!(part.0, "partition_date", "{reader}: {got:?}");
-        assert_eq!(
-            declared,
-            declared_as(t, types).as_slice(),
-            "{}: {reader}",
-            t.path
         );
+        let ran_script = std::process::Command::new("python3")
+            .args(["-c", &script, &duckdb])
+            .env("RECIPE_S3_ENDPOINT", endpoint)
+            .output()
+            .unwrap();
+        assert!(
+            ran_script.status.success(),
+            "{}: {} (pip install -r tests/requirements.txt)",
+            t.path,
+            describe(&ran_script)
+        );
+        let v: Value = serde_json::from_slice(&ran_script.stdout).unwrap();
+        for (reader, types) in [
+            ("duckdb", ["VARCHAR", "BIGINT", "BOOLEAN"]),
+            ("polars", ["String", "Int64", "Boolean"]),
+            ("pyarrow", ["string", "int64", "bool"]),
+        ] {
+            assert_eq!(
+                v[format!("{reader}_rows")].as_u64(),
+                Some(rows),
+                "{}: {reader}",
+                t.path
+            );
+            let got = name_type_pairs(&v[reader]);
+            // The hive partition column comes last (a date or a string, by reader).
+            let (part, declared) = got.split_last().expect("columns");
+            assert_eq!(part.0, "partition_date", "{reader}: {got:?}");
+            assert!(
+                ["DATE", "VARCHAR", "Date", "String", "string"].contains(&part.1.as_str()),
+                "{reader}: {part:?}"
+            );
+            assert_eq!(
+                declared,
+                declared_as(t, types).as_slice(),
+                "{}: {reader}",
+                t.path
+            );
+        }
+        ran += 1;
     }
+    assert_eq!(ran, 4, "four tables exported: {s}");
 }
 
 /// The table's declared columns with each type named as a reader names it: `names` for
