@@ -224,7 +224,7 @@ pub async fn run(
                 mode: verification.mode,
                 identities: identities.clone(),
                 membership: state.shared_membership(),
-                threads: verifier::verify_threads(),
+                threads: verifier::verify_threads(verification.mode),
             })
         }
         _ => None,

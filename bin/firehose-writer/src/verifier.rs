@@ -107,13 +107,29 @@ pub struct VerifyStage {
     pub mode: VerifyMode,
     pub identities: Arc<dyn Identities>,
     pub membership: Arc<SharedMembership>,
-    /// Threads a batch's commits are split between (the cores of the machine, at most 8).
+    /// Threads a batch's commits are split between ([`verify_threads`]).
     pub threads: usize,
 }
 
-/// One verifying thread per core, at most 8.
-pub fn verify_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+/// Verifying threads for `mode`, at least one and at most 8. Under `all` every commit is
+/// verified and verification is the pipeline's bottleneck: one thread per core. Under `routed`
+/// only tracked repos' commits are, and the processor (a single thread) is the bottleneck:
+/// verifying threads that take its core slow the whole stream down, so one per core but one
+/// (on 2 cores the stage verifies on its own thread, no helper threads spawned per batch).
+/// Measured in BENCHMARKS.md.
+pub fn verify_threads(mode: VerifyMode) -> usize {
+    threads_for_cores(
+        mode,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    )
+}
+
+fn threads_for_cores(mode: VerifyMode, cores: usize) -> usize {
+    match mode {
+        VerifyMode::All => cores,
+        VerifyMode::Routed | VerifyMode::Off => cores.saturating_sub(1),
+    }
+    .clamp(1, 8)
 }
 
 impl VerifyStage {
@@ -218,4 +234,66 @@ fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracked::DidSet;
+
+    fn fixtures() -> std::path::PathBuf {
+        std::env::var_os("SYNC_FIXTURES").map_or_else(
+            || {
+                std::path::PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../../shared/fixtures"
+                ))
+            },
+            std::path::PathBuf::from,
+        )
+    }
+
+    /// The relay capture verified ahead by one thread and split between three: the same
+    /// verdict for every frame, in place.
+    #[test]
+    fn a_batch_split_between_threads_gets_the_verdicts_of_one_thread() {
+        let dir = fixtures().join("relay-capture");
+        let data = std::fs::read(dir.join("frames.bin")).unwrap();
+        let frames: Vec<Bytes> = sync_core::frame::capture_frames(&data)
+            .map(|f| Bytes::copy_from_slice(f.unwrap()))
+            .collect();
+        let stage = |threads| VerifyStage {
+            mode: VerifyMode::All,
+            identities: Arc::new(StaticIdentities::load(&dir.join("did_docs.json")).unwrap()),
+            membership: Arc::new(SharedMembership::new(
+                Arc::new(DidSet::builder().build()),
+                Arc::new(DidSet::builder().build()),
+            )),
+            threads,
+        };
+        let verdicts = |ahead: Vec<Option<Ahead>>| -> Vec<Option<Result<String, &'static str>>> {
+            ahead
+                .into_iter()
+                .map(|a| a.map(|a| a.result.map(|v| v.commit.rev.to_string())))
+                .collect()
+        };
+        let one = verdicts(stage(1).check(&frames));
+        let three = verdicts(stage(3).check(&frames));
+        let verified = one.iter().filter(|v| matches!(v, Some(Ok(_)))).count();
+        assert!(
+            verified > 100,
+            "{verified} commits verified of {}",
+            frames.len()
+        );
+        assert_eq!(one, three);
+    }
+
+    #[test]
+    fn under_routed_the_processor_keeps_a_core_of_its_own() {
+        let cores = [1, 2, 3, 4, 9, 64];
+        let routed = cores.map(|c| threads_for_cores(VerifyMode::Routed, c));
+        assert_eq!(routed, [1, 1, 2, 3, 8, 8]);
+        let all = cores.map(|c| threads_for_cores(VerifyMode::All, c));
+        assert_eq!(all, [1, 2, 3, 4, 8, 8]);
+    }
 }
