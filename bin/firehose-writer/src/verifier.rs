@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use sync_core::did_doc::{parse_did_doc_map, AtprotoIdentity};
-use sync_core::frame::{decode_frame, Event};
+use sync_core::frame::{commit_repo, decode_frame, Event};
 use sync_core::ids::Did;
 use sync_core::verify::{verify_commit, VerifiedCommit, VerifyOptions};
 use tokio::sync::mpsc;
@@ -162,13 +162,16 @@ impl VerifyStage {
         let mut jobs: Vec<Option<(Event<'_>, Arc<AtprotoIdentity>)>> = frames
             .iter()
             .map(|frame| {
+                // Most commits are not verified under `routed`: their repo is read without
+                // decoding the frame (its CAR and ops), which the processor does anyway.
+                let repo = Did::parse(commit_repo(frame)?).ok()?;
+                if !self.wanted(&repo) {
+                    return None;
+                }
+                let identity = self.identities.peek(&repo)?;
                 let Ok(Event::Commit(c)) = decode_frame(frame) else {
                     return None;
                 };
-                if !self.wanted(&c.repo) {
-                    return None;
-                }
-                let identity = self.identities.peek(&c.repo)?;
                 Some((Event::Commit(c), identity))
             })
             .collect();

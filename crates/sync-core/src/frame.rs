@@ -669,6 +669,32 @@ pub fn frame_seq(frame: &[u8]) -> Option<i64> {
     seq_of(frame.get(end..)?).map(|s| s.0)
 }
 
+#[derive(Deserialize)]
+struct RepoOnly<'a> {
+    #[serde(borrow)]
+    repo: &'a str,
+}
+
+/// The `repo` of a `#commit` message without decoding the rest (its blocks are skipped, not
+/// parsed): what decides whether a commit is worth decoding in full. `None` for any other
+/// message, and for a frame that does not decode that far ([`decode_frame`] says why).
+pub fn commit_repo(frame: &[u8]) -> Option<&str> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return None;
+    }
+    let end = cbor::skip_item(frame, 0).ok()?;
+    let header: Header<'_> = serde_ipld_dagcbor::from_slice(&frame[..end]).ok()?;
+    if header.op != 1 || header.t != Some("#commit") {
+        return None;
+    }
+    let body = &frame[end..];
+    // Bounds nesting before serde's recursive decoder skips the other fields.
+    cbor::check_depth(body).ok()?;
+    serde_ipld_dagcbor::from_slice::<RepoOnly<'_>>(body)
+        .ok()
+        .map(|r| r.repo)
+}
+
 /// True when the message is an error frame (`op = -1`); reads only the header.
 pub fn is_error_frame(frame: &[u8]) -> bool {
     let Ok(end) = cbor::skip_item(frame, 0) else {

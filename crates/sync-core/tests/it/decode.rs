@@ -5,7 +5,7 @@
 use serde_json::Value;
 use sync_core::car::CarBlocks;
 use sync_core::cbor;
-use sync_core::frame::{capture_frames, decode_frame, Event};
+use sync_core::frame::{capture_frames, commit_repo, decode_frame, Event};
 use sync_core::jetstream::{event_lines, JETSTREAM_KINDS};
 
 use crate::fixtures;
@@ -259,4 +259,42 @@ fn indigo_sync_event_decodes_with_its_commit_car() {
         assert!(commit["sig"]["$bytes"].is_string());
     }
     assert_eq!(syncs, 1);
+}
+
+/// `commit_repo` (the verifier's cheap look before a full decode) names exactly the repo of
+/// every commit of the relay capture and of the relay scenarios, and nothing for other messages.
+#[test]
+fn commit_repo_agrees_with_the_full_decode() {
+    let Some(dir) = fixtures() else { return };
+    let data = std::fs::read(dir.join("relay-capture/frames.bin")).unwrap();
+    let mut frames: Vec<Vec<u8>> = capture_frames(&data).map(|f| f.unwrap().to_vec()).collect();
+    let capture = frames.len();
+    for name in [
+        "account_lifecycle.json",
+        "post_lifecycle.json",
+        "legacy.json",
+        "seq_ordering.json",
+    ] {
+        frames.extend(scenario_frames(&dir, name).into_iter().map(|(_, f)| f));
+    }
+    let (mut commits, mut others) = (0, 0);
+    for frame in &frames {
+        let full = match decode_frame(frame) {
+            Ok(Event::Commit(c)) => Some(c.repo.as_str().to_owned()),
+            _ => None,
+        };
+        assert_eq!(commit_repo(frame).map(str::to_owned), full);
+        match full {
+            Some(_) => commits += 1,
+            None => others += 1,
+        }
+    }
+    assert!(
+        commits > 100 && others > 0,
+        "{commits} commits, {others} others of {capture}"
+    );
+    // Not a frame, a truncated one, an error frame: no repo.
+    assert_eq!(commit_repo(b""), None);
+    let first_commit = frames.iter().find(|f| commit_repo(f).is_some()).unwrap();
+    assert_eq!(commit_repo(&first_commit[..first_commit.len() / 2]), None);
 }
