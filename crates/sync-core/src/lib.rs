@@ -2,7 +2,10 @@
 //!
 //! Nothing in this crate touches the network or the file system: the cache writer lives in the
 //! writer binary (`firehose_writer::cache`). The test-data generators (`synth`) are compiled only
-//! with the `synth` feature, which tests and benchmarks enable.
+//! with the `synth` feature, which tests and benchmarks enable. No `unsafe` (forbidden below),
+//! and `.ci/run` checks the crate without `synth`.
+
+#![forbid(unsafe_code)]
 
 pub mod car;
 pub mod cbor;

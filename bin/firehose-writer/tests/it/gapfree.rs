@@ -325,7 +325,8 @@ fn an_unverifying_writer_misses_the_dropped_commit() {
 /// `like_on_user_post`; a new post by an account the study user followed before the start is
 /// routed to `in_network_user_activity` without any `--in-network` file; with
 /// `--backfill-since` the study users' records created since that date are in the cache, and
-/// older ones only in the indexes.
+/// older ones only in the indexes. The study user's unfollow of that pre-start follow (known
+/// from the backfill, not from an `--in-network` file) takes the account out of the network.
 #[test]
 fn backfill_routes_reactions_to_old_posts_and_the_follow_graph() {
     let Some(mut e2e) = E2e::start() else { return };
@@ -351,6 +352,14 @@ fn backfill_routes_reactions_to_old_posts_and_the_follow_graph() {
     let in_network = e2e
         .net
         .post("A1", "a1_new", "A1 is in-network through S1's follow");
+    // S1 unfollows A1 (a follow made before the start, known from the backfill): A1 leaves the
+    // network at once, so its next post is not routed.
+    e2e.net.delete("S1", "s1_follow_a1");
+    e2e.net.post(
+        "A1",
+        "a1_after_unfollow",
+        "A1 is out of the network: not routed",
+    );
     let outsider = e2e.net.post("A3", "a3_new", "A3 is nobody's: not routed");
     let files = e2e.finish(&mut writer, outsider.commit.seq);
 
@@ -361,6 +370,7 @@ fn backfill_routes_reactions_to_old_posts_and_the_follow_graph() {
         &like.record.rkey,
     ));
     expected.insert(path::in_network_post(&a1, &in_network.record.rkey));
+    expected.insert(path::study_delete(&s1, "follow", &e2e.rkey("s1_follow_a1")));
     assert_eq!(files, expected);
     // The backfilled post is the predecessor's post object of the record in the repo.
     let post = read_json(&e2e.cache(), &path::study_post(&s1, &e2e.rkey("s1_old2")));

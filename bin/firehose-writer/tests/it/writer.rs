@@ -1067,9 +1067,9 @@ async fn study_post_index_is_seeded_from_a_predecessor_map() {
 
 /// Issue items 10 and 11b, end to end through the writer: an account event delivered again under
 /// a later seq (a relay swap) rewrites its one file; a study user's unfollow of a follow made
-/// before tracking began is counted (`firehose_unknown_unfollows_total`) and recorded in the
-/// state's `unknown_unfollows` table for the repo backfill, while a follow seen in the stream
-/// and then deleted is not.
+/// before tracking began (backfill off here) is counted (`firehose_unknown_unfollows_total`) and
+/// recorded in the state's `unknown_unfollows` table for the operator, while a follow seen in
+/// the stream and then deleted is not. (With backfill on, such a follow is known: gapfree.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_account_events_and_unknown_unfollows() {
     let tmp = tempfile::tempdir().unwrap();
