@@ -131,8 +131,8 @@ pub struct Metrics {
     /// Failed state (SQLite) lookups and commits (each attempt).
     pub state_errors: AtomicU64,
     pub commits: AtomicU64,
-    /// Study users' deletes of follows never seen (made before tracking began): the subject is
-    /// unknown, so it stays in-network until the repo backfill resolves it.
+    /// Study users' deletes of follows never seen (made before tracking began, without a
+    /// backfill): the subject is unknown, so it stays in-network.
     pub unknown_unfollows: AtomicU64,
     /// Withdrawn DIDs in effect (the `--withdrawn` list and account deletions counted as
     /// withdrawals).
@@ -667,7 +667,7 @@ impl Collector for ScrapeTime {
         counter(
             e,
             UNKNOWN_UNFOLLOWS,
-            "Study users' unfollows of follows never seen (subject unknown; kept in-network, recorded for backfill).",
+            "Study users' unfollows of follows never seen (subject unknown; kept in-network, recorded in unknown_unfollows for the operator).",
             r(&m.unknown_unfollows),
         )?;
         gauge(

@@ -562,7 +562,7 @@ impl Processor {
                     seq,
                     repo = %follower,
                     rkey = uri.rkey().unwrap_or_default(),
-                    "a study user deleted a follow made before tracking began: its subject is unknown and stays in-network; recorded in unknown_unfollows for the repo backfill"
+                    "a study user deleted a follow made before tracking began: its subject is unknown and stays in-network; recorded in unknown_unfollows"
                 );
             }
         }

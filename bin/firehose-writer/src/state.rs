@@ -740,7 +740,8 @@ impl StateStore {
                 };
                 let Some(subject) = subject else {
                     // Never seen (made before tracking began): the subject is unknown, so nobody
-                    // can leave the in-network set. Kept for the repo backfill to resolve.
+                    // can leave the in-network set. Recorded for the operator (with backfill on,
+                    // a study user's follows are indexed from the repo, so this is rare).
                     self.pending.unknown_unfollows.push((
                         uri.as_str().to_owned(),
                         follower.clone(),

@@ -244,23 +244,14 @@ mod tests {
     use super::*;
     use crate::tracked::DidSet;
 
-    fn fixtures() -> std::path::PathBuf {
-        std::env::var_os("SYNC_FIXTURES").map_or_else(
-            || {
-                std::path::PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../../../shared/fixtures"
-                ))
-            },
-            std::path::PathBuf::from,
-        )
-    }
-
     /// The relay capture verified ahead by one thread and split between three: the same
     /// verdict for every frame, in place.
     #[test]
     fn a_batch_split_between_threads_gets_the_verdicts_of_one_thread() {
-        let dir = fixtures().join("relay-capture");
+        let Some(fixtures) = workspace_tests::fixtures() else {
+            return;
+        };
+        let dir = fixtures.join("relay-capture");
         let data = std::fs::read(dir.join("frames.bin")).unwrap();
         let frames: Vec<Bytes> = sync_core::frame::capture_frames(&data)
             .map(|f| Bytes::copy_from_slice(f.unwrap()))

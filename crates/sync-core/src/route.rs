@@ -64,8 +64,8 @@ pub enum Applied {
     /// A [`StateUpdate::StudyUnfollow`] of a follow record the state never saw: made before
     /// tracking began (the in-network input does not carry follow record keys), or replayed
     /// after its unfollow was already applied. Its subject is unknown, so nothing leaves the
-    /// in-network set; the state records the unfollow so the repo backfill can resolve it, and
-    /// the writer counts and logs it.
+    /// in-network set; the state records the unfollow for the operator, and the writer counts
+    /// and logs it. (With backfill on, a study user's follows are indexed from their repo.)
     UnknownUnfollow,
 }
 

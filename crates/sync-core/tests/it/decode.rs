@@ -293,7 +293,7 @@ fn commit_repo_agrees_with_the_full_decode() {
         commits > 100 && others > 0,
         "{commits} commits, {others} others of {capture}"
     );
-    // Not a frame, a truncated one, an error frame: no repo.
+    // Not a frame, or a truncated commit: no repo.
     assert_eq!(commit_repo(b""), None);
     let first_commit = frames.iter().find(|f| commit_repo(f).is_some()).unwrap();
     assert_eq!(commit_repo(&first_commit[..first_commit.len() / 2]), None);

@@ -748,7 +748,7 @@ fn in_network_post_deletes_follow_what_was_routed_not_todays_membership() {
 
 /// A study user deletes a follow made before tracking began: the state never saw the record, so
 /// its subject is unknown. The delete file is still written, the account stays (nothing says
-/// which one it was), and the unfollow is reported and recorded for the repo backfill.
+/// which one it was), and the unfollow is reported and recorded.
 #[test]
 fn an_unfollow_of_a_follow_made_before_tracking_is_reported_and_recorded() {
     let mut state = cast();
