@@ -217,6 +217,8 @@ fn a_future_rev_is_routed_but_never_makes_later_commits_duplicates() {
     rt.block_on(relay.shutdown());
 }
 
+/// Issue 8 item 6: `--cursor` / `FIREHOSE_CURSOR` left in the environment applies once; a new
+/// value applies again, with a warning when it rewinds or skips forward past the stored cursor.
 #[test]
 fn a_cursor_left_in_the_environment_applies_once() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -264,6 +266,23 @@ fn a_cursor_left_in_the_environment_applies_once() {
     assert_eq!(
         (&record["cursor"], &record["previous"], &record["by"]),
         (&json!(1), &json!(4), &json!("--cursor"))
+    );
+
+    // Past the stored cursor: applied with a warning, and what lies between is not captured.
+    relay.push(post(5, "3l5kaaaaaad2a", "post-e"));
+    relay.push(post(6, "3l5kaaaaaae2a", "post-f"));
+    relay.push(post(7, "3l5kaaaaaaf2a", "post-g"));
+    let mut writer = start(dir, &relay, Some("6"));
+    writer.wait_cursor(7);
+    let log = writer.stop();
+    assert_eq!(relay.cursors()[3], Some(6));
+    assert_eq!(lines(&log, "WARN", "skipping forward").len(), 1, "{log:#?}");
+    assert!(post_file(dir, "post-g").exists());
+    assert!(!post_file(dir, "post-e").exists() && !post_file(dir, "post-f").exists());
+    let record = override_record(&dir.join("state.sqlite"));
+    assert_eq!(
+        (&record["cursor"], &record["previous"], &record["by"]),
+        (&json!(6), &json!(4), &json!("--cursor"))
     );
     rt.block_on(relay.shutdown());
 }
