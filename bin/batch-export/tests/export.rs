@@ -2959,18 +2959,22 @@ S3_FS = pyarrow.fs.S3FileSystem(endpoint_override=ENDPOINT, access_key="testing"
 /// column types against the declared schema.
 fn check_recipes(s: &Value, target: &RecipeTarget<'_>) {
     let doc = fs::read_to_string(QUERYING).unwrap();
-    let (prefix, setup, endpoint) = match target {
-        RecipeTarget::Local(out) => (("OUTPUT", *out, "OUTPUT/"), "", ""),
+    // How each reader's recipe line starts (DuckDB and Polars name a URL, pyarrow a path on
+    // its filesystem), the placeholder to fill, and what the script runs first.
+    let (placeholder, value, url, path, setup, endpoint) = match target {
+        RecipeTarget::Local(out) => ("OUTPUT", *out, "OUTPUT/", "OUTPUT/", "", ""),
         RecipeTarget::S3 {
             endpoint,
             bucket_prefix,
         } => (
-            ("BUCKET/PREFIX", *bucket_prefix, "s3://BUCKET/PREFIX/"),
+            "BUCKET/PREFIX",
+            *bucket_prefix,
+            "s3://BUCKET/PREFIX/",
+            "BUCKET/PREFIX/",
             S3_RECIPE_SETUP,
             *endpoint,
         ),
     };
-    let (placeholder, value, duckdb_start) = prefix;
     let mut ran = 0;
     for t in batch_export::tables::TABLES {
         let Some(rows) = s["tables"][t.path]["rows"].as_u64() else {
@@ -2982,17 +2986,9 @@ fn check_recipes(s: &Value, target: &RecipeTarget<'_>) {
                 .unwrap_or_else(|| panic!("no `{start}` recipe for {}", t.path))
                 .replace(placeholder, value)
         };
-        let duckdb = line(&format!("SELECT * FROM read_parquet('{duckdb_start}"));
-        let polars_start = match target {
-            RecipeTarget::Local(_) => "df = pl.scan_parquet(\"OUTPUT/",
-            RecipeTarget::S3 { .. } => "df = pl.scan_parquet(\"s3://BUCKET/PREFIX/",
-        };
-        let pyarrow_start = match target {
-            RecipeTarget::Local(_) => "table = ds.dataset(\"OUTPUT/",
-            RecipeTarget::S3 { .. } => "table = ds.dataset(\"BUCKET/PREFIX/",
-        };
-        let polars = line(polars_start);
-        let pyarrow = line(pyarrow_start);
+        let duckdb = line(&format!("SELECT * FROM read_parquet('{url}"));
+        let polars = line(&format!("df = pl.scan_parquet(\"{url}"));
+        let pyarrow = line(&format!("table = ds.dataset(\"{path}"));
         let script = format!(
             r#"
 import json, sys, duckdb, polars as pl, pyarrow.dataset as ds

@@ -682,12 +682,10 @@ pub fn commit_repo(frame: &[u8]) -> Option<&str> {
     if frame.len() > MAX_FRAME_BYTES {
         return None;
     }
-    let end = cbor::skip_item(frame, 0).ok()?;
-    let header: Header<'_> = serde_ipld_dagcbor::from_slice(&frame[..end]).ok()?;
+    let (header, body) = split_header(frame).ok()?;
     if header.op != 1 || header.t != Some("#commit") {
         return None;
     }
-    let body = &frame[end..];
     // Bounds nesting before serde's recursive decoder skips the other fields.
     cbor::check_depth(body).ok()?;
     serde_ipld_dagcbor::from_slice::<RepoOnly<'_>>(body)
@@ -697,12 +695,15 @@ pub fn commit_repo(frame: &[u8]) -> Option<&str> {
 
 /// True when the message is an error frame (`op = -1`); reads only the header.
 pub fn is_error_frame(frame: &[u8]) -> bool {
-    let Ok(end) = cbor::skip_item(frame, 0) else {
-        return false;
-    };
-    serde_ipld_dagcbor::from_slice::<Header<'_>>(&frame[..end])
-        .map(|h| h.op == -1)
-        .unwrap_or(false)
+    split_header(frame).is_ok_and(|(h, _)| h.op == -1)
+}
+
+/// A message's header, decoded, and the bytes of its body (not checked here).
+fn split_header(frame: &[u8]) -> Result<(Header<'_>, &[u8]), FrameError> {
+    let end = cbor::skip_item(frame, 0).map_err(|e| FrameError::Header(e.to_string()))?;
+    let header = serde_ipld_dagcbor::from_slice(&frame[..end])
+        .map_err(|e| FrameError::Header(e.to_string()))?;
+    Ok((header, &frame[end..]))
 }
 
 /// Decodes one binary WebSocket message of `com.atproto.sync.subscribeRepos`.
@@ -710,10 +711,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Event<'_>, FrameError> {
     if frame.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(frame.len()));
     }
-    let header_end = cbor::skip_item(frame, 0).map_err(|e| FrameError::Header(e.to_string()))?;
-    let header: Header<'_> = serde_ipld_dagcbor::from_slice(&frame[..header_end])
-        .map_err(|e| FrameError::Header(e.to_string()))?;
-    let body_bytes = &frame[header_end..];
+    let (header, body_bytes) = split_header(frame)?;
     // Bounds nesting before serde's recursive decoder runs, and rejects trailing garbage.
     match cbor::skip_item(body_bytes, 0) {
         Ok(end) if end == body_bytes.len() => {}
