@@ -41,9 +41,10 @@ pub use config::{Args, Config, Source};
 pub use metrics::Metrics;
 pub use processor::ProcessorSummary;
 
-/// Batches buffered between the socket and the processor: the only queue (backpressure). A batch
-/// holds at most 64 frames or 512 KiB (plus the frame that crossed the limit), so the queue holds
-/// ~8 MiB of typical frames and at most ~90 MiB if every batch ended on a 5 MiB frame.
+/// Batches buffered between the socket and the processor (backpressure). A batch holds at most
+/// 64 frames or 512 KiB (plus the frame that crossed the limit), so the queue holds ~8 MiB of
+/// typical frames and at most ~90 MiB if every batch ended on a 5 MiB frame. With verification
+/// on, a second queue of this depth lies between the verification stage and the processor.
 pub const CHANNEL_BATCHES: usize = 16;
 
 /// Handles a running writer exposes to its caller (tests read metrics and the HTTP address).
@@ -231,8 +232,10 @@ pub async fn run(
     };
     let rx = match stage {
         Some(stage) => {
-            // Small: the batches wait in front of the stage, where /health counts them.
-            let (stage_tx, processor_rx) = mpsc::channel(2);
+            // As deep as the source's queue: while the processor waits for a barrier (the
+            // disk), the stage goes on verifying what the source has read (BENCHMARKS.md).
+            let (stage_tx, processor_rx) = mpsc::channel(CHANNEL_BATCHES);
+            metrics.watch_channel(&stage_tx);
             std::thread::Builder::new()
                 .name("verify".into())
                 .spawn(move || stage.run(rx, stage_tx))

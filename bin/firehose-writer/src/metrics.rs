@@ -156,8 +156,10 @@ pub struct Metrics {
     last_commit_time_us: AtomicI64,
     /// Files written but not yet made durable by a commit.
     pending_files: AtomicU64,
-    /// The source-to-processor channel, for its occupancy; weak so metrics never keep it open.
-    channel: OnceLock<mpsc::WeakSender<Input>>,
+    /// The channels between the socket and the processor (the source's, and the verification
+    /// stage's when verification is on), for their occupancy; weak so metrics never keep them
+    /// open.
+    channels: Mutex<Vec<mpsc::WeakSender<Input>>>,
     connected: AtomicBool,
     /// Health clocks: milliseconds since `started` plus one, so that 0 can mean "never".
     started: Instant,
@@ -229,7 +231,7 @@ impl Default for Metrics {
             last_event_time_us: AtomicI64::new(0),
             last_commit_time_us: AtomicI64::new(0),
             pending_files: AtomicU64::new(0),
-            channel: OnceLock::new(),
+            channels: Default::default(),
             connected: AtomicBool::new(false),
             started: Instant::now(),
             unsettled_since_ms: AtomicU64::new(0),
@@ -265,9 +267,13 @@ impl Metrics {
         );
     }
 
-    /// Reports the occupancy of the source-to-processor channel as `firehose_channel_batches`.
+    /// Adds a channel between the socket and the processor to `firehose_channel_batches` (and
+    /// to what /health waits for before it calls the processor settled).
     pub fn watch_channel(&self, tx: &mpsc::Sender<Input>) {
-        let _ = self.channel.set(tx.downgrade());
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx.downgrade());
     }
 
     fn now_ms(&self) -> u64 {
@@ -508,9 +514,14 @@ impl Metrics {
         self.health().json.to_string()
     }
 
+    /// Batches waiting in every watched channel still open; `None` when none is.
     fn channel_batches(&self) -> Option<usize> {
-        let tx = self.channel.get()?.upgrade()?;
-        Some(tx.max_capacity() - tx.capacity())
+        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels
+            .iter()
+            .filter_map(|weak| weak.upgrade())
+            .map(|tx| tx.max_capacity() - tx.capacity())
+            .reduce(|a, b| a + b)
     }
 }
 
@@ -819,7 +830,7 @@ impl Collector for ScrapeTime {
             gauge(
                 e,
                 CHANNEL_BATCHES,
-                "Inputs (frame batches) waiting in the channel between the socket and the processor.",
+                "Inputs (frame batches) waiting in the channels between the socket and the processor.",
                 batches as u64,
             )?;
         }

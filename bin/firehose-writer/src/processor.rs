@@ -640,8 +640,16 @@ impl Processor {
         let identity = identities.identity(&c.repo)?;
         let opts = VerifyOptions::at(now_micros());
         let first = match ahead {
-            // Checked with the key the repo still has (no `#identity` changed it since).
-            Some(ahead) if ahead.identity.signing_key == identity.signing_key => ahead.result,
+            // Checked with the key the repo still has (no `#identity` changed it since). A rev
+            // the stage found ahead of its clock is judged again at this one: the stage may have
+            // checked it a moment ago (up to its queue's depth), and the verdict must be the
+            // one verifying in turn would give.
+            Some(ahead)
+                if ahead.identity.signing_key == identity.signing_key
+                    && !matches!(ahead.result, Err("future_rev")) =>
+            {
+                ahead.result
+            }
             _ => verify_commit(c, &identity.signing_key, &opts).map_err(|e| e.reason()),
         };
         match first {

@@ -113,10 +113,9 @@ pub struct VerifyStage {
 
 /// Verifying threads for `mode`, at least one and at most 8. Under `all` every commit is
 /// verified and verification is the pipeline's bottleneck: one thread per core. Under `routed`
-/// only tracked repos' commits are, and the processor (a single thread) is the bottleneck:
-/// verifying threads that take its core slow the whole stream down, so one per core but one
-/// (on 2 cores the stage verifies on its own thread, no helper threads spawned per batch).
-/// Measured in BENCHMARKS.md.
+/// only tracked repos' commits are, and the processor (a single thread) needs a core of its
+/// own: one per core but one (on 2 cores the stage verifies on its own thread; two threads
+/// there were no faster). Measured in BENCHMARKS.md.
 pub fn verify_threads(mode: VerifyMode) -> usize {
     threads_for_cores(
         mode,

@@ -279,8 +279,9 @@ impl Withdrawn {
                 if self.dids.is_empty() {
                     return None;
                 }
-                // A block that cannot be read is left to routing, which drops the op itself.
-                let block = commit.record_block(op).ok()??;
+                // A block that cannot be read is left to routing, which drops the op itself. Not
+                // hash-checked: this only decides what is dropped, never what is kept.
+                let block = commit.record_block_unhashed(op).ok()??;
                 self.matcher.mentions_in_record(block).then_some(i)
             })
             .collect();

@@ -191,6 +191,21 @@ impl<'a> Commit<'a> {
     /// The record block of a create/update op, hash-checked against `op.cid`; `None` for deletes.
     /// A `cid` that is not an atproto record CID is [`OpError::BadCid`] (checked before lookup).
     pub fn record_block(&self, op: &RepoOp) -> Result<Option<&'a [u8]>, OpError> {
+        let block = self.record_block_unhashed(op)?;
+        if let (Some(cid), Some(block)) = (&op.cid, block) {
+            if !self.verified.borrow().contains(cid) {
+                cbor::verify_block(cid, block)?;
+                self.verified.borrow_mut().push(*cid);
+            }
+        }
+        Ok(block)
+    }
+
+    /// [`Commit::record_block`] without the hash check, for a caller that only peeks at the
+    /// record to decide whether it wants it, and calls [`Commit::record_block`] before it keeps
+    /// anything derived from it (most records of the firehose are read for a decision and
+    /// dropped: hashing them all was a quarter of the writer's routing time, BENCHMARKS.md).
+    pub fn record_block_unhashed(&self, op: &RepoOp) -> Result<Option<&'a [u8]>, OpError> {
         let Some(cid) = &op.cid else {
             return match op.action {
                 Action::Delete => Ok(None),
@@ -210,10 +225,6 @@ impl<'a> Commit<'a> {
             .ok_or_else(|| OpError::MissingBlock(cid.to_string()))?;
         if block.len() > MAX_RECORD_BYTES {
             return Err(OpError::RecordTooLarge(block.len()));
-        }
-        if !self.verified.borrow().contains(cid) {
-            cbor::verify_block(cid, block)?;
-            self.verified.borrow_mut().push(*cid);
         }
         Ok(Some(block))
     }

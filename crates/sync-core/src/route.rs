@@ -170,6 +170,7 @@ fn route_commit(commit: &Commit<'_>, state: &dyn RoutingState, clock: &str, out:
         new_posts: Vec::new(),
     };
     let author_is_study = state.is_study_user(&commit.repo);
+    let author_in_network = state.is_in_network(&commit.repo);
     for (index, op) in commit.ops.iter().enumerate() {
         let op = match op {
             Ok(op) => op,
@@ -187,6 +188,7 @@ fn route_commit(commit: &Commit<'_>, state: &dyn RoutingState, clock: &str, out:
             kind,
             index,
             author_is_study,
+            author_in_network,
             clock,
         };
         let result = match op.action {
@@ -214,6 +216,7 @@ struct OpCtx<'c, 'a> {
     kind: RecordKind,
     index: usize,
     author_is_study: bool,
+    author_in_network: bool,
     clock: &'c str,
 }
 
@@ -222,7 +225,26 @@ impl<'a> OpCtx<'_, 'a> {
         AtUri::from_parts(&self.commit.repo, &self.op.collection, &self.op.rkey)
     }
 
+    /// The op's record block. A record the repo's resync compares (every routed kind of a study
+    /// user, an in-network account's posts) is hash-checked at once: a bad one is a record we
+    /// should have had, and its `cid_mismatch` queues the repo's resync under `--verify off`.
+    /// Any other is checked only once something is derived from it ([`OpCtx::keep`]): most
+    /// records are read for a routing decision and dropped, and hashing them all was a quarter
+    /// of the processor's time (BENCHMARKS.md).
     fn block(&self) -> Result<&'a [u8], (&'static str, String)> {
+        if self.author_is_study || (self.author_in_network && self.kind == RecordKind::Post) {
+            return self.keep();
+        }
+        match self.commit.record_block_unhashed(self.op) {
+            Ok(Some(block)) => Ok(block),
+            Ok(None) => Err(("missing_cid", "create op without a record".into())),
+            Err(e) => Err((e.reason(), e.to_string())),
+        }
+    }
+
+    /// The op's record block, hash-checked: called before a file or an index entry is derived
+    /// from it (each CID is hashed once per commit).
+    fn keep(&self) -> Result<&'a [u8], (&'static str, String)> {
         match self.commit.record_block(self.op) {
             Ok(Some(block)) => Ok(block),
             Ok(None) => Err(("missing_cid", "create op without a record".into())),
@@ -266,7 +288,7 @@ impl<'a> OpCtx<'_, 'a> {
                 if !self.author_is_study {
                     return Ok(());
                 }
-                let block = self.block()?;
+                let block = self.keep()?;
                 let record = self.record_json(block)?;
                 self.check_type(record.get("$type").and_then(|t| t.as_str()))?;
                 let uri = self.uri();
@@ -326,6 +348,10 @@ impl<'a> OpCtx<'_, 'a> {
         let nest = root
             .filter(|r| overlay.study_post_author(r).is_some())
             .or(parent.filter(|p| overlay.study_post_author(p).is_some()));
+        if nest.is_some() {
+            // Before anything (a drop included) is said about the op.
+            self.keep()?;
+        }
         if let Some(study_uri) = nest {
             match post_rkey(study_uri) {
                 Some(rkey) => folders.push(Folder::ReplyToUserPost(rkey)),
@@ -333,7 +359,7 @@ impl<'a> OpCtx<'_, 'a> {
             }
         }
         // P3: in-network author.
-        if self.commit_state_in_network(overlay) {
+        if self.author_in_network {
             folders.push(Folder::InNetworkPost(author.clone()));
         }
         // Quote of a study post (ours, DESIGN.md §5).
@@ -347,6 +373,7 @@ impl<'a> OpCtx<'_, 'a> {
         if folders.is_empty() {
             return Ok(());
         }
+        let block = self.keep()?;
         let record = self.record_json(block)?;
         let post = transform::transform_post(
             uri.as_str(),
@@ -375,10 +402,6 @@ impl<'a> OpCtx<'_, 'a> {
         Ok(())
     }
 
-    fn commit_state_in_network(&self, overlay: &Overlay<'_>) -> bool {
-        overlay.state.is_in_network(&self.commit.repo)
-    }
-
     /// Likes and reposts: the study author's own folder, and the reaction folder of the study
     /// post the subject points at.
     fn route_reaction(&self, overlay: &Overlay<'_>, out: &mut Routing) -> OpResult {
@@ -395,6 +418,7 @@ impl<'a> OpCtx<'_, 'a> {
         if !self.author_is_study && !on_study_post {
             return Ok(());
         }
+        let block = self.keep()?;
         let subject_rkey = || post_rkey(subject).ok_or(("bad_subject", subject.to_owned()));
         let uri = self.uri();
         let record = self.record_json(block)?;
@@ -445,6 +469,7 @@ impl<'a> OpCtx<'_, 'a> {
         if !self.author_is_study && !subject_is_study {
             return Ok(());
         }
+        let block = self.keep()?;
         let uri = self.uri();
         let record = self.record_json(block)?;
         let contents = transform::follow_cache_json(

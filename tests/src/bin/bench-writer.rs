@@ -205,6 +205,7 @@ async fn main() {
     // Wait for the first commit (sets loaded), then time to the last.
     let started = Instant::now();
     let mut first: Option<(Instant, i64)> = None;
+    let mut cpu_at_first = (0.0, 0.0);
     let mut rss_samples = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -212,6 +213,7 @@ async fn main() {
         if let Some(c) = c {
             if first.is_none() {
                 first = Some((Instant::now(), c));
+                cpu_at_first = cpu_seconds(pid);
                 eprintln!(
                     "first commit at seq {c} after {:.1} s (sets loaded); RSS {} MB",
                     started.elapsed().as_secs_f64(),
@@ -232,6 +234,7 @@ async fn main() {
     let peak = rss_kb(pid, "VmHWM:");
     let (user, system) = cpu_seconds(pid);
     let verify_metrics = metric_lines(metrics_addr, "firehose_verif");
+    let barrier_metrics = metric_lines(metrics_addr, "firehose_commit_duration_seconds_");
     unsafe { libc_kill(pid) };
     let _ = child.wait();
     let files = count_files(&work.join("cache"));
@@ -249,6 +252,16 @@ async fn main() {
         "writer CPU: {:.1} s (user {user:.1} s + system {system:.1} s, whole run including set loading)",
         user + system
     );
+    // The timed window alone: what the stream cost, without the set loading before it.
+    let (window_user, window_system) = (user - cpu_at_first.0, system - cpu_at_first.1);
+    println!(
+        "writer CPU in the timed window: {:.1} s (user {window_user:.1} s + system {window_system:.1} s), {:.0} % of the {} cores",
+        window_user + window_system,
+        100.0 * (window_user + window_system)
+            / secs
+            / std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     println!(
         "writer RSS: median {} MB, max sampled {} MB, peak (VmHWM) {} MB",
         rss_samples[rss_samples.len() / 2] / 1024,
@@ -257,6 +270,22 @@ async fn main() {
     );
     if let Some(lines) = verify_metrics {
         println!("{lines}");
+    }
+    // Barriers (syncfs, renames, the SQLite commit): time the processor waits for the disk.
+    if let Some(lines) = barrier_metrics {
+        let value = |suffix: &str| {
+            lines
+                .lines()
+                .find(|l| l.starts_with(&format!("firehose_commit_duration_seconds_{suffix} ")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        if let (Some(sum), Some(count)) = (value("sum"), value("count")) {
+            println!(
+                "barriers: {count:.0}, {sum:.1} s in all ({:.0} % of the timed window, whole run)",
+                100.0 * sum / secs
+            );
+        }
     }
     relay.shutdown().await;
 }

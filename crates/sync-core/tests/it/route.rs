@@ -873,3 +873,85 @@ fn reactions_to_unindexed_posts_of_study_users_are_routed_by_the_uri_author() {
         ],
     );
 }
+
+/// `frame` with one record's `createdAt` altered in place: the block still decodes, but no
+/// longer hashes to the CID its op names.
+fn tampered(frame: Vec<u8>, created_at: &str, forged: &str) -> Vec<u8> {
+    assert_eq!(created_at.len(), forged.len());
+    let at = frame
+        .windows(created_at.len())
+        .position(|w| w == created_at.as_bytes())
+        .expect("the record is in the frame");
+    let mut frame = frame;
+    frame[at..at + forged.len()].copy_from_slice(forged.as_bytes());
+    frame
+}
+
+#[test]
+fn a_record_whose_block_does_not_hash_to_its_cid_is_never_kept() {
+    let state = cast();
+    let other_post = "at://did:plc:ragtjsm2j2vknwkz3zp4oxrd/app.bsky.feed.post/3l5jnpb6xyz2k";
+    // (drop reasons, files, state updates) of one tampered create by `repo`.
+    let route = |repo: &str, collection: &str, record: Value, created_at: &str| {
+        // The last digit of the milliseconds, changed.
+        let mut forged = created_at.as_bytes().to_vec();
+        let digit = forged.len() - 2;
+        forged[digit] = if forged[digit] == b'9' {
+            b'8'
+        } else {
+            forged[digit] + 1
+        };
+        let forged = String::from_utf8(forged).unwrap();
+        let frame = tampered(
+            commit(
+                1,
+                repo,
+                &[create(collection, "3l5kaaaaaaa2a", record.clone())],
+            ),
+            created_at,
+            &forged,
+        );
+        let event = decode_frame(&frame).expect("the frame itself is intact");
+        let routing = route_event(&event, &state, CLOCK);
+        let reasons: Vec<&str> = routing.dropped.iter().map(|d| d.reason).collect();
+        // The same op untampered routes (the tampering is what made the difference).
+        let clean = commit(1, repo, &[create(collection, "3l5kaaaaaaa2a", record)]);
+        let clean = route_event(&decode_frame(&clean).unwrap(), &state, CLOCK);
+        assert!(clean.dropped.is_empty(), "{:?}", clean.dropped);
+        (
+            reasons,
+            routing.files.len(),
+            routing.updates.len(),
+            clean.files.len(),
+        )
+    };
+    let like_at = "2024-10-02T14:20:11.093Z";
+    let reply_at = "2024-10-02T14:05:10.001Z";
+    let follow_at = "2024-10-02T14:25:00.000Z";
+    let post_at = "2024-10-02T14:03:27.512Z";
+    let bad = |clean_files| (vec!["cid_mismatch"], 0, 0, clean_files);
+    // A stranger's records that would be routed (a like on, a reply to a study post, a follow of
+    // a study user) are dropped, each counted once.
+    assert_eq!(route(A2, LIKE, like(STUDY_POST), like_at), bad(1));
+    assert_eq!(
+        route(A2, POST, reply(STUDY_POST, STUDY_POST), reply_at),
+        bad(1)
+    );
+    assert_eq!(route(A2, FOLLOW, follow(S1), follow_at), bad(1));
+    // A study user's record is checked whatever it routes to, and so is an in-network account's
+    // post: a bad one is a record of theirs the commit should have carried (its repo's resync
+    // compares it).
+    assert_eq!(route(S1, LIKE, like(other_post), like_at), bad(1));
+    assert_eq!(route(A1, POST, post("hello"), post_at), bad(1));
+    // Anyone's record that routes nowhere is read only to learn that: nothing kept, nothing
+    // counted (an in-network account's like, a stranger's like or post).
+    assert_eq!(
+        route(A1, LIKE, like(other_post), like_at),
+        (vec![], 0, 0, 0)
+    );
+    assert_eq!(
+        route(A2, LIKE, like(other_post), like_at),
+        (vec![], 0, 0, 0)
+    );
+    assert_eq!(route(A2, POST, post("hello"), post_at), (vec![], 0, 0, 0));
+}
