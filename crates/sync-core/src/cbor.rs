@@ -121,6 +121,49 @@ fn skip_item_depth(buf: &[u8], pos: usize, depth: usize) -> Result<usize, CborEr
     }
 }
 
+/// The text value of `key` in the map that is the whole of `buf`, found in one pass that also
+/// bounds the nesting of every value (as [`check_depth`]) without decoding them: `None` when
+/// the map has no such key. An error when `buf` is not one map with text keys, the key appears
+/// twice or its value is not text, or bytes follow the map.
+pub fn map_text_value<'a>(buf: &'a [u8], key: &str) -> Result<Option<&'a str>, CborError> {
+    let text = |pos: usize| -> Result<(&'a str, usize), CborError> {
+        let (major, _, len, start) = read_head(buf, pos)?;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= buf.len())
+            .ok_or(CborError::Truncated(pos))?;
+        if major != 3 {
+            return Err(CborError::Decode(format!("expected text at byte {pos}")));
+        }
+        let s = std::str::from_utf8(&buf[start..end])
+            .map_err(|_| CborError::Decode(format!("invalid UTF-8 at byte {pos}")))?;
+        Ok((s, end))
+    };
+    let (major, _, entries, mut pos) = read_head(buf, 0)?;
+    if major != 5 {
+        return Err(CborError::Decode("expected a map".into()));
+    }
+    if entries.saturating_mul(2) > (buf.len() - pos) as u64 {
+        return Err(CborError::Truncated(0));
+    }
+    let mut found = None;
+    for _ in 0..entries {
+        let (name, value) = text(pos)?;
+        pos = skip_item_depth(buf, value, 1)?;
+        if name == key {
+            if found.is_some() {
+                return Err(CborError::Decode(format!("duplicate key {key}")));
+            }
+            found = Some(text(value)?.0);
+        }
+    }
+    if pos != buf.len() {
+        return Err(CborError::Decode("trailing bytes after the map".into()));
+    }
+    Ok(found)
+}
+
 /// Checks nesting depth of a whole item without decoding it (guards the recursive decoders).
 pub fn check_depth(buf: &[u8]) -> Result<(), CborError> {
     skip_item(buf, 0).map(|_| ())
@@ -276,6 +319,49 @@ pub fn encode_ipld(ipld: &Ipld) -> Result<Vec<u8>, CborError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_text_value_finds_one_text_key_in_one_bounded_pass() {
+        let map = |entries: &[(&str, Ipld)]| {
+            encode_ipld(&Ipld::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            ))
+            .unwrap()
+        };
+        let nested = (0..2 * MAX_DEPTH).fold(Ipld::Null, |inner, _| Ipld::List(vec![inner]));
+        let good = map(&[
+            ("ops", Ipld::List(vec![Ipld::Map(Default::default())])),
+            ("repo", Ipld::String("did:plc:x".into())),
+            ("blocks", Ipld::Bytes(vec![7; 300])),
+        ]);
+        assert_eq!(map_text_value(&good, "repo").unwrap(), Some("did:plc:x"));
+        assert_eq!(map_text_value(&good, "rev").unwrap(), None);
+        // Not text, nested too deep (even in another key), trailing bytes, not a map, cut short.
+        let number = map(&[("repo", Ipld::Integer(1))]);
+        assert!(map_text_value(&number, "repo").is_err());
+        let deep = map(&[("repo", Ipld::String("x".into())), ("z", nested)]);
+        assert!(matches!(
+            map_text_value(&deep, "repo"),
+            Err(CborError::TooDeep)
+        ));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(map_text_value(&trailing, "repo").is_err());
+        assert!(map_text_value(&encode_ipld(&Ipld::List(vec![])).unwrap(), "repo").is_err());
+        assert!(map_text_value(&good[..good.len() - 1], "repo").is_err());
+        // A key given twice (not canonical DAG-CBOR, built by hand): refused, not either value.
+        let mut twice = vec![0xa2];
+        for value in ["a", "b"] {
+            twice.extend([0x64, b'r', b'e', b'p', b'o', 0x61, value.as_bytes()[0]]);
+        }
+        assert!(map_text_value(&twice, "repo").is_err());
+        twice[0] = 0xa1;
+        twice.truncate(8);
+        assert_eq!(map_text_value(&twice, "repo").unwrap(), Some("a"));
+    }
 
     #[test]
     fn skip_item_finds_item_boundaries() {

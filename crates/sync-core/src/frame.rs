@@ -680,15 +680,10 @@ pub fn frame_seq(frame: &[u8]) -> Option<i64> {
     seq_of(frame.get(end..)?).map(|s| s.0)
 }
 
-#[derive(Deserialize)]
-struct RepoOnly<'a> {
-    #[serde(borrow)]
-    repo: &'a str,
-}
-
-/// The `repo` of a `#commit` message without decoding the rest (its blocks are skipped, not
-/// parsed): what decides whether a commit is worth decoding in full. `None` for any other
-/// message, and for a frame that does not decode that far ([`decode_frame`] says why).
+/// The `repo` of a `#commit` message without decoding the rest (one pass over the body's map
+/// that skips the other values, their nesting bounded): what decides whether a commit is worth
+/// decoding in full. `None` for any other message and for a body that is not one map with a
+/// text `repo`; a commit named here may still fail [`decode_frame`] (which says why).
 pub fn commit_repo(frame: &[u8]) -> Option<&str> {
     if frame.len() > MAX_FRAME_BYTES {
         return None;
@@ -697,11 +692,7 @@ pub fn commit_repo(frame: &[u8]) -> Option<&str> {
     if header.op != 1 || header.t != Some("#commit") {
         return None;
     }
-    // Bounds nesting before serde's recursive decoder skips the other fields.
-    cbor::check_depth(body).ok()?;
-    serde_ipld_dagcbor::from_slice::<RepoOnly<'_>>(body)
-        .ok()
-        .map(|r| r.repo)
+    cbor::map_text_value(body, "repo").ok().flatten()
 }
 
 /// True when the message is an error frame (`op = -1`); reads only the header.
