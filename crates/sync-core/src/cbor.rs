@@ -127,15 +127,11 @@ fn skip_item_depth(buf: &[u8], pos: usize, depth: usize) -> Result<usize, CborEr
 /// twice or its value is not text, or bytes follow the map.
 pub fn map_text_value<'a>(buf: &'a [u8], key: &str) -> Result<Option<&'a str>, CborError> {
     let text = |pos: usize| -> Result<(&'a str, usize), CborError> {
-        let (major, _, len, start) = read_head(buf, pos)?;
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|l| start.checked_add(l))
-            .filter(|&e| e <= buf.len())
-            .ok_or(CborError::Truncated(pos))?;
+        let (major, _, _, start) = read_head(buf, pos)?;
         if major != 3 {
             return Err(CborError::Decode(format!("expected text at byte {pos}")));
         }
+        let end = skip_item(buf, pos)?;
         let s = std::str::from_utf8(&buf[start..end])
             .map_err(|_| CborError::Decode(format!("invalid UTF-8 at byte {pos}")))?;
         Ok((s, end))
