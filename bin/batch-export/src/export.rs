@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, TryLockError};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -441,11 +441,12 @@ impl Run<'_> {
         let cancel = self.cancel_read.clone();
         let files = chunk.files;
         let ts = export_ts.clone();
+        let pool = read_pool(config.threads)?;
         let thread = std::thread::Builder::new()
             .name("batch-read".into())
             .spawn_scoped(scope, move || {
                 let t_read = Instant::now();
-                let items = read_all(config, &progress, &shown, &cancel, files, &ts);
+                let items = read_all(pool, config, &progress, &shown, &cancel, files, &ts);
                 (items, t_read.elapsed().as_secs_f64())
             })
             .context("starting a batch's reader")?;
@@ -789,6 +790,7 @@ fn release_freed_memory() {
 
 /// Phase 1 (parallel): read, key, parse.
 fn read_all(
+    pool: &rayon::ThreadPool,
     config: &Config,
     progress: &indicatif::ProgressBar,
     shown: &std::sync::atomic::AtomicBool,
@@ -797,21 +799,44 @@ fn read_all(
     export_ts: &str,
 ) -> Vec<(FileRef, Item)> {
     let root = &config.cache_dir;
-    files
-        .into_par_iter()
-        .filter(|_| !cancel.load(std::sync::atomic::Ordering::Relaxed))
-        .map(|f| {
-            let item = read_one(root, &f, export_ts, &config.withdrawn);
-            progress.inc(1);
-            if progress.position() >= LARGE_RUN_FILES
-                && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
-                progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                progress.enable_steady_tick(std::time::Duration::from_millis(200));
-            }
-            (f, item)
-        })
-        .collect()
+    pool.install(|| {
+        files
+            .into_par_iter()
+            .filter(|_| !cancel.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|f| {
+                let item = read_one(root, &f, export_ts, &config.withdrawn);
+                progress.inc(1);
+                if progress.position() >= LARGE_RUN_FILES
+                    && !shown.swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+                }
+                (f, item)
+            })
+            .collect()
+    })
+}
+
+/// The read phase's own worker threads (`threads`, or one per core).
+///
+/// Not the global pool: the batch being exported builds its DataFrames and Parquet columns
+/// there while the next batch is read, and rayon serves work sent from outside a pool only
+/// after its workers have run out of their own, so sharing one pool made every export step wait
+/// for the whole read ahead (BENCHMARKS.md, "A read pool of its own"). With two pools the
+/// kernel shares the cores between both phases.
+fn read_pool(threads: usize) -> Result<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+    if let Some(pool) = POOL.get() {
+        return Ok(pool);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("batch-read-{i}"))
+        .build()
+        .context("starting the read phase's threads")?;
+    // Another run of this process may have set it meanwhile; either pool will do.
+    Ok(POOL.get_or_init(|| pool))
 }
 
 fn read_one(
