@@ -125,6 +125,17 @@ pub struct Args {
     #[arg(long, env = "BATCH_EXPORT_S3_KMS_KEY_ID")]
     pub s3_kms_key_id: Option<String>,
 
+    /// S3, `purge` only: on a bucket that keeps old object versions, delete the older versions
+    /// of every object a purge rewrote (they still hold the withdrawn rows). Needs
+    /// `s3:ListBucketVersions` and `s3:DeleteObjectVersion`; without it such a purge exits 3
+    /// and says how many old versions are left.
+    #[arg(
+        long,
+        env = "BATCH_EXPORT_S3_DELETE_NONCURRENT_VERSIONS",
+        default_value_t = false
+    )]
+    pub s3_delete_noncurrent_versions: bool,
+
     /// The writer's state database (read only): its committed cursor, read when the run starts,
     /// is recorded in the output (`_batch_export/resume.json`) when the run ends with nothing
     /// left behind, so a replacement machine knows where to restart the writer
@@ -316,6 +327,8 @@ pub struct S3Options {
     pub checksum: S3Checksum,
     pub sse: Option<S3Sse>,
     pub kms_key_id: Option<String>,
+    /// `purge`: delete the noncurrent versions of rewritten objects (versioned buckets).
+    pub delete_noncurrent_versions: bool,
 }
 
 /// A validated run configuration.
@@ -472,6 +485,7 @@ impl Config {
                 checksum: args.s3_checksum,
                 sse: args.s3_sse,
                 kms_key_id: args.s3_kms_key_id.clone(),
+                delete_noncurrent_versions: args.s3_delete_noncurrent_versions,
             },
             progress: !args.json && !args.no_progress && std::io::stdout().is_terminal(),
             fault: Fault::from_env()?,

@@ -31,7 +31,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// The run succeeded but a human should look: corrupt cache files quarantined (see
     /// `<cache>/.quarantine/`), files in folders that feed no table, exported files that could
-    /// not be deleted, cache entries the walk cannot handle.
+    /// not be deleted, cache entries the walk cannot handle; for `purge`, old object versions
+    /// in a versioned S3 bucket that still hold withdrawn rows.
     pub const QUARANTINED: u8 = 3;
 }
 

@@ -95,7 +95,11 @@ fn purge(args: &Args) -> ExitCode {
         }
         Ok(batch_export::purge::PurgeOutcome::Done(s)) => {
             print(&s);
-            ExitCode::from(exit::OK)
+            if s.needs_attention() {
+                ExitCode::from(exit::QUARANTINED)
+            } else {
+                ExitCode::from(exit::OK)
+            }
         }
         Ok(batch_export::purge::PurgeOutcome::Failed { summary, error }) => {
             print(&summary);

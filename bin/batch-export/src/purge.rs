@@ -140,11 +140,26 @@ pub struct PurgeSummary {
     pub purges_rolled_forward: u64,
     /// Export batches a killed run had committed, published first.
     pub batches_rolled_forward: u64,
+    /// S3: whether the bucket keeps old object versions (`off`, `Enabled`, `Suspended`,
+    /// `unknown`); `null` for a local output.
+    pub s3_versioning: Option<String>,
+    /// Old versions of rewritten objects (they hold the withdrawn rows) deleted by this run
+    /// (`--s3-delete-noncurrent-versions`), and left in the bucket.
+    pub noncurrent_versions_deleted: u64,
+    pub noncurrent_versions_left: u64,
+    /// Rewritten objects whose old versions could not be looked for (no permission).
+    pub versions_unchecked: u64,
     pub seconds: f64,
     pub error: Option<String>,
 }
 
 impl PurgeSummary {
+    /// The purge is done, but rows of theirs may still be readable in the bucket's old object
+    /// versions: a human should look (exit 3).
+    pub fn needs_attention(&self) -> bool {
+        self.noncurrent_versions_left > 0 || self.versions_unchecked > 0
+    }
+
     pub fn to_text(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
@@ -179,6 +194,34 @@ impl PurgeSummary {
             self.purges_rolled_forward,
             self.batches_rolled_forward
         );
+        if let Some(v) = &self.s3_versioning {
+            let _ = writeln!(
+                s,
+                "  s3 versioning: {v}; old versions of rewritten objects: {} deleted, {} left, {} objects not checked",
+                self.noncurrent_versions_deleted,
+                self.noncurrent_versions_left,
+                self.versions_unchecked
+            );
+        }
+        if self.noncurrent_versions_left > 0 {
+            let _ = writeln!(
+                s,
+                "  ATTENTION: the bucket keeps old versions of the rewritten objects, and {} of them \
+                 still hold the withdrawn rows: run the purge again with \
+                 --s3-delete-noncurrent-versions (needs s3:ListBucketVersions and \
+                 s3:DeleteObjectVersion), or have them expired by a lifecycle rule",
+                self.noncurrent_versions_left
+            );
+        }
+        if self.versions_unchecked > 0 {
+            let _ = writeln!(
+                s,
+                "  ATTENTION: could not tell whether the bucket keeps old versions of {} rewritten \
+                 objects (they would hold the withdrawn rows): grant s3:GetBucketVersioning and \
+                 s3:ListBucketVersions, or check by hand",
+                self.versions_unchecked
+            );
+        }
         let _ = writeln!(s, "  time: {:.2} s", self.seconds);
         if let Some(e) = &self.error {
             let _ = writeln!(s, "  FAILED after the above: {e}");
@@ -463,6 +506,69 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<()
         rows_removed = ledger.rows_removed.values().sum::<u64>(),
         "purge finished"
     );
+    Ok(())
+}
+
+/// S3 buckets with versioning keep the version of each object a purge replaced, and those old
+/// versions hold the withdrawn rows. Every object any purge rewrote is looked at (so a later run
+/// with `--s3-delete-noncurrent-versions` finishes what an earlier one only counted): its old
+/// versions are deleted with that flag (`DeleteObject` with a version id; the current object
+/// is never deleted), otherwise counted and reported (exit 3).
+fn sweep_versions(
+    config: &Config,
+    state: &State,
+    sink: &Sink,
+    summary: &mut PurgeSummary,
+) -> Result<()> {
+    let Sink::S3(s3) = sink else {
+        return Ok(());
+    };
+    let rels: Vec<String> = state
+        .conn()
+        .prepare(
+            "SELECT DISTINCT f.rel FROM purge_file f JOIN purge p ON p.id = f.purge_id \
+             WHERE p.state = 'done' ORDER BY f.rel",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let delete = config.s3.delete_noncurrent_versions;
+    match s3.versioning() {
+        sink::Versioning::Off => {
+            summary.s3_versioning = Some("off".into());
+            return Ok(());
+        }
+        sink::Versioning::On(status) => summary.s3_versioning = Some(status),
+        sink::Versioning::Unknown(why) => {
+            summary.s3_versioning = Some("unknown".into());
+            tracing::warn!(error = %why, "cannot tell whether the bucket keeps old object versions; looking for them object by object");
+        }
+    }
+    for rel in &rels {
+        let key = sink.location_of(rel);
+        let old = match s3.noncurrent_versions(&key) {
+            Ok(old) => old,
+            Err(e) if !delete => {
+                tracing::warn!(file = %rel, error = format!("{e:#}"), "cannot list the old versions of a rewritten object");
+                summary.versions_unchecked += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if delete {
+            for version in &old {
+                s3.delete_version(&key, version)?;
+                summary.noncurrent_versions_deleted += 1;
+            }
+        } else {
+            summary.noncurrent_versions_left += old.len() as u64;
+        }
+    }
+    if summary.noncurrent_versions_left > 0 {
+        tracing::warn!(
+            versions = summary.noncurrent_versions_left,
+            "old versions of rewritten objects still hold the withdrawn rows (--s3-delete-noncurrent-versions deletes them)"
+        );
+    }
     Ok(())
 }
 
@@ -756,7 +862,8 @@ pub fn run(config: &Config) -> Result<PurgeOutcome> {
     };
     let (mut state, sink, rolled) = crate::export::roll_forward_batches(config, state, sink)?;
     summary.batches_rolled_forward = rolled;
-    let result = go(config, &mut state, &sink, &mut summary);
+    let result = go(config, &mut state, &sink, &mut summary)
+        .and_then(|()| sweep_versions(config, &state, &sink, &mut summary));
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(match result {
         Ok(()) => PurgeOutcome::Done(summary),

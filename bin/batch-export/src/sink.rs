@@ -51,6 +51,17 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether an S3 bucket keeps the old versions of overwritten objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Versioning {
+    /// Never enabled, or a store without versioning: a PUT replaces the only copy.
+    Off,
+    /// `Enabled` or `Suspended`: older versions of an overwritten object stay readable.
+    On(String),
+    /// The store would not say (no `s3:GetBucketVersioning` permission, say): why.
+    Unknown(String),
+}
+
 /// A final location and its staged file.
 pub struct Planned {
     pub location: String,
@@ -630,6 +641,100 @@ impl S3Sink {
         } else {
             format!("{}/{rel}", self.prefix)
         }
+    }
+
+    /// Whether the bucket keeps the old versions of overwritten objects.
+    pub fn versioning(&self) -> Versioning {
+        use aws_sdk_s3::error::ProvideErrorMetadata;
+        self.rt.block_on(async {
+            match self
+                .client
+                .get_bucket_versioning()
+                .bucket(&self.bucket)
+                .send()
+                .await
+            {
+                // No status: versioning was never enabled, a PUT replaces the only copy.
+                Ok(out) => match out.status() {
+                    None => Versioning::Off,
+                    Some(status) => Versioning::On(status.as_str().to_owned()),
+                },
+                // A store without versioning (s3s-fs, for one) cannot keep old versions.
+                Err(e)
+                    if e.code() == Some("NotImplemented")
+                        || e.raw_response().is_some_and(|r| r.status().as_u16() == 501) =>
+                {
+                    Versioning::Off
+                }
+                Err(e) => Versioning::Unknown(format!(
+                    "GetBucketVersioning s3://{}: {:#}",
+                    self.bucket,
+                    sdk_err(e)
+                )),
+            }
+        })
+    }
+
+    /// The version ids of `key`'s versions that are not its current one (delete markers, which
+    /// hold no data, left out).
+    pub fn noncurrent_versions(&self, key: &str) -> Result<Vec<String>> {
+        self.rt
+            .block_on(async {
+                let mut ids = Vec::new();
+                let mut key_marker: Option<String> = None;
+                let mut version_marker: Option<String> = None;
+                loop {
+                    let page = self
+                        .client
+                        .list_object_versions()
+                        .bucket(&self.bucket)
+                        .prefix(key)
+                        .set_key_marker(key_marker.clone())
+                        .set_version_id_marker(version_marker.clone())
+                        .send()
+                        .await
+                        .map_err(sdk_err)?;
+                    ids.extend(
+                        page.versions()
+                            .iter()
+                            .filter(|v| v.key() == Some(key) && v.is_latest() != Some(true))
+                            .filter_map(|v| v.version_id().map(str::to_owned)),
+                    );
+                    if page.is_truncated() != Some(true) {
+                        break;
+                    }
+                    key_marker = page.next_key_marker().map(str::to_owned);
+                    version_marker = page.next_version_id_marker().map(str::to_owned);
+                    if key_marker.is_none() {
+                        break;
+                    }
+                }
+                Ok::<_, anyhow::Error>(ids)
+            })
+            .with_context(|| format!("ListObjectVersions s3://{}/{key}", self.bucket))
+    }
+
+    /// Deletes one old version of `key` (`DeleteObject` with its version id: the current
+    /// object is not touched).
+    pub fn delete_version(&self, key: &str, version_id: &str) -> Result<()> {
+        self.rt
+            .block_on(async {
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .version_id(version_id)
+                    .send()
+                    .await
+                    .map_err(sdk_err)
+            })
+            .with_context(|| {
+                format!(
+                    "DeleteObject s3://{}/{key} (version {version_id})",
+                    self.bucket
+                )
+            })?;
+        Ok(())
     }
 
     /// Aborts open multipart uploads of `key` (a killed run's), best effort: they hold parts,
