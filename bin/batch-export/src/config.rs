@@ -77,7 +77,8 @@ pub struct Args {
     )]
     pub dedupe_retention_hours: u64,
 
-    /// Worker threads for reading and encoding (0 = one per core).
+    /// Threads of each of the two worker pools, reading the next batch and encoding the
+    /// current one (0 = one per core; Polars' own pool: `POLARS_MAX_THREADS`).
     #[arg(long, env = "BATCH_EXPORT_THREADS", default_value_t = 0)]
     pub threads: usize,
 

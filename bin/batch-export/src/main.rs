@@ -33,6 +33,9 @@ fn print_summary(summary: &batch_export::Summary, json: bool) {
 
 /// `batch-export resume-point`: the bare cursor on stdout, the details on stderr; exit 1 when
 /// the output has none.
+/// How long relays keep events to replay (the Bluesky relays: about 72 hours).
+const RELAY_REPLAY_HOURS: i64 = 72;
+
 fn resume_point(args: &Args) -> ExitCode {
     let run = || -> anyhow::Result<Option<batch_export::manifest::Resume>> {
         let config = Config::from_args(args)?;
@@ -55,6 +58,17 @@ fn resume_point(args: &Args) -> ExitCode {
                 r.last_batch_id,
                 r.writer_cursor
             );
+            let age_hours = (batch_export::now_secs() - r.at) / 3600;
+            if age_hours >= RELAY_REPLAY_HOURS {
+                eprintln!(
+                    "WARNING: this resume point is {age_hours} hours old, older than a relay's replay \
+                     window (about {RELAY_REPLAY_HOURS} h): events between it and the oldest the relay \
+                     still holds cannot be replayed, and a writer started at it resumes from the relay's \
+                     oldest event. The point moves only after an export run that exits 0 with \
+                     --writer-state: see why recent runs did not (exit 3: quarantined or unrecognised \
+                     files; no --writer-state in the crontab)"
+                );
+            }
             ExitCode::from(exit::OK)
         }
         Ok(None) => {

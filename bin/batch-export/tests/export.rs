@@ -3136,6 +3136,28 @@ fn the_resume_point_moves_only_after_a_clean_run_and_survives_the_state() {
     env.export_ok(&["--adopt-output"]);
     assert_eq!(resume_point(), (Some(0), "2000".to_owned()));
     assert_posts_once(&env, &posts);
+    // A point older than a relay's replay window is still printed, with a warning that says so.
+    let resume_file = env.out.join("_batch_export/resume.json");
+    let resume: Value = serde_json::from_slice(&fs::read(&resume_file).unwrap()).unwrap();
+    let warning = |resume_point_at: i64| {
+        let mut r = resume.clone();
+        r["at"] = resume_point_at.into();
+        fs::write(&resume_file, serde_json::to_vec(&r).unwrap()).unwrap();
+        let out = run(
+            &[
+                "--output".to_owned(),
+                env.out.display().to_string(),
+                "resume-point".to_owned(),
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000");
+        String::from_utf8_lossy(&out.stderr).contains("WARNING")
+    };
+    let now = resume["at"].as_i64().unwrap();
+    assert!(!warning(now - 71 * 3600), "a point within the window");
+    assert!(warning(now - 4 * 24 * 3600), "a point four days old");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -4517,4 +4539,41 @@ fn s3_purge_on_a_versioned_bucket_deletes_the_old_versions_only_when_asked() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["noncurrent_versions_deleted"], 0, "{summary}");
+}
+
+/// The deployed crontab runs what the issue asks of it: `--clear-cache` (no millions of empty
+/// folders) and the writer's state (a resume point for a lost machine) beside the cache and the
+/// output, every variable one batch-export reads.
+#[test]
+fn the_deployed_crontab_clears_the_cache_and_records_the_resume_point() {
+    let text = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/batch-export.crontab"
+    ))
+    .unwrap();
+    let vars: BTreeMap<&str, &str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.starts_with("BATCH_EXPORT_"))
+        .collect();
+    for key in [
+        "BATCH_EXPORT_CACHE_DIR",
+        "BATCH_EXPORT_OUTPUT",
+        "BATCH_EXPORT_WRITER_STATE",
+    ] {
+        assert!(vars.contains_key(key), "{key} missing from the crontab");
+    }
+    let help = run(&["--help".to_owned()], &[]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    for key in vars.keys() {
+        assert!(help.contains(key), "{key} is not a batch-export setting");
+    }
+    let jobs: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains("batch-export --"))
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].contains("--clear-cache"), "{}", jobs[0]);
+    assert!(jobs[0].starts_with("*/5 "), "every 5 minutes: {}", jobs[0]);
 }
