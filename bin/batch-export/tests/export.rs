@@ -2889,7 +2889,66 @@ fn duckdb_recipes_read_every_exported_table_with_typed_columns() {
     fill_examples(&env);
     let s = env.export_ok(&[]);
     let out = env.out.display().to_string();
-    check_recipes(&s, &RecipeTarget::Local(&out));
+    assert_eq!(check_recipes(&s, &RecipeTarget::Local(&out)), 4, "{s}");
+}
+
+/// The recipes of every table: the consent dataset (every kind of record a study produces) and
+/// the in-network posts and follows of the examples, exported locally and read back by each
+/// reader's recipe.
+#[test]
+fn recipes_read_every_table_with_typed_columns() {
+    require_recipe_readers();
+    let env = Env::new();
+    consent_dataset(&env, 0);
+    fill_examples(&env);
+    // What neither holds: a study user's own repost and block, an in-network post's delete.
+    let cid = "bafyreihus4wvodsdmhsschvb57dn7qsl6wxanu5fv6httkq2njd7zqadri";
+    let subject = format!("at://{A1}/app.bsky.feed.post/3l5jqyv2s4k2c");
+    env.write(
+        &format!("study_user_activity/create/repost/author_did={S2}_repost_uri_suffix=3l5k1rrrrrr2r.json"),
+        &transform::generic_record_cache_json(
+            &format!("at://{S2}/app.bsky.feed.repost/3l5k1rrrrrr2r"),
+            cid,
+            S2,
+            "app.bsky.feed.repost",
+            &json!({"$type": "app.bsky.feed.repost", "createdAt": "2024-10-02T14:30:00.000Z",
+                "subject": {"uri": subject, "cid": cid}}),
+        ),
+    );
+    env.write(
+        &format!("study_user_activity/create/block/author_did={S2}_block_uri_suffix=3l5k2bbbbbb2b.json"),
+        &transform::generic_record_cache_json(
+            &format!("at://{S2}/app.bsky.graph.block/3l5k2bbbbbb2b"),
+            cid,
+            S2,
+            "app.bsky.graph.block",
+            &json!({"$type": "app.bsky.graph.block", "createdAt": "2024-10-02T14:31:00.000Z", "subject": A3}),
+        ),
+    );
+    env.write(
+        &format!("in_network_user_activity/delete/post/{A1}/author_did={A1}_post_uri_suffix=3l5jqyv2s4k2c.json"),
+        &delete_json(&subject, A1, "app.bsky.feed.post", "3l5jqyv2s4k2c", 103),
+    );
+    let s = env.export_ok(&[]);
+    let out = env.out.display().to_string();
+    let exported: Vec<&str> = batch_export::tables::TABLES
+        .iter()
+        .filter(|t| s["tables"][t.path]["rows"].as_u64().is_some())
+        .map(|t| t.path)
+        .collect();
+    let missing: Vec<&str> = batch_export::tables::TABLES
+        .iter()
+        .map(|t| t.path)
+        .filter(|p| !exported.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "tables the dataset does not reach: {missing:?}"
+    );
+    assert_eq!(
+        check_recipes(&s, &RecipeTarget::Local(&out)),
+        batch_export::tables::TABLES.len()
+    );
 }
 
 #[test]
@@ -2905,13 +2964,15 @@ fn s3_recipes_read_every_exported_table_with_typed_columns() {
         s3::CLIENT_ENV,
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    check_recipes(
-        &summary(&out),
+    let s = summary(&out);
+    let ran = check_recipes(
+        &s,
         &RecipeTarget::S3 {
             endpoint: &server.endpoint,
             bucket_prefix: "research/bluesky/data",
         },
     );
+    assert_eq!(ran, 4, "{s}");
 }
 
 fn require_recipe_readers() {
@@ -2957,7 +3018,7 @@ S3_FS = pyarrow.fs.S3FileSystem(endpoint_override=ENDPOINT, access_key="testing"
 /// Runs the DuckDB, Polars and pyarrow recipes of docs/querying.md for every table the export
 /// summary `s` reports rows for, against `target`, and checks each reader's row count and
 /// column types against the declared schema.
-fn check_recipes(s: &Value, target: &RecipeTarget<'_>) {
+fn check_recipes(s: &Value, target: &RecipeTarget<'_>) -> usize {
     let doc = fs::read_to_string(QUERYING).unwrap();
     // How each reader's recipe line starts (DuckDB and Polars name a URL, pyarrow a path on
     // its filesystem), the placeholder to fill, and what the script runs first.
@@ -3047,7 +3108,7 @@ print(json.dumps({{
         }
         ran += 1;
     }
-    assert_eq!(ran, 4, "four tables exported: {s}");
+    ran
 }
 
 /// The table's declared columns with each type named as a reader names it: `names` for
