@@ -271,6 +271,23 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         _ => None,
     };
     let mut result = run.go();
+    if let (Ok(()), Some(state), Some(sink)) = (&result, &run.state, &run.sink) {
+        // Hygiene, not part of the batch protocol: a failure is logged and retried next run.
+        match manifest::expire_keys(sink, state, crate::now_secs(), config.dedupe_retention_secs) {
+            Ok(0) => {}
+            Ok(n) => {
+                run.summary.keys_expired_batches = n;
+                tracing::info!(
+                    batches = n,
+                    "emptied the keys objects of batches older than the key retention"
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not empty the keys objects of old batches (the next run tries again)"
+            ),
+        }
+    }
     if let (Ok(()), Some((cursor, upstream))) = (&result, writer_cursor) {
         // Only a run that left nothing behind covers every event up to the cursor.
         if !run.summary.needs_attention() {

@@ -50,6 +50,11 @@ pub struct ManifestKeys {
     pub count: u64,
     /// SHA-256 (hex) of that object.
     pub sha256: String,
+    /// When the keys were removed (Unix seconds): once a batch is older than the key retention
+    /// no run reads its keys again ([`adopt`] reads those of batches within it), so the object
+    /// is emptied ([`expire_keys`]) and `count` and `sha256` describe the empty object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<i64>,
 }
 
 /// What one committed batch put in the output.
@@ -106,6 +111,7 @@ impl Manifest {
                 object: keys_name(batch.id),
                 count: batch.files,
                 sha256: batch.keys_digest.clone(),
+                expired_at: None,
             },
             purges: Vec::new(),
         }
@@ -121,6 +127,54 @@ pub fn write(sink: &Sink, batch: &Batch, owner: &str, sorted_keys: &[u8]) -> Res
     let json = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
     sink.put_meta(&format!("{BATCHES}/{}", manifest_name(batch.id)), &json)
         .with_context(|| format!("writing the manifest of batch {}", batch.id))
+}
+
+/// The state's `meta` key: the newest batch whose keys object [`expire_keys`] has emptied.
+const KEYS_EXPIRED_THROUGH: &str = "keys_expired_through";
+
+/// Empties the keys objects of published batches older than the retention, oldest first, and
+/// says so in their manifests (`keys.expired_at`; the manifest first, so a manifest never
+/// describes more keys than its object holds). Nothing reads such keys again (`adopt` reads
+/// the keys of batches within the retention; the state forgets them by the same rule), and a
+/// file key, though not reversible, lets whoever holds the very file (a public post, say) tell
+/// that it was exported: so the output keeps a key no longer than the state does, and a
+/// withdrawn participant's keys leave the output within the retention of their export. The
+/// newest batch keeps its keys (the start-up check compares them with the state). Returns how
+/// many batches were emptied.
+pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) -> Result<u64> {
+    let through: i64 = state
+        .meta(KEYS_EXPIRED_THROUGH)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let ids: Vec<i64> = state
+        .conn()
+        .prepare(
+            "SELECT id FROM batch WHERE state = 'published' AND id > ?1 AND started_at < ?2 \
+             AND id < (SELECT max(id) FROM batch WHERE state = 'published') ORDER BY id",
+        )?
+        .query_map(rusqlite::params![through, now - retention_secs], |r| {
+            r.get(0)
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut emptied = 0;
+    for id in ids {
+        // Batches published before manifests existed have none (and no keys object).
+        if let Some(mut m) = read_manifest(sink, id)? {
+            if m.keys.expired_at.is_none() {
+                m.keys.count = 0;
+                m.keys.sha256 = keys_digest(&[]);
+                m.keys.expired_at = Some(now);
+                let json = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+                sink.put_meta(&format!("{BATCHES}/{}", manifest_name(id)), &json)
+                    .with_context(|| format!("updating the manifest of batch {id}"))?;
+                emptied += 1;
+            }
+            sink.put_meta(&format!("{BATCHES}/{}", m.keys.object), &[])
+                .with_context(|| format!("emptying the keys object of batch {id}"))?;
+        }
+        state.set_meta(KEYS_EXPIRED_THROUGH, &id.to_string())?;
+    }
+    Ok(emptied)
 }
 
 pub(crate) fn read_manifest(sink: &Sink, id: i64) -> Result<Option<Manifest>> {

@@ -57,6 +57,8 @@ pub struct Summary {
     pub batches_rolled_forward: u64,
     /// Batches rebuilt from the output's manifests (`--adopt-output`).
     pub batches_adopted: u64,
+    /// Batches older than the key retention whose keys objects this run emptied.
+    pub keys_expired_batches: u64,
     pub dirs_pruned: usize,
     pub seconds: f64,
     /// Part of `seconds` spent deleting exported files.

@@ -4638,3 +4638,71 @@ fn the_deployed_crontab_clears_the_cache_and_records_the_resume_point() {
     assert!(jobs[0].contains("--clear-cache"), "{}", jobs[0]);
     assert!(jobs[0].starts_with("*/5 "), "every 5 minutes: {}", jobs[0]);
 }
+
+/// A batch's keys object is emptied once the batch is older than the key retention (nothing
+/// reads it again), never the newest batch's; the manifest says so, and an adoption of the
+/// output afterwards still works and still recognises the files of the recent batches.
+#[test]
+fn keys_objects_older_than_the_retention_are_emptied() {
+    let env = Env::new();
+    let mut posts = Vec::new();
+    for b in 0..3 {
+        posts.extend(study_posts(&env, b * 10, 2));
+        env.export_ok(&["--clear-filepaths", "false"]);
+        for (rel, _) in &posts {
+            let _ = fs::remove_file(env.cache.join(rel));
+        }
+    }
+    let batches = env.out.join("_batch_export/batches");
+    let keys_len = |id: i64| {
+        fs::metadata(batches.join(format!("{id:012}.keys")))
+            .unwrap()
+            .len()
+    };
+    let manifest = |id: i64| -> Value {
+        serde_json::from_slice(&fs::read(batches.join(format!("{id:012}.json"))).unwrap()).unwrap()
+    };
+    assert_eq!((keys_len(1), keys_len(2), keys_len(3)), (32, 32, 32));
+    // Batches 1 and 2 committed eight days ago (the default retention is 7 days), batch 3 now.
+    let db = env.cache.join(".export/state.sqlite");
+    let aged = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('UPDATE batch SET started_at = started_at - 8 * 86400 WHERE id <= 2')\nc.commit()",
+            db.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(aged.status.success(), "{}", describe(&aged));
+    posts.extend(study_posts(&env, 100, 2));
+    let s = env.export_ok(&[]);
+    assert_eq!(s["keys_expired_batches"], 2, "{s}");
+    assert_eq!((keys_len(1), keys_len(2)), (0, 0));
+    assert_eq!((keys_len(3), keys_len(4)), (32, 32));
+    for id in [1, 2] {
+        let m = manifest(id);
+        assert_eq!(m["keys"]["count"], 0, "{m}");
+        assert!(m["keys"]["expired_at"].as_i64().is_some(), "{m}");
+        assert_eq!(
+            m["keys"]["sha256"], "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "the digest of the empty object: {m}"
+        );
+    }
+    assert!(manifest(3)["keys"].get("expired_at").is_none());
+    // Idempotent: the next run has nothing to empty.
+    let s = env.export_ok(&[]);
+    assert_eq!(s["keys_expired_batches"], 0, "{s}");
+    // The state is lost; the output is adopted. A replay of a file of batch 3 (within the
+    // retention) is still recognised, and every post is in the output once.
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    let (rel, _) = &posts[4];
+    let rkey = rel
+        .rsplit("suffix=")
+        .next()
+        .unwrap()
+        .trim_end_matches(".json");
+    env.write(rel, &study_post(S1, rkey, "post 20"));
+    let s = env.export_ok(&["--adopt-output"]);
+    assert_eq!(s["already_exported"], 1, "{s}");
+    assert_posts_once(&env, &posts);
+}
