@@ -150,7 +150,8 @@ pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) ->
         .conn()
         .prepare(
             "SELECT id FROM batch WHERE state = 'published' AND id > ?1 AND started_at < ?2 \
-             AND id < (SELECT max(id) FROM batch WHERE state = 'published') ORDER BY id",
+             AND id < (SELECT max(id) FROM batch WHERE state = 'published') ORDER BY id \
+             LIMIT 1000",
         )?
         .query_map(rusqlite::params![through, now - retention_secs], |r| {
             r.get(0)
@@ -169,7 +170,9 @@ pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) ->
                     .with_context(|| format!("updating the manifest of batch {id}"))?;
                 emptied += 1;
             }
-            sink.put_meta(&format!("{BATCHES}/{}", m.keys.object), &[])
+            // Named by the id, not by the manifest's text: an edited manifest cannot point the
+            // write elsewhere.
+            sink.put_meta(&format!("{BATCHES}/{}", keys_name(id)), &[])
                 .with_context(|| format!("emptying the keys object of batch {id}"))?;
         }
         state.set_meta(KEYS_EXPIRED_THROUGH, &id.to_string())?;
@@ -362,7 +365,9 @@ pub fn adopt(
             );
         }
         previous = Some(id);
-        let keys = if now - m.committed_at <= retention_secs {
+        // An emptied keys object (or one a killed run had not emptied yet after its manifest
+        // said so) holds nothing to remember.
+        let keys = if now - m.committed_at <= retention_secs && m.keys.expired_at.is_none() {
             let bytes = sink
                 .get_meta(&format!("{BATCHES}/{}", m.keys.object))?
                 .with_context(|| format!("the keys object of batch {id} is missing"))?;
@@ -389,6 +394,11 @@ pub fn adopt(
         });
     }
     state.adopt(&batches, retention_secs)?;
+    // The adopted journal starts over: which batches' keys objects are emptied is read from
+    // the manifests again (`expire_keys` skips those already marked).
+    state
+        .conn()
+        .execute("DELETE FROM meta WHERE k = ?1", [KEYS_EXPIRED_THROUGH])?;
     sink.put_meta(OWNER, &owner_json(&me, state_dir))
         .context("taking the owner marker over")?;
     tracing::warn!(

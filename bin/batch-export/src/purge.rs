@@ -523,14 +523,24 @@ fn sweep_versions(
     let Sink::S3(s3) = sink else {
         return Ok(());
     };
-    let rels: Vec<String> = state
+    // The objects this state's purges rewrote, and those the output's ledgers name (a purge by
+    // an earlier state directory, before an adoption).
+    let mut rels: BTreeSet<String> = state
         .conn()
         .prepare(
             "SELECT DISTINCT f.rel FROM purge_file f JOIN purge p ON p.id = f.purge_id \
-             WHERE p.state = 'done' ORDER BY f.rel",
+             WHERE p.state = 'done'",
         )?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    for name in sink.list_meta(PURGES, None)? {
+        let Some(bytes) = sink.get_meta(&format!("{PURGES}/{name}"))? else {
+            continue;
+        };
+        let ledger: Ledger = serde_json::from_slice(&bytes)
+            .with_context(|| format!("the purge ledger {PURGES}/{name} is not valid"))?;
+        rels.extend(ledger.files_rewritten.into_iter().map(|f| f.path));
+    }
     let delete = config.s3.delete_noncurrent_versions;
     match s3.versioning() {
         sink::Versioning::Off => {
@@ -562,6 +572,30 @@ fn sweep_versions(
         } else {
             summary.noncurrent_versions_left += old.len() as u64;
         }
+    }
+    // Keys objects emptied by an export run (`manifest::expire_keys`) keep their keys in the
+    // version before: the same rule (no personal data, but a file key tells whoever holds the
+    // file that it was exported).
+    let batches = sink.location_of(&format!("{}/{}/", sink::META_DIR, manifest::BATCHES));
+    match s3.noncurrent_versions_under(&batches) {
+        Ok(old) => {
+            for (key, version) in old.iter().filter(|(k, _)| k.ends_with(".keys")) {
+                if delete {
+                    s3.delete_version(key, version)?;
+                    summary.noncurrent_versions_deleted += 1;
+                } else {
+                    summary.noncurrent_versions_left += 1;
+                }
+            }
+        }
+        Err(e) if !delete => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot list the old versions of the keys objects"
+            );
+            summary.versions_unchecked += 1;
+        }
+        Err(e) => return Err(e),
     }
     if summary.noncurrent_versions_left > 0 {
         tracing::warn!(

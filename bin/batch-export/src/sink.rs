@@ -678,6 +678,17 @@ impl S3Sink {
     /// The version ids of `key`'s versions that are not its current one (delete markers, which
     /// hold no data, left out).
     pub fn noncurrent_versions(&self, key: &str) -> Result<Vec<String>> {
+        Ok(self
+            .noncurrent_versions_under(key)?
+            .into_iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// `(key, version id)` of every version under `prefix` that the store says is not current
+    /// (`IsLatest` false: a version whose answer lacks the field is never taken for an old one).
+    pub fn noncurrent_versions_under(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         self.rt
             .block_on(async {
                 let mut ids = Vec::new();
@@ -688,7 +699,7 @@ impl S3Sink {
                         .client
                         .list_object_versions()
                         .bucket(&self.bucket)
-                        .prefix(key)
+                        .prefix(prefix)
                         .set_key_marker(key_marker.clone())
                         .set_version_id_marker(version_marker.clone())
                         .send()
@@ -697,8 +708,10 @@ impl S3Sink {
                     ids.extend(
                         page.versions()
                             .iter()
-                            .filter(|v| v.key() == Some(key) && v.is_latest() != Some(true))
-                            .filter_map(|v| v.version_id().map(str::to_owned)),
+                            .filter(|v| v.is_latest() == Some(false))
+                            .filter_map(|v| {
+                                Some((v.key()?.to_owned(), v.version_id()?.to_owned()))
+                            }),
                     );
                     if page.is_truncated() != Some(true) {
                         break;
@@ -711,7 +724,7 @@ impl S3Sink {
                 }
                 Ok::<_, anyhow::Error>(ids)
             })
-            .with_context(|| format!("ListObjectVersions s3://{}/{key}", self.bucket))
+            .with_context(|| format!("ListObjectVersions s3://{}/{prefix}", self.bucket))
     }
 
     /// Deletes one old version of `key` (`DeleteObject` with its version id: the current
