@@ -130,6 +130,33 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
+/// The progress line: files read, a whole rate with thousands separators (`6,038 files/s`)
+/// and, once the walk is done and the total is known, how many files are left.
+fn progress_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{spinner} {elapsed} {human_pos} files read ({rate}){left}",
+    )
+    .map(|s| {
+        s.with_key(
+            "rate",
+            |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{} files/s", thousands(st.per_sec() as u64));
+            },
+        )
+        .with_key(
+            "left",
+            |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                // Known once the walk is done (the length is set then).
+                if let Some(len) = st.len() {
+                    let left = len.saturating_sub(st.pos());
+                    let _ = write!(w, ", {} left", thousands(left));
+                }
+            },
+        )
+    })
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+}
+
 /// Files after which a run counts as large enough for a progress bar.
 const LARGE_RUN_FILES: u64 = 20_000;
 
@@ -227,30 +254,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
     // A spinner on stderr, drawn only when stdout is a terminal and the run turns out large.
     let progress =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {elapsed} {pos} files read ({rate}){left}",
-        )
-        .map(|s| {
-            s.with_key(
-                "rate",
-                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    let _ = write!(w, "{} files/s", thousands(st.per_sec() as u64));
-                },
-            )
-            .with_key(
-                "left",
-                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    // Known once the walk is done (the length is set then).
-                    if let Some(len) = st.len() {
-                        let left = len.saturating_sub(st.pos());
-                        let _ = write!(w, ", {} left", thousands(left));
-                    }
-                },
-            )
-        })
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
+    progress.set_style(progress_style());
     let mut run = Run {
         config,
         state,
@@ -898,6 +902,81 @@ fn read_one(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// A terminal that keeps what is drawn on it.
+    #[derive(Debug, Default, Clone)]
+    struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            200
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            if !s.is_empty() {
+                self.0.lock().unwrap().push(s.to_owned());
+            }
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The rate is a whole number with separators, and "left" appears once the total is known.
+    #[test]
+    fn the_progress_line_shows_whole_rates_and_then_files_left() {
+        let screen = Screen::default();
+        let bar = indicatif::ProgressBar::with_draw_target(
+            None,
+            indicatif::ProgressDrawTarget::term_like(Box::new(screen.clone())),
+        );
+        bar.set_style(super::progress_style());
+        let last = || {
+            let drawn = screen.0.lock().unwrap();
+            let line = drawn.iter().rev().find(|l| l.contains("files read"));
+            line.cloned().unwrap_or_default()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        bar.inc(6_038);
+        bar.tick();
+        let line = last();
+        assert!(line.contains(" 6,038 files read ("), "{line}");
+        let rate = line
+            .split_once("files read (")
+            .and_then(|(_, r)| r.split_once(" files/s)"))
+            .map(|(r, _)| r.to_owned())
+            .unwrap_or_else(|| panic!("no rate in {line:?}"));
+        assert!(
+            !rate.is_empty() && rate.chars().all(|c| c.is_ascii_digit() || c == ','),
+            "a whole rate: {line:?}"
+        );
+        assert!(!line.contains("left"), "{line}");
+        bar.set_length(10_000);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        bar.tick();
+        let line = last();
+        assert!(line.ends_with(", 3,962 left"), "{line}");
+    }
+
     #[test]
     fn progress_numbers_are_whole_with_separators() {
         assert_eq!(super::thousands(0), "0");
