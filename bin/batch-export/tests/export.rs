@@ -3989,17 +3989,7 @@ fn s3_purge_is_finished_after_a_crash_at_each_step_and_never_deletes() {
         server.create_bucket(&bucket);
         let env = Env::new();
         let output = format!("s3://{bucket}/x");
-        let flags = [
-            "--output",
-            output.as_str(),
-            "--s3-endpoint",
-            server.endpoint.as_str(),
-        ];
-        let export = |extra: &[&str]| {
-            let mut v: Vec<&str> = flags.to_vec();
-            v.extend_from_slice(extra);
-            local_or(&env, &v)
-        };
+        let export = |extra: &[&str]| s3_args(&env, &server.endpoint, &output, extra);
         // Export both users' data, then STAYS-only data.
         consent_dataset(&env, 0);
         let out = run(&export(&[]), s3::CLIENT_ENV);
@@ -4083,17 +4073,7 @@ fn s3s_fs_purge_round_trip() {
     let server = s3::S3sFs::start(root.path());
     server.create_bucket("purge");
     let env = Env::new();
-    let flags = [
-        "--output",
-        "s3://purge/x",
-        "--s3-endpoint",
-        server.endpoint.as_str(),
-    ];
-    let with = |extra: &[&str]| {
-        let mut v: Vec<&str> = flags.to_vec();
-        v.extend_from_slice(extra);
-        local_or(&env, &v)
-    };
+    let with = |extra: &[&str]| s3_args(&env, &server.endpoint, "s3://purge/x", extra);
     consent_dataset(&env, 0);
     let out = run(&with(&[]), s3::CLIENT_ENV);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
@@ -4490,17 +4470,7 @@ fn s3_purge_on_a_versioned_bucket_deletes_the_old_versions_only_when_asked() {
     assert!(enable.status.success(), "{}", describe(&enable));
     let env = Env::new();
     let output = format!("s3://{bucket}/x");
-    let flags = [
-        "--output",
-        output.as_str(),
-        "--s3-endpoint",
-        server.endpoint.as_str(),
-    ];
-    let with = |extra: &[&str]| {
-        let mut v: Vec<&str> = flags.to_vec();
-        v.extend_from_slice(extra);
-        local_or(&env, &v)
-    };
+    let with = |extra: &[&str]| s3_args(&env, &server.endpoint, &output, extra);
     consent_dataset(&env, 0);
     let out = run(&with(&[]), s3::CLIENT_ENV);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
