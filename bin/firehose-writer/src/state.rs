@@ -1517,7 +1517,7 @@ mod tests {
 
             // Withdrawn after the files were exported: the purge finds no file of theirs.
             assert_eq!(store.set_withdrawn([did(S2)].into()).unwrap(), [did(S2)]);
-            store.record_purge(&[did(S2)], HashSet::new());
+            store.record_purge(&[did(S2)]);
             store.commit(Some(5)).unwrap();
             assert!(store.purged_rows() > 0);
             for gone in [&a1_s2, &s1_s2, &s2_s1] {

@@ -353,25 +353,42 @@ pub struct CacheTargets {
     pub record_uris: HashSet<String>,
 }
 
-/// What [`remove_cache_files`] did.
+/// Their cache files, found by [`find_cache_files`] and not removed yet.
 #[derive(Debug, Default)]
-pub struct Removal {
-    pub removed: u64,
-    /// Folders a file was removed from (their entries must be made durable).
-    pub dirs: HashSet<PathBuf>,
-    /// The `uri` of each removed file that has one, so index rows naming it can go too.
+pub struct Found {
+    files: Vec<(PathBuf, PathBuf)>,
+    /// Folders whose own name names them (`in_network_user_activity/create/post/<DID>/`),
+    /// removed once empty: the cache keeps no name of theirs either.
+    named_dirs: Vec<PathBuf>,
+    /// The `uri` of each file that has one, so index rows naming it can go too. Committed
+    /// before any file is removed: the files are where some of these are learnt.
     pub uris: HashSet<String>,
 }
 
-/// Removes every regular file under the cache root that belongs to the targets (module doc).
-/// Only files: folders stay (the export may be reading siblings, and prunes empty ones itself).
-/// Never follows a symlink, never enters a folder or reads a file whose name starts with `.`
-/// (batch-export's `.export/` state and its partial files are its own to purge), never leaves
-/// the root. A file that vanished meanwhile (the export deleted it) is fine; any other error
-/// stops the walk, and the caller retries: a purge is only recorded once every file is gone.
-pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result<Removal> {
+impl Found {
+    pub fn files(&self) -> usize {
+        self.files.len()
+    }
+}
+
+/// What [`remove_found`] did.
+#[derive(Debug, Default)]
+pub struct Removal {
+    pub removed: u64,
+    /// Folders a file or folder was removed from (their entries must be made durable).
+    pub dirs: HashSet<PathBuf>,
+}
+
+/// Finds every regular file under the cache root that belongs to the targets (module doc), and
+/// the folders named by them. Only files go, and folders of theirs once empty (the export may
+/// be reading siblings, and prunes other empty ones itself). Never follows a symlink, never
+/// enters a folder or reads a file whose name starts with `.` (batch-export's `.export/` state
+/// and its partial files are its own to purge), never leaves the root. A file that vanished
+/// meanwhile (the export deleted it) is fine; any other error stops the walk, and the caller
+/// retries: a purge is only recorded once every file is gone.
+pub fn find_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result<Found> {
     let root = cache.root().to_path_buf();
-    let mut out = Removal::default();
+    let mut out = Found::default();
     let mut stack = vec![root.clone()];
     while let Some(dir) = stack.pop() {
         let entries = match fs::read_dir(&dir) {
@@ -392,6 +409,9 @@ pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result
             let Ok(ty) = entry.file_type() else { continue };
             let path = entry.path();
             if ty.is_dir() {
+                if targets.matcher.mentions(name.as_encoded_bytes()) {
+                    out.named_dirs.push(path.clone());
+                }
                 stack.push(path);
                 continue;
             }
@@ -414,13 +434,15 @@ pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
             };
+            let json = serde_json::from_slice::<serde_json::Value>(&contents);
+            let uri = json
+                .as_ref()
+                .ok()
+                .and_then(|json| json.get("uri")?.as_str());
             let deletes_a_record_about_them = || {
                 !targets.record_uris.is_empty()
                     && rel.to_str().is_some_and(|r| r.contains("delete"))
-                    && serde_json::from_slice::<serde_json::Value>(&contents)
-                        .ok()
-                        .and_then(|json| json.get("uri")?.as_str().map(str::to_owned))
-                        .is_some_and(|uri| targets.record_uris.contains(&uri))
+                    && uri.is_some_and(|uri| targets.record_uris.contains(uri))
             };
             let theirs = targets.matcher.mentions(rel.as_os_str().as_encoded_bytes())
                 || in_reaction_folder()
@@ -429,24 +451,52 @@ pub fn remove_cache_files(cache: &CacheWriter, targets: &CacheTargets) -> Result
             if !theirs {
                 continue;
             }
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-            }
-            out.removed += 1;
-            out.dirs.insert(dir.clone());
-            crate::fault::hit(crate::fault::Point::WithdrawRemoval);
-            match serde_json::from_slice::<serde_json::Value>(&contents) {
-                Ok(json) => {
-                    if let Some(uri) = json.get("uri").and_then(|u| u.as_str()) {
-                        out.uris.insert(uri.to_owned());
-                    }
+            match (&json, uri) {
+                (_, Some(uri)) => {
+                    out.uris.insert(uri.to_owned());
                 }
-                Err(e) => {
-                    warn!(error = %e, "removed a withdrawn participant's cache file that is not JSON (its name is not logged: it names them)")
+                (Err(e), _) => {
+                    warn!(error = %e, "a withdrawn participant's cache file is not JSON (its name is not logged: it names them)")
+                }
+                (Ok(_), None) => {}
+            }
+            out.files.push((path, dir.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes what [`find_cache_files`] found: the files, then the folders named by them that are
+/// empty now (deepest first; one still holding something, say a file the export is taking,
+/// stays and is tried again by the next purge).
+pub fn remove_found(found: &Found) -> Result<Removal> {
+    let mut out = Removal::default();
+    for (path, dir) in &found.files {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        out.removed += 1;
+        out.dirs.insert(dir.clone());
+        crate::fault::hit(crate::fault::Point::WithdrawRemoval);
+    }
+    let mut named: Vec<&PathBuf> = found.named_dirs.iter().collect();
+    named.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in named {
+        match fs::remove_dir(dir) {
+            Ok(()) => {
+                out.dirs.remove(dir);
+                if let Some(parent) = dir.parent() {
+                    out.dirs.insert(parent.to_owned());
                 }
             }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
         }
     }
     Ok(out)

@@ -5,11 +5,15 @@
 //! 1. the state stops routing the DID (in memory, at once);
 //! 2. a barrier and commit: everything handled before is durable, so the walk sees every file
 //!    of theirs and the purge transaction comes after every row of theirs;
-//! 3. their cache files are removed and the removals made durable (`syncfs`);
-//! 4. their index rows are deleted and the purge recorded (salted hash) in one transaction with
+//! 3. their cache files are found, and the URIs those files name (records of others about them,
+//!    some known only from the files) leave the index and are recorded as salted hashes, in a
+//!    commit with the cursor: a crash after the removals cannot lose them;
+//! 4. the files are removed, then the emptied folders named by them, and the removals made
+//!    durable (`syncfs`);
+//! 5. their index rows are deleted and the purge recorded (salted hash) in one transaction with
 //!    the cursor; the WAL is then truncated.
 //!
-//! A crash before 4 leaves the purge unrecorded: the next start (which loads the withdrawn list
+//! A crash before 5 leaves the purge unrecorded: the next start (which loads the withdrawn list
 //! before handling any frame) does it again, and every step is idempotent.
 
 use std::sync::atomic::Ordering;
@@ -21,7 +25,7 @@ use sync_core::route::RoutingState;
 use tracing::{info, warn};
 
 use super::{cache_error, Processor};
-use crate::withdrawn::{remove_cache_files, Screen};
+use crate::withdrawn::{find_cache_files, remove_found, Screen};
 
 /// Withdrawal settings of a processor.
 #[derive(Debug, Default)]
@@ -152,14 +156,20 @@ impl Processor {
         let targets = self.retry_state("withdrawn index lookup", seq, |p| {
             p.state.cache_targets(&dids)
         })?;
-        let removal = self.retry("withdrawal cache purge", seq, |p| {
-            remove_cache_files(&p.cache, &targets)
+        let found = self.retry("withdrawal cache walk", seq, |p| {
+            find_cache_files(&p.cache, &targets)
         })?;
+        if !found.uris.is_empty() {
+            self.state.forget_records_of_files(&dids, &found.uris);
+            self.dirty = true;
+            self.commit()?;
+        }
+        let removal = self.retry("withdrawal cache purge", seq, |_| remove_found(&found))?;
         self.retry("withdrawal cache flush", seq, |p| {
             p.cache.sync_removals(&removal.dirs).map_err(cache_error)
         })?;
         crate::fault::hit(crate::fault::Point::WithdrawBeforeRecord);
-        self.state.record_purge(&dids, removal.uris);
+        self.state.record_purge(&dids);
         self.dirty = true;
         self.commit()?;
         let rows = self.state.purged_rows();

@@ -337,16 +337,15 @@ pub(super) fn write_pending(
         )?
         .execute(params![hash, source.label(), super::repair::unix_now()])?;
     }
-    if !pending.purges.is_empty() {
-        // Records of others about them (a follow of them routed to `followee`, a reaction
-        // whose file named them): their own index rows would only route deletes about them.
-        for uri in &pending.uris {
-            run("DELETE FROM routed WHERE uri = ?1", &[uri])?;
-            run("DELETE FROM followee_subjects WHERE uri = ?1", &[uri])?;
-            run("DELETE FROM in_network_posts WHERE uri = ?1", &[uri])?;
-        }
-        about_them.extend(pending.uris.iter().cloned());
+    // Records of others about them (a follow of them routed to `followee`, a reaction whose
+    // file named them): their own index rows would only route deletes about them. Committed
+    // ahead of the purge itself (`forget_records_of_files`).
+    for uri in &pending.uris {
+        run("DELETE FROM routed WHERE uri = ?1", &[uri])?;
+        run("DELETE FROM followee_subjects WHERE uri = ?1", &[uri])?;
+        run("DELETE FROM in_network_posts WHERE uri = ?1", &[uri])?;
     }
+    about_them.extend(pending.uris.iter().cloned());
     for hash in &pending.revoked {
         tx.prepare_cached("DELETE FROM withdrawn WHERE hash = ?1 AND source = 'file'")?
             .execute(params![hash])?;
@@ -661,9 +660,26 @@ impl StateStore {
         })
     }
 
+    /// Queues, for the next commit, the index rows of the records the cache files of `dids`
+    /// name (reactions to them, follows of them: some are known only from those files) and
+    /// their salted hashes, so their later deletes are not routed. Committed before the files
+    /// are removed; their own records need no entry (every event of theirs is screened).
+    pub fn forget_records_of_files(&mut self, dids: &[Did], uris: &HashSet<String>) {
+        let theirs: Vec<(String, String)> = dids.iter().map(repo_range).collect();
+        self.pending.withdrawn.uris.extend(
+            uris.iter()
+                .filter(|uri| {
+                    !theirs.iter().any(|(from, to)| {
+                        uri.as_str() >= from.as_str() && uri.as_str() < to.as_str()
+                    })
+                })
+                .cloned(),
+        );
+    }
+
     /// Queues the purge of every index row of `dids` for the next commit (call it once their
-    /// cache files are durably gone). `uris`: of the removed files, whose rows go too.
-    pub fn record_purge(&mut self, dids: &[Did], uris: HashSet<String>) {
+    /// cache files are durably gone).
+    pub fn record_purge(&mut self, dids: &[Did]) {
         for did in dids {
             let hash = self.withdrawal_hash(did);
             let source = if self.withdrawn.file.contains(did) {
@@ -676,7 +692,6 @@ impl StateStore {
                 .purges
                 .push((did.clone(), hash, source));
         }
-        self.pending.withdrawn.uris.extend(uris);
     }
 
     /// A fetch of a withdrawn DID that was under way when it was withdrawn came back: its

@@ -414,6 +414,8 @@ struct Withdrawal {
     /// Files of theirs in the full cache, by the README rule applied here independently.
     theirs: usize,
     purged: BTreeMap<String, Value>,
+    /// The routed index and the salted hashes of records about them after that purge.
+    index: (Vec<(String, String)>, Vec<Vec<u8>>),
 }
 
 impl Withdrawal {
@@ -439,7 +441,7 @@ impl Withdrawal {
     }
 }
 
-use crate::withdrawn::{contains, is_theirs, sqlite_files, withdrawn_rows};
+use crate::withdrawn::{contains, is_theirs, purge_index, sqlite_files, withdrawn_rows};
 
 /// The files of `did` under `cache`: path or contents name them, or they lie in the reaction
 /// folder of one of their posts.
@@ -497,6 +499,7 @@ fn withdrawal() -> Option<&'static Withdrawal> {
         let w = Withdrawal {
             theirs: their_files.len(),
             purged: BTreeMap::new(),
+            index: Default::default(),
             did,
             full,
         };
@@ -518,7 +521,8 @@ fn withdrawal() -> Option<&'static Withdrawal> {
             purged, expected,
             "the purge removes their files and only theirs"
         );
-        Some(Withdrawal { purged, ..w })
+        let index = purge_index(&tmp.path().join("state.sqlite"));
+        Some(Withdrawal { purged, index, ..w })
     })
     .as_ref()
 }
@@ -590,6 +594,16 @@ fn purge_crash_then(point: &str, after_crash: impl FnOnce(&Path)) -> Option<AtPu
         withdrawn_rows(&state).len(),
         1,
         "the purge is recorded once"
+    );
+    // What the files alone told (records of others naming them) is not lost with the files.
+    let index = purge_index(&state);
+    assert_eq!(
+        index.0, w.index.0,
+        "after a crash at {point} the routed index ends as after the uninterrupted purge"
+    );
+    assert_eq!(
+        index.1, w.index.1,
+        "after a crash at {point} the records about them are those of the uninterrupted purge"
     );
     for (path, bytes) in sqlite_files(&state) {
         assert!(

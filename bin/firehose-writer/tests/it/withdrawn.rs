@@ -164,6 +164,30 @@ fn cache_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
     crate::support::cache_file_bytes(root)
 }
 
+/// Every folder under `root`, relative (dot-folders included): a folder name may name them too.
+fn cache_dirs(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.push(
+                    path.strip_prefix(root)
+                        .unwrap()
+                        .to_string_lossy()
+                        .to_string(),
+                );
+                stack.push(path);
+            }
+        }
+    }
+    out
+}
+
 pub(crate) fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -202,8 +226,8 @@ pub(crate) fn sqlite_files(state: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
-/// Fails naming the first place `needles` occur: the cache (every file, names and contents) and
-/// the SQLite files.
+/// Fails naming the first place `needles` occur: the cache (every file, names and contents, and
+/// every folder name) and the SQLite files.
 fn assert_nowhere(cfg: &Config, needles: &[&str]) {
     for (path, bytes) in cache_bytes(&cfg.cache_dir) {
         for n in needles {
@@ -211,6 +235,11 @@ fn assert_nowhere(cfg: &Config, needles: &[&str]) {
                 !path.contains(n) && !contains(&bytes, n),
                 "cache file {path} still names {n}"
             );
+        }
+    }
+    for dir in cache_dirs(&cfg.cache_dir) {
+        for n in needles {
+            assert!(!dir.contains(n), "cache folder {dir} still names {n}");
         }
     }
     let files = sqlite_files(&cfg.state);
@@ -302,6 +331,29 @@ pub(crate) fn withdrawn_rows(state: &Path) -> Vec<(String, String)> {
         .collect::<Result<_, _>>()
         .unwrap();
     rows
+}
+
+/// The index a purge leaves that a crash could make it forget: the routed entries and the
+/// salted hashes of records about them (whose later deletes are not routed).
+pub(crate) fn purge_index(state: &Path) -> (Vec<(String, String)>, Vec<Vec<u8>>) {
+    let conn =
+        rusqlite::Connection::open_with_flags(state, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let routed = conn
+        .prepare("SELECT uri, folder FROM routed ORDER BY uri, folder")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let records = conn
+        .prepare("SELECT hash FROM withdrawn_records ORDER BY hash")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    (routed, records)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -902,6 +954,15 @@ fn a_study_user_withdrawn_mid_run_against_the_official_pds() {
                 assert!(
                     !path.contains(n) && !contains(&bytes, n),
                     "{}/{path} still names {n}",
+                    dir.display()
+                );
+            }
+        }
+        for folder in cache_dirs(dir) {
+            for n in &needles {
+                assert!(
+                    !folder.contains(n),
+                    "folder {}/{folder} still names {n}",
                     dir.display()
                 );
             }
