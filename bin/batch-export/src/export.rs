@@ -229,6 +229,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         )?)
     };
     let mut adopted = 0;
+    let mut withdrawn_not_purged = 0;
     if let (Some(state), Some(sink)) = (state.as_mut(), &sink) {
         if let Some(legacy) = state.legacy_unfinished()?.first() {
             return Err(anyhow::Error::new(crate::UsageError(format!(
@@ -249,7 +250,15 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         )?;
         // Consent purges first: a committed one is finished before anything is exported, and a
         // --withdrawn list that lacks a DID purged before is refused.
-        crate::purge::before_export(config, state, sink)?;
+        withdrawn_not_purged = crate::purge::before_export(config, state, sink)?;
+        if withdrawn_not_purged > 0 {
+            tracing::warn!(
+                participants = withdrawn_not_purged,
+                "withdrawn participants not purged from the output yet: their new files are \
+                 refused, but rows exported before they were listed stay until `batch-export \
+                 purge` runs with this list (exit 3 until then)"
+            );
+        }
     }
     // A spinner on stderr, drawn only when stdout is a terminal and the run turns out large.
     let progress =
@@ -269,6 +278,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         cancel_read: Arc::default(),
     };
     run.summary.batches_adopted = adopted as u64;
+    run.summary.withdrawn_not_purged = withdrawn_not_purged;
     // Read before the walk: every file of events up to this cursor is in the cache now.
     let writer_cursor = match (&config.writer_state, config.dry_run) {
         (Some(path), false) => Some(manifest::read_writer_cursor(path)?),

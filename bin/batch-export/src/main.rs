@@ -211,7 +211,7 @@ fn main() -> ExitCode {
         }
         Ok(RunOutcome::Done(summary)) => {
             print_summary(&summary, args.json);
-            if summary.needs_attention() {
+            if summary.exit_attention() {
                 ExitCode::from(exit::QUARANTINED)
             } else {
                 ExitCode::from(exit::OK)

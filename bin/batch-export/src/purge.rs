@@ -8,7 +8,9 @@
 //!    committed export batches forward (so every Parquet file is named by a manifest), their
 //!    cache files are removed (the cache walk, `.exported-*` taken files and
 //!    `.quarantine/` with its `reasons.log` lines);
-//! 2. every Parquet file the manifests name is read; a file holding rows of theirs is written
+//! 2. every Parquet file the manifests name is read, and every other `*.parquet` file under the
+//!    table folders (batches from before manifests, the predecessor's files; one in no known
+//!    table's folder stops the purge); a file holding rows of theirs is written
 //!    again without those rows, fsynced, and staged (`<output>/_batch_export/purge-staging/`
 //!    locally, on the output's file system; `<state-dir>/purge-staging/` for S3). Files without
 //!    such rows are not touched;
@@ -314,7 +316,11 @@ pub(crate) fn adopt_purges(config: &Config, state: &mut State, sink: &Sink) -> R
 /// At the start of an export run (after the check against the output): refuses a `--withdrawn`
 /// list that lacks a DID an earlier purge applied or began (its data would be exported again),
 /// finishes committed purges, and redoes a purge killed before its commit point.
-pub(crate) fn before_export(config: &Config, state: &mut State, sink: &Sink) -> Result<()> {
+///
+/// Returns how many DIDs of the list no purge has covered yet: their files are refused from now
+/// on, but rows exported before they were listed stay until `batch-export purge` runs (the run
+/// exits 3 so that a human does).
+pub(crate) fn before_export(config: &Config, state: &mut State, sink: &Sink) -> Result<u64> {
     ensure_schema(state)?;
     let purged: i64 = state
         .conn()
@@ -354,7 +360,20 @@ pub(crate) fn before_export(config: &Config, state: &mut State, sink: &Sink) -> 
             "purge finished by the export run"
         );
     }
-    Ok(())
+    if config.withdrawn.is_empty() {
+        return Ok(0);
+    }
+    let salt = salt(state)?;
+    let mut purged = state
+        .conn()
+        .prepare("SELECT 1 FROM purged_did WHERE hash = ?1 AND purge_id NOT LIKE 'pending:%'")?;
+    let mut unpurged = 0;
+    for hash in config.withdrawn.salted_hashes(&salt) {
+        if !purged.exists([&hash])? {
+            unpurged += 1;
+        }
+    }
+    Ok(unpurged)
 }
 
 /// Finishes every committed purge (steps 4-6). Returns how many there were.

@@ -30,6 +30,9 @@ pub struct Summary {
     /// Files by or about a withdrawn participant (`--withdrawn`): not exported, removed from
     /// the cache (not quarantined).
     pub withdrawn_files: u64,
+    /// DIDs of `--withdrawn` that no `batch-export purge` has covered yet: rows exported before
+    /// they were listed are still in the output (exit 3 until a purge runs).
+    pub withdrawn_not_purged: u64,
     /// Files whose row duplicated one already in this run (same URI / follow relationship).
     pub duplicates: u64,
     /// Corrupt or unreadable files moved to `<cache>/.quarantine/`.
@@ -95,6 +98,12 @@ impl Summary {
             || self.skipped.any()
     }
 
+    /// The exit code's view: [`Self::needs_attention`], or a withdrawal the output still owes
+    /// (which does not make the run's coverage of the cache incomplete).
+    pub fn exit_attention(&self) -> bool {
+        self.needs_attention() || self.withdrawn_not_purged > 0
+    }
+
     pub fn total_rows(&self) -> u64 {
         self.tables.values().map(|t| t.rows).sum()
     }
@@ -135,6 +144,13 @@ impl Summary {
                 s,
                 "  withdrawn participants: {} cache files refused and removed (not exported)",
                 self.withdrawn_files
+            );
+        }
+        if self.withdrawn_not_purged > 0 {
+            let _ = writeln!(
+                s,
+                "  withdrawn participants not purged from the output yet: {} (run `batch-export purge` with the same --withdrawn list)",
+                self.withdrawn_not_purged
             );
         }
         let _ = writeln!(

@@ -3734,7 +3734,17 @@ fn later_files_of_a_withdrawn_participant_are_refused_counted_and_removed() {
         &post_path("study_user_activity/create/post", GONE, "3l5jbroken2a"),
         "{not json",
     );
-    let s = env.export_ok(&["--withdrawn", &withdrawn]);
+    // Listed but not purged yet: the run refuses their files and exits 3 until a purge has
+    // taken the rows exported before they were listed.
+    let o = env.export(&["--withdrawn", &withdrawn]);
+    assert_eq!(o.status.code(), Some(3), "{}", describe(&o));
+    let s = summary(&o);
+    assert_eq!(s["withdrawn_not_purged"], 1, "{s}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("batch-export purge"),
+        "{}",
+        describe(&o)
+    );
     // GONE's own 7 files, 5 about GONE's post, the corrupt one.
     assert_eq!(s["withdrawn_files"], 13, "{s}");
     assert_eq!(s["files_exported"], 12, "{s}");
@@ -3753,6 +3763,7 @@ fn later_files_of_a_withdrawn_participant_are_refused_counted_and_removed() {
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     consent_dataset(&env, 1);
     let s = env.export_ok(&["--withdrawn", &withdrawn]);
+    assert_eq!(s["withdrawn_not_purged"], 0, "{s}");
     assert_eq!(
         s["withdrawn_files"], 5,
         "the like, replies, repost, quote of GONE's post: {s}"
@@ -4576,7 +4587,7 @@ fn s3_purge_on_a_versioned_bucket_deletes_the_old_versions_only_when_asked() {
 /// folders) and the writer's state (a resume point for a lost machine) beside the cache and the
 /// output, every variable one batch-export reads.
 #[test]
-fn the_deployed_crontab_clears_the_cache_and_records_the_resume_point() {
+fn the_deployed_crontab_clears_the_cache_records_the_resume_point_and_applies_withdrawals() {
     let text = fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../deploy/batch-export.crontab"
@@ -4592,9 +4603,27 @@ fn the_deployed_crontab_clears_the_cache_and_records_the_resume_point() {
         "BATCH_EXPORT_CACHE_DIR",
         "BATCH_EXPORT_OUTPUT",
         "BATCH_EXPORT_WRITER_STATE",
+        "BATCH_EXPORT_WITHDRAWN",
     ] {
         assert!(vars.contains_key(key), "{key} missing from the crontab");
     }
+    // One withdrawn list for both programs: the writer's (to which it adds deleted accounts
+    // under --account-deleted-is-withdrawal) is the export's, in the one folder the writer's
+    // unit may write to.
+    let env_example = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/firehose-writer.env.example"
+    ))
+    .unwrap();
+    let writer_list = env_example
+        .lines()
+        .find_map(|l| l.strip_prefix("FIREHOSE_WITHDRAWN="))
+        .expect("FIREHOSE_WITHDRAWN set in the writer's environment example");
+    assert_eq!(vars["BATCH_EXPORT_WITHDRAWN"], writer_list);
+    assert!(
+        writer_list.starts_with("/var/lib/firehose/"),
+        "{writer_list}"
+    );
     let help = run(&["--help".to_owned()], &[]);
     let help = String::from_utf8_lossy(&help.stdout);
     for key in vars.keys() {

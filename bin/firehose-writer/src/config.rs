@@ -344,6 +344,12 @@ impl Config {
                 bail!("--cursor must not be negative");
             }
         }
+        if args.account_deleted_is_withdrawal && args.withdrawn.is_none() {
+            bail!(
+                "--account-deleted-is-withdrawal needs --withdrawn FILE (FIREHOSE_WITHDRAWN): each \
+                 deleted study account is added there, the list batch-export's purge reads"
+            );
+        }
         Ok(Config {
             source,
             cache_dir: args.cache_dir.clone(),
@@ -392,6 +398,20 @@ mod tests {
         );
         assert!(parse_since("yesterday").is_err());
         assert!(parse_since("2024-13-01").is_err());
+    }
+
+    #[test]
+    fn an_account_deletion_withdrawal_needs_a_withdrawn_list_to_add_to() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["firehose-writer", "--study-users", "s.txt"];
+            argv.extend_from_slice(extra);
+            Config::from_args(&Args::try_parse_from(argv).unwrap())
+        };
+        let err = parse(&["--account-deleted-is-withdrawal"]).unwrap_err();
+        assert!(format!("{err:#}").contains("needs --withdrawn"), "{err:#}");
+        let cfg = parse(&["--account-deleted-is-withdrawal", "--withdrawn", "w.txt"]).unwrap();
+        assert!(cfg.account_deleted_is_withdrawal);
+        assert!(!parse(&[]).unwrap().account_deleted_is_withdrawal);
     }
 
     #[test]

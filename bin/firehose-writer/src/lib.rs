@@ -169,6 +169,10 @@ pub async fn run(
     );
     let withdrawn = withdrawn::load_configured(config.withdrawn.as_deref())
         .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
+    if let (true, Some(list)) = (config.account_deleted_is_withdrawal, &config.withdrawn) {
+        withdrawn::check_appendable(list)
+            .map_err(|e| anyhow::Error::new(NeedsOperator(format!("{e:#}"))))?;
+    }
     let mut state = state::StateStore::open_with_sets(&config.state, study, in_network)?;
     // Before anything reads the sets (seeding, backfills): a withdrawn DID is never tracked.
     let purge_at_start = state.set_withdrawn(withdrawn)?;
@@ -255,6 +259,7 @@ pub async fn run(
     )
     .with_withdrawals(processor::Withdrawals {
         account_deleted: config.account_deleted_is_withdrawal,
+        list: config.withdrawn.clone(),
         at_start: purge_at_start,
     })
     .with_repairs(verification, repairs);

@@ -1112,7 +1112,7 @@ fn now_micros() -> u64 {
 }
 
 /// The wall clock as RFC 3339 (UTC, milliseconds), the `time` of repaired deletes.
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let micros = now_micros() as i64;
     // `%Y-%m-%d-%H:%M:%S` -> `%Y-%m-%dT%H:%M:%S.mmmZ`
     let stamp = sync_timestamp(micros.div_euclid(1_000_000));

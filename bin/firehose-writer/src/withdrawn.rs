@@ -51,6 +51,53 @@ pub fn load_configured(path: Option<&Path>) -> Result<HashSet<Did>> {
     }
 }
 
+/// Checks at start that the writer can add to the withdrawn list (`--account-deleted-is-withdrawal`
+/// writes there): opened for appending, nothing written.
+pub fn check_appendable(path: &Path) -> Result<()> {
+    fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map(drop)
+        .with_context(|| {
+            format!(
+                "--account-deleted-is-withdrawal adds each deleted study account to the withdrawn \
+                 list, so batch-export's purge finds them too, but {} cannot be opened for \
+                 writing (under the systemd unit only /var/lib/firehose is writable: keep the \
+                 list there)",
+                path.display()
+            )
+        })
+}
+
+/// Adds `did` to the withdrawn list (an account deletion taken as a withdrawal), unless listed
+/// already: appended with a comment saying why and when, then fsynced, before the purge begins,
+/// so the list stays the one authority both programs read (batch-export's purge and refusal
+/// included) and a crash after this point is finished as a listed withdrawal.
+pub fn append_to_list(path: &Path, did: &Did, seq: Option<i64>, at: &str) -> Result<bool> {
+    use std::io::Write;
+    if load(path)?.contains(did) {
+        return Ok(false);
+    }
+    let existing = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut text = String::new();
+    if !existing.is_empty() && !existing.ends_with(b"\n") {
+        text.push('\n');
+    }
+    let seq = seq.map_or_else(|| "-".to_owned(), |s| s.to_string());
+    text.push_str(&format!(
+        "# added by firehose-writer at {at}: account deleted (#account seq {seq}), \
+         --account-deleted-is-withdrawal\n{did}\n"
+    ));
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {} to add a withdrawal", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("adding a withdrawal to {}", path.display()))?;
+    Ok(true)
+}
+
 /// The salted hash a withdrawal is recorded under (never the DID itself): hex SHA-256 of the
 /// state's salt followed by the DID.
 pub fn salted_hash(salt: &[u8], did: &Did) -> String {
@@ -505,6 +552,42 @@ pub fn remove_found(found: &Found) -> Result<Removal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_deletion_is_added_to_the_list_once_after_the_operators_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("withdrawn.txt");
+        // The operator's last line has no newline: the addition must not join it.
+        fs::write(
+            &list,
+            "# withdrew by email\ndid:plc:aaaaaaaaaaaaaaaaaaaaaaaa",
+        )
+        .unwrap();
+        check_appendable(&list).unwrap();
+        let did = Did::parse("did:plc:bbbbbbbbbbbbbbbbbbbbbbbb").unwrap();
+        let at = "2026-12-03T10:00:00.000Z";
+        assert!(append_to_list(&list, &did, Some(42), at).unwrap());
+        assert!(
+            !append_to_list(&list, &did, Some(43), at).unwrap(),
+            "listed already"
+        );
+        let listed = load(&list).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.contains(&did));
+        let text = fs::read_to_string(&list).unwrap();
+        assert_eq!(text.matches(did.as_str()).count(), 1, "{text}");
+        assert!(text.contains("seq 42") && text.contains(at), "{text}");
+        let operators = Did::parse("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
+        assert!(append_to_list(&list, &operators, None, at).is_ok_and(|added| !added));
+
+        let missing = dir.path().join("missing.txt");
+        let err = check_appendable(&missing).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot be opened for writing"),
+            "{err:#}"
+        );
+        assert!(check_appendable(dir.path()).is_err(), "a folder is no list");
+    }
 
     #[test]
     fn whole_dids_only() {

@@ -32,6 +32,8 @@ use crate::withdrawn::{find_cache_files, remove_found, Screen};
 pub struct Withdrawals {
     /// `--account-deleted-is-withdrawal`.
     pub account_deleted: bool,
+    /// `--withdrawn`: where an account deletion taken as a withdrawal is added.
+    pub list: Option<std::path::PathBuf>,
     /// Withdrawn DIDs found at start whose purge was never applied.
     pub at_start: Vec<Did>,
 }
@@ -76,8 +78,14 @@ impl Processor {
                 && account.status.as_deref() == Some("deleted")
                 && self.state.is_study_user(&account.did)
             {
-                warn!(seq, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); their data is purged and stays withdrawn while the study-user file lists them");
                 let did = account.did.clone();
+                if let Some(list) = self.withdrawals.list.clone() {
+                    let at = super::now_rfc3339();
+                    self.retry("adding to the withdrawn list", seq, |_| {
+                        crate::withdrawn::append_to_list(&list, &did, seq, &at)
+                    })?;
+                }
+                warn!(seq, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); added to the withdrawn list and purged (run batch-export purge for the exported tables)");
                 let new =
                     self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;
                 self.metrics

@@ -697,7 +697,8 @@ async fn account_deletion(
     push_all(&relay, &writer, frames, last).await;
     let first = cache_bytes(&cfg.cache_dir);
     writer.stop().await.unwrap();
-    // The study-user file still lists them; the withdrawn file does not.
+    // The study-user file still lists them; the withdrawn file does too when the deletion was
+    // taken as a withdrawal (the writer added them, for batch-export's purge).
     let writer = start_writer(Config {
         cursor: None,
         ..cfg.clone()
@@ -724,6 +725,12 @@ async fn an_account_deletion_is_a_withdrawal_only_when_asked() {
     let rows = withdrawn_rows(&cfg.state);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].1, "account_deleted");
+    // The list both programs read names them once, after the operator's lines, with why.
+    let list = std::fs::read_to_string(cfg.withdrawn.as_ref().unwrap()).unwrap();
+    let listed = did_lines(&list);
+    assert_eq!(listed, vec![W.to_owned()], "{list}");
+    assert!(list.starts_with("# nobody yet\n"), "{list}");
+    assert!(list.contains("account deleted"), "{list}");
 
     let (_tmp, cfg, first, second, _) = account_deletion(false).await;
     let theirs = |tree: &BTreeMap<String, Vec<u8>>| {
@@ -743,6 +750,17 @@ async fn an_account_deletion_is_a_withdrawal_only_when_asked() {
         second.keys()
     );
     assert!(withdrawn_rows(&cfg.state).is_empty());
+    let list = std::fs::read_to_string(cfg.withdrawn.as_ref().unwrap()).unwrap();
+    assert!(did_lines(&list).is_empty(), "{list}");
+}
+
+/// The DIDs a withdrawn list names (comments and blank lines skipped).
+fn did_lines(list: &str) -> Vec<String> {
+    list.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `/metrics` sample value of the line naming `name` (comments skipped), if served.
