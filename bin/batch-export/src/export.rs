@@ -284,6 +284,11 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
         (Some(path), false) => Some(manifest::read_writer_cursor(path)?),
         _ => None,
     };
+    // The resume point's run begins after the newest batch before it (`Resume::first_batch_id`).
+    let first_batch_id = match (&run.state, &writer_cursor) {
+        (Some(s), Some(_)) => Some(s.last_published()?.map_or(0, |b| b.id) + 1),
+        _ => None,
+    };
     let mut result = run.go();
     if let (Ok(()), Some(state), Some(sink)) = (&result, &run.state, &run.sink) {
         // Hygiene, not part of the batch protocol: a failure is logged and retried next run.
@@ -316,6 +321,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
                     writer_cursor: cursor,
                     upstream,
                     last_batch_id,
+                    first_batch_id,
                     at: crate::now_secs(),
                 },
             );

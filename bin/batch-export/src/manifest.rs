@@ -73,7 +73,8 @@ pub struct Manifest {
     pub files: Vec<ManifestFile>,
     pub keys: ManifestKeys,
     /// Consent purges (`purges/<id>.json`) that rewrote files of this batch: their `rows` and
-    /// `bytes` above, and the batch's `rows`, are after the purge. The keys are unchanged.
+    /// `bytes` above, and the batch's `rows`, are after the purge; its keys object is emptied
+    /// (`keys.expired_at`) unless the batch must keep its keys ([`keys_kept_from`]) for now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub purges: Vec<String>,
 }
@@ -133,14 +134,13 @@ pub fn write(sink: &Sink, batch: &Batch, owner: &str, sorted_keys: &[u8]) -> Res
 const KEYS_EXPIRED_THROUGH: &str = "keys_expired_through";
 
 /// Empties the keys objects of published batches older than the retention, oldest first, and
-/// says so in their manifests (`keys.expired_at`; the manifest first, so a manifest never
-/// describes more keys than its object holds). Nothing reads such keys again (`adopt` reads
-/// the keys of batches within the retention; the state forgets them by the same rule), and a
-/// file key, though not reversible, lets whoever holds the very file (a public post, say) tell
-/// that it was exported: so the output keeps a key no longer than the state does, and a
-/// withdrawn participant's keys leave the output within the retention of their export. The
-/// newest batch keeps its keys (the start-up check compares them with the state). Returns how
-/// many batches were emptied.
+/// of batches a consent purge rewrote once no lost-machine replay needs them
+/// ([`keys_kept_from`]). A file key, though not reversible, lets whoever holds the very file (a
+/// public post, say) tell that it was exported: so the output keeps a key no longer than the
+/// state does, and a withdrawn participant's keys leave the output with their purge (or, for a
+/// batch still kept, at the first run after it stops being kept). The newest batch keeps its
+/// keys (the start-up check compares them with the state). Returns how many batches were
+/// emptied.
 pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) -> Result<u64> {
     let through: i64 = state
         .meta(KEYS_EXPIRED_THROUGH)?
@@ -159,25 +159,66 @@ pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) ->
         .collect::<rusqlite::Result<_>>()?;
     let mut emptied = 0;
     for id in ids {
-        // Batches published before manifests existed have none (and no keys object).
-        if let Some(mut m) = read_manifest(sink, id)? {
-            if m.keys.expired_at.is_none() {
-                m.keys.count = 0;
-                m.keys.sha256 = keys_digest(&[]);
-                m.keys.expired_at = Some(now);
-                let json = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
-                sink.put_meta(&format!("{BATCHES}/{}", manifest_name(id)), &json)
-                    .with_context(|| format!("updating the manifest of batch {id}"))?;
-                emptied += 1;
-            }
-            // Named by the id, not by the manifest's text: an edited manifest cannot point the
-            // write elsewhere.
-            sink.put_meta(&format!("{BATCHES}/{}", keys_name(id)), &[])
-                .with_context(|| format!("emptying the keys object of batch {id}"))?;
-        }
+        emptied += u64::from(empty_keys(sink, id, now)?);
         state.set_meta(KEYS_EXPIRED_THROUGH, &id.to_string())?;
     }
+    state.conn().execute_batch(KEYS_OWED_SCHEMA)?;
+    let owed: Vec<i64> = state
+        .conn()
+        .prepare("SELECT batch_id FROM keys_owed WHERE batch_id < ?1 ORDER BY batch_id LIMIT 1000")?
+        .query_map([keys_kept_from(sink, state)?], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in owed {
+        emptied += u64::from(empty_keys(sink, id, now)?);
+        state
+            .conn()
+            .execute("DELETE FROM keys_owed WHERE batch_id = ?1", [id])?;
+    }
     Ok(emptied)
+}
+
+/// Batches a consent purge rewrote whose keys object it could not empty yet (the newest batch,
+/// or one a lost-machine replay may still need): [`expire_keys`] empties them once it may.
+pub(crate) const KEYS_OWED_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS keys_owed (batch_id INTEGER PRIMARY KEY);";
+
+/// The first batch whose keys must stay whatever a purge did: the newest batch (the start-up
+/// check reads its keys), and every batch of the run that recorded the output's resume point
+/// or later, because a replacement writer started there (deploy/README.md, "A lost machine")
+/// captures again the files of events after the cursor, which those batches may hold, and an
+/// adopted state recognises them only by these keys. A resume point from a version that did not
+/// record its run's first batch keeps every batch until a run records a new one.
+pub(crate) fn keys_kept_from(sink: &Sink, state: &State) -> Result<i64> {
+    let newest = state.last_published()?.map_or(i64::MAX, |b| b.id);
+    let resume = match read_resume(sink)? {
+        None => i64::MAX,
+        Some(r) => r.first_batch_id.unwrap_or(0),
+    };
+    Ok(newest.min(resume))
+}
+
+/// Empties the keys object of batch `id`: the manifest first (`keys.expired_at`, `count` 0 and
+/// the empty object's digest), then the object, so a crash in between is finished by the next
+/// call. True when the manifest changed. Batches published before manifests existed have none
+/// (and no keys object).
+pub(crate) fn empty_keys(sink: &Sink, id: i64, now: i64) -> Result<bool> {
+    let Some(mut m) = read_manifest(sink, id)? else {
+        return Ok(false);
+    };
+    let changed = m.keys.expired_at.is_none();
+    if changed {
+        m.keys.count = 0;
+        m.keys.sha256 = keys_digest(&[]);
+        m.keys.expired_at = Some(now);
+        let json = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+        sink.put_meta(&format!("{BATCHES}/{}", manifest_name(id)), &json)
+            .with_context(|| format!("updating the manifest of batch {id}"))?;
+    }
+    // Named by the id, not by the manifest's text: an edited manifest cannot point the write
+    // elsewhere.
+    sink.put_meta(&format!("{BATCHES}/{}", keys_name(id)), &[])
+        .with_context(|| format!("emptying the keys object of batch {id}"))?;
+    Ok(changed)
 }
 
 pub(crate) fn read_manifest(sink: &Sink, id: i64) -> Result<Option<Manifest>> {
@@ -418,6 +459,11 @@ pub struct Resume {
     pub upstream: Option<String>,
     /// The newest batch when the run ended.
     pub last_batch_id: Option<i64>,
+    /// The first batch this run could have published (the newest before it, plus one): this
+    /// batch and later ones may hold files of events after the cursor, so their keys stay
+    /// ([`keys_kept_from`]). Absent in resume points of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_batch_id: Option<i64>,
     /// Unix seconds.
     pub at: i64,
 }

@@ -138,6 +138,9 @@ pub struct PurgeSummary {
     pub rows_removed: BTreeMap<String, u64>,
     pub cache_files_removed: u64,
     pub quarantine_files_removed: u64,
+    /// Keys objects of rewritten batches emptied (the others are emptied by a later export
+    /// run: `manifest::keys_kept_from`).
+    pub keys_objects_emptied: u64,
     /// Committed purges a killed run left unfinished, finished by this run.
     pub purges_rolled_forward: u64,
     /// Export batches a killed run had committed, published first.
@@ -196,6 +199,13 @@ impl PurgeSummary {
             self.purges_rolled_forward,
             self.batches_rolled_forward
         );
+        if self.keys_objects_emptied > 0 {
+            let _ = writeln!(
+                s,
+                "  keys objects of rewritten batches emptied: {}",
+                self.keys_objects_emptied
+            );
+        }
         if let Some(v) = &self.s3_versioning {
             let _ = writeln!(
                 s,
@@ -419,7 +429,8 @@ fn clean_purge_staging(state: &State, sink: &Sink) -> Result<()> {
 }
 
 /// Steps 4-6 of a committed purge; idempotent.
-fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<()> {
+/// Returns how many keys objects it emptied.
+fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<u64> {
     let (ledger_bytes,): (Vec<u8>,) =
         state
             .conn()
@@ -479,6 +490,14 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<()
     // Files no manifest names (`NO_MANIFEST`: published by a version before manifests, or
     // put in the output by another tool) have no manifest to update.
     by_batch.remove(&NO_MANIFEST);
+    // Their file keys leave the output with their rows: the keys object of each batch this
+    // purge rewrote is emptied (all of its keys: which are theirs cannot be told without their
+    // files), but for the batches whose keys must stay a while (`manifest::keys_kept_from`),
+    // which a later export run empties once they may go.
+    let kept_from = manifest::keys_kept_from(sink, state)?;
+    state.conn().execute_batch(manifest::KEYS_OWED_SCHEMA)?;
+    let now = crate::now_secs();
+    let mut keys_emptied = 0;
     for (batch_id, fs_) in by_batch {
         let mut m = manifest::read_manifest(sink, batch_id)?
             .with_context(|| format!("the manifest of batch {batch_id} is missing"))?;
@@ -502,6 +521,15 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<()
             &json,
         )
         .with_context(|| format!("updating the manifest of batch {batch_id}"))?;
+        if batch_id < kept_from {
+            manifest::empty_keys(sink, batch_id, now)?;
+            keys_emptied += 1;
+        } else {
+            state.conn().execute(
+                "INSERT OR IGNORE INTO keys_owed (batch_id) VALUES (?1)",
+                [batch_id],
+            )?;
+        }
     }
     Fault::hit(config.fault, Fault::PurgeAfterManifests);
     // 6. The ledger, then done.
@@ -523,9 +551,10 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<()
         purge = %id,
         files = files.len(),
         rows_removed = ledger.rows_removed.values().sum::<u64>(),
+        keys_objects_emptied = keys_emptied,
         "purge finished"
     );
-    Ok(())
+    Ok(keys_emptied)
 }
 
 /// S3 buckets with versioning keep the version of each object a purge replaced, and those old
@@ -1079,7 +1108,7 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
     summary.bytes_rewritten = rewritten.iter().map(|r| r.file.bytes_after).sum();
     summary.rows_removed = rows_removed;
     // 4-6.
-    apply(config, state, sink, &id)?;
+    summary.keys_objects_emptied += apply(config, state, sink, &id)?;
     clean_purge_staging(state, sink)?;
     Ok(())
 }

@@ -4638,6 +4638,94 @@ fn the_deployed_crontab_clears_the_cache_records_the_resume_point_and_applies_wi
     assert!(jobs[0].starts_with("*/5 "), "every 5 minutes: {}", jobs[0]);
 }
 
+/// A purge takes their file keys out of the output with their rows: the keys objects of the
+/// batches it rewrote are emptied at once, but the newest batch's (the start-up check reads it)
+/// and those a lost-machine replay from the resume point may need, which the first export run
+/// after they stop being needed empties. Adoption still works afterwards.
+#[test]
+fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
+    let env = Env::new();
+    let writer_state = env.dir.path().join("firehose-state.sqlite");
+    let set_cursor = |cursor: i64| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.commit()",
+                writer_state.to_str().unwrap(),
+                &cursor.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    let ws = ["--writer-state", writer_state.to_str().unwrap()];
+    // Posts of the participant who stays (`study_posts` writes GONE's).
+    let stays_posts = |from: usize| {
+        for i in from..from + 2 {
+            let rkey = format!("3l6a{i:09}");
+            let rel = post_path("study_user_activity/create/post", STAYS, &rkey);
+            env.write(&rel, &study_post(STAYS, &rkey, &format!("post {i}")));
+        }
+    };
+    let batches = env.out.join("_batch_export/batches");
+    let keys_len = |id: i64| {
+        fs::metadata(batches.join(format!("{id:012}.keys")))
+            .unwrap()
+            .len()
+    };
+    let expired = |id: i64| -> bool {
+        let m: Value =
+            serde_json::from_slice(&fs::read(batches.join(format!("{id:012}.json"))).unwrap())
+                .unwrap();
+        m["keys"]["expired_at"].is_number() && m["keys"]["count"] == 0
+    };
+    // Batches 1-3 hold rows of theirs; batch 3 was exported by the run that recorded the resume
+    // point, batch 4 (the other participant's) by a run before it that recorded none.
+    set_cursor(100);
+    for tag in 0..3 {
+        consent_dataset(&env, tag);
+        env.export_ok(&ws);
+    }
+    stays_posts(500);
+    env.export_ok(&[]);
+    let withdrawn = withdrawn_file(&env);
+    assert!((1..=4).all(|id| keys_len(id) > 0));
+    let mut args = local_args(&env, &["--withdrawn", &withdrawn]);
+    args.push("purge".into());
+    let o = run(&args, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    let s = summary(&o);
+    assert!(s["files_rewritten"].as_u64().unwrap() >= 3, "{s}");
+    // Batches 1 and 2: emptied. Batch 3: the resume point's run (a replacement writer would
+    // capture its files again). Batch 4: rewritten or not, the newest.
+    assert_eq!(s["keys_objects_emptied"], 2, "{s}");
+    assert_eq!((keys_len(1), keys_len(2)), (0, 0));
+    assert!(expired(1) && expired(2));
+    assert!(keys_len(3) > 0 && !expired(3));
+    assert!(keys_len(4) > 0 && !expired(4));
+    // The next clean run records a resume point past batch 3: the run after it empties it.
+    set_cursor(200);
+    stays_posts(600);
+    env.export_ok(&["--withdrawn", &withdrawn, ws[0], ws[1]]);
+    assert!(
+        keys_len(3) > 0,
+        "the resume point had not moved when this run looked"
+    );
+    stays_posts(700);
+    let s = env.export_ok(&["--withdrawn", &withdrawn, ws[0], ws[1]]);
+    assert_eq!(s["keys_expired_batches"], 1, "{s}");
+    assert_eq!(keys_len(3), 0);
+    assert!(expired(3));
+    assert!(keys_len(4) > 0 && keys_len(5) > 0 && keys_len(6) > 0);
+    // A lost state directory and a writer replay of the newest batch's files: the output is
+    // adopted (the emptied batches give no keys) and the replayed files are recognised.
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    stays_posts(700);
+    let s = env.export_ok(&["--withdrawn", &withdrawn, "--adopt-output"]);
+    assert_eq!(s["files_exported"], 0, "{s}");
+    assert_eq!(s["already_exported"], 2, "{s}");
+}
+
 /// A batch's keys object is emptied once the batch is older than the key retention (nothing
 /// reads it again), never the newest batch's; the manifest says so, and an adoption of the
 /// output afterwards still works and still recognises the files of the recent batches.
