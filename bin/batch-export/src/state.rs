@@ -547,6 +547,38 @@ mod tests {
     }
 
     #[test]
+    fn deleted_rows_leave_no_bytes_in_the_database_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = State::open(tmp.path()).unwrap();
+        let marker = "purged-marker-7f3c2a9e1b";
+        state.set_meta("erasure_probe", marker).unwrap();
+        state.set_meta("erasure_neighbour", "stays").unwrap();
+        state
+            .conn()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let file = tmp.path().join("state.sqlite");
+        let holds = |bytes: &[u8]| bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
+        assert!(
+            holds(&std::fs::read(&file).unwrap()),
+            "the probe was written"
+        );
+        state
+            .conn()
+            .execute("DELETE FROM meta WHERE k = 'erasure_probe'", [])
+            .unwrap();
+        state
+            .conn()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        // Without secure_delete the deleted cell stays in its page as a free block.
+        assert!(!holds(&std::fs::read(&file).unwrap()));
+        assert!(!holds(
+            &std::fs::read(tmp.path().join("state.sqlite-wal")).unwrap_or_default()
+        ));
+    }
+
+    #[test]
     fn generations_rotate_and_old_keys_are_dropped_whole() {
         let tmp = tempfile::tempdir().unwrap();
         let mut s = State::open(tmp.path()).unwrap();

@@ -754,6 +754,57 @@ async fn an_account_deletion_is_a_withdrawal_only_when_asked() {
     assert!(did_lines(&list).is_empty(), "{list}");
 }
 
+/// A state file written before `secure_delete` was on may hold deleted bytes of theirs in free
+/// pages: its first purge rewrites it (VACUUM) so that none survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_older_than_secure_delete_is_vacuumed_at_its_first_purge() {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &relay, &[S1, W]);
+    let writer = start_writer(cfg.clone());
+    let mut f = Frames::new(1);
+    let frames = vec![f.text_post(W, "mine").0, f.text_post(S1, "s1").0];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    writer.stop().await.unwrap();
+
+    // What an older writer left: a row naming them deleted without zeroing, and no record of
+    // secure_delete.
+    let lingering = format!("lingering {W}");
+    {
+        let conn = rusqlite::Connection::open(&cfg.state).unwrap();
+        conn.pragma_update(None, "secure_delete", "OFF").unwrap();
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('old_note', ?1)",
+            [&lingering],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM meta WHERE key = 'old_note'", [])
+            .unwrap();
+        conn.execute("DELETE FROM meta WHERE key = 'secure_delete_since'", [])
+            .unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    assert!(
+        sqlite_files(&cfg.state)
+            .iter()
+            .any(|(_, bytes)| contains(bytes, &lingering)),
+        "the deleted row's bytes are in the file (else this tests nothing)"
+    );
+
+    std::fs::write(cfg.withdrawn.as_ref().unwrap(), format!("{W}\n")).unwrap();
+    let writer = start_writer(Config {
+        cursor: None,
+        ..cfg.clone()
+    });
+    let frames = vec![f.text_post(S1, "after").0];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    writer.stop().await.unwrap();
+    assert_nowhere(&cfg, &[W, &lingering]);
+}
+
 /// The DIDs a withdrawn list names (comments and blank lines skipped).
 fn did_lines(list: &str) -> Vec<String> {
     list.lines()
