@@ -992,6 +992,7 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
     // 1. The cache.
     summary.cache_files_removed = purge_cache(config)?;
     summary.quarantine_files_removed = purge_quarantine(config)?;
+    Fault::hit(config.fault, Fault::PurgeAfterCache);
     // 2. The output: every file every manifest names.
     let staging = sink.purge_staging_dir();
     sink::create_dir_all_durable(&staging)?;

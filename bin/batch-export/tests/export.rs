@@ -3930,6 +3930,7 @@ fn purge_stops_on_a_cache_entry_it_cannot_read() {
 }
 
 const PURGE_FAULTS: &[&str] = &[
+    "purge-after-cache",
     "purge-after-stage",
     "purge-after-commit",
     "purge-after-replace-one",
@@ -3956,7 +3957,8 @@ fn a_purge_killed_at_each_step_is_finished_by_the_next_run() {
         // Readable, old or new, at the crash.
         let at_crash = duckdb_audit(&env.out, &gone_needles());
         assert_eq!(at_crash.len(), before.len(), "{fault}");
-        if *fault == "purge-after-stage" {
+        let before_commit = matches!(*fault, "purge-after-cache" | "purge-after-stage");
+        if before_commit {
             // Before the commit point: their DIDs are guarded already, so an export without
             // the list is refused (it would export their replayed files)...
             let o = env.export(&[]);
@@ -3968,7 +3970,7 @@ fn a_purge_killed_at_each_step_is_finished_by_the_next_run() {
             );
         }
         // ... and an export with it finishes the purge as well as a purge run does.
-        let next = if *fault == "purge-after-stage" || i % 2 == 1 {
+        let next = if before_commit || i % 2 == 1 {
             local_args(&env, &["--withdrawn", &withdrawn])
         } else {
             purge.clone()
@@ -4029,7 +4031,10 @@ fn s3_purge_is_finished_after_a_crash_at_each_step_and_never_deletes() {
             use std::os::unix::process::ExitStatusExt;
             assert_eq!(o.status.signal(), Some(6), "{fault}: {}", describe(&o));
         }
-        let next = if fault == "purge-after-stage" || fault.ends_with("one") || fault == "none" {
+        let next = if matches!(fault, "purge-after-cache" | "purge-after-stage")
+            || fault.ends_with("one")
+            || fault == "none"
+        {
             purge.clone()
         } else {
             export(&["--withdrawn", &withdrawn])
