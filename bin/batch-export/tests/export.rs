@@ -3568,6 +3568,20 @@ fn assert_purged(out_root: &std::path::Path, before: &BTreeMap<String, Value>, w
     assert_eq!(purges.len(), 1, "{what}: exactly one ledger: {purges:?}");
     let ledger: Value = serde_json::from_slice(&fs::read(&purges[0]).unwrap()).unwrap();
     let purge_id = ledger["purge_id"].as_str().unwrap();
+    // The commit time, in Unix seconds, is the id's prefix and not in the future.
+    let committed_at = ledger["committed_at"].as_i64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        committed_at > now - 3600 && committed_at <= now,
+        "{what}: {ledger}"
+    );
+    assert!(
+        purge_id.starts_with(&format!("{committed_at:010}-")),
+        "{what}: {ledger}"
+    );
     for (_, m) in manifests(out_root) {
         let mut total = 0;
         for f in m["files"].as_array().unwrap() {
@@ -3706,6 +3720,18 @@ fn purge_removes_a_withdrawn_participant_everywhere_and_nothing_else() {
     assert!(!reasons.contains(GONE), "{reasons}");
     // (That the state database erases physically is a unit test of `State`: a pragma read
     // from another connection would report that connection's setting, not the export's.)
+
+    // The text summary (no --json) of a purge that finds nothing left says so.
+    let text_args: Vec<String> = args.iter().filter(|a| *a != "--json").cloned().collect();
+    let out = run(&text_args, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("batch-export purge: 1 withdrawn DIDs (0 new) applied to ")
+            && text.contains("nothing to purge")
+            && text.contains("0 rewritten (0 bytes), 0 rows removed"),
+        "{text}"
+    );
 
     // The start-up check against the output still passes, and a second purge is a no-op.
     let s2 = env.export_ok(&["--withdrawn", &withdrawn]);
@@ -4694,15 +4720,38 @@ fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
     env.export_ok(&[]);
     let withdrawn = withdrawn_file(&env);
     assert!((1..=4).all(|id| keys_len(id) > 0));
-    let mut args = local_args(&env, &["--withdrawn", &withdrawn]);
+    // The text summary this time (no --json).
+    let mut args: Vec<String> = local_args(&env, &["--withdrawn", &withdrawn])
+        .into_iter()
+        .filter(|a| a != "--json")
+        .collect();
     args.push("purge".into());
     let o = run(&args, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    let s = summary(&o);
-    assert!(s["files_rewritten"].as_u64().unwrap() >= 3, "{s}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("batch-export purge: 1 withdrawn DIDs (1 new) applied to ")
+            && text.contains(", ledger _batch_export/purges/"),
+        "{text}"
+    );
+    let post_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("study_user_activity/create/post "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(post_line.trim_end().ends_with(" rows removed"), "{text}");
+    let rewritten: u64 = text
+        .split(" rewritten (")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(rewritten >= 3, "{text}");
     // Batches 1 and 2: emptied. Batch 3: the resume point's run (a replacement writer would
     // capture its files again). Batch 4: rewritten or not, the newest.
-    assert_eq!(s["keys_objects_emptied"], 2, "{s}");
+    assert!(
+        text.contains("keys objects of rewritten batches emptied: 2\n"),
+        "{text}"
+    );
     assert_eq!((keys_len(1), keys_len(2)), (0, 0));
     assert!(expired(1) && expired(2));
     assert!(keys_len(3) > 0 && !expired(3));
