@@ -4736,7 +4736,10 @@ fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
     );
     let post_line = text
         .lines()
-        .find(|l| l.trim_start().starts_with("study_user_activity/create/post "))
+        .find(|l| {
+            l.trim_start()
+                .starts_with("study_user_activity/create/post ")
+        })
         .unwrap_or_else(|| panic!("{text}"));
     assert!(post_line.trim_end().ends_with(" rows removed"), "{text}");
     let rewritten: u64 = text
