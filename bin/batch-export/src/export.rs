@@ -315,6 +315,12 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
                 None => None,
             };
             let sink = run.sink.as_ref().expect("sink outside dry runs");
+            // An unreadable earlier point is replaced; its bound is unknown, so every batch
+            // stays kept (0) until the next run.
+            let keys_kept_from = first_batch_id.map(|first| match manifest::read_resume(sink) {
+                Ok(previous) => manifest::next_keys_kept_from(previous.as_ref(), cursor, first),
+                Err(_) => 0,
+            });
             result = manifest::write_resume(
                 sink,
                 &manifest::Resume {
@@ -322,6 +328,7 @@ pub fn run(config: &Config) -> Result<RunOutcome> {
                     upstream,
                     last_batch_id,
                     first_batch_id,
+                    keys_kept_from,
                     at: crate::now_secs(),
                 },
             );

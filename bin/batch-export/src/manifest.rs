@@ -183,18 +183,41 @@ pub(crate) const KEYS_OWED_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS keys_owed (batch_id INTEGER PRIMARY KEY);";
 
 /// The first batch whose keys must stay whatever a purge did: the newest batch (the start-up
-/// check reads its keys), and every batch of the run that recorded the output's resume point
-/// or later, because a replacement writer started there (deploy/README.md, "A lost machine")
-/// captures again the files of events after the cursor, which those batches may hold, and an
-/// adopted state recognises them only by these keys. A resume point from a version that did not
-/// record its run's first batch keeps every batch until a run records a new one.
+/// check reads its keys), and every batch from the resume point's `keys_kept_from` on (the
+/// runs that recorded it and the one before), because a replacement writer started there
+/// (deploy/README.md, "A lost machine") captures again the files of events after the cursor,
+/// which those batches may hold, and an adopted state recognises them only by these keys. A
+/// resume point from a version that did not record the bound, or one that cannot be read, keeps
+/// every batch until a run records a new one.
 pub(crate) fn keys_kept_from(sink: &Sink, state: &State) -> Result<i64> {
     let newest = state.last_published()?.map_or(i64::MAX, |b| b.id);
-    let resume = match read_resume(sink)? {
-        None => i64::MAX,
-        Some(r) => r.first_batch_id.unwrap_or(0),
+    let resume = match read_resume(sink) {
+        Ok(None) => i64::MAX,
+        Ok(Some(r)) => r.keys_kept_from.or(r.first_batch_id).unwrap_or(0),
+        // Nothing is emptied on a guess: the next run writes a readable one.
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the resume point cannot be read: every batch keeps its keys for now"
+            );
+            0
+        }
     };
     Ok(newest.min(resume))
+}
+
+/// [`Resume::keys_kept_from`] for a run that began at batch `first_batch_id` and read the
+/// writer cursor `cursor`, given the resume point before it: the batches of the previous
+/// recording run stay kept too (a writer that committed nothing between that run's walk and
+/// this run's start may have had files after `cursor` in them), and while the cursor does not
+/// move the older bound holds.
+pub fn next_keys_kept_from(previous: Option<&Resume>, cursor: i64, first_batch_id: i64) -> i64 {
+    let bound = match previous {
+        None => first_batch_id,
+        Some(p) if p.writer_cursor == cursor => p.keys_kept_from.or(p.first_batch_id).unwrap_or(0),
+        Some(p) => p.first_batch_id.unwrap_or(0),
+    };
+    bound.min(first_batch_id)
 }
 
 /// Empties the keys object of batch `id`: the manifest first (`keys.expired_at`, `count` 0 and
@@ -390,6 +413,7 @@ pub fn adopt(
     let me = state.ensure_owner_id()?;
     let now = crate::now_secs();
     let mut batches = Vec::new();
+    let mut owed = Vec::new();
     let mut previous: Option<i64> = None;
     for id in manifest_ids(sink, None)? {
         let m = read_manifest(sink, id)?
@@ -406,6 +430,10 @@ pub fn adopt(
             );
         }
         previous = Some(id);
+        // A batch a purge rewrote whose keys were kept then: still owed (`keys_owed`).
+        if !m.purges.is_empty() && m.keys.expired_at.is_none() {
+            owed.push(id);
+        }
         // An emptied keys object (or one a killed run had not emptied yet after its manifest
         // said so) holds nothing to remember.
         let keys = if now - m.committed_at <= retention_secs && m.keys.expired_at.is_none() {
@@ -440,6 +468,13 @@ pub fn adopt(
     state
         .conn()
         .execute("DELETE FROM meta WHERE k = ?1", [KEYS_EXPIRED_THROUGH])?;
+    state.conn().execute_batch(KEYS_OWED_SCHEMA)?;
+    for id in owed {
+        state.conn().execute(
+            "INSERT OR IGNORE INTO keys_owed (batch_id) VALUES (?1)",
+            [id],
+        )?;
+    }
     sink.put_meta(OWNER, &owner_json(&me, state_dir))
         .context("taking the owner marker over")?;
     tracing::warn!(
@@ -464,6 +499,10 @@ pub struct Resume {
     /// ([`keys_kept_from`]). Absent in resume points of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_batch_id: Option<i64>,
+    /// The first batch whose keys a purge must leave (and an export run not empty) while this
+    /// is the resume point: [`next_keys_kept_from`]. Absent in older resume points.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_kept_from: Option<i64>,
     /// Unix seconds.
     pub at: i64,
 }
@@ -508,6 +547,37 @@ pub fn read_resume(sink: &Sink) -> Result<Option<Resume>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_keys_bound_keeps_the_previous_recording_run_and_holds_while_the_cursor_stands() {
+        let point = |cursor, first, kept| Resume {
+            writer_cursor: cursor,
+            upstream: None,
+            last_batch_id: None,
+            first_batch_id: first,
+            keys_kept_from: kept,
+            at: 0,
+        };
+        // No earlier point: this run's batches.
+        assert_eq!(next_keys_kept_from(None, 100, 7), 7);
+        // The cursor moved: the previous recording run's batches stay kept too.
+        assert_eq!(
+            next_keys_kept_from(Some(&point(50, Some(4), Some(2))), 100, 7),
+            4
+        );
+        // It did not: the older bound holds.
+        assert_eq!(
+            next_keys_kept_from(Some(&point(100, Some(4), Some(2))), 100, 7),
+            2
+        );
+        // An older version's point, without the bound: every batch kept for one more run.
+        assert_eq!(next_keys_kept_from(Some(&point(50, None, None)), 100, 7), 0);
+        // Never past this run's own first batch.
+        assert_eq!(
+            next_keys_kept_from(Some(&point(50, Some(9), Some(9))), 100, 7),
+            7
+        );
+    }
 
     #[test]
     fn manifest_names_sort_as_ids() {

@@ -374,9 +374,13 @@ pub(crate) fn before_export(config: &Config, state: &mut State, sink: &Sink) -> 
         return Ok(0);
     }
     let salt = salt(state)?;
-    let mut purged = state
-        .conn()
-        .prepare("SELECT 1 FROM purged_did WHERE hash = ?1 AND purge_id NOT LIKE 'pending:%'")?;
+    // A DID taken over from an adopted output's list counts as not purged: the list may have
+    // grown after the output's last purge (an account deletion the writer added, say), and a
+    // purge after the adoption costs a scan, never a row.
+    let mut purged = state.conn().prepare(
+        "SELECT 1 FROM purged_did WHERE hash = ?1 \
+         AND purge_id NOT LIKE 'pending:%' AND purge_id != 'adopted'",
+    )?;
     let mut unpurged = 0;
     for hash in config.withdrawn.salted_hashes(&salt) {
         if !purged.exists([&hash])? {
@@ -522,8 +526,7 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<u6
         )
         .with_context(|| format!("updating the manifest of batch {batch_id}"))?;
         if batch_id < kept_from {
-            manifest::empty_keys(sink, batch_id, now)?;
-            keys_emptied += 1;
+            keys_emptied += u64::from(manifest::empty_keys(sink, batch_id, now)?);
         } else {
             state.conn().execute(
                 "INSERT OR IGNORE INTO keys_owed (batch_id) VALUES (?1)",
@@ -965,7 +968,8 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
         let known: Option<String> = state
             .conn()
             .query_row(
-                "SELECT purge_id FROM purged_did WHERE hash = ?1 AND purge_id NOT LIKE 'pending:%'",
+                "SELECT purge_id FROM purged_did WHERE hash = ?1 \
+                 AND purge_id NOT LIKE 'pending:%' AND purge_id != 'adopted'",
                 [h],
                 |r| r.get(0),
             )
@@ -1090,11 +1094,12 @@ fn go(config: &Config, state: &mut State, sink: &Sink, summary: &mut PurgeSummar
                     r.file.bytes_after as i64
                 ])?;
             }
-            // A DID an earlier purge applied keeps that purge's id.
+            // A DID an earlier purge applied keeps that purge's id (one taken over from an
+            // adopted list, whose purge this state cannot vouch for, gets this one).
             let mut stmt = tx.prepare(
                 "INSERT INTO purged_did (hash, purge_id) VALUES (?1, ?2)
                  ON CONFLICT (hash) DO UPDATE SET purge_id = excluded.purge_id
-                 WHERE purged_did.purge_id LIKE 'pending:%'",
+                 WHERE purged_did.purge_id LIKE 'pending:%' OR purged_did.purge_id = 'adopted'",
             )?;
             for h in &hashes {
                 stmt.execute(params![h, id])?;

@@ -3568,18 +3568,16 @@ fn assert_purged(out_root: &std::path::Path, before: &BTreeMap<String, Value>, w
     assert_eq!(purges.len(), 1, "{what}: exactly one ledger: {purges:?}");
     let ledger: Value = serde_json::from_slice(&fs::read(&purges[0]).unwrap()).unwrap();
     let purge_id = ledger["purge_id"].as_str().unwrap();
-    // The commit time, in Unix seconds, is the id's prefix and not in the future.
+    // The commit time, in Unix seconds: not before the purge began (the id's prefix) and not in
+    // the future.
     let committed_at = ledger["committed_at"].as_i64().unwrap();
+    let began: i64 = purge_id.split('-').next().unwrap().parse().unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
     assert!(
-        committed_at > now - 3600 && committed_at <= now,
-        "{what}: {ledger}"
-    );
-    assert!(
-        purge_id.starts_with(&format!("{committed_at:010}-")),
+        began > now - 3600 && began <= committed_at && committed_at <= now,
         "{what}: {ledger}"
     );
     for (_, m) in manifests(out_root) {
@@ -3852,11 +3850,23 @@ fn adopting_an_output_with_purges_requires_the_withdrawn_list_and_keeps_requirin
         "a refused adoption changes nothing"
     );
 
-    let s = env.export_ok(&["--adopt-output", "--withdrawn", &withdrawn]);
+    // Adopted: the list cannot be checked against the lost salt, so its DIDs count as not
+    // purged (exit 3) until a purge runs; a DID added to the list after the last purge (say an
+    // account deletion the writer recorded just before the machine was lost) is not missed.
+    let o = env.export(&["--adopt-output", "--withdrawn", &withdrawn]);
+    assert_eq!(o.status.code(), Some(3), "{}", describe(&o));
+    let s = summary(&o);
+    assert_eq!(s["withdrawn_not_purged"], 1, "{s}");
     assert_eq!(s["withdrawn_files"], 5, "their reactions replayed: {s}");
     assert!(duckdb_audit(&env.out, &gone_needles())
         .values()
         .all(|a| a["hits"] == 0));
+    let mut purge = local_args(&env, &["--withdrawn", &withdrawn]);
+    purge.push("purge".into());
+    let o = run(&purge, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    let s = env.export_ok(&["--withdrawn", &withdrawn]);
+    assert_eq!(s["withdrawn_not_purged"], 0, "{s}");
     // The adopted state keeps the guard: a run without the list is refused.
     consent_dataset(&env, 2);
     let o = env.export(&[]);
@@ -4709,10 +4719,10 @@ fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
                 .unwrap();
         m["keys"]["expired_at"].is_number() && m["keys"]["count"] == 0
     };
-    // Batches 1-3 hold rows of theirs; batch 3 was exported by the run that recorded the resume
-    // point, batch 4 (the other participant's) by a run before it that recorded none.
-    set_cursor(100);
+    // Batches 1-3 hold rows of theirs, each exported by a run that recorded a resume point (the
+    // writer's cursor moving); batch 4 (the other participant's) by a run that recorded none.
     for tag in 0..3 {
+        set_cursor(100 + i64::from(tag));
         consent_dataset(&env, tag);
         env.export_ok(&ws);
     }
@@ -4749,37 +4759,107 @@ fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{text}"));
     assert!(rewritten >= 3, "{text}");
-    // Batches 1 and 2: emptied. Batch 3: the resume point's run (a replacement writer would
-    // capture its files again). Batch 4: rewritten or not, the newest.
+    // Batch 1: emptied. Batch 3: the resume point's run (a replacement writer would capture
+    // its files again); batch 2: the recording run before it (slack: a writer that committed
+    // nothing between the two runs). Batch 4: the newest.
     assert!(
-        text.contains("keys objects of rewritten batches emptied: 2\n"),
+        text.contains("keys objects of rewritten batches emptied: 1\n"),
         "{text}"
     );
-    assert_eq!((keys_len(1), keys_len(2)), (0, 0));
-    assert!(expired(1) && expired(2));
-    assert!(keys_len(3) > 0 && !expired(3));
-    assert!(keys_len(4) > 0 && !expired(4));
-    // The next clean run records a resume point past batch 3: the run after it empties it.
-    set_cursor(200);
-    stays_posts(600);
-    env.export_ok(&["--withdrawn", &withdrawn, ws[0], ws[1]]);
-    assert!(
-        keys_len(3) > 0,
-        "the resume point had not moved when this run looked"
-    );
-    stays_posts(700);
-    let s = env.export_ok(&["--withdrawn", &withdrawn, ws[0], ws[1]]);
-    assert_eq!(s["keys_expired_batches"], 1, "{s}");
-    assert_eq!(keys_len(3), 0);
-    assert!(expired(3));
-    assert!(keys_len(4) > 0 && keys_len(5) > 0 && keys_len(6) > 0);
+    assert_eq!(keys_len(1), 0);
+    assert!(expired(1));
+    assert!((2..=4).all(|id| keys_len(id) > 0 && !expired(id)));
+    // Each clean run with a moving cursor moves the bound to the previous recording run's
+    // first batch: run 5 keeps 2 and 3 (bound 2), run 6 empties 2 (bound 3), run 7 empties 3
+    // (bound 5). Batch 4 held nothing of theirs: the purge did not rewrite it, its keys stay.
+    for (cursor, from, emptied) in [(200, 600, 0), (300, 700, 1), (400, 800, 1)] {
+        set_cursor(cursor);
+        stays_posts(from);
+        let s = env.export_ok(&["--withdrawn", &withdrawn, ws[0], ws[1]]);
+        assert_eq!(s["keys_expired_batches"], emptied, "{s}");
+    }
+    assert!((2..=3).all(|id| keys_len(id) == 0 && expired(id)));
+    assert!((4..=7).all(|id| keys_len(id) > 0 && !expired(id)));
     // A lost state directory and a writer replay of the newest batch's files: the output is
     // adopted (the emptied batches give no keys) and the replayed files are recognised.
     fs::remove_dir_all(env.cache.join(".export")).unwrap();
-    stays_posts(700);
-    let s = env.export_ok(&["--withdrawn", &withdrawn, "--adopt-output"]);
+    stays_posts(800);
+    let o = env.export(&["--withdrawn", &withdrawn, "--adopt-output"]);
+    let s = summary(&o);
     assert_eq!(s["files_exported"], 0, "{s}");
     assert_eq!(s["already_exported"], 2, "{s}");
+}
+
+/// An adopted state takes over which rewritten batches still owe the emptying of their keys
+/// (read from the manifests: purged, keys not expired), so a lost state directory does not
+/// leave a withdrawn participant's file keys in the output until the retention ends.
+#[test]
+fn an_adopted_state_still_empties_the_keys_a_purge_had_to_keep() {
+    let env = Env::new();
+    let writer_state = env.dir.path().join("firehose-state.sqlite");
+    let set_cursor = |cursor: i64| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.commit()",
+                writer_state.to_str().unwrap(),
+                &cursor.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    };
+    let ws = writer_state.to_str().unwrap();
+    let keys_len = |id: i64| {
+        fs::metadata(env.out.join(format!("_batch_export/batches/{id:012}.keys")))
+            .unwrap()
+            .len()
+    };
+    let stays_post = |i: usize| {
+        let rkey = format!("3l6b{i:09}");
+        let rel = post_path("study_user_activity/create/post", STAYS, &rkey);
+        env.write(&rel, &study_post(STAYS, &rkey, "stays"));
+    };
+    for tag in 0..3 {
+        set_cursor(100 + i64::from(tag));
+        consent_dataset(&env, tag);
+        env.export_ok(&["--writer-state", ws]);
+    }
+    set_cursor(103);
+    stays_post(1);
+    env.export_ok(&["--writer-state", ws]);
+    let withdrawn = withdrawn_file(&env);
+    let mut purge = local_args(&env, &["--withdrawn", &withdrawn]);
+    purge.push("purge".into());
+    let o = run(&purge, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    // The bound was batch 3 (the recording run before the resume point's): 1 and 2 emptied,
+    // 3 owed.
+    assert_eq!(summary(&o)["keys_objects_emptied"], 2);
+    assert!(keys_len(3) > 0);
+
+    fs::remove_dir_all(env.cache.join(".export")).unwrap();
+    set_cursor(200);
+    stays_post(2);
+    let o = env.export(&[
+        "--withdrawn",
+        &withdrawn,
+        "--adopt-output",
+        "--writer-state",
+        ws,
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "adopted, not purged yet: {}",
+        describe(&o)
+    );
+    assert!(keys_len(3) > 0, "still within the bound");
+    set_cursor(300);
+    stays_post(3);
+    let o = env.export(&["--withdrawn", &withdrawn, "--writer-state", ws]);
+    assert_eq!(summary(&o)["keys_expired_batches"], 1, "{}", describe(&o));
+    assert_eq!(keys_len(3), 0, "emptied by the adopted state");
 }
 
 /// A batch's keys object is emptied once the batch is older than the key retention (nothing
