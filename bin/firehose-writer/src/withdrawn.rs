@@ -72,13 +72,19 @@ pub fn check_appendable(path: &Path) -> Result<()> {
 /// Adds `did` to the withdrawn list (an account deletion taken as a withdrawal), unless listed
 /// already: appended with a comment saying why and when, then fsynced, before the purge begins,
 /// so the list stays the one authority both programs read (batch-export's purge and refusal
-/// included) and a crash after this point is finished as a listed withdrawal.
+/// included). Whether it is listed is read leniently (a line of the operator's that does not
+/// parse does not stop this); a write that fails part-way is cut off again, so no half line is
+/// left for the next reader. Returns whether it was added.
 pub fn append_to_list(path: &Path, did: &Did, seq: Option<i64>, at: &str) -> Result<bool> {
     use std::io::Write;
-    if load(path)?.contains(did) {
+    let existing = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let listed = String::from_utf8_lossy(&existing).lines().any(|line| {
+        let line = line.split('#').next().unwrap_or("").trim();
+        line == did.as_str()
+    });
+    if listed {
         return Ok(false);
     }
-    let existing = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut text = String::new();
     if !existing.is_empty() && !existing.ends_with(b"\n") {
         text.push('\n');
@@ -92,9 +98,15 @@ pub fn append_to_list(path: &Path, did: &Did, seq: Option<i64>, at: &str) -> Res
         .append(true)
         .open(path)
         .with_context(|| format!("opening {} to add a withdrawal", path.display()))?;
-    file.write_all(text.as_bytes())
+    if let Err(e) = file
+        .write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("adding a withdrawal to {}", path.display()))?;
+    {
+        let _ = file
+            .set_len(existing.len() as u64)
+            .and_then(|()| file.sync_all());
+        return Err(e).with_context(|| format!("adding a withdrawal to {}", path.display()));
+    }
     Ok(true)
 }
 
@@ -579,6 +591,13 @@ mod tests {
         assert!(text.contains("seq 42") && text.contains(at), "{text}");
         let operators = Did::parse("did:plc:aaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
         assert!(append_to_list(&list, &operators, None, at).is_ok_and(|added| !added));
+        // A line of the operator's that does not parse does not stop an addition (the list's
+        // readers report it; the writer must not stall on it).
+        fs::write(&list, "not a did\n").unwrap();
+        assert!(append_to_list(&list, &did, None, at).unwrap());
+        assert!(fs::read_to_string(&list)
+            .unwrap()
+            .ends_with(&format!("{did}\n")));
 
         let missing = dir.path().join("missing.txt");
         let err = check_appendable(&missing).unwrap_err();

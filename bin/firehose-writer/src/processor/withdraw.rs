@@ -22,7 +22,7 @@ use anyhow::Result;
 use sync_core::frame::Event;
 use sync_core::ids::Did;
 use sync_core::route::RoutingState;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{cache_error, Processor};
 use crate::withdrawn::{find_cache_files, remove_found, Screen};
@@ -51,7 +51,38 @@ impl Processor {
     /// The purges owed at start, before the first frame.
     pub(super) fn purge_at_start(&mut self) -> Result<()> {
         let dids = std::mem::take(&mut self.withdrawals.at_start);
+        self.list_account_deletions();
         self.purge_withdrawn(dids)
+    }
+
+    /// Adds an account deletion taken as a withdrawal to the `--withdrawn` file, once: a file
+    /// that cannot be written (a full disk, its owner or mode changed, removed) does not stop
+    /// the capture or the withdrawal (the state records it by hash), it is logged at error and
+    /// counted, and tried again at the next start and reload ([`Self::list_account_deletions`]).
+    fn add_to_withdrawn_list(&mut self, did: &Did, seq: Option<i64>) {
+        let Some(list) = self.withdrawals.list.clone() else {
+            return;
+        };
+        let at = super::now_rfc3339();
+        if let Err(e) = crate::withdrawn::append_to_list(&list, did, seq, &at) {
+            self.metrics
+                .withdrawn_list_append_failures
+                .fetch_add(1, Ordering::Relaxed);
+            // The error names the file, never the DID.
+            error!(seq, error = %format!("{e:#}"), "an account deletion taken as a withdrawal could not be added to the withdrawn file: the writer keeps them withdrawn, but batch-export cannot purge them until they are listed (tried again at the next start or reload)");
+        }
+    }
+
+    /// Makes sure every account deletion taken as a withdrawal is in the `--withdrawn` file
+    /// (after a failed append, or an edit of the file that dropped the writer's line): at start
+    /// and after each reload.
+    fn list_account_deletions(&mut self) {
+        if !self.withdrawals.account_deleted {
+            return;
+        }
+        for did in self.state.account_deletions_not_listed() {
+            self.add_to_withdrawn_list(&did, None);
+        }
     }
 
     /// A new `--withdrawn` list (SIGHUP): applied before the tracked sets that come with it.
@@ -63,6 +94,7 @@ impl Processor {
         self.metrics
             .withdrawn_dids
             .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
+        self.list_account_deletions();
         self.purge_withdrawn(new)
     }
 
@@ -79,13 +111,8 @@ impl Processor {
                 && self.state.is_study_user(&account.did)
             {
                 let did = account.did.clone();
-                if let Some(list) = self.withdrawals.list.clone() {
-                    let at = super::now_rfc3339();
-                    self.retry("adding to the withdrawn list", seq, |_| {
-                        crate::withdrawn::append_to_list(&list, &did, seq, &at)
-                    })?;
-                }
                 warn!(seq, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); added to the withdrawn list and purged (run batch-export purge for the exported tables)");
+                self.add_to_withdrawn_list(&did, seq);
                 let new =
                     self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;
                 self.metrics

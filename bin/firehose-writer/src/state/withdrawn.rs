@@ -467,6 +467,17 @@ impl StateStore {
             .collect())
     }
 
+    /// Account deletions taken as withdrawals (this run's, and earlier ones found again among
+    /// the study users) that the `--withdrawn` file, as last read, does not list.
+    pub fn account_deletions_not_listed(&self) -> Vec<Did> {
+        self.withdrawn
+            .account_deleted
+            .iter()
+            .filter(|d| !self.withdrawn.file.contains(*d))
+            .cloned()
+            .collect()
+    }
+
     /// Withdrawn DIDs whose purge is not recorded (nor pending).
     fn withdrawals_to_purge(&self) -> Vec<Did> {
         self.withdrawn

@@ -698,7 +698,13 @@ async fn account_deletion(
     let first = cache_bytes(&cfg.cache_dir);
     writer.stop().await.unwrap();
     // The study-user file still lists them; the withdrawn file does too when the deletion was
-    // taken as a withdrawal (the writer added them, for batch-export's purge).
+    // taken as a withdrawal (the writer added them, for batch-export's purge). An editor that
+    // saved an older copy drops that line: the next start adds it again.
+    if flag {
+        let list = std::fs::read_to_string(cfg.withdrawn.as_ref().unwrap()).unwrap();
+        assert!(list.contains(W), "{list}");
+        std::fs::write(cfg.withdrawn.as_ref().unwrap(), "# nobody yet\n").unwrap();
+    }
     let writer = start_writer(Config {
         cursor: None,
         ..cfg.clone()
@@ -731,6 +737,32 @@ async fn an_account_deletion_is_a_withdrawal_only_when_asked() {
     assert_eq!(listed, vec![W.to_owned()], "{list}");
     assert!(list.starts_with("# nobody yet\n"), "{list}");
     assert!(list.contains("account deleted"), "{list}");
+    // batch-export, given the same list, exits 3 until a purge has covered them.
+    let (output, export_state) = (_tmp.path().join("out"), _tmp.path().join("export-state"));
+    let list_arg = cfg.withdrawn.as_ref().unwrap().to_str().unwrap();
+    let export = |extra: &[&str]| batch_export(&cfg.cache_dir, &output, &export_state, extra);
+    let o = export(&["--withdrawn", list_arg]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("batch-export purge"));
+    let o = export(&["--withdrawn", list_arg, "purge"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = export(&["--withdrawn", list_arg]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let (_tmp, cfg, first, second, _) = account_deletion(false).await;
     let theirs = |tree: &BTreeMap<String, Vec<u8>>| {
