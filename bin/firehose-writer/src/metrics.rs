@@ -49,7 +49,7 @@ pub const UNKNOWN_UNFOLLOWS: &str = "firehose_unknown_unfollows_total";
 pub const WITHDRAWN_DIDS: &str = "firehose_withdrawn_dids";
 pub const WITHDRAWN_FILES_REMOVED: &str = "firehose_withdrawn_files_removed_total";
 pub const WITHDRAWN_ROWS_PURGED: &str = "firehose_withdrawn_index_rows_purged_total";
-pub const WITHDRAWN_LIST_APPEND_FAILURES: &str = "firehose_withdrawn_list_append_failures_total";
+pub const WITHDRAWN_UNLISTED: &str = "firehose_withdrawn_account_deletions_unlisted";
 pub const WITHDRAWN_DROPS: &str = "firehose_withdrawn_drops_total";
 pub const VERIFIED_COMMITS: &str = "firehose_verified_commits_total";
 pub const VERIFY_FAILURES: &str = "firehose_verify_failures_total";
@@ -142,9 +142,9 @@ pub struct Metrics {
     pub withdrawn_files_removed: AtomicU64,
     /// State index rows removed by withdrawal purges.
     pub withdrawn_rows_purged: AtomicU64,
-    /// Account deletions taken as withdrawals that could not be added to the `--withdrawn`
-    /// file (tried again at every start and reload).
-    pub withdrawn_list_append_failures: AtomicU64,
+    /// Account deletions taken as withdrawals that the last attempt could not add to the
+    /// `--withdrawn` file (tried again at every start and reload).
+    pub withdrawn_unlisted: AtomicU64,
     /// Events (by a withdrawn DID) and ops (naming one) not routed, by `what`.
     withdrawn_drops: Labelled,
     commit_duration: Histogram,
@@ -222,7 +222,7 @@ impl Default for Metrics {
             withdrawn_dids: AtomicU64::new(0),
             withdrawn_files_removed: AtomicU64::new(0),
             withdrawn_rows_purged: AtomicU64::new(0),
-            withdrawn_list_append_failures: AtomicU64::new(0),
+            withdrawn_unlisted: AtomicU64::new(0),
             withdrawn_drops: Labelled::default(),
             commits: AtomicU64::new(0),
             // 1 ms .. 30 s: a barrier is a syncfs, renames and one SQLite commit; seconds mean a
@@ -704,11 +704,11 @@ impl Collector for ScrapeTime {
             "State index rows removed by consent-withdrawal purges.",
             r(&m.withdrawn_rows_purged),
         )?;
-        counter(
+        gauge(
             e,
-            WITHDRAWN_LIST_APPEND_FAILURES,
-            "Account deletions taken as withdrawals that could not be added to the --withdrawn file (retried at every start and reload; batch-export cannot purge them until they are there).",
-            r(&m.withdrawn_list_append_failures),
+            WITHDRAWN_UNLISTED,
+            "Account deletions taken as withdrawals that could not be added to the --withdrawn file (retried at every start and reload; batch-export cannot purge them until they are listed).",
+            r(&m.withdrawn_unlisted),
         )?;
         labelled(
             e,

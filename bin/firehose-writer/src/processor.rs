@@ -340,6 +340,9 @@ impl Processor {
                         "tracked sets reloaded"
                     );
                     self.state.replace_sets(study, in_network);
+                    // After the new study-user file is taken: one taken out of it is not written
+                    // back to the withdrawn list.
+                    self.list_account_deletions();
                     // Parked repairs of repos the new sets track again go out now.
                     self.last_unpark_scan = None;
                     self.last_repair_scan = None;

@@ -563,6 +563,7 @@ impl StateStore {
 
     /// Replaces the file-loaded sets (SIGHUP); live follows are kept.
     pub fn replace_sets(&mut self, study_users: DidSet, in_network: DidSet) {
+        self.forget_account_deletions_not_in(&study_users);
         self.study_users = Arc::new(study_users);
         self.file_in_network = Arc::new(in_network);
         self.apply_withdrawn_sets();

@@ -102,9 +102,16 @@ pub fn append_to_list(path: &Path, did: &Did, seq: Option<i64>, at: &str) -> Res
         .write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
     {
-        let _ = file
-            .set_len(existing.len() as u64)
-            .and_then(|()| file.sync_all());
+        // Only what this write may have added is cut (never below what was read, which would
+        // pad a file someone shortened meanwhile).
+        if file
+            .metadata()
+            .is_ok_and(|m| m.len() > existing.len() as u64)
+        {
+            let _ = file
+                .set_len(existing.len() as u64)
+                .and_then(|()| file.sync_all());
+        }
         return Err(e).with_context(|| format!("adding a withdrawal to {}", path.display()));
     }
     Ok(true)

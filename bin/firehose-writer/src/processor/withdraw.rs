@@ -58,31 +58,38 @@ impl Processor {
     /// Adds an account deletion taken as a withdrawal to the `--withdrawn` file, once: a file
     /// that cannot be written (a full disk, its owner or mode changed, removed) does not stop
     /// the capture or the withdrawal (the state records it by hash), it is logged at error and
-    /// counted, and tried again at the next start and reload ([`Self::list_account_deletions`]).
-    fn add_to_withdrawn_list(&mut self, did: &Did, seq: Option<i64>) {
+    /// shown in `firehose_withdrawn_account_deletions_unlisted`, and tried again at the next
+    /// start and reload ([`Self::list_account_deletions`]). True when it is listed now.
+    fn add_to_withdrawn_list(&mut self, did: &Did, seq: Option<i64>) -> bool {
         let Some(list) = self.withdrawals.list.clone() else {
-            return;
+            return true;
         };
         let at = super::now_rfc3339();
-        if let Err(e) = crate::withdrawn::append_to_list(&list, did, seq, &at) {
-            self.metrics
-                .withdrawn_list_append_failures
-                .fetch_add(1, Ordering::Relaxed);
-            // The error names the file, never the DID.
-            error!(seq, error = %format!("{e:#}"), "an account deletion taken as a withdrawal could not be added to the withdrawn file: the writer keeps them withdrawn, but batch-export cannot purge them until they are listed (tried again at the next start or reload)");
+        match crate::withdrawn::append_to_list(&list, did, seq, &at) {
+            Ok(_) => true,
+            Err(e) => {
+                // The error names the file, never the DID.
+                error!(seq, error = %format!("{e:#}"), "an account deletion taken as a withdrawal could not be added to the withdrawn file: the writer keeps them withdrawn, but batch-export cannot purge them until they are listed (tried again at the next start or reload)");
+                false
+            }
         }
     }
 
-    /// Makes sure every account deletion taken as a withdrawal is in the `--withdrawn` file
-    /// (after a failed append, or an edit of the file that dropped the writer's line): at start
-    /// and after each reload.
-    fn list_account_deletions(&mut self) {
+    /// Makes sure every account deletion taken as a withdrawal of a current study user is in
+    /// the `--withdrawn` file (after a failed append, or an edit of the file that dropped the
+    /// writer's line): at start and after each reload of the study-user file (a SIGHUP sends the
+    /// withdrawn list first, then the sets). The gauge counts those still missing.
+    pub(super) fn list_account_deletions(&mut self) {
         if !self.withdrawals.account_deleted {
             return;
         }
+        let mut unlisted = 0;
         for did in self.state.account_deletions_not_listed() {
-            self.add_to_withdrawn_list(&did, None);
+            unlisted += u64::from(!self.add_to_withdrawn_list(&did, None));
         }
+        self.metrics
+            .withdrawn_unlisted
+            .store(unlisted, Ordering::Relaxed);
     }
 
     /// A new `--withdrawn` list (SIGHUP): applied before the tracked sets that come with it.
@@ -94,7 +101,6 @@ impl Processor {
         self.metrics
             .withdrawn_dids
             .store(self.state.withdrawn().len() as u64, Ordering::Relaxed);
-        self.list_account_deletions();
         self.purge_withdrawn(new)
     }
 
@@ -112,7 +118,11 @@ impl Processor {
             {
                 let did = account.did.clone();
                 warn!(seq, "a study user's account was deleted: treated as a consent withdrawal (--account-deleted-is-withdrawal); added to the withdrawn list and purged (run batch-export purge for the exported tables)");
-                self.add_to_withdrawn_list(&did, seq);
+                if !self.add_to_withdrawn_list(&did, seq) {
+                    self.metrics
+                        .withdrawn_unlisted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 let new =
                     self.retry_state("withdrawal", seq, |p| p.state.withdraw_account(&did))?;
                 self.metrics

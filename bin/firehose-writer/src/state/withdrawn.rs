@@ -467,8 +467,8 @@ impl StateStore {
             .collect())
     }
 
-    /// Account deletions taken as withdrawals (this run's, and earlier ones found again among
-    /// the study users) that the `--withdrawn` file, as last read, does not list.
+    /// Account deletions taken as withdrawals (this run's, and earlier ones found again by hash
+    /// among the study users) that the `--withdrawn` file, as last read, does not list.
     pub fn account_deletions_not_listed(&self) -> Vec<Did> {
         self.withdrawn
             .account_deleted
@@ -476,6 +476,18 @@ impl StateStore {
             .filter(|d| !self.withdrawn.file.contains(*d))
             .cloned()
             .collect()
+    }
+
+    /// A new study-user file (SIGHUP): an account deletion recorded earlier holds while the
+    /// file lists the DID (README), so one the operator took out is no longer withdrawn on
+    /// that ground (nor written back to the withdrawn list); one whose purge is still to be
+    /// recorded stays.
+    pub(super) fn forget_account_deletions_not_in(&mut self, study_users: &crate::tracked::DidSet) {
+        let applied = &self.withdrawn.applied;
+        let salt = &self.withdrawn.salt;
+        self.withdrawn
+            .account_deleted
+            .retain(|d| study_users.contains(d) || !applied.contains_key(&salted_hash(salt, d)));
     }
 
     /// Withdrawn DIDs whose purge is not recorded (nor pending).

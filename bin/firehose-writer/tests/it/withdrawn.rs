@@ -786,6 +786,59 @@ async fn an_account_deletion_is_a_withdrawal_only_when_asked() {
     assert!(did_lines(&list).is_empty(), "{list}");
 }
 
+/// A withdrawn list the writer cannot add an account deletion to (here a folder put in its
+/// place after the start check) stops neither the capture nor the purge; the gauge shows it, and
+/// the next start with a writable list adds the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_deletion_the_list_cannot_take_does_not_stop_the_capture() {
+    let relay = TestRelay::start(Vec::new()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &relay, &[S1, W]);
+    cfg.account_deleted_is_withdrawal = true;
+    let port = workspace_tests::s3::free_port();
+    cfg.metrics_addr = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let list = cfg.withdrawn.clone().unwrap();
+    let unlisted = || metric(port, "firehose_withdrawn_account_deletions_unlisted");
+    let writer = start_writer(cfg.clone());
+    let mut f = Frames::new(1);
+    let frames = vec![f.text_post(W, "mine").0];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    // Running (the start check passed): now the list cannot be written.
+    std::fs::remove_file(&list).unwrap();
+    std::fs::create_dir(&list).unwrap();
+    let frames = vec![
+        f.account(W, false, Some("deleted")),
+        f.text_post(S1, "after").0,
+    ];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    assert_eq!(unlisted(), Some(1.0));
+    writer.stop().await.unwrap();
+    let cache = cache_bytes(&cfg.cache_dir);
+    assert!(cache.keys().all(|p| !p.contains(W)), "{:?}", cache.keys());
+    assert_eq!(
+        cache.len(),
+        1,
+        "S1's post after the deletion: {:?}",
+        cache.keys()
+    );
+
+    std::fs::remove_dir(&list).unwrap();
+    std::fs::write(&list, "# restored\n").unwrap();
+    let writer = start_writer(Config {
+        cursor: None,
+        ..cfg.clone()
+    });
+    let frames = vec![f.text_post(S1, "later").0];
+    let last = f.last();
+    push_all(&relay, &writer, frames, last).await;
+    assert_eq!(unlisted(), Some(0.0));
+    writer.stop().await.unwrap();
+    let text = std::fs::read_to_string(&list).unwrap();
+    assert_eq!(did_lines(&text), vec![W.to_owned()], "{text}");
+}
+
 /// A state file written before `secure_delete` was on may hold deleted bytes of theirs in free
 /// pages: its first purge rewrites it (VACUUM) so that none survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
