@@ -162,7 +162,14 @@ pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) ->
         emptied += u64::from(empty_keys(sink, id, now)?);
         state.set_meta(KEYS_EXPIRED_THROUGH, &id.to_string())?;
     }
-    state.conn().execute_batch(KEYS_OWED_SCHEMA)?;
+    // Most runs owe nothing: the resume point (a GET on S3) is read only when something is owed.
+    let any_owed = state
+        .conn()
+        .prepare("SELECT 1 FROM keys_owed LIMIT 1")?
+        .exists([])?;
+    if !any_owed {
+        return Ok(emptied);
+    }
     let owed: Vec<i64> = state
         .conn()
         .prepare("SELECT batch_id FROM keys_owed WHERE batch_id < ?1 ORDER BY batch_id LIMIT 1000")?
@@ -179,6 +186,7 @@ pub fn expire_keys(sink: &Sink, state: &State, now: i64, retention_secs: i64) ->
 
 /// Batches a consent purge rewrote whose keys object it could not empty yet (the newest batch,
 /// or one a lost-machine replay may still need): [`expire_keys`] empties them once it may.
+/// Created with the state (`State::open`).
 pub(crate) const KEYS_OWED_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS keys_owed (batch_id INTEGER PRIMARY KEY);";
 
@@ -468,7 +476,6 @@ pub fn adopt(
     state
         .conn()
         .execute("DELETE FROM meta WHERE k = ?1", [KEYS_EXPIRED_THROUGH])?;
-    state.conn().execute_batch(KEYS_OWED_SCHEMA)?;
     for id in owed {
         state.conn().execute(
             "INSERT OR IGNORE INTO keys_owed (batch_id) VALUES (?1)",

@@ -499,7 +499,6 @@ fn apply(config: &Config, state: &mut State, sink: &Sink, id: &str) -> Result<u6
     // files), but for the batches whose keys must stay a while (`manifest::keys_kept_from`),
     // which a later export run empties once they may go.
     let kept_from = manifest::keys_kept_from(sink, state)?;
-    state.conn().execute_batch(manifest::KEYS_OWED_SCHEMA)?;
     let now = crate::now_secs();
     let mut keys_emptied = 0;
     for (batch_id, fs_) in by_batch {

@@ -144,6 +144,7 @@ impl State {
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.execute_batch(SCHEMA)
             .and_then(|()| conn.execute_batch(crate::keys::SCHEMA))
+            .and_then(|()| conn.execute_batch(crate::manifest::KEYS_OWED_SCHEMA))
             .context("creating the state schema")?;
         let state = State { conn };
         state.upgrade()?;

@@ -3144,22 +3144,26 @@ fn name_type_pairs(v: &Value) -> Vec<(String, String)> {
 // ---------------------------------------------------------------------------------------------
 // Machine loss: the output records where a replacement writer may resume.
 
+/// Writes `cursor` (and the upstream `bsky.network`) into a writer state database at `path`,
+/// as the writer commits them: what `--writer-state` reads.
+fn set_writer_cursor(path: &std::path::Path, cursor: i64) {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('upstream', 'bsky.network')\")\nc.commit()",
+            path.to_str().unwrap(),
+            &cursor.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
 #[test]
 fn the_resume_point_moves_only_after_a_clean_run_and_survives_the_state() {
     let env = Env::new();
     let writer_state = env.dir.path().join("firehose-state.sqlite");
-    let set_cursor = |cursor: i64| {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('upstream', 'bsky.network')\")\nc.commit()",
-                writer_state.to_str().unwrap(),
-                &cursor.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", describe(&out));
-    };
+    let set_cursor = |cursor: i64| set_writer_cursor(&writer_state, cursor);
     let resume_point = || {
         let out = run(
             &[
@@ -4686,18 +4690,7 @@ fn the_deployed_crontab_clears_the_cache_records_the_resume_point_and_applies_wi
 fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
     let env = Env::new();
     let writer_state = env.dir.path().join("firehose-state.sqlite");
-    let set_cursor = |cursor: i64| {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.commit()",
-                writer_state.to_str().unwrap(),
-                &cursor.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", describe(&out));
-    };
+    let set_cursor = |cursor: i64| set_writer_cursor(&writer_state, cursor);
     let ws = ["--writer-state", writer_state.to_str().unwrap()];
     // Posts of the participant who stays (`study_posts` writes GONE's).
     let stays_posts = |from: usize| {
@@ -4797,18 +4790,7 @@ fn a_purge_empties_the_keys_objects_of_the_batches_it_rewrote() {
 fn an_adopted_state_still_empties_the_keys_a_purge_had_to_keep() {
     let env = Env::new();
     let writer_state = env.dir.path().join("firehose-state.sqlite");
-    let set_cursor = |cursor: i64| {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute('CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')\nc.execute(\"INSERT OR REPLACE INTO meta VALUES ('cursor', ?)\", (sys.argv[2],))\nc.commit()",
-                writer_state.to_str().unwrap(),
-                &cursor.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", describe(&out));
-    };
+    let set_cursor = |cursor: i64| set_writer_cursor(&writer_state, cursor);
     let ws = writer_state.to_str().unwrap();
     let keys_len = |id: i64| {
         fs::metadata(env.out.join(format!("_batch_export/batches/{id:012}.keys")))
