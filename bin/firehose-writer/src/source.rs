@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use sync_core::frame::{decode_frame, frame_seq, is_error_frame, Event, MAX_FRAME_BYTES};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, UrlError};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -223,7 +224,41 @@ impl TooLarge {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<MaybeTlsStream<BufReader<TcpStream>>>;
+
+/// Bytes the socket is read in at a time. The WebSocket codec asks for about one message per
+/// read (~5 KB on the firehose); buffered, one `recv` takes whatever has arrived, up to this.
+/// Unbuffered, the per-call cost of a million `recv`s (each also running TCP's receive and ACK
+/// work) was 7 % of the writer's CPU at 50,000 frames/s (BENCHMARKS.md).
+const SOCKET_READ_BUFFER: usize = 256 * 1024;
+
+/// TCP connect, then TLS (for `wss://`) and the WebSocket handshake over a read-buffered socket.
+/// The same steps as `tokio_tungstenite::connect_async_with_config`, with the buffer between.
+async fn open_websocket(url: &str, config: WebSocketConfig) -> Result<Ws, WsError> {
+    let request = url.into_client_request()?;
+    let uri = request.uri();
+    let host = uri
+        .host()
+        .ok_or(WsError::Url(UrlError::NoHostName))?
+        // An IPv6 literal is bracketed in a URL, not in a socket address or a TLS name.
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri
+        .port_u16()
+        .or(match uri.scheme_str() {
+            Some("wss") => Some(443),
+            Some("ws") => Some(80),
+            _ => None,
+        })
+        .ok_or(WsError::Url(UrlError::UnsupportedUrlScheme))?;
+    let socket = TcpStream::connect((host.as_str(), port)).await?;
+    let stream = BufReader::with_capacity(SOCKET_READ_BUFFER, socket);
+    let (ws, _) =
+        tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), None)
+            .await?;
+    Ok(ws)
+}
 
 enum Connected {
     Open(Box<Ws>),
@@ -346,16 +381,13 @@ impl RelaySource {
         let config = WebSocketConfig::default()
             .max_message_size(Some(self.max_message_bytes))
             .max_frame_size(Some(self.max_message_bytes));
-        let connect = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(&url, Some(config), false),
-        );
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, open_websocket(&url, config));
         let result = tokio::select! {
             result = connect => result,
             _ = shutdown.changed() => return Connected::Shutdown,
         };
         match result {
-            Ok(Ok((ws, _))) => {
+            Ok(Ok(ws)) => {
                 info!(%url, ?cursor, "connected");
                 Connected::Open(Box::new(ws))
             }

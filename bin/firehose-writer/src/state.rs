@@ -25,7 +25,7 @@ use sync_core::route::{Applied, RoutingState, StateUpdate};
 use sync_core::verify::{rev_is_plausible, VerifyOptions};
 use tracing::warn;
 
-use crate::tracked::{DidSet, SharedMembership};
+use crate::tracked::{DidProbe, DidSet, SharedMembership};
 
 mod repair;
 mod withdrawn;
@@ -594,8 +594,10 @@ impl StateStore {
     fn membership(&self, did: &Did) -> (bool, bool) {
         let mut memo = self.membership.borrow_mut();
         if memo.did != did.as_str() {
-            memo.study = self.study_users.contains(did);
-            memo.in_network = self.file_in_network.contains(did) || self.followed.contains_key(did);
+            let probe = DidProbe::new(did.as_str());
+            memo.study = self.study_users.contains_probe(&probe);
+            memo.in_network =
+                self.file_in_network.contains_probe(&probe) || self.followed.contains_key(did);
             memo.did.clear();
             memo.did.push_str(did.as_str());
         }

@@ -38,6 +38,22 @@ fn plc_key(did: &str) -> Option<PlcKey> {
     }
 }
 
+/// A DID string prepared for [`DidSet::contains_probe`]: a did:plc decoded to its key once. A
+/// string that is not a DID is in no set.
+pub struct DidProbe<'a> {
+    did: &'a str,
+    plc: Option<PlcKey>,
+}
+
+impl<'a> DidProbe<'a> {
+    pub fn new(did: &'a str) -> Self {
+        DidProbe {
+            did,
+            plc: plc_key(did),
+        }
+    }
+}
+
 /// A set of DIDs held compactly: the in-network set has about a million entries, and as
 /// `HashSet<Did>` it cost ~80 MB (a heap string plus a hash slot per DID). did:plc DIDs (nearly
 /// all of them) are kept as their 15 decoded bytes in one sorted array, with a bucket index on
@@ -77,16 +93,24 @@ impl DidSet {
     }
 
     pub fn contains(&self, did: &Did) -> bool {
-        match plc_key(did.as_str()) {
-            Some(key) => {
-                let b = bucket(&key, self.bits);
-                let bounds = self.index.get(b).zip(self.index.get(b + 1));
-                bounds
-                    .and_then(|(&start, &end)| self.plc.get(start..end))
-                    .is_some_and(|keys| keys.binary_search(&key).is_ok())
-            }
-            None => self.other.contains(did),
+        self.contains_probe(&DidProbe::new(did.as_str()))
+    }
+
+    /// [`Self::contains`] for a DID already decoded by [`DidProbe::new`] (asking several sets
+    /// about one DID decodes a did:plc once).
+    pub fn contains_probe(&self, probe: &DidProbe<'_>) -> bool {
+        match &probe.plc {
+            Some(key) => self.contains_plc(key),
+            None => self.other.contains(probe.did),
         }
+    }
+
+    fn contains_plc(&self, key: &PlcKey) -> bool {
+        let b = bucket(key, self.bits);
+        let bounds = self.index.get(b).zip(self.index.get(b + 1));
+        bounds
+            .and_then(|(&start, &end)| self.plc.get(start..end))
+            .is_some_and(|keys| keys.binary_search(key).is_ok())
     }
 
     pub fn len(&self) -> usize {
@@ -617,9 +641,16 @@ impl SharedMembership {
 
     /// Whether `did` is a study user or in-network.
     pub fn tracked(&self, did: &Did) -> bool {
+        self.tracked_str(did.as_str())
+    }
+
+    /// [`Self::tracked`] for a DID string not (yet) parsed: the verification stage asks this
+    /// of every frame's repo, and most are tracked by no set, so they are never allocated.
+    pub fn tracked_str(&self, did: &str) -> bool {
         // A poisoned lock still holds valid sets (they are replaced whole).
         let sets = self.sets.read().unwrap_or_else(|p| p.into_inner());
-        if sets.0.contains(did) || sets.1.contains(did) {
+        let probe = DidProbe::new(did);
+        if sets.0.contains_probe(&probe) || sets.1.contains_probe(&probe) {
             return true;
         }
         drop(sets);

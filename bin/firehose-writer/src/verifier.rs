@@ -147,11 +147,11 @@ impl VerifyStage {
         }
     }
 
-    fn wanted(&self, did: &Did) -> bool {
+    fn wanted(&self, did: &str) -> bool {
         match self.mode {
             VerifyMode::Off => false,
             VerifyMode::All => true,
-            VerifyMode::Routed => self.membership.tracked(did),
+            VerifyMode::Routed => self.membership.tracked_str(did),
         }
     }
 
@@ -163,10 +163,11 @@ impl VerifyStage {
             .map(|frame| {
                 // Most commits are not verified under `routed`: their repo is read without
                 // decoding the frame (its CAR and ops), which the processor does anyway.
-                let repo = Did::parse(commit_repo(frame)?).ok()?;
-                if !self.wanted(&repo) {
+                let repo = commit_repo(frame)?;
+                if !self.wanted(repo) {
                     return None;
                 }
+                let repo = Did::parse(repo).ok()?;
                 let identity = self.identities.peek(&repo)?;
                 let Ok(Event::Commit(c)) = decode_frame(frame) else {
                     return None;

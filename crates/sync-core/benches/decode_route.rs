@@ -12,7 +12,8 @@
 //!   object, signature with the DID document's key, MST inversion), keys parsed once as the
 //!   writer's identity cache holds them; and the cost of each verification step alone.
 //!
-//! Reports frames/s, MB/s and the process's peak RSS (VmHWM).
+//! Reports frames/s, MB/s and the process's peak RSS (VmHWM). `BENCH_ONLY=TEXT` runs only the
+//! measurements whose name contains TEXT (to profile one of them, e.g. `BENCH_ONLY=verify`).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -26,7 +27,9 @@ use sync_core::did_doc::parse_did_doc_map;
 use sync_core::frame::{capture_frames, decode_frame, Event};
 use sync_core::ids::Did;
 use sync_core::route::{route_event, MemoryState};
-use sync_core::verify::{prove_ops, verify_commit, verify_signed_commit, VerifyOptions};
+use sync_core::verify::{
+    prove_ops, verify_commit, verify_commit_block, verify_signed_commit, VerifyOptions,
+};
 
 /// A deterministic fake did:plc (24 base32 chars) for index `i`.
 fn fake_did(i: u64) -> Did {
@@ -40,6 +43,11 @@ fn fake_did(i: u64) -> Did {
     Did::parse(&s).expect("fake DID is valid")
 }
 
+/// Whether the measurement `name` is wanted (`BENCH_ONLY` unset, or a part of `name`).
+fn selected(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| name.contains(only.as_str()))
+}
+
 fn measure(
     name: &str,
     frames: &[&[u8]],
@@ -47,6 +55,9 @@ fn measure(
     budget: Duration,
     mut f: impl FnMut(&[u8]) -> usize,
 ) {
+    if !selected(name) {
+        return;
+    }
     let start = Instant::now();
     let mut loops = 0u64;
     let mut work = 0usize;
@@ -177,6 +188,9 @@ fn main() {
     });
     println!("  ({commits} of {} frames are commits)", frames.len());
     let step = |name: &str, f: &mut dyn FnMut(&sync_core::frame::Commit<'_>)| {
+        if !selected(name) {
+            return;
+        }
         let decoded: Vec<_> = frames
             .iter()
             .filter_map(|f| match decode_frame(f).ok()? {
@@ -199,6 +213,10 @@ fn main() {
     };
     step("  commit object + signature", &mut |c| {
         verify_signed_commit(&c.blocks, &c.commit, &c.repo, &c.rev, &keys[&c.repo], &opts).unwrap();
+    });
+    step("  commit object, no signature", &mut |c| {
+        let block = c.blocks.get(&c.commit).expect("commit block");
+        verify_commit_block(&c.commit, block, &c.repo, Some(&c.rev), None, &opts).unwrap();
     });
     let data_of: std::collections::HashMap<_, _> = frames
         .iter()

@@ -82,6 +82,25 @@ pub enum WalkError<E> {
 
 /// MST key height: leading zero bits of SHA-256(key) counted in 2-bit steps (fanout 4).
 pub fn key_height(key: &[u8]) -> u32 {
+    // Every key of every loaded node is hashed (a commit's proof reads ~50): a key that fits one
+    // SHA-256 block (repo paths nearly always do) is padded here and compressed once, without
+    // the streaming hasher's buffering, ~20 % cheaper (BENCHMARKS.md).
+    if key.len() <= ONE_BLOCK_KEY {
+        let mut block = [0u8; 64];
+        block[..key.len()].copy_from_slice(key);
+        block[key.len()] = 0x80;
+        block[56..].copy_from_slice(&(key.len() as u64 * 8).to_be_bytes());
+        let mut state = SHA256_IV;
+        sha2::compress256(&mut state, &[block.into()]);
+        let mut height = 0;
+        for word in state {
+            if word != 0 {
+                return height + word.leading_zeros() / 2;
+            }
+            height += 16;
+        }
+        return height;
+    }
     let digest = Sha256::digest(key);
     let mut height = 0;
     for &b in digest.iter() {
@@ -92,6 +111,14 @@ pub fn key_height(key: &[u8]) -> u32 {
     }
     height
 }
+
+/// Longest message that fits one SHA-256 block with its padding (0x80 and the 8-byte length).
+const ONE_BLOCK_KEY: usize = 55;
+
+/// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
 
 /// Length of the longest common prefix of `a` and `b`, in bytes.
 pub fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {

@@ -244,7 +244,15 @@ fn unsigned_bytes(block: &[u8]) -> Option<Vec<u8>> {
     if major != 5 || count == 0 || count > 64 {
         return None;
     }
-    let mut entries = Vec::with_capacity(block.len());
+    // The map head of one entry fewer (count <= 64), then every entry but `sig`, in one buffer.
+    let remaining = count - 1;
+    let mut out = Vec::with_capacity(block.len());
+    if remaining < 24 {
+        out.push(0xa0 | remaining as u8);
+    } else {
+        out.push(0xb8);
+        out.push(remaining as u8);
+    }
     let mut removed = false;
     for _ in 0..count {
         let key_start = pos;
@@ -254,22 +262,13 @@ fn unsigned_bytes(block: &[u8]) -> Option<Vec<u8>> {
         if &block[key_start..key_end] == b"\x63sig" {
             removed = true;
         } else {
-            entries.extend_from_slice(&block[key_start..value_end]);
+            out.extend_from_slice(&block[key_start..value_end]);
         }
         pos = value_end;
     }
     if !removed || pos != block.len() {
         return None;
     }
-    let remaining = count - 1;
-    let mut out = Vec::with_capacity(entries.len() + 9);
-    if remaining < 24 {
-        out.push(0xa0 | remaining as u8);
-    } else {
-        out.push(0xb8);
-        out.push(remaining as u8);
-    }
-    out.extend_from_slice(&entries);
     Some(out)
 }
 

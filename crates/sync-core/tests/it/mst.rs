@@ -81,6 +81,45 @@ fn key_heights_match_interop_vectors() {
     assert_eq!(key_height(b"R2/359107"), 2);
 }
 
+/// The one-block fast path of `key_height` agrees with the height read off the full digest, at
+/// every length around the one-block boundary (55/56 bytes) and beyond it.
+#[test]
+fn key_height_agrees_with_the_full_digest_at_every_length() {
+    use sha2::{Digest, Sha256};
+    fn reference(key: &[u8]) -> u32 {
+        let digest = Sha256::digest(key);
+        let zeros: u32 = digest
+            .iter()
+            .scan(true, |leading, &b| {
+                let z = if *leading { b.leading_zeros() } else { 0 };
+                *leading = *leading && b == 0;
+                Some(z)
+            })
+            .sum();
+        zeros / 2
+    }
+    let mut higher = 0;
+    for len in 0..=130usize {
+        for seed in 0..200u32 {
+            let key: Vec<u8> = (0..len)
+                .map(|i| {
+                    b"abcdefghijklmnopqrstuvwxyz0123456789/."
+                        [(i * 7 + seed as usize * 13 + (seed as usize >> 3)) % 38]
+                })
+                .collect();
+            let h = key_height(&key);
+            assert_eq!(
+                h,
+                reference(&key),
+                "height of a {len}-byte key, seed {seed}"
+            );
+            higher += usize::from(h > 0);
+        }
+    }
+    // About a quarter of keys sit above height 0: the comparison saw both kinds.
+    assert!(higher > 2_000, "{higher}");
+}
+
 #[test]
 fn common_prefix_matches_interop_vectors() {
     let Some(cases) = read_json("interop/mst/common_prefix.json") else {
