@@ -228,8 +228,8 @@ type Ws = WebSocketStream<MaybeTlsStream<BufReader<TcpStream>>>;
 
 /// Bytes the socket is read in at a time. The WebSocket codec asks for about one message per
 /// read (~5 KB on the firehose); buffered, one `recv` takes whatever has arrived, up to this.
-/// Unbuffered, the per-call cost of a million `recv`s (each also running TCP's receive and ACK
-/// work) was 7 % of the writer's CPU at 50,000 frames/s (BENCHMARKS.md).
+/// Unbuffered, a `recv` per message (each also running TCP's receive and ACK work) was 7 % of
+/// the writer's CPU samples at ~50,000 frames/s; buffered, 3 % (BENCHMARKS.md).
 const SOCKET_READ_BUFFER: usize = 256 * 1024;
 
 /// TCP connect, then TLS (for `wss://`) and the WebSocket handshake over a read-buffered socket.
