@@ -106,8 +106,10 @@ pub struct RelayConfig {
     /// Replay window: a cursor older than `oldest seq - window` gets `#info OutdatedCursor` and
     /// then everything from the oldest frame. `None` keeps everything (no cursor is outdated).
     pub window: Option<i64>,
-    /// Port to listen on (127.0.0.1); 0 picks a free one.
+    /// Port to listen on; 0 picks a free one.
     pub port: u16,
+    /// Address to listen on; `None` is 127.0.0.1.
+    pub host: Option<std::net::IpAddr>,
 }
 
 /// One frame of the relay's log.
@@ -234,7 +236,10 @@ impl TestRelay {
         frames: Vec<Vec<u8>>,
         config: RelayConfig,
     ) -> io::Result<TestRelay> {
-        let listener = TcpListener::bind(("127.0.0.1", config.port)).await?;
+        let host = config
+            .host
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let listener = TcpListener::bind((host, config.port)).await?;
         let addr = listener.local_addr()?;
         let log: Vec<Entry> = frames
             .into_iter()
@@ -267,7 +272,8 @@ impl TestRelay {
         })
     }
 
-    /// `ws://127.0.0.1:PORT/xrpc/com.atproto.sync.subscribeRepos` (no query).
+    /// `ws://127.0.0.1:PORT/xrpc/com.atproto.sync.subscribeRepos` (no query; an IPv6 address is
+    /// bracketed).
     pub fn url(&self) -> String {
         format!("ws://{}{SUBSCRIBE_PATH}", self.addr)
     }

@@ -226,8 +226,9 @@ impl TooLarge {
 
 type Ws = WebSocketStream<MaybeTlsStream<BufReader<TcpStream>>>;
 
-/// Bytes the socket is read in at a time. The WebSocket codec asks for about one message per
-/// read (~5 KB on the firehose); buffered, one `recv` takes whatever has arrived, up to this.
+/// Bytes the socket is read in at a time. Over `ws://` the WebSocket codec asks for about one
+/// message per read (~5 KB on the firehose), under `wss://` rustls for ~4 KiB; buffered, one
+/// `recv` takes whatever has arrived, up to this.
 /// Unbuffered, a `recv` per message (each also running TCP's receive and ACK work) was 7 % of
 /// the writer's CPU samples at ~50,000 frames/s; buffered, 3 % (BENCHMARKS.md).
 const SOCKET_READ_BUFFER: usize = 256 * 1024;

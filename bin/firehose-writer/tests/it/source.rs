@@ -15,7 +15,7 @@ use firehose_writer::source::{RelaySource, WS_MAX_MESSAGE};
 use firehose_writer::{exit_code, Metrics, EXIT_NEEDS_OPERATOR};
 use sync_core::synth;
 use tokio::sync::{mpsc, watch};
-use workspace_tests::relay::{Fault, TestRelay};
+use workspace_tests::relay::{Fault, RelayConfig, TestRelay};
 
 /// Generous: CI machines are shared and a wait only ends early on success.
 const WAIT: Duration = Duration::from_secs(30);
@@ -272,6 +272,44 @@ async fn a_single_message_over_the_limit_costs_one_reconnect() {
     task.await.unwrap().unwrap();
     assert_eq!(relay.cursors(), [Some(0), Some(3)]);
     assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "each frame once");
+}
+
+/// The source opens its own socket (read through a buffer, then the WebSocket handshake): a
+/// relay at an IPv6 literal (`ws://[::1]:PORT/...`) is reached and read like any other, across
+/// messages larger and smaller than one read of the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_at_an_ipv6_literal_is_read_frame_by_frame() {
+    // Messages larger than one read of the socket (256 KiB) between ordinary ones; the source
+    // only reads their seq.
+    let big = |seq| synth::identity_frame(seq, STUDY, Some(&"a".repeat(300_000)), &event_time(seq));
+    let mut log = frames(1..=40);
+    log.push(big(41));
+    log.extend(frames(42..=60));
+    let config = RelayConfig {
+        host: Some(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+        ..RelayConfig::default()
+    };
+    let relay = match TestRelay::start_with_config(log, config).await {
+        Ok(relay) => relay,
+        Err(e) => {
+            eprintln!("skipped: this machine cannot listen on [::1] ({e})");
+            return;
+        }
+    };
+    assert!(relay.url().starts_with("ws://[::1]:"), "{}", relay.url());
+    relay.push(big(61));
+    let (tx, mut rx) = mpsc::channel(64);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(bare_source(&relay, Some(0), WS_MAX_MESSAGE).run(tx, stopped));
+    let seqs = collect_seqs(&mut rx, 61).await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        seqs,
+        (1..=61).collect::<Vec<_>>(),
+        "each frame once, in order"
+    );
+    assert_eq!(relay.cursors(), [Some(0)], "one connection");
 }
 
 // ---- 17. one resume point ----------------------------------------------------------------------

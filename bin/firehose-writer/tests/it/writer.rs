@@ -796,7 +796,7 @@ async fn outdated_cursor_is_counted_and_the_rest_captured() {
         data.frames.clone(),
         RelayConfig {
             window: Some(10),
-            port: 0,
+            ..RelayConfig::default()
         },
     )
     .await
