@@ -33,7 +33,26 @@ mod support {
 
     /// [`cache_files`] as bytes (dot-folders included).
     pub fn cache_file_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
-        let mut out = BTreeMap::new();
+        tree_entries(root)
+            .into_iter()
+            .filter(|(_, _, is_dir)| !is_dir)
+            .map(|(rel, path, _)| (rel, std::fs::read(&path).unwrap()))
+            .collect()
+    }
+
+    /// Every folder under `root`, relative (dot-folders included): a folder name may name a DID.
+    pub fn cache_dirs(root: &Path) -> Vec<String> {
+        tree_entries(root)
+            .into_iter()
+            .filter(|(_, _, is_dir)| *is_dir)
+            .map(|(rel, _, _)| rel)
+            .collect()
+    }
+
+    /// Every entry under `root` (dot-names included): its path relative to `root`, its path, and
+    /// whether it is a folder. An unreadable folder is skipped.
+    fn tree_entries(root: &Path) -> Vec<(String, std::path::PathBuf, bool)> {
+        let mut out = Vec::new();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -41,16 +60,16 @@ mod support {
             };
             for entry in entries {
                 let path = entry.unwrap().path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else {
-                    let rel = path
-                        .strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .to_string();
-                    out.insert(rel, std::fs::read(&path).unwrap());
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
+                let is_dir = path.is_dir();
+                if is_dir {
+                    stack.push(path.clone());
                 }
+                out.push((rel, path, is_dir));
             }
         }
         out

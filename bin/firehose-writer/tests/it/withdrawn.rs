@@ -166,26 +166,7 @@ fn cache_bytes(root: &Path) -> BTreeMap<String, Vec<u8>> {
 
 /// Every folder under `root`, relative (dot-folders included): a folder name may name them too.
 fn cache_dirs(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                out.push(
-                    path.strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .to_string(),
-                );
-                stack.push(path);
-            }
-        }
-    }
-    out
+    crate::support::cache_dirs(root)
 }
 
 pub(crate) fn contains(haystack: &[u8], needle: &str) -> bool {
